@@ -1,0 +1,28 @@
+"""Size limits and defaults that more than one part relies on (one place for each)."""
+
+MiB = 1024 * 1024
+
+MAX_IMAGE_BYTES = 20 * MiB
+"""Default largest image payload a node accepts (DESIGN.md, Security)."""
+
+MAX_IMAGE_PIXELS = 50_000_000
+"""Default largest decoded image, checked from the header before decoding."""
+
+MAX_MANIFEST_BYTES = 1 * MiB
+"""A manifest.json larger than this is refused without parsing."""
+
+MAX_BUNDLE_FILE_BYTES = 2048 * MiB
+"""Largest single file a bundle may list (model.bin of a big model)."""
+
+MAX_GOLDEN_BYTES = 64 * MiB
+
+FETCH_CHUNK_BYTES = 256 * 1024
+"""Default chunk size for bundle transfers (hub -> node)."""
+
+MAX_FETCH_CHUNK_BYTES = 4 * MiB
+
+MAX_API_REQUEST_BYTES = 64 * 1024
+"""The hub ignores API requests larger than this (with an error reply)."""
+
+BROKER_MAX_PACKET_BYTES = MAX_IMAGE_BYTES + 64 * 1024
+"""mosquitto.conf's max_packet_size: an image plus headroom for properties."""

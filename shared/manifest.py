@@ -1,0 +1,95 @@
+"""The model bundle's manifest.json (`cellwatch.bundle/1`, DESIGN.md, Model bundle)."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from cellwatch.shared.schemas import ModelName, Sha256, Version
+
+MANIFEST_FILE = "manifest.json"
+SIGNATURE_FILE = "manifest.sig"
+PAYLOAD_FILES = ("model.xml", "model.bin", "golden.npz")
+"""The only files a manifest may list; a bundle is these plus manifest and signature."""
+BUNDLE_FILES = (MANIFEST_FILE, SIGNATURE_FILE, *PAYLOAD_FILES)
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+
+class InputSpec(_Strict):
+    name: str = Field("input", min_length=1, max_length=128)
+    shape: tuple[int, int, int, int] = (1, 299, 299, 3)
+    layout: Literal["NHWC"] = "NHWC"
+    dtype: Literal["f32"] = "f32"
+    color: Literal["RGB"] = "RGB"
+    range: tuple[float, float] = (-1.0, 1.0)
+
+    @model_validator(mode="after")
+    def _square_rgb(self) -> InputSpec:
+        n, h, w, c = self.shape
+        if n != 1 or c != 3 or h != w or not 16 <= h <= 2048:
+            raise ValueError(
+                f"input shape must be [1, S, S, 3] with 16 <= S <= 2048, got {self.shape}"
+            )
+        return self
+
+
+class PreprocessingSpec(_Strict):
+    central_crop_fraction: float = Field(0.875, gt=0.0, le=1.0)
+    resize: Literal["bilinear"] = "bilinear"
+    size: int = Field(299, ge=16, le=2048)
+
+
+class FileEntry(_Strict):
+    sha256: Sha256
+    size: int = Field(ge=0)
+
+
+class GoldenSpec(_Strict):
+    file: Literal["golden.npz"] = "golden.npz"
+    tolerance: float = Field(gt=0.0, le=1.0, description="max |p - expected| per probability")
+
+
+class Manifest(_Strict):
+    schema_: Literal["cellwatch.bundle/1"] = Field("cellwatch.bundle/1", alias="schema")
+    name: ModelName
+    version: Version
+    created_at: datetime
+    labels: list[str] = Field(min_length=2, max_length=1000)
+    input: InputSpec = Field(default_factory=InputSpec)
+    preprocessing: PreprocessingSpec = Field(default_factory=PreprocessingSpec)
+    output: str = Field(min_length=1, max_length=256, description="name of the softmax output")
+    precision: Literal["fp32", "fp16", "int8"]
+    low_confidence_threshold: float = Field(0.6, ge=0.0, le=1.0)
+    files: dict[str, FileEntry]
+    metrics: dict[str, Any] = Field(default_factory=dict)
+    provenance: dict[str, Any] = Field(default_factory=dict)
+    golden: GoldenSpec | None = None
+
+    @field_validator("files")
+    @classmethod
+    def _known_files(cls, files: dict[str, FileEntry]) -> dict[str, FileEntry]:
+        unknown = sorted(set(files) - set(PAYLOAD_FILES))
+        if unknown:
+            raise ValueError(f"files not allowed in a bundle: {unknown} (allowed: {PAYLOAD_FILES})")
+        for required in ("model.xml", "model.bin"):
+            if required not in files:
+                raise ValueError(f"bundle must list {required}")
+        return files
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Manifest:
+        if self.preprocessing.size != self.input.shape[1]:
+            raise ValueError("preprocessing.size must equal the input's height and width")
+        if self.golden is not None and self.golden.file not in self.files:
+            raise ValueError(f"golden file {self.golden.file} is not listed in files")
+        if len(set(self.labels)) != len(self.labels):
+            raise ValueError("labels must be unique")
+        return self
+
+    def to_json(self) -> bytes:
+        return (self.model_dump_json(by_alias=True, indent=2) + "\n").encode()

@@ -1,0 +1,391 @@
+"""The one MQTT client wrapper node and hub share (paho-mqtt 2.x, MQTT v5).
+
+It always uses CallbackAPIVersion.VERSION2 and MQTT v5, logs in with a user name and
+password, optionally over TLS, reconnects with exponential backoff, keeps a
+persistent session (clean start off, session expiry from settings), sets a Will,
+re-subscribes on every connect, and calls back when each QoS>0 publish is
+acknowledged by the broker (so callers can ack their input only then).
+
+Callbacks run on paho's network thread: handlers must be short and never block.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import ssl
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import paho.mqtt.client as paho
+from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+from paho.mqtt.reasoncodes import ReasonCode
+
+from cellwatch.shared.errors import MqttError
+from cellwatch.shared.settings import MqttSettings
+
+log = logging.getLogger(__name__)
+
+MessageHandler = Callable[[paho.MQTTMessage], None]
+PublishCallback = Callable[[bool], None]
+"""Called with True once the broker acknowledged a publish, False if it refused it."""
+
+
+@dataclass(frozen=True)
+class Will:
+    topic: str
+    payload: bytes
+    qos: int = 1
+    retain: bool = True
+
+
+@dataclass(frozen=True)
+class PublishProps:
+    """MQTT v5 publish properties cellwatch uses."""
+
+    response_topic: str | None = None
+    correlation_data: bytes | None = None
+    message_expiry_s: int | None = None
+    content_type: str | None = None
+    user: Sequence[tuple[str, str]] = field(default_factory=tuple)
+
+    def to_paho(self) -> Properties | None:
+        props = _properties(PacketTypes.PUBLISH)
+        used = False
+        if self.response_topic is not None:
+            props.ResponseTopic, used = self.response_topic, True
+        if self.correlation_data is not None:
+            props.CorrelationData, used = self.correlation_data, True
+        if self.message_expiry_s is not None:
+            props.MessageExpiryInterval, used = self.message_expiry_s, True
+        if self.content_type is not None:
+            props.ContentType, used = self.content_type, True
+        if self.user:
+            props.UserProperty, used = list(self.user), True
+        return props if used else None
+
+
+def _no_delay(client: paho.Client, userdata: object, sock: object) -> None:
+    """Disable Nagle's algorithm: small packets (PUBACKs, Results) must not wait for
+    the peer's delayed ACK (~40 ms per round trip otherwise)."""
+    if isinstance(sock, socket.socket):
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
+def _properties(packet_type: int) -> Properties:
+    return Properties(packet_type)  # type: ignore[no-untyped-call]
+
+
+def publish_packet_size(topic: str, payload: bytes, qos: int, props: Properties | None) -> int:
+    """Size in bytes of the MQTT v5 PUBLISH packet paho sends for these arguments."""
+    packed_props: bytes = props.pack() if props is not None else b"\x00"  # type: ignore[no-untyped-call]
+    remaining = 2 + len(topic.encode()) + (2 if qos > 0 else 0) + len(packed_props) + len(payload)
+    length_bytes = 1
+    while remaining >= 128**length_bytes:
+        length_bytes += 1
+    return 1 + length_bytes + remaining
+
+
+def user_properties(msg: paho.MQTTMessage) -> dict[str, str]:
+    """A message's user properties as a dict (last value wins)."""
+    props = msg.properties
+    pairs = getattr(props, "UserProperty", None) if props is not None else None
+    return {str(k): str(v) for k, v in (pairs or [])}
+
+
+class MqttClient:
+    """A connected paho client with cellwatch's defaults. Thread-safe for publish/ack."""
+
+    def __init__(
+        self,
+        settings: MqttSettings,
+        *,
+        client_id: str,
+        will: Will | None = None,
+        clean_start: bool = False,
+        receive_maximum: int | None = None,
+        manual_ack: bool = False,
+        subscriptions: Sequence[tuple[str, int]] = (),
+    ) -> None:
+        self.settings = settings
+        self.client_id = client_id
+        self._clean_start = clean_start
+        self._receive_maximum = receive_maximum
+        self._subscriptions = list(subscriptions)
+        self._message_handler: MessageHandler | None = None
+        self._connect_listeners: list[Callable[[bool], None]] = []
+        self._lock = threading.Lock()
+        self._pending: dict[int, PublishCallback | None] = {}
+        self._early: dict[int, bool] = {}
+        self._connected = threading.Event()
+        self._first_result: tuple[bool, str] | None = None
+        self._first_done = threading.Event()
+        self._generation = 0
+        self._closing = False
+        self._max_packet_size: int | None = None
+
+        c = paho.Client(
+            CallbackAPIVersion.VERSION2,
+            client_id=client_id,
+            protocol=paho.MQTTv5,
+            manual_ack=manual_ack,
+        )
+        if settings.username is not None:
+            c.username_pw_set(settings.username, settings.resolved_password())
+        if settings.tls.enabled:
+            c.tls_set(
+                ca_certs=str(settings.tls.ca_file) if settings.tls.ca_file else None,
+                certfile=str(settings.tls.cert_file) if settings.tls.cert_file else None,
+                keyfile=str(settings.tls.key_file) if settings.tls.key_file else None,
+                cert_reqs=ssl.CERT_REQUIRED,
+            )
+            c.tls_insecure_set(not settings.tls.check_hostname)
+        if will is not None:
+            c.will_set(will.topic, will.payload, qos=will.qos, retain=will.retain)
+        c.reconnect_delay_set(
+            min_delay=max(1, round(settings.reconnect_min_s)),
+            max_delay=max(1, round(settings.reconnect_max_s)),
+        )
+        c.on_connect = self._on_connect
+        c.on_disconnect = self._on_disconnect
+        c.on_message = self._on_message
+        c.on_publish = self._on_publish
+        c.on_subscribe = self._on_subscribe
+        c.on_socket_open = _no_delay
+        self._client = c
+
+    # -- public API ----------------------------------------------------------
+    @property
+    def connected(self) -> bool:
+        return self._connected.is_set()
+
+    @property
+    def generation(self) -> int:
+        """Increments on every successful (re)connect; acks from an older one are void."""
+        return self._generation
+
+    def set_message_handler(self, handler: MessageHandler) -> None:
+        self._message_handler = handler
+
+    def add_connect_listener(self, listener: Callable[[bool], None]) -> None:
+        """listener(session_present) runs on the network thread after each connect."""
+        self._connect_listeners.append(listener)
+
+    def subscribe(self, topic: str, qos: int = 1) -> None:
+        """Subscribe now (if connected) and again after every reconnect."""
+        self._subscriptions.append((topic, qos))
+        if self.connected:
+            self._client.subscribe(topic, qos=qos)
+
+    def connect(self) -> None:
+        """Connect and start the network thread; MqttError if refused or unreachable."""
+        props = _properties(PacketTypes.CONNECT)
+        props.SessionExpiryInterval = self.settings.session_expiry_s
+        if self._receive_maximum is not None:
+            props.ReceiveMaximum = self._receive_maximum
+        s = self.settings
+        try:
+            self._client.connect_async(
+                s.host,
+                s.port,
+                keepalive=s.keepalive_s,
+                clean_start=self._clean_start,
+                properties=props,
+            )
+        except (OSError, ValueError) as exc:
+            raise MqttError(f"cannot connect to {s.host}:{s.port}: {exc}") from exc
+        self._client.loop_start()
+        if not self._first_done.wait(s.connect_timeout_s):
+            self._stop_loop()
+            raise MqttError(
+                f"broker {s.host}:{s.port} did not answer within {s.connect_timeout_s:g} s"
+            )
+        assert self._first_result is not None
+        ok, reason = self._first_result
+        if not ok:
+            self._stop_loop()
+            raise MqttError(f"broker {s.host}:{s.port} refused the connection: {reason}")
+
+    def wait_connected(self, timeout: float) -> bool:
+        return self._connected.wait(timeout)
+
+    def publish(
+        self,
+        topic: str,
+        payload: bytes,
+        *,
+        qos: int = 1,
+        retain: bool = False,
+        props: PublishProps | None = None,
+        on_done: PublishCallback | None = None,
+    ) -> int:
+        """Queue a publish; on_done(ok) runs on the network thread when it completes.
+
+        MqttError if the packet is larger than the broker's Maximum Packet Size: the
+        broker would drop the connection, and paho would resend it on every reconnect.
+        """
+        paho_props = props.to_paho() if props else None
+        limit = self._max_packet_size
+        if limit is not None:
+            size = publish_packet_size(topic, payload, qos, paho_props)
+            if size > limit:
+                raise MqttError(
+                    f"publish to {topic} refused: the packet ({size} bytes) exceeds the "
+                    f"broker's maximum packet size ({limit} bytes)"
+                )
+        info = self._client.publish(topic, payload, qos=qos, retain=retain, properties=paho_props)
+        if info.rc not in (paho.MQTT_ERR_SUCCESS, paho.MQTT_ERR_NO_CONN):
+            raise MqttError(f"publish to {topic} failed: {paho.error_string(info.rc)}")
+        with self._lock:
+            early = self._early.pop(info.mid, None)
+            if early is None:
+                self._pending[info.mid] = on_done
+        if early is not None and on_done is not None:
+            on_done(early)
+        return info.mid
+
+    def publish_wait(
+        self,
+        topic: str,
+        payload: bytes,
+        *,
+        qos: int = 1,
+        retain: bool = False,
+        props: PublishProps | None = None,
+        timeout: float = 10.0,
+    ) -> bool:
+        """Publish and wait until the broker acknowledged it; False on refusal/timeout."""
+        done = threading.Event()
+        result: list[bool] = []
+
+        def _done(ok: bool) -> None:
+            result.append(ok)
+            done.set()
+
+        self.publish(topic, payload, qos=qos, retain=retain, props=props, on_done=_done)
+        return done.wait(timeout) and result[0]
+
+    def ack(self, mid: int, qos: int, generation: int) -> None:
+        """Acknowledge an incoming message received on connection `generation`."""
+        if qos == 0:
+            return
+        if generation != self._generation:
+            log.debug("not acking mid %d from an older connection (will be redelivered)", mid)
+            return
+        self._client.ack(mid, qos)
+
+    def disconnect(self, timeout: float = 5.0) -> None:
+        """Clean disconnect (the broker does not send the Will) and stop the thread."""
+        self._closing = True
+        if self.connected:
+            self._client.disconnect()
+        self._stop_loop()
+
+    def drop(self) -> None:
+        """Close the socket without DISCONNECT so the broker publishes the Will (tests)."""
+        self._closing = True
+        sock = self._client.socket()
+        if sock is not None:
+            sock.close()
+        self._stop_loop()
+
+    # -- paho callbacks (network thread) -------------------------------------
+    def _stop_loop(self) -> None:
+        self._client.loop_stop()
+
+    def _on_connect(
+        self,
+        client: paho.Client,
+        userdata: object,
+        flags: paho.ConnectFlags,
+        reason_code: ReasonCode,
+        properties: Properties | None,
+    ) -> None:
+        if reason_code.is_failure:
+            log.error("%s: broker refused connection: %s", self.client_id, reason_code)
+            if not self._first_done.is_set():
+                self._first_result = (False, str(reason_code))
+                self._first_done.set()
+                client.disconnect()
+            return
+        self._generation += 1
+        max_packet = getattr(properties, "MaximumPacketSize", None)
+        self._max_packet_size = int(max_packet) if max_packet else None
+        self._connected.set()
+        log.info(
+            "%s: connected to %s:%s (session present: %s)",
+            self.client_id,
+            self.settings.host,
+            self.settings.port,
+            flags.session_present,
+        )
+        for topic, qos in self._subscriptions:
+            client.subscribe(topic, qos=qos)
+        for listener in self._connect_listeners:
+            listener(flags.session_present)
+        if not self._first_done.is_set():
+            self._first_result = (True, "ok")
+            self._first_done.set()
+
+    def _on_disconnect(
+        self,
+        client: paho.Client,
+        userdata: object,
+        flags: paho.DisconnectFlags,
+        reason_code: ReasonCode,
+        properties: Properties | None,
+    ) -> None:
+        self._connected.clear()
+        if self._closing:
+            log.info("%s: disconnected", self.client_id)
+        else:
+            log.warning(
+                "%s: connection lost (%s); reconnecting with backoff", self.client_id, reason_code
+            )
+
+    def _on_subscribe(
+        self,
+        client: paho.Client,
+        userdata: object,
+        mid: int,
+        reason_codes: list[ReasonCode],
+        properties: Properties | None,
+    ) -> None:
+        for rc in reason_codes:
+            if rc.is_failure:
+                log.error("%s: subscription refused: %s", self.client_id, rc)
+
+    def _on_message(self, client: paho.Client, userdata: object, msg: paho.MQTTMessage) -> None:
+        handler = self._message_handler
+        if handler is None:
+            return
+        try:
+            handler(msg)
+        except Exception:  # an exception here would end paho's network loop
+            log.exception("%s: message handler failed on %s", self.client_id, msg.topic)
+
+    def _on_publish(
+        self,
+        client: paho.Client,
+        userdata: object,
+        mid: int,
+        reason_code: ReasonCode,
+        properties: Properties | None,
+    ) -> None:
+        ok = not reason_code.is_failure
+        if not ok:
+            log.warning("%s: broker refused publish mid %d: %s", self.client_id, mid, reason_code)
+        with self._lock:
+            if mid in self._pending:
+                cb = self._pending.pop(mid)
+            else:
+                self._early[mid] = ok
+                return
+        if cb is not None:
+            try:
+                cb(ok)
+            except Exception:
+                log.exception("%s: publish callback failed", self.client_id)

@@ -1,0 +1,121 @@
+"""Every MQTT topic cellwatch uses, built and parsed in one place (DESIGN.md, Topics).
+
+Nothing else in the code base writes a topic as an f-string: call these helpers.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from cellwatch.shared.errors import TopicError
+
+DEFAULT_PREFIX = "cellwatch"
+SHARE_GROUP = "cellwatch-nodes"
+NAME_PATTERN = r"[A-Za-z0-9_-]{1,64}"
+_NAME_RE = re.compile(rf"^{NAME_PATTERN}$")
+HUB_API_VERBS_PATTERN = r"[a-z][a-z0-9_.-]{0,31}"
+
+
+def is_valid_name(value: str) -> bool:
+    """True when value may stand for `{source}`, `{node_id}` or `{username}`."""
+    return bool(_NAME_RE.match(value))
+
+
+def check_name(value: str, what: str = "name") -> str:
+    """Return value, or raise TopicError saying what is wrong with it."""
+    if not is_valid_name(value):
+        raise TopicError(f"invalid {what} {value!r}: must match {NAME_PATTERN}")
+    return value
+
+
+@dataclass(frozen=True)
+class Topics:
+    """Topic builders for one prefix (default `cellwatch`)."""
+
+    prefix: str = DEFAULT_PREFIX
+
+    def __post_init__(self) -> None:
+        if not self.prefix or any(c in self.prefix for c in "+#") or self.prefix.startswith("$"):
+            raise TopicError(f"invalid topic prefix {self.prefix!r}")
+
+    # -- images and results -------------------------------------------------
+    def images(self, source: str) -> str:
+        return f"{self.prefix}/images/{check_name(source, 'source')}"
+
+    def images_shared_filter(self) -> str:
+        """The shared subscription every node joins so the broker spreads images."""
+        return f"$share/{SHARE_GROUP}/{self.prefix}/images/+"
+
+    def images_filter(self) -> str:
+        return f"{self.prefix}/images/+"
+
+    def node_images(self, node_id: str) -> str:
+        return f"{self.prefix}/nodes/{check_name(node_id, 'node_id')}/images"
+
+    def results(self, source: str) -> str:
+        return f"{self.prefix}/results/{check_name(source, 'source')}"
+
+    def results_filter(self) -> str:
+        return f"{self.prefix}/results/+"
+
+    def replies(self, username: str, suffix: str) -> str:
+        """A Response Topic a client may use: `{prefix}/replies/{username}/{suffix}`."""
+        return f"{self.prefix}/replies/{check_name(username, 'username')}/{suffix}"
+
+    def source_of(self, topic: str) -> str:
+        """The `{source}` of an images topic; TopicError if the topic is not one or
+        the source is invalid."""
+        head = f"{self.prefix}/images/"
+        if not topic.startswith(head):
+            raise TopicError(f"not an images topic: {topic!r}")
+        return check_name(topic[len(head) :], "source")
+
+    def is_node_images(self, topic: str, node_id: str) -> bool:
+        return topic == self.node_images(node_id)
+
+    # -- per-node topics ----------------------------------------------------
+    def _node(self, node_id: str, leaf: str) -> str:
+        return f"{self.prefix}/nodes/{check_name(node_id, 'node_id')}/{leaf}"
+
+    def status(self, node_id: str) -> str:
+        return self._node(node_id, "status")
+
+    def telemetry(self, node_id: str) -> str:
+        return self._node(node_id, "telemetry")
+
+    def desired(self, node_id: str) -> str:
+        return self._node(node_id, "desired")
+
+    def update(self, node_id: str) -> str:
+        return self._node(node_id, "update")
+
+    def fetch_reply(self, node_id: str) -> str:
+        return self._node(node_id, "fetch")
+
+    def node_filter(self, leaf: str) -> str:
+        """`{prefix}/nodes/+/{leaf}`, for the hub's fleet subscriptions."""
+        return f"{self.prefix}/nodes/+/{leaf}"
+
+    def node_id_of(self, topic: str) -> str:
+        """The `{node_id}` of a `{prefix}/nodes/{node_id}/...` topic."""
+        parts = topic.split("/")
+        head = self.prefix.split("/")
+        if parts[: len(head)] != head or len(parts) != len(head) + 3 or parts[len(head)] != "nodes":
+            raise TopicError(f"not a node topic: {topic!r}")
+        return check_name(parts[len(head) + 1], "node_id")
+
+    # -- hub ----------------------------------------------------------------
+    def hub_fetch(self) -> str:
+        return f"{self.prefix}/hub/fetch"
+
+    def hub_api(self, verb: str) -> str:
+        if not re.match(rf"^{HUB_API_VERBS_PATTERN}$", verb):
+            raise TopicError(f"invalid hub API verb {verb!r}")
+        return f"{self.prefix}/hub/api/{verb}"
+
+    def hub_api_filter(self) -> str:
+        return f"{self.prefix}/hub/api/+"
+
+    def hub_replies(self, username: str, suffix: str) -> str:
+        return f"{self.prefix}/hub/replies/{check_name(username, 'username')}/{suffix}"
