@@ -1,0 +1,146 @@
+#!/usr/bin/env bash
+# Write the broker's ACL file for the roles hub, operator, client and the nodes.
+# See --help.
+set -euo pipefail
+# Byte-wise character ranges in the name checks, whatever the user's locale.
+export LC_ALL=C
+
+usage() {
+    cat <<'EOF'
+Usage: deploy/mkacl.sh [--prefix PREFIX] [--replace] DIR [NODE_ID...]
+
+Writes DIR/acl, the Mosquitto ACL for cellwatch's roles (DESIGN.md, Topics and
+Security):
+
+  hub       reads node status/telemetry/update, fetch requests and API requests;
+            writes desired models, bundle chunks and API replies
+  operator  writes API requests, reads its API replies and node status;
+            may also publish test images and read results
+  client    publishes images (to all nodes or one), reads results and node status
+  NODE_ID   one block per node: reads images and its own desired/fetch topics,
+            writes only its own status/telemetry/update, fetch requests,
+            results and replies
+  everyone  reads only its own replies: PREFIX/replies/USER/#
+
+The nodes already in DIR/acl are kept, so re-running with a new node adds it
+(--replace: write exactly the nodes given). The file is replaced in one step; a
+running broker picks it up on SIGHUP (or `systemctl reload mosquitto`).
+
+  --prefix PREFIX  topic prefix (default: cellwatch)
+  --replace        forget the nodes already in DIR/acl
+EOF
+}
+
+die() {
+    echo "mkacl.sh: $*" >&2
+    exit 1
+}
+
+prefix=cellwatch
+replace=false
+while [[ $# -gt 0 ]]; do
+    case $1 in
+        -h | --help) usage; exit 0 ;;
+        --prefix)
+            [[ $# -ge 2 ]] || die "--prefix needs a value"
+            prefix=$2
+            shift 2
+            ;;
+        --replace) replace=true; shift ;;
+        --) shift; break ;;
+        -*) die "unknown option $1 (see --help)" ;;
+        *) break ;;
+    esac
+done
+[[ $# -ge 1 ]] || { usage >&2; exit 2; }
+[[ $prefix =~ ^[A-Za-z0-9_-]+(/[A-Za-z0-9_-]+)*$ ]] \
+    || die "invalid prefix '$prefix': topic levels of A-Z a-z 0-9 _ - separated by /"
+
+dir=$1
+shift
+acl=$dir/acl
+marker='# node '
+
+valid_node() {
+    [[ $1 =~ ^[A-Za-z0-9_-]{1,64}$ && $1 != hub && $1 != operator && $1 != client ]]
+}
+
+nodes=()
+if [[ $replace == false && -f $acl ]]; then
+    while IFS= read -r line; do
+        [[ $line == "$marker"* ]] && nodes+=("${line#"$marker"}")
+    done <"$acl"
+fi
+for node in "$@"; do
+    valid_node "$node" \
+        || die "invalid node id '$node': use 1-64 characters from A-Z a-z 0-9 _ - (not hub, operator, client)"
+    nodes+=("$node")
+done
+# Sorted, each node once.
+if [[ ${#nodes[@]} -gt 0 ]]; then
+    mapfile -t nodes < <(printf '%s\n' "${nodes[@]}" | sort -u)
+fi
+
+p=$prefix
+write_acl() {
+    cat <<EOF
+# Mosquitto ACL for cellwatch, written by deploy/mkacl.sh: re-run the script
+# instead of editing this file. A user may only do what a line below allows.
+
+# Every user reads its own replies only (%u is the user name).
+pattern read $p/replies/%u/#
+
+user hub
+topic read $p/nodes/+/status
+topic read $p/nodes/+/telemetry
+topic read $p/nodes/+/update
+topic read $p/hub/fetch
+topic read $p/hub/api/#
+topic write $p/nodes/+/desired
+topic write $p/nodes/+/fetch
+topic write $p/hub/replies/#
+
+user operator
+topic write $p/hub/api/#
+topic read $p/hub/replies/operator/#
+topic read $p/nodes/+/status
+topic read $p/results/#
+topic write $p/images/#
+
+user client
+topic write $p/images/#
+topic write $p/nodes/+/images
+topic read $p/results/#
+topic read $p/nodes/+/status
+EOF
+    local n
+    for n in ${nodes[@]+"${nodes[@]}"}; do
+        cat <<EOF
+
+$marker$n
+user $n
+topic read $p/images/+
+topic read $p/nodes/$n/images
+topic read $p/nodes/$n/desired
+topic read $p/nodes/$n/fetch
+topic write $p/nodes/$n/status
+topic write $p/nodes/$n/telemetry
+topic write $p/nodes/$n/update
+topic write $p/hub/fetch
+topic write $p/results/+
+topic write $p/replies/#
+EOF
+    done
+}
+
+mkdir -p "$dir"
+tmp=$(mktemp "$dir/.acl.XXXXXX")
+trap 'rm -f "$tmp"' EXIT
+write_acl >"$tmp"
+chmod 0640 "$tmp"
+if [[ $(id -u) -eq 0 ]] && getent group mosquitto >/dev/null; then
+    chgrp mosquitto "$tmp"
+fi
+mv "$tmp" "$acl"
+trap - EXIT
+echo "mkacl.sh: wrote $acl (${#nodes[@]} nodes)"
