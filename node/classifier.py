@@ -1,0 +1,88 @@
+"""From an ImageRequest to a Result: decode, preprocess, build the answer.
+
+Used by both the MQTT service (inference on the async queue) and the local
+`cellwatch-node classify` command (synchronous inference), so both print the same
+Result JSON for the same image.
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+from cellwatch.node.decode import ImageLimits, decode_image
+from cellwatch.node.engine import ServingModel
+from cellwatch.node.preprocess import preprocess
+from cellwatch.node.requests import ImageRequest
+from cellwatch.shared.schemas import ErrorCode, ErrorInfo, Result, Timings, utcnow
+
+
+class Classifier:
+    def __init__(self, node_id: str, limits: ImageLimits) -> None:
+        self.node_id = node_id
+        self.limits = limits
+
+    def prepare(self, req: ImageRequest, model: ServingModel) -> np.ndarray:
+        """Decode and preprocess req's payload (ImageError if it cannot be used)."""
+        t0 = time.monotonic()
+        req.timings["queue"] = (t0 - req.received_mono) * 1000.0
+        spec = model.bundle.manifest.preprocessing
+        rgb = decode_image(req.payload, self.limits, spec.size)
+        t1 = time.monotonic()
+        x = preprocess(rgb, spec)
+        t2 = time.monotonic()
+        req.timings["decode"] = (t1 - t0) * 1000.0
+        req.timings["preprocess"] = (t2 - t1) * 1000.0
+        req.timings["infer_start"] = t2
+        return x
+
+    def ok_result(self, req: ImageRequest, model: ServingModel, probs: np.ndarray) -> Result:
+        now = time.monotonic()
+        infer_ms = (now - req.timings.get("infer_start", now)) * 1000.0
+        manifest = model.bundle.manifest
+        idx = int(np.argmax(probs))
+        confidence = float(np.clip(probs[idx], 0.0, 1.0))
+        return Result(
+            status="ok",
+            image_id=req.image_id,
+            source=req.source,
+            node_id=self.node_id,
+            model=model.bundle.ref,
+            label=model.labels[idx],
+            class_index=idx,
+            confidence=confidence,
+            probabilities={
+                label: float(np.clip(p, 0.0, 1.0))
+                for label, p in zip(model.labels, probs, strict=True)
+            },
+            low_confidence=confidence < manifest.low_confidence_threshold,
+            timings_ms=self._timings(req, infer_ms),
+            received_at=req.received_at,
+            completed_at=utcnow(),
+        )
+
+    def error_result(
+        self, req: ImageRequest, code: ErrorCode, message: str, model: ServingModel | None
+    ) -> Result:
+        return Result(
+            status="error",
+            image_id=req.image_id,
+            source=req.source,
+            node_id=self.node_id,
+            model=model.bundle.ref if model is not None else None,
+            timings_ms=self._timings(req, 0.0),
+            received_at=req.received_at,
+            completed_at=utcnow(),
+            error=ErrorInfo(code=code, message=message[:500]),
+        )
+
+    @staticmethod
+    def _timings(req: ImageRequest, infer_ms: float) -> Timings:
+        return Timings(
+            queue=round(req.timings.get("queue", 0.0), 3),
+            decode=round(req.timings.get("decode", 0.0), 3),
+            preprocess=round(req.timings.get("preprocess", 0.0), 3),
+            infer=round(infer_ms, 3),
+            total=round(req.elapsed_ms(), 3),
+        )

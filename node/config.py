@@ -1,0 +1,106 @@
+"""The node's settings (`node.toml` + `CELLWATCH_*` environment variables).
+
+Example (every field has a default but node_id):
+
+    node_id = "node-1"
+    [mqtt]
+    host = "localhost"
+    port = 1883
+    password_file = "/etc/cellwatch/node-1.password"
+    [model]
+    bundle = "/var/lib/cellwatch/bundles/current"
+    trusted_keys = "/etc/cellwatch/trusted-keys"
+    [inference]
+    device = "CPU"
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from cellwatch.node.engine import EngineConfig
+from cellwatch.shared.limits import MAX_IMAGE_BYTES, MAX_IMAGE_PIXELS
+from cellwatch.shared.schemas import Name
+from cellwatch.shared.settings import CellwatchSettings, MqttSettings, Section
+
+
+class ModelSettings(Section):
+    bundle: Path | None = Field(
+        None, description="bundle directory to serve at start (none: answer no_model)"
+    )
+    trusted_keys: Path | None = Field(
+        None, description="directory of *.pub Ed25519 keys whose bundles are accepted"
+    )
+    allow_unsigned: bool = Field(
+        False, description="DEVELOPMENT ONLY: accept bundles without a trusted signature"
+    )
+    self_test: bool = Field(True, description="run the bundle's golden vectors before serving")
+
+
+class InferenceSettings(Section):
+    device: str = Field(
+        "CPU", min_length=1, description="OpenVINO device: CPU, GPU, NPU, AUTO, MYRIAD (legacy)"
+    )
+    performance_hint: Literal["throughput", "latency"] = Field(
+        "throughput", description="throughput: keep the device busy; latency: one image fastest"
+    )
+    force_f32: bool = Field(False, description="force f32 inference precision (parity checks)")
+    infer_requests: int = Field(
+        0, ge=0, le=64, description="parallel infer requests; 0 = OpenVINO's optimal number"
+    )
+    cache_dir: Path | None = Field(None, description="OpenVINO compiled-model cache")
+
+    def engine_config(self) -> EngineConfig:
+        return EngineConfig(
+            device=self.device,
+            performance_hint=self.performance_hint,
+            force_f32=self.force_f32,
+            infer_requests=self.infer_requests,
+            cache_dir=str(self.cache_dir) if self.cache_dir else None,
+        )
+
+
+class LimitSettings(Section):
+    max_image_bytes: int = Field(
+        MAX_IMAGE_BYTES, ge=1024, le=256 * 1024 * 1024, description="largest image payload"
+    )
+    max_image_pixels: int = Field(
+        MAX_IMAGE_PIXELS, ge=1, le=500_000_000, description="largest image, from its header"
+    )
+    receive_maximum: int = Field(
+        16, ge=1, le=65535, description="MQTT Receive Maximum: unacked images the broker sends"
+    )
+    max_inflight: int = Field(
+        64, ge=1, le=4096, description="images accepted but not yet answered (internal bound)"
+    )
+    decode_workers: int = Field(2, ge=1, le=32, description="threads decoding images")
+
+    @model_validator(mode="after")
+    def _bound(self) -> LimitSettings:
+        if self.max_inflight < self.receive_maximum:
+            raise ValueError("max_inflight must be >= receive_maximum")
+        return self
+
+
+class NodeSettings(CellwatchSettings):
+    node_id: Name = Field(description="this node's id; also its MQTT user name")
+    tags: list[Name] = Field(default_factory=list, description="groups for targeted rollouts")
+    mqtt: MqttSettings = Field(default_factory=MqttSettings)
+    model: ModelSettings = Field(default_factory=ModelSettings)
+    inference: InferenceSettings = Field(default_factory=InferenceSettings)
+    limits: LimitSettings = Field(default_factory=LimitSettings)
+    telemetry_interval_s: float = Field(10.0, gt=0, le=3600, description="telemetry period")
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+
+    @model_validator(mode="after")
+    def _username_is_node_id(self) -> NodeSettings:
+        if self.mqtt.username is None:
+            self.mqtt = self.mqtt.model_copy(update={"username": self.node_id})
+        return self
+
+    @property
+    def client_id(self) -> str:
+        return self.mqtt.client_id or f"cellwatch-node-{self.node_id}"

@@ -1,0 +1,93 @@
+"""One image request as the node sees it, parsed from an MQTT message."""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import time
+from dataclasses import dataclass, field
+from datetime import datetime
+
+import paho.mqtt.client as paho
+
+from cellwatch.shared.errors import TopicError
+from cellwatch.shared.mqtt import user_properties
+from cellwatch.shared.schemas import ErrorCode, utcnow
+from cellwatch.shared.topics import Topics
+
+IMAGE_ID_RE = re.compile(r"^[A-Za-z0-9_.:-]{1,128}$")
+
+
+@dataclass
+class ImageRequest:
+    payload: bytes
+    image_id: str
+    source: str | None
+    """{source} of `images/{source}`; None for the node's direct topic."""
+    response_topic: str | None
+    correlation_data: bytes | None
+    received_at: datetime
+    received_mono: float
+    deadline_mono: float | None = None
+    mid: int = 0
+    qos: int = 0
+    generation: int = 0
+    direct: bool = False
+    """Arrived on the node's own `nodes/{node_id}/images` topic."""
+    invalid: tuple[ErrorCode, str] | None = None
+    """Set when the request itself is malformed; answered with an error Result."""
+    timings: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def expired(self) -> bool:
+        return self.deadline_mono is not None and time.monotonic() > self.deadline_mono
+
+    def elapsed_ms(self) -> float:
+        return (time.monotonic() - self.received_mono) * 1000.0
+
+
+def derive_image_id(payload: bytes) -> str:
+    return hashlib.sha256(payload).hexdigest()[:16]
+
+
+def parse_message(
+    msg: paho.MQTTMessage, topics: Topics, node_id: str, generation: int
+) -> ImageRequest:
+    """Build an ImageRequest; malformed parts mark it `invalid` rather than raising."""
+    props = msg.properties
+    response_topic = getattr(props, "ResponseTopic", None) if props is not None else None
+    correlation = getattr(props, "CorrelationData", None) if props is not None else None
+    expiry = getattr(props, "MessageExpiryInterval", None) if props is not None else None
+    now_mono = time.monotonic()
+    payload = bytes(msg.payload)
+    user = user_properties(msg)
+    req = ImageRequest(
+        payload=payload,
+        image_id=derive_image_id(payload),
+        source=None,
+        response_topic=str(response_topic) if response_topic else None,
+        correlation_data=bytes(correlation) if correlation is not None else None,
+        received_at=utcnow(),
+        received_mono=now_mono,
+        deadline_mono=now_mono + float(expiry) if expiry is not None else None,
+        mid=msg.mid,
+        qos=msg.qos,
+        generation=generation,
+    )
+    given_id = user.get("image_id")
+    if given_id is not None:
+        if IMAGE_ID_RE.match(given_id):
+            req.image_id = given_id
+        else:
+            req.invalid = (
+                ErrorCode.INVALID_REQUEST,
+                "user property image_id must match [A-Za-z0-9_.:-]{1,128}",
+            )
+    if topics.is_node_images(msg.topic, node_id):
+        req.direct = True
+    else:
+        try:
+            req.source = topics.source_of(msg.topic)
+        except TopicError as exc:
+            req.invalid = (ErrorCode.INVALID_REQUEST, str(exc))
+    return req

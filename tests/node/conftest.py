@@ -1,0 +1,66 @@
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from cellwatch.node.config import NodeSettings
+from cellwatch.node.service import NodeService
+from tests.broker import Broker
+from tests.harness import Requester
+from tests.models import write_test_bundle
+
+
+@pytest.fixture(scope="session")
+def toy_bundle(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """(bundle dir, trusted keys dir) of the signed toy model."""
+    root = tmp_path_factory.mktemp("toy")
+    return write_test_bundle(root / "bundle", root / "keys"), root / "keys"
+
+
+NodeFactory = Callable[..., NodeService]
+
+
+def node_settings(
+    broker: Broker, toy_bundle: tuple[Path, Path], node_id: str = "node-1", **overrides: Any
+) -> NodeSettings:
+    bundle, keys = toy_bundle
+    data: dict[str, Any] = {
+        "node_id": node_id,
+        "mqtt": broker.settings(node_id).model_dump(),
+        "model": {"bundle": bundle, "trusted_keys": keys},
+        "telemetry_interval_s": 0.5,
+    }
+    for key, value in overrides.items():
+        if isinstance(value, dict) and isinstance(data.get(key), dict):
+            data[key] = {**data[key], **value}
+        else:
+            data[key] = value
+    return NodeSettings(**data)
+
+
+@pytest.fixture
+def node_factory(broker: Broker, toy_bundle: tuple[Path, Path]) -> Iterator[NodeFactory]:
+    """Start in-process nodes; every one still running is stopped at teardown."""
+    started: list[NodeService] = []
+
+    def make(node_id: str = "node-1", *, start: bool = True, **overrides: Any) -> NodeService:
+        service = NodeService(node_settings(broker, toy_bundle, node_id, **overrides))
+        if start:
+            service.start()
+            started.append(service)
+        return service
+
+    yield make
+    for s in started:
+        if s.mqtt.connected:
+            s.join()
+
+
+@pytest.fixture
+def requester(broker: Broker) -> Iterator[Requester]:
+    r = Requester(broker.settings("client"))
+    yield r
+    r.close()

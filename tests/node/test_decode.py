@@ -1,0 +1,96 @@
+"""The decoder on every input kind the node issue lists (no MQTT here; the MQTT
+versions of these are in test_node_mqtt.py)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+import pytest
+
+from cellwatch.node.decode import ImageError, ImageLimits, decode_image, to_rgb8
+from cellwatch.node.preprocess import central_crop_box, jpeg_scale_denominator, preprocess
+from cellwatch.shared.manifest import PreprocessingSpec
+from cellwatch.shared.schemas import ErrorCode
+from tests import images
+
+LIMITS = ImageLimits()
+
+
+@pytest.mark.parametrize(
+    ("payload", "code"),
+    [
+        (b"", ErrorCode.UNDECODABLE_IMAGE),
+        (images.random_bytes(), ErrorCode.UNSUPPORTED_FORMAT),
+        (images.TEXT, ErrorCode.UNSUPPORTED_FORMAT),
+        (images.truncated_jpeg(), ErrorCode.UNDECODABLE_IMAGE),
+        (images.huge_header_png(), ErrorCode.IMAGE_TOO_LARGE),
+        (b"\x89PNG\r\n\x1a\n" + b"\x00" * 40, ErrorCode.UNDECODABLE_IMAGE),
+    ],
+    ids=["empty", "random", "text", "truncated-jpeg", "huge-header", "png-garbage"],
+)
+def test_bad_payloads_have_error_codes(payload: bytes, code: ErrorCode) -> None:
+    with pytest.raises(ImageError) as err:
+        decode_image(payload, LIMITS)
+    assert err.value.code == code
+
+
+def test_payload_over_limit() -> None:
+    with pytest.raises(ImageError) as err:
+        decode_image(images.jpeg(), ImageLimits(max_bytes=10_000))
+    assert err.value.code == ErrorCode.PAYLOAD_TOO_LARGE
+
+
+def test_pixel_limit_from_header() -> None:
+    with pytest.raises(ImageError) as err:
+        decode_image(images.png(h=100, w=100), ImageLimits(max_pixels=9_999))
+    assert err.value.code == ErrorCode.IMAGE_TOO_LARGE
+
+
+@pytest.mark.parametrize(
+    "make",
+    [images.jpeg, images.png, images.bmp, images.tiff16, images.rgba_png],
+    ids=["jpeg", "png", "bmp", "tiff16", "rgba"],
+)
+def test_formats_decode_to_rgb8_with_the_right_colour(make: Callable[[], bytes]) -> None:
+    rgb = decode_image(make(), LIMITS)
+    assert rgb.dtype == np.uint8 and rgb.ndim == 3 and rgb.shape[2] == 3
+    r, _, b = rgb.reshape(-1, 3).mean(axis=0)
+    assert r > 180 and b < 80  # RED (BGR 40,40,220) arrives as RGB with red high
+
+
+def test_grayscale_and_one_pixel() -> None:
+    g = decode_image(images.gray_jpeg(128), LIMITS)
+    assert g.shape == (240, 320, 3)
+    assert abs(float(g.mean()) - 128) < 2 and np.all(g[..., 0] == g[..., 2])
+    one = decode_image(images.one_pixel_png(), LIMITS)
+    assert one.shape == (1, 1, 3) and tuple(one[0, 0]) == (220, 40, 40)
+
+
+def test_sixteen_bit_scales_to_eight() -> None:
+    img16 = np.array([[[0, 65535, 32768]]], dtype=np.uint16)
+    assert tuple(to_rgb8(img16)[0, 0]) == (128, 255, 0)  # BGR -> RGB and 16 -> 8 bit
+
+
+def test_large_jpeg_decodes_at_reduced_scale() -> None:
+    assert jpeg_scale_denominator(640, 480, 299) == 1
+    assert jpeg_scale_denominator(2592, 1944, 299) == 2
+    assert jpeg_scale_denominator(8000, 6000, 299) == 8
+    rgb = decode_image(images.jpeg(h=1944, w=2592), LIMITS)
+    assert rgb.shape == (972, 1296, 3)
+
+
+def test_central_crop_matches_tf_arithmetic() -> None:
+    # tf.image.central_crop(0.875) on 480x640 keeps rows 30..449 and columns 40..599
+    assert central_crop_box(480, 640, 0.875) == (30, 40, 420, 560)
+    assert central_crop_box(1, 1, 0.875) == (0, 0, 1, 1)
+    assert central_crop_box(299, 299, 1.0) == (0, 0, 299, 299)
+
+
+def test_preprocess_shape_and_range() -> None:
+    rgb = decode_image(images.jpeg(), LIMITS)
+    x = preprocess(rgb, PreprocessingSpec())
+    assert x.shape == (1, 299, 299, 3) and x.dtype == np.float32
+    assert float(x.min()) >= -1.0 and float(x.max()) <= 1.0
+    white = np.full((10, 10, 3), 255, dtype=np.uint8)
+    assert np.allclose(preprocess(white, PreprocessingSpec()), 1.0)

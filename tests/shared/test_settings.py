@@ -1,0 +1,58 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from cellwatch.node.config import NodeSettings
+from cellwatch.shared.errors import ConfigError
+
+
+def test_toml_then_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    cfg = tmp_path / "node.toml"
+    cfg.write_text('node_id = "node-1"\n[mqtt]\nhost = "broker.lab"\nport = 1884\n')
+    s = NodeSettings.load(cfg)
+    assert (s.node_id, s.mqtt.host, s.mqtt.port, s.mqtt.username) == (
+        "node-1",
+        "broker.lab",
+        1884,
+        "node-1",
+    )
+    monkeypatch.setenv("CELLWATCH_MQTT__PORT", "2883")
+    monkeypatch.setenv("CELLWATCH_INFERENCE__PERFORMANCE_HINT", "latency")
+    s = NodeSettings.load(cfg)
+    assert s.mqtt.port == 2883
+    assert s.inference.performance_hint == "latency"
+
+
+def test_bad_config_names_the_field(tmp_path: Path) -> None:
+    cfg = tmp_path / "node.toml"
+    cfg.write_text('node_id = "node-1"\n[mqtt]\nport = 70000\n')
+    with pytest.raises(ConfigError, match=r"mqtt\.port"):
+        NodeSettings.load(cfg)
+    cfg.write_text('node_id = "node 1"\n')
+    with pytest.raises(ConfigError, match="node_id"):
+        NodeSettings.load(cfg)
+    cfg.write_text('node_id = "n"\n[mqtt]\nhots = "x"\n')
+    with pytest.raises(ConfigError, match=r"mqtt\.hots"):
+        NodeSettings.load(cfg)
+
+
+def test_missing_and_malformed_files(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="does not exist"):
+        NodeSettings.load(tmp_path / "nope.toml")
+    bad = tmp_path / "bad.toml"
+    bad.write_text("node_id = \n")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        NodeSettings.load(bad)
+
+
+def test_password_file_is_read_lazily(tmp_path: Path) -> None:
+    cfg = tmp_path / "node.toml"
+    pw = tmp_path / "pw"
+    cfg.write_text(f'node_id = "n"\n[mqtt]\npassword_file = "{pw}"\n')
+    s = NodeSettings.load(cfg)
+    with pytest.raises(ConfigError, match="password_file"):
+        s.mqtt.resolved_password()
+    pw.write_text("s3cret\n")
+    assert s.mqtt.resolved_password() == "s3cret"

@@ -1,0 +1,48 @@
+from __future__ import annotations
+
+import pytest
+
+from cellwatch.shared.errors import TopicError
+from cellwatch.shared.topics import Topics, is_valid_name
+
+T = Topics()
+
+
+def test_builders_follow_design() -> None:
+    assert T.images("scope-1") == "cellwatch/images/scope-1"
+    assert T.images_shared_filter() == "$share/cellwatch-nodes/cellwatch/images/+"
+    assert T.node_images("node-1") == "cellwatch/nodes/node-1/images"
+    assert T.results("scope-1") == "cellwatch/results/scope-1"
+    assert T.status("n") == "cellwatch/nodes/n/status"
+    assert T.telemetry("n") == "cellwatch/nodes/n/telemetry"
+    assert T.desired("n") == "cellwatch/nodes/n/desired"
+    assert T.update("n") == "cellwatch/nodes/n/update"
+    assert T.fetch_reply("n") == "cellwatch/nodes/n/fetch"
+    assert T.hub_fetch() == "cellwatch/hub/fetch"
+    assert T.hub_api("push") == "cellwatch/hub/api/push"
+    assert T.replies("client", "x/1") == "cellwatch/replies/client/x/1"
+    assert Topics("lab7").images("a") == "lab7/images/a"
+
+
+@pytest.mark.parametrize("bad", ["", "a/b", "a+b", "#", "a.b", "x" * 65, "é"])
+def test_invalid_names_are_refused(bad: str) -> None:
+    assert not is_valid_name(bad)
+    with pytest.raises(TopicError):
+        T.images(bad)
+
+
+def test_parse_source_and_node_id() -> None:
+    assert T.source_of("cellwatch/images/scope_2") == "scope_2"
+    assert T.node_id_of("cellwatch/nodes/node-3/status") == "node-3"
+    with pytest.raises(TopicError):
+        T.source_of("cellwatch/images/bad.source")
+    with pytest.raises(TopicError):
+        T.source_of("cellwatch/results/x")
+    with pytest.raises(TopicError):
+        T.node_id_of("cellwatch/nodes/node-3")
+
+
+@pytest.mark.parametrize("prefix", ["", "a/#", "$SYS"])
+def test_bad_prefix(prefix: str) -> None:
+    with pytest.raises(TopicError):
+        Topics(prefix)
