@@ -1,0 +1,57 @@
+# cellwatch: the two commands a newcomer needs are `make demo` and `make test`.
+# Both set up what they need: a virtualenv with the extras and Mosquitto.
+
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.cellwatch-installed
+SRC_DIRS := node hub training shared
+PYTEST_ARGS ?=
+
+.PHONY: help test lint typecheck pytest venv mosquitto bench-node clean
+
+help:
+	@echo "make test   - set up (venv, Mosquitto) and run ruff, mypy and pytest"
+	@echo "make lint / make typecheck / make pytest - the parts of make test"
+	@echo "make clean  - remove the virtualenv and caches"
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[dev]'
+	@touch $@
+
+# Mosquitto: installed with apt-get when missing and we are root; otherwise say how.
+mosquitto:
+	@if command -v mosquitto >/dev/null 2>&1 || test -x /usr/sbin/mosquitto; then \
+	  :; \
+	elif [ "$$(id -u)" = "0" ] && command -v apt-get >/dev/null 2>&1; then \
+	  echo "installing mosquitto with apt-get"; \
+	  apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q mosquitto mosquitto-clients; \
+	else \
+	  echo "error: Mosquitto is not installed. Run: sudo apt-get install mosquitto mosquitto-clients" >&2; \
+	  exit 1; \
+	fi
+
+# mypy sees the sources under their import names (cellwatch.*) through links.
+.typecheck/cellwatch:
+	@mkdir -p .typecheck/cellwatch
+	@for d in $(SRC_DIRS); do ln -sfn ../../$$d .typecheck/cellwatch/$$d; done
+
+lint: venv
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+typecheck: venv .typecheck/cellwatch
+	$(BIN)/mypy -p cellwatch
+	$(BIN)/mypy tests bench
+
+pytest: venv mosquitto
+	$(BIN)/pytest -q $(PYTEST_ARGS)
+
+test: lint typecheck pytest
+
+clean:
+	rm -rf $(VENV) .typecheck .mypy_cache .ruff_cache .pytest_cache
