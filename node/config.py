@@ -22,7 +22,12 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from cellwatch.node.engine import EngineConfig
-from cellwatch.shared.limits import MAX_IMAGE_BYTES, MAX_IMAGE_PIXELS
+from cellwatch.shared.limits import (
+    FETCH_CHUNK_BYTES,
+    MAX_FETCH_CHUNK_BYTES,
+    MAX_IMAGE_BYTES,
+    MAX_IMAGE_PIXELS,
+)
 from cellwatch.shared.schemas import Name
 from cellwatch.shared.settings import CellwatchSettings, MqttSettings, Section
 
@@ -38,6 +43,18 @@ class ModelSettings(Section):
         False, description="DEVELOPMENT ONLY: accept bundles without a trusted signature"
     )
     self_test: bool = Field(True, description="run the bundle's golden vectors before serving")
+
+
+class UpdateSettings(Section):
+    store_dir: Path | None = Field(
+        None, description="bundle store for hub-driven updates; unset: no updates"
+    )
+    fetch_window: int = Field(4, ge=1, le=64, description="chunk requests in flight")
+    chunk_bytes: int = Field(
+        FETCH_CHUNK_BYTES, ge=4096, le=MAX_FETCH_CHUNK_BYTES, description="bytes per request"
+    )
+    chunk_timeout_s: float = Field(10.0, gt=0, le=600, description="re-ask after this long")
+    keep_versions: int = Field(3, ge=2, le=20, description="activated bundles kept on disk")
 
 
 class InferenceSettings(Section):
@@ -91,6 +108,7 @@ class NodeSettings(CellwatchSettings):
     mqtt: MqttSettings = Field(default_factory=MqttSettings)
     model: ModelSettings = Field(default_factory=ModelSettings)
     inference: InferenceSettings = Field(default_factory=InferenceSettings)
+    updates: UpdateSettings = Field(default_factory=UpdateSettings)
     limits: LimitSettings = Field(default_factory=LimitSettings)
     telemetry_interval_s: float = Field(10.0, gt=0, le=3600, description="telemetry period")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"

@@ -31,8 +31,11 @@ from cellwatch.node.classifier import Classifier
 from cellwatch.node.config import NodeSettings
 from cellwatch.node.decode import ImageError, ImageLimits
 from cellwatch.node.engine import ServingModel, available_devices, check_device, load_serving_model
+from cellwatch.node.fetcher import Fetcher
 from cellwatch.node.requests import ImageRequest, parse_message
 from cellwatch.node.stats import Stats
+from cellwatch.node.store import BundleStore
+from cellwatch.node.updater import UpdateAgent
 from cellwatch.shared.bundle import load_bundle
 from cellwatch.shared.errors import MqttError
 from cellwatch.shared.mqtt import MqttClient, PublishProps, Will
@@ -92,6 +95,46 @@ class NodeService:
         )
         self.mqtt.set_message_handler(self._on_message)
         self.mqtt.add_connect_listener(self._on_connected)
+        self.store: BundleStore | None = None
+        self.updater: UpdateAgent | None = None
+        self.fetcher: Fetcher | None = None
+        if settings.updates.store_dir is not None:
+            self._setup_updates()
+
+    def _setup_updates(self) -> None:
+        u, m = self.settings.updates, self.settings.model
+        assert u.store_dir is not None
+        self.store = BundleStore(u.store_dir, keep=u.keep_versions)
+        self.fetcher = Fetcher(
+            self.mqtt,
+            self.topics,
+            self.node_id,
+            window=u.fetch_window,
+            chunk_bytes=u.chunk_bytes,
+            timeout_s=u.chunk_timeout_s,
+        )
+        self.updater = UpdateAgent(
+            mqtt=self.mqtt,
+            topics=self.topics,
+            node_id=self.node_id,
+            store=self.store,
+            fetcher=self.fetcher,
+            trusted=self.trusted,
+            allow_unsigned=m.allow_unsigned,
+            core=self.core,
+            engine=self.settings.inference.engine_config(),
+            self_test=m.self_test,
+            current_sha=self._current_sha,
+            activate=self.activate,
+        )
+        self._desired_topic = self.topics.desired(self.node_id)
+        self._fetch_topic = self.topics.fetch_reply(self.node_id)
+        self.mqtt.subscribe(self._desired_topic, 1)
+        self.mqtt.subscribe(self._fetch_topic, 1)
+
+    def _current_sha(self) -> str | None:
+        model = self._model
+        return model.bundle.manifest_sha256 if model is not None else None
 
     # -- model -----------------------------------------------------------------
     @property
@@ -118,11 +161,26 @@ class NodeService:
 
     # -- lifecycle ---------------------------------------------------------------
     def start(self) -> None:
-        """Load the configured bundle, connect, and start the worker threads."""
-        if self.settings.model.bundle is not None and self._model is None:
-            self.load_bundle(self.settings.model.bundle)
+        """Load the start bundle, connect, and start the worker threads.
+
+        With a bundle store, the bundle active before a restart wins over the
+        configured one; the configured one is copied into the store so that a
+        rollback to it needs no download.
+        """
+        active = self.store.active() if self.store is not None else None
+        if active is not None and self._model is None:
+            assert self.store is not None
+            self.load_bundle(self.store.path(active))
+        elif self.settings.model.bundle is not None and self._model is None:
+            model = self.load_bundle(self.settings.model.bundle)
+            if self.store is not None:
+                sha = model.bundle.manifest_sha256
+                self.store.import_dir(sha, self.settings.model.bundle)
+                self.store.set_active(sha)
         elif self._model is None:
             log.warning("node %s: no bundle configured; answering no_model", self.node_id)
+        if self.updater is not None:
+            self.updater.start()
         for i in range(self.settings.limits.decode_workers):
             self._spawn(self._worker_loop, f"decode-{i}")
         self._spawn(self._telemetry_loop, "telemetry")
@@ -145,6 +203,8 @@ class NodeService:
         """Graceful shutdown: finish in-flight images, publish offline, disconnect."""
         self._stop.set()
         self._accepting.clear()
+        if self.updater is not None:
+            self.updater.stop()
         log.info(
             "node %s: stopping, finishing %d in-flight images", self.node_id, self.stats.inflight
         )
@@ -234,6 +294,15 @@ class NodeService:
     # -- the image path ----------------------------------------------------------------
     def _on_message(self, msg: paho.MQTTMessage) -> None:
         """Network thread: parse and enqueue (bounded), nothing else."""
+        if self.updater is not None and self.fetcher is not None:
+            if msg.topic == self._fetch_topic:
+                self.fetcher.on_reply(msg)
+                self.mqtt.ack(msg.mid, msg.qos, self.mqtt.generation)
+                return
+            if msg.topic == self._desired_topic:
+                self.updater.on_desired(msg)
+                self.mqtt.ack(msg.mid, msg.qos, self.mqtt.generation)
+                return
         if not self._accepting.is_set():
             return  # not acked: the broker redelivers it to our next session
         req = parse_message(msg, self.topics, self.node_id, self.mqtt.generation)

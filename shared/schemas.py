@@ -155,13 +155,21 @@ class UpdateState(StrEnum):
     ROLLED_BACK = "rolled_back"
 
 
+class ApiError(Message):
+    code: str = Field(description="e.g. bad_request, unknown_verb, not_found, conflict")
+    message: str
+
+
 class UpdateReport(Message):
     schema_: Literal["cellwatch.update/1"] = Field("cellwatch.update/1", alias="schema")
     rollout_id: str = Field(min_length=1, max_length=64)
     model: DesiredModelRef
     state: UpdateState
     progress: float = Field(ge=0.0, le=1.0)
-    error: ErrorInfo | None = None
+    error: ApiError | None = Field(
+        None, description="code: bad_signature, hash_mismatch, fetch_failed, compile_error, "
+        "self_test_failed, disk_full, internal"
+    )
     ts: datetime
 
 
@@ -182,11 +190,6 @@ class ApiRequest(Message):
     schema_: Literal["cellwatch.api/1"] = Field("cellwatch.api/1", alias="schema")
     request_id: str = Field(min_length=1, max_length=64)
     args: dict[str, Any] = Field(default_factory=dict)
-
-
-class ApiError(Message):
-    code: str = Field(description="e.g. bad_request, unknown_verb, not_found, conflict")
-    message: str
 
 
 class ApiReply(Message):
