@@ -84,6 +84,7 @@ class UpdateAgent:
         self._activate = activate
         self._cond = threading.Condition()
         self._desired: DesiredModel | None = None
+        self._in_progress: DesiredModel | None = None
         self._generation = 0
         self._stop = False
         self._thread = threading.Thread(target=self._run, name=f"{node_id}-updater", daemon=True)
@@ -112,6 +113,8 @@ class UpdateAgent:
             )
             return
         with self._cond:
+            if desired == self._in_progress:
+                return  # the broker resent the retained desired on reconnect: keep going
             self._desired = desired
             self._generation += 1
             self._cond.notify_all()
@@ -127,8 +130,13 @@ class UpdateAgent:
                     return
                 seen = self._generation
                 desired = self._desired
+                self._in_progress = desired
             if desired is not None:
-                self._reconcile(desired, seen)
+                try:
+                    self._reconcile(desired, seen)
+                finally:
+                    with self._cond:
+                        self._in_progress = None
 
     def _superseded(self, generation: int) -> bool:
         with self._cond:

@@ -57,6 +57,7 @@ def write_test_bundle(
     seed: int = 0,
     sign: bool = True,
     key_name: str = "test",
+    golden_shift: float = 0.0,
 ) -> Path:
     """Write a signed bundle of the toy model into out (created); keys into key_dir."""
     out.mkdir(parents=True, exist_ok=True)
@@ -68,6 +69,8 @@ def write_test_bundle(
     rng = np.random.default_rng(seed + 1)
     inputs = rng.uniform(-1, 1, (3, SIZE, SIZE, 3)).astype(np.float32)
     probs = np.stack([compiled({0: x[np.newaxis]})[0][0] for x in inputs]).astype(np.float32)
+    if golden_shift:  # a bundle whose golden vectors this model does not reproduce
+        probs = np.clip(probs + np.array([golden_shift, -golden_shift], np.float32), 0, 1)
     np.savez_compressed(out / "golden.npz", inputs=inputs, probabilities=probs)
     manifest = Manifest(
         name=name,

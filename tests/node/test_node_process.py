@@ -173,3 +173,15 @@ def test_classify_and_devices_commands(tmp_path: Path, toy_bundle: tuple[Path, P
     assert r.returncode == 1  # one input failed
     r = run_cli("devices")
     assert r.returncode == 0 and r.stdout.startswith("CPU")
+
+
+def test_startup_refuses_a_bundle_that_fails_its_self_test(
+    tmp_path: Path, broker: Broker, toy_bundle: tuple[Path, Path]
+) -> None:
+    from tests.models import write_test_bundle
+
+    _, keys = toy_bundle
+    broken = write_test_bundle(tmp_path / "broken", keys, golden_shift=0.5)
+    cfg = write_config(tmp_path, broker, broken, keys)
+    r = run_cli("run", "--config", str(cfg))
+    assert r.returncode == 2 and "self-test failed" in r.stderr, r.stderr

@@ -144,3 +144,26 @@ def test_unreachable_hub_fails_with_fetch_failed_and_keeps_serving(
     r = requester.request(images.jpeg())
     assert r.status == "ok" and r.model is not None and r.model.version == "1.0.0"
     watch.close()
+
+
+def test_self_test_failure_reports_failed_and_keeps_the_old_model(
+    tmp_path: Path,
+    broker: Broker,
+    node_factory: NodeFactory,
+    requester: Requester,
+    toy_bundle: tuple[Path, Path],
+) -> None:
+    _, keys = toy_bundle
+    broken = write_test_bundle(tmp_path / "broken", keys, version="3.0.0", golden_shift=0.5)
+    watch = Collector(broker.settings("hub"), T.update("node-1"))
+    node = node_factory(updates={"store_dir": tmp_path / "store"})
+    assert node.store is not None
+    sha = load_bundle(broken, TrustedKeys.load(keys)).manifest_sha256
+    node.store.import_dir(sha, broken)
+    desire(broker, "node-1", broken, keys)
+    wait_for(lambda: any(r.state == "failed" for r in reports(watch)), 60, "failed report")
+    failed = next(r for r in reports(watch) if r.state == "failed")
+    assert failed.error is not None and failed.error.code == "self_test_failed"
+    r = requester.request(images.jpeg())
+    assert r.status == "ok" and r.model is not None and r.model.version == "1.0.0"
+    watch.close()
