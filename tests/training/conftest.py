@@ -1,0 +1,113 @@
+"""Shared, expensive training artefacts, built once per session with the real libraries.
+
+Nothing here is downloaded: the "ImageNet" checkpoint is a 1001-class Inception V3
+saved from the network itself (random weights, V1 single-file format, named like the
+public `inception_v3.ckpt`), and the images are SYNTHETIC smears from `synth`.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import pytest
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+from cellwatch.shared.signing import generate_keypair
+
+if TYPE_CHECKING:
+    from cellwatch.training.ir import Precision
+
+TINY_COUNT = 40
+"""Synthetic images for the shared tiny run: 28 train / 6 val / 6 test."""
+
+
+def save_imagenet_like_checkpoint(path: Path, seed: int = 1) -> Path:
+    """A 1001-class TF-Slim Inception V3 checkpoint in the public file's V1 format."""
+    from cellwatch.training import network
+    from cellwatch.training.tfcompat import new_session, seed_everything, tf, tf1
+
+    graph = tf.Graph()
+    with graph.as_default():
+        seed_everything(seed)
+        images = tf1.placeholder(tf.float32, [1, 299, 299, 3])
+        network.build(images, num_classes=1001, is_training=False)
+        saver = tf1.train.Saver(network.model_variables(graph), write_version=tf1.train.SaverDef.V1)
+        init = tf1.global_variables_initializer()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with new_session(graph) as session:
+        session.run(init)
+        with graph.as_default():
+            saver.save(session, str(path), write_meta_graph=False, write_state=False)
+    return path
+
+
+@pytest.fixture(scope="session")
+def imagenet_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """`.../inception_v3.ckpt`: 1001 classes, 388 variables, as the public file has them."""
+    return save_imagenet_like_checkpoint(tmp_path_factory.mktemp("ckpt") / "inception_v3.ckpt")
+
+
+@pytest.fixture(scope="session")
+def synth_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from cellwatch.training.synth import write_dataset
+
+    out = tmp_path_factory.mktemp("synth") / "data"
+    write_dataset(out, TINY_COUNT, seed=11)
+    return out
+
+
+@pytest.fixture(scope="session")
+def split_dir(synth_data: Path) -> Path:
+    from cellwatch.training.split import prepare
+
+    out = synth_data.parent / "split"
+    prepare(synth_data, out, val=0.15, test=0.15, seed=3)
+    return out
+
+
+@pytest.fixture(scope="session")
+def trained_run(split_dir: Path, imagenet_ckpt: Path) -> Path:
+    """A bottleneck-mode run: 2 epochs from the 1001-class checkpoint."""
+    from cellwatch.training.fit import fit
+    from cellwatch.training.runinfo import FitConfig
+
+    out = split_dir.parent / "run"
+    fit(split_dir, out, FitConfig(epochs=2, batch_size=8, seed=5), base_checkpoint=imagenet_ckpt)
+    return out
+
+
+@pytest.fixture(scope="session")
+def signing_key(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    private, _ = generate_keypair(tmp_path_factory.mktemp("keys"), "train-test")
+    return private
+
+
+@pytest.fixture(scope="session")
+def bundle(trained_run: Path, signing_key: Path) -> Callable[[Precision], Path]:
+    """bundle(precision) -> the trained run exported at that precision (made on first use)."""
+    from cellwatch.training.export import ExportOptions, export
+
+    made: dict[Precision, Path] = {}
+
+    def get(precision: Precision) -> Path:
+        if precision not in made:
+            out = trained_run.parent / f"bundle-{precision}"
+            export(
+                trained_run,
+                out,
+                ExportOptions(
+                    name="all-test",
+                    version=f"0.0.1-{precision}",
+                    precision=precision,
+                    sign_key=signing_key,
+                    calibration_size=16,
+                ),
+            )
+            made[precision] = out
+        return made[precision]
+
+    return get

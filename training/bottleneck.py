@@ -1,0 +1,121 @@
+"""Bottleneck features: the frozen base network's pooled 2048-vector, computed once per image.
+
+The cache is keyed by what determines a bottleneck: the image bytes (SHA-256) and
+the exact base weights (`network.weights_digest` of the restored network, which
+names the checkpoint, or the seed of a random initialisation) plus the eval
+preprocessing. Files are `CACHE/<key>/<sha[:2]>/<sha>.npy` (plain float32 arrays,
+loaded with allow_pickle=False); a damaged file is recomputed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from cellwatch.training.dataset import ImageEntry, load_rgb
+from cellwatch.training.network import BOTTLENECK_DIM
+from cellwatch.training.preprocess import SPEC, Preprocessor
+from cellwatch.training.progress import track
+
+log = logging.getLogger(__name__)
+
+CACHE_VERSION = 1
+FEATURE_BATCH = 8
+
+
+class BottleneckCache:
+    """Bottleneck vectors on disk for one base network."""
+
+    def __init__(self, root: Path, base_digest: str) -> None:
+        key = hashlib.sha256(
+            f"v{CACHE_VERSION}\n{base_digest}\n{SPEC.model_dump_json()}".encode()
+        ).hexdigest()[:24]
+        self.dir = root / key
+        self.hits = 0
+        self.misses = 0
+
+    def _path(self, image_sha256: str) -> Path:
+        return self.dir / image_sha256[:2] / f"{image_sha256}.npy"
+
+    def get(self, image_sha256: str) -> np.ndarray | None:
+        path = self._path(image_sha256)
+        if not path.is_file():
+            return None
+        try:
+            value = np.load(path, allow_pickle=False)
+        except (OSError, ValueError) as exc:
+            log.warning("recomputing damaged bottleneck %s: %s", path, exc)
+            return None
+        if value.shape != (BOTTLENECK_DIM,) or value.dtype != np.float32:
+            log.warning("recomputing bottleneck %s with unexpected shape %s", path, value.shape)
+            return None
+        return np.asarray(value)
+
+    def put(self, image_sha256: str, value: np.ndarray) -> None:
+        path = self._path(image_sha256)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        with tmp.open("wb") as f:
+            np.save(f, np.asarray(value, dtype=np.float32), allow_pickle=False)
+        tmp.replace(path)
+
+
+class FeatureExtractor:
+    """Computes bottlenecks with a live session of the network (eval preprocessing)."""
+
+    def __init__(self, session: Any, images: Any, prelogits: Any, root: Path) -> None:
+        self._session = session
+        self._images = images
+        self._prelogits = prelogits
+        self._root = root
+        self._pre = Preprocessor()
+
+    def compute(self, entries: Sequence[ImageEntry]) -> np.ndarray:
+        """[N, 2048] float32, forward pass for every entry (no cache)."""
+        out = np.empty((len(entries), BOTTLENECK_DIM), np.float32)
+        for start in range(0, len(entries), FEATURE_BATCH):
+            batch = entries[start : start + FEATURE_BATCH]
+            inputs = np.stack([self._pre.eval(load_rgb(self._root, e)) for e in batch])
+            feats = self._session.run(self._prelogits, {self._images: inputs})
+            out[start : start + len(batch)] = np.reshape(feats, (len(batch), BOTTLENECK_DIM))
+        return out
+
+    def features(
+        self, entries: Sequence[ImageEntry], cache: BottleneckCache | None, what: str = "images"
+    ) -> np.ndarray:
+        """[N, 2048]: from the cache where present, computed (and cached) otherwise."""
+        out = np.empty((len(entries), BOTTLENECK_DIM), np.float32)
+        todo: list[int] = []
+        for i, entry in enumerate(entries):
+            hit = cache.get(entry.sha256) if cache is not None else None
+            if hit is None:
+                todo.append(i)
+            else:
+                out[i] = hit
+        if cache is not None:
+            cache.hits += len(entries) - len(todo)
+            cache.misses += len(todo)
+        batches = [todo[s : s + FEATURE_BATCH] for s in range(0, len(todo), FEATURE_BATCH)]
+        for batch in track(batches, f"bottlenecks ({what})"):
+            values = self.compute([entries[i] for i in batch])
+            for i, value in zip(batch, values, strict=True):
+                out[i] = value
+                if cache is not None:
+                    cache.put(entries[i].sha256, value)
+        log.info(
+            "bottlenecks for %d %s: %d cached, %d computed",
+            len(entries),
+            what,
+            len(entries) - len(todo),
+            len(todo),
+        )
+        return out
+
+    def close(self) -> None:
+        self._pre.close()

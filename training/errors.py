@@ -1,0 +1,30 @@
+"""The training package's exceptions (one tree under CellwatchError).
+
+`cellwatch-train` turns every TrainingError into one line on stderr and exit code 2:
+they describe a user's mistake (bad data folder, wrong checkpoint, existing output)
+or a check that failed, never a bug.
+"""
+
+from __future__ import annotations
+
+from cellwatch.shared.errors import CellwatchError
+
+
+class TrainingError(CellwatchError):
+    """Base class of every error the training package raises on purpose."""
+
+
+class DataError(TrainingError):
+    """The image folder or split cannot be used (empty, one class, unknown names, too small)."""
+
+
+class CheckpointError(TrainingError):
+    """A checkpoint is missing, unreadable, or does not match the network."""
+
+
+class RunError(TrainingError):
+    """A run directory is missing, incomplete, or would be overwritten."""
+
+
+class ExportError(TrainingError):
+    """Freezing, converting, quantising or writing a bundle failed."""

@@ -1,0 +1,152 @@
+"""`fit`: train the 2-class head (bottleneck) or chosen scopes (finetune) into a run directory.
+
+Everything that can be checked cheaply (split, checkpoint path, output directory) is
+checked before any TensorFlow work; the checkpoint is matched against the network
+before anything is written; the run directory appears only when training finished.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+from cellwatch.training import LABELS, checkpoint
+from cellwatch.training.errors import DataError, TrainingError
+from cellwatch.training.outdir import check_target, staged_dir
+from cellwatch.training.plots import training_curves
+from cellwatch.training.progress import track
+from cellwatch.training.runinfo import (
+    CURVES_FILE,
+    LOG_FILE,
+    RUN_FILE,
+    BaseCheckpoint,
+    EpochLog,
+    FitConfig,
+    RunInfo,
+    write_json,
+)
+from cellwatch.training.split import load_split
+from cellwatch.training.tfcompat import versions
+from cellwatch.training.trainer import BottleneckTrainer, FinetuneTrainer, Trainer
+
+log = logging.getLogger(__name__)
+
+BOTTLENECK_CACHE_DIR = "bottlenecks"
+"""Default cache location: inside the split directory (shared by every run of that split)."""
+
+
+def fit(
+    split_dir: Path,
+    out: Path,
+    config: FitConfig,
+    *,
+    base_checkpoint: Path | None = None,
+    cache_dir: Path | None = None,
+    force: bool = False,
+) -> RunInfo:
+    """Train as config says and write the run directory out; returns its RunInfo."""
+    split = load_split(split_dir)
+    if not split.entries("train"):
+        raise DataError(f"the training split of {split_dir} is empty")
+    if config.mode == "bottleneck" and config.trainable_scopes != FitConfig().trainable_scopes:
+        raise TrainingError(
+            "--trainable-scopes applies to --mode finetune; bottleneck mode "
+            "trains InceptionV3/Logits on cached features"
+        )
+    prefix = checkpoint.resolve(base_checkpoint) if base_checkpoint is not None else None
+    check_target(out, marker=RUN_FILE, force=force, what="training run")
+    base = None
+    if prefix is not None:
+        log.info("hashing base checkpoint %s", prefix)
+        base = BaseCheckpoint(path=str(prefix.resolve()), sha256=checkpoint.sha256(prefix))
+    cache_root = None
+    if config.mode == "bottleneck":
+        cache_root = (cache_dir or split_dir / BOTTLENECK_CACHE_DIR).resolve()
+    if split.synthetic:
+        log.warning("training on SYNTHETIC data (%s)", split.data_root)
+
+    trainer: Trainer = (BottleneckTrainer if config.mode == "bottleneck" else FinetuneTrainer)(
+        config, split, prefix
+    )
+    try:
+        trainer.prepare(cache_root)
+        with staged_dir(out, marker=RUN_FILE, force=force, what="training run") as tmp:
+            history = _train(trainer, config, tmp)
+            final = trainer.save(tmp)
+            _write_log(history, tmp / LOG_FILE)
+            training_curves(history, tmp / CURVES_FILE, synthetic=split.synthetic)
+            info = RunInfo(
+                created_at=datetime.now(UTC),
+                config=config,
+                split_dir=str(split_dir.resolve()),
+                data_root=split.data_root,
+                fingerprints=split.fingerprints,
+                synthetic=split.synthetic,
+                labels=list(LABELS),
+                base_checkpoint=base,
+                base_weights_sha256=trainer.base_digest,
+                checkpoint=final,
+                steps=trainer.steps,
+                history=history,
+                skipped_images=len(split.skipped),
+                bottleneck_cache=str(cache_root) if cache_root else None,
+                versions=versions(),
+            )
+            write_json(tmp / RUN_FILE, info)
+    finally:
+        trainer.close()
+    last = history[-1]
+    log.info(
+        "run %s: %d steps, train accuracy %.3f, val accuracy %s",
+        out,
+        info.steps,
+        last.train_accuracy,
+        "n/a" if last.val_accuracy is None else f"{last.val_accuracy:.3f}",
+    )
+    return info
+
+
+def _train(trainer: Trainer, config: FitConfig, directory: Path) -> list[EpochLog]:
+    history: list[EpochLog] = []
+    epochs = range(1, config.epochs + 1)
+    for epoch in track(epochs, f"training ({config.mode})"):
+        start = time.perf_counter()
+        loss, acc = trainer.train_epoch(epoch)
+        val = trainer.validate()
+        history.append(
+            EpochLog(
+                epoch=epoch,
+                steps=trainer.steps,
+                train_loss=loss,
+                train_accuracy=acc,
+                val_loss=None if val is None else val[0],
+                val_accuracy=None if val is None else val[1],
+                seconds=time.perf_counter() - start,
+            )
+        )
+        log.debug("epoch %d: loss %.4f acc %.3f val %s", epoch, loss, acc, val)
+        if config.mode == "finetune" or epoch == config.epochs:
+            log.info(
+                "epoch %d/%d: loss %.4f, accuracy %.3f%s",
+                epoch,
+                config.epochs,
+                loss,
+                acc,
+                "" if val is None else f", val loss {val[0]:.4f}, val accuracy {val[1]:.3f}",
+            )
+        every = config.checkpoint_every
+        if every and epoch % every == 0 and epoch < config.epochs:
+            trainer.save(directory)
+    return history
+
+
+def _write_log(history: list[EpochLog], path: Path) -> None:
+    fields = list(EpochLog.model_fields)
+    with path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=fields)
+        writer.writeheader()
+        for row in history:
+            writer.writerow(row.model_dump())
