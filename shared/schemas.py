@@ -167,8 +167,9 @@ class UpdateReport(Message):
     state: UpdateState
     progress: float = Field(ge=0.0, le=1.0)
     error: ApiError | None = Field(
-        None, description="code: bad_signature, hash_mismatch, fetch_failed, compile_error, "
-        "self_test_failed, disk_full, internal"
+        None,
+        description="code: bad_signature, hash_mismatch, fetch_failed, compile_error, "
+        "self_test_failed, disk_full, internal",
     )
     ts: datetime
 

@@ -1,0 +1,154 @@
+"""The hub API: verb dispatch for `cellwatch/hub/api/{verb}` (DESIGN.md, Topics).
+
+Every request is an ApiRequest whose args validate against the verb's model
+(shared/hubapi.py); every answer is an ApiReply. A mutating verb's successful reply
+is stored under its request_id: the same request again (a client retry) gets the
+same reply and does nothing twice.
+
+Verbs: push.begin, push.commit, models, nodes, stats, rollout.start, rollout.status,
+rollout.list, rollout.pause, rollout.resume, rollout.abort, rollout.rollback (the
+raw chunk upload on `upload` is handled by the service, see registry.py).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from pydantic import BaseModel, ValidationError
+
+from cellwatch.hub.db import Database
+from cellwatch.hub.errors import ApiFailure
+from cellwatch.hub.fetch import FetchServer
+from cellwatch.hub.fleet import Fleet
+from cellwatch.hub.orchestrator import Orchestrator
+from cellwatch.hub.registry import Registry
+from cellwatch.shared.hubapi import (
+    ModelsArgs,
+    ModelsReply,
+    NoArgs,
+    NodesReply,
+    PushBeginArgs,
+    PushCommitArgs,
+    RolloutIdArgs,
+    RolloutStartArgs,
+    RolloutStatusArgs,
+    StatsReply,
+)
+from cellwatch.shared.limits import MAX_API_REQUEST_BYTES
+from cellwatch.shared.schemas import ApiError, ApiReply, ApiRequest
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Verb:
+    args: type[BaseModel]
+    run: Callable[[Any, float], BaseModel]
+    mutating: bool = False
+
+
+def _first_error(exc: ValidationError) -> str:
+    err = exc.errors()[0]
+    where = ".".join(str(p) for p in err["loc"]) or "(top level)"
+    return f"{where}: {err['msg']}"
+
+
+def error_reply(request_id: str | None, code: str, message: str) -> ApiReply:
+    return ApiReply(request_id=request_id, ok=False, error=ApiError(code=code, message=message))
+
+
+class Api:
+    def __init__(
+        self,
+        db: Database,
+        registry: Registry,
+        fleet: Fleet,
+        orchestrator: Orchestrator,
+        fetch: FetchServer,
+    ) -> None:
+        self.db = db
+        self.started_at = datetime.now(UTC)
+        reg, orch = registry, orchestrator
+        self.verbs: dict[str, Verb] = {
+            "push.begin": Verb(PushBeginArgs, lambda a, now: reg.begin(a)),
+            "push.commit": Verb(PushCommitArgs, reg.commit, mutating=True),
+            "models": Verb(ModelsArgs, lambda a, now: ModelsReply(models=reg.models(a.name))),
+            "nodes": Verb(
+                NoArgs, lambda a, now: NodesReply(nodes=fleet.infos(fetch.served_by_node()))
+            ),
+            "stats": Verb(NoArgs, lambda a, now: self._stats(fetch)),
+            "rollout.start": Verb(RolloutStartArgs, orch.start, mutating=True),
+            "rollout.status": Verb(RolloutStatusArgs, lambda a, now: orch.status(a.rollout_id)),
+            "rollout.list": Verb(NoArgs, lambda a, now: orch.recent()),
+            "rollout.pause": Verb(
+                RolloutIdArgs, lambda a, now: orch.pause(a.rollout_id, now), mutating=True
+            ),
+            "rollout.resume": Verb(
+                RolloutIdArgs, lambda a, now: orch.resume(a.rollout_id, now), mutating=True
+            ),
+            "rollout.abort": Verb(
+                RolloutIdArgs, lambda a, now: orch.abort(a.rollout_id, now), mutating=True
+            ),
+            "rollout.rollback": Verb(
+                RolloutIdArgs, lambda a, now: orch.rollback(a.rollout_id, now), mutating=True
+            ),
+        }
+
+    def _stats(self, fetch: FetchServer) -> StatsReply:
+        by_node = fetch.served_by_node()
+        return StatsReply(
+            started_at=self.started_at,
+            fetch_requests=fetch.requests,
+            fetch_errors=fetch.errors,
+            bytes_served=sum(by_node.values()),
+            bytes_by_node=by_node,
+            bytes_by_bundle=fetch.served_by_bundle(),
+            bytes_by_node_bundle=fetch.served(),
+        )
+
+    def handle(self, verb: str, payload: bytes, now: float) -> ApiReply:
+        """Answer one request; never raises for anything a caller can send."""
+        if len(payload) > MAX_API_REQUEST_BYTES:
+            return error_reply(
+                None, "too_large", f"request is {len(payload)} bytes, over {MAX_API_REQUEST_BYTES}"
+            )
+        try:
+            req = ApiRequest.model_validate_json(payload)
+        except ValidationError as exc:
+            return error_reply(None, "bad_request", f"not an ApiRequest: {_first_error(exc)}")
+        spec = self.verbs.get(verb)
+        if spec is None:
+            return error_reply(
+                req.request_id,
+                "unknown_verb",
+                f"unknown verb {verb!r} (known: {', '.join(sorted(self.verbs))})",
+            )
+        if spec.mutating:
+            stored = self.db.reply(req.request_id)
+            if stored is not None:
+                if stored[0] != verb:
+                    return error_reply(
+                        req.request_id, "conflict", f"request_id already used for {stored[0]}"
+                    )
+                log.info("api: %s %s repeated: same reply", verb, req.request_id)
+                return ApiReply.model_validate_json(stored[1])
+        try:
+            args = spec.args.model_validate(req.args)
+        except ValidationError as exc:
+            return error_reply(req.request_id, "bad_request", f"{verb}: {_first_error(exc)}")
+        try:
+            data = spec.run(args, now)
+        except ApiFailure as exc:
+            log.info("api: %s %s: %s: %s", verb, req.request_id, exc.code, exc.message)
+            return error_reply(req.request_id, exc.code, exc.message)
+        except Exception:  # the API boundary: log it, answer, keep serving
+            log.exception("api: %s %s failed", verb, req.request_id)
+            return error_reply(req.request_id, "internal", f"{verb} failed inside the hub")
+        reply = ApiReply(request_id=req.request_id, ok=True, data=data.model_dump(mode="json"))
+        if spec.mutating:
+            self.db.save_reply(req.request_id, verb, reply.model_dump_json(by_alias=True), now)
+        return reply

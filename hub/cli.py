@@ -1,0 +1,346 @@
+"""`cellwatch-hub`: run the hub (`serve`) and operate it (push, models, nodes,
+rollout ...). Parses arguments, loads settings and calls library code; errors
+become one line on stderr and exit code 2.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import signal
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from types import FrameType
+from typing import Any, ParamSpec, TypeVar
+
+import click
+from pydantic import BaseModel
+from rich.console import Console, RenderableType
+from rich.live import Live
+from rich.progress import BarColumn, DownloadColumn, Progress, TransferSpeedColumn
+
+from cellwatch.hub import render
+from cellwatch.hub.client import HubClient
+from cellwatch.hub.config import HubSettings, OperatorSettings
+from cellwatch.hub.service import HubService
+from cellwatch.shared.cli import friendly_errors, setup_logging
+from cellwatch.shared.hubapi import RolloutInfo, RolloutStartArgs
+
+P = ParamSpec("P")
+R = TypeVar("R")
+TERMINAL = ("completed", "aborted", "rolled_back")
+CONNECTION_HELP = """
+Operator commands connect to the broker from, in rising precedence: --config FILE
+(an [mqtt] section as in hub.toml; default $CELLWATCH_HUB_CLIENT_CONFIG), the
+CELLWATCH_MQTT__HOST / __PORT / __USERNAME / __PASSWORD_FILE environment variables,
+and each command's --host/--port/--user/--password-file/--tls-ca options. The user
+defaults to `operator`, the only role the broker lets call the hub API. Errors are
+one line on stderr and exit code 2.
+"""
+
+
+def _console() -> Console:
+    return Console(width=None if sys.stdout.isatty() else 120, highlight=False)
+
+
+def connection(func: Callable[P, R]) -> Callable[P, R]:
+    """The options every operator command takes (see CONNECTION_HELP)."""
+    options = [
+        click.option(
+            "--config",
+            "client_config",
+            type=click.Path(path_type=Path),
+            envvar="CELLWATCH_HUB_CLIENT_CONFIG",
+            help="operator TOML file with an [mqtt] section",
+        ),
+        click.option("--host", help="broker host"),
+        click.option("--port", type=int, help="broker port"),
+        click.option("--user", help="MQTT user (default: operator)"),
+        click.option(
+            "--password-file", type=click.Path(path_type=Path), help="file holding the password"
+        ),
+        click.option(
+            "--tls-ca", type=click.Path(path_type=Path), help="CA certificate: connect with TLS"
+        ),
+        click.option("--timeout", type=float, help="seconds to wait for the hub (default 10)"),
+        click.option("--json", "as_json", is_flag=True, help="print JSON for scripts"),
+    ]
+    for option in reversed(options):
+        func = option(func)
+    return func
+
+
+def _client(opts: dict[str, Any]) -> HubClient:
+    mqtt: dict[str, Any] = {}
+    for key, field in (("host", "host"), ("port", "port"), ("user", "username")):
+        if opts.get(key) is not None:
+            mqtt[field] = opts[key]
+    if opts.get("password_file") is not None:
+        mqtt["password_file"] = opts["password_file"]
+    if opts.get("tls_ca") is not None:
+        mqtt["tls"] = {"enabled": True, "ca_file": opts["tls_ca"]}
+    overrides: dict[str, Any] = {"mqtt": mqtt} if mqtt else {}
+    if opts.get("timeout") is not None:
+        overrides["timeout_s"] = opts["timeout"]
+    settings = OperatorSettings.load(opts.get("client_config"), **overrides)
+    client = HubClient(settings.mqtt, timeout_s=settings.timeout_s)
+    client.connect()
+    return client
+
+
+def operator(func: Callable[..., None]) -> Callable[..., None]:
+    """Connect with the connection options, pass the client, disconnect after."""
+
+    @functools.wraps(func)
+    def wrapper(**kwargs: Any) -> None:
+        opts = {
+            k: kwargs.pop(k)
+            for k in ("client_config", "host", "port", "user", "password_file", "tls_ca", "timeout")
+        }
+        setup_logging("CRITICAL")  # errors reach the user as one line, not as logs
+        client = _client(opts)
+        try:
+            func(client, **kwargs)
+        finally:
+            client.close()
+
+    return wrapper
+
+
+def emit(as_json: bool, data: BaseModel | dict[str, Any], view: RenderableType) -> None:
+    if as_json:
+        payload = data.model_dump(mode="json") if isinstance(data, BaseModel) else data
+        click.echo(json.dumps(payload, indent=2))
+    else:
+        _console().print(view)
+
+
+@click.group(
+    context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100},
+    epilog=CONNECTION_HELP,
+)
+def main() -> None:
+    """cellwatch hub: model registry, bundle distribution and staged rollouts.
+
+    Research use only: results are not a diagnosis.
+    """
+
+
+@main.command()
+@click.option(
+    "--config",
+    "config_path",
+    type=click.Path(path_type=Path),
+    help="hub.toml (CELLWATCH_* environment variables override it)",
+)
+@friendly_errors
+def serve(config_path: Path | None) -> None:
+    """Run the hub until SIGTERM/SIGINT."""
+    settings = HubSettings.load(config_path)
+    setup_logging(settings.log_level)
+    service = HubService(settings)
+
+    def _on_signal(signum: int, frame: FrameType | None) -> None:
+        service.stop()
+
+    signal.signal(signal.SIGTERM, _on_signal)
+    signal.signal(signal.SIGINT, _on_signal)
+    service.start()
+    service.wait()
+    service.join()
+
+
+@main.command()
+@click.argument("bundle", type=click.Path(exists=True, path_type=Path))
+@connection
+@friendly_errors
+@operator
+def push(client: HubClient, bundle: Path, as_json: bool) -> None:
+    """Upload a bundle (directory or .tar); the hub verifies it before storing it."""
+    progress = Progress(
+        "[progress.description]{task.description}",
+        BarColumn(),
+        DownloadColumn(),
+        TransferSpeedColumn(),
+        console=Console(stderr=True),
+        transient=True,
+        disable=as_json or not sys.stderr.isatty(),
+    )
+    with progress:
+        task = progress.add_task(f"push {bundle.name}", total=None)
+        result = client.push(
+            bundle, lambda done, total: progress.update(task, completed=done, total=total)
+        )
+    m = result.model
+    if as_json:
+        emit(True, {"status": result.status, "bytes_sent": result.bytes_sent, "model": m}, "")
+    elif result.status == "already_present":
+        click.echo(
+            f"{m['name']} {m['version']} ({m['manifest_sha256'][:12]}) is already on the hub: "
+            "nothing to do"
+        )
+    else:
+        click.echo(
+            f"stored {m['name']} {m['version']} ({m['manifest_sha256'][:12]}, "
+            f"{result.bytes_sent} bytes sent, signer {m['signer'] or 'UNSIGNED'})"
+        )
+
+
+@main.command()
+@click.option("--name", help="only this model")
+@connection
+@friendly_errors
+@operator
+def models(client: HubClient, name: str | None, as_json: bool) -> None:
+    """List the models stored on the hub."""
+    reply = client.models(name)
+    emit(as_json, reply, render.models_table(reply.models))
+
+
+@main.command()
+@connection
+@friendly_errors
+@operator
+def nodes(client: HubClient, as_json: bool) -> None:
+    """List the nodes the hub has seen, what they run and bytes fetched."""
+    reply = client.nodes()
+    emit(as_json, reply, render.nodes_table(reply.nodes))
+
+
+@main.command()
+@connection
+@friendly_errors
+@operator
+def stats(client: HubClient, as_json: bool) -> None:
+    """Bundle bytes served per node and bundle since the hub started."""
+    reply = client.stats()
+    emit(as_json, reply, render.stats_view(reply))
+
+
+@main.group()
+def rollout() -> None:
+    """Start, watch, pause, resume, abort and roll back rollouts."""
+
+
+@rollout.command("start")
+@click.argument("name")
+@click.argument("version")
+@click.option("--target", default="all", show_default=True, help="all | group:G | node:ID,ID")
+@click.option("--waves", help="cumulative waves, e.g. 1,25%,100% (hub default)")
+@click.option("--advance-at", type=float, help="share of a wave active to go on (0-1]")
+@click.option("--max-failures", help="abort above this many failures: count or N%")
+@click.option("--min-executed", type=int, help="finished nodes before the abort rule applies")
+@click.option("--node-timeout", type=float, help="seconds a node has to become active")
+@click.option("--request-id", help="idempotency key: the same id never starts twice")
+@connection
+@friendly_errors
+@operator
+def rollout_start(
+    client: HubClient,
+    name: str,
+    version: str,
+    target: str,
+    waves: str | None,
+    advance_at: float | None,
+    max_failures: str | None,
+    min_executed: int | None,
+    node_timeout: float | None,
+    request_id: str | None,
+    as_json: bool,
+) -> None:
+    """Roll model NAME VERSION out to the target nodes in waves."""
+    args = RolloutStartArgs(
+        name=name,
+        version=version,
+        target=target,
+        waves=waves,
+        advance_at=advance_at,
+        max_failures=max_failures,
+        min_executed=min_executed,
+        node_timeout_s=node_timeout,
+    )
+    info = client.rollout_start(args, request_id=request_id)
+    if not as_json and info.existing:
+        click.echo(f"rollout {info.rollout_id} already does this ({info.state}): not started again")
+    emit(as_json, info, render.rollout_view(info))
+
+
+@rollout.command("status")
+@click.argument("rollout_id", required=False)
+@click.option("--watch", is_flag=True, help="follow it live until it finishes")
+@click.option("--interval", type=float, default=1.0, show_default=True, help="--watch period")
+@connection
+@friendly_errors
+@operator
+def rollout_status(
+    client: HubClient, rollout_id: str | None, watch: bool, interval: float, as_json: bool
+) -> None:
+    """Show one rollout (default: the latest). With --watch, follow it until it ends and
+    exit 0 if every node got where it was sent (completed or rolled back, no failure),
+    1 otherwise (aborted, or a node failed or timed out)."""
+    info = client.rollout_status(rollout_id)
+    if not watch:
+        emit(as_json, info, render.rollout_view(info))
+        return
+    info = _watch(client, info, interval, as_json)
+    failures = info.counts.get("failed", 0) + info.counts.get("timed_out", 0)
+    sys.exit(0 if info.state in ("completed", "rolled_back") and not failures else 1)
+
+
+def _watch(client: HubClient, info: RolloutInfo, interval: float, as_json: bool) -> RolloutInfo:
+    if as_json or not sys.stdout.isatty():
+        last = ""
+        while True:
+            line = (
+                info.model_dump_json()
+                if as_json
+                else f"{info.rollout_id} {info.state} wave {info.wave + 1}/{len(info.waves)} "
+                + " ".join(f"{k}={v}" for k, v in sorted(info.counts.items()))
+            )
+            key = json.dumps([info.state, info.counts, [t.progress for t in info.targets]])
+            if key != last:
+                click.echo(line)
+                last = key
+            if info.state in TERMINAL:
+                return info
+            time.sleep(interval)
+            info = client.rollout_status(info.rollout_id)
+    with Live(render.rollout_view(info), console=_console(), auto_refresh=False) as live:
+        while info.state not in TERMINAL:
+            time.sleep(interval)
+            info = client.rollout_status(info.rollout_id)
+            live.update(render.rollout_view(info), refresh=True)
+    return info
+
+
+@rollout.command("list")
+@connection
+@friendly_errors
+@operator
+def rollout_list(client: HubClient, as_json: bool) -> None:
+    """The latest rollouts, newest first."""
+    reply = client.rollout_list()
+    emit(as_json, reply, render.rollouts_table(reply.rollouts))
+
+
+def _verb(verb: str, doc: str) -> None:
+    @rollout.command(verb, help=doc)
+    @click.argument("rollout_id")
+    @connection
+    @friendly_errors
+    @operator
+    def command(client: HubClient, rollout_id: str, as_json: bool) -> None:
+        info = client.rollout_verb(verb, rollout_id)
+        emit(as_json, info, render.rollout_view(info))
+
+
+_verb("pause", "Issue no new waves (nodes already told go on).")
+_verb("resume", "Continue a paused rollout.")
+_verb("abort", "Stop the rollout for good; nodes already switched stay.")
+_verb(
+    "rollback",
+    "Send every node the rollout switched back to the model it ran before "
+    "(nodes keep recent bundles, so no download).",
+)

@@ -1,0 +1,289 @@
+"""The operator's side of the hub API (what `cellwatch-hub` commands call).
+
+`HubClient` connects as the operator, sends ApiRequests on
+`cellwatch/hub/api/{verb}` with a Response Topic under
+`cellwatch/hub/replies/{user}/` and Correlation Data, and waits for the ApiReply.
+A request the broker refuses (the ACL: only the operator may call the hub) raises
+HubRefused; no answer raises HubUnavailable; an error reply raises ApiFailure.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import tempfile
+import threading
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import paho.mqtt.client as paho
+from pydantic import BaseModel, ValidationError
+
+from cellwatch.hub.errors import ApiFailure, HubError, HubRefused, HubUnavailable
+from cellwatch.shared.bundle import check_file_name, parse_manifest, unpack_tar, verify_file
+from cellwatch.shared.errors import BundleError
+from cellwatch.shared.hubapi import (
+    UPLOAD_VERB,
+    ModelsArgs,
+    ModelsReply,
+    NodesReply,
+    PushBeginArgs,
+    PushBeginReply,
+    PushCommitArgs,
+    PushCommitReply,
+    RolloutIdArgs,
+    RolloutInfo,
+    RolloutList,
+    RolloutStartArgs,
+    RolloutStatusArgs,
+    StatsReply,
+    UploadAck,
+)
+from cellwatch.shared.manifest import MANIFEST_FILE, SIGNATURE_FILE
+from cellwatch.shared.mqtt import MqttClient, PublishProps
+from cellwatch.shared.schemas import ApiReply, ApiRequest
+from cellwatch.shared.settings import MqttSettings
+from cellwatch.shared.topics import Topics
+
+UPLOAD_CHUNK_BYTES = 1024 * 1024
+UPLOAD_WINDOW = 4
+Progress = Callable[[int, int], None]
+
+
+class _Waiter:
+    def __init__(self, corr: bytes) -> None:
+        self.corr = corr
+        self.event = threading.Event()
+        self.refused = False
+        self.reply: ApiReply | None = None
+
+
+@dataclass(frozen=True)
+class PushResult:
+    status: str
+    """`stored` or `already_present`."""
+    model: dict[str, Any]
+    bytes_sent: int
+
+
+class HubClient:
+    def __init__(self, settings: MqttSettings, *, timeout_s: float = 10.0) -> None:
+        if settings.username is None:
+            settings = settings.model_copy(update={"username": "operator"})
+        self.settings = settings
+        self.username = settings.username or "operator"
+        self.timeout_s = timeout_s
+        self.topics = Topics(settings.topic_prefix)
+        token = uuid.uuid4().hex[:12]
+        self.reply_topic = self.topics.hub_replies(self.username, f"cli-{token}")
+        self._lock = threading.Lock()
+        self._waiting: dict[bytes, _Waiter] = {}
+        self.mqtt = MqttClient(
+            settings.model_copy(update={"session_expiry_s": 0}),
+            client_id=f"cellwatch-cli-{token}",
+            clean_start=True,
+            subscriptions=[(self.reply_topic, 1)],
+        )
+        self.mqtt.set_message_handler(self._on_message)
+
+    def __enter__(self) -> HubClient:
+        self.connect()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def connect(self) -> None:
+        self.mqtt.connect()
+
+    def close(self) -> None:
+        self.mqtt.disconnect()
+
+    # -- transport ---------------------------------------------------------------------
+    def _on_message(self, msg: paho.MQTTMessage) -> None:
+        corr = getattr(msg.properties, "CorrelationData", None) if msg.properties else None
+        with self._lock:
+            waiter = self._waiting.get(bytes(corr or b""))
+        if waiter is None:
+            return
+        try:
+            waiter.reply = ApiReply.model_validate_json(msg.payload)
+        except ValidationError:
+            waiter.reply = ApiReply(request_id=None, ok=False, data=None)
+        waiter.event.set()
+
+    def _send(self, topic: str, payload: bytes, user: tuple[tuple[str, str], ...] = ()) -> _Waiter:
+        corr = uuid.uuid4().bytes
+        waiter = _Waiter(corr)
+        with self._lock:
+            self._waiting[corr] = waiter
+
+        def done(ok: bool) -> None:
+            if not ok:
+                waiter.refused = True
+                waiter.event.set()
+
+        props = PublishProps(response_topic=self.reply_topic, correlation_data=corr, user=user)
+        self.mqtt.publish(topic, payload, qos=1, props=props, on_done=done)
+        return waiter
+
+    def _wait(self, waiter: _Waiter, what: str) -> Any:
+        try:
+            if not waiter.event.wait(self.timeout_s):
+                s = self.settings
+                raise HubUnavailable(
+                    f"no answer from the hub within {self.timeout_s:g} s to {what} "
+                    f"(is `cellwatch-hub serve` running and connected to {s.host}:{s.port}?)"
+                )
+            if waiter.refused:
+                raise HubRefused(
+                    f"the broker refused {what} from user {self.username!r}: only the "
+                    "operator may call the hub API (check --user and the ACL)"
+                )
+            reply = waiter.reply
+            assert reply is not None
+            if not reply.ok:
+                err = reply.error
+                raise ApiFailure(err.code if err else "internal", err.message if err else "?")
+            return reply.data
+        finally:
+            with self._lock:
+                self._waiting.pop(waiter.corr, None)
+
+    def call(
+        self, verb: str, args: BaseModel | None = None, *, request_id: str | None = None
+    ) -> Any:
+        """Send one request and return the reply's data (see the module docstring)."""
+        req = ApiRequest(
+            request_id=request_id or uuid.uuid4().hex,
+            args=args.model_dump(mode="json", exclude_none=True) if args is not None else {},
+        )
+        return self._wait(self._send(self.topics.hub_api(verb), req.to_json()), verb)
+
+    # -- verbs ---------------------------------------------------------------------------
+    def models(self, name: str | None = None) -> ModelsReply:
+        return ModelsReply.model_validate(self.call("models", ModelsArgs(name=name)))
+
+    def nodes(self) -> NodesReply:
+        return NodesReply.model_validate(self.call("nodes"))
+
+    def stats(self) -> StatsReply:
+        return StatsReply.model_validate(self.call("stats"))
+
+    def rollout_start(self, args: RolloutStartArgs, request_id: str | None = None) -> RolloutInfo:
+        return RolloutInfo.model_validate(self.call("rollout.start", args, request_id=request_id))
+
+    def rollout_status(self, rollout_id: str | None = None) -> RolloutInfo:
+        return RolloutInfo.model_validate(
+            self.call("rollout.status", RolloutStatusArgs(rollout_id=rollout_id))
+        )
+
+    def rollout_list(self) -> RolloutList:
+        return RolloutList.model_validate(self.call("rollout.list"))
+
+    def rollout_verb(self, verb: str, rollout_id: str) -> RolloutInfo:
+        """verb: pause, resume, abort or rollback."""
+        return RolloutInfo.model_validate(
+            self.call(f"rollout.{verb}", RolloutIdArgs(rollout_id=rollout_id))
+        )
+
+    # -- push ------------------------------------------------------------------------------
+    def push(self, bundle: Path, progress: Progress | None = None) -> PushResult:
+        """Upload a bundle directory or .tar; the hub verifies it before storing it."""
+        if bundle.is_file():
+            with tempfile.TemporaryDirectory(prefix="cellwatch-push-") as tmp:
+                return self._push_dir(unpack_tar(bundle, Path(tmp) / "bundle"), progress)
+        return self._push_dir(bundle, progress)
+
+    def _push_dir(self, bundle: Path, progress: Progress | None) -> PushResult:
+        files = check_bundle_dir(bundle)
+        sig = bundle / SIGNATURE_FILE
+        begin = PushBeginReply.model_validate(
+            self.call(
+                "push.begin",
+                PushBeginArgs(
+                    manifest=_b64(bundle / MANIFEST_FILE),
+                    signature=_b64(sig) if sig.is_file() else None,
+                ),
+            )
+        )
+        if begin.status == "already_present":
+            assert begin.model is not None
+            return PushResult("already_present", begin.model.model_dump(mode="json"), 0)
+        assert begin.upload_id is not None
+        chunk = min(UPLOAD_CHUNK_BYTES, begin.chunk_bytes or UPLOAD_CHUNK_BYTES)
+        total = sum(f.size for f in begin.files.values())
+        done = sum(f.offset for f in begin.files.values())
+        sent = 0
+        for name, f in begin.files.items():
+            if name not in files:
+                raise HubError(f"the hub asks for {name}, which {bundle} does not have")
+            sent += self._upload_file(
+                begin.upload_id, bundle / name, f.offset, f.size, chunk, done, total, progress
+            )
+            done += f.size - f.offset
+        commit = PushCommitReply.model_validate(
+            self.call("push.commit", PushCommitArgs(upload_id=begin.upload_id))
+        )
+        return PushResult(commit.status, commit.model.model_dump(mode="json"), sent)
+
+    def _upload_file(
+        self,
+        upload_id: str,
+        path: Path,
+        offset: int,
+        size: int,
+        chunk: int,
+        done: int,
+        total: int,
+        progress: Progress | None,
+    ) -> int:
+        topic = self.topics.hub_api(UPLOAD_VERB)
+        inflight: list[tuple[_Waiter, int]] = []
+        sent = 0
+        with path.open("rb") as f:
+            f.seek(offset)
+            position = offset
+            while position < size or inflight:
+                while position < size and len(inflight) < UPLOAD_WINDOW:
+                    data = f.read(min(chunk, size - position))
+                    user = (
+                        ("upload_id", upload_id),
+                        ("file", path.name),
+                        ("offset", str(position)),
+                        ("sha256", hashlib.sha256(data).hexdigest()),
+                    )
+                    inflight.append((self._send(topic, data, user), len(data)))
+                    position += len(data)
+                waiter, length = inflight.pop(0)
+                UploadAck.model_validate(self._wait(waiter, f"upload of {path.name}"))
+                sent += length
+                if progress is not None:
+                    progress(done + (position - offset) - sum(n for _, n in inflight), total)
+        return sent
+
+
+def _b64(path: Path) -> str:
+    return base64.b64encode(path.read_bytes()).decode()
+
+
+def check_bundle_dir(bundle: Path) -> set[str]:
+    """The operator-side check before uploading: only bundle file names, a valid
+    manifest, every file's size and SHA-256 (the signature is the hub's to judge)."""
+    if not bundle.is_dir():
+        raise BundleError(f"{bundle} is not a bundle directory or .tar")
+    names = set()
+    for entry in bundle.iterdir():
+        check_file_name(entry.name)
+        if not entry.is_file() or entry.is_symlink():
+            raise BundleError(f"bundle entry {entry.name} is not a regular file")
+        names.add(entry.name)
+    if MANIFEST_FILE not in names:
+        raise BundleError(f"{bundle} has no {MANIFEST_FILE}")
+    manifest = parse_manifest((bundle / MANIFEST_FILE).read_bytes())
+    for name, file_entry in manifest.files.items():
+        verify_file(bundle / name, file_entry)
+    return names

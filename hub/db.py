@@ -1,0 +1,388 @@
+"""The hub's SQLite database (WAL): models, nodes, rollouts and their targets, and
+the replies of mutating API calls (so a repeated request_id gets the same answer).
+
+Times are seconds since the epoch (REAL). One connection, guarded by a lock; every
+write is one transaction.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from cellwatch.hub.errors import HubError
+from cellwatch.hub.rollout import ModelKey, Policy, Rollout, RolloutState, Target, TargetState
+
+SCHEMA_VERSION = 1
+REPLY_RETENTION_S = 7 * 24 * 3600
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS models (
+    manifest_sha256 TEXT PRIMARY KEY,
+    name TEXT NOT NULL,
+    version TEXT NOT NULL,
+    size INTEGER NOT NULL,
+    precision TEXT NOT NULL,
+    signer TEXT,
+    metrics TEXT NOT NULL,
+    created_at TEXT NOT NULL,
+    pushed_at REAL NOT NULL,
+    UNIQUE (name, version)
+);
+CREATE TABLE IF NOT EXISTS nodes (
+    node_id TEXT PRIMARY KEY,
+    state TEXT NOT NULL,
+    boot_id TEXT,
+    since REAL,
+    last_seen REAL,
+    tags TEXT NOT NULL DEFAULT '[]',
+    model_name TEXT,
+    model_version TEXT,
+    model_sha256 TEXT,
+    model_at REAL NOT NULL DEFAULT 0,
+    device TEXT,
+    telemetry TEXT
+);
+CREATE TABLE IF NOT EXISTS rollouts (
+    seq INTEGER PRIMARY KEY,
+    rollout_id TEXT UNIQUE NOT NULL,
+    model_name TEXT NOT NULL,
+    model_version TEXT NOT NULL,
+    model_sha256 TEXT NOT NULL,
+    target TEXT NOT NULL,
+    waves TEXT NOT NULL,
+    counts TEXT NOT NULL,
+    advance_at REAL NOT NULL,
+    max_failures TEXT NOT NULL,
+    min_executed INTEGER NOT NULL,
+    node_timeout_s REAL NOT NULL,
+    state TEXT NOT NULL,
+    wave INTEGER NOT NULL,
+    reason TEXT,
+    created_at REAL NOT NULL,
+    updated_at REAL NOT NULL,
+    finished_at REAL
+);
+CREATE TABLE IF NOT EXISTS targets (
+    rollout_id TEXT NOT NULL REFERENCES rollouts (rollout_id),
+    node_id TEXT NOT NULL,
+    position INTEGER NOT NULL,
+    wave INTEGER NOT NULL,
+    prev_name TEXT,
+    prev_version TEXT,
+    prev_sha256 TEXT,
+    phase TEXT NOT NULL,
+    state TEXT NOT NULL,
+    progress REAL NOT NULL,
+    error_code TEXT,
+    error_message TEXT,
+    issued_at REAL,
+    clock_from REAL,
+    finished_at REAL,
+    updated_at REAL NOT NULL,
+    confirmed INTEGER NOT NULL,
+    PRIMARY KEY (rollout_id, node_id)
+);
+CREATE INDEX IF NOT EXISTS targets_node ON targets (node_id);
+CREATE TABLE IF NOT EXISTS api_replies (
+    request_id TEXT PRIMARY KEY,
+    verb TEXT NOT NULL,
+    reply TEXT NOT NULL,
+    created_at REAL NOT NULL
+);
+"""
+
+
+@dataclass
+class NodeRecord:
+    node_id: str
+    state: str = "offline"
+    boot_id: str | None = None
+    since: float | None = None
+    last_seen: float | None = None
+    tags: list[str] = field(default_factory=list)
+    model: ModelKey | None = None
+    model_at: float = 0.0
+    device: str | None = None
+    telemetry: dict[str, Any] | None = None
+
+
+@dataclass(frozen=True)
+class ModelRecord:
+    name: str
+    version: str
+    manifest_sha256: str
+    size: int
+    precision: str
+    signer: str | None
+    metrics: dict[str, Any]
+    created_at: str
+    pushed_at: float
+
+
+class Database:
+    def __init__(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self._conn = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+            self._conn.row_factory = sqlite3.Row
+            self._conn.execute("PRAGMA journal_mode=WAL")
+            self._conn.execute("PRAGMA synchronous=NORMAL")
+            self._conn.execute("PRAGMA foreign_keys=ON")
+            version = self._conn.execute("PRAGMA user_version").fetchone()[0]
+            if version > SCHEMA_VERSION:
+                raise HubError(f"{path} has schema {version}; this hub knows {SCHEMA_VERSION}")
+            self._conn.executescript(SCHEMA)
+            self._conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+        except sqlite3.Error as exc:
+            raise HubError(f"cannot open the hub database {path}: {exc}") from exc
+        self._lock = threading.RLock()
+
+    def close(self) -> None:
+        with self._lock:
+            self._conn.close()
+
+    @contextmanager
+    def _tx(self) -> Iterator[sqlite3.Connection]:
+        with self._lock:
+            self._conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._conn
+            except BaseException:
+                self._conn.execute("ROLLBACK")
+                raise
+            self._conn.execute("COMMIT")
+
+    def _rows(self, sql: str, *args: Any) -> list[sqlite3.Row]:
+        with self._lock:
+            return list(self._conn.execute(sql, args).fetchall())
+
+    # -- models ------------------------------------------------------------------------
+    def add_model(self, m: ModelRecord) -> None:
+        with self._tx() as c:
+            c.execute(
+                "INSERT OR IGNORE INTO models VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    m.manifest_sha256,
+                    m.name,
+                    m.version,
+                    m.size,
+                    m.precision,
+                    m.signer,
+                    json.dumps(m.metrics),
+                    m.created_at,
+                    m.pushed_at,
+                ),
+            )
+
+    def model(self, name: str, version: str) -> ModelRecord | None:
+        rows = self._rows("SELECT * FROM models WHERE name = ? AND version = ?", name, version)
+        return _model(rows[0]) if rows else None
+
+    def model_by_sha(self, sha: str) -> ModelRecord | None:
+        rows = self._rows("SELECT * FROM models WHERE manifest_sha256 = ?", sha)
+        return _model(rows[0]) if rows else None
+
+    def models(self, name: str | None = None) -> list[ModelRecord]:
+        if name is None:
+            rows = self._rows("SELECT * FROM models ORDER BY name, pushed_at")
+        else:
+            rows = self._rows("SELECT * FROM models WHERE name = ? ORDER BY pushed_at", name)
+        return [_model(r) for r in rows]
+
+    # -- nodes -------------------------------------------------------------------------
+    def node(self, node_id: str) -> NodeRecord | None:
+        rows = self._rows("SELECT * FROM nodes WHERE node_id = ?", node_id)
+        return _node(rows[0]) if rows else None
+
+    def nodes(self) -> list[NodeRecord]:
+        return [_node(r) for r in self._rows("SELECT * FROM nodes ORDER BY node_id")]
+
+    def save_node(self, n: NodeRecord) -> None:
+        m = n.model
+        with self._tx() as c:
+            c.execute(
+                "INSERT OR REPLACE INTO nodes VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    n.node_id,
+                    n.state,
+                    n.boot_id,
+                    n.since,
+                    n.last_seen,
+                    json.dumps(n.tags),
+                    m.name if m else None,
+                    m.version if m else None,
+                    m.sha256 if m else None,
+                    n.model_at,
+                    n.device,
+                    json.dumps(n.telemetry) if n.telemetry is not None else None,
+                ),
+            )
+
+    # -- rollouts ----------------------------------------------------------------------
+    def next_rollout_id(self) -> str:
+        with self._tx() as c:
+            row = c.execute("SELECT value FROM meta WHERE key = 'rollout_seq'").fetchone()
+            seq = int(row[0]) + 1 if row else 1
+            c.execute("INSERT OR REPLACE INTO meta VALUES ('rollout_seq', ?)", (str(seq),))
+        return f"r{seq}"
+
+    def save_rollout(self, r: Rollout) -> None:
+        p = r.policy
+        seq = int(r.rollout_id[1:]) if r.rollout_id[1:].isdigit() else None
+        with self._tx() as c:
+            c.execute(
+                "INSERT OR REPLACE INTO rollouts VALUES "
+                "(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    seq,
+                    r.rollout_id,
+                    r.model.name,
+                    r.model.version,
+                    r.model.sha256,
+                    r.target,
+                    p.waves,
+                    json.dumps(list(p.counts)),
+                    p.advance_at,
+                    p.max_failures,
+                    p.min_executed,
+                    p.node_timeout_s,
+                    r.state.value,
+                    r.wave,
+                    r.reason,
+                    r.created_at,
+                    r.updated_at,
+                    r.finished_at,
+                ),
+            )
+            for position, t in enumerate(r.targets):
+                prev = t.previous
+                c.execute(
+                    "INSERT OR REPLACE INTO targets VALUES "
+                    "(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    (
+                        r.rollout_id,
+                        t.node_id,
+                        position,
+                        t.wave,
+                        prev.name if prev else None,
+                        prev.version if prev else None,
+                        prev.sha256 if prev else None,
+                        t.phase,
+                        t.state.value,
+                        t.progress,
+                        t.error_code,
+                        t.error_message,
+                        t.issued_at,
+                        t.clock_from,
+                        t.finished_at,
+                        t.updated_at,
+                        int(t.confirmed),
+                    ),
+                )
+
+    def rollout(self, rollout_id: str) -> Rollout | None:
+        rows = self._rows("SELECT * FROM rollouts WHERE rollout_id = ?", rollout_id)
+        return self._rollout(rows[0]) if rows else None
+
+    def rollouts(self, *, active_only: bool = False, limit: int = 50) -> list[Rollout]:
+        """Newest first."""
+        where = "WHERE state IN ('running', 'paused', 'rolling_back')" if active_only else ""
+        rows = self._rows(f"SELECT * FROM rollouts {where} ORDER BY seq DESC LIMIT ?", limit)
+        return [self._rollout(r) for r in rows]
+
+    def _rollout(self, row: sqlite3.Row) -> Rollout:
+        targets = [
+            Target(
+                node_id=t["node_id"],
+                wave=t["wave"],
+                previous=ModelKey(t["prev_name"], t["prev_version"], t["prev_sha256"])
+                if t["prev_sha256"]
+                else None,
+                phase=t["phase"],
+                state=TargetState(t["state"]),
+                progress=t["progress"],
+                error_code=t["error_code"],
+                error_message=t["error_message"],
+                issued_at=t["issued_at"],
+                clock_from=t["clock_from"],
+                finished_at=t["finished_at"],
+                updated_at=t["updated_at"],
+                confirmed=bool(t["confirmed"]),
+            )
+            for t in self._rows(
+                "SELECT * FROM targets WHERE rollout_id = ? ORDER BY position", row["rollout_id"]
+            )
+        ]
+        return Rollout(
+            rollout_id=row["rollout_id"],
+            model=ModelKey(row["model_name"], row["model_version"], row["model_sha256"]),
+            target=row["target"],
+            policy=Policy(
+                waves=row["waves"],
+                counts=tuple(json.loads(row["counts"])),
+                advance_at=row["advance_at"],
+                max_failures=row["max_failures"],
+                min_executed=row["min_executed"],
+                node_timeout_s=row["node_timeout_s"],
+            ),
+            targets=targets,
+            created_at=row["created_at"],
+            state=RolloutState(row["state"]),
+            wave=row["wave"],
+            reason=row["reason"],
+            updated_at=row["updated_at"],
+            finished_at=row["finished_at"],
+        )
+
+    # -- idempotent API replies -----------------------------------------------------------
+    def reply(self, request_id: str) -> tuple[str, str] | None:
+        """(verb, reply JSON) stored for request_id, if any."""
+        rows = self._rows("SELECT verb, reply FROM api_replies WHERE request_id = ?", request_id)
+        return (rows[0]["verb"], rows[0]["reply"]) if rows else None
+
+    def save_reply(self, request_id: str, verb: str, reply: str, now: float) -> None:
+        with self._tx() as c:
+            c.execute(
+                "INSERT OR REPLACE INTO api_replies VALUES (?, ?, ?, ?)",
+                (request_id, verb, reply, now),
+            )
+            c.execute("DELETE FROM api_replies WHERE created_at < ?", (now - REPLY_RETENTION_S,))
+
+
+def _model(r: sqlite3.Row) -> ModelRecord:
+    return ModelRecord(
+        name=r["name"],
+        version=r["version"],
+        manifest_sha256=r["manifest_sha256"],
+        size=r["size"],
+        precision=r["precision"],
+        signer=r["signer"],
+        metrics=json.loads(r["metrics"]),
+        created_at=r["created_at"],
+        pushed_at=r["pushed_at"],
+    )
+
+
+def _node(r: sqlite3.Row) -> NodeRecord:
+    return NodeRecord(
+        node_id=r["node_id"],
+        state=r["state"],
+        boot_id=r["boot_id"],
+        since=r["since"],
+        last_seen=r["last_seen"],
+        tags=json.loads(r["tags"]),
+        model=ModelKey(r["model_name"], r["model_version"], r["model_sha256"])
+        if r["model_sha256"]
+        else None,
+        model_at=r["model_at"],
+        device=r["device"],
+        telemetry=json.loads(r["telemetry"]) if r["telemetry"] else None,
+    )

@@ -1,0 +1,129 @@
+"""Fleet tracking: what each node runs and whether it is online, from the retained
+status topics, telemetry and update reports (DESIGN.md, Topics).
+
+A status whose boot_id differs from the newest one seen for that node and whose
+`since` is older is a late Will of an earlier process: it is ignored. An offline
+status keeps the model last known (a Will is written before a model is loaded).
+"""
+
+from __future__ import annotations
+
+import logging
+from datetime import UTC, datetime
+
+from cellwatch.hub.db import Database, NodeRecord
+from cellwatch.hub.errors import ApiFailure
+from cellwatch.hub.rollout import ModelKey, NodeView
+from cellwatch.shared.hubapi import NodeInfo
+from cellwatch.shared.schemas import ModelRef, NodeStatus, Telemetry, UpdateReport, UpdateState
+from cellwatch.shared.topics import is_valid_name
+
+log = logging.getLogger(__name__)
+
+
+def _ts(value: float | None) -> datetime | None:
+    return datetime.fromtimestamp(value, UTC) if value is not None else None
+
+
+class Fleet:
+    def __init__(self, db: Database) -> None:
+        self.db = db
+
+    def on_status(self, status: NodeStatus, now: float) -> bool:
+        """Record a status; False if it was a stale one (older boot) and ignored."""
+        rec = self.db.node(status.node_id) or NodeRecord(status.node_id)
+        since = status.since.timestamp()
+        stale = rec.boot_id is not None and status.boot_id != rec.boot_id
+        if stale and rec.since is not None and since < rec.since:
+            log.info(
+                "node %s: ignoring a stale %s status of boot %s (current boot %s)",
+                status.node_id,
+                status.state,
+                status.boot_id[:8],
+                (rec.boot_id or "")[:8],
+            )
+            return False
+        rec.state, rec.boot_id, rec.since, rec.last_seen = status.state, status.boot_id, since, now
+        rec.tags = list(status.tags)
+        rec.device = status.device or rec.device
+        if status.state == "online" or status.model is not None:
+            m = status.model
+            rec.model = ModelKey(m.name, m.version, m.sha256) if m is not None else None
+            rec.model_at = now
+        self.db.save_node(rec)
+        log.info(
+            "node %s: %s (boot %s, model %s)",
+            status.node_id,
+            status.state,
+            status.boot_id[:8],
+            rec.model or "none",
+        )
+        return True
+
+    def on_telemetry(self, t: Telemetry, now: float) -> None:
+        rec = self.db.node(t.node_id) or NodeRecord(t.node_id, state="online")
+        rec.telemetry = t.model_dump(mode="json", by_alias=True)
+        rec.last_seen = now
+        self.db.save_node(rec)
+
+    def on_update(self, node_id: str, report: UpdateReport, now: float) -> None:
+        rec = self.db.node(node_id) or NodeRecord(node_id, state="online")
+        rec.last_seen = now
+        if report.state is UpdateState.ACTIVE:
+            m = report.model
+            rec.model, rec.model_at = ModelKey(m.name, m.version, m.manifest_sha256), now
+        self.db.save_node(rec)
+
+    def views(self) -> dict[str, NodeView]:
+        return {
+            n.node_id: NodeView(online=n.state == "online", model=n.model, model_at=n.model_at)
+            for n in self.db.nodes()
+        }
+
+    def resolve(self, target: str) -> list[str]:
+        """Node ids for `all`, `group:G` or `node:ID,ID` (sorted); ApiFailure if none."""
+        known = {n.node_id: n for n in self.db.nodes()}
+        if target == "all":
+            ids = sorted(known)
+            if not ids:
+                raise ApiFailure("not_found", "the hub knows no nodes yet (none has connected)")
+            return ids
+        kind, _, rest = target.partition(":")
+        if kind == "group" and rest:
+            ids = sorted(i for i, n in known.items() if rest in n.tags)
+            if not ids:
+                raise ApiFailure("not_found", f"no node has the tag {rest!r}")
+            return ids
+        if kind == "node" and rest:
+            ids = sorted({i.strip() for i in rest.split(",") if i.strip()})
+            bad = [i for i in ids if not is_valid_name(i)]
+            if bad or not ids:
+                raise ApiFailure("bad_request", f"invalid node id(s) in target: {bad}")
+            unknown = [i for i in ids if i not in known]
+            if unknown:
+                raise ApiFailure(
+                    "not_found", f"unknown node(s) {', '.join(unknown)}: never seen by the hub"
+                )
+            return ids
+        raise ApiFailure(
+            "bad_request", f"target {target!r}: use all, group:GROUP or node:ID[,ID...]"
+        )
+
+    def infos(self, bytes_by_node: dict[str, int]) -> list[NodeInfo]:
+        return [
+            NodeInfo(
+                node_id=n.node_id,
+                state="online" if n.state == "online" else "offline",
+                boot_id=n.boot_id,
+                since=_ts(n.since),
+                last_seen=_ts(n.last_seen),
+                tags=n.tags,
+                model=ModelRef(name=n.model.name, version=n.model.version, sha256=n.model.sha256)
+                if n.model
+                else None,
+                device=n.device,
+                telemetry=n.telemetry,
+                bytes_served=bytes_by_node.get(n.node_id, 0),
+            )
+            for n in self.db.nodes()
+        ]

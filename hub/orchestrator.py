@@ -1,0 +1,307 @@
+"""Runs the rollouts: creates them, feeds them reports, ticks and operator verbs,
+persists every change in the database and writes the desired models they ask for.
+
+Only the hub's control thread calls it. Active rollouts live in memory and in the
+database; a restarted hub reloads them and writes again every desired model the
+broker had not acknowledged (timers continue from the stored timestamps).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from collections.abc import Callable
+from datetime import UTC, datetime
+
+from cellwatch.hub.config import RolloutDefaults
+from cellwatch.hub.db import Database
+from cellwatch.hub.errors import ApiFailure
+from cellwatch.hub.fleet import Fleet
+from cellwatch.hub.registry import Registry
+from cellwatch.hub.rollout import Desired, ModelKey, Policy, Rollout
+from cellwatch.hub.waves import WaveSpecError, parse_threshold, parse_waves, plan_waves
+from cellwatch.shared.hubapi import (
+    DesiredRef,
+    RolloutInfo,
+    RolloutList,
+    RolloutStartArgs,
+    TargetInfo,
+    WaveInfo,
+)
+from cellwatch.shared.hubapi import Policy as PolicyInfo
+from cellwatch.shared.schemas import ApiError, UpdateReport
+
+log = logging.getLogger(__name__)
+
+WriteDesired = Callable[[Desired], None]
+
+
+def _ts(value: float) -> datetime:
+    return datetime.fromtimestamp(value, UTC)
+
+
+def _ref(m: ModelKey) -> DesiredRef:
+    return DesiredRef(name=m.name, version=m.version, manifest_sha256=m.sha256)
+
+
+def describe(r: Rollout, *, existing: bool = False) -> RolloutInfo:
+    """The API's view of a rollout."""
+    p = r.policy
+    previous = 0
+    waves = []
+    for index, count in enumerate(p.counts):
+        members = r.wave_targets(index)
+        waves.append(
+            WaveInfo(
+                index=index,
+                size=count - previous,
+                issued=index <= r.wave,
+                counts=dict(Counter(t.state.value for t in members)),
+            )
+        )
+        previous = count
+    return RolloutInfo(
+        rollout_id=r.rollout_id,
+        model=_ref(r.model),
+        target=r.target,
+        state=r.state.value,
+        reason=r.reason,
+        policy=PolicyInfo(
+            waves=p.waves,
+            advance_at=p.advance_at,
+            max_failures=p.max_failures,
+            min_executed=p.min_executed,
+            node_timeout_s=p.node_timeout_s,
+        ),
+        wave=r.wave,
+        waves=waves,
+        counts=dict(r.counts()),
+        targets=[
+            TargetInfo(
+                node_id=t.node_id,
+                wave=t.wave,
+                phase="rollback" if t.phase == "rollback" else "rollout",
+                state=t.state.value,
+                progress=t.progress,
+                error=ApiError(code=t.error_code, message=t.error_message or "")
+                if t.error_code
+                else None,
+                previous=_ref(t.previous) if t.previous else None,
+                issued_at=_ts(t.issued_at) if t.issued_at is not None else None,
+                finished_at=_ts(t.finished_at) if t.finished_at is not None else None,
+            )
+            for t in r.targets
+        ],
+        created_at=_ts(r.created_at),
+        updated_at=_ts(r.updated_at),
+        finished_at=_ts(r.finished_at) if r.finished_at is not None else None,
+        existing=existing,
+    )
+
+
+class Orchestrator:
+    def __init__(
+        self,
+        db: Database,
+        fleet: Fleet,
+        registry: Registry,
+        defaults: RolloutDefaults,
+        write_desired: WriteDesired,
+    ) -> None:
+        self.db = db
+        self.fleet = fleet
+        self.registry = registry
+        self.defaults = defaults
+        self.write_desired = write_desired
+        self.active: dict[str, Rollout] = {}
+
+    def load(self) -> None:
+        """Reload the active rollouts from the database (hub start)."""
+        self.active = {r.rollout_id: r for r in self.db.rollouts(active_only=True, limit=10_000)}
+
+    def rewrite_unconfirmed(self) -> None:
+        """Write again the desired models the broker had not acknowledged (once connected)."""
+        for r in self.active.values():
+            again = r.unconfirmed()
+            log.info(
+                "rollout %s: resumed (%s, wave %d/%d); writing %d unacknowledged desired",
+                r.rollout_id,
+                r.state,
+                r.wave + 1,
+                len(r.policy.counts),
+                len(again),
+            )
+            for d in again:
+                self.write_desired(d)
+
+    # -- operator verbs ----------------------------------------------------------------
+    def start(self, args: RolloutStartArgs, now: float) -> RolloutInfo:
+        m = self.registry.find(args.name, args.version)
+        model = ModelKey(m.name, m.version, m.manifest_sha256)
+        ids = self.fleet.resolve(args.target.strip())
+        for r in self.active.values():
+            overlap = sorted(set(ids) & {t.node_id for t in r.targets})
+            if not overlap:
+                continue
+            if r.model == model and sorted(t.node_id for t in r.targets) == ids:
+                log.info("rollout %s: the same rollout is already %s", r.rollout_id, r.state)
+                return describe(r, existing=True)
+            raise ApiFailure(
+                "conflict",
+                f"{', '.join(overlap)} already in rollout {r.rollout_id} ({r.model}, {r.state}): "
+                "abort or finish it first",
+            )
+        policy = self._policy(args, len(ids))
+        rollout = Rollout.create(
+            self.db.next_rollout_id(),
+            model,
+            args.target.strip(),
+            ids,
+            self.fleet.views(),
+            policy,
+            now,
+        )
+        log.info(
+            "rollout %s: %s to %s (%d nodes, waves %s)",
+            rollout.rollout_id,
+            model,
+            rollout.target,
+            len(ids),
+            list(policy.counts),
+        )
+        self.active[rollout.rollout_id] = rollout
+        self._apply(rollout, rollout.tick(self.fleet.views(), now))
+        return describe(rollout)
+
+    def _policy(self, args: RolloutStartArgs, total: int) -> Policy:
+        d = self.defaults
+        waves = args.waves or d.waves
+        max_failures = args.max_failures or d.max_failures
+        try:
+            counts = plan_waves(total, parse_waves(waves))
+            parse_threshold(max_failures)
+        except WaveSpecError as exc:
+            raise ApiFailure("bad_request", str(exc)) from exc
+        return Policy(
+            waves=waves,
+            counts=tuple(counts),
+            advance_at=args.advance_at if args.advance_at is not None else d.advance_at,
+            max_failures=max_failures,
+            min_executed=args.min_executed if args.min_executed is not None else d.min_executed,
+            node_timeout_s=args.node_timeout_s
+            if args.node_timeout_s is not None
+            else d.node_timeout_s,
+        )
+
+    def get(self, rollout_id: str) -> Rollout:
+        rid = rollout_id if rollout_id.startswith("r") else f"r{rollout_id}"
+        r = self.active.get(rid) or self.db.rollout(rid)
+        if r is None:
+            raise ApiFailure("not_found", f"no rollout {rollout_id!r}")
+        return r
+
+    def status(self, rollout_id: str | None) -> RolloutInfo:
+        if rollout_id is not None:
+            return describe(self.get(rollout_id))
+        latest = self.db.rollouts(limit=1)
+        if not latest:
+            raise ApiFailure("not_found", "no rollout yet")
+        return describe(self.active.get(latest[0].rollout_id, latest[0]))
+
+    def recent(self, limit: int = 50) -> RolloutList:
+        return RolloutList(
+            rollouts=[
+                describe(self.active.get(r.rollout_id, r)) for r in self.db.rollouts(limit=limit)
+            ]
+        )
+
+    def pause(self, rollout_id: str, now: float) -> RolloutInfo:
+        r = self.get(rollout_id)
+        r.pause(now)
+        self._apply(r, [])
+        return describe(r)
+
+    def resume(self, rollout_id: str, now: float) -> RolloutInfo:
+        r = self.get(rollout_id)
+        r.resume(now)
+        self._apply(r, r.tick(self.fleet.views(), now))
+        return describe(r)
+
+    def abort(self, rollout_id: str, now: float) -> RolloutInfo:
+        r = self.get(rollout_id)
+        r.abort(now)
+        self._apply(r, [])
+        return describe(r)
+
+    def rollback(self, rollout_id: str, now: float) -> RolloutInfo:
+        r = self.get(rollout_id)
+        newer = [
+            x
+            for x in self.db.rollouts(limit=10_000)
+            if x.created_at > r.created_at and x.rollout_id != r.rollout_id
+        ]
+        for t in r.rollback_targets():
+            for other in newer:
+                target = other.get(t.node_id)
+                if target is not None and target.issued:
+                    raise ApiFailure(
+                        "conflict",
+                        f"{t.node_id} was since updated by rollout {other.rollout_id}: "
+                        "roll that one back first",
+                    )
+        desired = r.rollback(self.fleet.views(), now)
+        self.active[r.rollout_id] = r
+        self._apply(r, desired)
+        return describe(r)
+
+    # -- inputs from the fleet -------------------------------------------------------------
+    def on_report(self, node_id: str, report: UpdateReport, now: float) -> None:
+        r = self.active.get(report.rollout_id)
+        if r is None:
+            r = self.db.rollout(report.rollout_id)
+            if r is None:
+                log.debug("node %s: report for unknown rollout %s", node_id, report.rollout_id)
+                return
+        error = (report.error.code, report.error.message) if report.error else None
+        changed = r.on_report(
+            node_id,
+            report.rollout_id,
+            report.model.manifest_sha256,
+            report.state,
+            report.progress,
+            error,
+            now,
+        )
+        if changed:
+            log.debug(
+                "rollout %s: node %s %s %.0f%%",
+                r.rollout_id,
+                node_id,
+                report.state,
+                report.progress * 100,
+            )
+            self._apply(r, r.tick(self.fleet.views(), now) if r.active else [])
+
+    def on_confirmed(self, d: Desired) -> None:
+        r = self.active.get(d.rollout_id)
+        if r is not None and r.confirm(d.node_id, d.model.sha256):
+            self.db.save_rollout(r)
+
+    def tick(self, now: float) -> None:
+        if not self.active:
+            return
+        views = self.fleet.views()
+        for r in list(self.active.values()):
+            desired = r.tick(views, now)
+            if desired or r.events:
+                self._apply(r, desired)
+
+    def _apply(self, r: Rollout, desired: list[Desired]) -> None:
+        self.db.save_rollout(r)
+        for event in r.events:
+            log.info("rollout %s: %s", r.rollout_id, event)
+        r.events.clear()
+        for d in desired:
+            self.write_desired(d)
+        if not r.active:
+            self.active.pop(r.rollout_id, None)

@@ -1,0 +1,208 @@
+"""The model registry: the push protocol and the list of stored models.
+
+Push (operator -> hub), resumable and idempotent:
+1. `push.begin` {manifest, signature} (base64): the hub checks the signature against
+   ITS trusted keys and validates the manifest before accepting a byte more. Answer:
+   `already_present` (same manifest sha256 stored: nothing to do), or `upload` with
+   upload_id (= the manifest sha256) and, per file, its size and the offset the hub
+   already has (a push interrupted earlier resumes there).
+2. Raw chunks on `cellwatch/hub/api/upload`, user properties upload_id, file,
+   offset (must equal the bytes the hub has), sha256 (of the chunk); one UploadAck each.
+3. `push.commit` {upload_id}: every file's size and SHA-256 and the signature are
+   checked again on the assembled directory (shared.bundle.load_bundle), then it is
+   moved into the store under its manifest sha256 in one rename.
+A name and version already stored with a different manifest is a conflict.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import logging
+import re
+from datetime import UTC, datetime
+
+from cellwatch.hub.db import Database, ModelRecord
+from cellwatch.hub.errors import ApiFailure, StoreError
+from cellwatch.hub.store import BundleStore
+from cellwatch.shared.bundle import load_bundle, parse_manifest, sha256_bytes, verify_signature
+from cellwatch.shared.errors import BundleError
+from cellwatch.shared.hubapi import (
+    ModelInfo,
+    PushBeginArgs,
+    PushBeginReply,
+    PushCommitArgs,
+    PushCommitReply,
+    UploadAck,
+    UploadFile,
+)
+from cellwatch.shared.limits import MAX_FETCH_CHUNK_BYTES, MAX_MANIFEST_BYTES
+from cellwatch.shared.manifest import MANIFEST_FILE, SIGNATURE_FILE, Manifest
+from cellwatch.shared.signing import TrustedKeys
+
+log = logging.getLogger(__name__)
+
+MAX_UPLOAD_CHUNK_BYTES = MAX_FETCH_CHUNK_BYTES
+_SHA_RE = re.compile(r"^[0-9a-f]{64}$")
+
+
+def model_info(m: ModelRecord) -> ModelInfo:
+    return ModelInfo(
+        name=m.name,
+        version=m.version,
+        manifest_sha256=m.manifest_sha256,
+        size=m.size,
+        precision=m.precision,
+        signer=m.signer,
+        metrics=m.metrics,
+        created_at=datetime.fromisoformat(m.created_at),
+        pushed_at=datetime.fromtimestamp(m.pushed_at, UTC),
+    )
+
+
+def _b64(value: str, what: str) -> bytes:
+    try:
+        return base64.b64decode(value, validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise ApiFailure("bad_request", f"{what} is not valid base64") from exc
+
+
+class Registry:
+    def __init__(
+        self, db: Database, store: BundleStore, trusted: TrustedKeys, *, allow_unsigned: bool
+    ) -> None:
+        self.db = db
+        self.store = store
+        self.trusted = trusted
+        self.allow_unsigned = allow_unsigned
+        self._manifests: dict[str, Manifest] = {}
+
+    # -- queries -------------------------------------------------------------------------
+    def models(self, name: str | None = None) -> list[ModelInfo]:
+        return [model_info(m) for m in self.db.models(name)]
+
+    def find(self, name: str, version: str) -> ModelRecord:
+        m = self.db.model(name, version)
+        if m is None or not self.store.has(m.manifest_sha256):
+            known = sorted(x.version for x in self.db.models(name))
+            hint = f" (known versions: {', '.join(known)})" if known else " (no such model)"
+            raise ApiFailure("not_found", f"no model {name} {version} on the hub{hint}")
+        return m
+
+    # -- push ------------------------------------------------------------------------------
+    def begin(self, args: PushBeginArgs) -> PushBeginReply:
+        manifest_bytes = _b64(args.manifest, "manifest")
+        signature = _b64(args.signature, "signature") if args.signature is not None else None
+        if len(manifest_bytes) > MAX_MANIFEST_BYTES:
+            raise ApiFailure("too_large", f"manifest over {MAX_MANIFEST_BYTES} bytes")
+        try:
+            signer = verify_signature(
+                manifest_bytes, signature, self.trusted, allow_unsigned=self.allow_unsigned
+            )
+            manifest = parse_manifest(manifest_bytes)
+        except BundleError as exc:
+            raise ApiFailure("invalid_bundle", f"bundle refused: {exc}") from exc
+        sha = sha256_bytes(manifest_bytes)
+        stored = self.db.model_by_sha(sha)
+        if stored is not None and self.store.has(sha):
+            return PushBeginReply(status="already_present", model=model_info(stored))
+        self._check_unique(manifest, sha)
+        d = self.store.upload_dir(sha)
+        (d / MANIFEST_FILE).write_bytes(manifest_bytes)
+        if signature is not None:
+            (d / SIGNATURE_FILE).write_bytes(signature)
+        else:
+            (d / SIGNATURE_FILE).unlink(missing_ok=True)
+        self._manifests[sha] = manifest
+        files = {
+            name: UploadFile(size=e.size, offset=self.store.received(sha, name))
+            for name, e in manifest.files.items()
+        }
+        log.info(
+            "push: %s %s (%s) begins, signer %s",
+            manifest.name,
+            manifest.version,
+            sha[:12],
+            signer or "none",
+        )
+        return PushBeginReply(
+            status="upload", upload_id=sha, files=files, chunk_bytes=MAX_UPLOAD_CHUNK_BYTES
+        )
+
+    def upload(self, upload_id: str, file: str, offset: int, sha256: str, data: bytes) -> UploadAck:
+        manifest = self._manifest(upload_id)
+        entry = manifest.files.get(file)
+        if entry is None:
+            raise ApiFailure("bad_request", f"{file!r} is not a file of this bundle's manifest")
+        if len(data) > MAX_UPLOAD_CHUNK_BYTES:
+            raise ApiFailure("too_large", f"upload chunk over {MAX_UPLOAD_CHUNK_BYTES} bytes")
+        if hashlib.sha256(data).hexdigest() != sha256:
+            raise ApiFailure("bad_request", f"{file} chunk at {offset}: SHA-256 mismatch")
+        try:
+            done = self.store.append(upload_id, file, offset, data, entry.size)
+        except StoreError as exc:
+            raise ApiFailure("bad_offset", str(exc)) from exc
+        return UploadAck(file=file, offset=done, complete=done == entry.size)
+
+    def commit(self, args: PushCommitArgs, now: float) -> PushCommitReply:
+        sha = args.upload_id
+        stored = self.db.model_by_sha(sha)
+        if stored is not None and self.store.has(sha):
+            return PushCommitReply(status="already_present", model=model_info(stored))
+        manifest = self._manifest(sha)
+        missing = [
+            f"{name} ({self.store.received(sha, name)} of {e.size} bytes)"
+            for name, e in manifest.files.items()
+            if not (self.store.uploads / sha / name).is_file()
+        ]
+        if missing:
+            raise ApiFailure("bad_request", f"upload incomplete: {', '.join(missing)}")
+        try:
+            bundle = load_bundle(
+                self.store.uploads / sha, self.trusted, allow_unsigned=self.allow_unsigned
+            )
+        except BundleError as exc:
+            self.store.discard_upload(sha)
+            self._manifests.pop(sha, None)
+            raise ApiFailure("invalid_bundle", f"bundle refused: {exc}") from exc
+        self._check_unique(bundle.manifest, sha)
+        path = self.store.commit(sha)
+        self._manifests.pop(sha, None)
+        record = ModelRecord(
+            name=bundle.manifest.name,
+            version=bundle.manifest.version,
+            manifest_sha256=sha,
+            size=sum(p.stat().st_size for p in path.iterdir()),
+            precision=bundle.manifest.precision,
+            signer=bundle.signer,
+            metrics=bundle.manifest.metrics,
+            created_at=bundle.manifest.created_at.isoformat(),
+            pushed_at=now,
+        )
+        self.db.add_model(record)
+        log.info("push: %s stored (signer %s)", bundle, bundle.signer or "none")
+        return PushCommitReply(status="stored", model=model_info(record))
+
+    def _manifest(self, sha: str) -> Manifest:
+        cached = self._manifests.get(sha)
+        if cached is not None:
+            return cached
+        if not _SHA_RE.match(sha) or not self.store.has_upload(sha):
+            raise ApiFailure("not_found", f"no upload {sha[:12]!r} in progress: push.begin first")
+        try:
+            manifest = parse_manifest((self.store.uploads / sha / MANIFEST_FILE).read_bytes())
+        except (BundleError, OSError) as exc:
+            self.store.discard_upload(sha)
+            raise ApiFailure("not_found", f"upload {sha[:12]} is unusable: {exc}") from exc
+        self._manifests[sha] = manifest
+        return manifest
+
+    def _check_unique(self, manifest: Manifest, sha: str) -> None:
+        other = self.db.model(manifest.name, manifest.version)
+        if other is not None and other.manifest_sha256 != sha:
+            raise ApiFailure(
+                "conflict",
+                f"{manifest.name} {manifest.version} is already stored with another manifest "
+                f"({other.manifest_sha256[:12]}): give the new bundle a new version",
+            )

@@ -1,0 +1,169 @@
+"""Human-readable tables for the `cellwatch-hub` commands (rich)."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+from rich import box
+from rich.console import Group, RenderableType
+from rich.table import Table
+from rich.text import Text
+
+from cellwatch.shared.hubapi import ModelInfo, NodeInfo, RolloutInfo, StatsReply
+
+STATE_STYLES = {
+    "active": "green",
+    "completed": "green",
+    "rolled_back": "cyan",
+    "failed": "red",
+    "timed_out": "red",
+    "aborted": "red",
+    "paused": "yellow",
+    "rolling_back": "yellow",
+    "waiting": "dim",
+}
+STATE_ORDER = (
+    "waiting",
+    "pending",
+    "downloading",
+    "verifying",
+    "activating",
+    "active",
+    "failed",
+    "timed_out",
+    "rolled_back",
+)
+
+
+def _when(value: datetime | None) -> str:
+    if value is None:
+        return "-"
+    age = (datetime.now(UTC) - value).total_seconds()
+    if age < 120:
+        return f"{max(age, 0):.0f} s ago"
+    if age < 7200:
+        return f"{age / 60:.0f} min ago"
+    return value.astimezone().strftime("%Y-%m-%d %H:%M")
+
+
+def _size(n: int) -> str:
+    if n < 1000:
+        return f"{n} B"
+    value = float(n)
+    for unit in ("KB", "MB", "GB"):
+        value /= 1000
+        if value < 1000 or unit == "GB":
+            break
+    return f"{value:.1f} {unit}"
+
+
+def _state(value: str) -> Text:
+    return Text(value, style=STATE_STYLES.get(value, ""))
+
+
+def _target_state(state: str, phase: str) -> Text:
+    if phase == "rollback" and state not in ("rolled_back", "failed", "timed_out"):
+        return Text(f"{state} (rolling back)", style="yellow")
+    return _state(state)
+
+
+def _table(*columns: str) -> Table:
+    table = Table(box=box.SIMPLE_HEAD, pad_edge=False, show_edge=False)
+    for c in columns:
+        table.add_column(c, no_wrap=True)
+    return table
+
+
+def models_table(models: list[ModelInfo]) -> RenderableType:
+    if not models:
+        return Text("no models on the hub yet (cellwatch-hub push BUNDLE)")
+    table = _table("NAME", "VERSION", "SHA256", "SIZE", "PRECISION", "SIGNER", "PUSHED")
+    for m in models:
+        table.add_row(
+            m.name,
+            m.version,
+            m.manifest_sha256[:12],
+            _size(m.size),
+            m.precision,
+            m.signer or "UNSIGNED",
+            _when(m.pushed_at),
+        )
+    return table
+
+
+def nodes_table(nodes: list[NodeInfo]) -> RenderableType:
+    if not nodes:
+        return Text("no nodes seen yet")
+    table = _table("NODE", "STATE", "MODEL", "VERSION", "TAGS", "DEVICE", "LAST SEEN", "FETCHED")
+    for n in nodes:
+        table.add_row(
+            n.node_id,
+            Text(n.state, style="green" if n.state == "online" else "dim"),
+            n.model.name if n.model else "-",
+            n.model.version if n.model else "-",
+            ",".join(n.tags) or "-",
+            n.device or "-",
+            _when(n.last_seen),
+            _size(n.bytes_served),
+        )
+    return table
+
+
+def rollout_view(r: RolloutInfo) -> RenderableType:
+    total = len(r.targets)
+    head = Text.assemble(
+        (f"rollout {r.rollout_id}", "bold"),
+        f": {r.model.name} {r.model.version} -> {r.target} ({total} nodes)  ",
+        _state(r.state),
+        f"  wave {max(r.wave + 1, 0)}/{len(r.waves)}",
+    )
+    parts: list[RenderableType] = [head]
+    if r.reason:
+        parts.append(Text(f"  {r.reason}", style="dim"))
+    waves = _table("WAVE", "NODES", "ISSUED", "PROGRESS")
+    for w in r.waves:
+        counts = ", ".join(f"{w.counts[s]} {s}" for s in STATE_ORDER if w.counts.get(s))
+        waves.add_row(str(w.index + 1), str(w.size), "yes" if w.issued else "no", counts)
+    parts += [Text(""), waves, Text("")]
+    targets = _table("NODE", "WAVE", "STATE", "PROGRESS", "PREVIOUS", "ERROR")
+    for t in r.targets:
+        targets.add_row(
+            t.node_id,
+            str(t.wave + 1),
+            _target_state(t.state, t.phase),
+            f"{t.progress:.0%}",
+            f"{t.previous.name} {t.previous.version}" if t.previous else "-",
+            f"{t.error.code}: {t.error.message}" if t.error else "",
+        )
+    parts.append(targets)
+    return Group(*parts)
+
+
+def rollouts_table(rollouts: list[RolloutInfo]) -> RenderableType:
+    if not rollouts:
+        return Text("no rollouts yet")
+    table = _table("ID", "MODEL", "VERSION", "TARGET", "STATE", "WAVE", "ACTIVE", "CREATED")
+    for r in rollouts:
+        table.add_row(
+            r.rollout_id,
+            r.model.name,
+            r.model.version,
+            r.target,
+            _state(r.state),
+            f"{max(r.wave + 1, 0)}/{len(r.waves)}",
+            f"{r.counts.get('active', 0)}/{len(r.targets)}",
+            _when(r.created_at),
+        )
+    return table
+
+
+def stats_view(s: StatsReply) -> RenderableType:
+    table = _table("NODE", "BUNDLE", "BYTES")
+    for node, per in sorted(s.bytes_by_node_bundle.items()):
+        for sha, n in sorted(per.items()):
+            table.add_row(node, sha[:12], _size(n))
+    head = Text(
+        f"since {s.started_at.astimezone():%Y-%m-%d %H:%M:%S}: {s.fetch_requests} fetch "
+        f"requests, {s.fetch_errors} errors, {_size(s.bytes_served)} served"
+    )
+    return Group(head, table)

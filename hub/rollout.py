@@ -1,0 +1,450 @@
+"""The rollout state machine (DESIGN.md, Rollout): pure logic, no I/O.
+
+A `Rollout` moves its targets (sorted node ids) through waves. Time is passed in
+(`now`, seconds since the epoch) and the fleet is passed in as `NodeView`s, so every
+rule is unit-testable; the orchestrator persists the result and writes the
+`Desired` models the methods return.
+
+Rules:
+- `tick` issues the first wave, then the next one as soon as the current wave's
+  share of `active` nodes reaches `advance_at`; it completes the rollout once the
+  last wave has finished. A wave that finished below `advance_at` aborts it.
+- A node already running the target counts as `active` when its wave is issued.
+- Abort rule: once at least `min_executed` targets finished (active, failed or
+  timed_out), more than `max_failures` failures (count, or % of the targets) abort.
+- A node not `active` within `node_timeout_s` is `timed_out`. The clock starts when
+  its desired is written, or when the node is next seen online if it was offline
+  then (offline nodes converge when they return; they do not fail meanwhile). A
+  late `active` still counts.
+- pause: no new waves (nodes already told go on). resume. abort: no new waves; nodes
+  already switched stay. rollback: every node that was told to switch and ran
+  another model at the start is told to go back to it (same rollout id); a node
+  that ran nothing (or already the target) is left alone.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from enum import StrEnum
+
+from cellwatch.hub.errors import RolloutError
+from cellwatch.hub.waves import parse_threshold, wave_of
+from cellwatch.shared.schemas import UpdateState
+
+
+class RolloutState(StrEnum):
+    RUNNING = "running"
+    PAUSED = "paused"
+    COMPLETED = "completed"
+    ABORTED = "aborted"
+    ROLLING_BACK = "rolling_back"
+    ROLLED_BACK = "rolled_back"
+
+
+ACTIVE_STATES = (RolloutState.RUNNING, RolloutState.PAUSED, RolloutState.ROLLING_BACK)
+
+
+class TargetState(StrEnum):
+    WAITING = "waiting"
+    """Its wave has not been issued (yet)."""
+    PENDING = "pending"
+    DOWNLOADING = "downloading"
+    VERIFYING = "verifying"
+    ACTIVATING = "activating"
+    ACTIVE = "active"
+    FAILED = "failed"
+    TIMED_OUT = "timed_out"
+    ROLLED_BACK = "rolled_back"
+
+
+FINISHED = (TargetState.ACTIVE, TargetState.FAILED, TargetState.TIMED_OUT, TargetState.ROLLED_BACK)
+FAILURES = (TargetState.FAILED, TargetState.TIMED_OUT)
+_IN_PROGRESS = {
+    UpdateState.PENDING: TargetState.PENDING,
+    UpdateState.DOWNLOADING: TargetState.DOWNLOADING,
+    UpdateState.VERIFYING: TargetState.VERIFYING,
+    UpdateState.ACTIVATING: TargetState.ACTIVATING,
+}
+
+
+@dataclass(frozen=True)
+class ModelKey:
+    name: str
+    version: str
+    sha256: str
+
+    def __str__(self) -> str:
+        return f"{self.name} {self.version}"
+
+
+@dataclass(frozen=True)
+class NodeView:
+    """What the fleet tracker knows about a node."""
+
+    online: bool
+    model: ModelKey | None
+    model_at: float = 0.0
+    """When the hub last learnt the node's model (status or report), epoch seconds."""
+
+
+@dataclass(frozen=True)
+class Desired:
+    """Write this node's retained desired model."""
+
+    node_id: str
+    rollout_id: str
+    model: ModelKey
+
+
+@dataclass(frozen=True)
+class Policy:
+    waves: str
+    counts: tuple[int, ...]
+    """Cumulative targets per wave (see waves.plan_waves)."""
+    advance_at: float
+    max_failures: str
+    min_executed: int
+    node_timeout_s: float
+
+
+@dataclass
+class Target:
+    node_id: str
+    wave: int
+    previous: ModelKey | None
+    phase: str = "rollout"
+    state: TargetState = TargetState.WAITING
+    progress: float = 0.0
+    error_code: str | None = None
+    error_message: str | None = None
+    issued_at: float | None = None
+    clock_from: float | None = None
+    finished_at: float | None = None
+    updated_at: float = 0.0
+    confirmed: bool = False
+    """The broker acknowledged the retained desired written for the current phase."""
+
+    @property
+    def finished(self) -> bool:
+        return self.state in FINISHED
+
+    @property
+    def issued(self) -> bool:
+        return self.issued_at is not None
+
+
+@dataclass
+class Rollout:
+    rollout_id: str
+    model: ModelKey
+    target: str
+    policy: Policy
+    targets: list[Target]
+    created_at: float
+    state: RolloutState = RolloutState.RUNNING
+    wave: int = -1
+    reason: str | None = None
+    updated_at: float = 0.0
+    finished_at: float | None = None
+    events: list[str] = field(default_factory=list, repr=False, compare=False)
+    """Log lines produced by the last calls (the orchestrator logs and clears them)."""
+
+    # -- construction ----------------------------------------------------------------
+    @classmethod
+    def create(
+        cls,
+        rollout_id: str,
+        model: ModelKey,
+        target: str,
+        node_ids: list[str],
+        fleet: Mapping[str, NodeView],
+        policy: Policy,
+        now: float,
+    ) -> Rollout:
+        ids = sorted(set(node_ids))
+        if not ids:
+            raise RolloutError("the rollout has no target nodes")
+        if not policy.counts or policy.counts[-1] != len(ids):
+            raise ValueError(f"wave counts {policy.counts} do not cover {len(ids)} targets")
+        targets = []
+        for position, node_id in enumerate(ids):
+            view = fleet.get(node_id)
+            targets.append(
+                Target(
+                    node_id=node_id,
+                    wave=wave_of(position, list(policy.counts)),
+                    previous=view.model if view is not None else None,
+                    updated_at=now,
+                )
+            )
+        return cls(rollout_id, model, target, policy, targets, now, updated_at=now)
+
+    # -- queries -----------------------------------------------------------------------
+    @property
+    def active(self) -> bool:
+        return self.state in ACTIVE_STATES
+
+    def get(self, node_id: str) -> Target | None:
+        return next((t for t in self.targets if t.node_id == node_id), None)
+
+    def wave_targets(self, index: int) -> list[Target]:
+        return [t for t in self.targets if t.wave == index]
+
+    def expected(self, t: Target) -> ModelKey | None:
+        """The model the target's current phase asks for."""
+        return self.model if t.phase == "rollout" else t.previous
+
+    def counts(self) -> Counter[str]:
+        return Counter(t.state.value for t in self.targets)
+
+    def failures(self) -> int:
+        return sum(1 for t in self.targets if t.phase == "rollout" and t.state in FAILURES)
+
+    def executed(self) -> int:
+        return sum(1 for t in self.targets if t.phase == "rollout" and t.finished)
+
+    def unconfirmed(self) -> list[Desired]:
+        """Desired models issued but not acknowledged by the broker (write them again)."""
+        out = []
+        for t in self.targets:
+            model = self.expected(t)
+            if t.issued and not t.confirmed and model is not None and not self._stale_phase(t):
+                out.append(Desired(t.node_id, self.rollout_id, model))
+        return out
+
+    def _stale_phase(self, t: Target) -> bool:
+        return self.state in (RolloutState.ROLLING_BACK, RolloutState.ROLLED_BACK) and (
+            t.phase == "rollout"
+        )
+
+    # -- inputs ----------------------------------------------------------------------
+    def on_report(
+        self,
+        node_id: str,
+        rollout_id: str,
+        sha256: str,
+        state: UpdateState,
+        progress: float,
+        error: tuple[str, str] | None,
+        now: float,
+    ) -> bool:
+        """Apply a node's UpdateReport; False if it is not about this rollout's work."""
+        t = self.get(node_id)
+        if t is None or rollout_id != self.rollout_id or not t.issued:
+            return False
+        expected = self.expected(t)
+        if expected is None or sha256 != expected.sha256:
+            return False
+        if t.clock_from is None:
+            t.clock_from = now
+        if state is UpdateState.ACTIVE:
+            if t.state in (TargetState.ACTIVE, TargetState.ROLLED_BACK):
+                return False
+            self._succeed(t, now)
+        elif state is UpdateState.FAILED:
+            if t.finished and t.state is not TargetState.FAILED:
+                return False
+            t.state = TargetState.FAILED
+            t.error_code, t.error_message = error or ("internal", "no error given")
+            t.finished_at = now
+            self._event(f"node {node_id} failed ({t.error_code}): {t.error_message}")
+        elif state in _IN_PROGRESS:
+            if t.finished:
+                return False  # e.g. a node retrying after a restart: keep the outcome
+            t.state = _IN_PROGRESS[state]
+            t.progress = progress
+        else:
+            return False
+        t.updated_at = now
+        self.updated_at = now
+        return True
+
+    def confirm(self, node_id: str, sha256: str) -> bool:
+        """The broker acknowledged the desired written for node_id (model sha256)."""
+        t = self.get(node_id)
+        expected = self.expected(t) if t is not None else None
+        if t is None or expected is None or expected.sha256 != sha256 or t.confirmed:
+            return False
+        t.confirmed = True
+        return True
+
+    def tick(self, fleet: Mapping[str, NodeView], now: float) -> list[Desired]:
+        """Apply timeouts and the abort/advance rules; returns the desired to write."""
+        if not self.active:
+            return []
+        self._watch_nodes(fleet, now)
+        if self.state is RolloutState.ROLLING_BACK:
+            back = [t for t in self.targets if t.phase == "rollback"]
+            if all(t.finished for t in back):
+                done = sum(1 for t in back if t.state is TargetState.ROLLED_BACK)
+                self._finish(
+                    RolloutState.ROLLED_BACK, f"{done} of {len(back)} nodes rolled back", now
+                )
+            return []
+        if self._abort_rule(now):
+            return []
+        out: list[Desired] = []
+        while self.state is RolloutState.RUNNING:
+            if self.wave < 0:
+                out += self._issue(0, fleet, now)
+                continue
+            current = self.wave_targets(self.wave)
+            active = sum(1 for t in current if t.state is TargetState.ACTIVE)
+            if active >= self.policy.advance_at * len(current) - 1e-9:
+                if self.wave + 1 < len(self.policy.counts):
+                    out += self._issue(self.wave + 1, fleet, now)
+                    continue
+                if all(t.finished for t in self.targets):
+                    self._finish(RolloutState.COMPLETED, self._summary(), now)
+            elif all(t.finished for t in current):
+                self._finish(
+                    RolloutState.ABORTED,
+                    f"wave {self.wave + 1} finished with {active} of {len(current)} nodes "
+                    f"active, below advance_at {self.policy.advance_at:.0%}",
+                    now,
+                )
+            break
+        return out
+
+    # -- operator verbs ------------------------------------------------------------
+    def pause(self, now: float) -> None:
+        if self.state is RolloutState.PAUSED:
+            return
+        if self.state is not RolloutState.RUNNING:
+            raise RolloutError(f"rollout {self.rollout_id} is {self.state}: cannot pause it")
+        self._set(RolloutState.PAUSED, now, "paused by the operator")
+
+    def resume(self, now: float) -> None:
+        if self.state is RolloutState.RUNNING:
+            return
+        if self.state is not RolloutState.PAUSED:
+            raise RolloutError(f"rollout {self.rollout_id} is {self.state}: cannot resume it")
+        self._set(RolloutState.RUNNING, now, None)
+
+    def abort(self, now: float, reason: str = "aborted by the operator") -> None:
+        if self.state is RolloutState.ABORTED:
+            return
+        if self.state not in (RolloutState.RUNNING, RolloutState.PAUSED):
+            raise RolloutError(
+                f"rollout {self.rollout_id} is {self.state}: cannot abort it"
+                + (" (use rollback)" if self.state is RolloutState.COMPLETED else "")
+            )
+        self._finish(RolloutState.ABORTED, reason, now)
+
+    def rollback(self, fleet: Mapping[str, NodeView], now: float) -> list[Desired]:
+        """Send every switched (or switching) node back to its previous model."""
+        if self.state is RolloutState.ROLLING_BACK:
+            return []
+        if self.state is RolloutState.ROLLED_BACK:
+            raise RolloutError(f"rollout {self.rollout_id} is already rolled back")
+        out = []
+        for t in self.rollback_targets():
+            assert t.previous is not None
+            view = fleet.get(t.node_id)
+            t.phase, t.state, t.progress = "rollback", TargetState.PENDING, 0.0
+            t.error_code = t.error_message = None
+            t.issued_at, t.finished_at, t.updated_at, t.confirmed = now, None, now, False
+            t.clock_from = now if view is not None and view.online else None
+            out.append(Desired(t.node_id, self.rollout_id, t.previous))
+        self.state, self.finished_at, self.updated_at = RolloutState.ROLLING_BACK, None, now
+        self.reason = f"rolling back {len(out)} nodes"
+        self._event(f"rolling back {len(out)} nodes")
+        if not out:
+            self._finish(
+                RolloutState.ROLLED_BACK, "no node had switched: nothing to roll back", now
+            )
+        return out
+
+    def rollback_targets(self) -> list[Target]:
+        """The targets a rollback sends back: told to switch, with another previous model."""
+        return [
+            t
+            for t in self.targets
+            if t.issued and t.previous is not None and t.previous.sha256 != self.model.sha256
+        ]
+
+    # -- internals ---------------------------------------------------------------------
+    def _issue(self, index: int, fleet: Mapping[str, NodeView], now: float) -> list[Desired]:
+        self.wave = index
+        out = []
+        for t in self.wave_targets(index):
+            view = fleet.get(t.node_id)
+            t.issued_at, t.updated_at, t.confirmed = now, now, False
+            t.clock_from = now if view is not None and view.online else None
+            t.state = TargetState.PENDING
+            if view is not None and view.model is not None and view.model == self.model:
+                self._succeed(t, now)
+            out.append(Desired(t.node_id, self.rollout_id, self.model))
+        self.updated_at = now
+        self._event(
+            f"wave {index + 1}/{len(self.policy.counts)} issued: "
+            + ", ".join(t.node_id for t in self.wave_targets(index))
+        )
+        return out
+
+    def _watch_nodes(self, fleet: Mapping[str, NodeView], now: float) -> None:
+        for t in self.targets:
+            if not t.issued or t.finished or self._stale_phase(t):
+                continue
+            view = fleet.get(t.node_id)
+            expected = self.expected(t)
+            if (
+                view is not None
+                and view.model == expected
+                and t.issued_at is not None
+                and view.model_at > t.issued_at
+            ):
+                self._succeed(t, now)  # its status says so (the report may be lost)
+                continue
+            if t.clock_from is None and view is not None and view.online:
+                t.clock_from = now
+                self._event(
+                    f"node {t.node_id} is online: its {self.policy.node_timeout_s:g} s start"
+                )
+            if t.clock_from is not None and now - t.clock_from > self.policy.node_timeout_s:
+                t.state, t.finished_at, t.updated_at = TargetState.TIMED_OUT, now, now
+                t.error_code = "timed_out"
+                t.error_message = f"not active within {self.policy.node_timeout_s:g} s"
+                self._event(f"node {t.node_id} timed out ({t.phase})")
+
+    def _succeed(self, t: Target, now: float) -> None:
+        t.state = TargetState.ACTIVE if t.phase == "rollout" else TargetState.ROLLED_BACK
+        t.progress, t.finished_at, t.updated_at = 1.0, now, now
+        t.error_code = t.error_message = None
+        self._event(f"node {t.node_id} {t.state} ({self.expected(t)})")
+
+    def _abort_rule(self, now: float) -> bool:
+        if self.state not in (RolloutState.RUNNING, RolloutState.PAUSED):
+            return False
+        executed, failures = self.executed(), self.failures()
+        limit = parse_threshold(self.policy.max_failures).of(len(self.targets))
+        if executed >= self.policy.min_executed and failures > limit + 1e-9:
+            self._finish(
+                RolloutState.ABORTED,
+                f"{failures} failed of {executed} finished, over max_failures "
+                f"{self.policy.max_failures}",
+                now,
+            )
+            return True
+        return False
+
+    def _summary(self) -> str:
+        c = self.counts()
+        failed = c[TargetState.FAILED.value] + c[TargetState.TIMED_OUT.value]
+        return f"{c[TargetState.ACTIVE.value]} of {len(self.targets)} nodes active" + (
+            f", {failed} failed" if failed else ""
+        )
+
+    def _set(self, state: RolloutState, now: float, reason: str | None) -> None:
+        self.state, self.updated_at, self.reason = state, now, reason
+        self._event(f"{state}" + (f": {reason}" if reason else ""))
+
+    def _finish(self, state: RolloutState, reason: str, now: float) -> None:
+        self.state, self.reason = state, reason
+        self.finished_at = self.updated_at = now
+        self._event(f"{state}: {reason}")
+
+    def _event(self, text: str) -> None:
+        self.events.append(text)

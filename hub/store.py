@@ -1,0 +1,108 @@
+"""The hub's content-addressed bundle store.
+
+    STORE/bundles/{manifest_sha256}/   verified bundles, never modified once there
+    STORE/uploads/{manifest_sha256}/   pushes in progress: manifest.json, manifest.sig,
+                                       `{file}.part` growing by whole chunks, renamed
+                                       to `{file}` when complete
+
+A push is committed by renaming its upload directory into bundles/ (atomic on one
+file system), so a bundle directory is either complete and verified or absent.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+from pathlib import Path
+
+from cellwatch.hub.errors import StoreError
+from cellwatch.shared.bundle import check_file_name
+from cellwatch.shared.errors import BundleError
+from cellwatch.shared.manifest import MANIFEST_FILE
+
+log = logging.getLogger(__name__)
+
+PART_SUFFIX = ".part"
+
+
+class BundleStore:
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.bundles = root / "bundles"
+        self.uploads = root / "uploads"
+        self.bundles.mkdir(parents=True, exist_ok=True)
+        self.uploads.mkdir(parents=True, exist_ok=True)
+
+    # -- stored bundles --------------------------------------------------------------
+    def has(self, sha: str) -> bool:
+        return (self.bundles / sha / MANIFEST_FILE).is_file()
+
+    def path(self, sha: str) -> Path:
+        return self.bundles / sha
+
+    def file(self, sha: str, name: str) -> Path | None:
+        """The stored file `name` of bundle `sha`, or None if there is no such file."""
+        try:
+            check_file_name(name)
+        except BundleError:
+            return None
+        p = self.bundles / sha / name
+        return p if p.is_file() else None
+
+    def size(self, sha: str) -> int:
+        return sum(p.stat().st_size for p in self.path(sha).iterdir() if p.is_file())
+
+    # -- uploads -----------------------------------------------------------------------
+    def upload_dir(self, sha: str) -> Path:
+        d = self.uploads / sha
+        d.mkdir(parents=True, exist_ok=True)
+        return d
+
+    def has_upload(self, sha: str) -> bool:
+        return (self.uploads / sha / MANIFEST_FILE).is_file()
+
+    def received(self, sha: str, name: str) -> int:
+        """Bytes of file `name` already uploaded (complete or partial)."""
+        d = self.uploads / sha
+        done, part = d / name, d / (name + PART_SUFFIX)
+        if done.is_file():
+            return done.stat().st_size
+        return part.stat().st_size if part.is_file() else 0
+
+    def append(self, sha: str, name: str, offset: int, data: bytes, size: int) -> int:
+        """Append data at offset (must equal the bytes received); returns the new total.
+
+        The file is renamed from `{name}.part` to `{name}` once it reaches `size`.
+        """
+        d = self.uploads / sha
+        part = d / (name + PART_SUFFIX)
+        have = self.received(sha, name)
+        if offset != have:
+            raise StoreError(f"{name}: upload expected offset {have}, got {offset}")
+        if offset + len(data) > size:
+            raise StoreError(f"{name}: {offset + len(data)} bytes is more than its size {size}")
+        try:
+            with part.open("ab") as out:
+                out.write(data)
+            if offset + len(data) == size:
+                os.replace(part, d / name)
+        except OSError as exc:
+            raise StoreError(f"cannot write upload of {name}: {exc}") from exc
+        return offset + len(data)
+
+    def discard_upload(self, sha: str) -> None:
+        shutil.rmtree(self.uploads / sha, ignore_errors=True)
+
+    def commit(self, sha: str) -> Path:
+        """Move the verified upload directory into the store (atomic rename)."""
+        src, dst = self.uploads / sha, self.bundles / sha
+        if dst.exists():
+            self.discard_upload(sha)
+            return dst
+        try:
+            os.replace(src, dst)
+        except OSError as exc:
+            raise StoreError(f"cannot store bundle {sha[:12]}: {exc}") from exc
+        log.info("store: bundle %s stored", sha[:12])
+        return dst

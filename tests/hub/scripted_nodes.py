@@ -1,0 +1,249 @@
+"""Scripted nodes for hub tests: real MQTT peers (node users, real broker) that speak
+the node's side of the protocol: retained status with a Will, FetchRequests with
+Response Topic and Correlation Data, UpdateReports. They stand in for the node's
+update agent where a test needs exact control (fail on cue, stay silent, count
+bytes); the end-to-end tests use real nodes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import threading
+import uuid
+from dataclasses import dataclass
+
+import paho.mqtt.client as paho
+
+from cellwatch.shared.manifest import MANIFEST_FILE, SIGNATURE_FILE
+from cellwatch.shared.mqtt import MqttClient, PublishProps, Will, user_properties
+from cellwatch.shared.schemas import (
+    ApiError,
+    DesiredModel,
+    FetchRequest,
+    ModelRef,
+    NodeStatus,
+    UpdateReport,
+    UpdateState,
+    utcnow,
+)
+from cellwatch.shared.settings import MqttSettings
+from cellwatch.shared.topics import Topics
+
+T = Topics()
+
+
+@dataclass
+class Reply:
+    payload: bytes
+    props: dict[str, str]
+
+
+class FetchFailed(Exception):
+    pass
+
+
+class FakeNode:
+    """behaviour: `update` (download and report up to active), `fail` (report failed
+    with fail_code), `silent` (never answer), `manual` (the test reports)."""
+
+    def __init__(
+        self,
+        settings: MqttSettings,
+        node_id: str,
+        *,
+        model: ModelRef | None = None,
+        tags: tuple[str, ...] = (),
+        behaviour: str = "update",
+        fail_code: str = "self_test_failed",
+        chunk_bytes: int = 64 * 1024,
+        connect: bool = True,
+    ) -> None:
+        self.node_id = node_id
+        self.model = model
+        self.tags = list(tags)
+        self.behaviour = behaviour
+        self.fail_code = fail_code
+        self.chunk_bytes = chunk_bytes
+        self.boot_id = uuid.uuid4().hex
+        self.since = utcnow()
+        self.have: set[str] = set()
+        """Bundles (manifest sha256) this node holds: switching to them needs no download."""
+        self.bytes_fetched = 0
+        self.desired: list[DesiredModel] = []
+        self._cond = threading.Condition()
+        self._replies: dict[bytes, Reply] = {}
+        self._work: list[DesiredModel] = []
+        self._stop = False
+        self.mqtt = MqttClient(
+            settings,
+            client_id=f"fake-{node_id}-{self.boot_id[:6]}",
+            clean_start=True,
+            will=Will(T.status(node_id), self.status("offline").to_json()),
+            subscriptions=[(T.desired(node_id), 1), (T.fetch_reply(node_id), 1)],
+        )
+        self.mqtt.set_message_handler(self._on_message)
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        if connect:
+            self.connect()
+
+    # -- connection and status ---------------------------------------------------------
+    def connect(self) -> None:
+        self.mqtt.connect()
+        self.publish_status()
+
+    def status(self, state: str = "online") -> NodeStatus:
+        return NodeStatus(
+            node_id=self.node_id,
+            state="online" if state == "online" else "offline",
+            boot_id=self.boot_id,
+            since=self.since,
+            model=self.model,
+            tags=self.tags,
+            device="CPU",
+        )
+
+    def publish_status(self, state: str = "online") -> None:
+        ok = self.mqtt.publish_wait(
+            T.status(self.node_id), self.status(state).to_json(), qos=1, retain=True
+        )
+        assert ok, "broker refused the status"
+
+    def close(self) -> None:
+        with self._cond:
+            self._stop = True
+            self._cond.notify_all()
+        if self.mqtt.connected:
+            self.mqtt.disconnect()
+
+    def crash(self) -> None:
+        """Drop the connection without DISCONNECT: the broker publishes the Will."""
+        with self._cond:
+            self._stop = True
+            self._cond.notify_all()
+        self.mqtt.drop()
+
+    # -- messages ------------------------------------------------------------------------
+    def _on_message(self, msg: paho.MQTTMessage) -> None:
+        if msg.topic == T.desired(self.node_id):
+            if not msg.payload:
+                return
+            d = DesiredModel.model_validate_json(msg.payload)
+            with self._cond:
+                self.desired.append(d)
+                self._work.append(d)
+                self._cond.notify_all()
+            return
+        corr = getattr(msg.properties, "CorrelationData", None) if msg.properties else None
+        with self._cond:
+            self._replies[bytes(corr or b"")] = Reply(bytes(msg.payload), user_properties(msg))
+            self._cond.notify_all()
+
+    def report(
+        self,
+        d: DesiredModel,
+        state: UpdateState,
+        progress: float = 0.0,
+        error: ApiError | None = None,
+    ) -> None:
+        r = UpdateReport(
+            rollout_id=d.rollout_id,
+            model=d.model,
+            state=state,
+            progress=progress,
+            error=error,
+            ts=utcnow(),
+        )
+        assert self.mqtt.publish_wait(T.update(self.node_id), r.to_json(), qos=1)
+
+    # -- fetching --------------------------------------------------------------------------
+    def request(
+        self,
+        payload: bytes,
+        *,
+        response_topic: str | None = None,
+        correlation: bytes | None = None,
+        timeout: float = 10.0,
+    ) -> Reply | None:
+        """Publish raw bytes on the fetch topic; the reply, or None if none came."""
+        corr = correlation if correlation is not None else uuid.uuid4().bytes
+        props = PublishProps(
+            response_topic=response_topic or T.fetch_reply(self.node_id), correlation_data=corr
+        )
+        assert self.mqtt.publish_wait(T.hub_fetch(), payload, qos=1, props=props)
+        with self._cond:
+            self._cond.wait_for(lambda: corr in self._replies, timeout)
+            return self._replies.pop(corr, None)
+
+    def fetch(self, sha: str, name: str, offset: int = 0, length: int | None = None) -> Reply:
+        req = FetchRequest(
+            node_id=self.node_id,
+            manifest_sha256=sha,
+            file=name,
+            offset=offset,
+            length=length or self.chunk_bytes,
+        )
+        reply = self.request(req.to_json())
+        if reply is None:
+            raise FetchFailed(f"no reply for {name} at {offset}")
+        return reply
+
+    def download_file(self, sha: str, name: str, offset: int = 0) -> bytes:
+        """Chunk by chunk from offset, checking each chunk's SHA-256."""
+        data = bytearray()
+        while True:
+            reply = self.fetch(sha, name, offset + len(data))
+            if "error" in reply.props:
+                raise FetchFailed(f"{reply.props['error']}: {reply.props.get('message')}")
+            assert hashlib.sha256(reply.payload).hexdigest() == reply.props["sha256"]
+            assert int(reply.props["offset"]) == offset + len(data)
+            data += reply.payload
+            self.bytes_fetched += len(reply.payload)
+            if offset + len(data) >= int(reply.props["total"]) or not reply.payload:
+                return bytes(data)
+
+    def download(self, sha: str) -> dict[str, bytes]:
+        files = {MANIFEST_FILE: self.download_file(sha, MANIFEST_FILE)}
+        files[SIGNATURE_FILE] = self.download_file(sha, SIGNATURE_FILE)
+        manifest = json.loads(files[MANIFEST_FILE])
+        for name, entry in manifest["files"].items():
+            files[name] = self.download_file(sha, name)
+            assert hashlib.sha256(files[name]).hexdigest() == entry["sha256"]
+        return files
+
+    # -- the scripted agent ------------------------------------------------------------------
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                self._cond.wait_for(lambda: self._stop or bool(self._work))
+                if self._stop:
+                    return
+                d = self._work.pop(0)
+            try:
+                self._reconcile(d)
+            except Exception as exc:  # a test helper: surface it in the reports
+                self.report(d, UpdateState.FAILED, 0.0, ApiError(code="internal", message=str(exc)))
+
+    def _reconcile(self, d: DesiredModel) -> None:
+        if self.behaviour in ("silent", "manual"):
+            return
+        sha = d.model.manifest_sha256
+        if self.model is not None and self.model.sha256 == sha:
+            self.report(d, UpdateState.ACTIVE, 1.0)
+            return
+        self.report(d, UpdateState.PENDING)
+        if self.behaviour == "fail":
+            self.report(d, UpdateState.FAILED, error=ApiError(code=self.fail_code, message="x"))
+            return
+        if sha not in self.have:
+            self.report(d, UpdateState.DOWNLOADING)
+            self.download(sha)
+            self.have.add(sha)
+        self.report(d, UpdateState.VERIFYING, 1.0)
+        self.report(d, UpdateState.ACTIVATING, 1.0)
+        if self.model is not None:
+            self.have.add(self.model.sha256)
+        self.model = ModelRef(name=d.model.name, version=d.model.version, sha256=sha)
+        self.publish_status()
+        self.report(d, UpdateState.ACTIVE, 1.0)
