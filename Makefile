@@ -7,10 +7,13 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.cellwatch-installed
 SRC_DIRS := node hub training shared
 PYTEST_ARGS ?=
+DEMO_DIR ?= demo-work
 
-.PHONY: help test lint typecheck pytest venv mosquitto bench-node clean
+.PHONY: help demo up down test lint typecheck pytest venv mosquitto clean
 
 help:
+	@echo "make demo   - set up and run the whole system end to end (deploy/demo.py; CHECKPOINT=path optional)"
+	@echo "make up     - start broker, hub and one node with the demo configuration (make down stops them)"
 	@echo "make test   - set up (venv, Mosquitto) and run ruff, mypy and pytest"
 	@echo "make lint / make typecheck / make pytest - the parts of make test"
 	@echo "make clean  - remove the virtualenv and caches"
@@ -46,12 +49,25 @@ lint: venv
 
 typecheck: venv .typecheck/cellwatch
 	$(BIN)/mypy -p cellwatch
-	$(BIN)/mypy tests bench
+	$(BIN)/mypy tests bench deploy/demo.py
 
 pytest: venv mosquitto
 	$(BIN)/pytest -q $(PYTEST_ARGS)
 
 test: lint typecheck pytest
+
+# The whole system end to end on this machine, in $(DEMO_DIR)/ (deploy/demo.py).
+demo: venv mosquitto
+	$(BIN)/python deploy/demo.py run --workdir $(DEMO_DIR) $(if $(CHECKPOINT),--checkpoint $(CHECKPOINT))
+
+# Broker (ports 1883/8883), hub and one node with the demo's configuration, left
+# running for the README's examples; `make down` stops them.
+up: venv mosquitto
+	$(BIN)/python deploy/demo.py up --workdir $(DEMO_DIR)
+
+down:
+	@if [ -x $(BIN)/python ]; then $(BIN)/python deploy/demo.py down --workdir $(DEMO_DIR); \
+	else echo "nothing to stop: there is no $(VENV)"; fi
 
 clean:
 	rm -rf $(VENV) .typecheck .mypy_cache .ruff_cache .pytest_cache

@@ -1,0 +1,238 @@
+"""`make demo`, shortened: `deploy/demo.py run --quick` as a subprocess (the same code
+path as `make demo`: fewer images, one epoch), then `up` / `down` in its working
+directory.
+
+The run's facts come from WORKDIR/summary.json; "nothing left behind" is checked
+against every PID the demo recorded and against /proc (no mosquitto or cellwatch
+process with the working directory in its command line).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+DEMO = REPO / "deploy" / "demo.py"
+RUN_TIMEOUT_S = 540.0
+
+
+@dataclass
+class DemoRun:
+    workdir: Path
+    returncode: int
+    output: str
+    summary: dict[str, Any]
+
+
+def demo(*args: str, timeout: float, cwd: Path = REPO) -> subprocess.CompletedProcess[str]:
+    """Run deploy/demo.py; on timeout it gets SIGTERM (it cleans up) before failing."""
+    proc = subprocess.Popen(
+        [sys.executable, str(DEMO), *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        cwd=cwd,
+    )
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=120)
+        pytest.fail(f"deploy/demo.py {' '.join(args)} took over {timeout:g} s:\n{out[-6000:]}")
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, None)
+
+
+def start_ticks(pid: int) -> int | None:
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = text[text.rindex(")") + 2 :].split()
+    return None if fields[0] == "Z" else int(fields[19])
+
+
+def leftovers(workdir: Path) -> list[str]:
+    """Live mosquitto/cellwatch processes whose command line names workdir."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or start_ticks(int(entry.name)) is None:
+            continue
+        try:
+            cmd = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if str(workdir) in cmd and ("mosquitto" in cmd or "cellwatch" in cmd):
+            found.append(f"{entry.name}: {cmd}")
+    return found
+
+
+def recorded_alive(summary: dict[str, Any]) -> list[str]:
+    return [
+        f"{p['name']} (pid {p['pid']})"
+        for p in summary["processes"]
+        if start_ticks(p["pid"]) == p["ticks"]
+    ]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DemoRun]:
+    workdir = tmp_path_factory.mktemp("demo") / "work"
+    proc = demo("run", "--quick", "--workdir", str(workdir), timeout=RUN_TIMEOUT_S)
+    summary_file = workdir / "summary.json"
+    assert summary_file.is_file(), f"no summary.json; the demo said:\n{proc.stdout[-6000:]}"
+    run = DemoRun(workdir, proc.returncode, proc.stdout, json.loads(summary_file.read_text()))
+    yield run
+    demo("down", "--workdir", str(workdir), timeout=120)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(RUN_TIMEOUT_S + 180)
+def test_quick_demo_succeeds_with_both_nodes(quick_run: DemoRun) -> None:
+    s = quick_run.summary
+    assert quick_run.returncode == 0 and s["ok"], (s["error"], quick_run.output[-6000:])
+    assert s["quick"] is True
+    assert {"node-1", "node-2"} <= set(s["nodes_answered"])
+    c = s["classify"]
+    assert c["sent"] > 0 and c["answered"] == c["sent"] and c["failed"] == 0
+    assert {"node-1", "node-2"} <= set(c["by_node"]), c
+    assert set(c["by_version"]) == {s["versions"]["v1"]}
+    assert 0.0 <= c["accuracy"] <= 1.0
+    for phase in ("1 broker, credentials, signing key", "6b roll out v2 under load"):
+        assert phase in s["phases_s"]
+    for kind in ("plots", "metrics", "bundles", "logs"):
+        assert s["paths"][kind], kind
+        assert all(Path(p).exists() for p in s["paths"][kind])
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(RUN_TIMEOUT_S + 180)
+def test_second_rollout_under_load_loses_nothing(quick_run: DemoRun) -> None:
+    s = quick_run.summary
+    assert s["ok"], s["error"]
+    swap, v1, v2 = s["swap"], s["versions"]["v1"], s["versions"]["v2"]
+    assert swap["flowing_during_rollout"] is True
+    assert swap["traffic_started_s"] < 0 < swap["all_nodes_switched_s"] < swap["traffic_stopped_s"]
+    assert swap["answered_during_rollout"] > 0
+    assert swap["sent"] > 0 and swap["answered"] == swap["sent"]
+    assert swap["failed"] == 0 and swap["missing"] == 0, swap["errors"]
+    # Results switched: some from v1, then v2; the last ones from v2.
+    assert swap["by_version"].get(v1, 0) > 0 and swap["by_version"].get(v2, 0) > 0, swap
+    assert swap["last_answer_version"] == v2
+    assert swap["first_v2_answer_s"] is not None and swap["last_v1_answer_s"] is not None
+    assert {"node-1", "node-2"} <= set(swap["by_node"])
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(RUN_TIMEOUT_S + 180)
+def test_demo_leaves_no_process_behind(quick_run: DemoRun) -> None:
+    s = quick_run.summary
+    names = {p["name"] for p in s["processes"]}
+    assert {"mosquitto", "hub", "node-1", "node-2"} <= names
+    assert s["exit_codes"] and all(code == 0 for code in s["exit_codes"].values()), s["exit_codes"]
+    assert recorded_alive(s) == []
+    assert leftovers(quick_run.workdir) == []
+    assert not (quick_run.workdir / "pids").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(RUN_TIMEOUT_S + 180)
+def test_up_and_down_in_the_demo_workdir(quick_run: DemoRun) -> None:
+    workdir = quick_run.workdir
+    up = demo(
+        "up",
+        "--workdir",
+        str(workdir),
+        "--port",
+        str(free_port()),
+        "--tls-port",
+        str(free_port()),
+        timeout=240,
+    )
+    try:
+        assert up.returncode == 0, up.stdout[-6000:]
+        assert "make down" in up.stdout
+        assert "mosquitto_pub" in up.stdout
+        pids = (workdir / "pids").read_text().split("\n")
+        running = {line.split()[2] for line in pids if line.strip()}
+        assert {"mosquitto", "hub", "node-1"} <= running
+        assert leftovers(workdir), "`up` returned but nothing runs"
+    finally:
+        down = demo("down", "--workdir", str(workdir), timeout=120)
+    assert down.returncode == 0, down.stdout
+    deadline = time.monotonic() + 10
+    while leftovers(workdir) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert leftovers(workdir) == []
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_interrupted_demo_stops_everything(tmp_path: Path) -> None:
+    """Ctrl-C in the middle (once the nodes are up): exit 130, nothing left running."""
+    workdir = tmp_path / "work"
+    proc = subprocess.Popen(
+        [sys.executable, str(DEMO), "run", "--quick", "--workdir", str(workdir)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        cwd=REPO,
+    )
+    assert proc.stdout is not None
+    seen: list[str] = []
+    try:
+        for line in proc.stdout:
+            seen.append(line)
+            if "Step 3/7" in line:
+                break
+        time.sleep(3.0)  # a training command is running now
+        proc.send_signal(signal.SIGINT)
+        rest, _ = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    output = "".join(seen) + rest
+    assert proc.returncode == 130, output[-6000:]
+    summary = json.loads((workdir / "summary.json").read_text())
+    assert summary["ok"] is False and "interrupted" in summary["error"]
+    assert recorded_alive(summary) == []
+    assert leftovers(workdir) == []
+
+
+def test_make_targets_run_the_demo_script() -> None:
+    """`make demo` / `make up` / `make down` are thin wrappers of deploy/demo.py."""
+    make = shutil.which("make")
+    assert make is not None, "make is needed (apt-get install make)"
+
+    def dry_run(*args: str) -> str:
+        proc = subprocess.run(
+            [make, "-n", *args], cwd=REPO, capture_output=True, text=True, check=False
+        )
+        assert proc.returncode == 0, proc.stderr
+        return proc.stdout
+
+    assert "deploy/demo.py run --workdir demo-work --checkpoint /ck/inception_v3.ckpt" in dry_run(
+        "demo", "CHECKPOINT=/ck/inception_v3.ckpt"
+    )
+    assert "deploy/demo.py run --workdir demo-work" in dry_run("demo")
+    assert "--checkpoint" not in dry_run("demo")
+    assert "deploy/demo.py up --workdir demo-work" in dry_run("up")
+    assert "deploy/demo.py down --workdir demo-work" in dry_run("down")
