@@ -67,12 +67,13 @@ def inception_bundle(work: Path, precision: str = "fp16") -> tuple[Path, Path]:
     train = str(BIN / "cellwatch-train")
     data, split, run = work / "data", work / "split", work / "run"
     keys, bundle = work / "keys", work / f"bundle-{precision}"
+    work.mkdir(parents=True, exist_ok=True)
 
     def step(*args: str) -> None:
         print("  $ cellwatch-train", " ".join(args), flush=True)
         subprocess.run([train, *args], check=True, stdout=subprocess.DEVNULL)
 
-    step("synth", str(data), "--count", "24", "--seed", "1")
+    step("synth", str(data), "--count", "40", "--seed", "1")
     step("prepare", str(data), "--out", str(split), "--seed", "1")
     step("fit", str(split), "--out", str(run), "--epochs", "1", "--mode", "bottleneck")
     step("keygen", str(keys), "--name", "bench")

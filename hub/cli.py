@@ -7,12 +7,10 @@ from __future__ import annotations
 
 import functools
 import json
-import signal
 import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from types import FrameType
 from typing import Any, ParamSpec, TypeVar
 
 import click
@@ -25,7 +23,7 @@ from cellwatch.hub import render
 from cellwatch.hub.client import HubClient
 from cellwatch.hub.config import HubSettings, OperatorSettings
 from cellwatch.hub.service import HubService
-from cellwatch.shared.cli import friendly_errors, setup_logging
+from cellwatch.shared.cli import friendly_errors, run_until_signalled, setup_logging
 from cellwatch.shared.hubapi import RolloutInfo, RolloutStartArgs
 
 P = ParamSpec("P")
@@ -140,16 +138,7 @@ def serve(config_path: Path | None) -> None:
     """Run the hub until SIGTERM/SIGINT."""
     settings = HubSettings.load(config_path)
     setup_logging(settings.log_level)
-    service = HubService(settings)
-
-    def _on_signal(signum: int, frame: FrameType | None) -> None:
-        service.stop()
-
-    signal.signal(signal.SIGTERM, _on_signal)
-    signal.signal(signal.SIGINT, _on_signal)
-    service.start()
-    service.wait()
-    service.join()
+    run_until_signalled(HubService(settings))
 
 
 @main.command()

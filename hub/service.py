@@ -130,6 +130,10 @@ class HubService:
         thread.start()
         self._threads.append(thread)
 
+    def abort(self) -> None:
+        """Release the connection after a failed start (start cleans up the rest)."""
+        self.mqtt.disconnect()
+
     def stop(self) -> None:
         """Ask the hub to stop (signal-safe); `join()` performs the shutdown."""
         self._stop.set()

@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import signal
 import sys
 import time
 from pathlib import Path
-from types import FrameType
 
 import click
 import openvino as ov
@@ -18,7 +16,7 @@ from cellwatch.node.engine import EngineConfig, check_device, load_serving_model
 from cellwatch.node.requests import IMAGE_ID_RE, ImageRequest, derive_image_id
 from cellwatch.node.service import NodeService
 from cellwatch.shared.bundle import load_bundle
-from cellwatch.shared.cli import friendly_errors, setup_logging
+from cellwatch.shared.cli import friendly_errors, run_until_signalled, setup_logging
 from cellwatch.shared.schemas import utcnow
 from cellwatch.shared.signing import TrustedKeys
 
@@ -43,20 +41,7 @@ def run(config_path: Path | None) -> None:
     """Serve images from MQTT until SIGTERM/SIGINT, then stop gracefully."""
     settings = NodeSettings.load(config_path)
     setup_logging(settings.log_level)
-    service = NodeService(settings)
-
-    def _on_signal(signum: int, frame: FrameType | None) -> None:
-        service.stop()
-
-    signal.signal(signal.SIGTERM, _on_signal)
-    signal.signal(signal.SIGINT, _on_signal)
-    try:
-        service.start()
-    except BaseException:
-        service.mqtt.disconnect()
-        raise
-    service.wait()
-    service.join()
+    run_until_signalled(NodeService(settings))
 
 
 @main.command()

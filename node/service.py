@@ -23,6 +23,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+import cv2
 import numpy as np
 import openvino as ov
 import paho.mqtt.client as paho
@@ -70,6 +71,9 @@ class NodeService:
         self.started_at = utcnow()
         self.core = core or ov.Core()
         check_device(self.core, settings.inference.device)
+        # Decode workers are the parallelism; OpenCV's own thread pool on top only
+        # adds CPU (measured: 1.7 vs 1.1 ms CPU per 640x480 JPEG) that inference needs.
+        cv2.setNumThreads(1)
         self.trusted = TrustedKeys.load(settings.model.trusted_keys)
         lim = settings.limits
         self.classifier = Classifier(
@@ -191,6 +195,10 @@ class NodeService:
         t = threading.Thread(target=target, name=f"{self.node_id}-{name}", daemon=True)
         t.start()
         self._threads.append(t)
+
+    def abort(self) -> None:
+        """Release the connection after a failed start (no drain, no status)."""
+        self.mqtt.disconnect()
 
     def stop(self) -> None:
         """Ask the node to stop (signal-safe); `join()` performs the shutdown."""

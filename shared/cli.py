@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import functools
 import logging
+import signal
 import sys
 from collections.abc import Callable
-from typing import ParamSpec, TypeVar
+from types import FrameType
+from typing import ParamSpec, Protocol, TypeVar
 
 import click
 
@@ -38,3 +40,33 @@ def friendly_errors(func: Callable[P, R]) -> Callable[P, R]:
             sys.exit(EXIT_USER_ERROR)
 
     return wrapper
+
+
+class Service(Protocol):
+    """What node and hub daemons offer their CLI (one stop event, ordered shutdown)."""
+
+    def start(self) -> None: ...
+    def stop(self) -> None: ...
+    def wait(self, timeout: float | None = None) -> bool: ...
+    def join(self) -> None: ...
+    def abort(self) -> None: ...
+
+
+def run_until_signalled(service: Service) -> None:
+    """Start service, wait for SIGTERM/SIGINT, then shut it down in order.
+
+    A start that fails (e.g. the broker refused us) releases what it opened first.
+    """
+
+    def _on_signal(signum: int, frame: FrameType | None) -> None:
+        service.stop()
+
+    signal.signal(signal.SIGTERM, _on_signal)
+    signal.signal(signal.SIGINT, _on_signal)
+    try:
+        service.start()
+    except BaseException:
+        service.abort()
+        raise
+    service.wait()
+    service.join()

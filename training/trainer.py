@@ -14,6 +14,7 @@ checkpoints of the whole network (model variables only, no optimizer slots), so
 from __future__ import annotations
 
 import logging
+from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +38,7 @@ _DECODED_BUDGET_BYTES = 1 << 30
 """finetune keeps decoded training images in memory up to this many bytes."""
 
 
-class Trainer:
+class Trainer(ABC):
     """Graph, session, restore and saving shared by both modes."""
 
     def __init__(self, config: FitConfig, split: SplitFile, checkpoint: Path | None) -> None:
@@ -83,19 +84,20 @@ class Trainer:
     trainable: list[Any]
     logits_for_eval: Tensor
 
+    @abstractmethod
     def _build(self) -> None:
-        raise NotImplementedError
+        """Build the graph: set loss, trainable and logits_for_eval."""
 
-    def prepare(self, cache_root: Path | None) -> None:
-        """Load or compute what the epochs need."""
+    def prepare(self, cache_root: Path | None) -> None:  # noqa: B027 (optional hook)
+        """Load or compute what the epochs need (nothing by default)."""
 
+    @abstractmethod
     def train_epoch(self, epoch: int) -> tuple[float, float]:
         """One pass over the training split; (mean loss, accuracy)."""
-        raise NotImplementedError
 
+    @abstractmethod
     def validate(self) -> tuple[float, float] | None:
         """(loss, accuracy) on the validation split, or None if it is empty."""
-        raise NotImplementedError
 
     # -- shared ----------------------------------------------------------------
     def _batches(self, n: int, epoch: int) -> list[np.ndarray]:

@@ -4,10 +4,10 @@ import tomllib
 from pathlib import Path
 
 import pytest
-from pydantic import BaseModel
 
 from cellwatch.node.config import NodeSettings
 from cellwatch.shared.errors import ConfigError
+from tests.configdoc import leaf_paths, toml_paths
 
 
 def test_toml_then_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -60,33 +60,12 @@ def test_password_file_is_read_lazily(tmp_path: Path) -> None:
     assert s.mqtt.resolved_password() == "s3cret"
 
 
-def _leaf_paths(model: type[BaseModel], prefix: str = "") -> set[str]:
-    paths = set()
-    for name, field in model.model_fields.items():
-        ann = field.annotation
-        if isinstance(ann, type) and issubclass(ann, BaseModel):
-            paths |= _leaf_paths(ann, f"{prefix}{name}.")
-        else:
-            paths.add(prefix + name)
-    return paths
-
-
-def _toml_paths(data: dict[str, object], prefix: str = "") -> set[str]:
-    paths = set()
-    for key, value in data.items():
-        if isinstance(value, dict):
-            paths |= _toml_paths(value, f"{prefix}{key}.")
-        else:
-            paths.add(prefix + key)
-    return paths
-
-
 def test_node_example_config_documents_every_setting() -> None:
     example = Path(__file__).resolve().parents[2] / "deploy" / "node.example.toml"
     settings = NodeSettings.load(example)
     assert settings.node_id == "node-1"
-    documented = _toml_paths(tomllib.loads(example.read_text()))
-    missing = _leaf_paths(NodeSettings) - documented
+    documented = toml_paths(tomllib.loads(example.read_text()))
+    missing = leaf_paths(NodeSettings) - documented
     # secrets and overrides that an example should not set
     assert missing <= {
         "mqtt.username",
