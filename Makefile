@@ -49,7 +49,7 @@ lint: venv
 
 typecheck: venv .typecheck/cellwatch
 	$(BIN)/mypy -p cellwatch
-	$(BIN)/mypy tests bench deploy/demo.py
+	$(BIN)/mypy tests bench deploy/demo.py deploy/demolib
 
 pytest: venv mosquitto
 	$(BIN)/pytest -q $(PYTEST_ARGS)

@@ -70,3 +70,7 @@ def run_until_signalled(service: Service) -> None:
         raise
     service.wait()
     service.join()
+    # Shut down: a repeated signal (systemd, an impatient Ctrl-C) must not turn the
+    # clean exit into a kill while the interpreter finalises.
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)

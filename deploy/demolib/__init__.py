@@ -1,0 +1,1 @@
+"""The pieces of deploy/demo.py (`make demo`, `make up`, `make down`)."""

@@ -1,0 +1,313 @@
+"""The demo's MQTT lab client, its image traffic and the hub's CLI driven as an operator."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import paho.mqtt.client as paho
+from pydantic import ValidationError
+
+from cellwatch.shared.errors import CellwatchError
+from cellwatch.shared.mqtt import MqttClient, PublishProps
+from cellwatch.shared.schemas import NodeStatus, Result
+from cellwatch.shared.settings import MqttSettings
+from cellwatch.shared.topics import Topics
+from demolib.common import (
+    LABELS,
+    MODEL_NAME,
+    SOURCE,
+    START_TIMEOUT_S,
+    DemoError,
+    Layout,
+    command,
+    done,
+    log,
+    shown,
+)
+from demolib.processes import Child, Command, ProcessGroup
+from demolib.services import BrokerInfo, tool, write_operator_toml
+
+# -- the demo's MQTT client ---------------------------------------------------------------
+
+
+@dataclass
+class Request:
+    key: bytes
+    image: Path
+    truth: str | None
+    sent_at: float
+    result: Result | None = None
+    answered_at: float | None = None
+    refused: bool = False
+
+    @property
+    def latency_ms(self) -> float | None:
+        if self.answered_at is None:
+            return None
+        return (self.answered_at - self.sent_at) * 1000.0
+
+    @property
+    def failed(self) -> bool:
+        return self.refused or (self.result is not None and self.result.status != "ok")
+
+
+def truth_of(image: Path) -> str | None:
+    """ALL-IDB names: `_1` is an ALL blast, `_0` a normal lymphocyte."""
+    suffix = image.stem.rsplit("_", 1)[-1]
+    return {"0": LABELS[0], "1": LABELS[1]}.get(suffix)
+
+
+class DemoClient:
+    """A lab client: logs in as `client`, publishes images with a Response Topic and
+    Correlation Data (MQTT v5) and collects the Results; also follows node statuses."""
+
+    def __init__(self, settings: MqttSettings, topics: Topics) -> None:
+        self.topics = topics
+        self.reply_topic = topics.replies("client", f"demo-{uuid.uuid4().hex[:8]}")
+        self._status_filter = topics.node_filter("status")
+        self._cond = threading.Condition()
+        self.requests: dict[bytes, Request] = {}
+        self.statuses: dict[str, NodeStatus] = {}
+        self.mqtt = MqttClient(
+            settings,
+            client_id=f"cellwatch-demo-{uuid.uuid4().hex[:8]}",
+            clean_start=True,
+            subscriptions=[(self.reply_topic, 1), (self._status_filter, 1)],
+        )
+        self.mqtt.set_message_handler(self._on_message)
+
+    def connect(self) -> None:
+        self.mqtt.connect()
+        # The PUBACK of a publish nobody may make means the SUBSCRIBEs before it are active.
+        self.mqtt.publish_wait(f"{self.topics.prefix}-demo/sync", b"", qos=1)
+
+    def close(self) -> None:
+        self.mqtt.disconnect()
+
+    # network thread
+    def _on_message(self, msg: paho.MQTTMessage) -> None:
+        now = time.monotonic()
+        if msg.topic == self.reply_topic:
+            corr = getattr(msg.properties, "CorrelationData", None) if msg.properties else None
+            try:
+                result = Result.model_validate_json(msg.payload)
+            except ValidationError:
+                log.warning("ignoring a malformed Result on %s", msg.topic)
+                return
+            with self._cond:
+                req = self.requests.get(bytes(corr or b""))
+                if req is not None and req.result is None:
+                    req.result, req.answered_at = result, now
+                self._cond.notify_all()
+        elif msg.payload:
+            try:
+                status = NodeStatus.model_validate_json(msg.payload)
+            except ValidationError:
+                return
+            with self._cond:
+                self.statuses[status.node_id] = status
+                self._cond.notify_all()
+
+    def send(self, image: Path, key: str) -> Request:
+        """Publish one image (QoS 1); the Result arrives on our Response Topic."""
+        req = Request(key.encode(), image, truth_of(image), time.monotonic())
+        with self._cond:
+            self.requests[req.key] = req
+        props = PublishProps(
+            response_topic=self.reply_topic,
+            correlation_data=req.key,
+            content_type="image/tiff" if image.suffix.lower() in (".tif", ".tiff") else None,
+            user=[("image_id", image.stem)],
+        )
+
+        def _done(ok: bool) -> None:
+            if not ok:
+                with self._cond:
+                    req.refused = True
+                    self._cond.notify_all()
+
+        self.mqtt.publish(
+            self.topics.images(SOURCE), image.read_bytes(), qos=1, props=props, on_done=_done
+        )
+        return req
+
+    def wait(
+        self, predicate: Callable[[], bool], timeout: float, check: Callable[[], None]
+    ) -> bool:
+        """Wait until predicate() (called under the lock) holds; check() runs every second."""
+        deadline = time.monotonic() + timeout
+        while True:
+            with self._cond:
+                if self._cond.wait_for(
+                    predicate, timeout=min(1.0, max(0.0, deadline - time.monotonic()))
+                ):
+                    return True
+            check()
+            if time.monotonic() >= deadline:
+                return False
+
+    def pending(self, reqs: Sequence[Request]) -> int:
+        with self._cond:
+            return sum(1 for r in reqs if r.result is None and not r.refused)
+
+    def serving(self, node_id: str) -> str | None:
+        """The model version node_id says it serves (None: no model or offline)."""
+        with self._cond:
+            s = self.statuses.get(node_id)
+        if s is None or s.state != "online" or s.model is None:
+            return None
+        return s.model.version
+
+
+# -- the demo ---------------------------------------------------------------------------
+
+
+@dataclass
+class Trained:
+    tag: str
+    version: str
+    run: Path
+    bundle: Path
+    metrics: dict[str, Any]
+    """The test split's metrics from `cellwatch-train evaluate` (TensorFlow)."""
+    agreement: float | None
+    """Share of test images where the exported IR's top class equals TensorFlow's."""
+
+
+class Hub:
+    """The hub process and the operator's `cellwatch-hub` commands against it."""
+
+    def __init__(self, group: ProcessGroup, layout: Layout, broker: BrokerInfo) -> None:
+        self.group = group
+        self.layout = layout
+        self.exe = tool("cellwatch-hub")
+        self.operator_toml = write_operator_toml(layout, broker)
+
+    def op(self, *args: str) -> list[str]:
+        """An operator command (user `operator`, connection from operator.toml)."""
+        return [self.exe, *args, "--config", str(self.operator_toml)]
+
+    def serve(self) -> Child:
+        argv = [self.exe, "serve", "--config", str(self.layout.hub_toml)]
+        command(argv)
+        return self.group.start("hub", argv)
+
+    def nodes(self) -> dict[str, Any]:
+        """`cellwatch-hub nodes --json`: node id -> what the hub knows of it."""
+        out = self.group.run("hub-nodes", self.op("nodes", "--json"), echo=False, timeout=60)
+        return {n["node_id"]: n for n in json.loads(out)["nodes"]}
+
+    def wait_for(
+        self, what: str, ready: Callable[[dict[str, Any]], bool], timeout: float = START_TIMEOUT_S
+    ) -> None:
+        """Poll `nodes --json` until ready(nodes) (the hub answers the API, sees the nodes)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                if ready(self.nodes()):
+                    return
+            except DemoError:
+                if time.monotonic() > deadline:
+                    raise
+            if time.monotonic() > deadline:
+                raise DemoError(
+                    f"the hub did not report {what} within {timeout:g} s; see "
+                    f"{shown(self.layout.logs / 'hub.log')}"
+                )
+            time.sleep(0.5)
+
+    def push(self, bundle: Path) -> None:
+        self.group.run("hub-push", self.op("push", str(bundle)), timeout=600)
+
+    def rollout(self, version: str, waves: str) -> str:
+        """`rollout start`; prints it, returns the rollout id."""
+        argv = self.op("rollout", "start", MODEL_NAME, version, "--waves", waves, "--json")
+        command(argv[:-3])
+        info = json.loads(self.group.run("hub-rollout", argv, echo=False, timeout=60))
+        done(
+            f"rollout {info['rollout_id']}: {MODEL_NAME} {version} to {info['target']} "
+            f"({len(info['targets'])} nodes), waves {waves}"
+        )
+        rid: str = info["rollout_id"]
+        return rid
+
+    def watch(self, rollout_id: str) -> Command:
+        """`rollout status ID --watch`, echoed as it goes; exits 0 once completed."""
+        argv = self.op("rollout", "status", rollout_id, "--watch", "--interval", "0.5")
+        command(argv[:-2])
+        return self.group.spawn("hub-watch", argv, show=False)
+
+
+class Traffic:
+    """Publishes images at a steady rate on a background thread (step 6)."""
+
+    def __init__(
+        self, client: DemoClient, images: Sequence[Path], rate: float, max_outstanding: int = 40
+    ) -> None:
+        self.client = client
+        self.images = list(images)
+        self.period = 1.0 / rate
+        self.max_outstanding = max_outstanding
+        self.sent: list[Request] = []
+        self.error: str | None = None
+        self.started_at = 0.0
+        self.stopped_at = 0.0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="demo-traffic", daemon=True)
+
+    def start(self) -> None:
+        self.started_at = time.monotonic()
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(10)
+        self.stopped_at = time.monotonic()
+
+    def _run(self) -> None:
+        i, next_at = 0, time.monotonic()
+        while not self._stop.is_set():
+            if self.client.pending(self.sent[-self.max_outstanding * 4 :]) < self.max_outstanding:
+                try:
+                    self.sent.append(
+                        self.client.send(self.images[i % len(self.images)], f"swap-{i}")
+                    )
+                except (CellwatchError, OSError) as exc:
+                    self.error = str(exc)
+                    return
+                i += 1
+            next_at += self.period
+            self._stop.wait(max(0.0, next_at - time.monotonic()))
+
+
+def tally(reqs: Sequence[Request]) -> dict[str, Any]:
+    """Counts over requests: answered, failed (error Result or refused publish), missing."""
+    answered = [r for r in reqs if r.result is not None]
+    by_version: dict[str, int] = {}
+    by_node: dict[str, int] = {}
+    for r in answered:
+        assert r.result is not None
+        if r.result.model is not None:
+            by_version[r.result.model.version] = by_version.get(r.result.model.version, 0) + 1
+        by_node[r.result.node_id] = by_node.get(r.result.node_id, 0) + 1
+    errors = [
+        f"{r.image.name}: {r.result.error.code} ({r.result.error.message})"
+        for r in answered
+        if r.result is not None and r.result.error is not None
+    ] + [f"{r.image.name}: publish refused by the broker" for r in reqs if r.refused]
+    return {
+        "sent": len(reqs),
+        "answered": len(answered),
+        "failed": sum(1 for r in reqs if r.failed),
+        "missing": sum(1 for r in reqs if r.result is None and not r.refused),
+        "by_version": by_version,
+        "by_node": by_node,
+        "errors": errors[:10],
+    }

@@ -1,0 +1,544 @@
+"""`make demo`: the seven steps in order."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import statistics
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from rich.markup import escape
+from rich.table import Table
+
+from cellwatch.shared.errors import CellwatchError
+from cellwatch.shared.topics import Topics
+from demolib.client import DemoClient, Hub, Request, Traffic, Trained, tally
+from demolib.common import (
+    DRAIN_TIMEOUT_S,
+    MODEL_NAME,
+    NODES,
+    QUICK,
+    ROLLOUT_TIMEOUT_S,
+    SOURCE,
+    START_TIMEOUT_S,
+    WAVES,
+    DemoError,
+    Layout,
+    Profile,
+    Timings,
+    command,
+    console,
+    doing,
+    done,
+    shown,
+    stage,
+)
+from demolib.processes import ProcessGroup, stop_tier
+from demolib.services import (
+    BrokerInfo,
+    cw,
+    free_port,
+    make_credentials,
+    make_signing_key,
+    mqtt_settings,
+    start_broker,
+    write_hub_toml,
+    write_node_toml,
+)
+
+
+class Demo:
+    """`run`: the seven steps in order; everything started is stopped at the end."""
+
+    STEPS = 7
+
+    def __init__(
+        self, layout: Layout, profile: Profile, checkpoint: Path | None, *, attached: bool = True
+    ) -> None:
+        self.layout = layout
+        self.profile = profile
+        self.checkpoint = checkpoint
+        self.group = ProcessGroup(layout, attached=attached)
+        self.broker: BrokerInfo | None = None
+        self.timings = Timings()
+        self.topics = Topics()
+        self._client: DemoClient | None = None
+        self._hub: Hub | None = None
+        self.summary: dict[str, Any] = {
+            "ok": False,
+            "error": None,
+            "quick": profile is QUICK,
+            "workdir": str(layout.root),
+            "started_at": datetime.now(UTC).isoformat(),
+            "nodes": list(NODES),
+            "model": MODEL_NAME,
+            "checkpoint": str(checkpoint) if checkpoint else None,
+        }
+
+    @property
+    def client(self) -> DemoClient:
+        assert self._client is not None
+        return self._client
+
+    @property
+    def hub(self) -> Hub:
+        assert self._hub is not None
+        return self._hub
+
+    def make_data(self) -> None:
+        """A SYNTHETIC data set and its train/val/test split, with cellwatch-train."""
+        data, split = self.layout.data, self.layout.split
+        synth = cw("train", "synth", data, "--count", self.profile.images, "--force")
+        self.group.run("train-synth", synth)
+        self.group.run("train-prepare", cw("train", "prepare", data, "--out", split, "--force"))
+
+    def train(self, tag: str, version: str, epochs: int) -> Trained:
+        """fit (bottleneck) -> evaluate -> export a signed bundle, with cellwatch-train."""
+        run, bundle = self.layout.run_dir(tag), self.layout.bundle(tag)
+        run.parent.mkdir(parents=True, exist_ok=True)
+        bundle.parent.mkdir(parents=True, exist_ok=True)
+        base = ["--checkpoint", self.checkpoint] if self.checkpoint is not None else []
+        env = {"TF_CPP_MIN_LOG_LEVEL": "2"}
+        doing(
+            f"training {MODEL_NAME} {version}: {epochs} epoch(s) of a new 2-class head on "
+            "Inception V3 features (bottleneck mode: the base network runs once per image)"
+        )
+        fit = cw("train", "fit", self.layout.split, "--out", run, "--epochs", epochs, *base)
+        self.group.run(f"train-fit-{tag}", [*fit, "--mode", "bottleneck", "--force"], env=env)
+        doing("evaluating on the held-out test images (never seen in training)")
+        self.group.run(f"train-evaluate-{tag}", cw("train", "evaluate", run), env=env)
+        doing(f"exporting: frozen graph -> OpenVINO IR ({self.profile.precision}) -> signed bundle")
+        export = cw("train", "export", run, "--out", bundle, "--name", MODEL_NAME)
+        export += ["--version", version, "--precision", self.profile.precision]
+        export += ["--sign-key", str(self.layout.sign_key), "--force"]
+        self.group.run(f"train-export-{tag}", export, env=env)
+        metrics: dict[str, Any] = json.loads((run / "eval-test" / "metrics.json").read_text())
+        manifest = json.loads((bundle / "manifest.json").read_text())
+        agreement = manifest.get("metrics", {}).get("ir_agreement", {}).get("top1_agreement")
+        return Trained(tag, version, run, bundle, metrics, agreement)
+
+    # -- the steps ----------------------------------------------------------------------
+    def run(self) -> None:
+        with self.timings.phase("1 broker, credentials, signing key"):
+            self.step_broker()
+        with self.timings.phase("2 hub and two nodes"):
+            self.step_services()
+        with self.timings.phase("3 train, evaluate, export v1"):
+            v1 = self.step_train_v1()
+        with self.timings.phase("4 push and roll out v1"):
+            self.step_rollout_v1(v1)
+        with self.timings.phase("5 classify the test images"):
+            test_images = self.step_classify(v1)
+        with self.timings.phase("6a train, evaluate, export v2"):
+            stage(
+                6,
+                self.STEPS,
+                "A second version, rolled out while images keep flowing",
+                "Training a model is never done once. The new version goes out to the nodes "
+                "while a lab client keeps sending images: each node downloads, verifies and "
+                "self-tests it beside the old one and then swaps atomically, so no request "
+                "fails and results switch from the old version to the new one.",
+            )
+            v2 = self.train("v2", "1.1.0", self.profile.epochs + 1)
+            self.report_metrics(v2)
+        with self.timings.phase("6b roll out v2 under load"):
+            self.step_swap(v1, v2, test_images)
+        self.summary["ok"] = True
+
+    def step_broker(self) -> None:
+        stage(
+            1,
+            self.STEPS,
+            "Broker: users, ACL, TLS certificates, signing key",
+            "Every part talks through an MQTT broker (Mosquitto). Nobody may connect without "
+            "a password, and the ACL limits what each user may read and write. Model bundles "
+            "are signed; hub and nodes accept only bundles signed by a trusted key.",
+        )
+        make_credentials(self.layout, NODES)
+        make_signing_key(self.group, self.layout)
+        broker = start_broker(self.group, self.layout, free_port(), free_port())
+        self.broker = broker
+        self._client = DemoClient(mqtt_settings(self.layout, broker, "client"), self.topics)
+        self.client.connect()
+
+    def step_services(self) -> None:
+        stage(
+            2,
+            self.STEPS,
+            "The hub and two nodes",
+            "The hub keeps the model registry and moves nodes from one version to the next. "
+            "Each node classifies images with OpenVINO. Both nodes join the shared "
+            "subscription $share/cellwatch-nodes/cellwatch/images/+, so the broker spreads "
+            "the images over them. They start without a model and get one in step 4.",
+        )
+        assert self.broker is not None
+        write_hub_toml(self.layout, self.broker)
+        self._hub = Hub(self.group, self.layout, self.broker)
+        self.hub.serve()
+        self.hub.wait_for("that it is ready", lambda nodes: True)
+        done(
+            f"hub running (config {shown(self.layout.hub_toml)}); it answers the operator's "
+            f"commands (user operator, {shown(self.hub.operator_toml)})"
+        )
+        started = {}
+        for node_id in NODES:
+            toml = write_node_toml(self.layout, node_id, self.broker)
+            argv = cw("node", "run", "--config", toml)
+            command(argv)
+            started[node_id] = datetime.now(UTC).replace(microsecond=0)
+            self.group.start(node_id, argv)
+
+        def online() -> bool:
+            st = self.client.statuses
+            return all(
+                n in st and st[n].state == "online" and st[n].since >= started[n] for n in NODES
+            )
+
+        if not self.client.wait(online, START_TIMEOUT_S, self.group.check):
+            raise DemoError(f"the nodes did not come online; see {shown(self.layout.logs)}/")
+        done(f"{' and '.join(NODES)} online over TLS (port {self.broker.tls_port}), no model yet")
+        self.hub.wait_for(
+            "both nodes",
+            lambda nodes: all(n in nodes and nodes[n]["state"] == "online" for n in NODES),
+        )
+        doing("what the hub knows about the fleet:")
+        self.group.run("hub-nodes", self.hub.op("nodes"), timeout=60)
+
+    def step_train_v1(self) -> Trained:
+        stage(
+            3,
+            self.STEPS,
+            "Train, evaluate and export version 1",
+            "A SYNTHETIC data set imitates ALL-IDB blood-smear crops (`_1` = ALL blast, "
+            "`_0` = normal). It is split by source image into train, validation and test; "
+            "a 2-class head is trained on TF-Slim Inception V3 features, evaluated on the "
+            "test split, converted to OpenVINO and signed.",
+        )
+        if self.checkpoint is not None:
+            doing(f"starting from the ImageNet weights in {self.checkpoint}")
+        else:
+            console.print(
+                "  [yellow]![/yellow] no CHECKPOINT given: Inception V3 starts from "
+                "RANDOM weights, so accuracy only shows that the plumbing works. "
+                "Use `make demo CHECKPOINT=path/to/inception_v3.ckpt` for real "
+                "ImageNet features (see the README)."
+            )
+        self.make_data()
+        v1 = self.train("v1", "1.0.0", self.profile.epochs)
+        self.report_metrics(v1)
+        return v1
+
+    def report_metrics(self, t: Trained) -> None:
+        m = t.metrics
+        done(
+            f"{MODEL_NAME} {t.version}: test accuracy {m['accuracy']:.2f}, sensitivity "
+            f"{m['recall']:.2f}, specificity {m['specificity']:.2f} on {m['n']} images; "
+            f"bundle {shown(t.bundle)}"
+        )
+
+    def step_rollout_v1(self, v1: Trained) -> None:
+        stage(
+            4,
+            self.STEPS,
+            "Push version 1 to the hub and roll it out",
+            "`cellwatch-hub push` checks the bundle's signature and stores it; `rollout "
+            "start` tells the nodes, wave by wave, which version they should serve. Each node "
+            "downloads the bundle from the hub in chunks over MQTT, verifies every hash and "
+            "the signature, compiles it, runs its self-test and only then serves it.",
+        )
+        self.hub.push(v1.bundle)
+        t0 = time.monotonic()
+        self.roll_out(v1.version, None)
+        self.summary["rollout_v1_s"] = round(time.monotonic() - t0, 1)
+
+    def roll_out(self, version: str, traffic: Traffic | None) -> float:
+        """Start a rollout (a canary node first, then the rest), follow it until every
+        node serves version and the hub calls it completed; when the last node switched."""
+        rollout_id = self.hub.rollout(version, WAVES)
+        watch = self.hub.watch(rollout_id)
+        switched_at = self.follow_rollout(version, traffic)
+        self.group.finish(watch, timeout=ROLLOUT_TIMEOUT_S)
+        return switched_at
+
+    def follow_rollout(self, version: str, traffic: Traffic | None) -> float:
+        """Print each node's switch (and the traffic's counts) until all serve version.
+        Returns the monotonic time at which the last node switched."""
+        start = time.monotonic()
+        seen = {n: self.client.serving(n) for n in NODES}
+        last_print = start
+        while True:
+            self.group.check()
+            now = time.monotonic()
+            for n in NODES:
+                v = self.client.serving(n)
+                if v != seen[n]:
+                    seen[n] = v
+                    done(f"{n} now serves {MODEL_NAME} {v} ({now - start:.1f} s after the start)")
+            if all(v == version for v in seen.values()):
+                return now
+            if traffic is not None and now - last_print >= 3.0:
+                last_print = now
+                t = tally(list(traffic.sent))
+                doing(
+                    f"images sent {t['sent']}, answered {t['answered']} "
+                    f"{self.versions_text(t)}, failed {t['failed']}"
+                )
+            if now - start > ROLLOUT_TIMEOUT_S:
+                state = ", ".join(f"{n}: {v or 'no model'}" for n, v in seen.items())
+                raise DemoError(
+                    f"the nodes did not all serve {version} within "
+                    f"{ROLLOUT_TIMEOUT_S:g} s ({state}); see "
+                    f"{shown(self.layout.logs)}/"
+                )
+            time.sleep(0.2)
+
+    @staticmethod
+    def versions_text(t: dict[str, Any]) -> str:
+        parts = [f"{v}: {n}" for v, n in sorted(t["by_version"].items())]
+        return f"({', '.join(parts)})" if parts else ""
+
+    def test_images(self) -> list[Path]:
+        from cellwatch.training.split import load_split
+
+        split = load_split(self.layout.split)
+        return [split.root / e.path for e in split.entries("test")]
+
+    def step_classify(self, v1: Trained) -> list[Path]:
+        stage(
+            5,
+            self.STEPS,
+            "Classify the held-out test images over MQTT",
+            "Like a microscope PC would, the demo publishes each test image to "
+            f"cellwatch/images/{SOURCE} (MQTT v5, QoS 1) with a Response Topic under "
+            "cellwatch/replies/client/ and Correlation Data; whichever node takes the image "
+            "answers there with a Result. Latency is measured by the client, publish to result.",
+        )
+        images = self.test_images()
+        reqs: list[Request] = []
+        window = len(NODES)
+        for i, image in enumerate(images):
+            self.client.wait(
+                lambda: self.client.pending(reqs) < window, DRAIN_TIMEOUT_S, self.group.check
+            )
+            reqs.append(self.client.send(image, f"test-{i}"))
+        if not self.client.wait(
+            lambda: self.client.pending(reqs) == 0, DRAIN_TIMEOUT_S, self.group.check
+        ):
+            raise DemoError(f"{self.client.pending(reqs)} test images got no answer")
+        table = Table(title="Results (SYNTHETIC images; research use only, not a diagnosis)")
+        for col in ("image", "truth", "label", "confidence", "node", "model", "latency ms"):
+            table.add_column(
+                col, justify="right" if col in ("confidence", "latency ms") else "left"
+            )
+        correct = 0
+        for r in reqs:
+            res = r.result
+            assert res is not None
+            if res.status != "ok":
+                table.add_row(
+                    r.image.name,
+                    r.truth or "?",
+                    f"[red]{res.error.code if res.error else 'error'}",
+                    "",
+                    res.node_id,
+                    "",
+                    f"{r.latency_ms or 0:.0f}",
+                )
+                continue
+            hit = res.label == r.truth
+            correct += hit
+            table.add_row(
+                r.image.name,
+                r.truth or "?",
+                f"[{'green' if hit else 'red'}]{res.label}",
+                f"{res.confidence or 0:.3f}{' (low)' if res.low_confidence else ''}",
+                res.node_id,
+                res.model.version if res.model else "",
+                f"{r.latency_ms or 0:.0f}",
+            )
+        console.print(table)
+        t = tally(reqs)
+        accuracy = correct / len(reqs) if reqs else 0.0
+        done(
+            f"accuracy {correct}/{len(reqs)} = {accuracy:.2f}; answers from "
+            f"{', '.join(sorted(t['by_node']))}"
+        )
+        if v1.agreement is not None and abs(accuracy - v1.metrics["accuracy"]) > 1e-9:
+            doing(
+                f"TensorFlow's evaluation in step 3 said {v1.metrics['accuracy']:.2f}: the "
+                f"{self.profile.precision} OpenVINO model the nodes run gives the same top class "
+                f"on {v1.agreement:.0%} of these images (quantisation moved the others)"
+            )
+        if t["failed"]:
+            raise DemoError(f"{t['failed']} test images failed: {t['errors']}")
+        self.summary["classify"] = {
+            **t,
+            "accuracy": accuracy,
+            "latency_ms_median": statistics.median([r.latency_ms or 0 for r in reqs] or [0.0]),
+        }
+        return images
+
+    def step_swap(self, v1: Trained, v2: Trained, test_images: list[Path]) -> None:
+        traffic = Traffic(self.client, test_images, self.profile.swap_rate)
+        doing(f"a lab client starts sending {self.profile.swap_rate:g} images per second")
+        traffic.start()
+        try:
+            time.sleep(2.0)
+            self.hub.push(v2.bundle)
+            rollout_at = time.monotonic()
+            switched_at = self.roll_out(v2.version, traffic)
+            doing(f"both nodes serve {v2.version}; {self.profile.after_swap_s:g} s more of images")
+            time.sleep(self.profile.after_swap_s)
+        finally:
+            traffic.stop()
+        if traffic.error:
+            raise DemoError(f"the lab client could not publish: {traffic.error}")
+        reqs = list(traffic.sent)
+        doing("waiting for the last answers")
+        self.client.wait(lambda: self.client.pending(reqs) == 0, DRAIN_TIMEOUT_S, self.group.check)
+        t = tally(reqs)
+        answered = sorted(
+            (r for r in reqs if r.result is not None and r.result.model),
+            key=lambda r: r.answered_at or 0.0,
+        )
+        first_v2 = next(
+            (
+                r
+                for r in answered
+                if r.result and r.result.model and r.result.model.version == v2.version
+            ),
+            None,
+        )
+        last_v1 = next(
+            (
+                r
+                for r in reversed(answered)
+                if r.result and r.result.model and r.result.model.version == v1.version
+            ),
+            None,
+        )
+        during = sum(1 for r in answered if rollout_at <= (r.answered_at or 0) <= switched_at)
+
+        def rel(r: Request | None) -> float | None:
+            return round((r.answered_at or 0) - rollout_at, 2) if r else None
+
+        done(
+            f"{t['sent']} images sent during the swap, {t['answered']} answered "
+            f"{self.versions_text(t)}, {t['failed']} failed, {t['missing']} missing"
+        )
+        if first_v2 and last_v1:
+            done(
+                f"first answer from {v2.version}: {rel(first_v2):+.1f} s after `rollout start` "
+                f"({first_v2.result.node_id if first_v2.result else ''}); last answer from "
+                f"{v1.version}: {rel(last_v1):+.1f} s"
+            )
+        last = answered[-1].result if answered else None
+        self.summary["swap"] = {
+            **t,
+            "rate_per_s": self.profile.swap_rate,
+            "answered_during_rollout": during,
+            "traffic_started_s": round(traffic.started_at - rollout_at, 2),
+            "traffic_stopped_s": round(traffic.stopped_at - rollout_at, 2),
+            "all_nodes_switched_s": round(switched_at - rollout_at, 2),
+            "first_v2_answer_s": rel(first_v2),
+            "last_v1_answer_s": rel(last_v1),
+            "last_answer_version": last.model.version if last and last.model else None,
+            "flowing_during_rollout": traffic.started_at < rollout_at
+            and traffic.stopped_at > switched_at
+            and during > 0,
+        }
+        self.summary["versions"] = {"v1": v1.version, "v2": v2.version}
+        if t["failed"] or t["missing"]:
+            raise DemoError(
+                f"{t['failed']} failed and {t['missing']} missing answers during "
+                f"the swap: {t['errors']}"
+            )
+
+    # -- the end --------------------------------------------------------------------------
+    def paths(self) -> dict[str, list[str]]:
+        runs = sorted(self.layout.root.glob("runs/*"))
+        return {
+            "plots": [str(p) for r in runs for p in sorted(r.rglob("*.png"))],
+            "metrics": [str(p) for r in runs for p in sorted(r.glob("eval-*/metrics.json"))],
+            "bundles": [str(p) for p in sorted(self.layout.root.glob("bundles/*"))],
+            "logs": [str(p) for p in sorted(self.layout.logs.glob("*.log"))],
+        }
+
+    def finish(self) -> None:
+        """Step 7 (also after a failure): say where things are, stop everything, write
+        summary.json."""
+        if self.summary["ok"]:
+            stage(
+                7,
+                self.STEPS,
+                "Where everything is, and cleaning up",
+                "Everything the demo made stays in the working directory; every process it "
+                "started is stopped now.",
+            )
+        paths = self.paths()
+        if self.summary["ok"]:
+            runs = sorted({str(Path(p).parent) for p in paths["metrics"]})
+            for label, values in (
+                ("plots", [shown(p) for p in paths["plots"]]),
+                ("metrics", [shown(p) for p in paths["metrics"]] or ["-"]),
+                ("bundles", [shown(p) + "/" for p in paths["bundles"]]),
+                ("runs", [shown(Path(r).parent) + "/" for r in runs]),
+                ("logs", [shown(self.layout.logs) + "/ (one file per process)"]),
+                ("summary", [shown(self.layout.summary)]),
+            ):
+                console.print(
+                    f"  [bold]{label:<8}[/bold] " + "\n           ".join(escape(v) for v in values)
+                )
+        if self._client is not None:
+            with contextlib.suppress(CellwatchError):
+                self.client.close()
+        running = sorted(
+            (c.name for c in self.group.children if c.service and c.proc.poll() is None),
+            key=stop_tier,
+        )
+        if running:
+            doing(f"stopping {', '.join(running)}")
+        with self.timings.phase("7 stop everything"):
+            codes = self.group.stop_all()
+        stopped = {name: codes.get(name) for name in running}
+        if running:
+            if all(code == 0 for code in stopped.values()):
+                done(f"stopped {', '.join(running)}: each exited cleanly (code 0)")
+            else:
+                console.print(f"  [yellow]![/yellow] exit codes: {stopped}")
+        if not self.summary["ok"]:
+            console.print(
+                f"  Logs of every process: {escape(shown(self.layout.logs))}/; "
+                f"the facts of this run: {escape(shown(self.layout.summary))}"
+            )
+        self.summary.update(
+            {
+                "finished_at": datetime.now(UTC).isoformat(),
+                "phases_s": self.timings.phases,
+                "total_s": round(sum(self.timings.phases.values()), 1),
+                "exit_codes": codes,
+                "processes": [
+                    {"name": r.name, "pid": r.pid, "ticks": r.ticks} for r in self.group.history
+                ],
+                "nodes_answered": sorted(
+                    set(self.summary.get("classify", {}).get("by_node", {}))
+                    | set(self.summary.get("swap", {}).get("by_node", {}))
+                ),
+                "versions_seen": sorted(
+                    set(self.summary.get("classify", {}).get("by_version", {}))
+                    | set(self.summary.get("swap", {}).get("by_version", {}))
+                ),
+                "paths": paths,
+            }
+        )
+        self.layout.summary.write_text(json.dumps(self.summary, indent=2) + "\n")
+        table = Table(title="Phase timings", show_header=True)
+        table.add_column("phase")
+        table.add_column("seconds", justify="right")
+        for name, secs in self.timings.phases.items():
+            table.add_row(name, f"{secs:.1f}")
+        table.add_row("[bold]total", f"[bold]{self.summary['total_s']:.1f}")
+        console.print(table)
