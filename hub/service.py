@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import logging
 import queue
-import threading
 import time
 from collections.abc import Callable
 
@@ -30,6 +29,7 @@ from cellwatch.hub.orchestrator import Orchestrator
 from cellwatch.hub.registry import Registry
 from cellwatch.hub.rollout import Desired
 from cellwatch.hub.store import BundleStore
+from cellwatch.shared.daemon import Daemon
 from cellwatch.shared.errors import MqttError, TopicError
 from cellwatch.shared.hubapi import UPLOAD_VERB
 from cellwatch.shared.mqtt import MqttClient, PublishProps, user_properties
@@ -57,10 +57,11 @@ def _nothing() -> None:
     pass
 
 
-class HubService:
+class HubService(Daemon):
     """One hub. `start()`, then `stop()` (e.g. from a signal) and `join()`."""
 
     def __init__(self, settings: HubSettings) -> None:
+        super().__init__("hub")
         self.settings = settings
         self.topics = Topics(settings.mqtt.topic_prefix)
         self._api_prefix = self.topics.hub_api(UPLOAD_VERB)[: -len(UPLOAD_VERB)]
@@ -94,12 +95,10 @@ class HubService:
             self.db, self.fleet, self.registry, settings.rollout, self._write_desired
         )
         self.api = Api(self.db, self.registry, self.fleet, self.orchestrator, self.fetch)
-        self._stop = threading.Event()
         self._control: queue.Queue[Item] = queue.Queue(maxsize=CONTROL_QUEUE)
         self._fetch: queue.Queue[tuple[paho.MQTTMessage, int] | None] = queue.Queue(
             maxsize=FETCH_QUEUE
         )
-        self._threads: list[threading.Thread] = []
 
     # -- lifecycle ---------------------------------------------------------------------
     def start(self) -> None:
@@ -124,22 +123,6 @@ class HubService:
             self.settings.data_dir,
             len(self.orchestrator.active),
         )
-
-    def _spawn(self, target: Callable[[], None], name: str) -> None:
-        thread = threading.Thread(target=target, name=f"hub-{name}", daemon=True)
-        thread.start()
-        self._threads.append(thread)
-
-    def abort(self) -> None:
-        """Release the connection after a failed start (start cleans up the rest)."""
-        self.mqtt.disconnect()
-
-    def stop(self) -> None:
-        """Ask the hub to stop (signal-safe); `join()` performs the shutdown."""
-        self._stop.set()
-
-    def wait(self, timeout: float | None = None) -> bool:
-        return self._stop.wait(timeout)
 
     def join(self) -> None:
         """Finish the queued work, disconnect and close the database."""

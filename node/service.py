@@ -38,6 +38,7 @@ from cellwatch.node.stats import Stats
 from cellwatch.node.store import BundleStore
 from cellwatch.node.updater import UpdateAgent
 from cellwatch.shared.bundle import load_bundle
+from cellwatch.shared.daemon import Daemon
 from cellwatch.shared.errors import MqttError
 from cellwatch.shared.mqtt import MqttClient, PublishProps, Will
 from cellwatch.shared.schemas import ErrorCode, NodeStatus, Result, Telemetry, utcnow
@@ -60,10 +61,11 @@ def software_versions() -> dict[str, str]:
     return versions
 
 
-class NodeService:
+class NodeService(Daemon):
     """One running node. `start()`, then `stop()` (e.g. from a signal) and `join()`."""
 
     def __init__(self, settings: NodeSettings, core: ov.Core | None = None) -> None:
+        super().__init__(settings.node_id)
         self.settings = settings
         self.node_id = settings.node_id
         self.topics = Topics(settings.mqtt.topic_prefix)
@@ -82,9 +84,7 @@ class NodeService:
         self.stats = Stats(window_s=settings.telemetry_interval_s)
         self._model: ServingModel | None = None
         self._work: queue.Queue[ImageRequest | None] = queue.Queue(maxsize=lim.max_inflight)
-        self._stop = threading.Event()
         self._accepting = threading.Event()
-        self._threads: list[threading.Thread] = []
         self.mqtt = MqttClient(
             settings.mqtt,
             client_id=settings.client_id,
@@ -190,22 +190,6 @@ class NodeService:
         self._spawn(self._telemetry_loop, "telemetry")
         self._accepting.set()
         self.mqtt.connect()
-
-    def _spawn(self, target: Any, name: str) -> None:
-        t = threading.Thread(target=target, name=f"{self.node_id}-{name}", daemon=True)
-        t.start()
-        self._threads.append(t)
-
-    def abort(self) -> None:
-        """Release the connection after a failed start (no drain, no status)."""
-        self.mqtt.disconnect()
-
-    def stop(self) -> None:
-        """Ask the node to stop (signal-safe); `join()` performs the shutdown."""
-        self._stop.set()
-
-    def wait(self, timeout: float | None = None) -> bool:
-        return self._stop.wait(timeout)
 
     def join(self) -> None:
         """Graceful shutdown: finish in-flight images, publish offline, disconnect."""

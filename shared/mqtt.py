@@ -123,6 +123,7 @@ class MqttClient:
         self._connected = threading.Event()
         self._first_result: tuple[bool, str] | None = None
         self._first_done = threading.Event()
+        self._suback_pending: set[int] = set()
         self._generation = 0
         self._closing = False
         self._max_packet_size: int | None = None
@@ -322,10 +323,19 @@ class MqttClient:
             self.settings.port,
             flags.session_present,
         )
+        self._suback_pending = set()
         for topic, qos in self._subscriptions:
-            client.subscribe(topic, qos=qos)
+            _, mid = client.subscribe(topic, qos=qos)
+            if mid is not None:
+                self._suback_pending.add(mid)
         for listener in self._connect_listeners:
             listener(flags.session_present)
+        if not self._suback_pending:
+            self._first_connect_done()
+
+    def _first_connect_done(self) -> None:
+        """connect() returns once the broker confirmed our subscriptions: a message
+        published right after it cannot miss us."""
         if not self._first_done.is_set():
             self._first_result = (True, "ok")
             self._first_done.set()
@@ -357,6 +367,9 @@ class MqttClient:
         for rc in reason_codes:
             if rc.is_failure:
                 log.error("%s: subscription refused: %s", self.client_id, rc)
+        self._suback_pending.discard(mid)
+        if not self._suback_pending:
+            self._first_connect_done()
 
     def _on_message(self, client: paho.Client, userdata: object, msg: paho.MQTTMessage) -> None:
         handler = self._message_handler
