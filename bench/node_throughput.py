@@ -97,16 +97,22 @@ def wait_online(broker: Broker) -> None:
     c.disconnect()
 
 
-def throughput_run(work: Path, broker: Broker, image: Path, n: int) -> float:
-    results = Results()
-    sub = MqttClient(
+def results_client(broker: Broker, client_id: str, results: Results) -> MqttClient:
+    """A connected `client` user that hands every reply on REPLY to results."""
+    c = MqttClient(
         broker.settings("client"),
-        client_id="bench-results",
+        client_id=client_id,
         clean_start=True,
         subscriptions=[(REPLY, 1)],
     )
-    sub.set_message_handler(results)
-    sub.connect()
+    c.set_message_handler(results)
+    c.connect()
+    return c
+
+
+def throughput_run(work: Path, broker: Broker, image: Path, n: int) -> float:
+    results = Results()
+    sub = results_client(broker, "bench-results", results)
     pub = subprocess.Popen(
         [
             sys.executable,
@@ -136,14 +142,7 @@ def throughput_run(work: Path, broker: Broker, image: Path, n: int) -> float:
 
 def latency_run(broker: Broker, payload: bytes, n: int) -> tuple[float, float, float]:
     results = Results()
-    c = MqttClient(
-        broker.settings("client"),
-        client_id="bench-latency",
-        clean_start=True,
-        subscriptions=[(REPLY, 1)],
-    )
-    c.set_message_handler(results)
-    c.connect()
+    c = results_client(broker, "bench-latency", results)
     rtts = []
     for i in range(n + 5):
         t0 = time.monotonic()

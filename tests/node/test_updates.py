@@ -44,6 +44,14 @@ def desire(broker: Broker, node_id: str, bundle: Path, keys: Path, rollout: str 
     return b.manifest_sha256
 
 
+def stage(node: NodeService, bundle: Path, keys: Path) -> str:
+    """Put bundle in the node's store as if it had been activated before; its sha."""
+    assert node.store is not None
+    sha = load_bundle(bundle, TrustedKeys.load(keys)).manifest_sha256
+    node.store.import_dir(sha, bundle)
+    return sha
+
+
 def reports(watch: Collector, node_id: str = "node-1") -> list[UpdateReport]:
     return [UpdateReport.model_validate_json(m.payload) for m in watch.on(T.update(node_id))]
 
@@ -71,8 +79,7 @@ def test_desired_in_store_activates_without_download_while_serving(
     watch = Collector(broker.settings("hub"), T.update("node-1"))
     node = node_factory(updates={"store_dir": tmp_path / "store"})
     assert node.store is not None and node.fetcher is not None
-    v2 = load_bundle(second_bundle, TrustedKeys.load(keys))
-    node.store.import_dir(v2.manifest_sha256, second_bundle)  # as if activated before
+    v2_sha = stage(node, second_bundle, keys)
     corrs = [requester.send(images.jpeg()) for _ in range(20)]
     desire(broker, "node-1", second_bundle, keys)
     corrs += [requester.send(images.jpeg()) for _ in range(40)]
@@ -85,7 +92,7 @@ def test_desired_in_store_activates_without_download_while_serving(
     states = [r.state.value for r in reports(watch)]
     assert states == ["pending", "verifying", "activating", "active"]  # no downloading
     assert node.fetcher.bytes_received == 0
-    assert node.store.active() == v2.manifest_sha256
+    assert node.store.active() == v2_sha
     watch.close()
 
 
@@ -113,9 +120,7 @@ def test_restart_serves_the_last_activated_bundle(
     _, keys = toy_bundle
     watch = Collector(broker.settings("hub"), T.update("node-1"))
     node = node_factory(updates={"store_dir": tmp_path / "store"})
-    assert node.store is not None
-    v2 = load_bundle(second_bundle, TrustedKeys.load(keys))
-    node.store.import_dir(v2.manifest_sha256, second_bundle)
+    stage(node, second_bundle, keys)
     desire(broker, "node-1", second_bundle, keys)
     wait_for(lambda: any(r.state == "active" for r in reports(watch)), what="active")
     node.join()
@@ -157,9 +162,7 @@ def test_self_test_failure_reports_failed_and_keeps_the_old_model(
     broken = write_test_bundle(tmp_path / "broken", keys, version="3.0.0", golden_shift=0.5)
     watch = Collector(broker.settings("hub"), T.update("node-1"))
     node = node_factory(updates={"store_dir": tmp_path / "store"})
-    assert node.store is not None
-    sha = load_bundle(broken, TrustedKeys.load(keys)).manifest_sha256
-    node.store.import_dir(sha, broken)
+    stage(node, broken, keys)
     desire(broker, "node-1", broken, keys)
     wait_for(lambda: any(r.state == "failed" for r in reports(watch)), 60, "failed report")
     failed = next(r for r in reports(watch) if r.state == "failed")
