@@ -45,6 +45,8 @@ def friendly_errors(func: Callable[P, R]) -> Callable[P, R]:
 class Service(Protocol):
     """What node and hub daemons offer their CLI (one stop event, ordered shutdown)."""
 
+    exit_code: int
+
     def start(self) -> None: ...
     def stop(self) -> None: ...
     def wait(self, timeout: float | None = None) -> bool: ...
@@ -53,7 +55,8 @@ class Service(Protocol):
 
 
 def run_until_signalled(service: Service) -> None:
-    """Start service, wait for SIGTERM/SIGINT, then shut it down in order.
+    """Start service, wait for SIGTERM/SIGINT (or the service stopping itself), then
+    shut it down in order and exit with the service's exit code.
 
     A start that fails (e.g. the broker refused us) releases what it opened first.
     """
@@ -74,3 +77,5 @@ def run_until_signalled(service: Service) -> None:
     # clean exit into a kill while the interpreter finalises.
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if service.exit_code:
+        sys.exit(service.exit_code)

@@ -16,6 +16,8 @@ class Daemon:
 
     def __init__(self, name: str) -> None:
         self.name = name
+        self.exit_code = 0
+        """Non-zero when the daemon stopped itself because of a failure."""
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
 

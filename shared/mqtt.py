@@ -31,7 +31,14 @@ log = logging.getLogger(__name__)
 
 MessageHandler = Callable[[paho.MQTTMessage], None]
 PublishCallback = Callable[[bool], None]
-"""Called with True once the broker acknowledged a publish, False if it refused it."""
+"""Called with True once the broker acknowledged a publish, False if it refused it (or,
+for QoS 0, if the connection dropped before it was sent). It runs on paho's network
+thread, or on the publishing thread when the acknowledgement beat `publish()` back:
+it must never block."""
+DisconnectListener = Callable[[ReasonCode | None], None]
+
+SESSION_TAKEN_OVER = 0x8E
+"""DISCONNECT reason: another connection logged in with our client id."""
 
 
 @dataclass(frozen=True)
@@ -117,9 +124,13 @@ class MqttClient:
         self._subscriptions = list(subscriptions)
         self._message_handler: MessageHandler | None = None
         self._connect_listeners: list[Callable[[bool], None]] = []
+        self._disconnect_listeners: list[DisconnectListener] = []
         self._lock = threading.Lock()
-        self._pending: dict[int, PublishCallback | None] = {}
+        self._pending: dict[int, tuple[PublishCallback | None, int]] = {}
+        """mid -> (on_done, qos) of publishes not yet acknowledged."""
         self._early: dict[int, bool] = {}
+        self._unsubacks: dict[int, threading.Event] = {}
+        self._early_unsubacks: set[int] = set()
         self._connected = threading.Event()
         self._first_result: tuple[bool, str] | None = None
         self._first_done = threading.Event()
@@ -155,6 +166,7 @@ class MqttClient:
         c.on_message = self._on_message
         c.on_publish = self._on_publish
         c.on_subscribe = self._on_subscribe
+        c.on_unsubscribe = self._on_unsubscribe
         c.on_socket_open = _no_delay
         self._client = c
 
@@ -162,6 +174,11 @@ class MqttClient:
     @property
     def connected(self) -> bool:
         return self._connected.is_set()
+
+    @property
+    def closed(self) -> bool:
+        """True once disconnect() or drop() was called: it will not reconnect."""
+        return self._closing
 
     @property
     def generation(self) -> int:
@@ -175,11 +192,57 @@ class MqttClient:
         """listener(session_present) runs on the network thread after each connect."""
         self._connect_listeners.append(listener)
 
+    def add_disconnect_listener(self, listener: DisconnectListener) -> None:
+        """listener(reason) runs on the network thread whenever the connection ends
+        (reason None: we closed it). It must not block."""
+        self._disconnect_listeners.append(listener)
+
+    def route(self, topic_filter: str, handler: MessageHandler) -> None:
+        """Send messages matching topic_filter to handler instead of the message
+        handler (paho's per-filter callbacks; the network thread, so never block)."""
+
+        def call(client: paho.Client, userdata: object, msg: paho.MQTTMessage) -> None:
+            try:
+                handler(msg)
+            except Exception:  # an exception here would end paho's network loop
+                log.exception("%s: handler for %s failed", self.client_id, msg.topic)
+
+        self._client.message_callback_add(topic_filter, call)
+
     def subscribe(self, topic: str, qos: int = 1) -> None:
         """Subscribe now (if connected) and again after every reconnect."""
         self._subscriptions.append((topic, qos))
         if self.connected:
             self._client.subscribe(topic, qos=qos)
+
+    def unsubscribe(self, topic: str, timeout: float = 5.0) -> bool:
+        """Stop subscribing to topic (also after reconnects); True once the broker
+        confirmed it (UNSUBACK), False if not connected or no answer in time."""
+        self._subscriptions = [(t, q) for t, q in self._subscriptions if t != topic]
+        if self._closing:
+            return False
+        # Never call paho while holding our lock: without its network thread, paho runs
+        # our callbacks (which take the lock) inside this very call.
+        rc, mid = self._client.unsubscribe(topic)
+        if rc != paho.MQTT_ERR_SUCCESS or mid is None:
+            return False
+        acked = threading.Event()
+        with self._lock:
+            if mid in self._early_unsubacks:
+                self._early_unsubacks.discard(mid)
+                return True
+            self._unsubacks[mid] = acked
+        try:
+            return acked.wait(timeout)
+        finally:
+            with self._lock:
+                self._unsubacks.pop(mid, None)
+
+    def reconnect_backoff(self, min_s: float, max_s: float) -> None:
+        """Change the reconnect delay: it starts at min_s and doubles up to max_s."""
+        self._client.reconnect_delay_set(
+            min_delay=max(1, round(min_s)), max_delay=max(1, round(max_s), round(min_s))
+        )
 
     def connect(self) -> None:
         """Connect and start the network thread; MqttError if refused or unreachable."""
@@ -223,10 +286,14 @@ class MqttClient:
         props: PublishProps | None = None,
         on_done: PublishCallback | None = None,
     ) -> int:
-        """Queue a publish; on_done(ok) runs on the network thread when it completes.
+        """Queue a publish; on_done(ok) runs when it completes (see PublishCallback).
 
-        MqttError if the packet is larger than the broker's Maximum Packet Size: the
-        broker would drop the connection, and paho would resend it on every reconnect.
+        A lost or absent connection is not an error: paho keeps a QoS 1/2 message and
+        sends it again after the reconnect (the caller learns of it through on_done),
+        and drops a QoS 0 one. There is therefore no need (and no safe way) to check
+        `connected` first. MqttError if the packet is larger than the broker's Maximum
+        Packet Size (the broker would drop the connection, and paho would resend it on
+        every reconnect) or for an invalid topic.
         """
         paho_props = props.to_paho() if props else None
         limit = self._max_packet_size
@@ -237,13 +304,19 @@ class MqttClient:
                     f"publish to {topic} refused: the packet ({size} bytes) exceeds the "
                     f"broker's maximum packet size ({limit} bytes)"
                 )
-        info = self._client.publish(topic, payload, qos=qos, retain=retain, properties=paho_props)
-        if info.rc not in (paho.MQTT_ERR_SUCCESS, paho.MQTT_ERR_NO_CONN):
+        try:
+            info = self._client.publish(
+                topic, payload, qos=qos, retain=retain, properties=paho_props
+            )
+        except ValueError as exc:  # an invalid topic or QoS
+            raise MqttError(f"publish to {topic!r} refused: {exc}") from exc
+        ok_codes = (paho.MQTT_ERR_SUCCESS, paho.MQTT_ERR_NO_CONN, paho.MQTT_ERR_CONN_LOST)
+        if info.rc not in ok_codes:
             raise MqttError(f"publish to {topic} failed: {paho.error_string(info.rc)}")
         with self._lock:
             early = self._early.pop(info.mid, None)
             if early is None:
-                self._pending[info.mid] = on_done
+                self._pending[info.mid] = (on_done, qos)
         if early is not None and on_done is not None:
             on_done(early)
         return info.mid
@@ -258,7 +331,8 @@ class MqttClient:
         props: PublishProps | None = None,
         timeout: float = 10.0,
     ) -> bool:
-        """Publish and wait until the broker acknowledged it; False on refusal/timeout."""
+        """Publish and wait until the broker acknowledged it; False on refusal, timeout
+        or a connection that did not come back in time (never raises for those)."""
         done = threading.Event()
         result: list[bool] = []
 
@@ -268,6 +342,13 @@ class MqttClient:
 
         self.publish(topic, payload, qos=qos, retain=retain, props=props, on_done=_done)
         return done.wait(timeout) and result[0]
+
+    def ack_token(self, msg: paho.MQTTMessage) -> Callable[[], None]:
+        """A callable that acknowledges msg (once its work is done), bound to the
+        connection it arrived on: after a reconnect it does nothing, because the broker
+        delivers the message again on the new connection."""
+        mid, qos, generation = msg.mid, msg.qos, self._generation
+        return lambda: self.ack(mid, qos, generation)
 
     def ack(self, mid: int, qos: int, generation: int) -> None:
         """Acknowledge an incoming message received on connection `generation`."""
@@ -281,8 +362,7 @@ class MqttClient:
     def disconnect(self, timeout: float = 5.0) -> None:
         """Clean disconnect (the broker does not send the Will) and stop the thread."""
         self._closing = True
-        if self.connected:
-            self._client.disconnect()
+        self._client.disconnect()  # without a connection: MQTT_ERR_NO_CONN, harmless
         self._stop_loop()
 
     def drop(self) -> None:
@@ -349,12 +429,37 @@ class MqttClient:
         properties: Properties | None,
     ) -> None:
         self._connected.clear()
+        # paho forgets QoS 0 messages it had not sent yet: their callbacks would never run.
+        with self._lock:
+            dropped = [(mid, cb) for mid, (cb, qos) in self._pending.items() if qos == 0]
+            for mid, _ in dropped:
+                del self._pending[mid]
+        for _, cb in dropped:
+            if cb is not None:
+                self._call(cb, False)
         if self._closing:
             log.info("%s: disconnected", self.client_id)
+        elif reason_code is not None and reason_code.value == SESSION_TAKEN_OVER:
+            log.error(
+                "%s: the broker closed our session because another connection logged in "
+                "with the same client id (Session taken over)",
+                self.client_id,
+            )
         else:
             log.warning(
                 "%s: connection lost (%s); reconnecting with backoff", self.client_id, reason_code
             )
+        for listener in self._disconnect_listeners:
+            try:
+                listener(None if self._closing else reason_code)
+            except Exception:
+                log.exception("%s: disconnect listener failed", self.client_id)
+
+    def _call(self, cb: PublishCallback, ok: bool) -> None:
+        try:
+            cb(ok)
+        except Exception:
+            log.exception("%s: publish callback failed", self.client_id)
 
     def _on_subscribe(
         self,
@@ -393,12 +498,24 @@ class MqttClient:
             log.warning("%s: broker refused publish mid %d: %s", self.client_id, mid, reason_code)
         with self._lock:
             if mid in self._pending:
-                cb = self._pending.pop(mid)
+                cb, _ = self._pending.pop(mid)
             else:
                 self._early[mid] = ok
                 return
         if cb is not None:
-            try:
-                cb(ok)
-            except Exception:
-                log.exception("%s: publish callback failed", self.client_id)
+            self._call(cb, ok)
+
+    def _on_unsubscribe(
+        self,
+        client: paho.Client,
+        userdata: object,
+        mid: int,
+        reason_codes: list[ReasonCode],
+        properties: Properties | None,
+    ) -> None:
+        with self._lock:
+            acked = self._unsubacks.get(mid)
+            if acked is None:
+                self._early_unsubacks.add(mid)  # UNSUBACK before unsubscribe() returned
+        if acked is not None:
+            acked.set()
