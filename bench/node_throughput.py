@@ -73,7 +73,8 @@ def start_node(
     pw.write_text(broker.password("bench-node"))
     cfg = work / f"node-{hint}.toml"
     cfg.write_text(
-        f'node_id = "bench-node"\nlog_level = "WARNING"\n[mqtt]\nport = {broker.port}\n'
+        f'node_id = "bench-node"\nlog_level = "WARNING"\nstate_dir = "{work / "state"}"\n'
+        f"[mqtt]\nport = {broker.port}\n"
         f'host = "127.0.0.1"\npassword_file = "{pw}"\n[model]\nbundle = "{bundle}"\n'
         f'trusted_keys = "{keys}"\n[inference]\nperformance_hint = "{hint}"\n'
         f"[limits]\nreceive_maximum = 32\n"

@@ -16,6 +16,7 @@ Example (every field has a default but node_id):
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Literal
 
@@ -24,12 +25,31 @@ from pydantic import Field, model_validator
 from cellwatch.node.engine import EngineConfig
 from cellwatch.shared.limits import (
     FETCH_CHUNK_BYTES,
+    MAX_DECODED_BYTES,
     MAX_FETCH_CHUNK_BYTES,
     MAX_IMAGE_BYTES,
     MAX_IMAGE_PIXELS,
 )
 from cellwatch.shared.schemas import Name
 from cellwatch.shared.settings import CellwatchSettings, MqttSettings, Section
+
+NODE_SESSION_EXPIRY_S = 60
+"""How long the broker keeps a node's session (and its share of images) while the node
+is down. Long enough for a restart under systemd (RestartSec 5 s plus loading and
+compiling the model), short enough that a dead node stops taking its share of the
+shared subscription within a minute; the lab client's retry answers what it held."""
+
+
+class NodeMqttSettings(MqttSettings):
+    """The node's [mqtt] section: as everywhere, but with a short session expiry."""
+
+    session_expiry_s: int = Field(
+        NODE_SESSION_EXPIRY_S,
+        ge=0,
+        le=2**32 - 1,
+        description="how long the broker keeps this node's session (and queued images) "
+        "while it is down",
+    )
 
 
 class ModelSettings(Section):
@@ -69,6 +89,12 @@ class InferenceSettings(Section):
         0, ge=0, le=64, description="parallel infer requests; 0 = OpenVINO's optimal number"
     )
     cache_dir: Path | None = Field(None, description="OpenVINO compiled-model cache")
+    timeout_s: float = Field(
+        30.0, gt=0, le=3600, description="an inference not done by then is a device_error"
+    )
+    max_device_errors: int = Field(
+        3, ge=1, le=1000, description="consecutive device errors before the model is recompiled"
+    )
 
     def engine_config(self) -> EngineConfig:
         return EngineConfig(
@@ -77,6 +103,7 @@ class InferenceSettings(Section):
             force_f32=self.force_f32,
             infer_requests=self.infer_requests,
             cache_dir=str(self.cache_dir) if self.cache_dir else None,
+            infer_timeout_s=self.timeout_s,
         )
 
 
@@ -86,6 +113,12 @@ class LimitSettings(Section):
     )
     max_image_pixels: int = Field(
         MAX_IMAGE_PIXELS, ge=1, le=500_000_000, description="largest image, from its header"
+    )
+    max_decoded_bytes: int = Field(
+        MAX_DECODED_BYTES,
+        ge=1024,
+        le=16 * 1024**3,
+        description="largest decoded image (width x height x channels x bytes per sample)",
     )
     receive_maximum: int = Field(
         16, ge=1, le=65535, description="MQTT Receive Maximum: unacked images the broker sends"
@@ -105,12 +138,20 @@ class LimitSettings(Section):
 class NodeSettings(CellwatchSettings):
     node_id: Name = Field(description="this node's id; also its MQTT user name")
     tags: list[Name] = Field(default_factory=list, description="groups for targeted rollouts")
-    mqtt: MqttSettings = Field(default_factory=MqttSettings)
+    mqtt: NodeMqttSettings = Field(default_factory=NodeMqttSettings)
     model: ModelSettings = Field(default_factory=ModelSettings)
     inference: InferenceSettings = Field(default_factory=InferenceSettings)
     updates: UpdateSettings = Field(default_factory=UpdateSettings)
     limits: LimitSettings = Field(default_factory=LimitSettings)
     telemetry_interval_s: float = Field(10.0, gt=0, le=3600, description="telemetry period")
+    state_dir: Path | None = Field(
+        None,
+        description="the journal of images in progress (poison images); default "
+        "$STATE_DIRECTORY (systemd) or ~/.local/state/cellwatch/{node_id}",
+    )
+    shutdown_timeout_s: float = Field(
+        60.0, gt=0, le=3600, description="a stop finishes within this (below TimeoutStopSec)"
+    )
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
     @model_validator(mode="after")
@@ -122,3 +163,13 @@ class NodeSettings(CellwatchSettings):
     @property
     def client_id(self) -> str:
         return self.mqtt.client_id or f"cellwatch-node-{self.node_id}"
+
+    def resolved_state_dir(self) -> Path:
+        """state_dir, or systemd's $STATE_DIRECTORY, or the user's XDG state directory."""
+        if self.state_dir is not None:
+            return self.state_dir
+        systemd = os.environ.get("STATE_DIRECTORY")
+        if systemd:
+            return Path(systemd.split(":")[0])
+        xdg = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+        return Path(xdg) / "cellwatch" / self.node_id

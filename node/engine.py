@@ -2,13 +2,23 @@
 
 A `ServingModel` is one compiled bundle with its own `AsyncInferQueue`. The node
 swaps whole ServingModels; requests already started finish on the model they began
-with, because each carries its model along (see `service.py`).
+with (the completion callback names the model).
+
+Every started inference ends exactly once: in the completion callback, or, when the
+device never calls back (OpenVINO's AsyncInferQueue calls the Python callback only
+for an inference that succeeded; a hung device never finishes), through `expired()`,
+which the node's watchdog polls. The queue's userdata is a plain job number and its
+callback holds the model only weakly, so a retired model has no reference cycle
+through the binding and is freed once its last request finished.
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
 import threading
+import time
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -16,7 +26,14 @@ from typing import Any, Literal
 import numpy as np
 import openvino as ov
 
-from cellwatch.node.errors import DeviceError, ModelLoadError, SelfTestError
+from cellwatch.node.errors import (
+    DeviceError,
+    InferenceError,
+    ModelLoadError,
+    ModelRetired,
+    SelfTestError,
+)
+from cellwatch.node.faults import Faults
 from cellwatch.shared.bundle import Bundle
 
 log = logging.getLogger(__name__)
@@ -28,8 +45,11 @@ LOW_PRECISION_TOLERANCE = 0.1
 AVX512-BF16 by default): golden vectors are f32 outputs, and reduced precision moves
 probabilities by up to a few hundredths. Top-1 must still agree wherever the expected
 decision is clear (margin above twice this bound)."""
-CompletionCallback = Callable[[np.ndarray | None, Any, BaseException | None], None]
-"""callback(probabilities or None, userdata, error or None), on an OpenVINO thread."""
+CompletionCallback = Callable[["ServingModel", np.ndarray | None, Any, BaseException | None], None]
+"""callback(model, probabilities or None, userdata, error or None): on an OpenVINO
+thread for a finished inference, on the watchdog's thread for an expired one."""
+SLOT_POLL_S = 0.2
+"""How often a thread waiting for an idle infer request checks the model was retired."""
 
 
 @dataclass(frozen=True)
@@ -40,6 +60,8 @@ class EngineConfig:
     infer_requests: int = 0
     """0 = OpenVINO's optimal number for the hint and device."""
     cache_dir: str | None = None
+    infer_timeout_s: float = 30.0
+    """An inference not finished this long after it started is given up (a device error)."""
 
 
 def available_devices(core: ov.Core) -> list[str]:
@@ -63,11 +85,33 @@ def check_device(core: ov.Core, device: str) -> None:
             )
 
 
+@dataclass
+class _Job:
+    userdata: Any
+    deadline: float
+
+
+def _completion(ref: weakref.ReferenceType[ServingModel]) -> Callable[[Any, Any], None]:
+    """The queue's callback: holds the model weakly and never raises (an exception
+    raised here is kept by the binding and raised again by every later start_async)."""
+
+    def on_done(request: ov.InferRequest, job: Any) -> None:
+        try:
+            model = ref()
+            if model is not None:
+                model._complete(request, int(job))
+        except BaseException:
+            log.exception("inference completion failed")
+
+    return on_done
+
+
 class ServingModel:
     """A compiled bundle and its async infer queue."""
 
     def __init__(self, core: ov.Core, bundle: Bundle, config: EngineConfig) -> None:
         self.bundle = bundle
+        self.config = config
         self.labels = list(bundle.manifest.labels)
         try:
             model = core.read_model(str(bundle.file("model.xml")), str(bundle.file("model.bin")))
@@ -89,9 +133,16 @@ class ServingModel:
         )
         self.jobs = max(1, jobs)
         self._queue = ov.AsyncInferQueue(self.compiled, self.jobs)
-        self._queue.set_callback(self._on_done)
+        self._queue.set_callback(_completion(weakref.ref(self)))
         self._start_lock = threading.Lock()
         self._callback: CompletionCallback | None = None
+        self._slots = threading.Semaphore(self.jobs)
+        self._lock = threading.Lock()
+        self._pending: dict[int, _Job] = {}
+        self._job_ids = itertools.count(1)
+        self._retired = False
+        self._faults = Faults()
+        self._started = 0
         self._sync_request = self.compiled.create_infer_request()
         log.info(
             "model %s compiled on %s (%s hint, %s precision, %d infer requests)",
@@ -120,33 +171,95 @@ class ServingModel:
     def set_callback(self, callback: CompletionCallback) -> None:
         self._callback = callback
 
-    def start(self, x: np.ndarray, userdata: Any) -> None:
-        """Queue one inference; blocks while every infer request is busy.
+    def inject(self, faults: Faults) -> None:
+        """Test hooks (node/faults.py) for this compiled model only."""
+        self._faults = faults
 
-        AsyncInferQueue hands out idle requests without locking: two threads calling
-        start_async at once can pick the same one ("Infer Request is busy").
+    @property
+    def pending(self) -> int:
+        """Inferences started and not yet ended (completed or expired)."""
+        with self._lock:
+            return len(self._pending)
+
+    @property
+    def retired(self) -> bool:
+        return self._retired
+
+    def start(self, x: np.ndarray, userdata: Any, *, wait_s: float) -> None:
+        """Queue one inference; waits up to wait_s while every infer request is busy.
+
+        InferenceError when no infer request became idle in time (a stalled device) or
+        OpenVINO refused the request; ModelRetired when the model was replaced while
+        waiting (start again on the new one). AsyncInferQueue hands out idle requests
+        without locking: two threads calling start_async at once can pick the same one
+        ("Infer Request is busy"), hence the lock.
         """
-        with self._start_lock:
-            self._queue.start_async({0: x}, userdata)
+        give_up = time.monotonic() + wait_s
+        while not self._slots.acquire(timeout=SLOT_POLL_S):
+            if self._retired:
+                raise ModelRetired(f"{self.bundle} was replaced")
+            if time.monotonic() > give_up:
+                raise InferenceError(
+                    f"no infer request of {self.bundle} became free within {wait_s:g} s "
+                    "(the device is not finishing inferences)"
+                )
+        if self._retired:
+            self._slots.release()
+            raise ModelRetired(f"{self.bundle} was replaced")
+        job = next(self._job_ids)
+        with self._lock:
+            self._pending[job] = _Job(userdata, time.monotonic() + self.config.infer_timeout_s)
+            self._started += 1
+            started = self._started
+        faults = self._faults
+        if faults.infer_hang_after is not None and started >= faults.infer_hang_after:
+            return  # test hook: the device took it and never finishes (slot stays busy)
+        try:
+            with self._start_lock:
+                self._queue.start_async({0: x}, job)
+        except RuntimeError as exc:
+            with self._lock:
+                self._pending.pop(job, None)
+            self._slots.release()
+            raise InferenceError(f"OpenVINO refused the inference: {exc}") from exc
 
-    def _on_done(self, request: ov.InferRequest, userdata: Any) -> None:
+    def _complete(self, request: ov.InferRequest, job: int) -> None:
+        """An infer request finished (OpenVINO thread)."""
+        self._slots.release()
+        with self._lock:
+            entry = self._pending.pop(job, None)
+            fail_after = self._faults.infer_fail_after
+            if entry is not None and fail_after is not None and job >= fail_after:
+                self._pending[job] = entry  # test hook: a failed inference never calls back
+                return
+        if entry is None:
+            return  # the watchdog already answered it
         callback = self._callback
         if callback is None:
             return
         try:
             probs = np.array(request.get_output_tensor(0).data, dtype=np.float32).reshape(-1)
         except RuntimeError as exc:
-            callback(None, userdata, exc)
+            callback(self, None, entry.userdata, InferenceError(f"no output: {exc}"))
             return
-        callback(probs, userdata, None)
+        callback(self, probs, entry.userdata, None)
+
+    def expired(self, now: float) -> list[Any]:
+        """Userdata of inferences past their deadline, each returned once (watchdog).
+        Their infer requests stay counted as busy until the device lets them go."""
+        with self._lock:
+            late = [job for job, e in self._pending.items() if e.deadline <= now]
+            return [self._pending.pop(job).userdata for job in late]
+
+    def retire(self) -> None:
+        """Stop taking inferences (threads waiting in start() get ModelRetired); the ones
+        started still end through the callback or `expired()`."""
+        self._retired = True
 
     def infer(self, x: np.ndarray) -> np.ndarray:
         """Synchronous inference of one preprocessed input (CLI and self-test)."""
         self._sync_request.infer({0: x})
         return np.array(self._sync_request.get_output_tensor(0).data, dtype=np.float32).reshape(-1)
-
-    def wait_all(self) -> None:
-        self._queue.wait_all()
 
     def self_test(self) -> float:
         """Run the bundle's golden vectors; SelfTestError beyond tolerance. Returns max diff."""

@@ -17,3 +17,11 @@ class ModelLoadError(NodeError):
 
 class SelfTestError(ModelLoadError):
     """The bundle's golden self-test gave different probabilities on this device."""
+
+
+class InferenceError(NodeError):
+    """An inference could not be started or did not finish (a device error)."""
+
+
+class ModelRetired(NodeError):
+    """The model was replaced while a request waited for it: start on the new one."""

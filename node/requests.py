@@ -1,10 +1,15 @@
-"""One image request as the node sees it, parsed from an MQTT message."""
+"""One image request as the node sees it, parsed from an MQTT message.
+
+MQTT stays at the edge: the pipeline acknowledges a request by calling its `ack`
+token, without knowing message ids, QoS or connections.
+"""
 
 from __future__ import annotations
 
 import hashlib
 import re
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 
@@ -16,6 +21,11 @@ from cellwatch.shared.schemas import ErrorCode, utcnow
 from cellwatch.shared.topics import Topics
 
 IMAGE_ID_RE = re.compile(r"^[A-Za-z0-9_.:-]{1,128}$")
+AckToken = Callable[[], None]
+
+
+def _no_ack() -> None:
+    pass
 
 
 @dataclass
@@ -29,14 +39,19 @@ class ImageRequest:
     received_at: datetime
     received_mono: float
     deadline_mono: float | None = None
-    mid: int = 0
-    qos: int = 0
-    generation: int = 0
+    ack: AckToken = _no_ack
+    """Tells the broker the image is done with (called once its Result is safe)."""
     direct: bool = False
     """Arrived on the node's own `nodes/{node_id}/images` topic."""
     invalid: tuple[ErrorCode, str] | None = None
     """Set when the request itself is malformed; answered with an error Result."""
     timings: dict[str, float] = field(default_factory=dict)
+    crashes: int = 0
+    """Abnormal stops of this node while this image was in progress (node/journal.py)."""
+    answered: bool = False
+    journaled: bool = False
+    release: Callable[[], None] | None = None
+    """Frees the one-suspect-at-a-time slot once this (suspect) image is done."""
 
     @property
     def expired(self) -> bool:
@@ -51,9 +66,12 @@ def derive_image_id(payload: bytes) -> str:
 
 
 def parse_message(
-    msg: paho.MQTTMessage, topics: Topics, node_id: str, generation: int
+    msg: paho.MQTTMessage, topics: Topics, node_id: str, ack: AckToken
 ) -> ImageRequest:
-    """Build an ImageRequest; malformed parts mark it `invalid` rather than raising."""
+    """Build an ImageRequest; malformed parts mark it `invalid` rather than raising.
+
+    A Response Topic outside `{prefix}/replies/` is dropped (the error Result goes to
+    the default results topic instead): a node writes Results nowhere else."""
     props = msg.properties
     response_topic = getattr(props, "ResponseTopic", None) if props is not None else None
     correlation = getattr(props, "CorrelationData", None) if props is not None else None
@@ -70,9 +88,7 @@ def parse_message(
         received_at=utcnow(),
         received_mono=now_mono,
         deadline_mono=now_mono + float(expiry) if expiry is not None else None,
-        mid=msg.mid,
-        qos=msg.qos,
-        generation=generation,
+        ack=ack,
     )
     given_id = user.get("image_id")
     if given_id is not None:
@@ -90,4 +106,11 @@ def parse_message(
             req.source = topics.source_of(msg.topic)
         except TopicError as exc:
             req.invalid = (ErrorCode.INVALID_REQUEST, str(exc))
+    if req.response_topic is not None and not topics.is_reply_topic(req.response_topic):
+        req.invalid = (
+            ErrorCode.INVALID_REQUEST,
+            f"Response Topic {req.response_topic[:200]!r} refused: it must be under "
+            f"{topics.prefix}/replies/USER/",
+        )
+        req.response_topic = None
     return req

@@ -1,54 +1,74 @@
 """The edge node: images in over MQTT, Results out, at least once and without loss.
 
-Threads and their jobs (STYLE.md, "Threads"):
-- paho's network thread only parses each message and enqueues it (bounded queue);
-- `decode_workers` threads decode and preprocess, then start inference on the
-  model's OpenVINO AsyncInferQueue (blocking there when every request is busy);
-- OpenVINO's completion callback builds the Result and publishes it; when the broker
-  acknowledges the Result, the image is acknowledged (paho manual_ack), so an image
-  is only ever dropped by the broker after its answer is safe;
-- a telemetry thread publishes Telemetry every `telemetry_interval_s`;
-- one stop event drives an ordered shutdown: stop accepting, finish and publish what
-  is in flight, publish `offline`, disconnect.
+The image path itself is node/pipeline.py. This module wires it to MQTT and runs
+what is around it:
+- the model: load at start, swap on an update (node/updater.py), recompile after
+  `max_device_errors` consecutive device errors, or exit (non-zero, for systemd to
+  restart the node) when even that fails;
+- the watchdog thread: answers inferences the device never finished (`device_error`),
+  frees retired models once their last request ended, and recompiles;
+- status (retained, Will `offline`) and telemetry;
+- a second process with the same node id: each connection takes the session from
+  the other. We notice it by an `online` status of our node id with another boot_id
+  (we read our own retained status; Mosquitto 2.0.11 closes a taken-over connection
+  without the DISCONNECT 0x8E that newer brokers send, which we notice too), back off
+  instead of fighting, and exit non-zero after repeated takeovers;
+- one stop event and a shutdown bounded by `shutdown_timeout_s`: leave the shared
+  subscription first (nothing more is routed to us), finish and acknowledge what we
+  hold, publish `offline` (or let the broker publish the Will), disconnect.
 """
 
 from __future__ import annotations
 
 import logging
-import queue
 import threading
 import time
 import uuid
 from importlib import metadata
 from pathlib import Path
-from typing import Any
 
 import cv2
-import numpy as np
 import openvino as ov
 import paho.mqtt.client as paho
+from pydantic import ValidationError
 
 from cellwatch.node.classifier import Classifier
 from cellwatch.node.config import NodeSettings
-from cellwatch.node.decode import ImageError, ImageLimits
+from cellwatch.node.decode import ImageLimits
 from cellwatch.node.engine import ServingModel, available_devices, check_device, load_serving_model
+from cellwatch.node.errors import ModelLoadError
+from cellwatch.node.faults import Faults
 from cellwatch.node.fetcher import Fetcher
-from cellwatch.node.requests import ImageRequest, parse_message
+from cellwatch.node.journal import Journal
+from cellwatch.node.pipeline import ImagePipeline, wait_until
 from cellwatch.node.stats import Stats
 from cellwatch.node.store import BundleStore
 from cellwatch.node.updater import UpdateAgent
 from cellwatch.shared.bundle import load_bundle
 from cellwatch.shared.daemon import Daemon
-from cellwatch.shared.errors import MqttError
-from cellwatch.shared.mqtt import MqttClient, PublishProps, Will
-from cellwatch.shared.schemas import ErrorCode, NodeStatus, Result, Telemetry, utcnow
+from cellwatch.shared.mqtt import SESSION_TAKEN_OVER, MessageHandler, MqttClient, Will
+from cellwatch.shared.schemas import NodeStatus, Telemetry, utcnow
 from cellwatch.shared.signing import TrustedKeys
 from cellwatch.shared.topics import Topics
 
 log = logging.getLogger(__name__)
 
-SHUTDOWN_DRAIN_S = 60.0
-"""How long a graceful stop waits for in-flight images before giving up on them."""
+WATCHDOG_PERIOD_S = 0.25
+TAKEOVERS_BEFORE_EXIT = 3
+"""Session takeovers (another process with our client id) within TAKEOVER_WINDOW_S
+after which the node gives up and exits non-zero."""
+TAKEOVER_WINDOW_S = 600.0
+TAKEOVER_BACKOFF_MAX_S = 300.0
+"""After the k-th takeover the node waits reconnect_max_s x 2^(k-1) (at most this)
+before it connects again: the other process keeps the connection meanwhile, instead of
+the two taking it from each other every second."""
+OFFLINE_RESERVE_S = 3.0
+"""Part of the shutdown deadline kept for publishing `offline` and disconnecting."""
+OFFLINE_RECONNECT_WAIT_S = 5.0
+"""At a stop without a connection, how long to wait for paho's reconnect before
+leaving `offline` to the Will (which the broker published when the connection broke)."""
+EXIT_DEVICE_FAILED = 3
+EXIT_NODE_ID_CONFLICT = 4
 
 
 def software_versions() -> dict[str, str]:
@@ -62,15 +82,20 @@ def software_versions() -> dict[str, str]:
 
 
 class NodeService(Daemon):
-    """One running node. `start()`, then `stop()` (e.g. from a signal) and `join()`."""
+    """One running node. `start()`, then `stop()` (e.g. from a signal) and `join()`;
+    `exit_code` is non-zero when the node stopped itself because of a failure."""
 
-    def __init__(self, settings: NodeSettings, core: ov.Core | None = None) -> None:
+    def __init__(
+        self, settings: NodeSettings, core: ov.Core | None = None, faults: Faults | None = None
+    ) -> None:
         super().__init__(settings.node_id)
         self.settings = settings
         self.node_id = settings.node_id
         self.topics = Topics(settings.mqtt.topic_prefix)
         self.boot_id = uuid.uuid4().hex
         self.started_at = utcnow()
+        self.exit_code = 0
+        self.faults = faults if faults is not None else Faults.from_env()
         self.core = core or ov.Core()
         check_device(self.core, settings.inference.device)
         # Decode workers are the parallelism; OpenCV's own thread pool on top only
@@ -79,12 +104,19 @@ class NodeService(Daemon):
         self.trusted = TrustedKeys.load(settings.model.trusted_keys)
         lim = settings.limits
         self.classifier = Classifier(
-            self.node_id, ImageLimits(lim.max_image_bytes, lim.max_image_pixels)
+            self.node_id,
+            ImageLimits(lim.max_image_bytes, lim.max_image_pixels, lim.max_decoded_bytes),
         )
         self.stats = Stats(window_s=settings.telemetry_interval_s)
+        self.journal = Journal(settings.resolved_state_dir())
         self._model: ServingModel | None = None
-        self._work: queue.Queue[ImageRequest | None] = queue.Queue(maxsize=lim.max_inflight)
-        self._accepting = threading.Event()
+        self._model_lock = threading.Lock()
+        self._retired: list[ServingModel] = []
+        self._recompile = threading.Event()
+        self._watchdog_stop = threading.Event()
+        self._joined = False
+        self._takeovers: list[float] = []
+        self._conflict_generation = -1
         self.mqtt = MqttClient(
             settings.mqtt,
             client_id=settings.client_id,
@@ -97,8 +129,26 @@ class NodeService(Daemon):
                 (self.topics.node_images(self.node_id), 1),
             ],
         )
-        self.mqtt.set_message_handler(self._on_message)
+        self.pipeline = ImagePipeline(
+            node_id=self.node_id,
+            mqtt=self.mqtt,
+            topics=self.topics,
+            classifier=self.classifier,
+            stats=self.stats,
+            journal=self.journal,
+            faults=self.faults,
+            model=lambda: self._model,
+            capacity=lim.max_inflight,
+            put_wait_s=min(5.0, settings.mqtt.keepalive_s / 4),
+            start_wait_s=settings.inference.timeout_s,
+            on_device_error=self._on_device_error,
+        )
+        self.mqtt.route(self.topics.images_filter(), self.pipeline.on_message)
+        self.mqtt.route(self.topics.node_images(self.node_id), self.pipeline.on_message)
+        self.mqtt.route(self.topics.status(self.node_id), self._acked(self._on_own_status))
+        self.mqtt.subscribe(self.topics.status(self.node_id), 1)
         self.mqtt.add_connect_listener(self._on_connected)
+        self.mqtt.add_disconnect_listener(self._on_disconnected)
         self.store: BundleStore | None = None
         self.updater: UpdateAgent | None = None
         self.fetcher: Fetcher | None = None
@@ -131,16 +181,28 @@ class NodeService(Daemon):
             current_sha=self._current_sha,
             activate=self.activate,
         )
-        self._desired_topic = self.topics.desired(self.node_id)
-        self._fetch_topic = self.topics.fetch_reply(self.node_id)
-        self.mqtt.subscribe(self._desired_topic, 1)
-        self.mqtt.subscribe(self._fetch_topic, 1)
+        desired, fetch = self.topics.desired(self.node_id), self.topics.fetch_reply(self.node_id)
+        self.mqtt.route(desired, self._acked(self.updater.on_desired))
+        self.mqtt.route(fetch, self._acked(self.fetcher.on_reply))
+        self.mqtt.subscribe(desired, 1)
+        self.mqtt.subscribe(fetch, 1)
+
+    def _acked(self, handler: MessageHandler) -> MessageHandler:
+        """handler, then acknowledge the message (the handler only hands it over)."""
+
+        def handle(msg: paho.MQTTMessage) -> None:
+            try:
+                handler(msg)
+            finally:
+                self.mqtt.ack_token(msg)()
+
+        return handle
 
     def _current_sha(self) -> str | None:
         model = self._model
         return model.bundle.manifest_sha256 if model is not None else None
 
-    # -- model -----------------------------------------------------------------
+    # -- model -----------------------------------------------------------------------
     @property
     def model(self) -> ServingModel | None:
         return self._model
@@ -152,18 +214,24 @@ class NodeService(Daemon):
         model = load_serving_model(
             self.core, bundle, self.settings.inference.engine_config(), self_test=m.self_test
         )
+        if self.faults.any and self._model is None:
+            model.inject(self.faults)
         self.activate(model)
         return model
 
     def activate(self, model: ServingModel) -> None:
         """Serve model from now on; requests already started finish on the old one."""
-        model.set_callback(self._on_inferred)
-        self._model = model
+        model.set_callback(self.pipeline.on_inferred)
+        with self._model_lock:
+            old, self._model = self._model, model
+            if old is not None:
+                old.retire()
+                self._retired.append(old)
         log.info("node %s: now serving %s", self.node_id, model.bundle)
-        if self.mqtt.connected:
+        if self.mqtt.connected:  # otherwise the connect publishes it (with this model)
             self._publish_status()
 
-    # -- lifecycle ---------------------------------------------------------------
+    # -- lifecycle -------------------------------------------------------------------
     def start(self) -> None:
         """Load the start bundle, connect, and start the worker threads.
 
@@ -186,58 +254,205 @@ class NodeService(Daemon):
         if self.updater is not None:
             self.updater.start()
         for i in range(self.settings.limits.decode_workers):
-            self._spawn(self._worker_loop, f"decode-{i}")
+            self._spawn(self.pipeline.worker_loop, f"decode-{i}")
         self._spawn(self._telemetry_loop, "telemetry")
-        self._accepting.set()
+        self._spawn(self._watchdog_loop, "watchdog")
+        self.pipeline.accept(True)
         self.mqtt.connect()
 
     def join(self) -> None:
-        """Graceful shutdown: finish in-flight images, publish offline, disconnect."""
+        """Graceful shutdown within `shutdown_timeout_s`; `offline` on every path.
+        Idempotent: a second call returns at once."""
+        with self._model_lock:
+            if self._joined:
+                return
+            self._joined = True
+        deadline = time.monotonic() + self.settings.shutdown_timeout_s
         self._stop.set()
-        self._accepting.clear()
+        try:
+            self._drain(deadline)
+        except Exception:
+            log.exception("node %s: shutdown step failed", self.node_id)
+        finally:
+            self._go_offline(deadline)
+            self.journal.close()
+        log.info("node %s: stopped", self.node_id)
+
+    def _drain(self, deadline: float) -> None:
+        def left(reserve: float = OFFLINE_RESERVE_S) -> float:
+            return max(0.1, deadline - reserve - time.monotonic())
+
+        # 1. Leave the shared subscription: the broker routes no more images to us and
+        # nothing is stranded in our session (images it had already sent arrive before
+        # its UNSUBACK and are answered below).
+        if not self.mqtt.unsubscribe(self.topics.images_shared_filter(), timeout=min(5, left())):
+            log.warning("node %s: could not leave the shared subscription", self.node_id)
+        # Images for our direct topic from now on wait in our session for the next start.
+        self.pipeline.accept(False)
         if self.updater is not None:
-            self.updater.stop()
+            self.updater.stop(timeout=min(10.0, left()))
         log.info(
             "node %s: stopping, finishing %d in-flight images", self.node_id, self.stats.inflight
         )
-        for _ in range(self.settings.limits.decode_workers):
-            self._work.put(None)
-        for t in self._threads:
-            t.join(timeout=SHUTDOWN_DRAIN_S)
-        self._abandon_queued()
-        if self._model is not None:
-            self._model.wait_all()
-        deadline = time.monotonic() + SHUTDOWN_DRAIN_S
-        while self.stats.inflight > 0 and time.monotonic() < deadline and self.mqtt.connected:
-            time.sleep(0.01)
-        if self.stats.inflight:
+        # 2. Finish and acknowledge what we hold (the watchdog answers a stuck device).
+        wait_until(lambda: self.stats.inflight <= 0, time.monotonic() + left())
+        handed_back = self.pipeline.close()
+        self._watchdog_stop.set()
+        for thread in self._threads:
+            thread.join(timeout=left(reserve=OFFLINE_RESERVE_S / 2))
+        if self.stats.inflight > 0:
             log.warning(
-                "node %s: %d images unanswered at shutdown (the broker will redeliver)",
+                "node %s: %d images unanswered at shutdown (%d never started); the broker "
+                "delivers them again",
                 self.node_id,
                 self.stats.inflight,
+                handed_back,
             )
-        if self.mqtt.connected:
-            self.mqtt.publish_wait(
-                self.topics.status(self.node_id),
-                self._status("offline").to_json(),
-                qos=1,
-                retain=True,
-            )
-        self.mqtt.disconnect()
-        log.info("node %s: stopped", self.node_id)
 
-    def _abandon_queued(self) -> None:
-        """Images still queued after the workers stopped: not acked, so the broker
-        redelivers them to this node's next session."""
-        while True:
+    def _go_offline(self, deadline: float) -> None:
+        """Publish `offline`; if that cannot be done, close the socket without DISCONNECT
+        so the broker publishes our Will (which says the same)."""
+        if self.mqtt.closed:
+            return  # closed before (a failed start, a test's drop): the Will said it
+        wait = max(1.0, deadline - time.monotonic())
+        if not self.mqtt.wait_connected(min(wait, OFFLINE_RECONNECT_WAIT_S)):
+            log.warning("node %s: not connected: the broker publishes our Will", self.node_id)
+            self.mqtt.drop()
+            return
+        offline = self._status("offline").to_json()
+        if self.mqtt.publish_wait(
+            self.topics.status(self.node_id), offline, qos=1, retain=True, timeout=wait
+        ):
+            self.mqtt.disconnect()
+        else:
+            log.warning("node %s: offline not confirmed: leaving it to the Will", self.node_id)
+            self.mqtt.drop()
+
+    def abort(self) -> None:
+        self._watchdog_stop.set()
+        self.journal.close()
+        super().abort()
+
+    # -- device errors and the watchdog ---------------------------------------------
+    def _on_device_error(self, consecutive: int) -> None:
+        if consecutive >= self.settings.inference.max_device_errors:
+            self._recompile.set()
+
+    def _watchdog_loop(self) -> None:
+        """Runs until the very end of a shutdown: the drain may need it."""
+        while not self._watchdog_stop.wait(WATCHDOG_PERIOD_S):
             try:
-                req = self._work.get_nowait()
-            except queue.Empty:
-                return
-            if req is not None:
-                self.stats.abandoned()
+                self._watch()
+            except Exception:  # the watchdog must outlive anything it sees
+                log.exception("node %s: watchdog step failed", self.node_id)
 
-    # -- status and telemetry -------------------------------------------------------
+    def _watch(self) -> None:
+        now = time.monotonic()
+        with self._model_lock:
+            models = [m for m in (self._model, *self._retired) if m is not None]
+            # A retired model with nothing in flight is dropped: nothing else refers to it.
+            self._retired = [m for m in self._retired if m.pending > 0]
+        for model in models:
+            for req in model.expired(now):
+                self.pipeline.on_inferred(
+                    model,
+                    None,
+                    req,
+                    TimeoutError(f"no answer within {model.config.infer_timeout_s:g} s"),
+                )
+        if self._recompile.is_set() and not self._stop.is_set():
+            self._recompile.clear()
+            self._recover()
+
+    def _recover(self) -> None:
+        """Recompile the current model after repeated device errors; exit if that fails."""
+        model = self._model
+        if model is None:
+            return
+        log.error(
+            "node %s: %d consecutive device errors on %s: recompiling %s",
+            self.node_id,
+            self.settings.inference.max_device_errors,
+            model.config.device,
+            model.bundle,
+        )
+        try:
+            if self.faults.recompile_fails:
+                raise ModelLoadError("test fault: recompiling fails")
+            fresh = load_serving_model(
+                self.core,
+                model.bundle,
+                self.settings.inference.engine_config(),
+                self_test=self.settings.model.self_test,
+            )
+        except (ModelLoadError, RuntimeError) as exc:
+            log.error(
+                "node %s: the device did not recover (%s): going offline and exiting with "
+                "code %d so that systemd restarts the node",
+                self.node_id,
+                exc,
+                EXIT_DEVICE_FAILED,
+            )
+            self.exit_code = EXIT_DEVICE_FAILED
+            self.stop()
+            return
+        self.activate(fresh)
+
+    # -- a second process with our node id -------------------------------------------
+    def _on_disconnected(self, reason: object) -> None:
+        if getattr(reason, "value", None) == SESSION_TAKEN_OVER:
+            self._taken_over("the broker said: Session taken over")
+
+    def _on_own_status(self, msg: paho.MQTTMessage) -> None:
+        """The retained status the broker replays when we (re)subscribe is the node's
+        current state: `online` from another boot means another process holds our node
+        id. Live copies are history (a resumed session may hold our predecessor's)."""
+        if not msg.payload or not msg.retain:
+            return
+        try:
+            status = NodeStatus.model_validate_json(msg.payload)
+        except ValidationError:
+            return
+        if status.boot_id != self.boot_id and status.state == "online":
+            self._taken_over(f"process {status.boot_id[:8]} says it is node {self.node_id}")
+
+    def _taken_over(self, evidence: str) -> None:
+        """Network thread: count session takeovers (once per connection), back off,
+        give up after a few."""
+        if self._conflict_generation == self.mqtt.generation:
+            return
+        self._conflict_generation = self.mqtt.generation
+        now = time.monotonic()
+        self._takeovers = [t for t in self._takeovers if now - t < TAKEOVER_WINDOW_S] + [now]
+        count = len(self._takeovers)
+        if count >= TAKEOVERS_BEFORE_EXIT:
+            log.error(
+                "node %s: session taken over %d times in %.0f s: another process runs with "
+                "node id %s (client id %s). Exiting with code %d; stop the duplicate.",
+                self.node_id,
+                count,
+                TAKEOVER_WINDOW_S,
+                self.node_id,
+                self.settings.client_id,
+                EXIT_NODE_ID_CONFLICT,
+            )
+            self.exit_code = EXIT_NODE_ID_CONFLICT
+            self.stop()
+            return
+        backoff = min(TAKEOVER_BACKOFF_MAX_S, self.settings.mqtt.reconnect_max_s * 2 ** (count - 1))
+        log.error(
+            "node %s: another process connected with our client id %s and took our session "
+            "(%s; %d of %d); reconnecting after %.0f s instead of taking it back at once",
+            self.node_id,
+            self.settings.client_id,
+            evidence,
+            count,
+            TAKEOVERS_BEFORE_EXIT,
+            backoff,
+        )
+        self.mqtt.reconnect_backoff(backoff, max(backoff, self.settings.mqtt.reconnect_max_s))
+
+    # -- status and telemetry --------------------------------------------------------
     def _status(self, state: str) -> NodeStatus:
         model = self._model
         return NodeStatus(
@@ -253,6 +468,8 @@ class NodeService(Daemon):
         )
 
     def _publish_status(self) -> None:
+        if self._stop.is_set():
+            return  # the shutdown publishes `offline` itself
         self.mqtt.publish(
             self.topics.status(self.node_id), self._status("online").to_json(), qos=1, retain=True
         )
@@ -278,137 +495,10 @@ class NodeService(Daemon):
 
     def _telemetry_loop(self) -> None:
         while not self._stop.wait(self.settings.telemetry_interval_s):
-            if self.mqtt.connected:
+            try:
                 self.mqtt.publish(
                     self.topics.telemetry(self.node_id), self.telemetry().to_json(), qos=0
                 )
-
-    # -- the image path ----------------------------------------------------------------
-    def _on_message(self, msg: paho.MQTTMessage) -> None:
-        """Network thread: parse and enqueue (bounded), nothing else."""
-        if self.updater is not None and self.fetcher is not None:
-            if msg.topic == self._fetch_topic:
-                self.fetcher.on_reply(msg)
-                self.mqtt.ack(msg.mid, msg.qos, self.mqtt.generation)
-                return
-            if msg.topic == self._desired_topic:
-                self.updater.on_desired(msg)
-                self.mqtt.ack(msg.mid, msg.qos, self.mqtt.generation)
-                return
-        if not self._accepting.is_set():
-            return  # not acked: the broker redelivers it to our next session
-        req = parse_message(msg, self.topics, self.node_id, self.mqtt.generation)
-        self.stats.started()
-        # Blocks while the queue is full: paho stops reading the socket, so TCP pushes
-        # back on the broker. Receive Maximum alone is not enough (Mosquitto 2.0 sends
-        # more than it once acks start flowing); workers free the queue without needing
-        # this thread, so this cannot deadlock.
-        self._work.put(req)
-
-    def _worker_loop(self) -> None:
-        while True:
-            req = self._work.get()
-            if req is None:
-                return
-            try:
-                self._handle(req)
-            except Exception as exc:  # never lose the request: answer it
-                log.exception("node %s: image %s failed", self.node_id, req.image_id)
-                self._answer_error(req, ErrorCode.INTERNAL, f"internal error: {exc}")
-
-    def _handle(self, req: ImageRequest) -> None:
-        model = self._model
-        if req.invalid is not None:
-            self._answer_error(req, *req.invalid)
-        elif req.expired:
-            self._answer_error(req, ErrorCode.EXPIRED, "message expiry passed while queued")
-        elif model is None:
-            self._answer_error(req, ErrorCode.NO_MODEL, "this node has no model loaded yet")
-        else:
-            try:
-                x = self.classifier.prepare(req, model)
-            except ImageError as exc:
-                self._answer_error(req, exc.code, str(exc), model)
-                return
-            model.start(x, (req, model))
-
-    def _on_inferred(
-        self, probs: np.ndarray | None, userdata: Any, error: BaseException | None
-    ) -> None:
-        """OpenVINO thread: one inference finished."""
-        req, model = userdata
-        if probs is None:
-            self._answer_error(req, ErrorCode.INTERNAL, f"inference failed: {error}", model)
-            return
-        self._answer(req, self.classifier.ok_result(req, model, probs))
-
-    def _answer_error(
-        self, req: ImageRequest, code: ErrorCode, message: str, model: ServingModel | None = None
-    ) -> None:
-        log.info(
-            "node %s: image %s from %s: %s (%s)",
-            self.node_id,
-            req.image_id,
-            req.source or "direct",
-            code.value,
-            message,
-        )
-        self._answer(req, self.classifier.error_result(req, code, message, model or self._model))
-
-    def _result_topic(self, req: ImageRequest) -> str | None:
-        """Response Topic if given, else `results/{source}` (`results/{node_id}` for direct
-        images); None when neither exists (an images topic with an invalid source)."""
-        if req.response_topic:
-            return req.response_topic
-        if req.direct:
-            return self.topics.results(self.node_id)
-        if req.source is not None:
-            return self.topics.results(req.source)
-        return None
-
-    def _answer(self, req: ImageRequest, result: Result) -> None:
-        self.stats.answered()
-        topic = self._result_topic(req)
-        if topic is None:
-            log.warning(
-                "node %s: image %s has no valid result topic; dropped after logging",
-                self.node_id,
-                req.image_id,
-            )
-            self._done(req, result, published=False)
-            return
-        props = PublishProps(correlation_data=req.correlation_data, content_type="application/json")
-        try:
-            self.mqtt.publish(
-                topic,
-                result.to_json(),
-                qos=1,
-                props=props,
-                on_done=lambda ok: self._done(req, result, published=ok),
-            )
-        except (ValueError, MqttError) as exc:
-            log.warning(
-                "node %s: cannot publish result for %s to %r: %s",
-                self.node_id,
-                req.image_id,
-                topic,
-                exc,
-            )
-            self._done(req, result, published=False)
-
-    def _done(self, req: ImageRequest, result: Result, *, published: bool) -> None:
-        """The Result is with the broker (or cannot be delivered): ack the image."""
-        if not published:
-            log.warning(
-                "node %s: result for %s was not accepted by the broker", self.node_id, req.image_id
-            )
-        self.mqtt.ack(req.mid, req.qos, req.generation)
-        self.stats.finished(result.timings_ms.total, error=result.status == "error")
-        if result.status == "ok":
-            log.debug(
-                "node %s: image %s -> %s %.3f",
-                self.node_id,
-                req.image_id,
-                result.label,
-                result.confidence or 0.0,
-            )
+                self.journal.compact()
+            except Exception:  # a telemetry hiccup must not end the thread
+                log.exception("node %s: telemetry failed", self.node_id)

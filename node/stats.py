@@ -26,6 +26,8 @@ class Stats:
         self.unanswered = 0
         """Received, Result not yet handed to MQTT (inflight also counts unacked ones)."""
         self.peak_unanswered = 0
+        self.retained_ignored = 0
+        """Retained images replayed on subscribe and acknowledged without a Result."""
         self._process = psutil.Process()
 
     def started(self) -> None:

@@ -93,11 +93,12 @@ class UpdateAgent:
     def start(self) -> None:
         self._thread.start()
 
-    def stop(self) -> None:
+    def stop(self, timeout: float = 30.0) -> None:
         with self._cond:
             self._stop = True
             self._cond.notify_all()
-        self._thread.join(timeout=30)
+        if self._thread.is_alive():
+            self._thread.join(timeout=timeout)
 
     # -- network thread --------------------------------------------------------------
     def on_desired(self, msg: paho.MQTTMessage) -> None:

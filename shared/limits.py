@@ -8,6 +8,10 @@ MAX_IMAGE_BYTES = 20 * MiB
 MAX_IMAGE_PIXELS = 50_000_000
 """Default largest decoded image, checked from the header before decoding."""
 
+MAX_DECODED_BYTES = 256 * MiB
+"""Default largest decoded image array (width x height x channels x bytes per sample,
+from the header): 50 MP of 8-bit RGBA fits, 50 MP of 16-bit RGBA (400 MB) does not."""
+
 MAX_MANIFEST_BYTES = 1 * MiB
 """A manifest.json larger than this is refused without parsing."""
 

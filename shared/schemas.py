@@ -56,6 +56,10 @@ class ErrorCode(StrEnum):
     EXPIRED = "expired"
     NO_MODEL = "no_model"
     INVALID_REQUEST = "invalid_request"
+    DEVICE_ERROR = "device_error"
+    """The inference device failed or did not finish in time; sending again may work."""
+    POISON_IMAGE = "poison_image"
+    """The image was being processed during two crashes of this node: refused."""
     INTERNAL = "internal"
 
 

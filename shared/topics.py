@@ -63,6 +63,16 @@ class Topics:
         """A Response Topic a client may use: `{prefix}/replies/{username}/{suffix}`."""
         return f"{self.prefix}/replies/{check_name(username, 'username')}/{suffix}"
 
+    def is_reply_topic(self, topic: str) -> bool:
+        """True for a topic a node may answer on: `{prefix}/replies/{username}/...`
+        with a valid user name and no wildcards. Anything else (another lab's results,
+        a node's own status) is refused as a Response Topic."""
+        head = f"{self.prefix}/replies/"
+        if not topic.startswith(head) or any(c in topic for c in "+#\x00"):
+            return False
+        user, sep, rest = topic[len(head) :].partition("/")
+        return bool(sep) and bool(rest) and is_valid_name(user)
+
     def source_of(self, topic: str) -> str:
         """The `{source}` of an images topic; TopicError if the topic is not one or
         the source is invalid."""

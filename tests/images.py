@@ -41,8 +41,8 @@ def bmp(bgr: tuple[int, int, int] = RED) -> bytes:
     return encode(colour_image(bgr, 120, 160), ".bmp")
 
 
-def tiff16(bgr: tuple[int, int, int] = RED) -> bytes:
-    img = colour_image(bgr, 240, 320).astype(np.uint16) * 257
+def tiff16(bgr: tuple[int, int, int] = RED, h: int = 240, w: int = 320) -> bytes:
+    img = colour_image(bgr, h, w).astype(np.uint16) * 257
     return encode(img, ".tiff")
 
 
@@ -69,9 +69,12 @@ def _png_chunk(kind: bytes, body: bytes) -> bytes:
     return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
 
 
-def huge_header_png(side: int = 100_000) -> bytes:
-    """A tiny PNG whose IHDR claims side x side pixels (a decompression bomb's header)."""
-    ihdr = struct.pack(">IIBBBBB", side, side, 8, 2, 0, 0, 0)
+def huge_header_png(
+    side: int = 100_000, bit_depth: int = 8, colour_type: int = 2, height: int | None = None
+) -> bytes:
+    """A tiny PNG whose IHDR claims side x side pixels (a decompression bomb's header);
+    colour_type 2 = RGB, 6 = RGBA; bit_depth 8 or 16."""
+    ihdr = struct.pack(">IIBBBBB", side, height or side, bit_depth, colour_type, 0, 0, 0)
     idat = zlib.compress(b"\x00" * 64)
     return (
         b"\x89PNG\r\n\x1a\n"

@@ -4,22 +4,19 @@ made with the deploy/ scripts exactly as a production install would."""
 from __future__ import annotations
 
 import getpass
-import importlib.util
 import json
 import os
 import shutil
 import socket
-import subprocess
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from types import ModuleType
+
+import broker_conf
 
 from cellwatch.shared.settings import MqttSettings, TlsSettings
 from demolib.common import (
     BIN,
-    DEPLOY,
     HOST,
     REPO,
     START_TIMEOUT_S,
@@ -47,26 +44,13 @@ def cw(part: str, *args: object) -> list[str]:
 
 
 def mosquitto_executable() -> str:
-    found = shutil.which("mosquitto") or (
-        "/usr/sbin/mosquitto" if os.access("/usr/sbin/mosquitto", os.X_OK) else None
-    )
+    found = broker_conf.mosquitto_executable()
     if found is None:
         raise DemoError(
             "Mosquitto is not installed: run `make demo` as root (it installs it with "
             "apt-get), or `sudo apt-get install mosquitto mosquitto-clients`"
         )
     return found
-
-
-def _load_broker_conf() -> ModuleType:
-    """deploy/broker_conf.py as a module (deploy/ is not a package)."""
-    path = DEPLOY / "broker_conf.py"
-    spec = importlib.util.spec_from_file_location("cellwatch_deploy_broker_conf", path)
-    if spec is None or spec.loader is None:
-        raise DemoError(f"cannot load {path}")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def port_free(port: int) -> bool:
@@ -81,27 +65,17 @@ def port_free(port: int) -> bool:
 
 
 def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((HOST, 0))
-        port: int = s.getsockname()[1]
-        return port
+    return broker_conf.free_port(HOST)
 
 
 def wait_port(port: int, child: Child, timeout: float = START_TIMEOUT_S) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
+    if broker_conf.wait_listening([port], lambda: child.proc.poll() is None, timeout, HOST):
         if child.proc.poll() is not None:
             raise DemoError(
                 f"{child.name} exited with code {child.proc.returncode} on start; the end "
                 f"of {shown(child.log)}:\n{tail(child.log)}"
             )
-        try:
-            with socket.create_connection((HOST, port), timeout=0.5):
-                return
-        except OSError:
-            if time.monotonic() > deadline:
-                raise DemoError(f"{child.name} is not listening on port {port}") from None
-            time.sleep(0.05)
+        raise DemoError(f"{child.name} is not listening on port {port}")
 
 
 # -- the broker -------------------------------------------------------------------------
@@ -115,17 +89,12 @@ class BrokerInfo:
 
 def make_credentials(layout: Layout, nodes: Sequence[str]) -> None:
     """Users, ACL and test certificates, made with the deploy/ scripts."""
-    layout.broker.mkdir(parents=True, exist_ok=True)
-    for script, args in (
-        ("mkusers.sh", [str(layout.broker), *nodes]),
-        ("mkacl.sh", [str(layout.broker), *nodes]),
-        ("mkcerts.sh", [str(layout.broker), "localhost"]),
-    ):
-        argv = ["bash", str(DEPLOY / script), *args]
-        command([f"deploy/{script}", *args])
-        proc = subprocess.run(argv, capture_output=True, text=True, timeout=120, check=False)
-        if proc.returncode != 0:
-            raise DemoError(f"deploy/{script} failed:\n{proc.stdout}{proc.stderr}")
+    try:
+        ran = broker_conf.make_files(layout.broker, nodes)
+    except RuntimeError as exc:
+        raise DemoError(str(exc)) from exc
+    for line in ran:
+        command(line.split(" "))
     done(
         f"users hub, operator, client, {', '.join(nodes)}: passwords in "
         f"{shown(layout.broker / 'secrets')}/"
@@ -148,7 +117,6 @@ def make_signing_key(group: ProcessGroup, layout: Layout) -> None:
 
 
 def start_broker(group: ProcessGroup, layout: Layout, port: int, tls_port: int) -> BrokerInfo:
-    broker_conf = _load_broker_conf()
     # As root, Mosquitto would drop privileges to `mosquitto`, which may not be able
     # to enter the working directory: run as the current user instead (like the tests).
     user = getpass.getuser() if os.geteuid() == 0 else None
@@ -202,6 +170,7 @@ def write_node_toml(
 node_id = {toml_str(node_id)}
 tags = ["demo"]
 telemetry_interval_s = 5.0
+state_dir = {toml_str(layout.node(node_id) / "state")}
 
 [mqtt]
 host = "localhost"

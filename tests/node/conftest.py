@@ -7,6 +7,7 @@ from typing import Any
 import pytest
 
 from cellwatch.node.config import NodeSettings
+from cellwatch.node.faults import Faults
 from cellwatch.node.service import NodeService
 from tests.broker import Broker
 from tests.harness import Requester
@@ -32,6 +33,8 @@ def node_settings(
         "mqtt": broker.settings(node_id).model_dump(),
         "model": {"bundle": bundle, "trusted_keys": keys},
         "telemetry_interval_s": 0.5,
+        # per test and node id, so that a restarted node finds its own journal
+        "state_dir": broker.dir.parent / "node-state" / node_id,
     }
     for key, value in overrides.items():
         if isinstance(value, dict) and isinstance(data.get(key), dict):
@@ -46,8 +49,15 @@ def node_factory(broker: Broker, toy_bundle: tuple[Path, Path]) -> Iterator[Node
     """Start in-process nodes; every one still running is stopped at teardown."""
     started: list[NodeService] = []
 
-    def make(node_id: str = "node-1", *, start: bool = True, **overrides: Any) -> NodeService:
-        service = NodeService(node_settings(broker, toy_bundle, node_id, **overrides))
+    def make(
+        node_id: str = "node-1",
+        *,
+        start: bool = True,
+        faults: Faults | None = None,
+        **overrides: Any,
+    ) -> NodeService:
+        settings = node_settings(broker, toy_bundle, node_id, **overrides)
+        service = NodeService(settings, faults=faults or Faults())
         if start:
             service.start()
             started.append(service)
@@ -55,8 +65,7 @@ def node_factory(broker: Broker, toy_bundle: tuple[Path, Path]) -> Iterator[Node
 
     yield make
     for s in started:
-        if s.mqtt.connected:
-            s.join()
+        s.join()  # idempotent
 
 
 @pytest.fixture

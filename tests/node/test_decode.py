@@ -47,6 +47,26 @@ def test_pixel_limit_from_header() -> None:
     assert err.value.code == ErrorCode.IMAGE_TOO_LARGE
 
 
+def test_memory_bound_counts_channels_and_bytes_per_sample() -> None:
+    """50 MP is within the pixel limit; as 16-bit RGBA it decodes to 400 MB, which the
+    default decoded-bytes limit (256 MiB) refuses from the header, before decoding."""
+    bomb = images.huge_header_png(10_000, bit_depth=16, colour_type=6, height=5_000)
+    with pytest.raises(ImageError, match=r"4 channel\(s\) of 16 bits decodes to 400000000"):
+        decode_image(bomb, LIMITS)
+    rgb8 = images.huge_header_png(10_000, bit_depth=8, colour_type=2, height=5_000)
+    limits = ImageLimits(max_decoded_bytes=100_000_000)
+    with pytest.raises(ImageError, match="decodes to 150000000") as err:
+        decode_image(rgb8, limits)
+    assert err.value.code == ErrorCode.IMAGE_TOO_LARGE
+    tiff = images.tiff16(h=400, w=500)  # 500 x 400 x 3 x 2 = 1.2 MB decoded
+    with pytest.raises(ImageError, match="3 channel\\(s\\) of 16 bits decodes to 1200000"):
+        decode_image(tiff, ImageLimits(max_decoded_bytes=1_000_000))
+    assert decode_image(tiff, ImageLimits(max_decoded_bytes=1_300_000)).shape == (400, 500, 3)
+    # a big JPEG is decoded at reduced scale: the bound counts the reduced array
+    big = images.jpeg(h=1944, w=2592)
+    assert decode_image(big, ImageLimits(max_decoded_bytes=972 * 1296 * 3)).shape[0] == 972
+
+
 @pytest.mark.parametrize(
     "make",
     [images.jpeg, images.png, images.bmp, images.tiff16, images.rgba_png],

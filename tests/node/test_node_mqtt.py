@@ -193,16 +193,28 @@ def test_telemetry(broker: Broker, node_factory: NodeFactory, requester: Request
         watch.close()
 
 
-def test_images_queued_while_node_is_down_are_delivered(
+def test_direct_images_queued_while_node_is_down_are_delivered(
     node_factory: NodeFactory, requester: Requester
 ) -> None:
     first = node_factory()
     assert requester.request(images.jpeg()).status == "ok"
-    first.join()  # graceful: the persistent session stays on the broker
-    queued = [requester.send(images.jpeg(images.BLUE)) for _ in range(10)]
+    first.join()  # graceful: the persistent session (with the direct topic) stays
+    direct = T.node_images("node-1")
+    queued = [requester.send(images.jpeg(images.BLUE), topic=direct) for _ in range(10)]
     node_factory()
     for corr in queued:
         assert requester.result(corr).label == "normal"
+
+
+def test_a_stopped_node_strands_nothing(node_factory: NodeFactory, requester: Requester) -> None:
+    """A graceful stop leaves the shared subscription first: images sent afterwards all
+    go to the node still running, none wait in the stopped node's session."""
+    node_factory("node-1")
+    leaving = node_factory("node-2")
+    assert {requester.request(images.jpeg()).node_id for _ in range(6)} == {"node-1", "node-2"}
+    leaving.join()
+    after = [requester.send(images.jpeg()) for _ in range(20)]
+    assert {requester.result(c).node_id for c in after} == {"node-1"}
 
 
 def test_a_flood_is_bounded_and_loses_nothing(

@@ -17,12 +17,16 @@ from tests.harness import Collector, Requester, T, wait_for
 NODE = str(Path(sys.executable).with_name("cellwatch-node"))
 
 
-def write_config(tmp: Path, broker: Broker, bundle: Path, keys: Path, **extra: str) -> Path:
-    pw = tmp / "node-1.password"
-    pw.write_text(broker.password("node-1"))
+def write_config(
+    tmp: Path, broker: Broker, bundle: Path, keys: Path, extra: str = "", node_id: str = "node-1"
+) -> Path:
+    """node.toml for a node process; extra is TOML appended at the end (sections)."""
+    pw = tmp / f"{node_id}.password"
+    pw.write_text(broker.password(node_id))
     lines = [
-        'node_id = "node-1"',
+        f'node_id = "{node_id}"',
         "telemetry_interval_s = 1.0",
+        f'state_dir = "{tmp / "state" / node_id}"',
         "[mqtt]",
         f'host = "{broker.host}"',
         f"port = {broker.port}",
@@ -31,15 +35,18 @@ def write_config(tmp: Path, broker: Broker, bundle: Path, keys: Path, **extra: s
         f'bundle = "{bundle}"',
         f'trusted_keys = "{keys}"',
     ]
-    lines += [f"{k} = {v}" for k, v in extra.items()]
-    cfg = tmp / "node.toml"
+    cfg = tmp / f"{node_id}.toml"
+    lines.append(extra)
     cfg.write_text("\n".join(lines) + "\n")
     return cfg
 
 
-def start_node(cfg: Path, log: Path) -> subprocess.Popen[bytes]:
+def start_node(cfg: Path, log: Path, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
     return subprocess.Popen(
-        [NODE, "run", "--config", str(cfg)], stdout=log.open("wb"), stderr=subprocess.STDOUT
+        [NODE, "run", "--config", str(cfg)],
+        stdout=log.open("wb"),
+        stderr=subprocess.STDOUT,
+        env={**os.environ, **(env or {})},
     )
 
 
