@@ -1,5 +1,9 @@
 #!/usr/bin/env python3
-"""Render the project's mosquitto.conf for a broker that lives in one directory.
+"""The project's Mosquitto in one directory: render its mosquitto.conf, make its
+users, ACL and certificates with the deploy/ scripts, find the binary, pick free
+ports and wait until it listens. The tests (tests/broker.py), the demo
+(deploy/demolib/services.py) and the benches (through tests/broker.py) all use these
+functions; each only starts and stops the process its own way.
 
     python deploy/broker_conf.py --src mosquitto.conf --out DIR --port N --tls-port M
 
@@ -16,8 +20,17 @@ Standard library only: it runs before any virtualenv exists.
 from __future__ import annotations
 
 import argparse
+import os
+import shutil
+import socket
+import subprocess
 import sys
+import time
+from collections.abc import Callable, Sequence
 from pathlib import Path, PurePosixPath
+
+DEPLOY = Path(__file__).resolve().parent
+LOOPBACK = "127.0.0.1"
 
 # Options whose value is one path, and where that file goes inside the out dir.
 # None: keep the file name (certificates land in certs/, other files in DIR).
@@ -134,6 +147,80 @@ def write(
     conf = out_dir / "mosquitto.conf"
     conf.write_text(text)
     return conf
+
+
+def mosquitto_executable() -> str | None:
+    """Path of the mosquitto binary (PATH or Debian's /usr/sbin), or None."""
+    found = shutil.which("mosquitto")
+    if found:
+        return found
+    return "/usr/sbin/mosquitto" if os.access("/usr/sbin/mosquitto", os.X_OK) else None
+
+
+def free_port(host: str = LOOPBACK) -> int:
+    """A TCP port nobody listens on right now (the broker binds it soon after)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def run_script(name: str, *args: str) -> subprocess.CompletedProcess[str]:
+    """Run deploy/NAME with bash (not checked: the caller looks at returncode)."""
+    return subprocess.run(
+        ["bash", str(DEPLOY / name), *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+
+
+def make_files(
+    out_dir: Path,
+    nodes: Sequence[str],
+    clients: Sequence[str] = (),
+    hostnames: Sequence[str] = ("localhost",),
+) -> list[str]:
+    """Users, ACL and test certificates in out_dir, made by the deploy/ scripts as a
+    production install would; returns the command lines run. RuntimeError with the
+    script's output if one fails."""
+    lab = [arg for name in clients for arg in ("--client", name)]
+    steps = [
+        ("mkusers.sh", [*lab, str(out_dir), *nodes]),
+        ("mkacl.sh", [*lab, str(out_dir), *nodes]),
+        ("mkcerts.sh", [str(out_dir), *hostnames]),
+    ]
+    out_dir.mkdir(parents=True, exist_ok=True)
+    ran = []
+    for script, args in steps:
+        proc = run_script(script, *args)
+        if proc.returncode != 0:
+            raise RuntimeError(
+                f"deploy/{script} {' '.join(args)} failed with exit code {proc.returncode}:\n"
+                f"{proc.stdout}{proc.stderr}"
+            )
+        ran.append(" ".join([f"deploy/{script}", *args]))
+    return ran
+
+
+def wait_listening(
+    ports: Sequence[int],
+    alive: Callable[[], bool],
+    timeout: float,
+    host: str = LOOPBACK,
+) -> list[int]:
+    """Wait until every port accepts connections; returns the ones that did not within
+    timeout, or all remaining ones as soon as alive() is False (the process exited)."""
+    deadline = time.monotonic() + timeout
+    pending = list(ports)
+    while pending and alive() and time.monotonic() < deadline:
+        try:
+            with socket.create_connection((host, pending[0]), timeout=0.5):
+                pending.pop(0)
+        except OSError:
+            time.sleep(0.02)
+    return pending
 
 
 def _port(text: str) -> int:

@@ -7,7 +7,7 @@ export LC_ALL=C
 
 usage() {
     cat <<'EOF'
-Usage: deploy/mkacl.sh [--prefix PREFIX] [--replace] DIR [NODE_ID...]
+Usage: deploy/mkacl.sh [--prefix PREFIX] [--replace] [--client NAME]... DIR [NODE_ID...]
 
 Writes DIR/acl, the Mosquitto ACL for cellwatch's roles (DESIGN.md, Topics and
 Security):
@@ -16,18 +16,24 @@ Security):
             writes desired models, bundle chunks and API replies
   operator  writes API requests, reads its API replies and node status;
             may also publish test images and read results
-  client    publishes images (to all nodes or one), reads results and node status
-  NODE_ID   one block per node: reads images and its own desired/fetch topics,
-            writes only its own status/telemetry/update, fetch requests,
-            results and replies
+  client    publishes images (to all nodes or one), reads all results and node
+            status: a lab client shared by everyone who has its password
+  NAME      one block per --client NAME (a lab of its own, e.g. client-labA):
+            publishes images, reads node status, its own results (results/NAME,
+            i.e. images sent with source NAME and no Response Topic) and its own
+            replies; nothing of another lab's
+  NODE_ID   one block per node: reads images, its own desired/fetch topics and
+            its own status; writes only its own status/telemetry/update, fetch
+            requests, results and replies
   everyone  reads only its own replies: PREFIX/replies/USER/#
 
-The nodes already in DIR/acl are kept, so re-running with a new node adds it
-(--replace: write exactly the nodes given). The file is replaced in one step; a
+The nodes and lab clients already in DIR/acl are kept, so re-running with a new
+one adds it (--replace: write exactly the ones given). The file is replaced in one step; a
 running broker picks it up on SIGHUP (or `systemctl reload mosquitto`).
 
   --prefix PREFIX  topic prefix (default: cellwatch)
-  --replace        forget the nodes already in DIR/acl
+  --replace        forget the nodes and lab clients already in DIR/acl
+  --client NAME    add a lab client user (repeatable; create it with mkusers.sh --client)
 EOF
 }
 
@@ -38,6 +44,7 @@ die() {
 
 prefix=cellwatch
 replace=false
+clients=()
 while [[ $# -gt 0 ]]; do
     case $1 in
         -h | --help) usage; exit 0 ;;
@@ -47,6 +54,11 @@ while [[ $# -gt 0 ]]; do
             shift 2
             ;;
         --replace) replace=true; shift ;;
+        --client)
+            [[ $# -ge 2 ]] || die "--client needs a name"
+            clients+=("$2")
+            shift 2
+            ;;
         --) shift; break ;;
         -*) die "unknown option $1 (see --help)" ;;
         *) break ;;
@@ -60,26 +72,43 @@ dir=$1
 shift
 acl=$dir/acl
 marker='# node '
+client_marker='# client '
 
-valid_node() {
+valid_name() {
     [[ $1 =~ ^[A-Za-z0-9_-]{1,64}$ && $1 != hub && $1 != operator && $1 != client ]]
 }
 
 nodes=()
+known_clients=()
 if [[ $replace == false && -f $acl ]]; then
     while IFS= read -r line; do
         [[ $line == "$marker"* ]] && nodes+=("${line#"$marker"}")
+        [[ $line == "$client_marker"* ]] && known_clients+=("${line#"$client_marker"}")
     done <"$acl"
 fi
 for node in "$@"; do
-    valid_node "$node" \
+    valid_name "$node" \
         || die "invalid node id '$node': use 1-64 characters from A-Z a-z 0-9 _ - (not hub, operator, client)"
     nodes+=("$node")
 done
-# Sorted, each node once.
+for name in ${clients[@]+"${clients[@]}"}; do
+    valid_name "$name" \
+        || die "invalid client name '$name': use 1-64 characters from A-Z a-z 0-9 _ - (not hub, operator, client)"
+    known_clients+=("$name")
+done
+# Sorted, each once.
 if [[ ${#nodes[@]} -gt 0 ]]; then
     mapfile -t nodes < <(printf '%s\n' "${nodes[@]}" | sort -u)
 fi
+clients=()
+if [[ ${#known_clients[@]} -gt 0 ]]; then
+    mapfile -t clients < <(printf '%s\n' "${known_clients[@]}" | sort -u)
+fi
+for name in ${clients[@]+"${clients[@]}"}; do
+    for node in ${nodes[@]+"${nodes[@]}"}; do
+        [[ $name != "$node" ]] || die "'$name' cannot be both a node and a lab client"
+    done
+done
 
 p=$prefix
 write_acl() {
@@ -108,11 +137,23 @@ topic read $p/results/#
 topic write $p/images/#
 
 user client
-topic write $p/images/#
+topic write $p/images/+
 topic write $p/nodes/+/images
 topic read $p/results/#
 topic read $p/nodes/+/status
 EOF
+    local c
+    for c in ${clients[@]+"${clients[@]}"}; do
+        cat <<EOF
+
+$client_marker$c
+user $c
+topic write $p/images/+
+topic write $p/nodes/+/images
+topic read $p/results/$c
+topic read $p/nodes/+/status
+EOF
+    done
     local n
     for n in ${nodes[@]+"${nodes[@]}"}; do
         cat <<EOF
@@ -123,7 +164,7 @@ topic read $p/images/+
 topic read $p/nodes/$n/images
 topic read $p/nodes/$n/desired
 topic read $p/nodes/$n/fetch
-topic write $p/nodes/$n/status
+topic readwrite $p/nodes/$n/status
 topic write $p/nodes/$n/telemetry
 topic write $p/nodes/$n/update
 topic write $p/hub/fetch
@@ -143,4 +184,4 @@ if [[ $(id -u) -eq 0 ]] && getent group mosquitto >/dev/null; then
 fi
 mv "$tmp" "$acl"
 trap - EXIT
-echo "mkacl.sh: wrote $acl (${#nodes[@]} nodes)"
+echo "mkacl.sh: wrote $acl (${#nodes[@]} nodes, ${#clients[@]} lab clients)"

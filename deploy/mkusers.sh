@@ -1,23 +1,27 @@
 #!/usr/bin/env bash
-# Create or extend the broker's password file: users hub, operator, client and one
-# user per node (user name = node id). See --help.
+# Create or extend the broker's password file: users hub, operator, client, one user
+# per lab client (--client) and one user per node (user name = node id). See --help.
 set -euo pipefail
 # Byte-wise character ranges in the name checks, whatever the user's locale.
 export LC_ALL=C
 
 usage() {
     cat <<'EOF'
-Usage: deploy/mkusers.sh DIR NODE_ID...
+Usage: deploy/mkusers.sh [--client NAME]... DIR [NODE_ID...]
 
 Creates (or extends) DIR/passwd, the Mosquitto password file, with the users
-hub, operator, client and one user per NODE_ID (a node logs in as its node id).
+hub, operator, client (a lab client shared by everyone who has its password),
+one user per --client NAME (a lab of its own, e.g. client-labA: mkacl.sh lets it
+read only its own replies and results) and one user per NODE_ID (a node logs in
+as its node id).
 
 Each new user gets a random password, stored in DIR/secrets/USER.password
 (mode 0600): hand that file to the hub, the operator's CLI, the lab clients or
 the node (settings: mqtt.password_file). Re-running is safe: users already in
 DIR/passwd keep their password, only missing users are added.
 
-NODE_ID must match [A-Za-z0-9_-]{1,64} and must not be hub, operator or client.
+NAME and NODE_ID must match [A-Za-z0-9_-]{1,64} and must not be hub, operator
+or client.
 
 Needs mosquitto_passwd (package mosquitto) and openssl. When run as root and a
 "mosquitto" group exists, DIR/passwd is made root:mosquitto mode 0640, because
@@ -30,22 +34,39 @@ die() {
     exit 1
 }
 
-if [[ $# -ge 1 && ( $1 == -h || $1 == --help ) ]]; then
-    usage
-    exit 0
-fi
+roles=(hub operator client)
+clients=()
+while [[ $# -gt 0 ]]; do
+    case $1 in
+        -h | --help) usage; exit 0 ;;
+        --client)
+            [[ $# -ge 2 ]] || die "--client needs a name"
+            clients+=("$2")
+            shift 2
+            ;;
+        --) shift; break ;;
+        -*) die "unknown option $1 (see --help)" ;;
+        *) break ;;
+    esac
+done
 [[ $# -ge 1 ]] || { usage >&2; exit 2; }
 
 dir=$1
 shift
-roles=(hub operator client)
 
-for node in "$@"; do
-    [[ $node =~ ^[A-Za-z0-9_-]{1,64}$ ]] \
-        || die "invalid node id '$node': use 1-64 characters from A-Z a-z 0-9 _ -"
+check_name() {
+    [[ $2 =~ ^[A-Za-z0-9_-]{1,64}$ ]] \
+        || die "invalid $1 '$2': use 1-64 characters from A-Z a-z 0-9 _ -"
+    local role
     for role in "${roles[@]}"; do
-        [[ $node != "$role" ]] || die "invalid node id '$node': it is the name of a role"
+        [[ $2 != "$role" ]] || die "invalid $1 '$2': it is the name of a role"
     done
+}
+for name in ${clients[@]+"${clients[@]}"}; do
+    check_name "client name" "$name"
+done
+for node in "$@"; do
+    check_name "node id" "$node"
 done
 
 passwd_cmd=$(command -v mosquitto_passwd || echo /usr/bin/mosquitto_passwd)
@@ -70,7 +91,7 @@ trap 'rm -rf "$work"' EXIT
 plain=$work/new
 
 added=()
-for user in "${roles[@]}" "$@"; do
+for user in "${roles[@]}" ${clients[@]+"${clients[@]}"} "$@"; do
     if has_user "$user"; then
         [[ -e $dir/secrets/$user.password ]] \
             || echo "mkusers.sh: note: $user is in $passwd but has no secrets file; its password is left as it is" >&2

@@ -11,9 +11,7 @@ from __future__ import annotations
 import getpass
 import importlib.util
 import os
-import shutil
 import signal
-import socket
 import subprocess
 import threading
 import time
@@ -41,29 +39,9 @@ WAIT_S = 10.0
 """Default bound of every wait for a message or an event (generous: CI machines are slow)."""
 
 
-def mosquitto_executable() -> str:
-    """Path of the mosquitto binary; fails the test (never skips) without one."""
-    found = shutil.which("mosquitto")
-    if found:
-        return found
-    if os.access("/usr/sbin/mosquitto", os.X_OK):
-        return "/usr/sbin/mosquitto"
-    pytest.fail(
-        "mosquitto not found: run `make test` (installs it) or apt-get install mosquitto",
-        pytrace=False,
-    )
-
-
-def free_port() -> int:
-    """A TCP port nobody listens on right now (the broker binds it soon after)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((HOST, 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
 def _load_broker_conf() -> Any:
-    """deploy/broker_conf.py as a module (deploy/ is not a package)."""
+    """deploy/broker_conf.py as a module (deploy/ is not a package): the one place
+    that renders the config, makes the broker's files, finds mosquitto and ports."""
     path = DEPLOY / "broker_conf.py"
     spec = importlib.util.spec_from_file_location("cellwatch_deploy_broker_conf", path)
     assert spec is not None and spec.loader is not None, f"cannot load {path}"
@@ -73,6 +51,23 @@ def _load_broker_conf() -> Any:
 
 
 _broker_conf = _load_broker_conf()
+
+
+def mosquitto_executable() -> str:
+    """Path of the mosquitto binary; fails the test (never skips) without one."""
+    found: str | None = _broker_conf.mosquitto_executable()
+    if found is None:
+        pytest.fail(
+            "mosquitto not found: run `make test` (installs it) or apt-get install mosquitto",
+            pytrace=False,
+        )
+    return found
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on right now (the broker binds it soon after)."""
+    port: int = _broker_conf.free_port(HOST)
+    return port
 
 
 def render_config(
@@ -90,13 +85,7 @@ def render_config(
 
 def run_script(name: str, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
     """Run deploy/NAME with bash; with check, a failure raises with the script's output."""
-    proc = subprocess.run(
-        ["bash", str(DEPLOY / name), *args],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    proc: subprocess.CompletedProcess[str] = _broker_conf.run_script(name, *args)
     if check and proc.returncode != 0:
         raise RuntimeError(
             f"deploy/{name} {' '.join(args)} failed with exit code {proc.returncode}:\n"
@@ -171,13 +160,13 @@ class Broker:
 
     # -- creation ------------------------------------------------------------
     @classmethod
-    def create(cls, dir: Path, nodes: Sequence[str] = DEFAULT_NODES) -> Broker:
-        """Users, ACL, certificates, config in dir; a started broker on free ports."""
+    def create(
+        cls, dir: Path, nodes: Sequence[str] = DEFAULT_NODES, clients: Sequence[str] = ()
+    ) -> Broker:
+        """Users, ACL, certificates, config in dir; a started broker on free ports.
+        clients: lab client users of their own (mkusers.sh/mkacl.sh --client)."""
         mosquitto_executable()
-        dir.mkdir(parents=True, exist_ok=True)
-        run_script("mkusers.sh", str(dir), *nodes)
-        run_script("mkacl.sh", str(dir), *nodes)
-        run_script("mkcerts.sh", str(dir), "localhost")
+        _broker_conf.make_files(dir, nodes, clients)
         attempts = 3
         for attempt in range(1, attempts + 1):
             broker = cls(dir=dir, port=free_port(), tls_port=free_port(), nodes=list(nodes))
@@ -283,26 +272,20 @@ class Broker:
             stdout=self._log,
             stderr=subprocess.STDOUT,
         )
-        deadline = time.monotonic() + START_TIMEOUT_S
-        pending = [self.port, self.tls_port]
-        while pending:
-            code = self._proc.poll()
-            if code is not None:
-                self._reap()
-                raise BrokerStartError(
-                    f"mosquitto exited with code {code} on start", self.log_text()
-                )
-            if time.monotonic() > deadline:
-                self.stop()
-                raise BrokerStartError(
-                    f"mosquitto did not listen on ports {pending} within {START_TIMEOUT_S:g} s",
-                    self.log_text(),
-                )
-            try:
-                with socket.create_connection((self.host, pending[0]), timeout=0.5):
-                    pending.pop(0)
-            except OSError:
-                time.sleep(0.02)
+        proc = self._proc
+        pending: list[int] = _broker_conf.wait_listening(
+            [self.port, self.tls_port], lambda: proc.poll() is None, START_TIMEOUT_S, self.host
+        )
+        code = proc.poll()
+        if code is not None:
+            self._reap()
+            raise BrokerStartError(f"mosquitto exited with code {code} on start", self.log_text())
+        if pending:
+            self.stop()
+            raise BrokerStartError(
+                f"mosquitto did not listen on ports {pending} within {START_TIMEOUT_S:g} s",
+                self.log_text(),
+            )
 
     def stop(self) -> None:
         """Stop mosquitto (SIGTERM, then SIGKILL); it saves its database on SIGTERM."""

@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -22,6 +21,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
+from tests.broker import free_port
 
 REPO = Path(__file__).resolve().parents[2]
 DEMO = REPO / "deploy" / "demo.py"
@@ -84,13 +85,6 @@ def recorded_alive(summary: dict[str, Any]) -> list[str]:
         for p in summary["processes"]
         if start_ticks(p["pid"]) == p["ticks"]
     ]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 @pytest.fixture(scope="module")

@@ -39,6 +39,7 @@ WRITES: dict[str, list[tuple[str, bool]]] = {
     ],
     "client": [
         (T.images("scope-1"), True),
+        (T.images("scope-1") + "/deeper", False),
         (T.node_images("node-1"), True),
         (T.desired("node-1"), False),
         (T.hub_api("x"), False),
@@ -85,7 +86,7 @@ READS: list[tuple[str, str, set[str]]] = [
     (T.results("scope-1"), "node-1", {"operator", "client"}),
     (T.replies("operator", "x"), "node-1", {"operator"}),
     (T.replies("client", "x"), "node-1", {"client"}),
-    (T.status("node-1"), "node-1", {"hub", "operator", "client"}),
+    (T.status("node-1"), "node-1", {"hub", "operator", "client", "node-1"}),
     (T.status("node-2"), "node-2", {"hub", "operator", "client"}),
     (T.telemetry("node-1"), "node-1", {"hub"}),
     (T.update("node-1"), "node-1", {"hub"}),

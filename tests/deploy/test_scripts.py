@@ -118,7 +118,7 @@ def test_mkacl_writes_one_block_per_node(tmp_path: Path) -> None:
     acl = (tmp_path / "acl").read_text()
     assert acl_users(tmp_path / "acl") == [*ROLES, "node-1", "node-2"]
     assert "pattern read cellwatch/replies/%u/#" in acl
-    assert "topic write cellwatch/nodes/node-1/status" in acl
+    assert "topic readwrite cellwatch/nodes/node-1/status" in acl
     # Node rules name the node: no pattern that would also apply to the other roles.
     assert [line for line in acl.splitlines() if line.startswith("pattern")] == [
         "pattern read cellwatch/replies/%u/#"
