@@ -23,6 +23,7 @@ from pydantic import Field, model_validator
 
 from cellwatch.node.engine import EngineConfig
 from cellwatch.shared.limits import (
+    DEFAULT_TELEMETRY_INTERVAL_S,
     FETCH_CHUNK_BYTES,
     MAX_FETCH_CHUNK_BYTES,
     MAX_IMAGE_BYTES,
@@ -110,7 +111,9 @@ class NodeSettings(CellwatchSettings):
     inference: InferenceSettings = Field(default_factory=InferenceSettings)
     updates: UpdateSettings = Field(default_factory=UpdateSettings)
     limits: LimitSettings = Field(default_factory=LimitSettings)
-    telemetry_interval_s: float = Field(10.0, gt=0, le=3600, description="telemetry period")
+    telemetry_interval_s: float = Field(
+        DEFAULT_TELEMETRY_INTERVAL_S, gt=0, le=3600, description="telemetry period"
+    )
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
     @model_validator(mode="after")

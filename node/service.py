@@ -269,6 +269,7 @@ class NodeService(Daemon):
             window_s=self.stats.window_s,
             processed=processed,
             errors=errors,
+            errors_by_code=self.stats.errors_by_code(),
             throughput_ips=round(ips, 3),
             latency_ms=latency,
             inflight=max(0, inflight),
@@ -403,7 +404,11 @@ class NodeService(Daemon):
                 "node %s: result for %s was not accepted by the broker", self.node_id, req.image_id
             )
         self.mqtt.ack(req.mid, req.qos, req.generation)
-        self.stats.finished(result.timings_ms.total, error=result.status == "error")
+        self.stats.finished(
+            result.timings_ms.total,
+            error=result.status == "error",
+            code=result.error.code if result.error else None,
+        )
         if result.status == "ok":
             log.debug(
                 "node %s: image %s -> %s %.3f",
