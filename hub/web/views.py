@@ -88,7 +88,7 @@ class Spark:
     points: str
     """SVG polyline points in a SPARK_W x SPARK_H box ("" when there is no data)."""
     title: str
-    last: float | None
+    low: float | None
     peak: float | None
 
 
@@ -119,7 +119,7 @@ def spark(ts: np.ndarray, values: np.ndarray, now: float, what: str, unit: str) 
         f"{what} over the last {minutes:.0f} min ({len(ts)} samples): "
         f"low {num(values.min(), 2)}, high {num(peak, 2)}, last {num(values[-1], 2)} {unit}"
     )
-    return Spark(points, title, float(values[-1]), peak)
+    return Spark(points, title, float(values.min()), peak)
 
 
 # -- nodes ----------------------------------------------------------------------------
