@@ -67,3 +67,10 @@ class Queries:
 
     def rollouts(self, limit: int = 50) -> RolloutList:
         return RolloutList(rollouts=[describe(r) for r in self.db.rollouts(limit=limit)])
+
+    def active_and_recent(self, recent: int) -> tuple[list[RolloutInfo], list[RolloutInfo]]:
+        """(every active rollout, the `recent` latest finished ones), newest first."""
+        active = [describe(r) for r in self.db.rollouts(active_only=True, limit=10_000)]
+        ids = {r.rollout_id for r in active}
+        latest = self.db.rollouts(limit=recent + len(active))
+        return active, [describe(r) for r in latest if r.rollout_id not in ids][:recent]

@@ -106,9 +106,7 @@ class Pages:
         now = time.time()
         q = self.reader.queries
         nodes = q.nodes(now).nodes
-        rollouts = q.rollouts(limit=50).rollouts
-        active = [r for r in rollouts if r.state in ("running", "paused", "rolling_back")]
-        recent = [r for r in rollouts if r not in active][:RECENT_ROLLOUTS]
+        active, recent = q.active_and_recent(RECENT_ROLLOUTS)
         rows = views.node_rows(nodes, self.reader.history.all_samples(now), now)
         online = [r for r in rows if r.state == NodeState.ONLINE]
         src = self.reader.sources

@@ -113,7 +113,7 @@ def spark(ts: np.ndarray, values: np.ndarray, now: float, what: str, unit: str) 
     if len(xs) == 1:  # one point: a short flat line, visible
         xs = np.array([max(xs[0] - 4, 0.0), xs[0]])
         ys = np.array([ys[0], ys[0]])
-    points = " ".join(f"{x:.1f},{y:.1f}" for x, y in zip(xs, ys, strict=True))
+    points = ("%.1f,%.1f " * len(xs) % tuple(np.column_stack([xs, ys]).ravel())).rstrip()
     minutes = span / 60
     title = (
         f"{what} over the last {minutes:.0f} min ({len(ts)} samples): "
@@ -220,7 +220,7 @@ class ModelRow:
     running: int
     metrics: list[MetricCell]
     n: int | None
-    """Sample size of the deployed metrics (None: not in the bundle)."""
+    """Sample size of the metrics (None: not in the bundle)."""
     with_intervals: bool
     """metrics are the agreed `metrics.deployed.metrics` (value + ci95)."""
 
@@ -269,26 +269,27 @@ def _leaves(value: Any, prefix: str = "") -> Iterable[tuple[str, Any]]:
     if isinstance(value, dict):
         for k, v in value.items():
             yield from _leaves(v, f"{prefix}{k}.")
-    elif isinstance(value, list) and not all(isinstance(x, int | float) for x in value):
-        for i, v in enumerate(value):
-            yield from _leaves(v, f"{prefix}{i}.")
     else:
         yield prefix[:-1], value
 
 
-def _generic(metrics: dict[str, Any]) -> list[MetricCell]:
+def _generic(metrics: dict[str, Any]) -> tuple[list[MetricCell], int | None]:
+    """The numbers among a bundle's metrics in another shape (e.g. today's
+    `{"evaluation": {...}}`), and its sample size if a leaf is called n."""
     cells: list[MetricCell] = []
+    n = None
     for name, value in _leaves(metrics):
+        number = _number(value)
+        if number is None:
+            continue  # labels, fingerprints, confusion matrices: see --json
+        if name.rsplit(".", 1)[-1] == "n" and isinstance(value, int):
+            n = value
+            continue
         if len(cells) == GENERIC_METRICS_MAX:
             cells.append(MetricCell("…", "more in `cellwatch-hub models --json`", None))
             break
-        number = _number(value)
-        if isinstance(value, list):
-            text = "[" + ", ".join(num(_number(x), 3) for x in value[:8]) + "]"
-        else:
-            text = f"{number:.4g}" if number is not None else short(value, 60)
-        cells.append(MetricCell(short(name, 48), text, None))
-    return cells
+        cells.append(MetricCell(short(name, 48), f"{number:.3f}", None))
+    return cells, n
 
 
 def model_rows(models: list[ModelInfo], nodes: list[NodeInfo]) -> list[ModelRow]:
@@ -300,9 +301,8 @@ def model_rows(models: list[ModelInfo], nodes: list[NodeInfo]) -> list[ModelRow]
             cells, n = deployed
             rows.append(ModelRow(m, running.get(m.manifest_sha256, 0), cells, n, True))
         else:
-            rows.append(
-                ModelRow(m, running.get(m.manifest_sha256, 0), _generic(m.metrics), None, False)
-            )
+            cells, n = _generic(m.metrics)
+            rows.append(ModelRow(m, running.get(m.manifest_sha256, 0), cells, n, False))
     return rows
 
 

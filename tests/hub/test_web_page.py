@@ -203,7 +203,8 @@ def test_models_show_metrics_with_intervals_and_provenance_badges(
     assert 'class="flag synthetic"' not in row4
     row5 = page[page.index('data-version="5.0.0"') :]
     row5 = row5[: row5.index("</tr>")]
-    assert "evaluation.accuracy</span> 0.75" in row5 and "evaluation.n</span> 40" in row5
+    assert "evaluation.accuracy</span> 0.750" in row5
+    assert "n = 40 images, no intervals in this bundle" in row5
     assert 'class="flag' not in row5
     api = {m["version"]: m for m in json.loads(get(hub, "/api/models").text)["models"]}
     assert (api["4.0.0"]["untrained"], api["4.0.0"]["degraded"]) == (True, True)
