@@ -130,10 +130,6 @@ class NodeRow:
     telemetry: dict[str, Any]
     spark: Spark
 
-    @property
-    def t(self) -> dict[str, Any]:
-        return self.telemetry
-
     def latency(self, q: str) -> Any:
         lat = self.telemetry.get("latency_ms")
         return lat.get(q) if isinstance(lat, dict) else None
