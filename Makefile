@@ -9,12 +9,12 @@ SRC_DIRS := node hub training shared
 PYTEST_ARGS ?=
 DEMO_DIR ?= demo-work
 
-.PHONY: help demo up down test lint typecheck pytest venv mosquitto clean
+.PHONY: help demo up down test lint typecheck pytest venv mosquitto chromium clean
 
 help:
 	@echo "make demo   - set up and run the whole system end to end (deploy/demo.py; CHECKPOINT=path optional)"
 	@echo "make up     - start broker, hub and one node with the demo configuration (make down stops them)"
-	@echo "make test   - set up (venv, Mosquitto) and run ruff, mypy and pytest"
+	@echo "make test   - set up (venv, Mosquitto, Chromium) and run ruff, mypy and pytest"
 	@echo "make lint / make typecheck / make pytest - the parts of make test"
 	@echo "make clean  - remove the virtualenv and caches"
 
@@ -38,6 +38,20 @@ mosquitto:
 	  exit 1; \
 	fi
 
+# Chromium and its WebDriver (Debian's chromium, chromium-driver) for the fleet page's
+# browser tests: installed with apt-get when missing and we are root; otherwise say how.
+chromium:
+	@if { command -v chromium >/dev/null 2>&1 || test -x /usr/bin/chromium; } && \
+	    { command -v chromedriver >/dev/null 2>&1 || test -x /usr/bin/chromedriver; }; then \
+	  :; \
+	elif [ "$$(id -u)" = "0" ] && command -v apt-get >/dev/null 2>&1; then \
+	  echo "installing chromium and chromium-driver with apt-get (browser tests)"; \
+	  apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium chromium-driver; \
+	else \
+	  echo "error: Chromium is not installed. Run: sudo apt-get install chromium chromium-driver" >&2; \
+	  exit 1; \
+	fi
+
 # mypy sees the sources under their import names (cellwatch.*) through links.
 .typecheck/cellwatch:
 	@mkdir -p .typecheck/cellwatch
@@ -51,7 +65,7 @@ typecheck: venv .typecheck/cellwatch
 	$(BIN)/mypy -p cellwatch
 	$(BIN)/mypy tests bench deploy/demo.py deploy/demolib
 
-pytest: venv mosquitto
+pytest: venv mosquitto chromium
 	$(BIN)/pytest -q $(PYTEST_ARGS)
 
 test: lint typecheck pytest

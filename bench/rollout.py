@@ -39,7 +39,7 @@ import paho.mqtt.client as paho
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.common import Broker, inception_bundle
 from cellwatch.hub.client import HubClient
-from cellwatch.hub.config import HubSettings
+from cellwatch.hub.config import HttpSettings, HubSettings
 from cellwatch.hub.service import HubService
 from cellwatch.shared.bundle import hash_files, write_manifest
 from cellwatch.shared.hubapi import RolloutStartArgs
@@ -210,7 +210,11 @@ def run(counts: list[int], size_mb: float, inception: bool) -> None:
     nodes = [f"node-{i}" for i in range(1, max(counts) + 1)]
     broker = Broker.create(work / "broker", nodes=nodes)
     settings = HubSettings(
-        mqtt=broker.settings("hub"), data_dir=work / "hub", trusted_keys=keys, tick_s=0.05
+        mqtt=broker.settings("hub"),
+        data_dir=work / "hub",
+        trusted_keys=keys,
+        tick_s=0.05,
+        http=HttpSettings(enabled=False),
     )
     hub = HubService(settings)
     hub.start()

@@ -60,6 +60,7 @@ from demolib.scenario import Demo
 from demolib.services import (
     BrokerInfo,
     cw,
+    fleet_url,
     make_credentials,
     make_signing_key,
     mqtt_settings,
@@ -123,7 +124,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         f"Working directory: [bold]{escape(shown(layout.root))}[/bold] "
         "(everything the demo makes goes there; Ctrl-C stops it cleanly)"
     )
-    demo = Demo(layout, profile, checkpoint)
+    if args.http_port and not port_free(args.http_port):
+        raise DemoError(f"port {args.http_port} is in use: choose another with --http-port N")
+    demo = Demo(layout, profile, checkpoint, http_port=args.http_port)
     atexit.register(demo.group.stop_all)
     install_signal_handlers()
     code = 1
@@ -151,15 +154,15 @@ def cmd_up(args: argparse.Namespace) -> int:
     """Broker on fixed ports, hub, one node: for typing the README's examples by hand."""
     layout = prepare_workdir(args.workdir, fresh=False)
     setup_logging(layout)
-    for port in (args.port, args.tls_port):
+    for port in (args.port, args.tls_port, args.http_port):
         if not port_free(port):
             raise DemoError(
-                f"port {port} is already in use (another Mosquitto? `sudo systemctl stop "
-                f"mosquitto`, `make down`, or choose others: python deploy/demo.py up --port N "
-                "--tls-port M)"
+                f"port {port} is already in use (another Mosquitto or hub? `sudo systemctl "
+                f"stop mosquitto`, `make down`, or choose others: python deploy/demo.py up "
+                "--port N --tls-port M --http-port H)"
             )
     console.print(f"Working directory: [bold]{escape(shown(layout.root))}[/bold]")
-    demo = Demo(layout, QUICK, None, attached=False)
+    demo = Demo(layout, QUICK, None, attached=False, http_port=args.http_port)
     install_signal_handlers()
     try:
         make_credentials(layout, UP_NODES)
@@ -171,11 +174,11 @@ def cmd_up(args: argparse.Namespace) -> int:
         demo.broker = broker
         demo._client = DemoClient(mqtt_settings(layout, broker, "client"), demo.topics)
         demo.client.connect()
-        write_hub_toml(layout, broker)
+        write_hub_toml(layout, broker, demo.http_port)
         demo._hub = Hub(demo.group, layout, broker)
         demo.hub.serve()
         demo.hub.wait_for("that it is ready", lambda nodes: True)
-        done("hub running")
+        done(f"hub running; fleet page {fleet_url(demo.http_port)}")
         bundles = sorted(layout.root.glob("bundles/*/manifest.json"))
         if not bundles:
             doing("no bundle from an earlier `make demo` here: training a quick one (1 epoch)")
@@ -200,7 +203,7 @@ def cmd_up(args: argparse.Namespace) -> int:
             raise DemoError(f"{node} did not come online; see {shown(layout.logs)}/")
         done(f"{node} online, serving {demo.client.serving(node) or 'no model'}")
         demo.client.close()
-        print_cheatsheet(layout, broker)
+        print_cheatsheet(layout, broker, demo.http_port)
         demo.group.detach()
         return 0
     except BaseException:
@@ -209,17 +212,23 @@ def cmd_up(args: argparse.Namespace) -> int:
         raise
 
 
-def print_cheatsheet(layout: Layout, broker: BrokerInfo) -> None:
+def print_cheatsheet(layout: Layout, broker: BrokerInfo, http_port: int) -> None:
     w = shown(layout.root)
     images = sorted(layout.data.glob("*_1.*")) or sorted(layout.data.glob("*"))
     image = shown(images[0]) if images else "smear.jpg"
     pw = f'"$(cat {shown(layout.secret("client"))})"'
+    url = fleet_url(http_port)
     console.print()
     console.rule("[bold]Running: broker, hub and node-1. Try it by hand", align="left")
     print(
         f"""\
 Broker: {HOST}:{broker.port} (plain, loopback) and localhost:{broker.tls_port} (TLS, CA \
 {w}/broker/certs/ca.crt); passwords in {w}/broker/secrets/
+
+Fleet page (live, read-only): {url}
+# Prometheus metrics and the JSON the CLI's --json prints
+curl -s {url.removeprefix("http://")}metrics | grep cellwatch_
+curl -s {url}api/nodes
 
 # classify an image (MQTT v5 request/response)
 mosquitto_sub -V mqttv5 -p {broker.port} -u client -P {pw} -t 'cellwatch/replies/client/#' -C 1 &
@@ -277,6 +286,15 @@ def main(argv: list[str] | None = None) -> int:
     )
     p_up.add_argument("--port", type=int, default=1883, help="plain MQTT port [default: 1883]")
     p_up.add_argument("--tls-port", type=int, default=8883, help="TLS port [default: 8883]")
+    p_up.add_argument(
+        "--http-port", type=int, default=8321, help="the hub's fleet page [default: 8321]"
+    )
+    p_run.add_argument(
+        "--http-port",
+        type=int,
+        default=0,
+        help="the hub's fleet page [default: any free port; the URL is printed]",
+    )
     args = parser.parse_args(argv)
     handlers: dict[str, Callable[[argparse.Namespace], int]] = {
         "run": cmd_run,

@@ -25,18 +25,16 @@ from cellwatch.hub.errors import ApiFailure
 from cellwatch.hub.fetch import FetchServer
 from cellwatch.hub.fleet import Fleet
 from cellwatch.hub.orchestrator import Orchestrator
+from cellwatch.hub.queries import Queries
 from cellwatch.hub.registry import Registry
 from cellwatch.shared.hubapi import (
     ModelsArgs,
-    ModelsReply,
     NoArgs,
-    NodesReply,
     PushBeginArgs,
     PushCommitArgs,
     RolloutIdArgs,
     RolloutStartArgs,
     RolloutStatusArgs,
-    StatsReply,
 )
 from cellwatch.shared.limits import MAX_API_REQUEST_BYTES
 from cellwatch.shared.schemas import ApiError, ApiReply, ApiRequest
@@ -72,15 +70,14 @@ class Api:
     ) -> None:
         self.db = db
         self.started_at = datetime.now(UTC)
+        self.queries = q = Queries(db, fleet, fetch, self.started_at)
         reg, orch = registry, orchestrator
         self.verbs: dict[str, Verb] = {
             "push.begin": Verb(PushBeginArgs, lambda a, now: reg.begin(a)),
             "push.commit": Verb(PushCommitArgs, reg.commit, mutating=True),
-            "models": Verb(ModelsArgs, lambda a, now: ModelsReply(models=reg.models(a.name))),
-            "nodes": Verb(
-                NoArgs, lambda a, now: NodesReply(nodes=fleet.infos(fetch.served_by_node()))
-            ),
-            "stats": Verb(NoArgs, lambda a, now: self._stats(fetch)),
+            "models": Verb(ModelsArgs, lambda a, now: q.models(a.name)),
+            "nodes": Verb(NoArgs, lambda a, now: q.nodes(now)),
+            "stats": Verb(NoArgs, lambda a, now: q.stats()),
             "rollout.start": Verb(RolloutStartArgs, orch.start, mutating=True),
             "rollout.status": Verb(RolloutStatusArgs, lambda a, now: orch.status(a.rollout_id)),
             "rollout.list": Verb(NoArgs, lambda a, now: orch.recent()),
@@ -97,18 +94,6 @@ class Api:
                 RolloutIdArgs, lambda a, now: orch.rollback(a.rollout_id, now), mutating=True
             ),
         }
-
-    def _stats(self, fetch: FetchServer) -> StatsReply:
-        by_node = fetch.served_by_node()
-        return StatsReply(
-            started_at=self.started_at,
-            fetch_requests=fetch.requests,
-            fetch_errors=fetch.errors,
-            bytes_served=sum(by_node.values()),
-            bytes_by_node=by_node,
-            bytes_by_bundle=fetch.served_by_bundle(),
-            bytes_by_node_bundle=fetch.served(),
-        )
 
     def handle(self, verb: str, payload: bytes, now: float) -> ApiReply:
         """Answer one request; never raises for anything a caller can send."""

@@ -22,6 +22,7 @@ from rich.progress import BarColumn, DownloadColumn, Progress, TransferSpeedColu
 from cellwatch.hub import render
 from cellwatch.hub.client import HubClient
 from cellwatch.hub.config import HubSettings, OperatorSettings
+from cellwatch.hub.queries import as_json as json_text
 from cellwatch.hub.service import HubService
 from cellwatch.shared.cli import friendly_errors, run_until_signalled, setup_logging
 from cellwatch.shared.hubapi import RolloutInfo, RolloutStartArgs
@@ -109,8 +110,7 @@ def operator(func: Callable[..., None]) -> Callable[..., None]:
 
 def emit(as_json: bool, data: BaseModel | dict[str, Any], view: RenderableType) -> None:
     if as_json:
-        payload = data.model_dump(mode="json") if isinstance(data, BaseModel) else data
-        click.echo(json.dumps(payload, indent=2))
+        click.echo(json_text(data))
     else:
         _console().print(view)
 

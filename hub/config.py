@@ -13,10 +13,13 @@ Example (every field has a default):
     waves = "1,25%,100%"
     max_failures = "0"
     node_timeout_s = 900
+    [http]
+    listen = "127.0.0.1:8321"                   # the fleet page, /api/... and /metrics
 """
 
 from __future__ import annotations
 
+import ipaddress
 from pathlib import Path
 from typing import Literal
 
@@ -61,6 +64,74 @@ class RolloutDefaults(Section):
         return value
 
 
+DEFAULT_HTTP_LISTEN = "127.0.0.1:8321"
+
+
+def split_listen(listen: str) -> tuple[str, int]:
+    """("host", port) of `host:port` or `[v6]:port`; ValueError if malformed."""
+    host, sep, port_text = listen.rpartition(":")
+    if not sep or not host or not port_text.isdigit():
+        raise ValueError(f"{listen!r}: use HOST:PORT, e.g. 127.0.0.1:8321 or [::1]:8321")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    port = int(port_text)
+    if port > 65535:
+        raise ValueError(f"{listen!r}: port {port} is over 65535")
+    return host, port
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # a host name: it may resolve to anything
+
+
+class HttpSettings(Section):
+    """The read-only HTTP server: fleet page, /api/... JSON, Prometheus /metrics."""
+
+    enabled: bool = Field(True, description="serve the fleet page, /api and /metrics")
+    listen: str = Field(
+        DEFAULT_HTTP_LISTEN, description="HOST:PORT to listen on (port 0: any free port)"
+    )
+    token_file: Path | None = Field(
+        None,
+        description="file holding a bearer token: every request must then send "
+        "`Authorization: Bearer TOKEN`; required to listen off loopback",
+    )
+    allowed_hosts: list[str] = Field(
+        default_factory=list,
+        description="Host headers accepted (e.g. a reverse proxy's name); default: the "
+        "loopback names when listening on loopback (against DNS rebinding), any otherwise",
+    )
+
+    @field_validator("listen")
+    @classmethod
+    def _listen(cls, value: str) -> str:
+        split_listen(value)
+        return value
+
+    @model_validator(mode="after")
+    def _token_off_loopback(self) -> HttpSettings:
+        host, _ = split_listen(self.listen)
+        if self.enabled and not is_loopback(host) and self.token_file is None:
+            raise ValueError(
+                f"listen {self.listen} is not a loopback address: set token_file too "
+                "(every request then needs Authorization: Bearer), or listen on 127.0.0.1"
+            )
+        return self
+
+    @property
+    def host(self) -> str:
+        return split_listen(self.listen)[0]
+
+    @property
+    def port(self) -> int:
+        return split_listen(self.listen)[1]
+
+
 class HubSettings(CellwatchSettings):
     mqtt: MqttSettings = Field(default_factory=MqttSettings)
     data_dir: Path = Field(
@@ -80,6 +151,7 @@ class HubSettings(CellwatchSettings):
     )
     fetch_workers: int = Field(2, ge=1, le=32, description="threads serving bundle chunks")
     rollout: RolloutDefaults = Field(default_factory=RolloutDefaults)
+    http: HttpSettings = Field(default_factory=HttpSettings)
     tick_s: float = Field(
         1.0, gt=0, le=60, description="period of the rollout engine (timeouts, next waves)"
     )

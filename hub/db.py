@@ -1,8 +1,10 @@
-"""The hub's SQLite database (WAL): models, nodes, rollouts and their targets, and
-the replies of mutating API calls (so a repeated request_id gets the same answer).
+"""The hub's SQLite database (WAL): models, nodes, rollouts, their targets and
+events, and the replies of mutating API calls (so a repeated request_id gets the
+same answer).
 
 Times are seconds since the epoch (REAL). One connection, guarded by a lock; every
-write is one transaction.
+write is one transaction. The HTTP server reads through a read-only connection of
+its own (`Database(path, readonly=True)`): WAL readers never wait for the writer.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from typing import Any
 from cellwatch.hub.errors import HubError
 from cellwatch.hub.rollout import ModelKey, Policy, Rollout, RolloutState, Target, TargetState
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 REPLY_RETENTION_S = 7 * 24 * 3600
 
 SCHEMA = """
@@ -34,6 +36,7 @@ CREATE TABLE IF NOT EXISTS models (
     metrics TEXT NOT NULL,
     created_at TEXT NOT NULL,
     pushed_at REAL NOT NULL,
+    provenance TEXT NOT NULL DEFAULT '{}',
     UNIQUE (name, version)
 );
 CREATE TABLE IF NOT EXISTS nodes (
@@ -91,6 +94,13 @@ CREATE TABLE IF NOT EXISTS targets (
     PRIMARY KEY (rollout_id, node_id)
 );
 CREATE INDEX IF NOT EXISTS targets_node ON targets (node_id);
+CREATE TABLE IF NOT EXISTS rollout_events (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    rollout_id TEXT NOT NULL REFERENCES rollouts (rollout_id),
+    ts REAL NOT NULL,
+    text TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS rollout_events_rollout ON rollout_events (rollout_id, seq);
 CREATE TABLE IF NOT EXISTS api_replies (
     request_id TEXT PRIMARY KEY,
     verb TEXT NOT NULL,
@@ -98,6 +108,10 @@ CREATE TABLE IF NOT EXISTS api_replies (
     created_at REAL NOT NULL
 );
 """
+MIGRATIONS = {
+    # schema 1 -> 2: the manifest's provenance (badges), rollout events (CREATE above)
+    1: "ALTER TABLE models ADD COLUMN provenance TEXT NOT NULL DEFAULT '{}';",
+}
 
 
 @dataclass
@@ -125,25 +139,64 @@ class ModelRecord:
     metrics: dict[str, Any]
     created_at: str
     pushed_at: float
+    provenance: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class RolloutEvent:
+    ts: float
+    text: str
+
+
+@dataclass(frozen=True)
+class TargetRecord:
+    """One node's part in one rollout (the per-node page's history)."""
+
+    rollout_id: str
+    model: ModelKey
+    phase: str
+    state: str
+    progress: float
+    error_code: str | None
+    error_message: str | None
+    updated_at: float
 
 
 class Database:
-    def __init__(self, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
+    def __init__(self, path: Path, *, readonly: bool = False) -> None:
+        """Open (and create or migrate) the database; `readonly`: a reader of a database
+        a hub already opened (no schema changes, no writes)."""
         try:
-            self._conn = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+            if readonly:
+                self._conn = sqlite3.connect(
+                    f"{path.resolve().as_uri()}?mode=ro",
+                    uri=True,
+                    check_same_thread=False,
+                    isolation_level=None,
+                )
+                self._conn.execute("PRAGMA query_only=ON")
+            else:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                self._conn = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+                self._conn.execute("PRAGMA journal_mode=WAL")
+                self._conn.execute("PRAGMA synchronous=NORMAL")
+                self._conn.execute("PRAGMA foreign_keys=ON")
             self._conn.row_factory = sqlite3.Row
-            self._conn.execute("PRAGMA journal_mode=WAL")
-            self._conn.execute("PRAGMA synchronous=NORMAL")
-            self._conn.execute("PRAGMA foreign_keys=ON")
             version = self._conn.execute("PRAGMA user_version").fetchone()[0]
-            if version > SCHEMA_VERSION:
+            if version > SCHEMA_VERSION or (readonly and version != SCHEMA_VERSION):
                 raise HubError(f"{path} has schema {version}; this hub knows {SCHEMA_VERSION}")
-            self._conn.executescript(SCHEMA)
-            self._conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+            if not readonly:
+                self._migrate(version)
         except sqlite3.Error as exc:
             raise HubError(f"cannot open the hub database {path}: {exc}") from exc
         self._lock = threading.RLock()
+
+    def _migrate(self, version: int) -> None:
+        if version:  # an existing database: bring it up to date first
+            for step in range(version, SCHEMA_VERSION):
+                self._conn.executescript(MIGRATIONS[step])
+        self._conn.executescript(SCHEMA)
+        self._conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
 
     def close(self) -> None:
         with self._lock:
@@ -168,7 +221,9 @@ class Database:
     def add_model(self, m: ModelRecord) -> None:
         with self._tx() as c:
             c.execute(
-                "INSERT OR IGNORE INTO models VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                "INSERT OR IGNORE INTO models (manifest_sha256, name, version, size, precision, "
+                "signer, metrics, created_at, pushed_at, provenance) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     m.manifest_sha256,
                     m.name,
@@ -179,7 +234,15 @@ class Database:
                     json.dumps(m.metrics),
                     m.created_at,
                     m.pushed_at,
+                    json.dumps(m.provenance),
                 ),
+            )
+
+    def set_provenance(self, sha: str, provenance: dict[str, Any]) -> None:
+        with self._tx() as c:
+            c.execute(
+                "UPDATE models SET provenance = ? WHERE manifest_sha256 = ?",
+                (json.dumps(provenance), sha),
             )
 
     def model(self, name: str, version: str) -> ModelRecord | None:
@@ -234,7 +297,8 @@ class Database:
             c.execute("INSERT OR REPLACE INTO meta VALUES ('rollout_seq', ?)", (str(seq),))
         return f"r{seq}"
 
-    def save_rollout(self, r: Rollout) -> None:
+    def save_rollout(self, r: Rollout, events: list[str] | None = None, now: float = 0.0) -> None:
+        """Store the rollout and its targets, and append events (at now) in one go."""
         p = r.policy
         seq = int(r.rollout_id[1:]) if r.rollout_id[1:].isdigit() else None
         with self._tx() as c:
@@ -287,6 +351,43 @@ class Database:
                         int(t.confirmed),
                     ),
                 )
+            c.executemany(
+                "INSERT INTO rollout_events (rollout_id, ts, text) VALUES (?, ?, ?)",
+                [(r.rollout_id, now, text) for text in events or ()],
+            )
+
+    def rollout_events(self, rollout_id: str) -> list[RolloutEvent]:
+        rows = self._rows(
+            "SELECT ts, text FROM rollout_events WHERE rollout_id = ? ORDER BY seq", rollout_id
+        )
+        return [RolloutEvent(r["ts"], r["text"]) for r in rows]
+
+    def rollout_states(self) -> dict[str, int]:
+        """Number of rollouts in each state."""
+        rows = self._rows("SELECT state, count(*) AS n FROM rollouts GROUP BY state")
+        return {r["state"]: r["n"] for r in rows}
+
+    def targets_of(self, node_id: str, limit: int = 20) -> list[TargetRecord]:
+        """The node's part in its latest rollouts, newest first."""
+        rows = self._rows(
+            "SELECT t.*, r.model_name, r.model_version, r.model_sha256 FROM targets t "
+            "JOIN rollouts r USING (rollout_id) WHERE t.node_id = ? ORDER BY r.seq DESC LIMIT ?",
+            node_id,
+            limit,
+        )
+        return [
+            TargetRecord(
+                rollout_id=t["rollout_id"],
+                model=ModelKey(t["model_name"], t["model_version"], t["model_sha256"]),
+                phase=t["phase"],
+                state=t["state"],
+                progress=t["progress"],
+                error_code=t["error_code"],
+                error_message=t["error_message"],
+                updated_at=t["updated_at"],
+            )
+            for t in rows
+        ]
 
     def rollout(self, rollout_id: str) -> Rollout | None:
         rows = self._rows("SELECT * FROM rollouts WHERE rollout_id = ?", rollout_id)
@@ -368,6 +469,7 @@ def _model(r: sqlite3.Row) -> ModelRecord:
         metrics=json.loads(r["metrics"]),
         created_at=r["created_at"],
         pushed_at=r["pushed_at"],
+        provenance=json.loads(r["provenance"]),
     )
 
 

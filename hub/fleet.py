@@ -4,6 +4,11 @@ status topics, telemetry and update reports (DESIGN.md, Topics).
 A status whose boot_id differs from the newest one seen for that node and whose
 `since` is older is a late Will of an earlier process: it is ignored. An offline
 status keeps the model last known (a Will is written before a model is loaded).
+
+A node is shown `stale` when its last status said online but nothing came from it
+(status, telemetry, update report) for STALE_AFTER_INTERVALS of its telemetry
+intervals: computed when asked, from last_seen, with no timer. Telemetry also
+feeds the in-memory history of the fleet page's sparklines (hub/history.py).
 """
 
 from __future__ import annotations
@@ -13,8 +18,10 @@ from datetime import UTC, datetime
 
 from cellwatch.hub.db import Database, NodeRecord
 from cellwatch.hub.errors import ApiFailure
+from cellwatch.hub.history import TelemetryHistory
 from cellwatch.hub.rollout import ModelKey, NodeView
-from cellwatch.shared.hubapi import NodeInfo
+from cellwatch.shared.hubapi import NodeInfo, NodeState
+from cellwatch.shared.limits import DEFAULT_TELEMETRY_INTERVAL_S, STALE_AFTER_INTERVALS
 from cellwatch.shared.schemas import ModelRef, NodeStatus, Telemetry, UpdateReport, UpdateState
 from cellwatch.shared.topics import is_valid_name
 
@@ -25,9 +32,32 @@ def _ts(value: float | None) -> datetime | None:
     return datetime.fromtimestamp(value, UTC) if value is not None else None
 
 
+def telemetry_interval(rec: NodeRecord) -> float:
+    """The node's telemetry period: its last Telemetry's window_s, or the default."""
+    window = (rec.telemetry or {}).get("window_s")
+    return (
+        float(window)
+        if isinstance(window, int | float) and window > 0
+        else (DEFAULT_TELEMETRY_INTERVAL_S)
+    )
+
+
+def node_state(rec: NodeRecord, now: float) -> NodeState:
+    """What the hub says of the node at `now` (see the module docstring)."""
+    if rec.state == NodeState.CONFLICT:
+        return NodeState.CONFLICT
+    if rec.state != NodeState.ONLINE:
+        return NodeState.OFFLINE
+    silent = now - rec.last_seen if rec.last_seen is not None else 0.0
+    if silent > STALE_AFTER_INTERVALS * telemetry_interval(rec):
+        return NodeState.STALE
+    return NodeState.ONLINE
+
+
 class Fleet:
-    def __init__(self, db: Database) -> None:
+    def __init__(self, db: Database, history: TelemetryHistory | None = None) -> None:
         self.db = db
+        self.history = history if history is not None else TelemetryHistory()
 
     def on_status(self, status: NodeStatus, now: float) -> bool:
         """Record a status; False if it was a stale one (older boot) and ignored."""
@@ -65,6 +95,7 @@ class Fleet:
         rec.telemetry = t.model_dump(mode="json", by_alias=True)
         rec.last_seen = now
         self.db.save_node(rec)
+        self.history.add(t, now)
 
     def on_update(self, node_id: str, report: UpdateReport, now: float) -> None:
         rec = self.db.node(node_id) or NodeRecord(node_id, state="online")
@@ -109,11 +140,11 @@ class Fleet:
             "bad_request", f"target {target!r}: use all, group:GROUP or node:ID[,ID...]"
         )
 
-    def infos(self, bytes_by_node: dict[str, int]) -> list[NodeInfo]:
+    def infos(self, bytes_by_node: dict[str, int], now: float) -> list[NodeInfo]:
         return [
             NodeInfo(
                 node_id=n.node_id,
-                state="online" if n.state == "online" else "offline",
+                state=node_state(n, now),
                 boot_id=n.boot_id,
                 since=_ts(n.since),
                 last_seen=_ts(n.last_seen),

@@ -9,6 +9,7 @@ broker had not acknowledged (timers continue from the stored timestamps).
 from __future__ import annotations
 
 import logging
+import time
 from collections import Counter
 from collections.abc import Callable
 from datetime import UTC, datetime
@@ -297,7 +298,7 @@ class Orchestrator:
                 self._apply(r, desired)
 
     def _apply(self, r: Rollout, desired: list[Desired]) -> None:
-        self.db.save_rollout(r)
+        self.db.save_rollout(r, r.events, time.time())
         for event in r.events:
             log.info("rollout %s: %s", r.rollout_id, event)
         r.events.clear()

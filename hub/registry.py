@@ -22,6 +22,7 @@ import hashlib
 import logging
 import re
 from datetime import UTC, datetime
+from typing import Any
 
 from cellwatch.hub.db import Database, ModelRecord
 from cellwatch.hub.errors import ApiFailure, StoreError
@@ -47,6 +48,18 @@ MAX_UPLOAD_CHUNK_BYTES = MAX_FETCH_CHUNK_BYTES
 _SHA_RE = re.compile(r"^[0-9a-f]{64}$")
 
 
+def provenance_badges(provenance: dict[str, Any]) -> dict[str, bool]:
+    """ModelInfo's synthetic / untrained / degraded from the manifest's provenance:
+    `synthetic: true`; `base_checkpoint: null` (trained from random weights);
+    `gate.overridden: true` (released although its quality gate failed)."""
+    gate = provenance.get("gate")
+    return {
+        "synthetic": provenance.get("synthetic") is True,
+        "untrained": "base_checkpoint" in provenance and provenance["base_checkpoint"] is None,
+        "degraded": isinstance(gate, dict) and gate.get("overridden") is True,
+    }
+
+
 def model_info(m: ModelRecord) -> ModelInfo:
     return ModelInfo(
         name=m.name,
@@ -58,6 +71,7 @@ def model_info(m: ModelRecord) -> ModelInfo:
         metrics=m.metrics,
         created_at=datetime.fromisoformat(m.created_at),
         pushed_at=datetime.fromtimestamp(m.pushed_at, UTC),
+        **provenance_badges(m.provenance),
     )
 
 
@@ -77,6 +91,21 @@ class Registry:
         self.trusted = trusted
         self.allow_unsigned = allow_unsigned
         self._manifests: dict[str, Manifest] = {}
+        self._backfill_provenance()
+
+    def _backfill_provenance(self) -> None:
+        """Models stored before the database kept provenance: read it from the store."""
+        for m in self.db.models():
+            if m.provenance or not self.store.has(m.manifest_sha256):
+                continue
+            try:
+                path = self.store.path(m.manifest_sha256) / MANIFEST_FILE
+                manifest = parse_manifest(path.read_bytes())
+            except (BundleError, OSError) as exc:
+                log.warning("registry: %s %s: cannot read its manifest: %s", m.name, m.version, exc)
+                continue
+            if manifest.provenance:
+                self.db.set_provenance(m.manifest_sha256, manifest.provenance)
 
     # -- queries -------------------------------------------------------------------------
     def models(self, name: str | None = None) -> list[ModelInfo]:
@@ -179,6 +208,7 @@ class Registry:
             metrics=bundle.manifest.metrics,
             created_at=bundle.manifest.created_at.isoformat(),
             pushed_at=now,
+            provenance=bundle.manifest.provenance,
         )
         self.db.add_model(record)
         log.info("push: %s stored (signer %s)", bundle, bundle.signer or "none")

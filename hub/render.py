@@ -21,6 +21,10 @@ STATE_STYLES = {
     "paused": "yellow",
     "rolling_back": "yellow",
     "waiting": "dim",
+    "online": "green",
+    "stale": "yellow",
+    "conflict": "bold red",
+    "offline": "dim",
 }
 STATE_ORDER = (
     "waiting",
@@ -98,7 +102,7 @@ def nodes_table(nodes: list[NodeInfo]) -> RenderableType:
     for n in nodes:
         table.add_row(
             n.node_id,
-            Text(n.state, style="green" if n.state == "online" else "dim"),
+            _state(n.state),
             n.model.name if n.model else "-",
             n.model.version if n.model else "-",
             ",".join(n.tags) or "-",

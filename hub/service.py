@@ -6,7 +6,10 @@ changes state, in order (API calls, uploads, node status/telemetry/update
 reports, desired acknowledgements) and ticks the rollout engine every `tick_s`
 (and right after each fleet message). Messages are acknowledged to the broker
 after they were handled (persistent session, so reports sent while the hub was
-down arrive when it is back).
+down arrive when it is back). With `[http] enabled`, the `hub-http` thread serves
+the read-only fleet page, /api and /metrics (hub/web/): it reads the database
+through its own connection and the thread-safe snapshots below, never a lock the
+network or control thread waits on.
 """
 
 from __future__ import annotations
@@ -15,14 +18,16 @@ import logging
 import queue
 import time
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import paho.mqtt.client as paho
 from pydantic import ValidationError
 
 from cellwatch.hub.api import Api, error_reply
 from cellwatch.hub.config import HubSettings
+from cellwatch.hub.counters import DropReason, HubCounters
 from cellwatch.hub.db import Database
-from cellwatch.hub.errors import ApiFailure
+from cellwatch.hub.errors import ApiFailure, HubError
 from cellwatch.hub.fetch import FetchServer, props_of
 from cellwatch.hub.fleet import Fleet
 from cellwatch.hub.orchestrator import Orchestrator
@@ -44,6 +49,9 @@ from cellwatch.shared.schemas import (
 )
 from cellwatch.shared.signing import TrustedKeys
 from cellwatch.shared.topics import Topics
+
+if TYPE_CHECKING:
+    from cellwatch.hub.web.server import HttpServer
 
 log = logging.getLogger(__name__)
 
@@ -99,11 +107,19 @@ class HubService(Daemon):
         self._fetch: queue.Queue[tuple[paho.MQTTMessage, int] | None] = queue.Queue(
             maxsize=FETCH_QUEUE
         )
+        self.counters = HubCounters()
+        self.http: HttpServer | None = None
 
     # -- lifecycle ---------------------------------------------------------------------
     def start(self) -> None:
-        """Reload the rollouts, connect (MqttError if the broker refuses) and serve."""
+        """Reload the rollouts, listen (HubError if it cannot), connect (MqttError if the
+        broker refuses) and serve."""
         self.orchestrator.load()
+        try:
+            self._start_http()
+        except HubError:
+            self.db.close()
+            raise
         self._spawn(self._control_loop, "control")
         for i in range(self.settings.fetch_workers):
             self._spawn(self._fetch_loop, f"fetch-{i}")
@@ -111,6 +127,7 @@ class HubService(Daemon):
             self.mqtt.connect()
         except MqttError:
             self._stop_threads()
+            self._stop_http()
             self.db.close()
             raise
         # The broker handles one connection's packets in order: once this publish is
@@ -127,10 +144,33 @@ class HubService(Daemon):
     def join(self) -> None:
         """Finish the queued work, disconnect and close the database."""
         self._stop.set()
+        self._stop_http()
         self.mqtt.disconnect()
         self._stop_threads()
         self.db.close()
         log.info("hub: stopped")
+
+    def _start_http(self) -> None:
+        if not self.settings.http.enabled:
+            return
+        # Imported here: the operator's commands (same CLI) need no HTTP stack.
+        from cellwatch.hub.web.reader import HubSources
+        from cellwatch.hub.web.server import HttpServer
+
+        sources = HubSources(
+            db_path=self.settings.db_path,
+            history=self.fleet.history,
+            fetch=self.fetch,
+            counters=self.counters,
+            control_depth=self._control.qsize,
+            started_at=self.api.started_at,
+        )
+        self.http = HttpServer(self.settings.http, sources)
+        self.http.start()
+
+    def _stop_http(self) -> None:
+        if self.http is not None:
+            self.http.stop()
 
     def _stop_threads(self) -> None:
         self._stop.set()
@@ -148,6 +188,7 @@ class HubService(Daemon):
             try:
                 self._fetch.put_nowait(item)
             except queue.Full:
+                self.counters.dropped(DropReason.FETCH_QUEUE_FULL)
                 log.warning("fetch: queue full, dropping a request (the node asks again)")
                 self.mqtt.ack(msg.mid, msg.qos, item[1])
             return
@@ -227,13 +268,16 @@ class HubService(Daemon):
                 self.fleet.on_update(node_id, report, now)
                 self.orchestrator.on_report(node_id, report, now)
         except ValidationError as exc:
-            log.warning("node %s: malformed %s ignored: %s", node_id, leaf, exc.errors()[0]["msg"])
+            self.counters.dropped(DropReason.MALFORMED)
+            err = exc.errors()[0]
+            where = ".".join(str(p) for p in err["loc"])
+            log.warning("node %s: malformed %s ignored: %s: %s", node_id, leaf, where, err["msg"])
             return False
         return True
 
-    @staticmethod
-    def _same_node(topic_node: str, payload_node: str, leaf: str) -> bool:
+    def _same_node(self, topic_node: str, payload_node: str, leaf: str) -> bool:
         if topic_node != payload_node:
+            self.counters.dropped(DropReason.WRONG_NODE)
             log.warning("node %s: %s names node %s: ignored", topic_node, leaf, payload_node)
             return False
         return True

@@ -24,6 +24,7 @@ from pydantic import Field, model_validator
 
 from cellwatch.node.engine import EngineConfig
 from cellwatch.shared.limits import (
+    DEFAULT_TELEMETRY_INTERVAL_S,
     FETCH_CHUNK_BYTES,
     MAX_DECODED_BYTES,
     MAX_FETCH_CHUNK_BYTES,
@@ -143,7 +144,9 @@ class NodeSettings(CellwatchSettings):
     inference: InferenceSettings = Field(default_factory=InferenceSettings)
     updates: UpdateSettings = Field(default_factory=UpdateSettings)
     limits: LimitSettings = Field(default_factory=LimitSettings)
-    telemetry_interval_s: float = Field(10.0, gt=0, le=3600, description="telemetry period")
+    telemetry_interval_s: float = Field(
+        DEFAULT_TELEMETRY_INTERVAL_S, gt=0, le=3600, description="telemetry period"
+    )
     state_dir: Path | None = Field(
         None,
         description="the journal of images in progress (poison images); default "

@@ -276,7 +276,11 @@ class ImagePipeline:
             )
         req.ack()
         self._release(req)
-        self.stats.finished(result.timings_ms.total, error=result.status == "error")
+        self.stats.finished(
+            result.timings_ms.total,
+            error=result.status == "error",
+            code=result.error.code if result.error else None,
+        )
         if result.status == "ok":
             log.debug(
                 "node %s: image %s -> %s %.3f",

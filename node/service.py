@@ -486,6 +486,7 @@ class NodeService(Daemon):
             window_s=self.stats.window_s,
             processed=processed,
             errors=errors,
+            errors_by_code=self.stats.errors_by_code(),
             throughput_ips=round(ips, 3),
             latency_ms=latency,
             inflight=max(0, inflight),

@@ -21,6 +21,7 @@ class Stats:
         self._done: deque[tuple[float, float]] = deque()  # (monotonic end, total ms)
         self.processed = 0
         self.errors = 0
+        self._errors_by_code: dict[str, int] = {}
         self.inflight = 0
         self.peak_inflight = 0
         self.unanswered = 0
@@ -47,19 +48,26 @@ class Stats:
             self.inflight -= 1
             self.unanswered -= 1
 
-    def finished(self, total_ms: float, *, error: bool) -> None:
+    def finished(self, total_ms: float, *, error: bool, code: str | None = None) -> None:
         now = time.monotonic()
         with self._lock:
             self.inflight -= 1
             self.processed += 1
             if error:
                 self.errors += 1
+                key = code or "internal"
+                self._errors_by_code[key] = self._errors_by_code.get(key, 0) + 1
             self._done.append((now, total_ms))
             self._trim(now)
 
     def _trim(self, now: float) -> None:
         while self._done and self._done[0][0] < now - self.window_s:
             self._done.popleft()
+
+    def errors_by_code(self) -> dict[str, int]:
+        """Error Results since start per error code."""
+        with self._lock:
+            return dict(self._errors_by_code)
 
     def snapshot(self) -> tuple[int, int, int, float, Latency]:
         """(processed, errors, inflight, throughput_ips, latency) over the window."""

@@ -9,6 +9,7 @@ The bundle upload between `push.begin` and `push.commit` is raw bytes on
 from __future__ import annotations
 
 from datetime import datetime
+from enum import StrEnum
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -53,6 +54,9 @@ class ModelInfo(ApiModel):
     metrics: dict[str, Any] = Field(default_factory=dict)
     created_at: datetime = Field(description="the manifest's created_at")
     pushed_at: datetime
+    synthetic: bool = Field(False, description="trained or evaluated on synthetic data")
+    untrained: bool = Field(False, description="no base checkpoint: random initial weights")
+    degraded: bool = Field(False, description="released although its quality gate failed")
 
 
 class PushBeginReply(ApiModel):
@@ -89,9 +93,21 @@ class ModelsReply(ApiModel):
 # -- fleet ---------------------------------------------------------------------------
 
 
+class NodeState(StrEnum):
+    """What the hub says of a node (computed when asked, from what it last heard)."""
+
+    ONLINE = "online"
+    OFFLINE = "offline"
+    STALE = "stale"
+    """Its last status said online, but it has been silent for STALE_AFTER_INTERVALS
+    telemetry intervals (shared/limits.py)."""
+    CONFLICT = "conflict"
+    """Two processes claim this node id."""
+
+
 class NodeInfo(ApiModel):
     node_id: Name
-    state: Literal["online", "offline"]
+    state: NodeState
     boot_id: str | None
     since: datetime | None
     last_seen: datetime | None

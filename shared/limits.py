@@ -30,3 +30,28 @@ MAX_API_REQUEST_BYTES = 64 * 1024
 
 BROKER_MAX_PACKET_BYTES = MAX_IMAGE_BYTES + 64 * 1024
 """mosquitto.conf's max_packet_size: an image plus headroom for properties."""
+
+DEFAULT_TELEMETRY_INTERVAL_S = 10.0
+"""A node's default telemetry period (and the `window_s` the hub assumes without one)."""
+
+STALE_AFTER_INTERVALS = 3
+"""An online node silent (no status, telemetry or report) for this many telemetry
+intervals is shown `stale` by the hub."""
+
+MAX_TELEMETRY_COUNT = 2**53
+"""Largest counter (images processed, errors) a Telemetry may carry: exact as a float,
+so Prometheus and JSON readers see the node's number unchanged."""
+
+MAX_TELEMETRY_RATE = 1e6
+"""Largest images/s a Telemetry may report (no node comes near it)."""
+
+MAX_TELEMETRY_LATENCY_MS = 86_400_000.0
+"""Largest latency a Telemetry may report: one day."""
+
+MAX_TELEMETRY_INFLIGHT = 1_000_000
+
+MAX_TELEMETRY_RSS_MB = 16_777_216.0
+"""Largest resident memory a Telemetry may report: 16 TiB."""
+
+MAX_ERROR_CODES = 32
+"""Distinct error codes one Telemetry may count (bounds the hub's metric labels)."""

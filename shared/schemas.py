@@ -12,6 +12,14 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
+from cellwatch.shared.limits import (
+    MAX_ERROR_CODES,
+    MAX_TELEMETRY_COUNT,
+    MAX_TELEMETRY_INFLIGHT,
+    MAX_TELEMETRY_LATENCY_MS,
+    MAX_TELEMETRY_RATE,
+    MAX_TELEMETRY_RSS_MB,
+)
 from cellwatch.shared.topics import NAME_PATTERN
 
 Name = Annotated[str, StringConstraints(pattern=rf"^{NAME_PATTERN}$")]
@@ -113,23 +121,45 @@ class NodeStatus(Message):
 
 
 class Latency(Message):
-    p50: float = Field(ge=0)
-    p95: float = Field(ge=0)
-    p99: float = Field(ge=0)
+    model_config = ConfigDict(
+        extra="forbid", frozen=True, populate_by_name=True, allow_inf_nan=False
+    )
+
+    p50: float = Field(ge=0, le=MAX_TELEMETRY_LATENCY_MS)
+    p95: float = Field(ge=0, le=MAX_TELEMETRY_LATENCY_MS)
+    p99: float = Field(ge=0, le=MAX_TELEMETRY_LATENCY_MS)
+
+
+Count = Annotated[int, Field(ge=0, le=MAX_TELEMETRY_COUNT)]
+ErrorCodeName = Annotated[str, StringConstraints(pattern=r"^[a-z][a-z0-9_]{0,31}$")]
 
 
 class Telemetry(Message):
+    """A node's figures every `window_s`. Absurd values (negative, NaN, infinite, or
+    beyond the bounds in shared/limits.py) make the whole message invalid."""
+
+    model_config = ConfigDict(
+        extra="forbid", frozen=True, populate_by_name=True, allow_inf_nan=False
+    )
+
     schema_: Literal["cellwatch.telemetry/1"] = Field("cellwatch.telemetry/1", alias="schema")
     node_id: Name
     ts: datetime
-    window_s: float = Field(gt=0)
-    processed: int = Field(ge=0, description="images answered since start")
-    errors: int = Field(ge=0, description="error Results since start")
-    throughput_ips: float = Field(ge=0, description="images per second over the window")
+    window_s: float = Field(gt=0, le=3600)
+    processed: Count = Field(description="images answered since start")
+    errors: Count = Field(description="error Results since start")
+    errors_by_code: dict[ErrorCodeName, Count] = Field(
+        default_factory=dict,
+        max_length=MAX_ERROR_CODES,
+        description="error Results since start per error code (they add up to errors)",
+    )
+    throughput_ips: float = Field(
+        ge=0, le=MAX_TELEMETRY_RATE, description="images per second over the window"
+    )
     latency_ms: Latency
-    inflight: int = Field(ge=0)
-    model_version: str | None = None
-    rss_mb: float = Field(ge=0)
+    inflight: int = Field(ge=0, le=MAX_TELEMETRY_INFLIGHT)
+    model_version: str | None = Field(None, max_length=64)
+    rss_mb: float = Field(ge=0, le=MAX_TELEMETRY_RSS_MB)
 
 
 # -- model rollout ---------------------------------------------------------

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import openvino as ov
@@ -58,6 +59,8 @@ def write_test_bundle(
     sign: bool = True,
     key_name: str = "test",
     golden_shift: float = 0.0,
+    metrics: dict[str, Any] | None = None,
+    provenance: dict[str, Any] | None = None,
 ) -> Path:
     """Write a signed bundle of the toy model into out (created); keys into key_dir."""
     out.mkdir(parents=True, exist_ok=True)
@@ -81,8 +84,10 @@ def write_test_bundle(
         precision="fp32",
         low_confidence_threshold=0.6,
         files=hash_files(out),
-        metrics={"note": "toy test model, not trained"},
-        provenance={"synthetic": True, "builder": "tests/models.py"},
+        metrics=metrics if metrics is not None else {"note": "toy test model, not trained"},
+        provenance=provenance
+        if provenance is not None
+        else {"synthetic": True, "builder": "tests/models.py"},
         golden=GoldenSpec(tolerance=1e-3),
     )
     key = None

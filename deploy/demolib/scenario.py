@@ -40,6 +40,7 @@ from demolib.processes import ProcessGroup, stop_tier
 from demolib.services import (
     BrokerInfo,
     cw,
+    fleet_url,
     free_port,
     make_credentials,
     make_signing_key,
@@ -56,9 +57,16 @@ class Demo:
     STEPS = 7
 
     def __init__(
-        self, layout: Layout, profile: Profile, checkpoint: Path | None, *, attached: bool = True
+        self,
+        layout: Layout,
+        profile: Profile,
+        checkpoint: Path | None,
+        *,
+        attached: bool = True,
+        http_port: int = 0,
     ) -> None:
         self.layout = layout
+        self.http_port = http_port or free_port()
         self.profile = profile
         self.checkpoint = checkpoint
         self.group = ProcessGroup(layout, attached=attached)
@@ -175,7 +183,7 @@ class Demo:
             "the images over them. They start without a model and get one in step 4.",
         )
         assert self.broker is not None
-        write_hub_toml(self.layout, self.broker)
+        write_hub_toml(self.layout, self.broker, self.http_port)
         self._hub = Hub(self.group, self.layout, self.broker)
         self.hub.serve()
         self.hub.wait_for("that it is ready", lambda nodes: True)
@@ -183,6 +191,9 @@ class Demo:
             f"hub running (config {shown(self.layout.hub_toml)}); it answers the operator's "
             f"commands (user operator, {shown(self.hub.operator_toml)})"
         )
+        url = fleet_url(self.http_port)
+        self.summary["fleet_url"] = url
+        done(f"fleet page (live, read-only): {url}  ·  Prometheus: {url}metrics")
         started = {}
         for node_id in NODES:
             toml = write_node_toml(self.layout, node_id, self.broker)

@@ -210,7 +210,12 @@ password_file = {toml_str(layout.secret("operator"))}
     return path
 
 
-def write_hub_toml(layout: Layout, broker: BrokerInfo) -> Path:
+def fleet_url(http_port: int) -> str:
+    return f"http://{HOST}:{http_port}/"
+
+
+def write_hub_toml(layout: Layout, broker: BrokerInfo, http_port: int) -> Path:
+    """The hub's config: the broker's loopback listener, the fleet page on http_port."""
     path = layout.hub_toml
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(f"""\
@@ -226,5 +231,8 @@ password_file = {toml_str(layout.secret("hub"))}
 
 [rollout]
 node_timeout_s = 300
+
+[http]
+listen = "{HOST}:{http_port}"
 """)
     return path

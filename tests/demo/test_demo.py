@@ -15,6 +15,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -87,10 +88,25 @@ def recorded_alive(summary: dict[str, Any]) -> list[str]:
     ]
 
 
+def fetch(url: str) -> str:
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    with opener.open(url, timeout=30) as reply:
+        text: str = reply.read().decode()
+        return text
+
+
 @pytest.fixture(scope="module")
 def quick_run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DemoRun]:
     workdir = tmp_path_factory.mktemp("demo") / "work"
-    proc = demo("run", "--quick", "--workdir", str(workdir), timeout=RUN_TIMEOUT_S)
+    proc = demo(
+        "run",
+        "--quick",
+        "--workdir",
+        str(workdir),
+        "--http-port",
+        str(free_port()),
+        timeout=RUN_TIMEOUT_S,
+    )
     summary_file = workdir / "summary.json"
     assert summary_file.is_file(), f"no summary.json; the demo said:\n{proc.stdout[-6000:]}"
     run = DemoRun(workdir, proc.returncode, proc.stdout, json.loads(summary_file.read_text()))
@@ -104,6 +120,8 @@ def test_quick_demo_succeeds_with_both_nodes(quick_run: DemoRun) -> None:
     s = quick_run.summary
     assert quick_run.returncode == 0 and s["ok"], (s["error"], quick_run.output[-6000:])
     assert s["quick"] is True
+    assert s["fleet_url"].startswith("http://127.0.0.1:")
+    assert f"fleet page (live, read-only): {s['fleet_url']}" in quick_run.output
     assert {"node-1", "node-2"} <= set(s["nodes_answered"])
     c = s["classify"]
     assert c["sent"] > 0 and c["answered"] == c["sent"] and c["failed"] == 0
@@ -151,6 +169,7 @@ def test_demo_leaves_no_process_behind(quick_run: DemoRun) -> None:
 @pytest.mark.timeout(RUN_TIMEOUT_S + 180)
 def test_up_and_down_in_the_demo_workdir(quick_run: DemoRun) -> None:
     workdir = quick_run.workdir
+    http_port = free_port()
     up = demo(
         "up",
         "--workdir",
@@ -159,12 +178,23 @@ def test_up_and_down_in_the_demo_workdir(quick_run: DemoRun) -> None:
         str(free_port()),
         "--tls-port",
         str(free_port()),
+        "--http-port",
+        str(http_port),
         timeout=240,
     )
     try:
         assert up.returncode == 0, up.stdout[-6000:]
         assert "make down" in up.stdout
         assert "mosquitto_pub" in up.stdout
+        url = f"http://127.0.0.1:{http_port}/"
+        assert f"Fleet page (live, read-only): {url}" in up.stdout
+        # what the README says to try during `make up`
+        deadline = time.monotonic() + 30
+        while "cellwatch_node_up{model_version=" not in (metrics := fetch(f"{url}metrics")):
+            assert time.monotonic() < deadline, metrics[-3000:]
+            time.sleep(0.5)
+        assert 'node_id="node-1"' in metrics
+        assert 'data-node="node-1"' in fetch(url)
         pids = (workdir / "pids").read_text().split("\n")
         running = {line.split()[2] for line in pids if line.strip()}
         assert {"mosquitto", "hub", "node-1"} <= running

@@ -24,6 +24,7 @@ def test_hub_example_config_loads_and_documents_every_setting() -> None:
         "mqtt.client_id",
         "mqtt.tls.cert_file",
         "mqtt.tls.key_file",
+        "http.token_file",
     }, missing
     text = example.read_text()
     for name in sorted(missing - {"mqtt.password"}):  # that one: CELLWATCH_MQTT__PASSWORD

@@ -57,6 +57,7 @@ def hub_settings(broker: Broker, data_dir: Path, keys: Path, **overrides: Any) -
         "data_dir": data_dir,
         "trusted_keys": keys,
         "tick_s": 0.1,
+        "http": {"listen": "127.0.0.1:0"},  # any free port: tests run side by side
     }
     values.update(overrides)
     return HubSettings(**values)

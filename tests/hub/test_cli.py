@@ -122,6 +122,8 @@ def test_serve_killed_mid_rollout_resumes_and_watch_follows_it(
         f'host = "{broker.host}"\n'
         f"port = {broker.port}\n"
         f'password_file = "{broker.dir / "secrets" / "hub.password"}"\n'
+        "[http]\n"
+        'listen = "127.0.0.1:0"\n'
     )
     log = (tmp_path / "hub.log").open("w")
 

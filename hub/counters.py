@@ -1,0 +1,38 @@
+"""The hub's own event counters (what /metrics exports as cellwatch_hub_*_total).
+
+Incremented from any thread, the MQTT network thread included: each call holds a
+lock for one dict update and never waits on anything else.
+"""
+
+from __future__ import annotations
+
+import threading
+from enum import StrEnum
+
+
+class DropReason(StrEnum):
+    """Why the hub dropped an incoming message (label `reason`)."""
+
+    FETCH_QUEUE_FULL = "fetch_queue_full"
+    """A fetch request arrived while the fetch queue was full (the node asks again)."""
+    MALFORMED = "malformed"
+    """A status, telemetry or update report that did not validate (absurd values too)."""
+    WRONG_NODE = "wrong_node"
+    """A message naming another node than its topic."""
+
+
+class HubCounters:
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._dropped: dict[str, int] = {}
+
+    def dropped(self, reason: DropReason | str, n: int = 1) -> None:
+        """Count n messages dropped for reason (another part may add its own reasons)."""
+        with self._lock:
+            self._dropped[str(reason)] = self._dropped.get(str(reason), 0) + n
+
+    def dropped_by_reason(self) -> dict[str, int]:
+        """Every reason this hub knows (zero if none yet) and the count since start."""
+        with self._lock:
+            counts = dict(self._dropped)
+        return {**{str(r): 0 for r in DropReason}, **counts}

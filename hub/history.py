@@ -1,0 +1,111 @@
+"""Telemetry history for the fleet page's sparklines: the last hour of each node, in
+memory (a restarted hub starts with empty sparklines).
+
+Bounded: each node has a ring of SLOTS slots of SLOT_S seconds (an hour). A sample
+arriving in the slot of the previous one is averaged into it, so a node reporting
+every 0.5 s costs no more than one reporting every 10 s. The control thread adds
+samples; readers (the HTTP server) take copies; the lock is held for a few array
+operations only.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+
+import numpy as np
+import numpy.typing as npt
+
+from cellwatch.shared.schemas import Telemetry
+
+HISTORY_S = 3600.0
+SLOT_S = 5.0
+SLOTS = int(HISTORY_S / SLOT_S)
+SERIES = ("throughput_ips", "p50_ms", "p99_ms", "inflight", "rss_mb")
+"""The columns of `Samples.values`, in order."""
+
+FloatArray = npt.NDArray[np.float64]
+
+
+@dataclass(frozen=True)
+class Samples:
+    """One node's history, oldest first: ts (seconds since the epoch, one per slot)
+    and values (one row per slot, one column per SERIES)."""
+
+    ts: FloatArray
+    values: FloatArray
+
+    def series(self, name: str) -> FloatArray:
+        return self.values[:, SERIES.index(name)]
+
+    def __len__(self) -> int:
+        return len(self.ts)
+
+
+class _Ring:
+    __slots__ = ("count", "n", "slot", "ts", "values")
+
+    def __init__(self) -> None:
+        self.ts = np.zeros(SLOTS, dtype=np.float64)
+        self.values = np.zeros((SLOTS, len(SERIES)), dtype=np.float64)
+        self.count = np.zeros(SLOTS, dtype=np.int64)
+        self.n = 0
+        """Slots ever filled (the newest is at (n - 1) % SLOTS)."""
+        self.slot = -1
+        """Slot number (ts // SLOT_S) of the newest slot."""
+
+    def add(self, ts: float, row: FloatArray) -> None:
+        slot = int(ts // SLOT_S)
+        if self.n and slot <= self.slot:  # same slot (or a clock step back): average in
+            i = (self.n - 1) % SLOTS
+            self.count[i] += 1
+            self.values[i] += (row - self.values[i]) / self.count[i]
+            self.ts[i] = max(self.ts[i], ts)
+            return
+        i = self.n % SLOTS
+        self.ts[i], self.values[i], self.count[i] = ts, row, 1
+        self.n += 1
+        self.slot = slot
+
+    def copy(self, since: float) -> Samples:
+        size = min(self.n, SLOTS)
+        order = (np.arange(self.n - size, self.n)) % SLOTS
+        keep = order[self.ts[order] >= since]
+        return Samples(self.ts[keep].copy(), self.values[keep].copy())
+
+
+class TelemetryHistory:
+    """Per-node rings; thread-safe."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._rings: dict[str, _Ring] = {}
+
+    def add(self, t: Telemetry, now: float) -> None:
+        row = np.array(
+            [t.throughput_ips, t.latency_ms.p50, t.latency_ms.p99, t.inflight, t.rss_mb],
+            dtype=np.float64,
+        )
+        with self._lock:
+            ring = self._rings.get(t.node_id)
+            if ring is None:
+                ring = self._rings[t.node_id] = _Ring()
+            ring.add(now, row)
+
+    def samples(self, node_id: str, now: float) -> Samples:
+        """The node's last hour (empty if none)."""
+        with self._lock:
+            ring = self._rings.get(node_id)
+            if ring is not None:
+                return ring.copy(now - HISTORY_S)
+        return Samples(np.zeros(0), np.zeros((0, len(SERIES))))
+
+    def all_samples(self, now: float) -> dict[str, Samples]:
+        """Every node's last hour; the lock is taken per node (short holds)."""
+        with self._lock:
+            rings = list(self._rings.items())
+        out = {}
+        for node, ring in rings:
+            with self._lock:
+                out[node] = ring.copy(now - HISTORY_S)
+        return out

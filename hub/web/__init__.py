@@ -1,0 +1,1 @@
+"""The hub's read-only HTTP face: the fleet page, `/api/...` JSON and `/metrics`."""

@@ -1,0 +1,181 @@
+"""Prometheus `/metrics`: a collector that reads the fleet and rollouts at scrape time,
+on a registry of this hub's own (not prometheus_client's global one).
+
+Names and labels (deploy/grafana/cellwatch-fleet.json uses them):
+
+per node, labels node_id, model_version ("" when unknown); from its last Telemetry:
+  cellwatch_node_up                              1 online, 0 offline / stale / conflict
+  cellwatch_node_stale                           1 online but silent (see hub/fleet.py)
+  cellwatch_node_last_seen_timestamp_seconds
+  cellwatch_node_images_processed_total          images answered since the node started
+  cellwatch_node_errors_total{code}              error Results since start, by code
+  cellwatch_node_throughput_images_per_second    over the node's telemetry window
+  cellwatch_node_latency_seconds{quantile}       0.5, 0.95, 0.99 over that window
+  cellwatch_node_inflight_images
+  cellwatch_node_resident_memory_bytes
+hub:
+  cellwatch_hub_nodes{state}                     nodes per state
+  cellwatch_hub_models                           models in the registry
+  cellwatch_rollouts{state}                      rollouts per state
+  cellwatch_rollout_targets{rollout_id,phase,state}  targets of active rollouts
+  cellwatch_bundle_bytes_served_total{manifest_sha256,model,version}
+  cellwatch_hub_fetch_requests_total, cellwatch_hub_fetch_errors_total
+  cellwatch_hub_control_queue_depth              messages waiting for the control thread
+  cellwatch_hub_messages_dropped_total{reason}   incoming messages dropped (hub/counters.py)
+  cellwatch_hub_start_time_seconds
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterator
+
+from prometheus_client import CollectorRegistry, ProcessCollector
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+from pydantic import ValidationError
+
+from cellwatch.hub.web.reader import FleetReader
+from cellwatch.shared.hubapi import ROLLOUT_STATES, NodeState
+from cellwatch.shared.schemas import Telemetry
+
+log = logging.getLogger(__name__)
+
+MiB = 1024 * 1024
+NODE_LABELS = ["node_id", "model_version"]
+QUANTILES = (("0.5", "p50"), ("0.95", "p95"), ("0.99", "p99"))
+
+
+class FleetCollector(Collector):
+    def __init__(self, reader: FleetReader) -> None:
+        self.reader = reader
+
+    def collect(self) -> Iterator[Metric]:
+        now = time.time()
+        yield from self._nodes(now)
+        yield from self._hub()
+
+    def _nodes(self, now: float) -> Iterator[Metric]:
+        nodes = self.reader.queries.nodes(now).nodes
+
+        def gauge(name: str, doc: str, extra: list[str] | None = None) -> GaugeMetricFamily:
+            return GaugeMetricFamily(name, doc, labels=NODE_LABELS + (extra or []))
+
+        def counter(name: str, doc: str, extra: list[str] | None = None) -> CounterMetricFamily:
+            return CounterMetricFamily(name, doc, labels=NODE_LABELS + (extra or []))
+
+        up = gauge("cellwatch_node_up", "1 if the node is online (not stale, no conflict)")
+        stale = gauge("cellwatch_node_stale", "1 if the node is online but has gone silent")
+        seen = gauge("cellwatch_node_last_seen_timestamp_seconds", "last message from the node")
+        processed = counter("cellwatch_node_images_processed", "images answered since start")
+        errors = counter("cellwatch_node_errors", "error Results since start", ["code"])
+        rate = gauge(
+            "cellwatch_node_throughput_images_per_second", "images/s over the telemetry window"
+        )
+        latency = gauge(
+            "cellwatch_node_latency_seconds",
+            "receipt-to-Result latency quantiles over the telemetry window",
+            ["quantile"],
+        )
+        inflight = gauge("cellwatch_node_inflight_images", "images received, not yet answered")
+        rss = gauge("cellwatch_node_resident_memory_bytes", "the node process's resident memory")
+        by_state = GaugeMetricFamily("cellwatch_hub_nodes", "nodes per state", labels=["state"])
+        counts = dict.fromkeys(NodeState, 0)
+        for n in nodes:
+            counts[n.state] += 1
+            t = None
+            if n.telemetry is not None:
+                try:
+                    t = Telemetry.model_validate(n.telemetry)
+                except ValidationError:
+                    log.debug("node %s: stored telemetry not readable: skipped", n.node_id)
+            version = n.model.version if n.model else (t.model_version if t else None) or ""
+            labels = [n.node_id, version]
+            up.add_metric(labels, 1.0 if n.state == NodeState.ONLINE else 0.0)
+            stale.add_metric(labels, 1.0 if n.state == NodeState.STALE else 0.0)
+            if n.last_seen is not None:
+                seen.add_metric(labels, n.last_seen.timestamp())
+            if t is None:
+                continue
+            processed.add_metric(labels, float(t.processed))
+            by_code = dict(t.errors_by_code)
+            rest = t.errors - sum(by_code.values())
+            if rest > 0:  # a node that does not count by code (or counts fewer)
+                by_code["unknown"] = by_code.get("unknown", 0) + rest
+            for code, count in sorted(by_code.items()):
+                errors.add_metric([*labels, code], float(count))
+            rate.add_metric(labels, t.throughput_ips)
+            for q, attr in QUANTILES:
+                latency.add_metric([*labels, q], getattr(t.latency_ms, attr) / 1000.0)
+            inflight.add_metric(labels, float(t.inflight))
+            rss.add_metric(labels, t.rss_mb * MiB)
+        for state, count in counts.items():
+            by_state.add_metric([state.value], float(count))
+        yield from (up, stale, seen, processed, errors, rate, latency, inflight, rss, by_state)
+
+    def _hub(self) -> Iterator[Metric]:
+        src = self.reader.sources
+        db = self.reader.db
+        models = db.models()
+        yield GaugeMetricFamily("cellwatch_hub_models", "models in the registry", len(models))
+        states = db.rollout_states()
+        rollouts = GaugeMetricFamily("cellwatch_rollouts", "rollouts per state", labels=["state"])
+        for state in ROLLOUT_STATES:
+            rollouts.add_metric([state], float(states.get(state, 0)))
+        yield rollouts
+        targets = GaugeMetricFamily(
+            "cellwatch_rollout_targets",
+            "targets of active rollouts per phase (rollout, rollback) and state",
+            labels=["rollout_id", "phase", "state"],
+        )
+        for r in db.rollouts(active_only=True, limit=1000):
+            per: dict[tuple[str, str], int] = {}
+            for t in r.targets:
+                phase = "rollback" if t.phase == "rollback" else "rollout"
+                per[(phase, t.state.value)] = per.get((phase, t.state.value), 0) + 1
+            for (phase, state), count in sorted(per.items()):
+                targets.add_metric([r.rollout_id, phase, state], float(count))
+        yield targets
+        names = {m.manifest_sha256: m for m in models}
+        served = CounterMetricFamily(
+            "cellwatch_bundle_bytes_served",
+            "bundle bytes sent to nodes since the hub started",
+            labels=["manifest_sha256", "model", "version"],
+        )
+        for sha, n in sorted(src.fetch.served_by_bundle().items()):
+            m = names.get(sha)
+            served.add_metric([sha, m.name if m else "", m.version if m else ""], float(n))
+        yield served
+        yield CounterMetricFamily(
+            "cellwatch_hub_fetch_requests", "fetch requests since start", src.fetch.requests
+        )
+        yield CounterMetricFamily(
+            "cellwatch_hub_fetch_errors", "fetch requests answered with an error", src.fetch.errors
+        )
+        yield GaugeMetricFamily(
+            "cellwatch_hub_control_queue_depth",
+            "messages and tasks waiting for the hub's control thread",
+            float(src.control_depth()),
+        )
+        dropped = CounterMetricFamily(
+            "cellwatch_hub_messages_dropped",
+            "incoming messages the hub dropped, by reason",
+            labels=["reason"],
+        )
+        for reason, count in sorted(src.counters.dropped_by_reason().items()):
+            dropped.add_metric([reason], float(count))
+        yield dropped
+        yield GaugeMetricFamily(
+            "cellwatch_hub_start_time_seconds",
+            "when this hub process started (seconds since the epoch)",
+            src.started_at.timestamp(),
+        )
+
+
+def make_registry(reader: FleetReader) -> CollectorRegistry:
+    """A registry of this hub's own: the fleet collector and the hub process's figures."""
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(FleetCollector(reader))
+    ProcessCollector(registry=registry)
+    return registry

@@ -1,0 +1,369 @@
+"""What the pages show, computed from the hub's API models (no HTML here: the
+templates render these, with autoescape). Everything is read at request time."""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import numpy as np
+
+from cellwatch.hub.db import RolloutEvent, TargetRecord
+from cellwatch.hub.history import HISTORY_S, Samples
+from cellwatch.shared.hubapi import ModelInfo, NodeInfo, NodeState, RolloutInfo, WaveInfo
+
+SPARK_POINTS = 60
+"""Most points of one sparkline (the hour in up to 60 time bins)."""
+SPARK_W, SPARK_H = 120.0, 24.0
+DEPLOYED_METRICS = ("accuracy", "sensitivity", "specificity", "precision", "npv", "roc_auc")
+GENERIC_METRICS_MAX = 16
+"""Most leaves of a bundle's metrics shown when they are not in the agreed shape."""
+TEXT_MAX = 120
+
+# Target states grouped as the wave bars colour them.
+BAR_GROUPS = (
+    ("active", ("active",)),
+    ("progress", ("pending", "downloading", "verifying", "activating")),
+    ("rolled-back", ("rolled_back",)),
+    ("failed", ("failed", "timed_out")),
+    ("waiting", ("waiting",)),
+)
+
+
+# -- formatting (also the templates' filters) -----------------------------------------
+def num(value: Any, digits: int = 1) -> str:
+    """A figure for a table cell: fixed decimals, or 3 significant digits when huge."""
+    if value is None:
+        return "–"
+    v = float(value)
+    if not math.isfinite(v):
+        return "–"
+    if abs(v) >= 1e6:
+        return f"{v:.3g}"
+    return f"{v:,.{digits}f}"
+
+
+def ago(value: datetime | float | None, now: float) -> str:
+    if value is None:
+        return "never"
+    ts = value.timestamp() if isinstance(value, datetime) else value
+    age = max(0.0, now - ts)
+    if age < 120:
+        return f"{age:.0f} s ago"
+    if age < 7200:
+        return f"{age / 60:.0f} min ago"
+    if age < 2 * 86400:
+        return f"{age / 3600:.0f} h ago"
+    return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%d %H:%M UTC")
+
+
+def clock(value: datetime | float | None) -> str:
+    if value is None:
+        return "–"
+    ts = value.timestamp() if isinstance(value, datetime) else value
+    return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+
+
+def size(n: int | float) -> str:
+    value = float(n)
+    for unit in ("B", "KB", "MB", "GB"):
+        if value < 1000 or unit == "GB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1000
+    return f"{value:.1f} TB"  # pragma: no cover - the loop returns
+
+
+def short(text: Any, limit: int = TEXT_MAX) -> str:
+    s = str(text)
+    return s if len(s) <= limit else s[: limit - 1] + "…"
+
+
+# -- sparklines -----------------------------------------------------------------------
+@dataclass(frozen=True)
+class Spark:
+    points: str
+    """SVG polyline points in a SPARK_W x SPARK_H box ("" when there is no data)."""
+    title: str
+    low: float | None
+    peak: float | None
+
+
+def spark(ts: np.ndarray, values: np.ndarray, now: float, what: str, unit: str) -> Spark:
+    """The series over [first sample, now], in up to SPARK_POINTS time bins (means)."""
+    ok = np.isfinite(values)
+    ts, values = ts[ok], values[ok]
+    if len(ts) == 0:
+        return Spark("", f"{what}: no telemetry in the last hour", None, None)
+    t0 = max(float(ts[0]), now - HISTORY_S)
+    span = max(now - t0, 1e-9)
+    bins = min(SPARK_POINTS, len(ts))
+    index = np.clip(((ts - t0) / span * bins).astype(np.int64), 0, bins - 1)
+    counts = np.bincount(index, minlength=bins)
+    sums = np.bincount(index, weights=values, minlength=bins)
+    filled = counts > 0
+    means = sums[filled] / counts[filled]
+    xs = (np.flatnonzero(filled) + 0.5) / bins * SPARK_W if bins > 1 else np.array([SPARK_W])
+    peak = float(values.max())
+    scale = (SPARK_H - 2) / peak if peak > 0 else 0.0
+    ys = SPARK_H - 1 - means * scale
+    if len(xs) == 1:  # one point: a short flat line, visible
+        xs = np.array([max(xs[0] - 4, 0.0), xs[0]])
+        ys = np.array([ys[0], ys[0]])
+    points = ("%.1f,%.1f " * len(xs) % tuple(np.column_stack([xs, ys]).ravel())).rstrip()
+    minutes = span / 60
+    title = (
+        f"{what} over the last {minutes:.0f} min ({len(ts)} samples): "
+        f"low {num(values.min(), 2)}, high {num(peak, 2)}, last {num(values[-1], 2)} {unit}"
+    )
+    return Spark(points, title, float(values.min()), peak)
+
+
+# -- nodes ----------------------------------------------------------------------------
+@dataclass(frozen=True)
+class NodeRow:
+    info: NodeInfo
+    state: str
+    telemetry: dict[str, Any]
+    spark: Spark
+
+    def latency(self, q: str) -> Any:
+        lat = self.telemetry.get("latency_ms")
+        return lat.get(q) if isinstance(lat, dict) else None
+
+
+def node_rows(nodes: list[NodeInfo], samples: Mapping[str, Samples], now: float) -> list[NodeRow]:
+    rows = []
+    for n in nodes:
+        s = samples.get(n.node_id)
+        sp = (
+            spark(s.ts, s.series("throughput_ips"), now, "throughput", "img/s")
+            if s is not None
+            else Spark("", "throughput: no telemetry in the last hour", None, None)
+        )
+        rows.append(NodeRow(n, n.state.value, n.telemetry or {}, sp))
+    return rows
+
+
+def state_counts(nodes: Iterable[NodeInfo]) -> dict[str, int]:
+    counts = Counter(n.state.value for n in nodes)
+    return {s.value: counts.get(s.value, 0) for s in NodeState}
+
+
+@dataclass(frozen=True)
+class NodeSeries:
+    name: str
+    unit: str
+    spark: Spark
+
+
+NODE_SERIES = (
+    ("throughput_ips", "throughput", "img/s"),
+    ("p50_ms", "latency p50", "ms"),
+    ("p99_ms", "latency p99", "ms"),
+    ("inflight", "in flight", "images"),
+    ("rss_mb", "resident memory", "MiB"),
+)
+
+
+def node_series(s: Samples, now: float) -> list[NodeSeries]:
+    return [
+        NodeSeries(label, unit, spark(s.ts, s.series(key), now, label, unit))
+        for key, label, unit in NODE_SERIES
+    ]
+
+
+@dataclass(frozen=True)
+class NodeTargetRow:
+    rollout_id: str
+    model: str
+    phase: str
+    state: str
+    progress: float
+    error: str | None
+    updated_at: float
+
+
+def node_targets(targets: list[TargetRecord]) -> list[NodeTargetRow]:
+    return [
+        NodeTargetRow(
+            t.rollout_id,
+            str(t.model),
+            t.phase,
+            t.state,
+            t.progress,
+            f"{t.error_code}: {t.error_message or ''}" if t.error_code else None,
+            t.updated_at,
+        )
+        for t in targets
+    ]
+
+
+# -- models ---------------------------------------------------------------------------
+@dataclass(frozen=True)
+class MetricCell:
+    name: str
+    value: str
+    interval: str | None
+
+
+@dataclass(frozen=True)
+class ModelRow:
+    info: ModelInfo
+    running: int
+    metrics: list[MetricCell]
+    n: int | None
+    """Sample size of the metrics (None: not in the bundle)."""
+    with_intervals: bool
+    """metrics are the agreed `metrics.deployed.metrics` (value + ci95)."""
+
+
+def _number(value: Any) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    return float(value) if math.isfinite(value) else None
+
+
+def _deployed(metrics: dict[str, Any]) -> tuple[list[MetricCell], int | None] | None:
+    deployed = metrics.get("deployed")
+    if not isinstance(deployed, dict) or not isinstance(deployed.get("metrics"), dict):
+        return None
+    values: dict[str, Any] = deployed["metrics"]
+    names = [m for m in DEPLOYED_METRICS if m in values] + sorted(
+        k for k in values if k not in DEPLOYED_METRICS and isinstance(values[k], dict)
+    )
+    cells = []
+    for name in names[:GENERIC_METRICS_MAX]:
+        entry = values[name]
+        if not isinstance(entry, dict):
+            continue
+        value = _number(entry.get("value"))
+        ci = entry.get("ci95")
+        interval = None
+        if isinstance(ci, list | tuple) and len(ci) == 2:
+            lo, hi = _number(ci[0]), _number(ci[1])
+            if lo is not None and hi is not None:
+                interval = f"95% CI {lo:.3f}–{hi:.3f}"
+        cells.append(
+            MetricCell(short(name, 32), f"{value:.3f}" if value is not None else "–", interval)
+        )
+    n = next(
+        (
+            int(c)
+            for c in (deployed.get("n"), values.get("n"), metrics.get("n"))
+            if isinstance(c, int) and not isinstance(c, bool)
+        ),
+        None,
+    )
+    return cells, n
+
+
+def _leaves(value: Any, prefix: str = "") -> Iterable[tuple[str, Any]]:
+    if isinstance(value, dict):
+        for k, v in value.items():
+            yield from _leaves(v, f"{prefix}{k}.")
+    else:
+        yield prefix[:-1], value
+
+
+def _generic(metrics: dict[str, Any]) -> tuple[list[MetricCell], int | None]:
+    """The numbers among a bundle's metrics in another shape (e.g. today's
+    `{"evaluation": {...}}`), and its sample size if a leaf is called n."""
+    cells: list[MetricCell] = []
+    n = None
+    for name, value in _leaves(metrics):
+        number = _number(value)
+        if number is None:
+            continue  # labels, fingerprints, confusion matrices: see --json
+        if name.rsplit(".", 1)[-1] == "n" and isinstance(value, int):
+            n = value
+            continue
+        if len(cells) == GENERIC_METRICS_MAX:
+            cells.append(MetricCell("…", "more in `cellwatch-hub models --json`", None))
+            break
+        cells.append(MetricCell(short(name, 48), f"{number:.3f}", None))
+    return cells, n
+
+
+def model_rows(models: list[ModelInfo], nodes: list[NodeInfo]) -> list[ModelRow]:
+    running = Counter(n.model.sha256 for n in nodes if n.model and n.state != NodeState.OFFLINE)
+    rows = []
+    for m in models:
+        deployed = _deployed(m.metrics)
+        if deployed is not None:
+            cells, n = deployed
+            rows.append(ModelRow(m, running.get(m.manifest_sha256, 0), cells, n, True))
+        else:
+            cells, n = _generic(m.metrics)
+            rows.append(ModelRow(m, running.get(m.manifest_sha256, 0), cells, n, False))
+    return rows
+
+
+# -- rollouts -------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Segment:
+    kind: str
+    x: float
+    width: float
+    count: int
+
+
+@dataclass(frozen=True)
+class WaveBar:
+    index: int
+    size: int
+    issued: bool
+    segments: list[Segment]
+    label: str
+
+
+def wave_bar(w: WaveInfo) -> WaveBar:
+    total = max(sum(w.counts.values()), 1)
+    segments, x = [], 0.0
+    for kind, states in BAR_GROUPS:
+        count = sum(w.counts.get(s, 0) for s in states)
+        if count:
+            width = count / total * 100.0
+            segments.append(Segment(kind, x, width, count))
+            x += width
+    parts = [f"{w.counts[s]} {s}" for s in sorted(w.counts) if w.counts[s]]
+    return WaveBar(w.index, w.size, w.issued, segments, ", ".join(parts) or "no nodes")
+
+
+@dataclass(frozen=True)
+class RolloutRow:
+    info: RolloutInfo
+    waves: list[WaveBar]
+    total: int
+    active: int
+    failures: list[tuple[str, str, str]] = field(default_factory=list)
+    """(node_id, code, message) of failed or timed-out targets."""
+
+
+def rollout_row(r: RolloutInfo) -> RolloutRow:
+    failures = [(t.node_id, t.error.code, t.error.message) for t in r.targets if t.error]
+    failures += [
+        (t.node_id, "timed_out", f"not active within {r.policy.node_timeout_s:g} s")
+        for t in r.targets
+        if t.state == "timed_out" and t.error is None
+    ]
+    return RolloutRow(
+        r,
+        [wave_bar(w) for w in r.waves],
+        len(r.targets),
+        r.counts.get("active", 0),
+        failures,
+    )
+
+
+@dataclass(frozen=True)
+class EventRow:
+    ts: float
+    text: str
+
+
+def event_rows(events: list[RolloutEvent]) -> list[EventRow]:
+    return [EventRow(e.ts, e.text) for e in events]
