@@ -21,7 +21,7 @@ from typing import Any
 from cellwatch.hub.errors import HubError
 from cellwatch.hub.rollout import ModelKey, Policy, Rollout, RolloutState, Target, TargetState
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 REPLY_RETENTION_S = 7 * 24 * 3600
 
 SCHEMA = """
@@ -51,7 +51,8 @@ CREATE TABLE IF NOT EXISTS nodes (
     model_sha256 TEXT,
     model_at REAL NOT NULL DEFAULT 0,
     device TEXT,
-    telemetry TEXT
+    telemetry TEXT,
+    conflict_at REAL
 );
 CREATE TABLE IF NOT EXISTS rollouts (
     seq INTEGER PRIMARY KEY,
@@ -111,6 +112,8 @@ CREATE TABLE IF NOT EXISTS api_replies (
 MIGRATIONS = {
     # schema 1 -> 2: the manifest's provenance (badges), rollout events (CREATE above)
     1: "ALTER TABLE models ADD COLUMN provenance TEXT NOT NULL DEFAULT '{}';",
+    # schema 2 -> 3: when two processes with one node id were last seen
+    2: "ALTER TABLE nodes ADD COLUMN conflict_at REAL;",
 }
 
 
@@ -126,6 +129,8 @@ class NodeRecord:
     model_at: float = 0.0
     device: str | None = None
     telemetry: dict[str, Any] | None = None
+    conflict_at: float | None = None
+    """Last time an older process said it was online after a newer one (fleet.py)."""
 
 
 @dataclass(frozen=True)
@@ -272,7 +277,7 @@ class Database:
         m = n.model
         with self._tx() as c:
             c.execute(
-                "INSERT OR REPLACE INTO nodes VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                "INSERT OR REPLACE INTO nodes VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     n.node_id,
                     n.state,
@@ -286,6 +291,7 @@ class Database:
                     n.model_at,
                     n.device,
                     json.dumps(n.telemetry) if n.telemetry is not None else None,
+                    n.conflict_at,
                 ),
             )
 
@@ -487,4 +493,5 @@ def _node(r: sqlite3.Row) -> NodeRecord:
         model_at=r["model_at"],
         device=r["device"],
         telemetry=json.loads(r["telemetry"]) if r["telemetry"] else None,
+        conflict_at=r["conflict_at"],
     )

@@ -2,8 +2,12 @@
 status topics, telemetry and update reports (DESIGN.md, Topics).
 
 A status whose boot_id differs from the newest one seen for that node and whose
-`since` is older is a late Will of an earlier process: it is ignored. An offline
-status keeps the model last known (a Will is written before a model is loaded).
+`since` is older is a late Will of an earlier process: it is ignored. An `online`
+status of such an older process is no late Will: a second process runs with the
+same node id, and the node is shown `conflict` until CONFLICT_HOLD_S after the last
+such sign (the two take the broker session from each other; each node process
+backs off and the one that loses exits with code 4). An offline status keeps the
+model last known (a Will is written before a model is loaded).
 
 A node is shown `stale` when its last status said online but nothing came from it
 (status, telemetry, update report) for STALE_AFTER_INTERVALS of its telemetry
@@ -21,7 +25,11 @@ from cellwatch.hub.errors import ApiFailure
 from cellwatch.hub.history import TelemetryHistory
 from cellwatch.hub.rollout import ModelKey, NodeView
 from cellwatch.shared.hubapi import NodeInfo, NodeState
-from cellwatch.shared.limits import DEFAULT_TELEMETRY_INTERVAL_S, STALE_AFTER_INTERVALS
+from cellwatch.shared.limits import (
+    CONFLICT_HOLD_S,
+    DEFAULT_TELEMETRY_INTERVAL_S,
+    STALE_AFTER_INTERVALS,
+)
 from cellwatch.shared.schemas import ModelRef, NodeStatus, Telemetry, UpdateReport, UpdateState
 from cellwatch.shared.topics import is_valid_name
 
@@ -48,6 +56,8 @@ def node_state(rec: NodeRecord, now: float) -> NodeState:
         return NodeState.CONFLICT
     if rec.state != NodeState.ONLINE:
         return NodeState.OFFLINE
+    if rec.conflict_at is not None and now - rec.conflict_at < CONFLICT_HOLD_S:
+        return NodeState.CONFLICT
     silent = now - rec.last_seen if rec.last_seen is not None else 0.0
     if silent > STALE_AFTER_INTERVALS * telemetry_interval(rec):
         return NodeState.STALE
@@ -65,6 +75,17 @@ class Fleet:
         since = status.since.timestamp()
         stale = rec.boot_id is not None and status.boot_id != rec.boot_id
         if stale and rec.since is not None and since < rec.since:
+            if status.state == "online":
+                rec.conflict_at = rec.last_seen = now
+                self.db.save_node(rec)
+                log.warning(
+                    "node %s: process %s says it is online after process %s started: two "
+                    "processes use this node id",
+                    status.node_id,
+                    status.boot_id[:8],
+                    (rec.boot_id or "")[:8],
+                )
+                return False
             log.info(
                 "node %s: ignoring a stale %s status of boot %s (current boot %s)",
                 status.node_id,

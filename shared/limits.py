@@ -38,6 +38,10 @@ STALE_AFTER_INTERVALS = 3
 """An online node silent (no status, telemetry or report) for this many telemetry
 intervals is shown `stale` by the hub."""
 
+CONFLICT_HOLD_S = 600.0
+"""The hub shows a node `conflict` (two processes with its node id) until this long
+after the last sign of it; a node gives up after 3 takeovers in the same window."""
+
 MAX_TELEMETRY_COUNT = 2**53
 """Largest counter (images processed, errors) a Telemetry may carry: exact as a float,
 so Prometheus and JSON readers see the node's number unchanged."""

@@ -46,3 +46,38 @@ def test_status_tags_and_a_stale_will_is_ignored(
     new.publish_status("offline")  # the current boot going offline does count
     wait_for(lambda: node_state(operator, "node-1") == ("offline", new.boot_id), what="offline")
     assert operator.nodes().nodes[0].model == V1  # the model last known is kept
+
+
+def test_two_processes_with_one_node_id_show_as_conflict(
+    hub: HubService, operator: HubClient, fake_nodes: NodeMaker
+) -> None:
+    """What the hub sees when a second process runs with a node's id (each takes the
+    broker session from the other): the older process says `online` again after the
+    newer one did. A restart never does that, a late Will is `offline`."""
+    older = fake_nodes("node-1", model=V1)
+    wait_for(lambda: node_state(operator, "node-1") == ("online", older.boot_id), what="online")
+    newer = fake_nodes("node-1", model=V1)
+    wait_for(lambda: node_state(operator, "node-1") == ("online", newer.boot_id), what="newer")
+    older.publish_status()  # back after taking the session from the newer one
+    wait_for(lambda: node_state(operator, "node-1")[0] == "conflict", what="conflict")
+    assert node_state(operator, "node-1") == ("conflict", newer.boot_id)
+    newer.publish_status()  # the newer one reconnects in turn: still a conflict
+    older.crash()  # its Will (offline, the older boot) changes nothing either
+    before = hub.db.node("node-1")
+    assert before is not None
+    newer.publish_status()
+    wait_for(lambda: (hub.db.node("node-1") or before).last_seen != before.last_seen)
+    assert node_state(operator, "node-1")[0] == "conflict"
+
+
+def test_conflict_clears_after_the_hold_time() -> None:
+    from cellwatch.hub.db import NodeRecord
+    from cellwatch.hub.fleet import node_state as state_of
+    from cellwatch.shared.limits import CONFLICT_HOLD_S
+
+    rec = NodeRecord("node-1", state="online", last_seen=1000.0, conflict_at=1000.0)
+    assert state_of(rec, 1001.0) == "conflict"
+    rec.last_seen = 1000.0 + CONFLICT_HOLD_S
+    assert state_of(rec, 1001.0 + CONFLICT_HOLD_S) == "online"
+    rec.state = "offline"
+    assert state_of(rec, 1001.0) == "offline"  # both stopped: offline wins

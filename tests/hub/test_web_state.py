@@ -62,13 +62,89 @@ def test_sparkline_points_scale_and_bounds() -> None:
     assert len(one.points.split()) == 2  # one sample is drawn as a short flat line
 
 
+V1_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS models (
+    manifest_sha256 TEXT PRIMARY KEY,
+    name TEXT NOT NULL,
+    version TEXT NOT NULL,
+    size INTEGER NOT NULL,
+    precision TEXT NOT NULL,
+    signer TEXT,
+    metrics TEXT NOT NULL,
+    created_at TEXT NOT NULL,
+    pushed_at REAL NOT NULL,
+    UNIQUE (name, version)
+);
+CREATE TABLE IF NOT EXISTS nodes (
+    node_id TEXT PRIMARY KEY,
+    state TEXT NOT NULL,
+    boot_id TEXT,
+    since REAL,
+    last_seen REAL,
+    tags TEXT NOT NULL DEFAULT '[]',
+    model_name TEXT,
+    model_version TEXT,
+    model_sha256 TEXT,
+    model_at REAL NOT NULL DEFAULT 0,
+    device TEXT,
+    telemetry TEXT
+);
+CREATE TABLE IF NOT EXISTS rollouts (
+    seq INTEGER PRIMARY KEY,
+    rollout_id TEXT UNIQUE NOT NULL,
+    model_name TEXT NOT NULL,
+    model_version TEXT NOT NULL,
+    model_sha256 TEXT NOT NULL,
+    target TEXT NOT NULL,
+    waves TEXT NOT NULL,
+    counts TEXT NOT NULL,
+    advance_at REAL NOT NULL,
+    max_failures TEXT NOT NULL,
+    min_executed INTEGER NOT NULL,
+    node_timeout_s REAL NOT NULL,
+    state TEXT NOT NULL,
+    wave INTEGER NOT NULL,
+    reason TEXT,
+    created_at REAL NOT NULL,
+    updated_at REAL NOT NULL,
+    finished_at REAL
+);
+CREATE TABLE IF NOT EXISTS targets (
+    rollout_id TEXT NOT NULL REFERENCES rollouts (rollout_id),
+    node_id TEXT NOT NULL,
+    position INTEGER NOT NULL,
+    wave INTEGER NOT NULL,
+    prev_name TEXT,
+    prev_version TEXT,
+    prev_sha256 TEXT,
+    phase TEXT NOT NULL,
+    state TEXT NOT NULL,
+    progress REAL NOT NULL,
+    error_code TEXT,
+    error_message TEXT,
+    issued_at REAL,
+    clock_from REAL,
+    finished_at REAL,
+    updated_at REAL NOT NULL,
+    confirmed INTEGER NOT NULL,
+    PRIMARY KEY (rollout_id, node_id)
+);
+CREATE INDEX IF NOT EXISTS targets_node ON targets (node_id);
+CREATE TABLE IF NOT EXISTS api_replies (
+    request_id TEXT PRIMARY KEY,
+    verb TEXT NOT NULL,
+    reply TEXT NOT NULL,
+    created_at REAL NOT NULL
+);
+"""
+"""hub/db.py's schema 1, as the first hub wrote it (commit bf91315)."""
+
+
 def v1_database(path: Path) -> None:
-    """A schema 1 database as the previous hub wrote it (no provenance, no events)."""
-    db = Database(path)
-    db.close()
+    """A schema 1 database as the first hub wrote it (no provenance, events, conflicts)."""
     with sqlite3.connect(path) as c:
-        c.execute("ALTER TABLE models DROP COLUMN provenance")
-        c.execute("DROP TABLE rollout_events")
+        c.executescript(V1_SCHEMA)
         c.execute("PRAGMA user_version=1")
 
 
