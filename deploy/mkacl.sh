@@ -12,14 +12,15 @@ Usage: deploy/mkacl.sh [--prefix PREFIX] [--replace] DIR [NODE_ID...]
 Writes DIR/acl, the Mosquitto ACL for cellwatch's roles (DESIGN.md, Topics and
 Security):
 
-  hub       reads node status/telemetry/update, fetch requests and API requests;
+  hub       reads node status/telemetry/update, every node's fetch requests
+            (PREFIX/hub/fetch/+) and API requests;
             writes desired models, bundle chunks and API replies
   operator  writes API requests, reads its API replies and node status;
             may also publish test images and read results
   client    publishes images (to all nodes or one), reads results and node status
   NODE_ID   one block per node: reads images and its own desired/fetch topics,
-            writes only its own status/telemetry/update, fetch requests,
-            results and replies
+            writes only its own status/telemetry/update and fetch requests
+            (PREFIX/hub/fetch/NODE_ID), results and replies
   everyone  reads only its own replies: PREFIX/replies/USER/#
 
 The nodes already in DIR/acl are kept, so re-running with a new node adds it
@@ -94,7 +95,7 @@ user hub
 topic read $p/nodes/+/status
 topic read $p/nodes/+/telemetry
 topic read $p/nodes/+/update
-topic read $p/hub/fetch
+topic read $p/hub/fetch/+
 topic read $p/hub/api/#
 topic write $p/nodes/+/desired
 topic write $p/nodes/+/fetch
@@ -126,7 +127,7 @@ topic read $p/nodes/$n/fetch
 topic write $p/nodes/$n/status
 topic write $p/nodes/$n/telemetry
 topic write $p/nodes/$n/update
-topic write $p/hub/fetch
+topic write $p/hub/fetch/$n
 topic write $p/results/+
 topic write $p/replies/#
 EOF

@@ -68,6 +68,14 @@ class PublishProps:
         return props if used else None
 
 
+class PacketTooLargeError(MqttError):
+    """A publish larger than the broker's Maximum Packet Size (not sent)."""
+
+
+class ConnectRefused(MqttError):
+    """The broker answered CONNECT with a failure (e.g. not authorized)."""
+
+
 def _no_delay(client: paho.Client, userdata: object, sock: object) -> None:
     """Disable Nagle's algorithm: small packets (PUBACKs, Results) must not wait for
     the peer's delayed ACK (~40 ms per round trip otherwise)."""
@@ -164,6 +172,11 @@ class MqttClient:
         return self._connected.is_set()
 
     @property
+    def max_packet_size(self) -> int | None:
+        """The broker's Maximum Packet Size from the last CONNACK (None: no limit given)."""
+        return self._max_packet_size
+
+    @property
     def generation(self) -> int:
         """Increments on every successful (re)connect; acks from an older one are void."""
         return self._generation
@@ -208,7 +221,7 @@ class MqttClient:
         ok, reason = self._first_result
         if not ok:
             self._stop_loop()
-            raise MqttError(f"broker {s.host}:{s.port} refused the connection: {reason}")
+            raise ConnectRefused(f"broker {s.host}:{s.port} refused the connection: {reason}")
 
     def wait_connected(self, timeout: float) -> bool:
         return self._connected.wait(timeout)
@@ -233,7 +246,7 @@ class MqttClient:
         if limit is not None:
             size = publish_packet_size(topic, payload, qos, paho_props)
             if size > limit:
-                raise MqttError(
+                raise PacketTooLargeError(
                     f"publish to {topic} refused: the packet ({size} bytes) exceeds the "
                     f"broker's maximum packet size ({limit} bytes)"
                 )
@@ -278,11 +291,18 @@ class MqttClient:
             return
         self._client.ack(mid, qos)
 
-    def disconnect(self, timeout: float = 5.0) -> None:
-        """Clean disconnect (the broker does not send the Will) and stop the thread."""
+    def disconnect(self, timeout: float = 5.0, *, session_expiry_s: int | None = None) -> None:
+        """Clean disconnect (the broker does not send the Will) and stop the thread.
+
+        session_expiry_s replaces the session's expiry for this disconnect (0: the
+        broker drops the session now); MQTT v5 allows it only when it was not 0."""
         self._closing = True
         if self.connected:
-            self._client.disconnect()
+            props = None
+            if session_expiry_s is not None and self.settings.session_expiry_s > 0:
+                props = _properties(PacketTypes.DISCONNECT)
+                props.SessionExpiryInterval = session_expiry_s
+            self._client.disconnect(properties=props)
         self._stop_loop()
 
     def drop(self) -> None:
