@@ -1,0 +1,283 @@
+"""The one implementation under `Client` and `AsyncClient`.
+
+It connects as the lab user with a persistent session, receives every Result on
+`{prefix}/replies/{username}/{client_id}`, and sends each image through the shared
+request/response layer (`cellwatch.shared.rpc`): fresh Correlation Data per
+publish, a retry after `retry_after_s` with the same `image_id` and user property
+`attempt=N`, Message Expiry set to the time left, up to `max_attempts` publishes
+within `timeout_s`; the first Result wins, duplicates and Results this client did
+not ask for are counted and dropped.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import queue
+import uuid
+from collections.abc import Iterable, Iterator
+from concurrent.futures import Future
+from dataclasses import dataclass
+from pathlib import Path
+
+import paho.mqtt.client as paho
+
+from cellwatch.client.answer import Answer
+from cellwatch.client.config import ClientSettings
+from cellwatch.client.errors import (
+    BrokerUnavailable,
+    ClientError,
+    NotAuthorized,
+    PayloadTooLarge,
+    Timeout,
+)
+from cellwatch.client.inputs import image_id_for, read
+from cellwatch.shared.errors import MqttError
+from cellwatch.shared.mqtt import ConnectRefused, MqttClient, PublishProps, publish_packet_size
+from cellwatch.shared.rpc import (
+    ATTEMPT_PROPERTY,
+    PacketTooLarge,
+    Policy,
+    PublishRefused,
+    Reply,
+    RequestTimeout,
+    Rpc,
+    RpcError,
+    RpcStats,
+)
+from cellwatch.shared.schemas import Result
+from cellwatch.shared.topics import Topics, check_name
+
+log = logging.getLogger(__name__)
+
+MAX_IN_FLIGHT = 1024
+"""Requests in flight per client, over all callers (each holds its image in memory)."""
+
+Image = bytes | Path | str
+"""An image: its encoded bytes, or the path of a file holding them."""
+
+CONTENT_TYPES = {
+    ".jpg": "image/jpeg",
+    ".jpeg": "image/jpeg",
+    ".png": "image/png",
+    ".bmp": "image/bmp",
+    ".tif": "image/tiff",
+    ".tiff": "image/tiff",
+}
+
+
+def _put(
+    into: queue.SimpleQueue[tuple[Prepared, Future[Reply[Result]]]],
+    p: Prepared,
+    future: Future[Reply[Result]],
+) -> None:
+    """Done-callback (dispatcher thread): hand the finished request to the caller."""
+    into.put((p, future))
+
+
+def parse_result(msg: paho.MQTTMessage) -> Result:
+    """Network thread: a Result, or ValueError (counted as malformed and dropped)."""
+    return Result.model_validate_json(msg.payload)
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """An image read and checked, ready to publish."""
+
+    input: str
+    image_id: str
+    payload: bytes
+    topic: str
+    content_type: str | None
+
+
+class Core:
+    def __init__(self, settings: ClientSettings) -> None:
+        self.settings = settings
+        mqtt = settings.mqtt
+        assert mqtt.username is not None  # ClientSettings fills in the default
+        self.username = mqtt.username
+        self.topics = Topics(mqtt.topic_prefix)
+        self.client_id = mqtt.client_id or f"cellwatch-client-{uuid.uuid4().hex[:12]}"
+        self.reply_topic = self.topics.replies(self.username, self.client_id)
+        self.policy = Policy(
+            timeout_s=settings.timeout_s,
+            retry_after_s=settings.retry_after_s,
+            max_attempts=settings.max_attempts,
+        )
+        self.mqtt = MqttClient(
+            mqtt,
+            client_id=self.client_id,
+            clean_start=False,
+            subscriptions=[(self.reply_topic, 1)],
+        )
+        self.rpc = Rpc(self.mqtt, self.reply_topic, window=MAX_IN_FLIGHT, name="client").attach()
+
+    # -- connection -------------------------------------------------------------------
+    def connect(self) -> None:
+        s = self.settings.mqtt
+        try:
+            self.mqtt.connect()
+        except ConnectRefused as exc:
+            raise NotAuthorized(f"{exc} (user {self.username!r}: check the password)") from exc
+        except MqttError as exc:
+            raise BrokerUnavailable(str(exc)) from exc
+        log.info(
+            "client %s: Results on %s (%s:%s)", self.client_id, self.reply_topic, s.host, s.port
+        )
+
+    def close(self) -> None:
+        """Disconnect and drop the reply session (nothing will ask for its Results)."""
+        self.mqtt.disconnect(session_expiry_s=0)
+        self.rpc.close()
+
+    def stats(self) -> RpcStats:
+        return self.rpc.stats()
+
+    # -- requests -----------------------------------------------------------------------
+    def prepare(
+        self,
+        image: Image,
+        *,
+        index: int = 0,
+        source: str | None = None,
+        image_id: str | None = None,
+    ) -> Prepared:
+        """Read and check one image (InputError, PayloadTooLarge); nothing is sent."""
+        if isinstance(image, bytes):
+            name, payload, content_type = f"bytes#{index}", image, None
+            stem = None
+        else:
+            path = Path(image)
+            payload = read(path)
+            name, stem = str(path), path.stem
+            content_type = CONTENT_TYPES.get(path.suffix.lower())
+        src = check_name(source or self.settings.source, "source")
+        if image_id is None:
+            image_id = image_id_for(stem, payload)
+        prepared = Prepared(name, image_id, payload, self.topics.images(src), content_type)
+        self._check_size(prepared)
+        return prepared
+
+    def _check_size(self, p: Prepared) -> None:
+        """PayloadTooLarge if the publish (with the largest attempt number) would not fit
+        in the broker's Maximum Packet Size."""
+        limit = self.mqtt.max_packet_size
+        if limit is None:
+            return
+        props = PublishProps(
+            response_topic=self.reply_topic,
+            correlation_data=bytes(16),
+            message_expiry_s=2**32 - 1,
+            content_type=p.content_type,
+            user=(("image_id", p.image_id), (ATTEMPT_PROPERTY, str(self.policy.max_attempts))),
+        )
+        size = publish_packet_size(p.topic, p.payload, 1, props.to_paho())
+        if size > limit:
+            raise PayloadTooLarge(
+                f"{p.input}: {len(p.payload)} bytes do not fit in the broker's maximum packet "
+                f"size ({limit} bytes for the whole message); not sent"
+            )
+
+    def submit(self, p: Prepared, timeout: float | None = None) -> Future[Reply[Result]]:
+        """Publish one image (blocks while MAX_IN_FLIGHT are in flight)."""
+        policy = self.policy
+        if timeout is not None:
+            policy = Policy(
+                timeout_s=timeout,
+                retry_after_s=min(policy.retry_after_s or timeout, timeout),
+                max_attempts=policy.max_attempts,
+            )
+        try:
+            return self.rpc.submit(
+                p.topic,
+                p.payload,
+                parse_result,
+                policy,
+                user=(("image_id", p.image_id),),
+                content_type=p.content_type,
+            )
+        except RpcError as exc:
+            raise self.translate(p, exc) from exc
+
+    def answer(self, p: Prepared, future: Future[Reply[Result]]) -> Answer:
+        """Wait for the future; an Answer with the Result or the client error."""
+        try:
+            reply = future.result()
+        except RpcError as exc:
+            attempts = exc.attempts if isinstance(exc, RequestTimeout) else 0
+            return Answer(p.input, p.image_id, error=self.translate(p, exc), attempts=attempts)
+        return Answer(
+            p.input,
+            p.image_id,
+            result=reply.value,
+            attempts=reply.attempts,
+            round_trip_s=reply.round_trip_s,
+        )
+
+    def translate(self, p: Prepared, exc: RpcError) -> ClientError:
+        s = self.settings.mqtt
+        if isinstance(exc, RequestTimeout):
+            if not exc.connected:
+                return BrokerUnavailable(
+                    f"{p.input}: no connection to the broker {s.host}:{s.port} "
+                    f"(lost, not back within {exc.waited_s:.0f} s)"
+                )
+            return Timeout(
+                f"{p.input}: no Result within {exc.waited_s:.1f} s "
+                f"({exc.attempts} attempt{'s' if exc.attempts != 1 else ''}); "
+                "is a node running?",
+                exc.attempts,
+            )
+        if isinstance(exc, PublishRefused):
+            return NotAuthorized(
+                f"the broker refused images on {p.topic} from user {self.username!r} "
+                "(check the user and the broker's ACL)"
+            )
+        if isinstance(exc, PacketTooLarge):
+            return PayloadTooLarge(f"{p.input}: {exc}")
+        return ClientError(f"{p.input}: {exc}")
+
+    # -- many ----------------------------------------------------------------------------
+    def many(
+        self,
+        images: Iterable[Image],
+        *,
+        source: str | None = None,
+        concurrency: int | None = None,
+        timeout: float | None = None,
+    ) -> Iterator[Answer]:
+        """Answers in completion order, at most `concurrency` images in flight; files
+        are read just before they are sent. Input errors become Answers too."""
+        limit = concurrency or self.settings.concurrency
+        if limit < 1:
+            raise ValueError("concurrency must be >= 1")
+        completed: queue.SimpleQueue[tuple[Prepared, Future[Reply[Result]]]] = queue.SimpleQueue()
+        outstanding: set[Future[Reply[Result]]] = set()
+        inputs = enumerate(images)
+        exhausted = False
+        try:
+            while True:
+                while not exhausted and len(outstanding) < limit:
+                    item = next(inputs, None)
+                    if item is None:
+                        exhausted = True
+                        break
+                    index, image = item
+                    try:
+                        p = self.prepare(image, index=index, source=source)
+                        future = self.submit(p, timeout)
+                    except ClientError as exc:
+                        name = f"bytes#{index}" if isinstance(image, bytes) else str(image)
+                        yield Answer(name, "", error=exc)
+                        continue
+                    outstanding.add(future)
+                    future.add_done_callback(functools.partial(_put, completed, p))
+                if not outstanding:
+                    return
+                p, future = completed.get()
+                outstanding.discard(future)
+                yield self.answer(p, future)
+        finally:
+            for future in outstanding:
+                future.cancel()
