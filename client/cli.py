@@ -18,7 +18,6 @@ from typing import IO, Any
 
 import click
 from rich.console import Console
-from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from cellwatch.client.answer import Answer
@@ -169,13 +168,13 @@ def classify(
                 elif rows is not None:
                     rows.writerow(csv_row(answer))
                 else:
-                    progress.console.print(line(answer), markup=False, highlight=False)
+                    click.echo(line(answer))  # above the progress bar (rich redirects stdout)
                 progress.advance(task)
     finally:
         stats = core.stats()
         core.close()
     for text in summary.lines(stats):
-        err.print(text, markup=False)
+        click.echo(text, err=True)
     if lost_broker is not None:
         raise lost_broker
     sys.exit(EXIT_OK if summary.failed == 0 else EXIT_SOME_FAILED)
@@ -218,7 +217,6 @@ def watch(
     was sent but not answered. Ctrl-C stops it."""
     settings = load_settings(opts)
     core = connected(settings)
-    err = _stderr()
     stop = threading.Event()
 
     def on_signal(signum: int, frame: FrameType | None) -> None:
@@ -235,9 +233,9 @@ def watch(
         settle_s=settle,
         concurrency=settings.concurrency,
         stop=stop,
-        on_answer=lambda a: err.print(line(a), markup=False, highlight=False),
+        on_answer=lambda a: click.echo(line(a), err=True),
     )
-    err.print(f"watching {escape(str(folder))}; answers go to {escape(str(out))} (Ctrl-C stops)")
+    click.echo(f"watching {folder}; answers go to {out} (Ctrl-C stops)", err=True)
     try:
         summary = watcher.run()
     finally:
@@ -245,9 +243,9 @@ def watch(
         stats = core.stats()
         core.close()
     if in_flight:
-        err.print(f"stopped with {in_flight} images unanswered: they are sent again next time")
+        click.echo(f"stopped with {in_flight} images unanswered: sent again next time", err=True)
     for text in summary.lines(stats):
-        err.print(text, markup=False)
+        click.echo(text, err=True)
 
 
 def line(answer: Answer) -> str:

@@ -11,7 +11,6 @@ not ask for are counted and dropped.
 
 from __future__ import annotations
 
-import functools
 import logging
 import queue
 import uuid
@@ -36,6 +35,7 @@ from cellwatch.shared.errors import MqttError
 from cellwatch.shared.mqtt import ConnectRefused, MqttClient, PublishProps, publish_packet_size
 from cellwatch.shared.rpc import (
     ATTEMPT_PROPERTY,
+    Outcome,
     PacketTooLarge,
     Policy,
     PublishRefused,
@@ -44,6 +44,8 @@ from cellwatch.shared.rpc import (
     Rpc,
     RpcError,
     RpcStats,
+    Sink,
+    Ticket,
 )
 from cellwatch.shared.schemas import Result
 from cellwatch.shared.topics import Topics, check_name
@@ -64,15 +66,6 @@ CONTENT_TYPES = {
     ".tif": "image/tiff",
     ".tiff": "image/tiff",
 }
-
-
-def _put(
-    into: queue.SimpleQueue[tuple[Prepared, Future[Reply[Result]]]],
-    p: Prepared,
-    future: Future[Reply[Result]],
-) -> None:
-    """Done-callback (dispatcher thread): hand the finished request to the caller."""
-    into.put((p, future))
 
 
 def parse_result(msg: paho.MQTTMessage) -> Result:
@@ -172,6 +165,8 @@ class Core:
             content_type=p.content_type,
             user=(("image_id", p.image_id), (ATTEMPT_PROPERTY, str(self.policy.max_attempts))),
         )
+        if len(p.payload) + len(p.topic.encode()) + 9 + props.size_bound() <= limit:
+            return  # fits for sure, without packing the properties
         size = publish_packet_size(p.topic, p.payload, 1, props.to_paho())
         if size > limit:
             raise PayloadTooLarge(
@@ -179,21 +174,40 @@ class Core:
                 f"size ({limit} bytes for the whole message); not sent"
             )
 
+    def _policy(self, timeout: float | None) -> Policy:
+        policy = self.policy
+        if timeout is None:
+            return policy
+        return Policy(
+            timeout_s=timeout,
+            retry_after_s=min(policy.retry_after_s or timeout, timeout),
+            max_attempts=policy.max_attempts,
+        )
+
     def submit(self, p: Prepared, timeout: float | None = None) -> Future[Reply[Result]]:
         """Publish one image (blocks while MAX_IN_FLIGHT are in flight)."""
-        policy = self.policy
-        if timeout is not None:
-            policy = Policy(
-                timeout_s=timeout,
-                retry_after_s=min(policy.retry_after_s or timeout, timeout),
-                max_attempts=policy.max_attempts,
-            )
         try:
             return self.rpc.submit(
                 p.topic,
                 p.payload,
                 parse_result,
-                policy,
+                self._policy(timeout),
+                user=(("image_id", p.image_id),),
+                content_type=p.content_type,
+            )
+        except RpcError as exc:
+            raise self.translate(p, exc) from exc
+
+    def send(self, p: Prepared, sink: Sink, tag: object, timeout: float | None = None) -> Ticket:
+        """Publish one image; its outcome goes into sink as (tag, Reply or RpcError)."""
+        try:
+            return self.rpc.send(
+                p.topic,
+                p.payload,
+                parse_result,
+                self._policy(timeout),
+                sink=sink,
+                tag=tag,
                 user=(("image_id", p.image_id),),
                 content_type=p.content_type,
             )
@@ -203,16 +217,21 @@ class Core:
     def answer(self, p: Prepared, future: Future[Reply[Result]]) -> Answer:
         """Wait for the future; an Answer with the Result or the client error."""
         try:
-            reply = future.result()
+            outcome: Outcome = future.result()
         except RpcError as exc:
-            attempts = exc.attempts if isinstance(exc, RequestTimeout) else 0
-            return Answer(p.input, p.image_id, error=self.translate(p, exc), attempts=attempts)
+            outcome = exc
+        return self.answer_of(p, outcome)
+
+    def answer_of(self, p: Prepared, outcome: Outcome) -> Answer:
+        if isinstance(outcome, RpcError):
+            attempts = outcome.attempts if isinstance(outcome, RequestTimeout) else 0
+            return Answer(p.input, p.image_id, error=self.translate(p, outcome), attempts=attempts)
         return Answer(
             p.input,
             p.image_id,
-            result=reply.value,
-            attempts=reply.attempts,
-            round_trip_s=reply.round_trip_s,
+            result=outcome.value,
+            attempts=outcome.attempts,
+            round_trip_s=outcome.round_trip_s,
         )
 
     def translate(self, p: Prepared, exc: RpcError) -> ClientError:
@@ -252,8 +271,8 @@ class Core:
         limit = concurrency or self.settings.concurrency
         if limit < 1:
             raise ValueError("concurrency must be >= 1")
-        completed: queue.SimpleQueue[tuple[Prepared, Future[Reply[Result]]]] = queue.SimpleQueue()
-        outstanding: set[Future[Reply[Result]]] = set()
+        sink: Sink = queue.SimpleQueue()
+        outstanding: dict[int, tuple[Prepared, Ticket]] = {}
         inputs = enumerate(images)
         exhausted = False
         try:
@@ -266,18 +285,15 @@ class Core:
                     index, image = item
                     try:
                         p = self.prepare(image, index=index, source=source)
-                        future = self.submit(p, timeout)
+                        outstanding[index] = (p, self.send(p, sink, index, timeout))
                     except ClientError as exc:
                         name = f"bytes#{index}" if isinstance(image, bytes) else str(image)
                         yield Answer(name, "", error=exc)
-                        continue
-                    outstanding.add(future)
-                    future.add_done_callback(functools.partial(_put, completed, p))
                 if not outstanding:
                     return
-                p, future = completed.get()
-                outstanding.discard(future)
-                yield self.answer(p, future)
+                tag, outcome = sink.get()
+                p, _ = outstanding.pop(tag)  # type: ignore[call-overload]
+                yield self.answer_of(p, outcome)
         finally:
-            for future in outstanding:
-                future.cancel()
+            for _, ticket in outstanding.values():
+                ticket.cancel()

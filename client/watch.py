@@ -15,7 +15,6 @@ completely written, and append every Answer to a JSON-lines file.
 
 from __future__ import annotations
 
-import functools
 import json
 import logging
 import os
@@ -24,7 +23,6 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
@@ -34,8 +32,7 @@ from cellwatch.client.core import Core, Prepared
 from cellwatch.client.errors import BrokerUnavailable, ClientError, NotAuthorized, Timeout
 from cellwatch.client.inputs import is_image_name
 from cellwatch.client.summary import Summary
-from cellwatch.shared.rpc import Reply
-from cellwatch.shared.schemas import Result
+from cellwatch.shared.rpc import Sink
 
 log = logging.getLogger(__name__)
 
@@ -120,14 +117,13 @@ class Watcher:
         self._seen: dict[str, _Seen] = {}
         self._todo: deque[tuple[str, Key]] = deque()
         self._queued: set[str] = set()
-        self._outstanding: dict[str, Key] = {}
-        self._completed: queue.SimpleQueue[tuple[str, Key, Prepared, Future[Reply[Result]]]] = (
-            queue.SimpleQueue()
-        )
+        self._completed: Sink = queue.SimpleQueue()
+        self._sent: dict[str, tuple[Key, Prepared]] = {}
+        """Files in flight."""
 
     @property
     def in_flight(self) -> int:
-        return len(self._outstanding)
+        return len(self._sent)
 
     def run(self) -> Summary:
         """Watch until `stop` is set; NotAuthorized stops it at once."""
@@ -157,7 +153,7 @@ class Watcher:
                     continue
                 name = entry.name
                 present.add(name)
-                if name in self._outstanding or name in self._queued:
+                if name in self._sent or name in self._queued:
                     continue
                 try:
                     st = entry.stat()
@@ -178,7 +174,7 @@ class Watcher:
 
     def _submit(self, state: StateFile, out: IO[str]) -> None:
         sent: list[tuple[str, Key, str]] = []
-        while self._todo and len(self._outstanding) < self.concurrency and not self.stop.is_set():
+        while self._todo and len(self._sent) < self.concurrency and not self.stop.is_set():
             name, key = self._todo.popleft()
             self._queued.discard(name)
             path = self.folder / name
@@ -190,7 +186,7 @@ class Watcher:
                 continue  # changed again since it settled: the next scans see it anew
             try:
                 p = self.core.prepare(path, source=self.source)
-                future = self.core.submit(p)
+                self.core.send(p, self._completed, name)
             except NotAuthorized:
                 raise
             except ClientError as exc:
@@ -198,15 +194,10 @@ class Watcher:
                 state.mark([(name, key, "done")])
                 self.summary.add(answer)
                 continue
-            self._outstanding[name] = key
+            self._sent[name] = (key, p)
             sent.append((name, key, "sent"))
-            future.add_done_callback(functools.partial(self._done, name, key, p))
         if sent:
             state.mark(sent)
-
-    def _done(self, name: str, key: Key, p: Prepared, future: Future[Reply[Result]]) -> None:
-        """Done-callback (the request layer's thread): hand over to the watch loop."""
-        self._completed.put((name, key, p, future))
 
     def _collect(self, state: StateFile, out: IO[str]) -> None:
         try:
@@ -221,9 +212,10 @@ class Watcher:
                 break
         done: list[tuple[str, Key, str]] = []
         answers: list[Answer] = []
-        for name, key, p, future in batch:
-            del self._outstanding[name]
-            answer = self.core.answer(p, future)
+        for tag, outcome in batch:
+            name = str(tag)
+            key, p = self._sent.pop(name)
+            answer = self.core.answer_of(p, outcome)
             if isinstance(answer.error, NotAuthorized):
                 raise answer.error
             if isinstance(answer.error, (Timeout, BrokerUnavailable)):

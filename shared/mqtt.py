@@ -52,6 +52,18 @@ class PublishProps:
     content_type: str | None = None
     user: Sequence[tuple[str, str]] = field(default_factory=tuple)
 
+    def size_bound(self) -> int:
+        """An upper bound of the packed properties' size, without packing them."""
+        size = 4 + 5  # property length (varint) + Message Expiry Interval
+        for value in (self.response_topic, self.content_type):
+            if value is not None:
+                size += 3 + len(value.encode())
+        if self.correlation_data is not None:
+            size += 3 + len(self.correlation_data)
+        for key, value in self.user:
+            size += 5 + len(key.encode()) + len(value.encode())
+        return size
+
     def to_paho(self) -> Properties | None:
         props = _properties(PacketTypes.PUBLISH)
         used = False
@@ -243,7 +255,8 @@ class MqttClient:
         """
         paho_props = props.to_paho() if props else None
         limit = self._max_packet_size
-        if limit is not None:
+        bound = len(payload) + len(topic.encode()) + 9 + (props.size_bound() if props else 1)
+        if limit is not None and bound > limit:  # only then pack the properties to know
             size = publish_packet_size(topic, payload, qos, paho_props)
             if size > limit:
                 raise PacketTooLargeError(

@@ -23,8 +23,10 @@ Threads: paho's network thread calls `on_message`, which parses the payload (the
 caller's `parse`), looks the request up and hands the outcome over; it never blocks
 and never runs user code besides `parse`. One dispatcher thread per Rpc completes
 the futures (so done-callbacks never run on the network thread) and runs every
-retry and deadline timer from one heap. While the connection is down, retries wait:
-paho resends the queued publish itself after reconnecting.
+retry and deadline timer from one heap. Batch callers (`send`) get each outcome
+put into their queue directly, without the hop through the dispatcher. While the
+connection is down, retries wait: paho resends the queued publish itself after
+reconnecting.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ import heapq
 import itertools
 import logging
 import math
+import queue
 import threading
 import time
 import uuid
@@ -154,6 +157,9 @@ class RpcStats:
 
 
 Parse = Callable[[paho.MQTTMessage], T]
+Outcome = Reply[Any] | RpcError
+Sink = queue.SimpleQueue[tuple[object, Outcome]]
+"""Where `Rpc.send` puts each outcome, tagged with the caller's tag."""
 
 
 def correlation_of(msg: paho.MQTTMessage) -> bytes | None:
@@ -169,16 +175,32 @@ class _Request:
     props: PublishProps
     policy: Policy
     parse: Parse[Any]
-    future: Future[Reply[Any]]
+    future: Future[Reply[Any]] | None
+    sink: tuple[Sink, object] | None
+    """Where the outcome goes instead of a future: (queue, the caller's tag)."""
     started: float
     deadline: float
     corrs: dict[bytes, int] = field(default_factory=dict)
     """Correlation Data of each attempt -> attempt number."""
     attempts: int = 0
     next_retry: float | None = None
+    first: bytes = b""
+    """Correlation Data of the first attempt."""
     timer: int = -1
     """Sequence number of this request's live heap entry (older entries are stale)."""
     done: bool = False
+
+
+@dataclass(frozen=True)
+class Ticket:
+    """A request made with `Rpc.send`."""
+
+    rpc: Rpc
+    _req: _Request = field(repr=False)
+
+    def cancel(self) -> None:
+        """Abandon it (frees its window slot; no outcome is put into the sink)."""
+        self.rpc._abandon(self._req)
 
 
 class Rpc:
@@ -210,7 +232,7 @@ class Rpc:
         self._by_corr: dict[bytes, _Request] = {}
         self._finished: OrderedDict[bytes, bool] = OrderedDict()
         """Correlation Data of finished requests -> whether they had an answer."""
-        self._handover: deque[tuple[_Request, Reply[Any] | BaseException]] = deque()
+        self._handover: deque[tuple[_Request, Reply[Any] | RpcError]] = deque()
         self._timers: list[tuple[float, int, _Request]] = []
         self._seq = itertools.count()
         self._in_flight = 0
@@ -259,9 +281,61 @@ class Rpc:
         for protocol tests (a fixed `correlation` must be unique; it is used for the
         first attempt).
         """
-        now = time.monotonic()
-        wait_until = now + policy.timeout_s
         future: Future[Reply[T]] = Future()
+        req = self._start(
+            topic,
+            payload,
+            parse,
+            policy,
+            user=user,
+            content_type=content_type,
+            response_topic=response_topic,
+            correlation=correlation,
+            message_expiry_s=message_expiry_s,
+            future=future,
+        )
+        future.add_done_callback(lambda f: self._abandon(req) if f.cancelled() else None)
+        self._publish(req, req.first)
+        return future
+
+    def send(
+        self,
+        topic: str,
+        payload: bytes,
+        parse: Parse[T],
+        policy: Policy,
+        *,
+        sink: Sink,
+        tag: object,
+        user: Sequence[tuple[str, str]] = (),
+        content_type: str | None = None,
+    ) -> Ticket:
+        """Like submit(), for callers that handle many requests: the outcome, `(tag,
+        Reply or RpcError)`, is put into `sink` by whichever thread finishes the request
+        (no future, no dispatcher hop: the cheapest path, for batches)."""
+        req = self._start(
+            topic, payload, parse, policy, user=user, content_type=content_type, sink=(sink, tag)
+        )
+        self._publish(req, req.first)
+        return Ticket(self, req)
+
+    def _start(
+        self,
+        topic: str,
+        payload: bytes,
+        parse: Parse[Any],
+        policy: Policy,
+        *,
+        user: Sequence[tuple[str, str]],
+        content_type: str | None,
+        response_topic: str | None = None,
+        correlation: bytes | None = None,
+        message_expiry_s: int | None = None,
+        future: Future[Reply[Any]] | None = None,
+        sink: tuple[Sink, object] | None = None,
+    ) -> _Request:
+        """Wait for a window slot and register the request (its first attempt)."""
+        wait_until = time.monotonic() + policy.timeout_s
         with self._lock:
             while self._in_flight >= self.window and not self._closed:
                 left = wait_until - time.monotonic()
@@ -291,13 +365,12 @@ class Rpc:
                 policy=policy,
                 parse=parse,
                 future=future,
+                sink=sink,
                 started=started,
                 deadline=started + policy.timeout_s,
             )
-            corr = self._next_attempt(req, correlation)
-        future.add_done_callback(lambda f: self._abandon(req) if f.cancelled() else None)
-        self._publish(req, corr)
-        return future
+            req.first = self._next_attempt(req, correlation)
+        return req
 
     def call(
         self,
@@ -350,7 +423,7 @@ class Rpc:
                     )
                 return
             attempt = req.corrs[corr]  # type: ignore[index]
-        outcome: Reply[Any] | BaseException
+        outcome: Reply[Any] | RpcError
         try:
             value = req.parse(msg)
         except RpcError as exc:
@@ -429,10 +502,14 @@ class Rpc:
         self._in_flight -= 1
         self._slots.notify()
 
-    def _finish(self, req: _Request, outcome: Reply[Any] | BaseException) -> None:
+    def _finish(self, req: _Request, outcome: Reply[Any] | RpcError) -> None:
         self._retire(req, answered=not isinstance(outcome, (RequestTimeout, RpcClosed)))
-        self._handover.append((req, outcome))
-        self._wake.notify()
+        if req.sink is not None:
+            queue, tag = req.sink
+            queue.put((tag, outcome))  # unbounded: never blocks
+        else:
+            self._handover.append((req, outcome))
+            self._wake.notify()
 
     def _abandon(self, req: _Request) -> None:
         """The caller cancelled the future."""
@@ -502,8 +579,9 @@ class Rpc:
                 if not self._handover:
                     return
                 req, outcome = self._handover.popleft()
+            assert req.future is not None
             try:
-                if isinstance(outcome, BaseException):
+                if isinstance(outcome, RpcError):
                     req.future.set_exception(outcome)
                 else:
                     req.future.set_result(outcome)

@@ -230,3 +230,22 @@ def test_futures_complete_off_the_network_thread_and_close_fails_the_rest(
     with pytest.raises(RpcClosed):
         rpc.submit(TOPIC, body(3), parse, QUICK)
     responder.close()
+
+
+def test_the_quick_size_bound_is_an_upper_bound() -> None:
+    from cellwatch.shared.mqtt import PublishProps, publish_packet_size
+
+    for props in (
+        PublishProps(),
+        PublishProps(response_topic="cellwatch/replies/client/é-x", correlation_data=bytes(16)),
+        PublishProps(
+            response_topic="r",
+            correlation_data=b"c",
+            message_expiry_s=2**32 - 1,
+            content_type="image/tiff",
+            user=(("image_id", "ü" * 128), ("attempt", "12")),
+        ),
+    ):
+        for topic in ("cellwatch/images/a", "cellwatch/images/" + "x" * 64):
+            exact = publish_packet_size(topic, b"p" * 300, 1, props.to_paho())
+            assert exact <= 300 + len(topic.encode()) + 9 + props.size_bound()
