@@ -30,15 +30,23 @@ REPLY_SESSION_EXPIRY_S = 300
 """How long the broker keeps the client's reply session while it is disconnected,
 unless `mqtt.session_expiry_s` says otherwise: long enough to cover a reconnect
 (backoff at most `reconnect_max_s`, 30 s) or a broker restart, and every Result that
-can still matter (`timeout_s`, 60 s); short enough that a client that died leaves
+can still matter (`timeout_s`, 120 s); short enough that a client that died leaves
 at most five minutes of Results behind. A clean close drops the session at once."""
+
+# The retry defaults come from bench/client.py --failover (README, "Lab client"): a
+# node's round trip p99 was 0.22-0.28 s with 16 images in flight, so 10 s between
+# attempts leaves room for a loaded fleet before a retry duplicates work; when one of
+# two nodes died, its session kept taking half of the images until it expired
+# (session_expiry_s 60 s) and the last image was answered 71 s after the kill (at
+# most 5 attempts). timeout_s 120 covers that worst case (~ session expiry +
+# retry_after_s) with room to spare; max_attempts 12 lets the retries run until then.
 
 
 class ClientSettings(CellwatchSettings):
     mqtt: MqttSettings = Field(default_factory=MqttSettings)
     source: Name = Field("lab", description="the {source} of cellwatch/images/{source}")
     timeout_s: float = Field(
-        60.0, gt=0, le=3600, description="give up on an image after this long (every attempt)"
+        120.0, gt=0, le=3600, description="give up on an image after this long (every attempt)"
     )
     retry_after_s: float = Field(
         10.0,
@@ -47,7 +55,7 @@ class ClientSettings(CellwatchSettings):
         description="publish an unanswered image again after this long (>= timeout_s: never)",
     )
     max_attempts: int = Field(
-        4, ge=1, le=100, description="publishes per image at most (1: never retry)"
+        12, ge=1, le=100, description="publishes per image at most (1: never retry)"
     )
     concurrency: int = Field(
         16, ge=1, le=1024, description="images in flight at once in classify_many / the CLI"
