@@ -312,7 +312,7 @@ def _progress(console: Console, total: int) -> Progress:
         MofNCompleteColumn(),
         TimeElapsedColumn(),
         console=console,
-        disable=total <= 1,
+        disable=total <= 1 or not console.is_terminal,
         transient=True,
     )
 

@@ -18,6 +18,7 @@ from collections.abc import Iterable, Iterator
 from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 import paho.mqtt.client as paho
 
@@ -78,10 +79,16 @@ class Prepared:
     """An image read and checked, ready to publish."""
 
     input: str
-    image_id: str
+    image_id: str | None
+    """Sent as user property `image_id`; None for bytes: the node derives the same id
+    from the payload on every attempt (the first 16 hex digits of its SHA-256)."""
     payload: bytes
     topic: str
     content_type: str | None
+
+    @property
+    def user(self) -> tuple[tuple[str, str], ...]:
+        return (("image_id", self.image_id),) if self.image_id is not None else ()
 
 
 class Core:
@@ -105,6 +112,7 @@ class Core:
             subscriptions=[(self.reply_topic, 1)],
         )
         self.rpc = Rpc(self.mqtt, self.reply_topic, window=MAX_IN_FLIGHT, name="client").attach()
+        self._topic_of: dict[str, str] = {}
 
     # -- connection -------------------------------------------------------------------
     def connect(self) -> None:
@@ -145,12 +153,19 @@ class Core:
             payload = read(path)
             name, stem = str(path), path.stem
             content_type = CONTENT_TYPES.get(path.suffix.lower())
-        src = check_name(source or self.settings.source, "source")
-        if image_id is None:
+        if image_id is None and stem is not None:
             image_id = image_id_for(stem, payload)
-        prepared = Prepared(name, image_id, payload, self.topics.images(src), content_type)
+        prepared = Prepared(name, image_id, payload, self._topic(source), content_type)
         self._check_size(prepared)
         return prepared
+
+    def _topic(self, source: str | None) -> str:
+        """The images topic of source (TopicError if it is not a valid name)."""
+        src = source or self.settings.source
+        topic = self._topic_of.get(src)
+        if topic is None:
+            topic = self._topic_of[src] = self.topics.images(check_name(src, "source"))
+        return topic
 
     def _check_size(self, p: Prepared) -> None:
         """PayloadTooLarge if the publish (with the largest attempt number) would not fit
@@ -163,7 +178,7 @@ class Core:
             correlation_data=bytes(16),
             message_expiry_s=2**32 - 1,
             content_type=p.content_type,
-            user=(("image_id", p.image_id), (ATTEMPT_PROPERTY, str(self.policy.max_attempts))),
+            user=(*p.user, (ATTEMPT_PROPERTY, str(self.policy.max_attempts))),
         )
         if len(p.payload) + len(p.topic.encode()) + 9 + props.size_bound() <= limit:
             return  # fits for sure, without packing the properties
@@ -192,7 +207,7 @@ class Core:
                 p.payload,
                 parse_result,
                 self._policy(timeout),
-                user=(("image_id", p.image_id),),
+                user=p.user,
                 content_type=p.content_type,
             )
         except RpcError as exc:
@@ -208,7 +223,7 @@ class Core:
                 self._policy(timeout),
                 sink=sink,
                 tag=tag,
-                user=(("image_id", p.image_id),),
+                user=p.user,
                 content_type=p.content_type,
             )
         except RpcError as exc:
@@ -225,10 +240,12 @@ class Core:
     def answer_of(self, p: Prepared, outcome: Outcome) -> Answer:
         if isinstance(outcome, RpcError):
             attempts = outcome.attempts if isinstance(outcome, RequestTimeout) else 0
-            return Answer(p.input, p.image_id, error=self.translate(p, outcome), attempts=attempts)
+            return Answer(
+                p.input, p.image_id or "", error=self.translate(p, outcome), attempts=attempts
+            )
         return Answer(
             p.input,
-            p.image_id,
+            outcome.value.image_id,
             result=outcome.value,
             attempts=outcome.attempts,
             round_trip_s=outcome.round_trip_s,
@@ -292,7 +309,7 @@ class Core:
                 if not outstanding:
                     return
                 tag, outcome = sink.get()
-                p, _ = outstanding.pop(tag)  # type: ignore[call-overload]
+                p, _ = outstanding.pop(cast(int, tag))
                 yield self.answer_of(p, outcome)
         finally:
             for _, ticket in outstanding.values():

@@ -7,7 +7,7 @@ Data echoed. `Rpc` matches answers to requests and adds, for every caller:
 - a per-request deadline (`Policy.timeout_s`), after which the request fails with
   RequestTimeout;
 - retry: without an answer after `retry_after_s` the same payload is published
-  again with new Correlation Data and the user property `attempt=N`, up to
+  again with new Correlation Data and the user property `attempt=N` (N >= 2), up to
   `max_attempts`; every attempt's Correlation Data completes the same request, so
   a late answer to attempt 1 still counts;
 - Message Expiry Interval set to the time left on every publish, so a copy the
@@ -35,12 +35,12 @@ import heapq
 import itertools
 import logging
 import math
+import os
 import queue
 import threading
 import time
-import uuid
 from collections import OrderedDict, deque
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future, InvalidStateError
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
@@ -48,14 +48,15 @@ from typing import Any, Generic, TypeVar
 import paho.mqtt.client as paho
 
 from cellwatch.shared.errors import CellwatchError, MqttError
-from cellwatch.shared.mqtt import MqttClient, PacketTooLargeError, PublishProps, user_properties
+from cellwatch.shared.mqtt import MqttClient, PacketTooLargeError, PublishProps
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
 ATTEMPT_PROPERTY = "attempt"
-"""User property carrying the attempt number (1, 2, ...) of every publish."""
+"""User property carrying the attempt number (2, 3, ...) of every re-publish; the
+first publish goes without it."""
 
 REMEMBER_FINISHED = 65536
 """Correlation Data of finished requests kept to tell a duplicate from a stranger."""
@@ -133,7 +134,6 @@ class Reply(Generic[T]):
     """Publishes made for this request when the answer came."""
     round_trip_s: float
     """From the first publish to the answer."""
-    user: Mapping[str, str]
 
 
 @dataclass(frozen=True)
@@ -439,7 +439,6 @@ class Rpc:
                 attempt=attempt,
                 attempts=req.attempts,
                 round_trip_s=time.monotonic() - req.started,
-                user=user_properties(msg),
             )
         with self._lock:
             if req.done:
@@ -467,7 +466,7 @@ class Rpc:
 
     # -- internals (lock held) --------------------------------------------------------------
     def _next_attempt(self, req: _Request, correlation: bytes | None = None) -> bytes:
-        corr = correlation if correlation is not None else uuid.uuid4().bytes
+        corr = correlation if correlation is not None else os.urandom(16)  # as random as uuid4
         req.attempts += 1
         req.corrs[corr] = req.attempts
         self._by_corr[corr] = req
@@ -531,7 +530,9 @@ class Rpc:
             correlation_data=corr,
             message_expiry_s=expiry if expiry is not None else max(1, math.ceil(left)),
             content_type=req.props.content_type,
-            user=(*req.props.user, (ATTEMPT_PROPERTY, str(attempt))),
+            user=(*req.props.user, (ATTEMPT_PROPERTY, str(attempt)))
+            if attempt > 1
+            else req.props.user,
         )
         try:
             self.mqtt.publish(

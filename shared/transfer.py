@@ -17,17 +17,18 @@ from __future__ import annotations
 
 import hashlib
 import os
+import queue
 from collections import deque
 from collections.abc import Callable
-from concurrent.futures import FIRST_COMPLETED, Future, wait
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 import paho.mqtt.client as paho
 
 from cellwatch.shared.errors import CellwatchError
 from cellwatch.shared.mqtt import user_properties
-from cellwatch.shared.rpc import Policy, RemoteError, Reply, Rpc, RpcError
+from cellwatch.shared.rpc import Outcome, Policy, RemoteError, Rpc, RpcError, Sink, Ticket
 
 POLL_S = 0.25
 """How often a waiting download checks whether it was cancelled."""
@@ -100,7 +101,8 @@ class Download:
         chunk = self.chunk_bytes
         next_offset = done
         gaps: deque[tuple[int, int]] = deque()  # ranges asked for but only partly answered
-        pending: dict[Future[Reply[Chunk]], tuple[int, int]] = {}
+        sink: Sink = queue.SimpleQueue()
+        pending: dict[int, tuple[int, Ticket]] = {}  # offset -> (length, ticket)
         ready: dict[int, bytes] = {}
         try:
             with part.open("ab") as out:
@@ -122,14 +124,13 @@ class Download:
                             length = chunk if total is None else min(chunk, total - offset)
                             next_offset += length
                         topic, payload = self.request_for(offset, length)
-                        pending[self.rpc.submit(topic, payload, parse_chunk, self.policy)] = (
-                            offset,
-                            length,
+                        ticket = self.rpc.send(
+                            topic, payload, parse_chunk, self.policy, sink=sink, tag=offset
                         )
-                    finished, _ = wait(pending, timeout=POLL_S, return_when=FIRST_COMPLETED)
-                    for future in finished:
-                        offset, length = pending.pop(future)
-                        got = self._chunk(future, offset, length, total)
+                        pending[offset] = (length, ticket)
+                    for offset, outcome in _drain(sink, POLL_S):
+                        length, _ = pending.pop(offset)
+                        got = self._chunk(outcome, offset, length, total)
                         if total is None:
                             total = got.total
                             self._check_size(total)
@@ -151,20 +152,17 @@ class Download:
                 out.flush()
                 os.fsync(out.fileno())
         finally:
-            for future in pending:
-                future.cancel()
+            for _, ticket in pending.values():
+                ticket.cancel()
         os.replace(part, self.dest)
         return done
 
-    def _chunk(
-        self, future: Future[Reply[Chunk]], offset: int, length: int, total: int | None
-    ) -> Chunk:
-        try:
-            got = future.result().value
-        except RemoteError as exc:
-            raise TransferError(f"{self.dest.name}: refused: {exc}") from exc
-        except RpcError as exc:
-            raise TransferError(f"{self.dest.name} at byte {offset}: {exc}") from exc
+    def _chunk(self, outcome: Outcome, offset: int, length: int, total: int | None) -> Chunk:
+        if isinstance(outcome, RemoteError):
+            raise TransferError(f"{self.dest.name}: refused: {outcome}") from outcome
+        if isinstance(outcome, RpcError):
+            raise TransferError(f"{self.dest.name} at byte {offset}: {outcome}") from outcome
+        got: Chunk = outcome.value
         self.received += len(got.data)
         name = self.dest.name
         if got.offset != offset:
@@ -180,6 +178,19 @@ class Download:
     def _check_size(self, total: int) -> None:
         if self.max_size is not None and total > self.max_size:
             raise TransferError(f"{self.dest.name}: {total} bytes is over {self.max_size}")
+
+
+def _drain(sink: Sink, timeout: float) -> list[tuple[int, Outcome]]:
+    """The outcomes in sink: waits up to timeout for the first, takes the rest there."""
+    try:
+        got = [sink.get(timeout=timeout)]
+    except queue.Empty:
+        return []
+    while True:
+        try:
+            got.append(sink.get_nowait())
+        except queue.Empty:
+            return [(cast(int, tag), outcome) for tag, outcome in got]
 
 
 def chunk_policy(retry_after_s: float, stall_timeout_s: float) -> Policy:

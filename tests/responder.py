@@ -29,7 +29,8 @@ class Seen:
 
     @property
     def attempt(self) -> int:
-        return int(self.user["attempt"])
+        """The user property `attempt` (a first publish has none)."""
+        return int(self.user.get("attempt", "1"))
 
 
 class Responder:
