@@ -327,6 +327,7 @@ class MqttClient:
                 props.SessionExpiryInterval = session_expiry_s
             self._client.disconnect(properties=props)
         self._stop_loop()
+        self._connected.clear()
 
     def drop(self) -> None:
         """Close the socket without DISCONNECT so the broker publishes the Will (tests)."""
@@ -335,6 +336,7 @@ class MqttClient:
         if sock is not None:
             sock.close()
         self._stop_loop()
+        self._connected.clear()  # on_disconnect may not have run before the loop stopped
 
     # -- paho callbacks (network thread) -------------------------------------
     def _stop_loop(self) -> None:
