@@ -34,11 +34,11 @@ can still matter (`timeout_s`, 120 s); short enough that a client that died leav
 at most five minutes of Results behind. A clean close drops the session at once."""
 
 # The retry defaults come from bench/client.py --failover (README, "Lab client"): a
-# node's round trip p99 was 0.22-0.28 s with 16 images in flight, so 10 s between
+# node's round trip p99 was 0.22-0.29 s with 16 images in flight, so 10 s between
 # attempts leaves room for a loaded fleet before a retry duplicates work; when one of
 # two nodes died, its session kept taking half of the images until it expired
-# (session_expiry_s 60 s) and the last image was answered 71 s after the kill (at
-# most 5 attempts). timeout_s 120 covers that worst case (~ session expiry +
+# (session_expiry_s 60 s) and the last image was answered 71.5 s after the kill (at
+# most 5 attempts, longest round trip 40 s). timeout_s 120 covers that worst case (~ session expiry +
 # retry_after_s) with room to spare; max_attempts 12 lets the retries run until then.
 
 
