@@ -38,8 +38,9 @@ at most five minutes of Results behind. A clean close drops the session at once.
 # attempts leaves room for a loaded fleet before a retry duplicates work; when one of
 # two nodes died, its session kept taking half of the images until it expired
 # (session_expiry_s 60 s) and the last image was answered 71.5 s after the kill (at
-# most 5 attempts, longest round trip 40 s). timeout_s 120 covers that worst case (~ session expiry +
-# retry_after_s) with room to spare; max_attempts 12 lets the retries run until then.
+# most 5 attempts, longest round trip 40 s). timeout_s 120 covers that worst case
+# (about session expiry + retry_after_s) with room to spare; max_attempts 12 lets the
+# retries run until then.
 
 
 class ClientSettings(CellwatchSettings):

@@ -1,7 +1,7 @@
 """Downloads bundle files from the hub in chunks over MQTT (DESIGN.md, Rollout).
 
 One file at a time, up to `window` FetchRequests in flight, through the shared
-request/response layer (`cellwatch.shared.rpc`, `cellwatch.shared.transfer`):
+request/response layer (`cellwatch.shared.rpc`, `cellwatch.shared.rpc.transfer`):
 
 - requests go to `{prefix}/hub/fetch/{node_id}` with Response Topic
   `{prefix}/nodes/{node_id}/fetch`; the topic says which node asks;
@@ -29,9 +29,9 @@ from cellwatch.node.errors import NodeError
 from cellwatch.shared.limits import FETCH_CHUNK_BYTES
 from cellwatch.shared.mqtt import MqttClient
 from cellwatch.shared.rpc import Rpc
+from cellwatch.shared.rpc.transfer import Download, TransferCancelled, TransferError, chunk_policy
 from cellwatch.shared.schemas import FetchRequest
 from cellwatch.shared.topics import Topics
-from cellwatch.shared.transfer import Download, TransferCancelled, TransferError, chunk_policy
 
 log = logging.getLogger(__name__)
 

@@ -1,4 +1,4 @@
-"""The windowed chunk download (cellwatch.shared.transfer) against a scripted chunk
+"""The windowed chunk download (cellwatch.shared.rpc.transfer) against a scripted chunk
 server on the real broker: the hub's protocol, with faults on cue."""
 
 from __future__ import annotations
@@ -16,8 +16,8 @@ import pytest
 
 from cellwatch.shared.mqtt import PublishProps
 from cellwatch.shared.rpc import Policy, Rpc
+from cellwatch.shared.rpc.transfer import Download, TransferCancelled, TransferError
 from cellwatch.shared.schemas import FetchRequest
-from cellwatch.shared.transfer import Download, TransferCancelled, TransferError
 from tests.broker import Broker
 from tests.harness import T
 

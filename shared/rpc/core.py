@@ -1,33 +1,4 @@
-"""Correlated request/response over MQTT v5: the one implementation cellwatch uses.
-
-A request is published (QoS 1) with a Response Topic and fresh Correlation Data
-(16 random bytes); the peer answers on the Response Topic with the Correlation
-Data echoed. `Rpc` matches answers to requests and adds, for every caller:
-
-- a per-request deadline (`Policy.timeout_s`), after which the request fails with
-  RequestTimeout;
-- retry: without an answer after `retry_after_s` the same payload is published
-  again with new Correlation Data and the user property `attempt=N` (N >= 2), up to
-  `max_attempts`; every attempt's Correlation Data completes the same request, so
-  a late answer to attempt 1 still counts;
-- Message Expiry Interval set to the time left on every publish, so a copy the
-  broker still holds after the deadline expires there instead of being answered
-  late;
-- the first answer wins; later ones are counted as duplicates and dropped, and
-  answers whose Correlation Data this Rpc never sent are counted and dropped;
-- a bounded window of requests in flight (`submit` blocks for a free slot);
-- a broker that refuses a publish (PUBACK reason >= 0x80, e.g. not authorized)
-  fails the request with PublishRefused.
-
-Threads: paho's network thread calls `on_message`, which parses the payload (the
-caller's `parse`), looks the request up and hands the outcome over; it never blocks
-and never runs user code besides `parse`. One dispatcher thread per Rpc completes
-the futures (so done-callbacks never run on the network thread) and runs every
-retry and deadline timer from one heap. Batch callers (`send`) get each outcome
-put into their queue directly, without the hop through the dispatcher. While the
-connection is down, retries wait: paho resends the queued publish itself after
-reconnecting.
-"""
+"""`Rpc`: correlated requests over one MqttClient (see the package docstring)."""
 
 from __future__ import annotations
 
@@ -36,136 +7,41 @@ import itertools
 import logging
 import math
 import os
-import queue
 import threading
 import time
 from collections import OrderedDict, deque
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from concurrent.futures import Future, InvalidStateError
 from dataclasses import dataclass, field
-from typing import Any, Generic, TypeVar
+from typing import Any, TypeVar
 
 import paho.mqtt.client as paho
 
-from cellwatch.shared.errors import CellwatchError, MqttError
+from cellwatch.shared.errors import MqttError
 from cellwatch.shared.mqtt import MqttClient, PacketTooLargeError, PublishProps
+from cellwatch.shared.rpc.errors import (
+    PacketTooLarge,
+    PublishRefused,
+    RequestTimeout,
+    RpcClosed,
+    RpcError,
+)
+from cellwatch.shared.rpc.values import (
+    ATTEMPT_PROPERTY,
+    Parse,
+    Policy,
+    Reply,
+    RpcStats,
+    Sink,
+    correlation_of,
+)
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-ATTEMPT_PROPERTY = "attempt"
-"""User property carrying the attempt number (2, 3, ...) of every re-publish; the
-first publish goes without it."""
-
 REMEMBER_FINISHED = 65536
 """Correlation Data of finished requests kept to tell a duplicate from a stranger."""
-
-
-# -- errors -------------------------------------------------------------------------------
-
-
-class RpcError(CellwatchError):
-    """A request failed (subclasses say how)."""
-
-
-class RequestTimeout(RpcError):
-    """No answer before the request's deadline."""
-
-    def __init__(self, message: str, *, attempts: int, waited_s: float, connected: bool) -> None:
-        super().__init__(message)
-        self.attempts = attempts
-        self.waited_s = waited_s
-        self.connected = connected
-        """Whether the connection was up when the deadline passed."""
-
-
-class PublishRefused(RpcError):
-    """The broker refused the request's publish (PUBACK >= 0x80: usually the ACL)."""
-
-
-class PacketTooLarge(RpcError):
-    """The request is larger than the broker's Maximum Packet Size (not sent)."""
-
-
-class RemoteError(RpcError):
-    """The peer answered with an error (raised by a `parse` function)."""
-
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(f"{code}: {message}")
-        self.code = code
-        self.message = message
-
-
-class RpcClosed(RpcError):
-    """The Rpc was closed while the request was pending."""
-
-
-# -- values ---------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Policy:
-    """How long one request may take and how often it is sent."""
-
-    timeout_s: float
-    retry_after_s: float | None = None
-    """Publish again when no answer came within this long (None: never)."""
-    max_attempts: int = 1
-
-    def __post_init__(self) -> None:
-        if not self.timeout_s > 0:
-            raise ValueError("timeout_s must be > 0")
-        if self.max_attempts < 1:
-            raise ValueError("max_attempts must be >= 1")
-        if self.retry_after_s is not None and not self.retry_after_s > 0:
-            raise ValueError("retry_after_s must be > 0")
-
-
-@dataclass(frozen=True)
-class Reply(Generic[T]):
-    """The first answer to a request."""
-
-    value: T
-    """What `parse` made of the answer."""
-    attempt: int
-    """Which attempt's Correlation Data the answer carried (1 = the first publish)."""
-    attempts: int
-    """Publishes made for this request when the answer came."""
-    round_trip_s: float
-    """From the first publish to the answer."""
-
-
-@dataclass(frozen=True)
-class RpcStats:
-    requests: int = 0
-    sent: int = 0
-    """Publishes, retries included."""
-    retries: int = 0
-    answered: int = 0
-    duplicates: int = 0
-    """Answers to a request that already had one (dropped)."""
-    late: int = 0
-    """Answers to a request that had already failed, e.g. timed out (dropped)."""
-    unknown: int = 0
-    """Answers with Correlation Data this Rpc never sent (dropped)."""
-    malformed: int = 0
-    """Answers `parse` rejected (dropped; the request waits for another)."""
-    refused: int = 0
-    timeouts: int = 0
-    in_flight: int = 0
-
-
-Parse = Callable[[paho.MQTTMessage], T]
-Outcome = Reply[Any] | RpcError
-Sink = queue.SimpleQueue[tuple[object, Outcome]]
-"""Where `Rpc.send` puts each outcome, tagged with the caller's tag."""
-
-
-def correlation_of(msg: paho.MQTTMessage) -> bytes | None:
-    props = msg.properties
-    corr = getattr(props, "CorrelationData", None) if props is not None else None
-    return bytes(corr) if corr is not None else None
 
 
 @dataclass(eq=False)
