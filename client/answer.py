@@ -16,6 +16,8 @@ class Answer:
     input: str
     """The file's path, or `bytes#N` for the N-th bytes input."""
     image_id: str
+    """The Result's image_id; without a Result, the one sent ("" if the node was to
+    derive it from the payload)."""
     result: Result | None = None
     """The first Result that came back (status ok or error), if any."""
     error: ClientError | None = None

@@ -178,3 +178,36 @@ def test_async_client_from_asyncio(broker: Broker, node_factory: NodeFactory) ->
     assert one.ok and one.result is not None and one.result.label == "normal"
     assert sorted(a.input for a in many) == sorted(f"bytes#{i}" for i in range(40))
     assert all(a.ok for a in many)
+
+
+def test_classify_many_keeps_exactly_its_window_in_flight(
+    broker: Broker, client_factory: ClientFactory
+) -> None:
+    held: list[Seen] = []
+
+    def answer_in_batches_of_5(seen: Seen, r: Responder) -> None:
+        held.append(seen)  # answers once 5 wait: with fewer in flight this would hang
+        if len(held) == 5:
+            for s in held:
+                result = Result(
+                    status="ok",
+                    image_id=f"{s.payload.decode()}",
+                    source="lab",
+                    node_id="node-1",
+                    label="ALL",
+                    received_at=utcnow(),
+                    completed_at=utcnow(),
+                )
+                r.reply(s, result.to_json())
+            held.clear()
+
+    responder = Responder(broker, answer_in_batches_of_5)
+    client = client_factory()
+    inputs = [f"img-{i}".encode() for i in range(50)]
+    answers = list(client.classify_many(inputs, concurrency=5))
+    assert sorted(a.image_id for a in answers) == sorted(x.decode() for x in inputs)
+    assert {a.input: a.image_id for a in answers} == {
+        f"bytes#{i}": x.decode() for i, x in enumerate(inputs)
+    }  # each Answer tied to its own input
+    assert responder.max_unanswered == 5
+    responder.close()
