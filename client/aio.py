@@ -68,8 +68,9 @@ class AsyncClient:
         source: str | None,
         image_id: str | None,
         timeout: float | None,
+        node: str | None = None,
     ) -> Sent:
-        p = self._core.prepare(image, index=index, source=source, image_id=image_id)
+        p = self._core.prepare(image, index=index, source=source, image_id=image_id, node=node)
         return p, self._core.submit(p, timeout)
 
     async def _answer(self, sent: Sent) -> Answer:
@@ -85,9 +86,10 @@ class AsyncClient:
         source: str | None = None,
         image_id: str | None = None,
         timeout: float | None = None,
+        node: str | None = None,
     ) -> Answer:
         """As Client.classify."""
-        sent = await asyncio.to_thread(self._send, image, 0, source, image_id, timeout)
+        sent = await asyncio.to_thread(self._send, image, 0, source, image_id, timeout, node)
         answer = await self._answer(sent)
         if answer.error is not None:
             raise answer.error
@@ -100,6 +102,7 @@ class AsyncClient:
         source: str | None = None,
         concurrency: int | None = None,
         timeout: float | None = None,
+        node: str | None = None,
     ) -> AsyncIterator[Answer]:
         """As Client.classify_many, as an async iterator."""
         limit = concurrency or self._core.settings.concurrency
@@ -118,7 +121,7 @@ class AsyncClient:
                     index, image = item
                     try:
                         sent = await asyncio.to_thread(
-                            self._send, image, index, source, None, timeout
+                            self._send, image, index, source, None, timeout, node
                         )
                     except ClientError as exc:
                         name = f"bytes#{index}" if isinstance(image, bytes) else str(image)

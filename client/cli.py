@@ -80,6 +80,7 @@ def connection(func: Callable[..., None]) -> Callable[..., None]:
             "--tls-ca", type=click.Path(path_type=Path), help="CA certificate: connect with TLS"
         ),
         click.option("--source", help="the {source} of cellwatch/images/{source}"),
+        click.option("--node", help="send to this node only (its direct topic), not to every node"),
         click.option(
             "--concurrency", type=click.IntRange(1, 1024), help="images in flight at once"
         ),
@@ -104,6 +105,7 @@ def load_settings(opts: dict[str, Any]) -> ClientSettings:
     overrides: dict[str, Any] = {"mqtt": mqtt} if mqtt else {}
     for key, name in (
         ("source", "source"),
+        ("node", "node"),
         ("concurrency", "concurrency"),
         ("timeout", "timeout_s"),
     ):

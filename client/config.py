@@ -46,6 +46,11 @@ at most five minutes of Results behind. A clean close drops the session at once.
 class ClientSettings(CellwatchSettings):
     mqtt: MqttSettings = Field(default_factory=MqttSettings)
     source: Name = Field("lab", description="the {source} of cellwatch/images/{source}")
+    node: Name | None = Field(
+        None,
+        description="send to this node's direct topic (cellwatch/nodes/{node}/images) "
+        "instead of sharing the images among all nodes",
+    )
     timeout_s: float = Field(
         120.0, gt=0, le=3600, description="give up on an image after this long (every attempt)"
     )

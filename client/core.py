@@ -143,8 +143,10 @@ class Core:
         index: int = 0,
         source: str | None = None,
         image_id: str | None = None,
+        node: str | None = None,
     ) -> Prepared:
-        """Read and check one image (InputError, PayloadTooLarge); nothing is sent."""
+        """Read and check one image (InputError, PayloadTooLarge); nothing is sent.
+        node: send to that node's direct topic (default: settings.node, else shared)."""
         if isinstance(image, bytes):
             name, payload, content_type = f"bytes#{index}", image, None
             stem = None
@@ -155,12 +157,16 @@ class Core:
             content_type = CONTENT_TYPES.get(path.suffix.lower())
         if image_id is None and stem is not None:
             image_id = image_id_for(stem, payload)
-        prepared = Prepared(name, image_id, payload, self._topic(source), content_type)
+        prepared = Prepared(name, image_id, payload, self._topic(source, node), content_type)
         self._check_size(prepared)
         return prepared
 
-    def _topic(self, source: str | None) -> str:
-        """The images topic of source (TopicError if it is not a valid name)."""
+    def _topic(self, source: str | None, node: str | None = None) -> str:
+        """The images topic of source, or node's direct topic (TopicError if a name is
+        not valid)."""
+        node = node or self.settings.node
+        if node is not None:
+            return self.topics.node_images(check_name(node, "node"))
         src = source or self.settings.source
         topic = self._topic_of.get(src)
         if topic is None:
@@ -282,6 +288,7 @@ class Core:
         source: str | None = None,
         concurrency: int | None = None,
         timeout: float | None = None,
+        node: str | None = None,
     ) -> Iterator[Answer]:
         """Answers in completion order, at most `concurrency` images in flight; files
         are read just before they are sent. Input errors become Answers too."""
@@ -301,7 +308,7 @@ class Core:
                         break
                     index, image = item
                     try:
-                        p = self.prepare(image, index=index, source=source)
+                        p = self.prepare(image, index=index, source=source, node=node)
                         outstanding[index] = (p, self.send(p, sink, index, timeout))
                     except ClientError as exc:
                         name = f"bytes#{index}" if isinstance(image, bytes) else str(image)

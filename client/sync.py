@@ -77,13 +77,15 @@ class Client:
         source: str | None = None,
         image_id: str | None = None,
         timeout: float | None = None,
+        node: str | None = None,
     ) -> Answer:
         """Classify one image; the Answer holds the node's Result (ok or error).
+        node: send it to that node's direct topic instead of the shared one.
 
         Raises Timeout, BrokerUnavailable, NotAuthorized, PayloadTooLarge or
         InputError when there is no Result."""
         core = self._core
-        prepared = core.prepare(image, source=source, image_id=image_id)
+        prepared = core.prepare(image, source=source, image_id=image_id, node=node)
         answer = core.answer(prepared, core.submit(prepared, timeout))
         if answer.error is not None:
             raise answer.error
@@ -96,11 +98,14 @@ class Client:
         source: str | None = None,
         concurrency: int | None = None,
         timeout: float | None = None,
+        node: str | None = None,
     ) -> Iterator[Answer]:
         """Answers in completion order, each tied to its input (`Answer.input`); at most
         `concurrency` images in flight. Nothing is raised per image: an image without a
         Result has `Answer.error` set."""
-        return self._core.many(images, source=source, concurrency=concurrency, timeout=timeout)
+        return self._core.many(
+            images, source=source, concurrency=concurrency, timeout=timeout, node=node
+        )
 
     def stats(self) -> RpcStats:
         """Counters: sent, retries, duplicates and unknown or malformed Results dropped."""

@@ -211,3 +211,17 @@ def test_classify_many_keeps_exactly_its_window_in_flight(
     }  # each Answer tied to its own input
     assert responder.max_unanswered == 5
     responder.close()
+
+
+def test_node_sends_every_image_to_one_node(
+    node_factory: NodeFactory, client_factory: ClientFactory
+) -> None:
+    node_factory("node-1")
+    node_factory("node-2")
+    client = client_factory()
+    answers = list(client.classify_many([images.jpeg()] * 12, node="node-2", concurrency=4))
+    assert all(a.ok for a in answers) and len(answers) == 12
+    assert {a.result.node_id for a in answers if a.result} == {"node-2"}
+    one = client.classify(images.jpeg(), node="node-1")
+    assert one.result is not None and one.result.node_id == "node-1"
+    assert one.result.source is None  # a direct image has no {source}

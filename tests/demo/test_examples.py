@@ -45,6 +45,7 @@ def test_client_example_config_loads_and_documents_every_setting() -> None:
     documented = toml_paths(tomllib.loads(example.read_text()))
     missing = leaf_paths(ClientSettings) - documented
     assert missing <= {
+        "node",
         "mqtt.password",
         "mqtt.client_id",
         "mqtt.tls.cert_file",
