@@ -38,7 +38,7 @@ from cellwatch.shared.hubapi import (
     UploadFile,
 )
 from cellwatch.shared.limits import MAX_FETCH_CHUNK_BYTES, MAX_MANIFEST_BYTES
-from cellwatch.shared.manifest import MANIFEST_FILE, SIGNATURE_FILE, Manifest
+from cellwatch.shared.manifest import MANIFEST_FILE, MODEL_FLAGS, SIGNATURE_FILE, Manifest
 from cellwatch.shared.signing import TrustedKeys
 
 log = logging.getLogger(__name__)
@@ -47,7 +47,14 @@ MAX_UPLOAD_CHUNK_BYTES = MAX_FETCH_CHUNK_BYTES
 _SHA_RE = re.compile(r"^[0-9a-f]{64}$")
 
 
-def model_info(m: ModelRecord) -> ModelInfo:
+def flags_of(manifest: Manifest | None) -> dict[str, bool]:
+    """ModelInfo's synthetic / untrained / degraded, from the manifest's provenance
+    (shared.manifest.model_flags); all false when the manifest is unknown."""
+    flags = manifest.flags if manifest is not None else []
+    return {flag: flag in flags for flag in MODEL_FLAGS}
+
+
+def model_info(m: ModelRecord, manifest: Manifest | None = None) -> ModelInfo:
     return ModelInfo(
         name=m.name,
         version=m.version,
@@ -58,6 +65,7 @@ def model_info(m: ModelRecord) -> ModelInfo:
         metrics=m.metrics,
         created_at=datetime.fromisoformat(m.created_at),
         pushed_at=datetime.fromtimestamp(m.pushed_at, UTC),
+        **flags_of(manifest),
     )
 
 
@@ -77,10 +85,27 @@ class Registry:
         self.trusted = trusted
         self.allow_unsigned = allow_unsigned
         self._manifests: dict[str, Manifest] = {}
+        self._stored: dict[str, Manifest] = {}
 
     # -- queries -------------------------------------------------------------------------
     def models(self, name: str | None = None) -> list[ModelInfo]:
-        return [model_info(m) for m in self.db.models(name)]
+        return [self.info(m) for m in self.db.models(name)]
+
+    def info(self, m: ModelRecord) -> ModelInfo:
+        return model_info(m, self.stored_manifest(m.manifest_sha256))
+
+    def stored_manifest(self, sha: str) -> Manifest | None:
+        """The manifest of a stored bundle (cached: stored bundles never change)."""
+        cached = self._stored.get(sha)
+        if cached is not None:
+            return cached
+        try:
+            manifest = parse_manifest((self.store.path(sha) / MANIFEST_FILE).read_bytes())
+        except (OSError, BundleError) as exc:
+            log.warning("cannot read the manifest of stored bundle %s: %s", sha[:12], exc)
+            return None
+        self._stored[sha] = manifest
+        return manifest
 
     def find(self, name: str, version: str) -> ModelRecord:
         m = self.db.model(name, version)
@@ -106,7 +131,7 @@ class Registry:
         sha = sha256_bytes(manifest_bytes)
         stored = self.db.model_by_sha(sha)
         if stored is not None and self.store.has(sha):
-            return PushBeginReply(status="already_present", model=model_info(stored))
+            return PushBeginReply(status="already_present", model=self.info(stored))
         self._check_unique(manifest, sha)
         d = self.store.upload_dir(sha)
         (d / MANIFEST_FILE).write_bytes(manifest_bytes)
@@ -149,7 +174,7 @@ class Registry:
         sha = args.upload_id
         stored = self.db.model_by_sha(sha)
         if stored is not None and self.store.has(sha):
-            return PushCommitReply(status="already_present", model=model_info(stored))
+            return PushCommitReply(status="already_present", model=self.info(stored))
         manifest = self._manifest(sha)
         missing = [
             f"{name} ({self.store.received(sha, name)} of {e.size} bytes)"
@@ -182,7 +207,7 @@ class Registry:
         )
         self.db.add_model(record)
         log.info("push: %s stored (signer %s)", bundle, bundle.signer or "none")
-        return PushCommitReply(status="stored", model=model_info(record))
+        return PushCommitReply(status="stored", model=model_info(record, bundle.manifest))
 
     def _manifest(self, sha: str) -> Manifest:
         cached = self._manifests.get(sha)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime
+from typing import Any
 
 from rich import box
 from rich.console import Group, RenderableType
@@ -74,10 +75,49 @@ def _table(*columns: str) -> Table:
     return table
 
 
+def model_flags(m: ModelInfo) -> list[str]:
+    """ModelInfo's warnings, in shared.manifest.MODEL_FLAGS order."""
+    return [
+        f
+        for f, on in (
+            ("synthetic", m.synthetic),
+            ("untrained", m.untrained),
+            ("degraded", m.degraded),
+        )
+        if on
+    ]
+
+
+def _flags(flags: list[str]) -> Text:
+    if not flags:
+        return Text("-", style="dim")
+    return Text(",".join(f.upper() for f in flags), style="bold yellow")
+
+
+def _deployed(metrics: dict[str, Any]) -> str:
+    """`acc 0.94 [0.74-0.99] n=18` from manifest.metrics (the deployed model's own)."""
+    try:
+        acc = metrics["deployed"]["metrics"]["accuracy"]
+        lo, hi = acc["ci95"]
+        return f"acc {acc['value']:.2f} [{lo:.2f}-{hi:.2f}] n={acc['n']}"
+    except (KeyError, TypeError, ValueError):
+        return "-"
+
+
 def models_table(models: list[ModelInfo]) -> RenderableType:
     if not models:
         return Text("no models on the hub yet (cellwatch-hub push BUNDLE)")
-    table = _table("NAME", "VERSION", "SHA256", "SIZE", "PRECISION", "SIGNER", "PUSHED")
+    table = _table(
+        "NAME",
+        "VERSION",
+        "SHA256",
+        "SIZE",
+        "PRECISION",
+        "FLAGS",
+        "TEST (DEPLOYED)",
+        "SIGNER",
+        "PUSHED",
+    )
     for m in models:
         table.add_row(
             m.name,
@@ -85,6 +125,8 @@ def models_table(models: list[ModelInfo]) -> RenderableType:
             m.manifest_sha256[:12],
             _size(m.size),
             m.precision,
+            _flags(model_flags(m)),
+            _deployed(m.metrics),
             m.signer or "UNSIGNED",
             _when(m.pushed_at),
         )
@@ -118,6 +160,14 @@ def rollout_view(r: RolloutInfo) -> RenderableType:
         f"  wave {max(r.wave + 1, 0)}/{len(r.waves)}",
     )
     parts: list[RenderableType] = [head]
+    if r.model_flags:
+        parts.append(
+            Text(
+                f"  model is {', '.join(f.upper() for f in r.model_flags)}: not for real "
+                "decisions (see its MODEL_CARD.md)",
+                style="bold yellow",
+            )
+        )
     if r.reason:
         parts.append(Text(f"  {r.reason}", style="dim"))
     waves = _table("WAVE", "NODES", "ISSUED", "PROGRESS")
