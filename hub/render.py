@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime
-from typing import Any
 
 from rich import box
 from rich.console import Group, RenderableType
@@ -94,30 +93,10 @@ def _flags(flags: list[str]) -> Text:
     return Text(",".join(f.upper() for f in flags), style="bold yellow")
 
 
-def _deployed(metrics: dict[str, Any]) -> str:
-    """`acc 0.94 [0.74-0.99] n=18` from manifest.metrics (the deployed model's own)."""
-    try:
-        acc = metrics["deployed"]["metrics"]["accuracy"]
-        lo, hi = acc["ci95"]
-        return f"acc {acc['value']:.2f} [{lo:.2f}-{hi:.2f}] n={acc['n']}"
-    except (KeyError, TypeError, ValueError):
-        return "-"
-
-
 def models_table(models: list[ModelInfo]) -> RenderableType:
     if not models:
         return Text("no models on the hub yet (cellwatch-hub push BUNDLE)")
-    table = _table(
-        "NAME",
-        "VERSION",
-        "SHA256",
-        "SIZE",
-        "PRECISION",
-        "FLAGS",
-        "TEST (DEPLOYED)",
-        "SIGNER",
-        "PUSHED",
-    )
+    table = _table("NAME", "VERSION", "SHA256", "SIZE", "PRECISION", "FLAGS", "SIGNER", "PUSHED")
     for m in models:
         table.add_row(
             m.name,
@@ -126,7 +105,6 @@ def models_table(models: list[ModelInfo]) -> RenderableType:
             _size(m.size),
             m.precision,
             _flags(model_flags(m)),
-            _deployed(m.metrics),
             m.signer or "UNSIGNED",
             _when(m.pushed_at),
         )

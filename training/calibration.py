@@ -134,9 +134,15 @@ def calibrate(logits: np.ndarray, y: np.ndarray) -> Calibration:
     before, after = softmax(logits)[:, 1], softmax(np.asarray(logits) / t)[:, 1]
     ece_before, ece_after = ece(before, y), ece(after, y)
     notes = []
-    if t <= TEMPERATURE_MIN * 1.001 or t >= TEMPERATURE_MAX * 0.999:
+    if t <= TEMPERATURE_MIN * 1.001:
         notes.append(
-            f"temperature at its bound {t:.3g} (the validation split is too easy or small)"
+            f"temperature at its lower bound {t:.3g}: the model separates the validation "
+            "split perfectly, which is too easy or too small to calibrate on"
+        )
+    elif t >= TEMPERATURE_MAX * 0.999:
+        notes.append(
+            f"temperature at its upper bound {t:.3g}: the model is near chance on the "
+            "validation split"
         )
     applied = ece_after <= ece_before
     if not applied:
