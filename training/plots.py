@@ -127,7 +127,7 @@ def reliability(
         ylim=(-0.02, 1.02),
         title=_title(title, synthetic),
     )
-    ax.legend(loc="upper left", fontsize="small")
+    ax.legend(loc="lower right", fontsize="small")
     ax.grid(alpha=0.3)
     ax_n.set(xlabel="predicted p(ALL)", ylabel="images")
     ax_n.grid(alpha=0.3)
