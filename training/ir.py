@@ -30,6 +30,10 @@ log = logging.getLogger(__name__)
 Precision = Literal["fp32", "fp16", "int8"]
 F32 = {"INFERENCE_PRECISION_HINT": "f32"}
 """Parity checks and golden vectors run the IR with f32 arithmetic on the CPU."""
+MAX_REVERTED = 8
+"""Accuracy-aware int8 reverts at most this many quantised groups to floating point:
+each step re-ranks the rest (about a minute for Inception V3 on 2 CPUs), and a model
+that needs more is better shipped as fp16."""
 DEVICE_DEFAULT: dict[str, str] = {}
 """What a node runs by default: OpenVINO picks the inference precision (bf16 on CPUs
 with AVX512-BF16/AMX, f32 elsewhere)."""
@@ -62,6 +66,7 @@ def quantize(model: Any, calibration: Sequence[np.ndarray]) -> Any:
     """int8 post-training quantisation with NNCF on preprocessed inputs [1, 299, 299, 3]."""
     import nncf  # imported late: slow, and only int8 needs it
 
+    _quiet(nncf)
     if not calibration:
         raise ExportError("int8 needs calibration images, and the training split gave none")
     log.info("quantising to int8 with NNCF on %d calibration images", len(calibration))
@@ -78,11 +83,13 @@ def quantize_with_accuracy_control(
     metric: Callable[[np.ndarray], float],
     max_drop: float,
 ) -> Any:
-    """NNCF accuracy-aware int8: revert the most harmful quantisers to floating point until
-    metric(probabilities of the validation inputs) is at most max_drop below the float model's.
-    """
+    """NNCF accuracy-aware int8: revert the most harmful quantisers to floating point (at
+    most MAX_REVERTED) until metric(probabilities of the validation inputs) is at most
+    max_drop below the float model's."""
     import nncf
+    from nncf.quantization.advanced_parameters import AdvancedAccuracyRestorerParameters
 
+    _quiet(nncf)
     if not calibration or not validation:
         raise ExportError("accuracy-aware int8 needs calibration and validation images")
 
@@ -104,9 +111,18 @@ def quantize_with_accuracy_control(
             validate,
             max_drop=max_drop,
             subset_size=len(calibration),
+            advanced_accuracy_restorer_parameters=AdvancedAccuracyRestorerParameters(
+                max_num_iterations=MAX_REVERTED
+            ),
         )
     except Exception as exc:  # NNCF wraps OpenVINO and NumPy errors alike
         raise ExportError(f"NNCF accuracy-aware int8 quantisation failed: {exc}") from exc
+
+
+def _quiet(nncf: Any) -> None:
+    """NNCF sets its own logger to INFO on import; keep it to warnings (-v shows debug)."""
+    if not logging.getLogger().isEnabledFor(logging.DEBUG):
+        nncf.set_log_level(logging.WARNING)
 
 
 def save(model: Any, xml: Path, precision: Precision) -> None:
