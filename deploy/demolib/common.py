@@ -59,8 +59,8 @@ class Profile:
     swap_rate: float
     after_swap_s: float
     int8_methods: tuple[str, str]
-    """`export --int8-method` for v1 and v2. Accuracy-aware quantisation takes about
-    four minutes on 2 CPUs, so only `make demo`'s v1 may use it; otherwise an int8
+    """`export --int8-method` for v1 and v2. Accuracy-aware quantisation takes 4-6
+    minutes on 2 CPUs, so only `make demo`'s v1 may use it; otherwise an int8
     model that misses the gate is replaced by fp16 (and the demo says so)."""
 
 
