@@ -79,6 +79,7 @@ def node_toml(
     lines = [
         f'node_id = "{node_id}"',
         "telemetry_interval_s = 5.0",
+        f'state_dir = "{tmp / "state" / node_id}"',
         "[mqtt]",
         f'host = "{broker.host}"',
         f"port = {broker.port}",
