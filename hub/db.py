@@ -304,7 +304,8 @@ class Database:
         return f"r{seq}"
 
     def save_rollout(self, r: Rollout, events: list[str] | None = None, now: float = 0.0) -> None:
-        """Store the rollout and its targets, and append events (at now) in one go."""
+        """Store the rollout, its targets that changed (Target.dirty) and append events
+        (at now) in one transaction; the targets are clean once it committed."""
         p = r.policy
         seq = int(r.rollout_id[1:]) if r.rollout_id[1:].isdigit() else None
         with self._tx() as c:
@@ -332,7 +333,8 @@ class Database:
                     r.finished_at,
                 ),
             )
-            for position, t in enumerate(r.targets):
+            changed = [(position, t) for position, t in enumerate(r.targets) if t.dirty]
+            for position, t in changed:
                 prev = t.previous
                 c.execute(
                     "INSERT OR REPLACE INTO targets VALUES "
@@ -361,6 +363,8 @@ class Database:
                 "INSERT INTO rollout_events (rollout_id, ts, text) VALUES (?, ?, ?)",
                 [(r.rollout_id, now, text) for text in events or ()],
             )
+        for _, t in changed:
+            t.dirty = False
 
     def rollout_events(self, rollout_id: str) -> list[RolloutEvent]:
         rows = self._rows(
@@ -428,6 +432,8 @@ class Database:
                 "SELECT * FROM targets WHERE rollout_id = ? ORDER BY position", row["rollout_id"]
             )
         ]
+        for t in targets:
+            t.dirty = False  # as stored
         return Rollout(
             rollout_id=row["rollout_id"],
             model=ModelKey(row["model_name"], row["model_version"], row["model_sha256"]),

@@ -3,14 +3,17 @@ persists every change in the database and writes the desired models they ask for
 
 Only the hub's control thread calls it. Active rollouts live in memory and in the
 database; a restarted hub reloads them and writes again every desired model the
-broker had not acknowledged (timers continue from the stored timestamps).
+broker had not acknowledged (timers continue from the stored timestamps). Every
+change is stored before anything else sees it: a rollout that could not be stored is
+reloaded from the database (the change is undone, the caller sees the error), and
+desired models are written only after the store.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections import Counter
+from collections import Counter, OrderedDict
 from collections.abc import Callable
 from datetime import UTC, datetime
 
@@ -35,6 +38,8 @@ from cellwatch.shared.schemas import ApiError, UpdateReport
 log = logging.getLogger(__name__)
 
 WriteDesired = Callable[[Desired], None]
+FINISHED_KEPT = 8
+"""Finished rollouts kept in memory for their late reports."""
 
 
 def _ts(value: float) -> datetime:
@@ -115,10 +120,27 @@ class Orchestrator:
         self.defaults = defaults
         self.write_desired = write_desired
         self.active: dict[str, Rollout] = {}
+        self._finished: OrderedDict[str, Rollout] = OrderedDict()
 
     def load(self) -> None:
         """Reload the active rollouts from the database (hub start)."""
         self.active = {r.rollout_id: r for r in self.db.rollouts(active_only=True, limit=10_000)}
+
+    def reassert(self, node_id: str) -> None:
+        """A node (re)connected: write again the desired models its unfinished targets
+        ask for (the broker may have lost a retained one). The same message as before:
+        a node already at work on it carries on."""
+        running = self.fleet.model_of(node_id)
+        for r in list(self.active.values()):
+            d = r.reassert(node_id, running)
+            if d is not None:
+                log.info(
+                    "rollout %s: node %s is back: desired %s written again",
+                    r.rollout_id,
+                    node_id,
+                    d.model,
+                )
+                self.write_desired(d)
 
     def rewrite_unconfirmed(self) -> None:
         """Write again the desired models the broker had not acknowledged (once connected)."""
@@ -170,8 +192,8 @@ class Orchestrator:
             len(ids),
             list(policy.counts),
         )
-        self.active[rollout.rollout_id] = rollout
-        self._apply(rollout, rollout.tick(self.fleet.views(), now))
+        desired = rollout.tick(self.fleet.views(), now)
+        self._apply(rollout, desired)  # stored first: a failed store leaves no trace
         return describe(rollout)
 
     def _policy(self, args: RolloutStartArgs, total: int) -> Policy:
@@ -196,7 +218,7 @@ class Orchestrator:
 
     def get(self, rollout_id: str) -> Rollout:
         rid = rollout_id if rollout_id.startswith("r") else f"r{rollout_id}"
-        r = self.active.get(rid) or self.db.rollout(rid)
+        r = self._find(rid)
         if r is None:
             raise ApiFailure("not_found", f"no rollout {rollout_id!r}")
         return r
@@ -251,18 +273,15 @@ class Orchestrator:
                         "roll that one back first",
                     )
         desired = r.rollback(self.fleet.views(), now)
-        self.active[r.rollout_id] = r
         self._apply(r, desired)
         return describe(r)
 
     # -- inputs from the fleet -------------------------------------------------------------
     def on_report(self, node_id: str, report: UpdateReport, now: float) -> None:
-        r = self.active.get(report.rollout_id)
+        r = self._find(report.rollout_id)
         if r is None:
-            r = self.db.rollout(report.rollout_id)
-            if r is None:
-                log.debug("node %s: report for unknown rollout %s", node_id, report.rollout_id)
-                return
+            log.debug("node %s: report for unknown rollout %s", node_id, report.rollout_id)
+            return
         error = (report.error.code, report.error.message) if report.error else None
         changed = r.on_report(
             node_id,
@@ -281,12 +300,12 @@ class Orchestrator:
                 report.state,
                 report.progress * 100,
             )
-            self._apply(r, r.tick(self.fleet.views(), now) if r.active else [])
+            self._apply(r, [])  # the service ticks once it has caught up with the fleet
 
     def on_confirmed(self, d: Desired) -> None:
         r = self.active.get(d.rollout_id)
         if r is not None and r.confirm(d.node_id, d.model.sha256):
-            self.db.save_rollout(r)
+            self._apply(r, [])
 
     def tick(self, now: float) -> None:
         if not self.active:
@@ -297,12 +316,42 @@ class Orchestrator:
             if desired or r.events:
                 self._apply(r, desired)
 
+    def _find(self, rollout_id: str) -> Rollout | None:
+        """An active rollout, else one of the latest finished ones (late reports of a
+        2,000-node rollout must not load it 2,000 times), else the database's."""
+        r = self.active.get(rollout_id) or self._finished.pop(rollout_id, None)
+        if r is None:
+            r = self.db.rollout(rollout_id)
+        if r is not None and not r.active:
+            self._keep_finished(r)
+        return r
+
+    def _keep_finished(self, r: Rollout) -> None:
+        self._finished[r.rollout_id] = r  # the most recent last
+        while len(self._finished) > FINISHED_KEPT:
+            self._finished.popitem(last=False)
+
     def _apply(self, r: Rollout, desired: list[Desired]) -> None:
-        self.db.save_rollout(r, r.events, time.time())
+        """Store r (then log its events, write its desired models, track it while it is
+        active). If the store fails, r is reloaded as stored and the error raised."""
+        try:
+            self.db.save_rollout(r, r.events, time.time())
+        except Exception:
+            self._finished.pop(r.rollout_id, None)
+            stored = self.db.rollout(r.rollout_id)
+            if stored is not None and stored.active:
+                self.active[r.rollout_id] = stored
+            else:
+                self.active.pop(r.rollout_id, None)
+            raise
         for event in r.events:
             log.info("rollout %s: %s", r.rollout_id, event)
         r.events.clear()
+        if r.active:
+            self.active[r.rollout_id] = r
+            self._finished.pop(r.rollout_id, None)
+        else:
+            self.active.pop(r.rollout_id, None)
+            self._keep_finished(r)
         for d in desired:
             self.write_desired(d)
-        if not r.active:
-            self.active.pop(r.rollout_id, None)
