@@ -137,7 +137,7 @@ class Intake:
         self._ack = ack
         self._generation = generation
         self._api_prefix = topics.hub_api(UPLOAD_VERB)[: -len(UPLOAD_VERB)]
-        self._fetch_topic = topics.hub_fetch()
+        self._fetch_prefix = topics.hub_fetch_filter()[:-1]
         self._telemetry = RateLimiter(
             limits.telemetry_per_s, limits.telemetry_burst, limits.max_nodes
         )
@@ -148,7 +148,7 @@ class Intake:
     # -- network thread ------------------------------------------------------------------
     def on_message(self, msg: paho.MQTTMessage) -> None:
         topic, size, generation = msg.topic, len(msg.payload), self._generation()
-        if topic == self._fetch_topic:
+        if topic.startswith(self._fetch_prefix):
             self._on_fetch(msg, size, generation)
         elif topic.startswith(self._api_prefix):
             self._on_api(msg, size, generation)

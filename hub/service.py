@@ -102,7 +102,7 @@ class HubService(Daemon):
                 (t.node_filter("status"), 1),
                 (t.node_filter("telemetry"), 0),
                 (t.node_filter("update"), 1),
-                (t.hub_fetch(), 1),
+                (t.hub_fetch_filter(), 1),
                 (t.hub_api_filter(), 1),
             ],
         )
