@@ -270,6 +270,9 @@ class Database:
         rows = self._rows("SELECT * FROM nodes WHERE node_id = ?", node_id)
         return _node(rows[0]) if rows else None
 
+    def node_count(self) -> int:
+        return int(self._rows("SELECT count(*) FROM nodes")[0][0])
+
     def nodes(self) -> list[NodeRecord]:
         return [_node(r) for r in self._rows("SELECT * FROM nodes ORDER BY node_id")]
 

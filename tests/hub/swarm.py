@@ -20,7 +20,7 @@ import threading
 import time
 import uuid
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import paho.mqtt.client as paho
 
@@ -35,7 +35,7 @@ from cellwatch.shared.schemas import (
     utcnow,
 )
 from tests.broker import Broker, sync
-from tests.harness import T
+from tests.harness import T, wait_for
 
 SWARM_USER = "swarm"
 
@@ -129,14 +129,24 @@ class Swarm:
         self._conns = [_Conn(self, broker, i) for i in range(connections)]
         self._owner = {n: self._conns[i % connections] for i, n in enumerate(self.node_ids)}
 
-    def connect(self) -> None:
-        """Connect, subscribe to every desired topic, publish every node's status."""
+    def connect(self, known: Callable[[], int] | None = None, chunk: int = 250) -> None:
+        """Connect, subscribe to every desired topic, publish every node's status; with
+        `known` (how many nodes the hub knows), `chunk` statuses at a time, each chunk
+        once the hub knows the ones before (a fleet that comes up over a while)."""
         for conn in self._conns:
             conn.mqtt.connect()
             conn.mqtt.subscribe(T.node_filter("desired"), 1)
             sync(conn.mqtt)
-        for node_id in self.node_ids:
-            self.publish_status(node_id)
+        step = chunk if known is not None else len(self.node_ids)
+        for start in range(0, len(self.node_ids), step):
+            for node_id in self.node_ids[start : start + step]:
+                self.publish_status(node_id)
+            if known is not None:
+                self._wait_known(known, min(start + step, len(self.node_ids)))
+
+    @staticmethod
+    def _wait_known(known: Callable[[], int], want: int) -> None:
+        wait_for(lambda: known() >= want, 120, f"the hub to know {want} nodes")
 
     def close(self) -> None:
         for conn in self._conns:
