@@ -36,7 +36,14 @@ from cellwatch.shared.limits import (
     DEFAULT_TELEMETRY_INTERVAL_S,
     STALE_AFTER_INTERVALS,
 )
-from cellwatch.shared.schemas import ModelRef, NodeStatus, Telemetry, UpdateReport, UpdateState
+from cellwatch.shared.schemas import (
+    ModelError,
+    ModelRef,
+    NodeStatus,
+    Telemetry,
+    UpdateReport,
+    UpdateState,
+)
 from cellwatch.shared.topics import is_valid_name
 
 log = logging.getLogger(__name__)
@@ -144,6 +151,10 @@ class Fleet:
         rec.state, rec.boot_id, rec.since, rec.last_seen = status.state, status.boot_id, since, now
         rec.tags = list(status.tags)
         rec.device = status.device or rec.device
+        if status.state == "online":  # a Will (offline) was written before any error
+            rec.model_error = (
+                status.model_error.model_dump(mode="json") if status.model_error else None
+            )
         if status.state == "online" or status.model is not None:
             m = status.model
             rec.model = ModelKey(m.name, m.version, m.sha256) if m is not None else None
@@ -230,6 +241,7 @@ class Fleet:
                 device=n.device,
                 telemetry=n.telemetry,
                 bytes_served=bytes_by_node.get(n.node_id, 0),
+                model_error=ModelError.model_validate(n.model_error) if n.model_error else None,
             )
             for n in self.db.nodes()
         ]

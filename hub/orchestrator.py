@@ -21,11 +21,13 @@ from cellwatch.hub.config import RolloutDefaults
 from cellwatch.hub.db import Database
 from cellwatch.hub.errors import ApiFailure
 from cellwatch.hub.fleet import Fleet
-from cellwatch.hub.registry import Registry
-from cellwatch.hub.rollout import Desired, ModelKey, Policy, Rollout
+from cellwatch.hub.registry import Registry, model_info
+from cellwatch.hub.rollout import Desired, ModelKey, Policy, Rollout, RolloutState
 from cellwatch.hub.waves import WaveSpecError, parse_threshold, parse_waves, plan_waves
 from cellwatch.shared.hubapi import (
     DesiredRef,
+    RevokeArgs,
+    RevokeReply,
     RolloutInfo,
     RolloutList,
     RolloutStartArgs,
@@ -113,12 +115,14 @@ class Orchestrator:
         registry: Registry,
         defaults: RolloutDefaults,
         write_desired: WriteDesired,
+        publish_revocations: Callable[[float], None] = lambda now: None,
     ) -> None:
         self.db = db
         self.fleet = fleet
         self.registry = registry
         self.defaults = defaults
         self.write_desired = write_desired
+        self.publish_revocations = publish_revocations
         self.active: dict[str, Rollout] = {}
         self._finished: OrderedDict[str, Rollout] = OrderedDict()
 
@@ -159,7 +163,7 @@ class Orchestrator:
 
     # -- operator verbs ----------------------------------------------------------------
     def start(self, args: RolloutStartArgs, now: float) -> RolloutInfo:
-        m = self.registry.find(args.name, args.version)
+        m = self.registry.find_servable(args.name, args.version)
         model = ModelKey(m.name, m.version, m.manifest_sha256)
         ids = self.fleet.resolve(args.target.strip())
         for r in self.active.values():
@@ -263,7 +267,15 @@ class Orchestrator:
             for x in self.db.rollouts(limit=10_000)
             if x.created_at > r.created_at and x.rollout_id != r.rollout_id
         ]
+        revoked = {m.manifest_sha256: m for m in self.db.revoked_models()}
         for t in r.rollback_targets():
+            back = revoked.get(t.previous.sha256) if t.previous else None
+            if back is not None:
+                raise ApiFailure(
+                    "revoked",
+                    f"{t.node_id} would go back to {back.name} {back.version}, which was "
+                    f"revoked ({back.revoke_reason}): start a rollout of a good model instead",
+                )
             for other in newer:
                 target = other.get(t.node_id)
                 if target is not None and target.issued:
@@ -275,6 +287,22 @@ class Orchestrator:
         desired = r.rollback(self.fleet.views(), now)
         self._apply(r, desired)
         return describe(r)
+
+    def revoke(self, args: RevokeArgs, now: float) -> RevokeReply:
+        """Revoke a model: store it, abort its active rollouts, tell the nodes."""
+        m = self.registry.revoke(args.name, args.version, args.reason, now)
+        model = ModelKey(m.name, m.version, m.manifest_sha256)
+        aborted = []
+        for r in list(self.active.values()):
+            if r.model == model and r.state in (RolloutState.RUNNING, RolloutState.PAUSED):
+                r.abort(now, f"{model} was revoked: {m.revoke_reason}")
+                self._apply(r, [])
+                aborted.append(r.rollout_id)
+        self.publish_revocations(now)
+        nodes = sorted(
+            n for n, view in self.fleet.views().items() if view.model and view.model == model
+        )
+        return RevokeReply(model=model_info(m), nodes=nodes, aborted=aborted)
 
     # -- inputs from the fleet -------------------------------------------------------------
     def on_report(self, node_id: str, report: UpdateReport, now: float) -> None:

@@ -40,6 +40,7 @@ from cellwatch.hub.intake import Confirmed, Incoming, Intake, Item, Kind, Oversi
 from cellwatch.hub.orchestrator import Orchestrator
 from cellwatch.hub.registry import Registry
 from cellwatch.hub.rollout import Desired
+from cellwatch.hub.served import ServedTotals
 from cellwatch.hub.store import BundleStore
 from cellwatch.shared.daemon import Daemon
 from cellwatch.shared.errors import MqttError, TopicError
@@ -107,10 +108,16 @@ class HubService(Daemon):
             ],
         )
         self.fetch = FetchServer(self.store, t, self._send, settings.max_chunk_bytes)
+        self.served = ServedTotals(self.fetch, self.db)
         self.orchestrator = Orchestrator(
-            self.db, self.fleet, self.registry, settings.rollout, self._write_desired
+            self.db,
+            self.fleet,
+            self.registry,
+            settings.rollout,
+            self._write_desired,
+            self._publish_revocations,
         )
-        self.api = Api(self.db, self.registry, self.fleet, self.orchestrator, self.fetch)
+        self.api = Api(self.db, self.registry, self.fleet, self.orchestrator, self.served)
         self._control: Handover[Item] = Handover()
         self._fetch: queue.Queue[tuple[paho.MQTTMessage, int] | None] = queue.Queue(
             maxsize=FETCH_QUEUE
@@ -151,6 +158,7 @@ class HubService(Daemon):
         # acknowledged, our subscriptions are active (no request is missed at start).
         if not self.mqtt.publish_wait(self.topics.hub_replies("hub", "started"), b"", qos=1):
             log.warning("hub: the broker did not acknowledge the start marker")
+        self._control.put(lambda: self._publish_revocations(time.time()))
         self._control.put(self.orchestrator.rewrite_unconfirmed)
         log.info(
             "hub: serving (data %s, %d rollouts active)",
@@ -164,6 +172,10 @@ class HubService(Daemon):
         self._stop_http()
         self.mqtt.disconnect()
         self._stop_threads()
+        try:
+            self.served.store(self.db)
+        except sqlite3.Error as exc:
+            log.error("hub: cannot store the bytes served: %s", exc)
         self.db.close()
         log.info("hub: stopped")
 
@@ -177,7 +189,7 @@ class HubService(Daemon):
         sources = HubSources(
             db_path=self.settings.db_path,
             history=self.fleet.history,
-            fetch=self.fetch,
+            served=self.served,
             counters=self.counters,
             control_depth=self._control.__len__,
             started_at=self.api.started_at,
@@ -231,6 +243,7 @@ class HubService(Daemon):
                     tick_wanted = False
                     next_tick = time.monotonic() + tick_s
                     self.orchestrator.tick(time.time())
+                    self.served.store(self.db)
             except Exception:  # one bad step must not stop the rollouts
                 log.exception("hub: control step failed")
 
@@ -369,6 +382,12 @@ class HubService(Daemon):
 
     def _send(self, topic: str, payload: bytes, props: PublishProps) -> None:
         self.mqtt.publish(topic, payload, qos=1, props=props)
+
+    def _publish_revocations(self, now: float) -> None:
+        """The revocation list, retained for the nodes (at start and after a revoke)."""
+        revoked = self.registry.revocations(now)
+        self.mqtt.publish(self.topics.hub_revoked(), revoked.to_json(), qos=1, retain=True)
+        log.info("hub: revocation list published (%d revoked)", len(revoked.revoked))
 
     def _write_desired(self, d: Desired) -> None:
         desired = DesiredModel(

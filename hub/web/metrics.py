@@ -143,15 +143,15 @@ class FleetCollector(Collector):
             "bundle bytes sent to nodes since the hub started",
             labels=["manifest_sha256", "model", "version"],
         )
-        for sha, n in sorted(src.fetch.served_by_bundle().items()):
+        for sha, n in sorted(src.served.served_by_bundle().items()):
             m = names.get(sha)
             served.add_metric([sha, m.name if m else "", m.version if m else ""], float(n))
         yield served
         yield CounterMetricFamily(
-            "cellwatch_hub_fetch_requests", "fetch requests since start", src.fetch.requests
+            "cellwatch_hub_fetch_requests", "fetch requests since start", src.served.requests
         )
         yield CounterMetricFamily(
-            "cellwatch_hub_fetch_errors", "fetch requests answered with an error", src.fetch.errors
+            "cellwatch_hub_fetch_errors", "fetch requests answered with an error", src.served.errors
         )
         yield GaugeMetricFamily(
             "cellwatch_hub_control_queue_depth",
