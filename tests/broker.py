@@ -307,6 +307,13 @@ class Broker:
             self._log.close()
             self._log = None
 
+    def kill(self) -> None:
+        """SIGKILL: mosquitto saves nothing, so whatever changed since its last autosave
+        (retained messages, sessions) is lost, as in a power cut."""
+        if self._proc is not None and self._proc.poll() is None:
+            self._proc.kill()
+        self._reap()
+
     def restart(self) -> None:
         """Stop and start again: same ports, same persistence directory."""
         self.stop()
