@@ -168,6 +168,7 @@ def main() -> None:
                 served=ServedTotals(fetch, db),
                 counters=HubCounters(),
                 control_depth=lambda: 0,
+                control_peak=lambda: 0,
                 started_at=datetime.now(UTC),
             ),
         )

@@ -192,6 +192,7 @@ class HubService(Daemon):
             served=self.served,
             counters=self.counters,
             control_depth=self._control.__len__,
+            control_peak=lambda: self._control.peak,
             started_at=self.api.started_at,
         )
         self.http = HttpServer(self.settings.http, sources)

@@ -28,6 +28,7 @@ class HubSources:
     served: ServedTotals
     counters: HubCounters
     control_depth: Callable[[], int]
+    control_peak: Callable[[], int]
     started_at: datetime
 
 

@@ -7,7 +7,7 @@ password file and (rendered) ACL: it may write any node's status, telemetry and 
 topics and read any node's desired topic. The hub cannot tell: it sees the same topics
 and payloads as from 2,000 nodes. Each swarm node answers a desired model like a node
 whose store already holds the bundle (no download: the fetch path has its own tests):
-`pending`, then its new status and `active`.
+`pending`, `verifying`, `activating`, its new status and `active`.
 
 Wherever a swarm's worker answers a desired model, real nodes would download and
 compile: `answer_delay_s` spreads a wave's answers out the way that work does.
@@ -202,8 +202,9 @@ class Swarm:
             return self.models[node_id]
 
     def answer(self, mqtt: MqttClient, node_id: str, d: DesiredModel) -> None:
-        """Worker thread: `pending`, the new status, `active` (the bundle is in its
-        store); nothing if the node already runs it but `active` again."""
+        """Worker thread: what a node whose store holds the bundle sends (node/updater.py):
+        `pending`, `verifying`, `activating`, its new status, `active`; `active` alone if
+        it already runs it."""
         if not self.answer_desired:
             return
         if self.answer_delay_s:
@@ -219,6 +220,8 @@ class Swarm:
 
         if self.on(node_id) != want:
             report(UpdateState.PENDING, 0.0)
+            report(UpdateState.VERIFYING, 1.0)
+            report(UpdateState.ACTIVATING, 1.0)
             with self._lock:
                 self.models[node_id] = want
             mqtt.publish(T.status(node_id), self.status(node_id).to_json(), qos=1, retain=True)

@@ -26,6 +26,7 @@ from tests.broker import Broker
 from tests.harness import Collector, Requester, T, wait_for
 from tests.hub.conftest import Bundles, HubFactory
 from tests.hub.test_rollouts import until
+from tests.hub.web import get, sample, scrape
 from tests.node.conftest import node_settings
 
 Nodes = Callable[..., NodeService]
@@ -219,7 +220,7 @@ def test_a_trusted_key_removed_leaves_no_model_and_the_hub_shows_why(
     requester: Requester,
     tmp_path: Path,
 ) -> None:
-    hub_factory()
+    hub = hub_factory()
     node = nodes()
     seen(operator, "node-1", "1.0.0")
     node.join()
@@ -242,3 +243,8 @@ def test_a_trusted_key_removed_leaves_no_model_and_the_hub_shows_why(
     console = Console(width=200, record=True)  # what `cellwatch-hub nodes` prints
     console.print(render.nodes_table(operator.nodes().nodes))
     assert "node-1: bad_signature" in console.export_text()
+    page = get(hub, "/").text  # the fleet page's node row and the node's own page
+    assert 'data-model-error="bad_signature"' in page
+    assert "answering no_model" in get(hub, "/nodes/node-1").text
+    labels = {"node_id": "node-1", "model_version": "", "code": "bad_signature"}
+    assert sample(scrape(hub), "cellwatch_node_model_error", **labels) == 1.0

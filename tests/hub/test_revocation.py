@@ -20,6 +20,7 @@ import pytest
 
 from cellwatch.hub.client import HubClient
 from cellwatch.hub.errors import ApiFailure
+from cellwatch.hub.service import HubService
 from cellwatch.node.faults import Faults
 from cellwatch.node.service import NodeService
 from cellwatch.shared.hubapi import NodeInfo, RevokeArgs, RevokeReply, RolloutStartArgs
@@ -34,6 +35,7 @@ from tests.harness import Collector, Requester, T, wait_for
 from tests.hub.conftest import Bundles, HubFactory, NodeMaker
 from tests.hub.test_cli import cli
 from tests.hub.test_rollouts import ref, states, until
+from tests.hub.web import get, sample, scrape
 from tests.node.conftest import node_settings
 
 Nodes = Callable[..., NodeService]
@@ -94,7 +96,7 @@ def on(operator: HubClient, ids: list[str], version: str) -> None:
 
 def test_revoked_and_unknown_models_are_refused(
     broker: Broker,
-    hub: Any,
+    hub: HubService,
     operator: HubClient,
     bundles: Bundles,
     fake_nodes: NodeMaker,
@@ -133,6 +135,9 @@ def test_revoked_and_unknown_models_are_refused(
     assert late.messages[0].retain
     late.close()
 
+    page = get(hub, "/").text
+    assert "revoked" in page and "trained on the wrong labels" in page
+    assert sample(scrape(hub), "cellwatch_hub_models_revoked") == 1.0
     models = json.loads(cli(broker, "models", "--json").stdout)["models"]
     assert [m["revoke_reason"] for m in models] == ["trained on the wrong labels"]
     table = cli(broker, "models").stdout
