@@ -38,6 +38,9 @@ from tests.broker import Broker, sync
 from tests.harness import T, wait_for
 
 SWARM_USER = "swarm"
+RECEIVE_MAXIMUM = 65535
+"""A swarm connection stands for hundreds of nodes: without a large Receive Maximum
+the broker would queue (and beyond max_queued_messages drop) their desired models."""
 
 
 def add_swarm_user(broker: Broker) -> None:
@@ -73,6 +76,7 @@ class _Conn:
             broker.settings(SWARM_USER),
             client_id=f"swarm-{index}-{uuid.uuid4().hex[:6]}",
             clean_start=True,
+            receive_maximum=RECEIVE_MAXIMUM,
             will=Will(f"{T.prefix}/swarm-gone", b""),
         )
         self.mqtt.set_message_handler(self._on_message)
@@ -135,7 +139,9 @@ class Swarm:
         once the hub knows the ones before (a fleet that comes up over a while)."""
         for conn in self._conns:
             conn.mqtt.connect()
-            conn.mqtt.subscribe(T.node_filter("desired"), 1)
+        for node_id in self.node_ids:  # each connection its own nodes' desired topics
+            self._owner[node_id].mqtt.subscribe(T.desired(node_id), 1)
+        for conn in self._conns:
             sync(conn.mqtt)
         step = chunk if known is not None else len(self.node_ids)
         for start in range(0, len(self.node_ids), step):
