@@ -237,10 +237,13 @@ class NodeService(Daemon):
         self.activate(model, error)
         if self.store is not None:
             sha = model.bundle.manifest_sha256
-            if chosen.sha is None:  # the configured bundle: keep a copy for rollbacks
-                self.store.import_dir(sha, chosen.path)
-            if self.store.active() != sha:
-                self.store.set_active(sha)
+            try:
+                if chosen.sha is None:  # the configured bundle: keep a copy for rollbacks
+                    self.store.import_dir(sha, chosen.path)
+                if self.store.active() != sha:
+                    self.store.set_active(sha)
+            except OSError as exc:  # e.g. a full disk: it serves anyway
+                log.error("node %s: cannot record %s in the store: %s", self.node_id, sha[:12], exc)
 
     def _acked(self, handler: MessageHandler) -> MessageHandler:
         """handler, then acknowledge the message (the handler only hands it over)."""
