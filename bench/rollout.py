@@ -305,7 +305,13 @@ def rounds(
         # Fleets grow from one round to the next (the same ids and more): `all` is
         # this round's nodes.
         rid = op.rollout_start(
-            RolloutStartArgs(name=name, version=version, target="all", waves="100%")
+            RolloutStartArgs(
+                name=name,
+                version=version,
+                target="all",
+                waves="100%",
+                yes_untrained=True,  # the bench's bundles are fakes or untrained on purpose
+            )
         ).rollout_id
         wait_completed(db_path, rid, hub, peak)
         total_s = time.monotonic() - t0

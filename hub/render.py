@@ -78,10 +78,31 @@ def _table(*columns: str) -> Table:
     return table
 
 
+def model_flags(m: ModelInfo) -> list[str]:
+    """ModelInfo's warnings, in shared.manifest.MODEL_FLAGS order."""
+    return [
+        f
+        for f, on in (
+            ("synthetic", m.synthetic),
+            ("untrained", m.untrained),
+            ("degraded", m.degraded),
+        )
+        if on
+    ]
+
+
+def _flags(flags: list[str]) -> Text:
+    if not flags:
+        return Text("-", style="dim")
+    return Text(",".join(f.upper() for f in flags), style="bold yellow")
+
+
 def models_table(models: list[ModelInfo]) -> RenderableType:
     if not models:
         return Text("no models on the hub yet (cellwatch-hub push BUNDLE)")
-    table = _table("NAME", "VERSION", "SHA256", "SIZE", "PRECISION", "SIGNER", "PUSHED", "REVOKED")
+    table = _table(
+        "NAME", "VERSION", "SHA256", "SIZE", "PRECISION", "FLAGS", "SIGNER", "PUSHED", "REVOKED"
+    )
     for m in models:
         table.add_row(
             m.name,
@@ -89,13 +110,19 @@ def models_table(models: list[ModelInfo]) -> RenderableType:
             m.manifest_sha256[:12],
             _size(m.size),
             m.precision,
+            _flags(model_flags(m)),
             m.signer or "UNSIGNED",
             _when(m.pushed_at),
-            Text(f"{_when(m.revoked_at)}: {m.revoke_reason}", style="red")
-            if m.revoked_at
-            else Text("-"),
+            Text(_when(m.revoked_at), style="red") if m.revoked_at else Text("-"),
         )
-    return table
+    revoked = [
+        Text.assemble((f"{m.name} {m.version}: ", "bold"), (m.revoke_reason or "", "red"))
+        for m in models
+        if m.revoked_at
+    ]
+    if not revoked:
+        return table
+    return Group(table, Text(""), Text("revoked:", style="bold"), *revoked)
 
 
 def revoke_view(r: RevokeReply) -> RenderableType:
@@ -160,6 +187,14 @@ def rollout_view(r: RolloutInfo) -> RenderableType:
         f"  wave {max(r.wave + 1, 0)}/{len(r.waves)}",
     )
     parts: list[RenderableType] = [head]
+    if r.model_flags:
+        parts.append(
+            Text(
+                f"  model is {', '.join(f.upper() for f in r.model_flags)}: not for real "
+                "decisions (see its MODEL_CARD.md)",
+                style="bold yellow",
+            )
+        )
     if r.reason:
         parts.append(Text(f"  {r.reason}", style="dim"))
     waves = _table("WAVE", "NODES", "ISSUED", "PROGRESS")

@@ -152,6 +152,17 @@ class ServingModel:
             self.precision,
             self.jobs,
         )
+        if self.flags:
+            log.warning(
+                "model %s is %s (see its MODEL_CARD.md): not for real decisions",
+                bundle,
+                ", ".join(f.upper() for f in self.flags),
+            )
+
+    @property
+    def flags(self) -> list[str]:
+        """The model's warnings (synthetic, untrained, degraded) for status and logs."""
+        return list(self.bundle.manifest.flags)
 
     def _check_io(self, model: ov.Model) -> None:
         spec = self.bundle.manifest.input
