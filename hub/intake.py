@@ -12,9 +12,14 @@ the control thread (hub/handover.py) or the fetch workers. Nothing here waits.
 - Telemetry (QoS 0): at most `telemetry_per_s` per node on average (bursts of
   `telemetry_burst`), and none while the control queue is deeper than
   `telemetry_high_water` (counted `rate_limited` / `backlog`).
-- Status (QoS 1, retained): at most one per node waits for the control thread; a
-  newer one replaces it in its place in the queue (the older is acknowledged and
-  counted `superseded`): a node flooding its status costs one queue entry.
+- Status (QoS 1, retained): at most one valid status per node process (boot_id)
+  waits for the control thread; a newer one of the same process replaces it in its
+  place in the queue (the older is acknowledged and counted `superseded`): a node
+  flooding its status costs one queue entry. Statuses of different processes (a
+  restart, a late Will, two processes with one node id) are all queued, for the
+  fleet's rules to see in order; a status that does not validate (or names another
+  node) never replaces one: it is queued on its own, and the control thread counts
+  and logs it.
 - QoS 1 messages are otherwise never dropped: the hub's Receive Maximum bounds how
   many the broker sends before the hub acknowledges them (after handling them).
 
@@ -33,6 +38,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 
 import paho.mqtt.client as paho
+from pydantic import ValidationError
 
 from cellwatch.hub.config import HubLimits
 from cellwatch.hub.counters import DropReason, HubCounters
@@ -43,6 +49,7 @@ from cellwatch.hub.rollout import Desired
 from cellwatch.shared.errors import TopicError
 from cellwatch.shared.hubapi import UPLOAD_VERB
 from cellwatch.shared.limits import MAX_API_REQUEST_BYTES
+from cellwatch.shared.schemas import NodeStatus
 from cellwatch.shared.topics import Topics
 
 log = logging.getLogger(__name__)
@@ -68,6 +75,8 @@ class Incoming:
     generation: int
     node_id: str | None = None
     taken: bool = False
+    status: NodeStatus | None = None
+    """A status already validated on the way in (it goes with msg)."""
 
 
 @dataclass(frozen=True)
@@ -214,13 +223,27 @@ class Intake:
             self.counters.dropped(DropReason.BACKLOG)
 
     def _on_status(self, msg: paho.MQTTMessage, node_id: str, generation: int) -> None:
+        try:
+            status = NodeStatus.model_validate_json(msg.payload) if msg.payload else None
+        except ValidationError:
+            status = None
+        if status is None or status.node_id != node_id:  # the control thread says why
+            self.control.put(Incoming(Kind.STATUS, msg, generation, node_id))
+            return
         with self._lock:
             waiting = self._status.get(node_id)
-            if waiting is not None and not waiting.taken:
+            same_process = (
+                waiting is not None
+                and not waiting.taken
+                and waiting.status is not None
+                and waiting.status.boot_id == status.boot_id
+            )
+            if waiting is not None and same_process:
                 older, older_generation = waiting.msg, waiting.generation
-                waiting.msg, waiting.generation = msg, generation
+                waiting.msg, waiting.generation, waiting.status = msg, generation, status
             else:
-                waiting = self._status[node_id] = Incoming(Kind.STATUS, msg, generation, node_id)
+                waiting = Incoming(Kind.STATUS, msg, generation, node_id, status=status)
+                self._status[node_id] = waiting
                 older = None
         if older is None:
             self.control.put(waiting)
@@ -228,11 +251,12 @@ class Intake:
             self._drop(older, older_generation, DropReason.SUPERSEDED)
 
     # -- control thread ------------------------------------------------------------------
-    def take(self, item: Incoming) -> tuple[paho.MQTTMessage, int]:
-        """The message (and its connection generation) the control thread handles now;
-        from here on a newer status of the node waits in a new entry."""
+    def take(self, item: Incoming) -> tuple[paho.MQTTMessage, int, NodeStatus | None]:
+        """The message, its connection generation and its validated status (if it is
+        one) the control thread handles now; from here on a newer status of the node
+        waits in a new entry."""
         with self._lock:
             item.taken = True
             if item.node_id is not None and self._status.get(item.node_id) is item:
                 del self._status[item.node_id]
-            return item.msg, item.generation
+            return item.msg, item.generation, item.status

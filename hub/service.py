@@ -252,9 +252,9 @@ class HubService(Daemon):
     def _run(self, item: Item) -> bool:
         """Do one item of the control queue; True when the rollout engine should tick."""
         if isinstance(item, Incoming):
-            msg, generation = self.intake.take(item)
+            msg, generation, status = self.intake.take(item)
             try:
-                return self._handle_with_retry(item.kind, msg)
+                return self._handle_with_retry(item.kind, msg, status)
             finally:
                 self.mqtt.ack(msg.mid, msg.qos, generation)
         if isinstance(item, Confirmed):
@@ -271,12 +271,14 @@ class HubService(Daemon):
             item()
         return False
 
-    def _handle_with_retry(self, kind: Kind, msg: paho.MQTTMessage) -> bool:
+    def _handle_with_retry(
+        self, kind: Kind, msg: paho.MQTTMessage, status: NodeStatus | None = None
+    ) -> bool:
         """Handle msg; a database or disk error is retried after RETRY_DELAYS_S. The
         caller acknowledges the message afterwards, whatever happened."""
         for attempt, delay in enumerate((*RETRY_DELAYS_S, None), start=1):
             try:
-                return self._handle(kind, msg)
+                return self._handle(kind, msg, status)
             except RETRYABLE as exc:
                 if delay is None or self._stop.is_set():
                     self.counters.dropped(DropReason.HANDLING_FAILED)
@@ -292,8 +294,9 @@ class HubService(Daemon):
                 return False
         return False
 
-    def _handle(self, kind: Kind, msg: paho.MQTTMessage) -> bool:
-        """Handle one message; True when the rollout engine should tick."""
+    def _handle(self, kind: Kind, msg: paho.MQTTMessage, parsed: NodeStatus | None = None) -> bool:
+        """Handle one message (parsed: its status, validated on the way in); True when
+        the rollout engine should tick."""
         topic, now = msg.topic, time.time()
         if kind is Kind.API:
             verb = topic[len(self._api_prefix) :]
@@ -311,7 +314,7 @@ class HubService(Daemon):
             return False  # a retained message being cleared
         try:
             if kind is Kind.STATUS:
-                status = NodeStatus.model_validate_json(msg.payload)
+                status = parsed or NodeStatus.model_validate_json(msg.payload)
                 if self._same_node(node_id, status.node_id, kind):
                     return self._on_status(status, live=not msg.retain, now=now)
             elif kind is Kind.TELEMETRY:

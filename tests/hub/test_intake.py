@@ -6,10 +6,16 @@ serving everyone else."""
 from __future__ import annotations
 
 import json
+import queue
 import time
 
+import paho.mqtt.client as paho
+
 from cellwatch.hub.client import HubClient
-from cellwatch.hub.counters import DropReason
+from cellwatch.hub.config import HubLimits
+from cellwatch.hub.counters import DropReason, HubCounters
+from cellwatch.hub.handover import Handover
+from cellwatch.hub.intake import Incoming, Intake, Item
 from cellwatch.hub.service import HubService
 from cellwatch.shared.limits import MiB
 from cellwatch.shared.schemas import ApiRequest, NodeStatus, Telemetry, utcnow
@@ -101,3 +107,48 @@ def test_no_more_node_ids_than_max_nodes(
         fake_nodes(node_id)
     wait_for(lambda: dropped(hub, DropReason.TOO_MANY_NODES) >= 1, what="one refused")
     assert sorted(n.node_id for n in operator.nodes().nodes) == ["node-1", "node-2"]
+
+
+def _message(topic: str, payload: bytes, mid: int) -> paho.MQTTMessage:
+    msg = paho.MQTTMessage(mid, topic.encode())
+    msg.payload, msg.qos = payload, 1
+    return msg
+
+
+def test_statuses_coalesce_only_within_one_valid_process() -> None:
+    """Unit level (no broker): which statuses replace which in the control queue."""
+    control: Handover[Item] = Handover()
+    acked: list[int] = []
+    counters = HubCounters()
+    intake = Intake(
+        T,
+        HubLimits(),
+        counters,
+        control,
+        queue.Queue(),
+        ack=lambda msg, generation: acked.append(msg.mid),
+        generation=lambda: 1,
+    )
+    since = utcnow()
+
+    def status(boot: str, tag: str, node_id: str = "node-1") -> bytes:
+        return NodeStatus(
+            node_id=node_id, state="online", boot_id=boot * 16, since=since, tags=[tag]
+        ).to_json()
+
+    topic = T.status("node-1")
+    intake.on_message(_message(topic, status("a", "1"), 1))
+    intake.on_message(_message(topic, status("a", "2"), 2))  # same process: replaces 1
+    intake.on_message(_message(topic, b"{not json", 3))  # queued on its own
+    intake.on_message(_message(topic, status("a", "4", node_id="node-2"), 4))  # wrong node
+    intake.on_message(_message(topic, status("a", "5"), 5))  # replaces 2, in 1's place
+    intake.on_message(_message(topic, status("b", "6"), 6))  # another process: queued
+    assert acked == [1, 2] and counters.dropped_by_reason()["superseded"] == 2
+    taken = []
+    while len(control):
+        item = control.get(0)
+        assert isinstance(item, Incoming)
+        taken.append(intake.take(item)[0].mid)
+    assert taken == [5, 3, 4, 6]
+    intake.on_message(_message(topic, status("b", "7"), 7))  # 6 was taken: a new entry
+    assert len(control) == 1 and acked == [1, 2]
