@@ -23,7 +23,16 @@ from tests.broker import Broker  # noqa: E402  (the test broker: the project's o
 
 BIN = Path(sys.executable).parent
 
-__all__ = ["BIN", "REPO", "Broker", "benchmark_app", "inception_bundle", "smear_jpeg"]
+__all__ = ["BIN", "REPO", "Broker", "benchmark_app", "cpu_name", "inception_bundle", "smear_jpeg"]
+
+
+def cpu_name() -> str:
+    """The CPU's model name (lscpu), for the figures a benchmark prints."""
+    out = subprocess.run(["lscpu"], capture_output=True, text=True, check=False).stdout
+    for line in out.splitlines():
+        if line.startswith("Model name:"):
+            return line.split(":", 1)[1].strip()
+    return "unknown CPU"
 
 
 def benchmark_app(

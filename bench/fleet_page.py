@@ -33,6 +33,7 @@ from cellwatch.hub.db import Database, ModelRecord, NodeRecord
 from cellwatch.hub.fetch import FetchServer
 from cellwatch.hub.history import SLOT_S, SLOTS, TelemetryHistory
 from cellwatch.hub.rollout import ModelKey, NodeView, Policy, Rollout, RolloutState, TargetState
+from cellwatch.hub.served import ServedTotals
 from cellwatch.hub.store import BundleStore
 from cellwatch.hub.web.reader import HubSources
 from cellwatch.hub.web.server import HttpServer
@@ -164,9 +165,10 @@ def main() -> None:
             HubSources(
                 db_path=root / "hub.db",
                 history=history,
-                fetch=fetch,
+                served=ServedTotals(fetch, db),
                 counters=HubCounters(),
                 control_depth=lambda: 0,
+                control_peak=lambda: 0,
                 started_at=datetime.now(UTC),
             ),
         )

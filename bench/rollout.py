@@ -1,22 +1,31 @@
 """Rollout time and bundle transfer rate through the real broker (not a test).
 
-    python bench/rollout.py [--nodes 1,5,10] [--size-mb 46] [--inception]
+    python bench/rollout.py [--nodes 1,5,10] [--downloaders 10] [--size-mb 46] [--inception]
+    python bench/rollout.py --nodes 10,100,1000,2000
 
 Pushes a bundle the size of an fp16 Inception V3 (default: a synthetic one, ~46 MB
 of random model.bin, signed like any other; --inception builds the real one with
-the training CLI first, which takes minutes), then rolls it out with waves `100%`
-to 1, 5 and 10 nodes on this machine through the project's Mosquitto, and prints:
-the push time, the time from `rollout start` to `completed`, each fleet's aggregate
-rate, the rate to one node next to a plain file copy of the same bytes, and how
-the time grows with the node count.
+the training CLI first, which takes minutes), then, for each fleet size N of
+--nodes, rolls it out with waves `100%` to N nodes on this machine through the
+project's Mosquitto and a real hub process (`cellwatch-hub serve`, default
+settings), and prints: the push time, the time from `rollout start` to `completed`,
+the aggregate rate and the rate to one downloading node (next to a plain file copy
+of the same bytes), the hub process's peak RSS and CPU seconds during the rollout,
+the bytes the broker process read and wrote (its /proc I/O counters), and how the
+time grows with N.
 
-The nodes are SIMULATED: plain MQTT clients (real node users on the real broker)
-that download with the node's own Fetcher (cellwatch.node.fetcher: 4 requests in
-flight of 256 KiB, each chunk's SHA-256 checked, written to disk and fsynced like
-on a node; every file's hash checked at the end) and report
-pending/downloading/verifying/activating/active. They skip OpenVINO compilation
-and the self-test: the point is the transfer, and 10 real nodes would need
-10 OpenVINO instances on 2 cores.
+The nodes are SIMULATED, protocol-exact, without OpenVINO compilation or self-test
+(N real nodes would need N OpenVINO instances on 2 cores):
+- the first `--downloaders` (10) are MQTT clients of their own (real node users)
+  that download with the node's own Fetcher (cellwatch.node.fetcher: 4 requests in
+  flight of 256 KiB, each chunk's SHA-256 checked, written to disk and fsynced like
+  on a node; every file's hash checked at the end) and report
+  pending/downloading/verifying/activating/active;
+- the others are a swarm (tests/hub/swarm.py: many node ids over 4 connections of a
+  bench-only broker user) answering like nodes whose store already holds the bundle
+  (pending/verifying/activating, new status, active): the hub's side of 2,000 nodes
+  without moving 2,000 copies of 46 MB through one machine's broker (that would take
+  N x the 10-node time per 10 nodes; the rate per downloading node is measured).
 """
 
 from __future__ import annotations
@@ -25,22 +34,26 @@ import argparse
 import hashlib
 import logging
 import shutil
+import subprocess
 import sys
 import tempfile
 import threading
 import time
 import uuid
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
 import paho.mqtt.client as paho
+import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.common import Broker, inception_bundle
+from bench.common import BIN, Broker, cpu_name, inception_bundle
 from cellwatch.hub.client import HubClient
-from cellwatch.hub.config import HttpSettings, HubSettings
-from cellwatch.hub.service import HubService
+from cellwatch.hub.db import Database
+from cellwatch.hub.errors import HubUnavailable
+from cellwatch.hub.rollout import RolloutState
 from cellwatch.node.fetcher import Fetcher
 from cellwatch.shared.bundle import hash_files, write_manifest
 from cellwatch.shared.hubapi import RolloutStartArgs
@@ -56,6 +69,7 @@ from cellwatch.shared.schemas import (
 )
 from cellwatch.shared.signing import generate_keypair, load_private_key
 from cellwatch.shared.topics import Topics
+from tests.hub.swarm import Swarm, add_swarm_user
 
 T = Topics()
 CHUNK = 256 * 1024
@@ -162,36 +176,107 @@ class SimNode:
         self.fetcher.close()
 
 
-def run(counts: list[int], size_mb: float, inception: bool) -> None:
-    work = Path(tempfile.mkdtemp(prefix="cellwatch-bench-rollout-"))
-    keys = work / "keys"
-    if inception:
-        print("building an fp16 Inception V3 bundle with the training CLI ...", flush=True)
-        target, keys = inception_bundle(work / "inception", "fp16")
-    else:
-        target = synthetic_bundle(work / "v2", keys, size_mb, "2.0.0")
-    size = sum(p.stat().st_size for p in target.iterdir())
-    kind = "Inception V3" if inception else "synthetic"
-    print(f"bundle: {target.name}, {size / MB:.1f} MB ({kind})")
+class HubProcess:
+    """`cellwatch-hub serve` in a process of its own, so that its memory and CPU are
+    its own; sampled every 0.1 s while a rollout runs."""
 
-    copy_to = work / "copy.bin"
-    t0 = time.monotonic()
-    for p in target.iterdir():
-        shutil.copyfile(p, copy_to)
-    copy_s = time.monotonic() - t0
-    print(f"plain file copy (warm cache): {copy_s:.3f} s, {size / MB / copy_s:.0f} MB/s")
+    def __init__(self, work: Path, broker: Broker, keys: Path) -> None:
+        self.config = work / "hub.toml"
+        self.data = work / "hub"
+        self.config.write_text(
+            f'data_dir = "{self.data}"\ntrusted_keys = "{keys}"\nlog_level = "WARNING"\n'
+            f'[mqtt]\nhost = "{broker.host}"\nport = {broker.port}\n'
+            f'password_file = "{broker.dir / "secrets" / "hub.password"}"\n'
+            "[http]\nenabled = false\n"
+        )
+        self.log = (work / "hub.log").open("wb")
+        self.proc = subprocess.Popen(
+            [str(BIN / "cellwatch-hub"), "serve", "--config", str(self.config)],
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+        )
+        self.ps = psutil.Process(self.proc.pid)
 
-    nodes = [f"node-{i}" for i in range(1, max(counts) + 1)]
-    broker = Broker.create(work / "broker", nodes=nodes)
-    settings = HubSettings(
-        mqtt=broker.settings("hub"),
-        data_dir=work / "hub",
-        trusted_keys=keys,
-        tick_s=0.05,
-        http=HttpSettings(enabled=False),
-    )
-    hub = HubService(settings)
-    hub.start()
+    def wait_ready(self, broker: Broker) -> None:
+        probe = HubClient(broker.settings("operator"), timeout_s=1.0)
+        probe.connect()
+        try:
+            deadline = time.monotonic() + 60
+            while True:  # a request sent before the hub subscribed is never answered
+                try:
+                    probe.stats()
+                    break
+                except HubUnavailable:
+                    assert self.proc.poll() is None, f"the hub exited: see {self.log.name}"
+                    assert time.monotonic() < deadline, "the hub did not start"
+        finally:
+            probe.close()
+
+    def cpu_s(self) -> float:
+        t = self.ps.cpu_times()
+        return float(t.user + t.system)
+
+    def rss_mb(self) -> float:
+        return float(self.ps.memory_info().rss) / MB
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(60)
+        self.log.close()
+
+
+@dataclass
+class Row:
+    nodes: int
+    downloaders: int
+    total_s: float
+    aggregate_mb_s: float
+    slowest_mb_s: float
+    hub_rss_mb: float
+    hub_cpu_s: float
+    broker_read_mb: float
+    broker_written_mb: float
+
+
+def broker_io(broker: Broker) -> tuple[int, int]:
+    assert broker.pid is not None
+    io = psutil.Process(broker.pid).io_counters()
+    return io.read_chars, io.write_chars  # Linux: bytes through read/write syscalls
+
+
+def wait_completed(db_path: Path, rid: str, hub: HubProcess, peak: list[float]) -> None:
+    """Poll the hub's database read-only (no load on the hub) until rid completed."""
+    db = Database(db_path, readonly=True)
+    try:
+        while True:
+            peak[0] = max(peak[0], hub.rss_mb())
+            r = db.rollout(rid)
+            if r is not None and r.state is RolloutState.COMPLETED:
+                return
+            assert r is None or r.active, f"rollout {rid} ended {r.state}: {r.reason}"
+            time.sleep(0.1)
+    finally:
+        db.close()
+
+
+def online(db_path: Path) -> int:
+    db = Database(db_path, readonly=True)
+    try:
+        return sum(1 for n in db.nodes() if n.state == "online")
+    finally:
+        db.close()
+
+
+def rounds(
+    work: Path,
+    broker: Broker,
+    hub: HubProcess,
+    target: Path,
+    size: int,
+    counts: list[int],
+    nodes: list[str],
+    downloaders: int,
+) -> list[Row]:
     op = HubClient(broker.settings("operator"), timeout_s=60)
     op.connect()
     t0 = time.monotonic()
@@ -202,54 +287,121 @@ def run(counts: list[int], size_mb: float, inception: bool) -> None:
     )
     name, version = pushed.model["name"], pushed.model["version"]
     old = ModelRef(name=name, version="0", sha256="0" * 64)
-
+    db_path = hub.data / "hub.db"
     rows = []
     for n in counts:
-        sims = [SimNode(broker, node_id, old, work / "sim" / node_id) for node_id in nodes[:n]]
-        deadline = time.monotonic() + 30
-        while len([x for x in op.nodes().nodes if x.state == "online"]) < n:
+        d = min(n, downloaders)
+        sims = [SimNode(broker, node_id, old, work / "sim" / node_id) for node_id in nodes[:d]]
+        swarm = Swarm(broker, [f"sim-{i:05d}" for i in range(n - d)], model=old) if n > d else None
+        if swarm is not None:
+            swarm.connect()
+        deadline = time.monotonic() + 300
+        while online(db_path) < n:
             assert time.monotonic() < deadline, "nodes not seen"
-            time.sleep(0.05)
+            time.sleep(0.5)
+        ids = nodes[:d] + (swarm.node_ids if swarm is not None else [])
+        io0, cpu0, peak = broker_io(broker), hub.cpu_s(), [hub.rss_mb()]
         t0 = time.monotonic()
+        # Fleets grow from one round to the next (the same ids and more): `all` is
+        # this round's nodes.
         rid = op.rollout_start(
             RolloutStartArgs(
                 name=name,
                 version=version,
-                target=f"node:{','.join(nodes[:n])}",
+                target="all",
                 waves="100%",
                 yes_untrained=True,  # the bench's bundles are fakes or untrained on purpose
             )
         ).rollout_id
-        while op.rollout_status(rid).state != "completed":
-            time.sleep(0.05)
+        wait_completed(db_path, rid, hub, peak)
         total_s = time.monotonic() - t0
-        per_node = [s.download_s for s in sims]
+        io1, cpu1 = broker_io(broker), hub.cpu_s()
+        slowest = max(s.download_s for s in sims)
         rows.append(
-            (
-                n,
-                total_s,
-                n * size / MB / total_s,
-                size / MB / max(per_node),
-                size / MB / min(per_node),
+            Row(
+                nodes=n,
+                downloaders=d,
+                total_s=total_s,
+                aggregate_mb_s=d * size / MB / total_s,
+                slowest_mb_s=size / MB / slowest,
+                hub_rss_mb=peak[0],
+                hub_cpu_s=cpu1 - cpu0,
+                broker_read_mb=(io1[0] - io0[0]) / MB,
+                broker_written_mb=(io1[1] - io0[1]) / MB,
             )
         )
+        print(f"  {n} nodes: {total_s:.2f} s", flush=True)
         for s in sims:
             s.close()
+        if swarm is not None:
+            swarm.close()
         cleaner = broker.connect("hub")  # clear the retained desired for the next round
-        for node_id in nodes[:n]:
-            cleaner.publish_wait(T.desired(node_id), b"", qos=1, retain=True)
+        for node_id in ids:
+            cleaner.publish(T.desired(node_id), b"", qos=1, retain=True)
+        cleaner.publish_wait(T.desired(ids[-1]), b"", qos=1, retain=True)
     op.close()
-    hub.stop()
-    hub.join()
-    broker.close_clients()
-    broker.stop()
+    return rows
+
+
+def run(counts: list[int], downloaders: int, size_mb: float, inception: bool) -> None:
+    work = Path(tempfile.mkdtemp(prefix="cellwatch-bench-rollout-"))
+    keys = work / "keys"
+    if inception:
+        print("building an fp16 Inception V3 bundle with the training CLI ...", flush=True)
+        target, keys = inception_bundle(work / "inception", "fp16")
+    else:
+        target = synthetic_bundle(work / "v2", keys, size_mb, "2.0.0")
+    size = sum(p.stat().st_size for p in target.iterdir())
+    kind = "Inception V3" if inception else "synthetic"
+    print(f"bundle: {target.name}, {size / MB:.1f} MB ({kind}); on {cpu_name()}, 2 cores, shared")
+
+    copy_to = work / "copy.bin"
+    t0 = time.monotonic()
+    for p in target.iterdir():
+        shutil.copyfile(p, copy_to)
+    copy_s = time.monotonic() - t0
+    print(f"plain file copy (warm cache): {copy_s:.3f} s, {size / MB / copy_s:.0f} MB/s")
+
+    nodes = [f"node-{i}" for i in range(1, min(max(counts), downloaders) + 1)]
+    broker = Broker.create(work / "broker", nodes=nodes)
+    add_swarm_user(broker)
+    hub = HubProcess(work, broker, keys)
+    try:  # whatever happens, no hub or broker process outlives the benchmark
+        hub.wait_ready(broker)
+        rows = rounds(work, broker, hub, target, size, counts, nodes, downloaders)
+    finally:
+        hub.stop()
+        broker.close_clients()
+        broker.stop()
 
     print()
-    head = ("nodes", "rollout s", "aggregate MB/s", "slowest node MB/s", "fastest node MB/s")
-    print("  ".join(f"{h:>17}" for h in head) + f"  {'time vs 1 node':>15}")
-    for n, total_s, agg, slow, fast in rows:
-        cells = (f"{n}", f"{total_s:.2f}", f"{agg:.1f}", f"{slow:.1f}", f"{fast:.1f}")
-        print("  ".join(f"{c:>17}" for c in cells) + f"  {total_s / rows[0][1]:>14.2f}x")
+    head = (
+        "nodes",
+        "downloading",
+        "rollout s",
+        "aggregate MB/s",
+        "slowest node MB/s",
+        "hub peak RSS MB",
+        "hub CPU s",
+        "broker in MB",
+        "broker out MB",
+        "time vs first",
+    )
+    print("  ".join(f"{h:>17}" for h in head))
+    for r in rows:
+        cells = (
+            f"{r.nodes}",
+            f"{r.downloaders}",
+            f"{r.total_s:.2f}",
+            f"{r.aggregate_mb_s:.1f}",
+            f"{r.slowest_mb_s:.1f}",
+            f"{r.hub_rss_mb:.0f}",
+            f"{r.hub_cpu_s:.1f}",
+            f"{r.broker_read_mb:.0f}",
+            f"{r.broker_written_mb:.0f}",
+            f"{r.total_s / rows[0].total_s:.2f}x",
+        )
+        print("  ".join(f"{c:>17}" for c in cells))
     shutil.rmtree(work, ignore_errors=True)
 
 
@@ -257,12 +409,21 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--nodes", default="1,5,10", help="fleet sizes, e.g. 1,5,10")
+    parser.add_argument("--nodes", default="1,5,10", help="fleet sizes, e.g. 1,5,10 or 2000")
+    parser.add_argument(
+        "--downloaders",
+        type=int,
+        default=10,
+        help="nodes per fleet that download the bundle (the others: a swarm, see above)",
+    )
     parser.add_argument("--size-mb", type=float, default=46.0, help="synthetic model.bin size")
     parser.add_argument("--inception", action="store_true", help="real fp16 Inception V3 bundle")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    run([int(x) for x in args.nodes.split(",")], args.size_mb, args.inception)
+    # The swarm's "subscriptions are live" probe is a publish the broker refuses.
+    logging.getLogger("cellwatch.shared.mqtt").setLevel(logging.ERROR)
+    counts = sorted(int(x) for x in args.nodes.split(","))
+    run(counts, args.downloaders, args.size_mb, args.inception)
 
 
 if __name__ == "__main__":

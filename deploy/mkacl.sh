@@ -14,7 +14,8 @@ Security):
 
   hub       reads node status/telemetry/update, every node's fetch requests
             (PREFIX/hub/fetch/+) and API requests;
-            writes desired models, bundle chunks and API replies
+            writes desired models, bundle chunks, API replies and the list of
+            revoked bundles (PREFIX/hub/revoked: no one else may write it)
   operator  writes API requests, reads its API replies and node status;
             may also publish test images and read results
   client    publishes images (to all nodes or one), reads all results and node
@@ -23,8 +24,9 @@ Security):
             publishes images, reads node status, its own results (results/NAME,
             i.e. images sent with source NAME and no Response Topic) and its own
             replies; nothing of another lab's
-  NODE_ID   one block per node: reads images, its own desired/fetch topics and
-            its own status; writes only its own status/telemetry/update, fetch
+  NODE_ID   one block per node: reads images, its own desired/fetch topics, its
+            own status and the revoked bundles; writes only its own
+            status/telemetry/update, fetch
             requests (PREFIX/hub/fetch/NODE_ID), results and replies
   everyone  reads only its own replies: PREFIX/replies/USER/#
 
@@ -129,6 +131,7 @@ topic read $p/hub/api/#
 topic write $p/nodes/+/desired
 topic write $p/nodes/+/fetch
 topic write $p/hub/replies/#
+topic write $p/hub/revoked
 
 user operator
 topic write $p/hub/api/#
@@ -165,6 +168,7 @@ topic read $p/images/+
 topic read $p/nodes/$n/images
 topic read $p/nodes/$n/desired
 topic read $p/nodes/$n/fetch
+topic read $p/hub/revoked
 topic readwrite $p/nodes/$n/status
 topic write $p/nodes/$n/telemetry
 topic write $p/nodes/$n/update

@@ -5,9 +5,10 @@ Every request is an ApiRequest whose args validate against the verb's model
 is stored under its request_id: the same request again (a client retry) gets the
 same reply and does nothing twice.
 
-Verbs: push.begin, push.commit, models, nodes, stats, rollout.start, rollout.status,
-rollout.list, rollout.pause, rollout.resume, rollout.abort, rollout.rollback (the
-raw chunk upload on `upload` is handled by the service, see registry.py).
+Verbs: push.begin, push.commit, models, models.revoke, nodes, stats, rollout.start,
+rollout.status, rollout.list, rollout.pause, rollout.resume, rollout.abort,
+rollout.rollback (the raw chunk upload on `upload` is handled by the service, see
+registry.py).
 """
 
 from __future__ import annotations
@@ -22,16 +23,17 @@ from pydantic import BaseModel, ValidationError
 
 from cellwatch.hub.db import Database
 from cellwatch.hub.errors import ApiFailure
-from cellwatch.hub.fetch import FetchServer
 from cellwatch.hub.fleet import Fleet
 from cellwatch.hub.orchestrator import Orchestrator
 from cellwatch.hub.queries import Queries
 from cellwatch.hub.registry import Registry
+from cellwatch.hub.served import ServedTotals
 from cellwatch.shared.hubapi import (
     ModelsArgs,
     NoArgs,
     PushBeginArgs,
     PushCommitArgs,
+    RevokeArgs,
     RolloutIdArgs,
     RolloutStartArgs,
     RolloutStatusArgs,
@@ -66,16 +68,17 @@ class Api:
         registry: Registry,
         fleet: Fleet,
         orchestrator: Orchestrator,
-        fetch: FetchServer,
+        served: ServedTotals,
     ) -> None:
         self.db = db
         self.started_at = datetime.now(UTC)
-        self.queries = q = Queries(db, fleet, fetch, self.started_at)
+        self.queries = q = Queries(db, fleet, served, self.started_at)
         reg, orch = registry, orchestrator
         self.verbs: dict[str, Verb] = {
             "push.begin": Verb(PushBeginArgs, lambda a, now: reg.begin(a)),
             "push.commit": Verb(PushCommitArgs, reg.commit, mutating=True),
             "models": Verb(ModelsArgs, lambda a, now: q.models(a.name)),
+            "models.revoke": Verb(RevokeArgs, orch.revoke, mutating=True),
             "nodes": Verb(NoArgs, lambda a, now: q.nodes(now)),
             "stats": Verb(NoArgs, lambda a, now: q.stats()),
             "rollout.start": Verb(RolloutStartArgs, orch.start, mutating=True),

@@ -25,7 +25,7 @@ from cellwatch.hub.config import HubSettings, OperatorSettings
 from cellwatch.hub.queries import as_json as json_text
 from cellwatch.hub.service import HubService
 from cellwatch.shared.cli import friendly_errors, run_until_signalled, setup_logging
-from cellwatch.shared.hubapi import RolloutInfo, RolloutStartArgs
+from cellwatch.shared.hubapi import RevokeArgs, RevokeReply, RolloutInfo, RolloutStartArgs
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -177,15 +177,48 @@ def push(client: HubClient, bundle: Path, as_json: bool) -> None:
         )
 
 
-@main.command()
+@main.group(invoke_without_command=True)
 @click.option("--name", help="only this model")
+@connection
+@click.pass_context
+@friendly_errors
+def models(ctx: click.Context, /, name: str | None, as_json: bool, **opts: Any) -> None:
+    """List the models stored on the hub; `models revoke` revokes one."""
+    if ctx.invoked_subcommand is not None:
+        if name is not None or as_json or any(v is not None for v in opts.values()):
+            raise click.UsageError("give the options after the subcommand")
+        return
+    _list_models(name=name, as_json=as_json, **opts)
+
+
+@operator
+def _list_models(client: HubClient, name: str | None, as_json: bool) -> None:
+    reply = client.models(name)
+    emit(as_json, reply, render.models_table(reply.models))
+
+
+@models.command("revoke")
+@click.argument("name")
+@click.argument("version")
+@click.option("--reason", required=True, help="why (shown to operators and in node logs)")
+@click.option("--request-id", help="idempotency key: the same id never revokes twice")
 @connection
 @friendly_errors
 @operator
-def models(client: HubClient, name: str | None, as_json: bool) -> None:
-    """List the models stored on the hub."""
-    reply = client.models(name)
-    emit(as_json, reply, render.models_table(reply.models))
+def models_revoke(
+    client: HubClient,
+    name: str,
+    version: str,
+    reason: str,
+    request_id: str | None,
+    as_json: bool,
+) -> None:
+    """Revoke model NAME VERSION for good: it is never rolled out again, its active
+    rollouts are aborted, and every node serving it moves to its previous good bundle
+    (or answers no_model if it has none)."""
+    args = RevokeArgs(name=name, version=version, reason=reason)
+    reply = RevokeReply.model_validate(client.call("models.revoke", args, request_id=request_id))
+    emit(as_json, reply, render.revoke_view(reply))
 
 
 @main.command()
@@ -203,7 +236,7 @@ def nodes(client: HubClient, as_json: bool) -> None:
 @friendly_errors
 @operator
 def stats(client: HubClient, as_json: bool) -> None:
-    """Bundle bytes served per node and bundle since the hub started."""
+    """Bundle bytes served per node and bundle (kept across hub restarts)."""
     reply = client.stats()
     emit(as_json, reply, render.stats_view(reply))
 

@@ -132,6 +132,42 @@ class HttpSettings(Section):
         return split_listen(self.listen)[1]
 
 
+class HubLimits(Section):
+    """What the hub accepts from the fleet (hub/intake.py): checked on the MQTT
+    network thread before anything is queued."""
+
+    receive_maximum: int = Field(
+        16384,
+        ge=20,
+        le=65535,
+        description="QoS 1 messages (status, update reports, API requests) the broker may "
+        "have in flight to the hub unacknowledged: the hub's own buffer; beyond it the "
+        "broker queues max_queued_messages more and then drops them; at least 5 x the "
+        "fleet's size",
+    )
+    max_nodes: int = Field(
+        10_000,
+        ge=1,
+        le=1_000_000,
+        description="node ids the hub tracks; messages of further nodes are dropped",
+    )
+    telemetry_per_s: float = Field(
+        2.0,
+        gt=0,
+        le=1000,
+        description="telemetry messages per second and node the hub accepts on average",
+    )
+    telemetry_burst: int = Field(
+        10, ge=1, le=10_000, description="telemetry messages a node may send at once"
+    )
+    telemetry_high_water: int = Field(
+        1000,
+        ge=10,
+        le=1_000_000,
+        description="control-queue depth above which incoming telemetry is dropped",
+    )
+
+
 class HubSettings(CellwatchSettings):
     mqtt: MqttSettings = Field(default_factory=MqttSettings)
     data_dir: Path = Field(
@@ -152,6 +188,7 @@ class HubSettings(CellwatchSettings):
     fetch_workers: int = Field(2, ge=1, le=32, description="threads serving bundle chunks")
     rollout: RolloutDefaults = Field(default_factory=RolloutDefaults)
     http: HttpSettings = Field(default_factory=HttpSettings)
+    limits: HubLimits = Field(default_factory=HubLimits)
     tick_s: float = Field(
         1.0, gt=0, le=60, description="period of the rollout engine (timeouts, next waves)"
     )

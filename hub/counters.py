@@ -19,6 +19,18 @@ class DropReason(StrEnum):
     """A status, telemetry or update report that did not validate (absurd values too)."""
     WRONG_NODE = "wrong_node"
     """A message naming another node than its topic."""
+    TOO_LARGE = "too_large"
+    """A message over its topic's size cap (hub/intake.py), dropped unread."""
+    RATE_LIMITED = "rate_limited"
+    """Telemetry of a node sending more than `limits.telemetry_per_s`."""
+    BACKLOG = "backlog"
+    """Telemetry arriving while the control queue is above `limits.telemetry_high_water`."""
+    SUPERSEDED = "superseded"
+    """A node status replaced by a newer one of the same node before it was handled."""
+    TOO_MANY_NODES = "too_many_nodes"
+    """A message of a node id beyond `limits.max_nodes`."""
+    HANDLING_FAILED = "handling_failed"
+    """A message whose handling kept failing (e.g. the database) after the retries."""
 
 
 class HubCounters:

@@ -21,7 +21,7 @@ from typing import Any
 from cellwatch.hub.errors import HubError
 from cellwatch.hub.rollout import ModelKey, Policy, Rollout, RolloutState, Target, TargetState
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 REPLY_RETENTION_S = 7 * 24 * 3600
 
 SCHEMA = """
@@ -37,6 +37,8 @@ CREATE TABLE IF NOT EXISTS models (
     created_at TEXT NOT NULL,
     pushed_at REAL NOT NULL,
     provenance TEXT NOT NULL DEFAULT '{}',
+    revoked_at REAL,
+    revoke_reason TEXT,
     UNIQUE (name, version)
 );
 CREATE TABLE IF NOT EXISTS nodes (
@@ -52,7 +54,8 @@ CREATE TABLE IF NOT EXISTS nodes (
     model_at REAL NOT NULL DEFAULT 0,
     device TEXT,
     telemetry TEXT,
-    conflict_at REAL
+    conflict_at REAL,
+    model_error TEXT
 );
 CREATE TABLE IF NOT EXISTS rollouts (
     seq INTEGER PRIMARY KEY,
@@ -102,6 +105,12 @@ CREATE TABLE IF NOT EXISTS rollout_events (
     text TEXT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS rollout_events_rollout ON rollout_events (rollout_id, seq);
+CREATE TABLE IF NOT EXISTS served (
+    node_id TEXT NOT NULL,
+    manifest_sha256 TEXT NOT NULL,
+    bytes INTEGER NOT NULL,
+    PRIMARY KEY (node_id, manifest_sha256)
+);
 CREATE TABLE IF NOT EXISTS api_replies (
     request_id TEXT PRIMARY KEY,
     verb TEXT NOT NULL,
@@ -114,6 +123,11 @@ MIGRATIONS = {
     1: "ALTER TABLE models ADD COLUMN provenance TEXT NOT NULL DEFAULT '{}';",
     # schema 2 -> 3: when two processes with one node id were last seen
     2: "ALTER TABLE nodes ADD COLUMN conflict_at REAL;",
+    # schema 3 -> 4: revocations, why a node serves no or an earlier model, and the
+    # bundle bytes served (the `served` table: CREATE above)
+    3: "ALTER TABLE models ADD COLUMN revoked_at REAL; "
+    "ALTER TABLE models ADD COLUMN revoke_reason TEXT; "
+    "ALTER TABLE nodes ADD COLUMN model_error TEXT;",
 }
 
 
@@ -131,6 +145,8 @@ class NodeRecord:
     telemetry: dict[str, Any] | None = None
     conflict_at: float | None = None
     """Last time an older process said it was online after a newer one (fleet.py)."""
+    model_error: dict[str, str] | None = None
+    """The node's NodeStatus.model_error ({code, message}) as last heard."""
 
 
 @dataclass(frozen=True)
@@ -145,6 +161,12 @@ class ModelRecord:
     created_at: str
     pushed_at: float
     provenance: dict[str, Any] = field(default_factory=dict)
+    revoked_at: float | None = None
+    revoke_reason: str | None = None
+
+    @property
+    def revoked(self) -> bool:
+        return self.revoked_at is not None
 
 
 @dataclass(frozen=True)
@@ -243,6 +265,21 @@ class Database:
                 ),
             )
 
+    def revoke_model(self, sha: str, reason: str, now: float) -> None:
+        with self._tx() as c:
+            c.execute(
+                "UPDATE models SET revoked_at = ?, revoke_reason = ? WHERE manifest_sha256 = ?",
+                (now, reason, sha),
+            )
+
+    def set_signer(self, sha: str, signer: str | None) -> None:
+        with self._tx() as c:
+            c.execute("UPDATE models SET signer = ? WHERE manifest_sha256 = ?", (signer, sha))
+
+    def revoked_models(self) -> list[ModelRecord]:
+        rows = self._rows("SELECT * FROM models WHERE revoked_at IS NOT NULL ORDER BY revoked_at")
+        return [_model(r) for r in rows]
+
     def set_provenance(self, sha: str, provenance: dict[str, Any]) -> None:
         with self._tx() as c:
             c.execute(
@@ -270,6 +307,9 @@ class Database:
         rows = self._rows("SELECT * FROM nodes WHERE node_id = ?", node_id)
         return _node(rows[0]) if rows else None
 
+    def node_count(self) -> int:
+        return int(self._rows("SELECT count(*) FROM nodes")[0][0])
+
     def nodes(self) -> list[NodeRecord]:
         return [_node(r) for r in self._rows("SELECT * FROM nodes ORDER BY node_id")]
 
@@ -277,7 +317,7 @@ class Database:
         m = n.model
         with self._tx() as c:
             c.execute(
-                "INSERT OR REPLACE INTO nodes VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                "INSERT OR REPLACE INTO nodes VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     n.node_id,
                     n.state,
@@ -292,6 +332,7 @@ class Database:
                     n.device,
                     json.dumps(n.telemetry) if n.telemetry is not None else None,
                     n.conflict_at,
+                    json.dumps(n.model_error) if n.model_error is not None else None,
                 ),
             )
 
@@ -304,7 +345,8 @@ class Database:
         return f"r{seq}"
 
     def save_rollout(self, r: Rollout, events: list[str] | None = None, now: float = 0.0) -> None:
-        """Store the rollout and its targets, and append events (at now) in one go."""
+        """Store the rollout, its targets that changed (Target.dirty) and append events
+        (at now) in one transaction; the targets are clean once it committed."""
         p = r.policy
         seq = int(r.rollout_id[1:]) if r.rollout_id[1:].isdigit() else None
         with self._tx() as c:
@@ -332,7 +374,8 @@ class Database:
                     r.finished_at,
                 ),
             )
-            for position, t in enumerate(r.targets):
+            changed = [(position, t) for position, t in enumerate(r.targets) if t.dirty]
+            for position, t in changed:
                 prev = t.previous
                 c.execute(
                     "INSERT OR REPLACE INTO targets VALUES "
@@ -361,6 +404,8 @@ class Database:
                 "INSERT INTO rollout_events (rollout_id, ts, text) VALUES (?, ?, ?)",
                 [(r.rollout_id, now, text) for text in events or ()],
             )
+        for _, t in changed:
+            t.dirty = False
 
     def rollout_events(self, rollout_id: str) -> list[RolloutEvent]:
         rows = self._rows(
@@ -428,6 +473,8 @@ class Database:
                 "SELECT * FROM targets WHERE rollout_id = ? ORDER BY position", row["rollout_id"]
             )
         ]
+        for t in targets:
+            t.dirty = False  # as stored
         return Rollout(
             rollout_id=row["rollout_id"],
             model=ModelKey(row["model_name"], row["model_version"], row["model_sha256"]),
@@ -448,6 +495,22 @@ class Database:
             updated_at=row["updated_at"],
             finished_at=row["finished_at"],
         )
+
+    # -- bundle bytes served ----------------------------------------------------------------
+    def served(self) -> dict[str, dict[str, int]]:
+        """Bundle bytes sent, as last stored: node_id -> manifest sha256 -> bytes."""
+        out: dict[str, dict[str, int]] = {}
+        for r in self._rows("SELECT node_id, manifest_sha256, bytes FROM served"):
+            out.setdefault(r["node_id"], {})[r["manifest_sha256"]] = r["bytes"]
+        return out
+
+    def save_served(self, totals: dict[str, dict[str, int]]) -> None:
+        """Store these totals (rows not named are kept)."""
+        with self._tx() as c:
+            c.executemany(
+                "INSERT OR REPLACE INTO served VALUES (?, ?, ?)",
+                [(n, sha, b) for n, per in totals.items() for sha, b in per.items()],
+            )
 
     # -- idempotent API replies -----------------------------------------------------------
     def reply(self, request_id: str) -> tuple[str, str] | None:
@@ -476,6 +539,8 @@ def _model(r: sqlite3.Row) -> ModelRecord:
         created_at=r["created_at"],
         pushed_at=r["pushed_at"],
         provenance=json.loads(r["provenance"]),
+        revoked_at=r["revoked_at"],
+        revoke_reason=r["revoke_reason"],
     )
 
 
@@ -494,4 +559,5 @@ def _node(r: sqlite3.Row) -> NodeRecord:
         device=r["device"],
         telemetry=json.loads(r["telemetry"]) if r["telemetry"] else None,
         conflict_at=r["conflict_at"],
+        model_error=json.loads(r["model_error"]) if r["model_error"] else None,
     )

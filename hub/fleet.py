@@ -13,11 +13,17 @@ A node is shown `stale` when its last status said online but nothing came from i
 (status, telemetry, update report) for STALE_AFTER_INTERVALS of its telemetry
 intervals: computed when asked, from last_seen, with no timer. Telemetry also
 feeds the in-memory history of the fleet page's sparklines (hub/history.py).
+
+The control thread's Fleet keeps every node's record in memory as well (written
+through to the database), so the rollout engine's view of 2,000 nodes costs no query;
+it tracks at most `max_nodes` node ids (the messages of others are refused). A
+reader's Fleet (the HTTP server) only queries the database.
 """
 
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 from datetime import UTC, datetime
 
 from cellwatch.hub.db import Database, NodeRecord
@@ -30,7 +36,14 @@ from cellwatch.shared.limits import (
     DEFAULT_TELEMETRY_INTERVAL_S,
     STALE_AFTER_INTERVALS,
 )
-from cellwatch.shared.schemas import ModelRef, NodeStatus, Telemetry, UpdateReport, UpdateState
+from cellwatch.shared.schemas import (
+    ModelError,
+    ModelRef,
+    NodeStatus,
+    Telemetry,
+    UpdateReport,
+    UpdateState,
+)
 from cellwatch.shared.topics import is_valid_name
 
 log = logging.getLogger(__name__)
@@ -65,19 +78,60 @@ def node_state(rec: NodeRecord, now: float) -> NodeState:
 
 
 class Fleet:
-    def __init__(self, db: Database, history: TelemetryHistory | None = None) -> None:
+    def __init__(
+        self,
+        db: Database,
+        history: TelemetryHistory | None = None,
+        *,
+        max_nodes: int | None = None,
+    ) -> None:
         self.db = db
         self.history = history if history is not None else TelemetryHistory()
+        self.max_nodes = max_nodes
+        self._records: dict[str, NodeRecord] | None = None
 
-    def on_status(self, status: NodeStatus, now: float) -> bool:
-        """Record a status; False if it was a stale one (older boot) and ignored."""
-        rec = self.db.node(status.node_id) or NodeRecord(status.node_id)
+    # -- the control thread's records -------------------------------------------------
+    def _all(self) -> dict[str, NodeRecord]:
+        if self._records is None:
+            self._records = {n.node_id: n for n in self.db.nodes()}
+        return self._records
+
+    def _record(self, node_id: str, state: str = "offline") -> NodeRecord | None:
+        """node_id's record (a new one if unknown); None when max_nodes are tracked."""
+        rec = self._all().get(node_id)
+        if rec is not None:
+            return rec
+        if self.max_nodes is not None and len(self._all()) >= self.max_nodes:
+            log.warning(
+                "node %s: ignored: the hub already tracks limits.max_nodes = %d nodes",
+                node_id,
+                self.max_nodes,
+            )
+            return None
+        return NodeRecord(node_id, state=state)
+
+    def _save(self, rec: NodeRecord) -> None:
+        """Store rec, then keep it (a failed store changes nothing in memory)."""
+        self.db.save_node(rec)
+        self._all()[rec.node_id] = rec
+
+    def model_of(self, node_id: str) -> ModelKey | None:
+        rec = self._all().get(node_id)
+        return rec.model if rec is not None else None
+
+    def on_status(self, status: NodeStatus, now: float) -> bool | None:
+        """Record a status; False if it was a stale one (older boot) and ignored, None
+        if the node is one too many (max_nodes)."""
+        found = self._record(status.node_id)
+        if found is None:
+            return None
+        rec = replace(found)
         since = status.since.timestamp()
         stale = rec.boot_id is not None and status.boot_id != rec.boot_id
         if stale and rec.since is not None and since < rec.since:
             if status.state == "online":
                 rec.conflict_at = rec.last_seen = now
-                self.db.save_node(rec)
+                self._save(rec)
                 log.warning(
                     "node %s: process %s says it is online after process %s started: two "
                     "processes use this node id",
@@ -97,11 +151,15 @@ class Fleet:
         rec.state, rec.boot_id, rec.since, rec.last_seen = status.state, status.boot_id, since, now
         rec.tags = list(status.tags)
         rec.device = status.device or rec.device
+        if status.state == "online":  # a Will (offline) was written before any error
+            rec.model_error = (
+                status.model_error.model_dump(mode="json") if status.model_error else None
+            )
         if status.state == "online" or status.model is not None:
             m = status.model
             rec.model = ModelKey(m.name, m.version, m.sha256) if m is not None else None
             rec.model_at = now
-        self.db.save_node(rec)
+        self._save(rec)
         log.info(
             "node %s: %s (boot %s, model %s)",
             status.node_id,
@@ -111,30 +169,37 @@ class Fleet:
         )
         return True
 
-    def on_telemetry(self, t: Telemetry, now: float) -> None:
-        rec = self.db.node(t.node_id) or NodeRecord(t.node_id, state="online")
-        rec.telemetry = t.model_dump(mode="json", by_alias=True)
-        rec.last_seen = now
-        self.db.save_node(rec)
+    def on_telemetry(self, t: Telemetry, now: float) -> bool:
+        """Record telemetry; False if the node is one too many (max_nodes)."""
+        found = self._record(t.node_id, state="online")
+        if found is None:
+            return False
+        rec = replace(found, telemetry=t.model_dump(mode="json", by_alias=True), last_seen=now)
+        self._save(rec)
         self.history.add(t, now)
+        return True
 
-    def on_update(self, node_id: str, report: UpdateReport, now: float) -> None:
-        rec = self.db.node(node_id) or NodeRecord(node_id, state="online")
-        rec.last_seen = now
+    def on_update(self, node_id: str, report: UpdateReport, now: float) -> bool:
+        """Record what a report says of the node; False if it is one too many."""
+        found = self._record(node_id, state="online")
+        if found is None:
+            return False
+        rec = replace(found, last_seen=now)
         if report.state is UpdateState.ACTIVE:
             m = report.model
             rec.model, rec.model_at = ModelKey(m.name, m.version, m.manifest_sha256), now
-        self.db.save_node(rec)
+        self._save(rec)
+        return True
 
     def views(self) -> dict[str, NodeView]:
         return {
             n.node_id: NodeView(online=n.state == "online", model=n.model, model_at=n.model_at)
-            for n in self.db.nodes()
+            for n in self._all().values()
         }
 
     def resolve(self, target: str) -> list[str]:
         """Node ids for `all`, `group:G` or `node:ID,ID` (sorted); ApiFailure if none."""
-        known = {n.node_id: n for n in self.db.nodes()}
+        known = self._all()
         if target == "all":
             ids = sorted(known)
             if not ids:
@@ -176,6 +241,7 @@ class Fleet:
                 device=n.device,
                 telemetry=n.telemetry,
                 bytes_served=bytes_by_node.get(n.node_id, 0),
+                model_error=ModelError.model_validate(n.model_error) if n.model_error else None,
             )
             for n in self.db.nodes()
         ]

@@ -3,14 +3,17 @@ persists every change in the database and writes the desired models they ask for
 
 Only the hub's control thread calls it. Active rollouts live in memory and in the
 database; a restarted hub reloads them and writes again every desired model the
-broker had not acknowledged (timers continue from the stored timestamps).
+broker had not acknowledged (timers continue from the stored timestamps). Every
+change is stored before anything else sees it: a rollout that could not be stored is
+reloaded from the database (the change is undone, the caller sees the error), and
+desired models are written only after the store.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections import Counter
+from collections import Counter, OrderedDict
 from collections.abc import Callable
 from datetime import UTC, datetime
 
@@ -19,10 +22,12 @@ from cellwatch.hub.db import Database
 from cellwatch.hub.errors import ApiFailure
 from cellwatch.hub.fleet import Fleet
 from cellwatch.hub.registry import Registry
-from cellwatch.hub.rollout import Desired, ModelKey, Policy, Rollout
+from cellwatch.hub.rollout import Desired, ModelKey, Policy, Rollout, RolloutState
 from cellwatch.hub.waves import WaveSpecError, parse_threshold, parse_waves, plan_waves
 from cellwatch.shared.hubapi import (
     DesiredRef,
+    RevokeArgs,
+    RevokeReply,
     RolloutInfo,
     RolloutList,
     RolloutStartArgs,
@@ -37,6 +42,8 @@ log = logging.getLogger(__name__)
 WriteDesired = Callable[[Desired], None]
 CONFIRM_FLAGS = ("synthetic", "untrained")
 """Model flags that `rollout.start` refuses without `yes_untrained`."""
+FINISHED_KEPT = 8
+"""Finished rollouts kept in memory for their late reports."""
 
 
 def _ts(value: float) -> datetime:
@@ -113,17 +120,36 @@ class Orchestrator:
         registry: Registry,
         defaults: RolloutDefaults,
         write_desired: WriteDesired,
+        publish_revocations: Callable[[float], None] = lambda now: None,
     ) -> None:
         self.db = db
         self.fleet = fleet
         self.registry = registry
         self.defaults = defaults
         self.write_desired = write_desired
+        self.publish_revocations = publish_revocations
         self.active: dict[str, Rollout] = {}
+        self._finished: OrderedDict[str, Rollout] = OrderedDict()
 
     def load(self) -> None:
         """Reload the active rollouts from the database (hub start)."""
         self.active = {r.rollout_id: r for r in self.db.rollouts(active_only=True, limit=10_000)}
+
+    def reassert(self, node_id: str) -> None:
+        """A node (re)connected: write again the desired models its unfinished targets
+        ask for (the broker may have lost a retained one). The same message as before:
+        a node already at work on it carries on."""
+        running = self.fleet.model_of(node_id)
+        for r in list(self.active.values()):
+            d = r.reassert(node_id, running)
+            if d is not None:
+                log.info(
+                    "rollout %s: node %s is back: desired %s written again",
+                    r.rollout_id,
+                    node_id,
+                    d.model,
+                )
+                self.write_desired(d)
 
     def rewrite_unconfirmed(self) -> None:
         """Write again the desired models the broker had not acknowledged (once connected)."""
@@ -147,7 +173,7 @@ class Orchestrator:
         return describe(r, existing=existing, model_flags=flags)
 
     def start(self, args: RolloutStartArgs, now: float) -> RolloutInfo:
-        m = self.registry.find(args.name, args.version)
+        m = self.registry.find_servable(args.name, args.version)
         model = ModelKey(m.name, m.version, m.manifest_sha256)
         manifest = self.registry.stored_manifest(m.manifest_sha256)
         risky = [f for f in (manifest.flags if manifest else []) if f in CONFIRM_FLAGS]
@@ -189,8 +215,8 @@ class Orchestrator:
             len(ids),
             list(policy.counts),
         )
-        self.active[rollout.rollout_id] = rollout
-        self._apply(rollout, rollout.tick(self.fleet.views(), now))
+        desired = rollout.tick(self.fleet.views(), now)
+        self._apply(rollout, desired)  # stored first: a failed store leaves no trace
         return self._describe(rollout)
 
     def _policy(self, args: RolloutStartArgs, total: int) -> Policy:
@@ -215,7 +241,7 @@ class Orchestrator:
 
     def get(self, rollout_id: str) -> Rollout:
         rid = rollout_id if rollout_id.startswith("r") else f"r{rollout_id}"
-        r = self.active.get(rid) or self.db.rollout(rid)
+        r = self._find(rid)
         if r is None:
             raise ApiFailure("not_found", f"no rollout {rollout_id!r}")
         return r
@@ -261,7 +287,15 @@ class Orchestrator:
             for x in self.db.rollouts(limit=10_000)
             if x.created_at > r.created_at and x.rollout_id != r.rollout_id
         ]
+        revoked = {m.manifest_sha256: m for m in self.db.revoked_models()}
         for t in r.rollback_targets():
+            back = revoked.get(t.previous.sha256) if t.previous else None
+            if back is not None:
+                raise ApiFailure(
+                    "revoked",
+                    f"{t.node_id} would go back to {back.name} {back.version}, which was "
+                    f"revoked ({back.revoke_reason}): start a rollout of a good model instead",
+                )
             for other in newer:
                 target = other.get(t.node_id)
                 if target is not None and target.issued:
@@ -271,18 +305,31 @@ class Orchestrator:
                         "roll that one back first",
                     )
         desired = r.rollback(self.fleet.views(), now)
-        self.active[r.rollout_id] = r
         self._apply(r, desired)
         return self._describe(r)
 
+    def revoke(self, args: RevokeArgs, now: float) -> RevokeReply:
+        """Revoke a model: store it, abort its active rollouts, tell the nodes."""
+        m = self.registry.revoke(args.name, args.version, args.reason, now)
+        model = ModelKey(m.name, m.version, m.manifest_sha256)
+        aborted = []
+        for r in list(self.active.values()):
+            if r.model == model and r.state in (RolloutState.RUNNING, RolloutState.PAUSED):
+                r.abort(now, f"{model} was revoked: {m.revoke_reason}")
+                self._apply(r, [])
+                aborted.append(r.rollout_id)
+        self.publish_revocations(now)
+        nodes = sorted(
+            n for n, view in self.fleet.views().items() if view.model and view.model == model
+        )
+        return RevokeReply(model=self.registry.info(m), nodes=nodes, aborted=aborted)
+
     # -- inputs from the fleet -------------------------------------------------------------
     def on_report(self, node_id: str, report: UpdateReport, now: float) -> None:
-        r = self.active.get(report.rollout_id)
+        r = self._find(report.rollout_id)
         if r is None:
-            r = self.db.rollout(report.rollout_id)
-            if r is None:
-                log.debug("node %s: report for unknown rollout %s", node_id, report.rollout_id)
-                return
+            log.debug("node %s: report for unknown rollout %s", node_id, report.rollout_id)
+            return
         error = (report.error.code, report.error.message) if report.error else None
         changed = r.on_report(
             node_id,
@@ -301,12 +348,12 @@ class Orchestrator:
                 report.state,
                 report.progress * 100,
             )
-            self._apply(r, r.tick(self.fleet.views(), now) if r.active else [])
+            self._apply(r, [])  # the service ticks once it has caught up with the fleet
 
     def on_confirmed(self, d: Desired) -> None:
         r = self.active.get(d.rollout_id)
         if r is not None and r.confirm(d.node_id, d.model.sha256):
-            self.db.save_rollout(r)
+            self._apply(r, [])
 
     def tick(self, now: float) -> None:
         if not self.active:
@@ -317,12 +364,42 @@ class Orchestrator:
             if desired or r.events:
                 self._apply(r, desired)
 
+    def _find(self, rollout_id: str) -> Rollout | None:
+        """An active rollout, else one of the latest finished ones (late reports of a
+        2,000-node rollout must not load it 2,000 times), else the database's."""
+        r = self.active.get(rollout_id) or self._finished.pop(rollout_id, None)
+        if r is None:
+            r = self.db.rollout(rollout_id)
+        if r is not None and not r.active:
+            self._keep_finished(r)
+        return r
+
+    def _keep_finished(self, r: Rollout) -> None:
+        self._finished[r.rollout_id] = r  # the most recent last
+        while len(self._finished) > FINISHED_KEPT:
+            self._finished.popitem(last=False)
+
     def _apply(self, r: Rollout, desired: list[Desired]) -> None:
-        self.db.save_rollout(r, r.events, time.time())
+        """Store r (then log its events, write its desired models, track it while it is
+        active). If the store fails, r is reloaded as stored and the error raised."""
+        try:
+            self.db.save_rollout(r, r.events, time.time())
+        except Exception:
+            self._finished.pop(r.rollout_id, None)
+            stored = self.db.rollout(r.rollout_id)
+            if stored is not None and stored.active:
+                self.active[r.rollout_id] = stored
+            else:
+                self.active.pop(r.rollout_id, None)
+            raise
         for event in r.events:
             log.info("rollout %s: %s", r.rollout_id, event)
         r.events.clear()
+        if r.active:
+            self.active[r.rollout_id] = r
+            self._finished.pop(r.rollout_id, None)
+        else:
+            self.active.pop(r.rollout_id, None)
+            self._keep_finished(r)
         for d in desired:
             self.write_desired(d)
-        if not r.active:
-            self.active.pop(r.rollout_id, None)

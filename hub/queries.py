@@ -12,10 +12,10 @@ from pydantic import BaseModel
 
 from cellwatch.hub.db import Database
 from cellwatch.hub.errors import ApiFailure
-from cellwatch.hub.fetch import FetchServer
 from cellwatch.hub.fleet import Fleet
 from cellwatch.hub.orchestrator import describe
 from cellwatch.hub.registry import model_info
+from cellwatch.hub.served import ServedTotals
 from cellwatch.shared.hubapi import ModelsReply, NodesReply, RolloutInfo, RolloutList, StatsReply
 
 
@@ -27,29 +27,29 @@ def as_json(data: BaseModel | dict[str, Any]) -> str:
 
 class Queries:
     def __init__(
-        self, db: Database, fleet: Fleet, fetch: FetchServer, started_at: datetime
+        self, db: Database, fleet: Fleet, served: ServedTotals, started_at: datetime
     ) -> None:
         self.db = db
         self.fleet = fleet
-        self.fetch = fetch
+        self.served = served
         self.started_at = started_at
 
     def models(self, name: str | None = None) -> ModelsReply:
         return ModelsReply(models=[model_info(m) for m in self.db.models(name)])
 
     def nodes(self, now: float) -> NodesReply:
-        return NodesReply(nodes=self.fleet.infos(self.fetch.served_by_node(), now))
+        return NodesReply(nodes=self.fleet.infos(self.served.served_by_node(), now))
 
     def stats(self) -> StatsReply:
-        by_node = self.fetch.served_by_node()
+        by_node = self.served.served_by_node()
         return StatsReply(
             started_at=self.started_at,
-            fetch_requests=self.fetch.requests,
-            fetch_errors=self.fetch.errors,
+            fetch_requests=self.served.requests,
+            fetch_errors=self.served.errors,
             bytes_served=sum(by_node.values()),
             bytes_by_node=by_node,
-            bytes_by_bundle=self.fetch.served_by_bundle(),
-            bytes_by_node_bundle=self.fetch.served(),
+            bytes_by_bundle=self.served.served_by_bundle(),
+            bytes_by_node_bundle=self.served.served(),
         )
 
     def rollout(self, rollout_id: str | None) -> RolloutInfo:

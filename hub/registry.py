@@ -11,7 +11,14 @@ Push (operator -> hub), resumable and idempotent:
 3. `push.commit` {upload_id}: every file's size and SHA-256 and the signature are
    checked again on the assembled directory (shared.bundle.load_bundle), then it is
    moved into the store under its manifest sha256 in one rename.
-A name and version already stored with a different manifest is a conflict.
+A name and version already stored with a different manifest is a conflict. The
+same manifest pushed again with another trusted signature (a key rotation: the
+bundle re-signed with the new key) replaces the stored signature; nodes that verify
+their copy against the new keys fetch it again.
+
+Revocation (`models.revoke`): a revoked model is never rolled out again, nor pushed
+again; the hub publishes the list of revoked bundles for the nodes
+(hub/service.py, `{prefix}/hub/revoked`).
 """
 
 from __future__ import annotations
@@ -46,6 +53,7 @@ from cellwatch.shared.manifest import (
     Manifest,
     model_flags,
 )
+from cellwatch.shared.schemas import Revocation, RevocationList
 from cellwatch.shared.signing import TrustedKeys
 
 log = logging.getLogger(__name__)
@@ -63,6 +71,8 @@ def provenance_badges(provenance: dict[str, Any]) -> dict[str, bool]:
 
 def model_info(m: ModelRecord) -> ModelInfo:
     return ModelInfo(
+        revoked_at=datetime.fromtimestamp(m.revoked_at, UTC) if m.revoked_at is not None else None,
+        revoke_reason=m.revoke_reason,
         name=m.name,
         version=m.version,
         manifest_sha256=m.manifest_sha256,
@@ -137,6 +147,55 @@ class Registry:
             raise ApiFailure("not_found", f"no model {name} {version} on the hub{hint}")
         return m
 
+    def find_servable(self, name: str, version: str) -> ModelRecord:
+        """A stored model that may be rolled out: not revoked, and its stored copy
+        intact (a damaged one is dropped: push it again)."""
+        m = self.find(name, version)
+        if m.revoked:
+            raise ApiFailure(
+                "revoked",
+                f"{name} {version} was revoked ({m.revoke_reason}): it cannot be rolled out",
+            )
+        try:
+            load_bundle(
+                self.store.path(m.manifest_sha256), self.trusted, allow_unsigned=self.allow_unsigned
+            )
+        except BundleError as exc:
+            self.store.discard(m.manifest_sha256)
+            raise ApiFailure(
+                "invalid_bundle",
+                f"the hub's copy of {name} {version} failed its verification ({exc}): it was "
+                "removed; push the bundle again",
+            ) from exc
+        return m
+
+    def revoke(self, name: str, version: str, reason: str, now: float) -> ModelRecord:
+        """Revoke a stored model (again: nothing changes); its record after."""
+        m = self.db.model(name, version)
+        if m is None:
+            raise ApiFailure("not_found", f"no model {name} {version} on the hub")
+        if not m.revoked:
+            self.db.revoke_model(m.manifest_sha256, reason, now)
+            log.warning("registry: %s %s revoked: %s", name, version, reason)
+        revoked = self.db.model(name, version)
+        assert revoked is not None
+        return revoked
+
+    def revocations(self, now: float) -> RevocationList:
+        return RevocationList(
+            revoked=[
+                Revocation(
+                    name=m.name,
+                    version=m.version,
+                    manifest_sha256=m.manifest_sha256,
+                    reason=m.revoke_reason or "",
+                    revoked_at=datetime.fromtimestamp(m.revoked_at or now, UTC),
+                )
+                for m in self.db.revoked_models()
+            ],
+            issued_at=datetime.fromtimestamp(now, UTC),
+        )
+
     # -- push ------------------------------------------------------------------------------
     def begin(self, args: PushBeginArgs) -> PushBeginReply:
         manifest_bytes = _b64(args.manifest, "manifest")
@@ -152,7 +211,15 @@ class Registry:
             raise ApiFailure("invalid_bundle", f"bundle refused: {exc}") from exc
         sha = sha256_bytes(manifest_bytes)
         stored = self.db.model_by_sha(sha)
+        if stored is not None and stored.revoked:
+            raise ApiFailure(
+                "revoked",
+                f"{stored.name} {stored.version} was revoked ({stored.revoke_reason}): "
+                "give the bundle a new version",
+            )
         if stored is not None and self.store.has(sha):
+            if signature is not None and signer is not None and signer != stored.signer:
+                stored = self._resign(stored, signature, signer)
             return PushBeginReply(status="already_present", model=self.info(stored))
         self._check_unique(manifest, sha)
         d = self.store.upload_dir(sha)
@@ -231,6 +298,23 @@ class Registry:
         self.db.add_model(record)
         log.info("push: %s stored (signer %s)", bundle, bundle.signer or "none")
         return PushCommitReply(status="stored", model=model_info(record))
+
+    def _resign(self, stored: ModelRecord, signature: bytes, signer: str) -> ModelRecord:
+        """Keep the stored bundle, with the new (already verified) signature."""
+        sha = stored.manifest_sha256
+        self.store.replace_signature(sha, signature)
+        self.db.set_signer(sha, signer)
+        log.warning(
+            "push: %s %s (%s) re-signed by %s (was %s)",
+            stored.name,
+            stored.version,
+            sha[:12],
+            signer,
+            stored.signer or "none",
+        )
+        updated = self.db.model_by_sha(sha)
+        assert updated is not None
+        return updated
 
     def _manifest(self, sha: str) -> Manifest:
         cached = self._manifests.get(sha)

@@ -9,7 +9,7 @@ from rich.console import Group, RenderableType
 from rich.table import Table
 from rich.text import Text
 
-from cellwatch.shared.hubapi import ModelInfo, NodeInfo, RolloutInfo, StatsReply
+from cellwatch.shared.hubapi import ModelInfo, NodeInfo, RevokeReply, RolloutInfo, StatsReply
 
 STATE_STYLES = {
     "active": "green",
@@ -100,7 +100,9 @@ def _flags(flags: list[str]) -> Text:
 def models_table(models: list[ModelInfo]) -> RenderableType:
     if not models:
         return Text("no models on the hub yet (cellwatch-hub push BUNDLE)")
-    table = _table("NAME", "VERSION", "SHA256", "SIZE", "PRECISION", "FLAGS", "SIGNER", "PUSHED")
+    table = _table(
+        "NAME", "VERSION", "SHA256", "SIZE", "PRECISION", "FLAGS", "SIGNER", "PUSHED", "REVOKED"
+    )
     for m in models:
         table.add_row(
             m.name,
@@ -111,26 +113,69 @@ def models_table(models: list[ModelInfo]) -> RenderableType:
             _flags(model_flags(m)),
             m.signer or "UNSIGNED",
             _when(m.pushed_at),
+            Text(_when(m.revoked_at), style="red") if m.revoked_at else Text("-"),
         )
-    return table
+    revoked = [
+        Text.assemble((f"{m.name} {m.version}: ", "bold"), (m.revoke_reason or "", "red"))
+        for m in models
+        if m.revoked_at
+    ]
+    if not revoked:
+        return table
+    return Group(table, Text(""), Text("revoked:", style="bold"), *revoked)
+
+
+def revoke_view(r: RevokeReply) -> RenderableType:
+    m = r.model
+    lines = [
+        Text.assemble(
+            ("revoked ", "bold red"),
+            f"{m.name} {m.version} ({m.manifest_sha256[:12]}): {m.revoke_reason}",
+        )
+    ]
+    if r.aborted:
+        lines.append(Text(f"aborted rollouts: {', '.join(r.aborted)}"))
+    if r.nodes:
+        lines.append(
+            Text(
+                f"{len(r.nodes)} node(s) served it and move to their previous good bundle "
+                f"(no_model without one): {', '.join(r.nodes)}"
+            )
+        )
+    else:
+        lines.append(Text("no node was serving it"))
+    return Group(*lines)
 
 
 def nodes_table(nodes: list[NodeInfo]) -> RenderableType:
     if not nodes:
         return Text("no nodes seen yet")
     table = _table("NODE", "STATE", "MODEL", "VERSION", "TAGS", "DEVICE", "LAST SEEN", "FETCHED")
+    problems = []
     for n in nodes:
         table.add_row(
             n.node_id,
             _state(n.state),
             n.model.name if n.model else "-",
-            n.model.version if n.model else "-",
+            Text(n.model.version + " !", style="yellow")
+            if n.model and n.model_error
+            else Text(n.model.version if n.model else "-", style="red" if n.model_error else ""),
             ",".join(n.tags) or "-",
             n.device or "-",
             _when(n.last_seen),
             _size(n.bytes_served),
         )
-    return table
+        if n.model_error:
+            problems.append(
+                Text.assemble(
+                    (f"{n.node_id}: ", "bold"),
+                    (n.model_error.code, "red"),
+                    f": {n.model_error.message}",
+                )
+            )
+    if not problems:
+        return table
+    return Group(table, Text(""), Text("model errors:", style="bold"), *problems)
 
 
 def rollout_view(r: RolloutInfo) -> RenderableType:
@@ -195,7 +240,8 @@ def stats_view(s: StatsReply) -> RenderableType:
         for sha, n in sorted(per.items()):
             table.add_row(node, sha[:12], _size(n))
     head = Text(
-        f"since {s.started_at.astimezone():%Y-%m-%d %H:%M:%S}: {s.fetch_requests} fetch "
-        f"requests, {s.fetch_errors} errors, {_size(s.bytes_served)} served"
+        f"{_size(s.bytes_served)} of bundles served in all; since "
+        f"{s.started_at.astimezone():%Y-%m-%d %H:%M:%S}: {s.fetch_requests} fetch requests, "
+        f"{s.fetch_errors} errors"
     )
     return Group(head, table)

@@ -59,6 +59,8 @@ class TargetState(StrEnum):
     ROLLED_BACK = "rolled_back"
 
 
+EVENT_NODES = 20
+"""A wave's event names at most this many of its nodes (then "and N more")."""
 FINISHED = (TargetState.ACTIVE, TargetState.FAILED, TargetState.TIMED_OUT, TargetState.ROLLED_BACK)
 FAILURES = (TargetState.FAILED, TargetState.TIMED_OUT)
 _IN_PROGRESS = {
@@ -96,6 +98,10 @@ class Desired:
     node_id: str
     rollout_id: str
     model: ModelKey
+    issued_at: float
+    """When the target's current phase was issued: written again (after a hub restart,
+    or to a node that reconnected), the desired model is the same message, which a
+    node already working on it ignores."""
 
 
 @dataclass(frozen=True)
@@ -125,6 +131,15 @@ class Target:
     updated_at: float = 0.0
     confirmed: bool = False
     """The broker acknowledged the retained desired written for the current phase."""
+    dirty: bool = field(default=True, compare=False)
+    """Changed since the database last stored it (set by every assignment below)."""
+
+    def __setattr__(self, name: str, value: object) -> None:
+        # The database writes only the targets that changed: a report of one node of a
+        # 2,000-node rollout stores one row, not 2,000.
+        object.__setattr__(self, name, value)
+        if name != "dirty":
+            object.__setattr__(self, "dirty", True)
 
     @property
     def finished(self) -> bool:
@@ -150,6 +165,10 @@ class Rollout:
     finished_at: float | None = None
     events: list[str] = field(default_factory=list, repr=False, compare=False)
     """Log lines produced by the last calls (the orchestrator logs and clears them)."""
+    _index: dict[str, Target] = field(default_factory=dict, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        self._index = {t.node_id: t for t in self.targets}
 
     # -- construction ----------------------------------------------------------------
     @classmethod
@@ -187,7 +206,7 @@ class Rollout:
         return self.state in ACTIVE_STATES
 
     def get(self, node_id: str) -> Target | None:
-        return next((t for t in self.targets if t.node_id == node_id), None)
+        return self._index.get(node_id)
 
     def wave_targets(self, index: int) -> list[Target]:
         return [t for t in self.targets if t.wave == index]
@@ -211,8 +230,23 @@ class Rollout:
         for t in self.targets:
             model = self.expected(t)
             if t.issued and not t.confirmed and model is not None and not self._stale_phase(t):
-                out.append(Desired(t.node_id, self.rollout_id, model))
+                out.append(self._desired(t, model))
         return out
+
+    def reassert(self, node_id: str, running: ModelKey | None) -> Desired | None:
+        """The desired model to write again for node_id: its target is issued and
+        unfinished in the current phase and the node does not run the model yet."""
+        t = self.get(node_id)
+        if t is None or not t.issued or t.finished or self._stale_phase(t):
+            return None
+        model = self.expected(t)
+        if model is None or model == running:
+            return None
+        return self._desired(t, model)
+
+    def _desired(self, t: Target, model: ModelKey) -> Desired:
+        assert t.issued_at is not None
+        return Desired(t.node_id, self.rollout_id, model, t.issued_at)
 
     def _stale_phase(self, t: Target) -> bool:
         return self.state in (RolloutState.ROLLING_BACK, RolloutState.ROLLED_BACK) and (
@@ -347,7 +381,7 @@ class Rollout:
             t.error_code = t.error_message = None
             t.issued_at, t.finished_at, t.updated_at, t.confirmed = now, None, now, False
             t.clock_from = now if view is not None and view.online else None
-            out.append(Desired(t.node_id, self.rollout_id, t.previous))
+            out.append(self._desired(t, t.previous))
         self.state, self.finished_at, self.updated_at = RolloutState.ROLLING_BACK, None, now
         self.reason = f"rolling back {len(out)} nodes"
         self._event(f"rolling back {len(out)} nodes")
@@ -376,11 +410,14 @@ class Rollout:
             t.state = TargetState.PENDING
             if view is not None and view.model is not None and view.model == self.model:
                 self._succeed(t, now)
-            out.append(Desired(t.node_id, self.rollout_id, self.model))
+            out.append(self._desired(t, self.model))
         self.updated_at = now
+        ids = [t.node_id for t in self.wave_targets(index)]
+        more = f" and {len(ids) - EVENT_NODES} more" if len(ids) > EVENT_NODES else ""
         self._event(
             f"wave {index + 1}/{len(self.policy.counts)} issued: "
-            + ", ".join(t.node_id for t in self.wave_targets(index))
+            + ", ".join(ids[:EVENT_NODES])
+            + more
         )
         return out
 

@@ -19,7 +19,7 @@ from pathlib import Path
 from cellwatch.hub.errors import StoreError
 from cellwatch.shared.bundle import check_file_name
 from cellwatch.shared.errors import BundleError
-from cellwatch.shared.manifest import MANIFEST_FILE
+from cellwatch.shared.manifest import MANIFEST_FILE, SIGNATURE_FILE
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +49,29 @@ class BundleStore:
             return None
         p = self.bundles / sha / name
         return p if p.is_file() else None
+
+    def replace_signature(self, sha: str, signature: bytes) -> None:
+        """Give stored bundle sha another manifest.sig (written aside, then renamed)."""
+        target = self.bundles / sha / SIGNATURE_FILE
+        tmp = self.uploads / f"{sha}.sig.tmp"
+        try:
+            tmp.write_bytes(signature)
+            os.replace(tmp, target)
+        except OSError as exc:
+            raise StoreError(f"cannot replace the signature of {sha[:12]}: {exc}") from exc
+
+    def discard(self, sha: str) -> None:
+        """Drop a stored bundle that failed its verification (renamed aside first, so a
+        crash leaves no half-deleted bundle where has() looks)."""
+        src = self.bundles / sha
+        gone = self.uploads / f"{sha}.discarded"
+        shutil.rmtree(gone, ignore_errors=True)
+        try:
+            os.replace(src, gone)
+        except FileNotFoundError:
+            return
+        shutil.rmtree(gone, ignore_errors=True)
+        log.warning("store: bundle %s removed (damaged)", sha[:12])
 
     def size(self, sha: str) -> int:
         return sum(p.stat().st_size for p in self.path(sha).iterdir() if p.is_file())

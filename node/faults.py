@@ -13,6 +13,10 @@ else set it. Without it the node runs exactly as in production.
     recompile_fails=1    recompiling the model after device errors fails
     crash_image=ID       the process kills itself (SIGKILL) when it starts decoding
                          image ID: a poison image (a decoder crash, an OOM kill)
+    compile_raises_at=N  the Nth bundle compile of this process (the start bundle's
+                         is the first) raises OpenVINO's RuntimeError
+    disk_full_once=1     the first downloaded bundle moved into the store raises
+                         OSError(ENOSPC), as a full disk does
 """
 
 from __future__ import annotations
@@ -35,6 +39,8 @@ class Faults:
     infer_hang_after: int | None = None
     recompile_fails: bool = False
     crash_image: str | None = None
+    compile_raises_at: int | None = None
+    disk_full_once: bool = False
 
     @property
     def any(self) -> bool:
@@ -57,6 +63,8 @@ class Faults:
                 infer_hang_after=_count(values.get("infer_hang_after")),
                 recompile_fails=values.get("recompile_fails", "0") not in ("0", ""),
                 crash_image=values.get("crash_image") or None,
+                compile_raises_at=_count(values.get("compile_raises_at")),
+                disk_full_once=values.get("disk_full_once", "0") not in ("0", ""),
             )
         except ValueError as exc:
             raise ConfigError(f"{ENV_VAR}: {exc}") from exc

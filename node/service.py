@@ -40,14 +40,14 @@ from cellwatch.node.errors import ModelLoadError
 from cellwatch.node.faults import Faults
 from cellwatch.node.fetcher import Fetcher
 from cellwatch.node.journal import Journal
+from cellwatch.node.loader import BundleLoader, Candidate
 from cellwatch.node.pipeline import ImagePipeline, wait_until
 from cellwatch.node.stats import Stats
 from cellwatch.node.store import BundleStore
 from cellwatch.node.updater import UpdateAgent
-from cellwatch.shared.bundle import load_bundle
 from cellwatch.shared.daemon import Daemon
 from cellwatch.shared.mqtt import SESSION_TAKEN_OVER, MessageHandler, MqttClient, Will
-from cellwatch.shared.schemas import NodeStatus, Telemetry, utcnow
+from cellwatch.shared.schemas import ModelError, ModelErrorCode, NodeStatus, Telemetry, utcnow
 from cellwatch.shared.signing import TrustedKeys
 from cellwatch.shared.topics import Topics
 
@@ -110,6 +110,17 @@ class NodeService(Daemon):
         self.stats = Stats(window_s=settings.telemetry_interval_s)
         self.journal = Journal(settings.resolved_state_dir())
         self._model: ServingModel | None = None
+        self._model_error: ModelError | None = None
+        self._served_before = False
+        m = settings.model
+        self.loader = BundleLoader(
+            self.core,
+            self.trusted,
+            settings.inference.engine_config(),
+            allow_unsigned=m.allow_unsigned,
+            self_test=m.self_test,
+            faults=self.faults,
+        )
         self._model_lock = threading.Lock()
         self._retired: list[ServingModel] = []
         self._recompile = threading.Event()
@@ -156,7 +167,7 @@ class NodeService(Daemon):
             self._setup_updates()
 
     def _setup_updates(self) -> None:
-        u, m = self.settings.updates, self.settings.model
+        u = self.settings.updates
         assert u.store_dir is not None
         self.store = BundleStore(u.store_dir, keep=u.keep_versions)
         self.fetcher = Fetcher(
@@ -174,19 +185,65 @@ class NodeService(Daemon):
             node_id=self.node_id,
             store=self.store,
             fetcher=self.fetcher,
-            trusted=self.trusted,
-            allow_unsigned=m.allow_unsigned,
-            core=self.core,
-            engine=self.settings.inference.engine_config(),
-            self_test=m.self_test,
+            loader=self.loader,
             current_sha=self._current_sha,
             activate=self.activate,
+            deactivate=self.deactivate,
+            faults=self.faults,
         )
         desired, fetch = self.topics.desired(self.node_id), self.topics.fetch_reply(self.node_id)
+        revoked = self.topics.hub_revoked()
         self.mqtt.route(desired, self._acked(self.updater.on_desired))
         self.mqtt.route(fetch, self._acked(self.fetcher.on_reply))
+        self.mqtt.route(revoked, self._acked(self.updater.on_revoked))
         self.mqtt.subscribe(desired, 1)
         self.mqtt.subscribe(fetch, 1)
+        self.mqtt.subscribe(revoked, 1)
+
+    def _start_candidates(self) -> list[Candidate]:
+        out: list[Candidate] = []
+        if self.store is not None:
+            active = self.store.active()
+            if active is not None:
+                out.append(Candidate(self.store.path(active), active))
+            out += [Candidate(self.store.path(s), s) for s in self.store.previous()]
+        if self.settings.model.bundle is not None:
+            out.append(Candidate(self.settings.model.bundle))
+        return out
+
+    def _load_start_model(self) -> None:
+        candidates = self._start_candidates()
+        if not candidates:
+            log.warning("node %s: no bundle configured; answering no_model", self.node_id)
+            return
+        revoked = self.updater.revoked if self.updater is not None else frozenset()
+        model, chosen, failures = self.loader.first_good(candidates, revoked)
+        error = None
+        if failures:
+            first, why = failures[0]
+            serving = f"; serving {model.bundle} instead" if model else "; answering no_model"
+            error = ModelError(code=why.code, message=f"{first.label()}: {why}{serving}"[:2048])
+            for c, failure in failures:
+                if failure.code is ModelErrorCode.HASH_MISMATCH and c.sha and self.store:
+                    self.store.discard(c.sha)  # damaged: the next desired fetches it again
+        if model is None or chosen is None:
+            assert error is not None
+            if self.store is None:
+                # Without a bundle store the hub cannot send another bundle: a clear
+                # error now (exit code 2) helps more than a node answering no_model.
+                raise failures[0][1]
+            self.deactivate(error)
+            return
+        self.activate(model, error)
+        if self.store is not None:
+            sha = model.bundle.manifest_sha256
+            try:
+                if chosen.sha is None:  # the configured bundle: keep a copy for rollbacks
+                    self.store.import_dir(sha, chosen.path)
+                if self.store.active() != sha:
+                    self.store.set_active(sha)
+            except OSError as exc:  # e.g. a full disk: it serves anyway
+                log.error("node %s: cannot record %s in the store: %s", self.node_id, sha[:12], exc)
 
     def _acked(self, handler: MessageHandler) -> MessageHandler:
         """handler, then acknowledge the message (the handler only hands it over)."""
@@ -208,27 +265,40 @@ class NodeService(Daemon):
     def model(self) -> ServingModel | None:
         return self._model
 
+    @property
+    def model_error(self) -> ModelError | None:
+        """Why the node does not serve the bundle it should (None: it does)."""
+        return self._model_error
+
     def load_bundle(self, path: Path) -> ServingModel:
-        """Verify, compile and self-test the bundle at path, then serve it."""
-        m = self.settings.model
-        bundle = load_bundle(path, self.trusted, allow_unsigned=m.allow_unsigned)
-        model = load_serving_model(
-            self.core, bundle, self.settings.inference.engine_config(), self_test=m.self_test
-        )
-        if self.faults.any and self._model is None:
-            model.inject(self.faults)
+        """Verify, compile and self-test the bundle at path, then serve it (LoadFailure
+        says why it cannot be)."""
+        model = self.loader.load(path)
         self.activate(model)
         return model
 
-    def activate(self, model: ServingModel) -> None:
-        """Serve model from now on; requests already started finish on the old one."""
+    def activate(self, model: ServingModel, error: ModelError | None = None) -> None:
+        """Serve model from now on; requests already started finish on the old one.
+        error: what the status says of it (e.g. a fallback: why not the active one)."""
+        if self.faults.any and self._model is None and not self._served_before:
+            model.inject(self.faults)
+        self._served_before = True
         model.set_callback(self.pipeline.on_inferred)
+        self._swap(model, error)
+        log.info("node %s: now serving %s", self.node_id, model.bundle)
+
+    def deactivate(self, error: ModelError) -> None:
+        """Serve no model (answer no_model) from now on, and say why."""
+        self._swap(None, error)
+        log.error("node %s: serving no model: %s", self.node_id, error.message)
+
+    def _swap(self, model: ServingModel | None, error: ModelError | None) -> None:
         with self._model_lock:
             old, self._model = self._model, model
+            self._model_error = error
             if old is not None:
                 old.retire()
                 self._retired.append(old)
-        log.info("node %s: now serving %s", self.node_id, model.bundle)
         if self.mqtt.connected:  # otherwise the connect publishes it (with this model)
             self._publish_status()
 
@@ -238,20 +308,16 @@ class NodeService(Daemon):
 
         With a bundle store, the bundle active before a restart wins over the
         configured one; the configured one is copied into the store so that a
-        rollback to it needs no download.
+        rollback to it needs no download. When the active bundle does not load (its
+        signer's key was removed, a damaged file, an OpenVINO that cannot compile it)
+        or was revoked, the earlier ones in the store are tried, newest first, then
+        the configured one; when none loads, the node connects anyway and answers
+        no_model, so that the hub can send it another bundle. Either way its status
+        says why (`model_error`). A node without a bundle store, which the hub cannot
+        help, refuses to start instead (LoadFailure: one line, exit code 2).
         """
-        active = self.store.active() if self.store is not None else None
-        if active is not None and self._model is None:
-            assert self.store is not None
-            self.load_bundle(self.store.path(active))
-        elif self.settings.model.bundle is not None and self._model is None:
-            model = self.load_bundle(self.settings.model.bundle)
-            if self.store is not None:
-                sha = model.bundle.manifest_sha256
-                self.store.import_dir(sha, self.settings.model.bundle)
-                self.store.set_active(sha)
-        elif self._model is None:
-            log.warning("node %s: no bundle configured; answering no_model", self.node_id)
+        if self._model is None:
+            self._load_start_model()
         if self.updater is not None:
             self.updater.start()
         for i in range(self.settings.limits.decode_workers):
@@ -462,6 +528,7 @@ class NodeService(Daemon):
             boot_id=self.boot_id,
             since=self.started_at,
             model=model.bundle.ref if model is not None else None,
+            model_error=self._model_error,
             device=self.settings.inference.device,
             devices_available=available_devices(self.core),
             tags=list(self.settings.tags),

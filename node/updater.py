@@ -1,4 +1,5 @@
-"""The node's update agent: reconciles the retained `desired` model (DESIGN.md, Rollout).
+"""The node's update agent: reconciles the retained `desired` model (DESIGN.md, Rollout)
+and the hub's revocation list.
 
 On a new DesiredModel it reports each state in an UpdateReport: `pending`, then
 `downloading` (manifest and signature first, the signature checked before any
@@ -6,8 +7,17 @@ large file is fetched; then the files in resumable chunks), `verifying` (every
 hash and the signature again, on the complete bundle), `activating` (compile on
 this node's device and run the golden self-test), `active` once the service
 serves it. A bundle already in the store (the last few activated ones) is
-activated without a download, which is what makes a rollback fast. Any failure
-reports `failed` with a code and leaves the old model serving.
+activated without a download, which is what makes a rollback fast; it is verified
+on use, and one that fails (a damaged file, a signature no longer trusted) is
+discarded and fetched again. Any failure reports `failed` with a code and leaves the
+old model serving; the agent survives anything (an unexpected exception is reported
+as `internal`, and the next desired model is handled as usual).
+
+Revocations (`{prefix}/hub/revoked`, retained, written by the hub only): a revoked
+bundle is never activated (`failed`, code `revoked`); when the bundle being served
+is revoked, the node moves to the newest earlier bundle in its store that loads and
+is not revoked, or, if none does, answers `no_model`; its status says why
+(`model_error`, code `revoked`).
 
 Work runs on the agent's own thread; the network thread only hands over messages.
 """
@@ -20,15 +30,15 @@ import threading
 from collections.abc import Callable
 from pathlib import Path
 
-import openvino as ov
 import paho.mqtt.client as paho
 from pydantic import ValidationError
 
-from cellwatch.node.engine import EngineConfig, ServingModel, load_serving_model
-from cellwatch.node.errors import ModelLoadError, SelfTestError
+from cellwatch.node.engine import ServingModel
+from cellwatch.node.faults import Faults
 from cellwatch.node.fetcher import FetchCancelled, Fetcher, FetchError
+from cellwatch.node.loader import BundleLoader, Candidate, LoadFailure
 from cellwatch.node.store import BundleStore
-from cellwatch.shared.bundle import load_bundle, parse_manifest, verify_signature
+from cellwatch.shared.bundle import parse_manifest, verify_signature
 from cellwatch.shared.errors import BundleError, SignatureError
 from cellwatch.shared.limits import MAX_MANIFEST_BYTES
 from cellwatch.shared.manifest import MANIFEST_FILE, SIGNATURE_FILE
@@ -36,16 +46,22 @@ from cellwatch.shared.mqtt import MqttClient
 from cellwatch.shared.schemas import (
     ApiError,
     DesiredModel,
+    ModelError,
+    ModelErrorCode,
+    RevocationList,
     UpdateReport,
     UpdateState,
     utcnow,
 )
-from cellwatch.shared.signing import TrustedKeys
 from cellwatch.shared.topics import Topics
 
 log = logging.getLogger(__name__)
 
 DISK_MARGIN_BYTES = 16 * 1024 * 1024
+Activate = Callable[[ServingModel, ModelError | None], None]
+"""Serve this model from now on; the error (or None) is what the status says of it."""
+Deactivate = Callable[[ModelError], None]
+"""Serve nothing (answer no_model) from now on, for this reason."""
 
 
 class UpdateFailed(Exception):
@@ -63,33 +79,39 @@ class UpdateAgent:
         node_id: str,
         store: BundleStore,
         fetcher: Fetcher,
-        trusted: TrustedKeys,
-        allow_unsigned: bool,
-        core: ov.Core,
-        engine: EngineConfig,
-        self_test: bool,
+        loader: BundleLoader,
         current_sha: Callable[[], str | None],
-        activate: Callable[[ServingModel], None],
+        activate: Activate,
+        deactivate: Deactivate,
+        faults: Faults | None = None,
     ) -> None:
         self.mqtt = mqtt
         self.topics = topics
         self.node_id = node_id
         self.store = store
         self.fetcher = fetcher
-        self.trusted = trusted
-        self.allow_unsigned = allow_unsigned
-        self.core = core
-        self.engine = engine
-        self.self_test = self_test
+        self.loader = loader
+        self.faults = faults or Faults()
+        self._disk_full_fault = self.faults.disk_full_once
         self._current_sha = current_sha
         self._activate = activate
+        self._deactivate = deactivate
         self._cond = threading.Condition()
         self._desired: DesiredModel | None = None
         self._in_progress: DesiredModel | None = None
         self._generation = 0
+        self._revocations: RevocationList | None = None
+        """A revocation list received and not yet applied."""
+        stored = store.revoked()
+        self._revoked: frozenset[str] = stored.shas() if stored is not None else frozenset()
         self._stop = False
         self._thread = threading.Thread(target=self._run, name=f"{node_id}-updater", daemon=True)
         self.last_report: UpdateReport | None = None
+
+    @property
+    def revoked(self) -> frozenset[str]:
+        """Manifest sha256 of every bundle the hub revoked (as last heard)."""
+        return self._revoked
 
     def start(self) -> None:
         self._thread.start()
@@ -117,29 +139,58 @@ class UpdateAgent:
             return
         with self._cond:
             if desired == self._in_progress:
-                return  # the broker resent the retained desired on reconnect: keep going
+                # The broker resent the retained desired on reconnect, or the hub said it
+                # again (same issue, same message): keep going.
+                return
             self._desired = desired
             self._generation += 1
             self._cond.notify_all()
 
+    def on_revoked(self, msg: paho.MQTTMessage) -> None:
+        if not msg.payload:
+            return
+        try:
+            revocations = RevocationList.model_validate_json(msg.payload)
+        except ValidationError as exc:
+            log.error(
+                "node %s: ignoring a malformed revocation list: %s",
+                self.node_id,
+                exc.errors()[0]["msg"],
+            )
+            return
+        with self._cond:
+            self._revocations = revocations
+            self._cond.notify_all()
+
     # -- agent thread ------------------------------------------------------------------
+    def _work_waiting(self, seen: int) -> bool:
+        return self._stop or self._generation != seen or self._revocations is not None
+
     def _run(self) -> None:
         seen = 0
         while True:
             with self._cond:
-                while not self._stop and self._generation == seen:
+                while not self._work_waiting(seen):
                     self._cond.wait()
                 if self._stop:
                     return
-                seen = self._generation
-                desired = self._desired
-                self._in_progress = desired
-            if desired is not None:
-                try:
+                revocations, self._revocations = self._revocations, None
+                desired = None
+                if self._generation != seen:
+                    seen = self._generation
+                    desired = self._in_progress = self._desired
+            try:
+                if revocations is not None:
+                    self._apply_revocations(revocations)
+                if desired is not None:
                     self._reconcile(desired, seen)
-                finally:
-                    with self._cond:
-                        self._in_progress = None
+            except Exception as exc:  # the agent outlives anything one update does
+                log.exception("node %s: update step failed", self.node_id)
+                if desired is not None:
+                    self._failed(desired, "internal", f"internal error: {exc}")
+            finally:
+                with self._cond:
+                    self._in_progress = None
 
     def _superseded(self, generation: int) -> bool:
         with self._cond:
@@ -159,9 +210,21 @@ class UpdateAgent:
         self.last_report = report
         self.mqtt.publish(self.topics.update(self.node_id), report.to_json(), qos=1)
 
+    def _failed(self, d: DesiredModel, code: str, message: str) -> None:
+        log.error(
+            "node %s: rollout %s: update failed (%s): %s", self.node_id, d.rollout_id, code, message
+        )
+        try:
+            self._report(d, UpdateState.FAILED, 0.0, ApiError(code=code, message=message[:2048]))
+        except Exception:  # e.g. the connection: the hub times the node out instead
+            log.exception("node %s: cannot report the failure", self.node_id)
+
     def _reconcile(self, d: DesiredModel, generation: int) -> None:
         sha = d.model.manifest_sha256
         rid = d.rollout_id
+        if sha in self._revoked:
+            self._failed(d, ModelErrorCode.REVOKED, f"{d.model.name} {d.model.version} is revoked")
+            return
         if self._current_sha() == sha:
             log.info(
                 "node %s: rollout %s: %s %s already active",
@@ -182,24 +245,12 @@ class UpdateAgent:
         )
         self._report(d, UpdateState.PENDING, 0.0)
         try:
-            if not self.store.has(sha):
-                self._download(d, generation)
-                self._report(d, UpdateState.VERIFYING, 1.0)
-                self._verify_staging(sha)
-                self.store.promote(sha)
-            else:
-                log.info(
-                    "node %s: rollout %s: %s is in the store, no download needed",
-                    self.node_id,
-                    rid,
-                    sha[:12],
-                )
-                self._report(d, UpdateState.VERIFYING, 1.0)
-            self._report(d, UpdateState.ACTIVATING, 1.0)
-            model = self._compile(sha)
+            model = self._obtain(d, generation)
             if self._superseded(generation):
                 return
-            self._activate(model)
+            if sha in self._revoked:  # revoked while it was being fetched
+                raise UpdateFailed(ModelErrorCode.REVOKED, f"{model.bundle} was revoked")
+            self._activate(model, None)
             self.store.set_active(sha)
             self._report(d, UpdateState.ACTIVE, 1.0)
             log.info(
@@ -212,10 +263,49 @@ class UpdateAgent:
         except FetchCancelled:
             log.info("node %s: rollout %s: superseded by a newer desired model", self.node_id, rid)
         except UpdateFailed as exc:
-            log.error(
-                "node %s: rollout %s: update failed (%s): %s", self.node_id, rid, exc.code, exc
+            self._failed(d, exc.code, str(exc))
+        except LoadFailure as exc:
+            self._failed(d, exc.code, str(exc))
+        except OSError as exc:
+            code = "disk_full" if exc.errno == errno.ENOSPC else "internal"
+            self._failed(d, code, f"{type(exc).__name__}: {exc}")
+
+    def _obtain(self, d: DesiredModel, generation: int) -> ServingModel:
+        """The desired bundle compiled: from the store if it is there and intact,
+        otherwise downloaded (again)."""
+        sha = d.model.manifest_sha256
+        if self.store.has(sha):
+            log.info(
+                "node %s: rollout %s: %s is in the store, no download needed",
+                self.node_id,
+                d.rollout_id,
+                sha[:12],
             )
-            self._report(d, UpdateState.FAILED, 0.0, ApiError(code=exc.code, message=str(exc)))
+            self._report(d, UpdateState.VERIFYING, 1.0)
+            try:
+                bundle = self.loader.verify(self.store.path(sha))
+            except LoadFailure as exc:
+                log.warning(
+                    "node %s: stored bundle %s failed its verification (%s: %s): discarded, "
+                    "fetching it again",
+                    self.node_id,
+                    sha[:12],
+                    exc.code,
+                    exc,
+                )
+                self.store.discard(sha)
+            else:
+                self._report(d, UpdateState.ACTIVATING, 1.0)
+                return self.loader.compile(bundle)
+        self._download(d, generation)
+        self._report(d, UpdateState.VERIFYING, 1.0)
+        self._verify_staging(sha)
+        if self._disk_full_fault:
+            self._disk_full_fault = False
+            raise OSError(errno.ENOSPC, "test fault: no space left on device")
+        self.store.promote(sha)
+        self._report(d, UpdateState.ACTIVATING, 1.0)
+        return self.loader.load(self.store.path(sha))
 
     def _download(self, d: DesiredModel, generation: int) -> None:
         sha = d.model.manifest_sha256
@@ -231,7 +321,12 @@ class UpdateAgent:
                         sha, name, staging / name, max_size=MAX_MANIFEST_BYTES, cancelled=cancelled
                     )
             manifest_bytes = (staging / MANIFEST_FILE).read_bytes()
-            self._check_signature(manifest_bytes, (staging / SIGNATURE_FILE).read_bytes())
+            verify_signature(
+                manifest_bytes,
+                (staging / SIGNATURE_FILE).read_bytes(),
+                self.loader.trusted,
+                allow_unsigned=self.loader.allow_unsigned,
+            )
             manifest = parse_manifest(manifest_bytes)
             total = sum(e.size for e in manifest.files.values())
             have = sum(_size(staging / n) for n in manifest.files)
@@ -266,43 +361,43 @@ class UpdateAgent:
         except BundleError as exc:
             self.store.discard_staging(sha)
             raise UpdateFailed("hash_mismatch", str(exc)) from exc
-        except OSError as exc:
-            if exc.errno == errno.ENOSPC:
-                raise UpdateFailed("disk_full", str(exc)) from exc
-            raise UpdateFailed("internal", f"download failed: {exc}") from exc
-
-    def _check_signature(self, manifest: bytes, signature: bytes) -> None:
-        verify_signature(manifest, signature, self.trusted, allow_unsigned=self.allow_unsigned)
 
     def _verify_staging(self, sha: str) -> None:
-        staging = self.store.staging(sha)
         try:
-            bundle = load_bundle(staging, self.trusted, allow_unsigned=self.allow_unsigned)
-        except SignatureError as exc:
-            self.store.discard_staging(sha)
-            raise UpdateFailed("bad_signature", str(exc)) from exc
-        except BundleError as exc:
+            bundle = self.loader.verify(self.store.staging(sha))
+        except LoadFailure:
             self.store.discard_staging(sha)  # a wrong file is not worth resuming
-            raise UpdateFailed("hash_mismatch", str(exc)) from exc
+            raise
         if bundle.manifest_sha256 != sha:
             self.store.discard_staging(sha)
             raise UpdateFailed("hash_mismatch", "manifest does not match the desired sha256")
 
-    def _compile(self, sha: str) -> ServingModel:
+    # -- revocations -------------------------------------------------------------------
+    def _apply_revocations(self, revocations: RevocationList) -> None:
         try:
-            bundle = load_bundle(
-                self.store.path(sha), self.trusted, allow_unsigned=self.allow_unsigned
-            )
-        except SignatureError as exc:
-            raise UpdateFailed("bad_signature", str(exc)) from exc
-        except BundleError as exc:
-            raise UpdateFailed("hash_mismatch", str(exc)) from exc
-        try:
-            return load_serving_model(self.core, bundle, self.engine, self_test=self.self_test)
-        except SelfTestError as exc:
-            raise UpdateFailed("self_test_failed", str(exc)) from exc
-        except ModelLoadError as exc:
-            raise UpdateFailed("compile_error", str(exc)) from exc
+            self.store.save_revoked(revocations)
+        except OSError as exc:  # still applied now; the next start learns it again
+            log.error("node %s: cannot store the revocation list: %s", self.node_id, exc)
+        self._revoked = revocations.shas()
+        current = self._current_sha()
+        if current is None or current not in self._revoked:
+            return
+        entry = revocations.find(current)
+        what = f"{entry.name} {entry.version}" if entry else current[:12]
+        reason = entry.reason if entry else "no reason given"
+        candidates = [Candidate(self.store.path(s), s) for s in self.store.previous()]
+        model, chosen, failures = self.loader.first_good(candidates, self._revoked)
+        for c, failure in failures:
+            log.warning("node %s: cannot fall back to %s: %s", self.node_id, c.label(), failure)
+        if model is None or chosen is None or chosen.sha is None:
+            message = f"{what} was revoked ({reason}) and no earlier bundle loads: no_model"
+            log.error("node %s: %s", self.node_id, message)
+            self._deactivate(ModelError(code=ModelErrorCode.REVOKED, message=message))
+            return
+        message = f"{what} was revoked ({reason}): serving {model.bundle} instead"
+        log.warning("node %s: %s", self.node_id, message)
+        self._activate(model, ModelError(code=ModelErrorCode.REVOKED, message=message))
+        self.store.set_active(chosen.sha)
 
 
 def _size(path: Path) -> int:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import tarfile
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -170,6 +171,22 @@ def write_manifest(directory: Path, manifest: Manifest, key: Ed25519PrivateKey |
     elif sig_path.exists():
         sig_path.unlink()
     return data
+
+
+def resign_bundle(directory: Path, key: Ed25519PrivateKey) -> str:
+    """Sign the bundle in directory again with key (a key rotation): the exact bytes of
+    its manifest.json, so its identity (the manifest's SHA-256) stays. Every file is
+    checked against the manifest first: a damaged bundle is never signed (BundleError).
+    Returns the sha256 of the manifest."""
+    manifest_bytes = (directory / MANIFEST_FILE).read_bytes()
+    manifest = parse_manifest(manifest_bytes)
+    for name, entry in manifest.files.items():
+        verify_file(directory / name, entry)
+    sig = directory / SIGNATURE_FILE
+    tmp = sig.with_name(SIGNATURE_FILE + ".tmp")
+    tmp.write_bytes(sign(key, manifest_bytes))
+    os.replace(tmp, sig)
+    return sha256_bytes(manifest_bytes)
 
 
 def pack_tar(bundle_dir: Path, out: Path) -> Path:

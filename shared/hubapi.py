@@ -14,7 +14,15 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from cellwatch.shared.schemas import ApiError, ModelName, ModelRef, Name, Sha256, Version
+from cellwatch.shared.schemas import (
+    ApiError,
+    ModelError,
+    ModelName,
+    ModelRef,
+    Name,
+    Sha256,
+    Version,
+)
 
 UPLOAD_VERB = "upload"
 """Raw chunk upload: payload = bytes; user properties upload_id, file, offset, sha256."""
@@ -57,6 +65,10 @@ class ModelInfo(ApiModel):
     synthetic: bool = Field(False, description="trained on SYNTHETIC data (provenance)")
     untrained: bool = Field(False, description="trained from random weights, no checkpoint")
     degraded: bool = Field(False, description="exported although it failed the export gate")
+    revoked_at: datetime | None = Field(
+        None, description="when `models revoke` revoked it (never rolled out again)"
+    )
+    revoke_reason: str | None = None
 
 
 class PushBeginReply(ApiModel):
@@ -90,6 +102,21 @@ class ModelsReply(ApiModel):
     models: list[ModelInfo]
 
 
+class RevokeArgs(ApiModel):
+    name: ModelName
+    version: Version
+    reason: str = Field(min_length=1, max_length=500, description="why, for operators and logs")
+
+
+class RevokeReply(ApiModel):
+    model: ModelInfo
+    nodes: list[Name] = Field(
+        description="nodes the hub last saw serving it: they move to their previous "
+        "good bundle, or answer no_model without one"
+    )
+    aborted: list[str] = Field(description="active rollouts of it, now aborted")
+
+
 # -- fleet ---------------------------------------------------------------------------
 
 
@@ -115,7 +142,10 @@ class NodeInfo(ApiModel):
     model: ModelRef | None
     device: str | None
     telemetry: dict[str, Any] | None
-    bytes_served: int = Field(0, ge=0, description="bundle bytes sent to it since hub start")
+    bytes_served: int = Field(0, ge=0, description="bundle bytes sent to it (all time)")
+    model_error: ModelError | None = Field(
+        None, description="why it serves an earlier bundle than it should, or none"
+    )
 
 
 class NodesReply(ApiModel):

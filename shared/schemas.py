@@ -107,6 +107,27 @@ class Result(Message):
 # -- node status and telemetry ---------------------------------------------
 
 
+class ModelErrorCode(StrEnum):
+    """Why a node does not serve the bundle it should (NodeStatus.model_error)."""
+
+    BAD_SIGNATURE = "bad_signature"
+    """Not signed by a key the node trusts (e.g. its signer's key was removed)."""
+    HASH_MISMATCH = "hash_mismatch"
+    """A file is missing, damaged or not the one the manifest names."""
+    COMPILE_ERROR = "compile_error"
+    """OpenVINO could not read or compile it on this node's device."""
+    SELF_TEST_FAILED = "self_test_failed"
+    """Its golden vectors gave other probabilities on this device."""
+    REVOKED = "revoked"
+    """The hub revoked it (`cellwatch-hub models revoke`)."""
+    INTERNAL = "internal"
+
+
+class ModelError(Message):
+    code: ModelErrorCode
+    message: str = Field(max_length=2048)
+
+
 class NodeStatus(Message):
     schema_: Literal["cellwatch.status/1"] = Field("cellwatch.status/1", alias="schema")
     node_id: Name
@@ -123,6 +144,16 @@ class NodeStatus(Message):
         description="warnings of the model served: synthetic, untrained, degraded "
         "(shared.manifest.model_flags)",
     )
+    model_error: ModelError | None = Field(
+        None,
+        description="why the node serves an earlier bundle than its active one, or none "
+        "(model null): the bundle it should serve failed to load, or was revoked",
+    )
+
+    def to_json(self) -> bytes:
+        # Without a model error the message is exactly a status of before the field.
+        exclude = {"model_error"} if self.model_error is None else None
+        return self.model_dump_json(by_alias=True, exclude=exclude).encode()
 
 
 class Latency(Message):
@@ -224,6 +255,32 @@ class FetchRequest(Message):
     file: str = Field(min_length=1, max_length=64)
     offset: int = Field(ge=0)
     length: int = Field(gt=0)
+
+
+MAX_REVOCATIONS = 10_000
+
+
+class Revocation(Message):
+    name: ModelName
+    version: Version
+    manifest_sha256: Sha256
+    reason: str = Field(max_length=500)
+    revoked_at: datetime
+
+
+class RevocationList(Message):
+    """Every bundle the hub has revoked: retained on `{prefix}/hub/revoked`, which only
+    the hub may write (ACL). Nodes refuse these bundles and move off them."""
+
+    schema_: Literal["cellwatch.revoked/1"] = Field("cellwatch.revoked/1", alias="schema")
+    revoked: list[Revocation] = Field(default_factory=list, max_length=MAX_REVOCATIONS)
+    issued_at: datetime
+
+    def shas(self) -> frozenset[str]:
+        return frozenset(r.manifest_sha256 for r in self.revoked)
+
+    def find(self, sha: str) -> Revocation | None:
+        return next((r for r in self.revoked if r.manifest_sha256 == sha), None)
 
 
 class ApiRequest(Message):

@@ -139,5 +139,9 @@ class Topics:
     def hub_api_filter(self) -> str:
         return f"{self.prefix}/hub/api/+"
 
+    def hub_revoked(self) -> str:
+        """The hub's revocation list (retained; only the hub may write it)."""
+        return f"{self.prefix}/hub/revoked"
+
     def hub_replies(self, username: str, suffix: str) -> str:
         return f"{self.prefix}/hub/replies/{check_name(username, 'username')}/{suffix}"

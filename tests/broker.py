@@ -258,6 +258,11 @@ class Broker:
 
     # -- process -------------------------------------------------------------
     @property
+    def pid(self) -> int | None:
+        """The mosquitto process id while it runs (benchmarks read its I/O counters)."""
+        return self._proc.pid if self._proc is not None and self.running else None
+
+    @property
     def running(self) -> bool:
         return self._proc is not None and self._proc.poll() is None
 
@@ -306,6 +311,13 @@ class Broker:
         if self._log is not None:
             self._log.close()
             self._log = None
+
+    def kill(self) -> None:
+        """SIGKILL: mosquitto saves nothing, so whatever changed since its last autosave
+        (retained messages, sessions) is lost, as in a power cut."""
+        if self._proc is not None and self._proc.poll() is None:
+            self._proc.kill()
+        self._reap()
 
     def restart(self) -> None:
         """Stop and start again: same ports, same persistence directory."""

@@ -1,4 +1,4 @@
-"""`cellwatch-train`: synth, prepare, fit, evaluate, export, keygen.
+"""`cellwatch-train`: synth, prepare, fit, evaluate, export, keygen, sign.
 
 Only argument parsing and printing; the work is in the library modules, imported
 inside each command so `--help` does not load TensorFlow. Every CellwatchError
@@ -529,4 +529,22 @@ def keygen(directory: Path, name: str, force: bool) -> None:
     click.echo(
         f"key {key_id(load_public_key(public))}: private {private} (keep secret), "
         f"public {public} (copy to the nodes' and hub's trusted-keys directory)"
+    )
+
+
+@main.command()
+@click.argument("bundle", type=_PATH)
+@click.option("--key", "key_path", type=_PATH, required=True, help="Ed25519 private key (keygen)")
+@friendly_errors
+def sign(bundle: Path, key_path: Path) -> None:
+    """Sign BUNDLE (a directory) again with another key, for a key rotation: the
+    manifest is unchanged, so it stays the same model (`cellwatch-hub push` it again)."""
+    from cellwatch.shared.bundle import resign_bundle
+    from cellwatch.shared.signing import key_id, load_private_key
+
+    key = load_private_key(key_path)
+    sha = resign_bundle(bundle, key)
+    click.echo(
+        f"bundle {bundle} ({sha[:12]}) signed by key {key_id(key.public_key())}; push it to "
+        "the hub again to replace its signature there"
     )

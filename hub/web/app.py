@@ -114,7 +114,9 @@ class Pages:
             active=[views.rollout_row(r) for r in active],
             recent=[views.rollout_row(r) for r in recent],
             queue_depth=src.control_depth(),
+            queue_peak=src.control_peak(),
             dropped=sum(src.counters.dropped_by_reason().values()),
+            dropped_by_reason=src.counters.dropped_by_reason(),
         )
 
     def node(self, request: Request) -> Response:

@@ -13,14 +13,17 @@ per node, labels node_id, model_version ("" when unknown); from its last Telemet
   cellwatch_node_latency_seconds{quantile}       0.5, 0.95, 0.99 over that window
   cellwatch_node_inflight_images
   cellwatch_node_resident_memory_bytes
+  cellwatch_node_model_error{code}               1 while the node reports a model error
 hub:
   cellwatch_hub_nodes{state}                     nodes per state
   cellwatch_hub_models                           models in the registry
+  cellwatch_hub_models_revoked                   of which revoked
   cellwatch_rollouts{state}                      rollouts per state
   cellwatch_rollout_targets{rollout_id,phase,state}  targets of active rollouts
-  cellwatch_bundle_bytes_served_total{manifest_sha256,model,version}
+  cellwatch_bundle_bytes_served_total{manifest_sha256,model,version}  kept across restarts
   cellwatch_hub_fetch_requests_total, cellwatch_hub_fetch_errors_total
   cellwatch_hub_control_queue_depth              messages waiting for the control thread
+  cellwatch_hub_control_queue_peak               the most that ever waited (since start)
   cellwatch_hub_messages_dropped_total{reason}   incoming messages dropped (hub/counters.py)
   cellwatch_hub_start_time_seconds
 """
@@ -80,6 +83,11 @@ class FleetCollector(Collector):
         )
         inflight = gauge("cellwatch_node_inflight_images", "images received, not yet answered")
         rss = gauge("cellwatch_node_resident_memory_bytes", "the node process's resident memory")
+        model_error = gauge(
+            "cellwatch_node_model_error",
+            "1 while the node serves an earlier bundle than it should, or none (code: why)",
+            ["code"],
+        )
         by_state = GaugeMetricFamily("cellwatch_hub_nodes", "nodes per state", labels=["state"])
         counts = dict.fromkeys(NodeState, 0)
         for n in nodes:
@@ -96,6 +104,8 @@ class FleetCollector(Collector):
             stale.add_metric(labels, 1.0 if n.state == NodeState.STALE else 0.0)
             if n.last_seen is not None:
                 seen.add_metric(labels, n.last_seen.timestamp())
+            if n.model_error is not None:
+                model_error.add_metric([*labels, n.model_error.code.value], 1.0)
             if t is None:
                 continue
             processed.add_metric(labels, float(t.processed))
@@ -112,13 +122,19 @@ class FleetCollector(Collector):
             rss.add_metric(labels, t.rss_mb * MiB)
         for state, count in counts.items():
             by_state.add_metric([state.value], float(count))
-        yield from (up, stale, seen, processed, errors, rate, latency, inflight, rss, by_state)
+        yield from (up, stale, seen, processed, errors, rate, latency, inflight, rss, model_error)
+        yield by_state
 
     def _hub(self) -> Iterator[Metric]:
         src = self.reader.sources
         db = self.reader.db
         models = db.models()
         yield GaugeMetricFamily("cellwatch_hub_models", "models in the registry", len(models))
+        yield GaugeMetricFamily(
+            "cellwatch_hub_models_revoked",
+            "revoked models in the registry",
+            sum(1 for m in models if m.revoked),
+        )
         states = db.rollout_states()
         rollouts = GaugeMetricFamily("cellwatch_rollouts", "rollouts per state", labels=["state"])
         for state in ROLLOUT_STATES:
@@ -140,23 +156,28 @@ class FleetCollector(Collector):
         names = {m.manifest_sha256: m for m in models}
         served = CounterMetricFamily(
             "cellwatch_bundle_bytes_served",
-            "bundle bytes sent to nodes since the hub started",
+            "bundle bytes sent to nodes (kept across hub restarts)",
             labels=["manifest_sha256", "model", "version"],
         )
-        for sha, n in sorted(src.fetch.served_by_bundle().items()):
+        for sha, n in sorted(src.served.served_by_bundle().items()):
             m = names.get(sha)
             served.add_metric([sha, m.name if m else "", m.version if m else ""], float(n))
         yield served
         yield CounterMetricFamily(
-            "cellwatch_hub_fetch_requests", "fetch requests since start", src.fetch.requests
+            "cellwatch_hub_fetch_requests", "fetch requests since start", src.served.requests
         )
         yield CounterMetricFamily(
-            "cellwatch_hub_fetch_errors", "fetch requests answered with an error", src.fetch.errors
+            "cellwatch_hub_fetch_errors", "fetch requests answered with an error", src.served.errors
         )
         yield GaugeMetricFamily(
             "cellwatch_hub_control_queue_depth",
             "messages and tasks waiting for the hub's control thread",
             float(src.control_depth()),
+        )
+        yield GaugeMetricFamily(
+            "cellwatch_hub_control_queue_peak",
+            "the most messages and tasks that waited for the control thread since start",
+            float(src.control_peak()),
         )
         dropped = CounterMetricFamily(
             "cellwatch_hub_messages_dropped",

@@ -13,10 +13,10 @@ from pathlib import Path
 
 from cellwatch.hub.counters import HubCounters
 from cellwatch.hub.db import Database
-from cellwatch.hub.fetch import FetchServer
 from cellwatch.hub.fleet import Fleet
 from cellwatch.hub.history import TelemetryHistory
 from cellwatch.hub.queries import Queries
+from cellwatch.hub.served import ServedTotals
 
 
 @dataclass(frozen=True)
@@ -25,9 +25,10 @@ class HubSources:
 
     db_path: Path
     history: TelemetryHistory
-    fetch: FetchServer
+    served: ServedTotals
     counters: HubCounters
     control_depth: Callable[[], int]
+    control_peak: Callable[[], int]
     started_at: datetime
 
 
@@ -36,7 +37,7 @@ class FleetReader:
         self.sources = sources
         self.db = Database(sources.db_path, readonly=True)
         self.queries = Queries(
-            self.db, Fleet(self.db, sources.history), sources.fetch, sources.started_at
+            self.db, Fleet(self.db, sources.history), sources.served, sources.started_at
         )
 
     @property

@@ -23,6 +23,7 @@ WRITES: dict[str, list[tuple[str, bool]]] = {
         (T.desired("node-1"), True),
         (T.fetch_reply("node-1"), True),
         (T.hub_replies("operator", "1"), True),
+        (T.hub_revoked(), True),
         (T.status("node-1"), False),
         (T.images("scope-1"), False),
         (T.hub_api("list"), False),
@@ -36,6 +37,7 @@ WRITES: dict[str, list[tuple[str, bool]]] = {
         (T.node_images("node-1"), False),
         (T.replies("client", "1"), False),
         (T.hub_replies("operator", "1"), False),
+        (T.hub_revoked(), False),
     ],
     "client": [
         (T.images("scope-1"), True),
@@ -47,6 +49,7 @@ WRITES: dict[str, list[tuple[str, bool]]] = {
         (T.status("node-1"), False),
         (T.replies("client", "1"), False),
         (T.hub_fetch("node-1"), False),
+        (T.hub_revoked(), False),
     ],
     "node-1": [
         (T.status("node-1"), True),
@@ -65,6 +68,7 @@ WRITES: dict[str, list[tuple[str, bool]]] = {
         (T.node_images("node-1"), False),
         (T.hub_api("x"), False),
         (T.hub_replies("operator", "1"), False),
+        (T.hub_revoked(), False),
     ],
 }
 
@@ -101,6 +105,7 @@ READS: list[tuple[str, str, set[str]]] = [
     (T.hub_replies("operator", "1"), "hub", {"operator"}),
     (T.hub_replies("client", "1"), "hub", set()),
     (T.hub_api("list"), "operator", {"hub"}),
+    (T.hub_revoked(), "hub", {"node-1"}),
 ]
 READERS = ("hub", "operator", "client", "node-1")
 

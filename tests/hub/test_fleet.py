@@ -4,12 +4,26 @@ from __future__ import annotations
 
 from cellwatch.hub.client import HubClient
 from cellwatch.hub.service import HubService
-from cellwatch.shared.schemas import ModelRef, NodeStatus
+from cellwatch.shared.schemas import ModelRef, NodeStatus, Telemetry, utcnow
 from tests.broker import Broker
 from tests.harness import Collector, T, wait_for
 from tests.hub.conftest import NodeMaker
 
 V1 = ModelRef(name="toy", version="1.0.0", sha256="a" * 64)
+
+
+def telemetry(node_id: str) -> Telemetry:
+    return Telemetry(
+        node_id=node_id,
+        ts=utcnow(),
+        window_s=10.0,
+        processed=0,
+        errors=0,
+        throughput_ips=0.0,
+        latency_ms={"p50": 0.0, "p95": 0.0, "p99": 0.0},
+        inflight=0,
+        rss_mb=1.0,
+    )
 
 
 def node_state(operator: HubClient, node_id: str) -> tuple[str, str | None]:
@@ -38,10 +52,13 @@ def test_status_tags_and_a_stale_will_is_ignored(
     wait_for(will_seen, what="the old boot's Will")
     watch.close()
     # The hub had the Will queued before this marker: once the marker is in, so was it.
+    # The marker is telemetry, which changes last_seen and nothing else: had the hub
+    # taken the Will, the node would now be offline with the old boot.
     before = hub.db.node("node-1")
     assert before is not None
-    new.publish_status()
-    wait_for(lambda: (hub.db.node("node-1") or before).last_seen != before.last_seen)
+    marker = telemetry("node-1")
+    assert new.mqtt.publish_wait(T.telemetry("node-1"), marker.to_json(), qos=1)
+    wait_for(lambda: (hub.db.node("node-1") or before).telemetry is not None, what="marker")
     assert node_state(operator, "node-1") == ("online", new.boot_id)
     new.publish_status("offline")  # the current boot going offline does count
     wait_for(lambda: node_state(operator, "node-1") == ("offline", new.boot_id), what="offline")

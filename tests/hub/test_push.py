@@ -13,9 +13,16 @@ from cellwatch.hub.client import HubClient
 from cellwatch.hub.errors import ApiFailure
 from cellwatch.hub.service import HubService
 from cellwatch.shared.bundle import pack_tar
-from cellwatch.shared.hubapi import PushBeginArgs, PushBeginReply, PushCommitArgs
+from cellwatch.shared.hubapi import (
+    PushBeginArgs,
+    PushBeginReply,
+    PushCommitArgs,
+    RolloutStartArgs,
+)
 from cellwatch.shared.manifest import MANIFEST_FILE, SIGNATURE_FILE
-from tests.hub.conftest import Bundles
+from cellwatch.shared.schemas import ModelRef
+from tests.harness import wait_for
+from tests.hub.conftest import Bundles, NodeMaker
 
 
 def test_push_stores_the_bundle_and_twice_is_a_no_op(
@@ -175,3 +182,23 @@ def test_same_version_with_another_manifest_is_a_conflict(
     with pytest.raises(ApiFailure) as err:
         operator.push(clash)
     assert err.value.code == "conflict"
+
+
+def test_a_damaged_copy_on_the_hub_is_refused_at_rollout_start_and_pushed_again(
+    hub: HubService, operator: HubClient, bundles: Bundles, fake_nodes: NodeMaker
+) -> None:
+    v1 = ModelRef(name="toy", version="1.0.0", sha256=bundles.sha(bundles.v1))
+    fake_nodes("node-1", model=v1)
+    wait_for(lambda: len(operator.nodes().nodes) == 1, what="node-1")
+    operator.push(bundles.v2)
+    sha = bundles.sha(bundles.v2)
+    stored = hub.store.path(sha) / "model.bin"
+    data = bytearray(stored.read_bytes())
+    data[-1] ^= 0xFF
+    stored.write_bytes(bytes(data))  # a bad sector
+    with pytest.raises(ApiFailure) as err:
+        operator.rollout_start(RolloutStartArgs(name="toy", version="2.0.0"))
+    assert err.value.code == "invalid_bundle" and "push the bundle again" in err.value.message
+    assert not hub.store.has(sha)  # removed, not served to any node
+    assert operator.push(bundles.v2).status == "stored"  # the upload starts over
+    assert operator.rollout_start(RolloutStartArgs(name="toy", version="2.0.0")).state == "running"

@@ -126,6 +126,7 @@ def test_pause_resume_abort_over_the_api(
     n1, n2, n3 = fleet_on_v1(bundles, fake_nodes, behaviour="manual")
     seen_by_hub(operator, 3)
     operator.push(bundles.v2)
+    operator.push(bundles.v3)
     rid = operator.rollout_start(
         RolloutStartArgs(name="toy", version="2.0.0", waves="1,2,100%")
     ).rollout_id
@@ -134,9 +135,11 @@ def test_pause_resume_abort_over_the_api(
     n1.report(n1.desired[0], UpdateState.ACTIVE, 1.0)
     until(operator, rid, lambda i: states(i)["node-1"] == "active")
     assert n2.desired == []  # paused: no new wave
-    with pytest.raises(ApiFailure) as err:  # another rollout on the same nodes
-        operator.rollout_start(RolloutStartArgs(name="toy", version="1.0.0"))
-    assert err.value.code in ("conflict", "not_found")
+    with pytest.raises(ApiFailure) as err:  # another rollout (a stored model) on the same nodes
+        operator.rollout_start(RolloutStartArgs(name="toy", version="3.0.0"))
+    assert err.value.code == "conflict"
+    assert "node-1, node-2, node-3" in err.value.message and rid in err.value.message
+    assert [r.rollout_id for r in operator.rollout_list().rollouts] == [rid]  # none started
     assert operator.rollout_verb("resume", rid).state == "running"
     wait_for(lambda: len(n2.desired) == 1, what="wave 2 after resume")
     info = operator.rollout_verb("abort", rid)

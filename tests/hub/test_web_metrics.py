@@ -12,7 +12,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from cellwatch.hub.client import HubClient
-from cellwatch.hub.counters import HubCounters
+from cellwatch.hub.counters import DropReason, HubCounters
 from cellwatch.hub.service import HubService
 from cellwatch.hub.web.metrics import __doc__ as METRICS_DOC
 from cellwatch.node.service import NodeService
@@ -142,9 +142,8 @@ def test_counters_count_each_reason() -> None:
     c.dropped("fetch_queue_full")
     c.dropped("input_too_large", 3)  # a reason added elsewhere appears as it is
     assert c.dropped_by_reason() == {
+        **{str(reason): 0 for reason in DropReason},
         "fetch_queue_full": 1,
-        "malformed": 0,
-        "wrong_node": 0,
         "input_too_large": 3,
     }
 

@@ -1,0 +1,154 @@
+"""What the hub accepts from the fleet (hub/intake.py), against the real broker: a node
+that floods its status and telemetry, 20 MiB of JSON, more node ids than the hub
+tracks. Each is limited before it is queued, counted by reason, and the hub goes on
+serving everyone else."""
+
+from __future__ import annotations
+
+import json
+import queue
+import time
+
+import paho.mqtt.client as paho
+
+from cellwatch.hub.client import HubClient
+from cellwatch.hub.config import HubLimits
+from cellwatch.hub.counters import DropReason, HubCounters
+from cellwatch.hub.handover import Handover
+from cellwatch.hub.intake import Incoming, Intake, Item
+from cellwatch.hub.service import HubService
+from cellwatch.shared.limits import MiB
+from cellwatch.shared.schemas import ApiRequest, NodeStatus, Telemetry, utcnow
+from tests.broker import Broker
+from tests.harness import T, wait_for
+from tests.hub.conftest import HubFactory, NodeMaker
+
+FLOOD_TELEMETRY = 3000
+FLOOD_STATUS = 2000
+
+
+def telemetry(node_id: str) -> bytes:
+    return Telemetry(
+        node_id=node_id,
+        ts=utcnow(),
+        window_s=10.0,
+        processed=0,
+        errors=0,
+        throughput_ips=0.0,
+        latency_ms={"p50": 0.0, "p95": 0.0, "p99": 0.0},
+        inflight=0,
+        rss_mb=1.0,
+    ).to_json()
+
+
+def dropped(hub: HubService, reason: DropReason) -> int:
+    return hub.counters.dropped_by_reason()[reason]
+
+
+def test_a_flooding_node_is_limited_and_the_others_are_served(
+    broker: Broker, hub: HubService, operator: HubClient, fake_nodes: NodeMaker
+) -> None:
+    flooder = broker.connect("node-1")
+    since = utcnow()
+    started = time.monotonic()
+    for _ in range(FLOOD_TELEMETRY):
+        flooder.publish(T.telemetry("node-1"), telemetry("node-1"), qos=0)
+    for i in range(FLOOD_STATUS):
+        status = NodeStatus(
+            node_id="node-1", state="online", boot_id="f" * 32, since=since, tags=[f"n{i}"]
+        )
+        flooder.publish(T.status("node-1"), status.to_json(), qos=1, retain=True)
+    assert flooder.publish_wait(T.telemetry("node-1"), b"", qos=1)  # all of it sent
+    flood_s = time.monotonic() - started
+    good = fake_nodes("node-2")  # meanwhile, a node that behaves
+    wait_for(lambda: any(n.node_id == "node-2" for n in operator.nodes().nodes), what="node-2")
+
+    # The flooder's last status is the one recorded: each newer one replaced the one
+    # waiting, in its place in the queue.
+    def last_recorded() -> bool:
+        rec = hub.db.node("node-1")
+        return rec is not None and rec.tags == [f"n{FLOOD_STATUS - 1}"]
+
+    wait_for(last_recorded, what="the flooder's last status")
+    limits = hub.settings.limits
+    let_through = limits.telemetry_burst + limits.telemetry_per_s * (flood_s + 1.0)
+    limited = dropped(hub, DropReason.RATE_LIMITED)
+    assert limited >= FLOOD_TELEMETRY - let_through, (limited, flood_s)
+    # At most one status of each node waited at a time, and the telemetry let through.
+    assert hub._control.peak <= let_through + 20, (hub._control.peak, let_through)
+    assert good.status().boot_id == hub.db.node("node-2").boot_id  # type: ignore[union-attr]
+    assert operator.stats().fetch_errors == 0  # and the API answers
+
+
+def test_twenty_mebibytes_of_json_are_dropped_unread(
+    broker: Broker, hub: HubService, operator: HubClient
+) -> None:
+    huge = b'{"node_id": "node-1", "pad": "' + b"x" * (20 * MiB) + b'"}'
+    node = broker.connect("node-1")
+    for leaf in ("status", "update", "telemetry"):
+        topic = f"{T.prefix}/nodes/node-1/{leaf}"
+        assert node.publish_wait(topic, huge, qos=1, timeout=60), leaf
+    wait_for(lambda: dropped(hub, DropReason.TOO_LARGE) == 3, what="three dropped")
+    assert hub.db.node("node-1") is None  # nothing of it was read
+    assert dropped(hub, DropReason.MALFORMED) == 0
+    assert hub._control.peak < 10
+    # An API request over its cap is answered, without its payload being queued.
+    request = ApiRequest(request_id="big", args={"pad": "x" * (1 * MiB)})
+    reply = operator.raw("models", json.dumps(request.model_dump(by_alias=True)).encode())
+    assert not reply.ok and reply.error is not None and reply.error.code == "too_large"
+    assert operator.models().models == []  # and it keeps answering
+
+
+def test_no_more_node_ids_than_max_nodes(
+    hub_factory: HubFactory, operator: HubClient, fake_nodes: NodeMaker
+) -> None:
+    hub = hub_factory(limits={"max_nodes": 2})
+    for node_id in ("node-1", "node-2", "node-3"):
+        fake_nodes(node_id)
+    wait_for(lambda: dropped(hub, DropReason.TOO_MANY_NODES) >= 1, what="one refused")
+    assert sorted(n.node_id for n in operator.nodes().nodes) == ["node-1", "node-2"]
+
+
+def _message(topic: str, payload: bytes, mid: int) -> paho.MQTTMessage:
+    msg = paho.MQTTMessage(mid, topic.encode())
+    msg.payload, msg.qos = payload, 1
+    return msg
+
+
+def test_statuses_coalesce_only_within_one_valid_process() -> None:
+    """Unit level (no broker): which statuses replace which in the control queue."""
+    control: Handover[Item] = Handover()
+    acked: list[int] = []
+    counters = HubCounters()
+    intake = Intake(
+        T,
+        HubLimits(),
+        counters,
+        control,
+        queue.Queue(),
+        ack=lambda msg, generation: acked.append(msg.mid),
+        generation=lambda: 1,
+    )
+    since = utcnow()
+
+    def status(boot: str, tag: str, node_id: str = "node-1") -> bytes:
+        return NodeStatus(
+            node_id=node_id, state="online", boot_id=boot * 16, since=since, tags=[tag]
+        ).to_json()
+
+    topic = T.status("node-1")
+    intake.on_message(_message(topic, status("a", "1"), 1))
+    intake.on_message(_message(topic, status("a", "2"), 2))  # same process: replaces 1
+    intake.on_message(_message(topic, b"{not json", 3))  # queued on its own
+    intake.on_message(_message(topic, status("a", "4", node_id="node-2"), 4))  # wrong node
+    intake.on_message(_message(topic, status("a", "5"), 5))  # replaces 2, in 1's place
+    intake.on_message(_message(topic, status("b", "6"), 6))  # another process: queued
+    assert acked == [1, 2] and counters.dropped_by_reason()["superseded"] == 2
+    taken = []
+    while len(control):
+        item = control.get(0)
+        assert isinstance(item, Incoming)
+        taken.append(intake.take(item)[0].mid)
+    assert taken == [5, 3, 4, 6]
+    intake.on_message(_message(topic, status("b", "7"), 7))  # 6 was taken: a new entry
+    assert len(control) == 1 and acked == [1, 2]
