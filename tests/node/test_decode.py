@@ -149,9 +149,9 @@ def _opencv_rgb(data: bytes, denom: int) -> np.ndarray:
         4: cv2.IMREAD_REDUCED_COLOR_4,
         8: cv2.IMREAD_REDUCED_COLOR_8,
     }
-    return cv2.cvtColor(
-        cv2.imdecode(np.frombuffer(data, np.uint8), flags[denom]), cv2.COLOR_BGR2RGB
-    )
+    bgr = cv2.imdecode(np.frombuffer(data, np.uint8), flags[denom])
+    assert bgr is not None
+    return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
 
 
 @pytest.mark.parametrize("name", sorted(_jpeg_variants()))
