@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.cellwatch-installed
-SRC_DIRS := node hub training shared
+SRC_DIRS := node hub training shared client
 PYTEST_ARGS ?=
 DEMO_DIR ?= demo-work
 
@@ -52,7 +52,9 @@ chromium:
 	  exit 1; \
 	fi
 
-# mypy sees the sources under their import names (cellwatch.*) through links.
+# mypy sees the sources under their import names (cellwatch.*) through links
+# (made on every run, so a package added later is linked too).
+.PHONY: .typecheck/cellwatch
 .typecheck/cellwatch:
 	@mkdir -p .typecheck/cellwatch
 	@for d in $(SRC_DIRS); do ln -sfn ../../$$d .typecheck/cellwatch/$$d; done

@@ -11,9 +11,9 @@ rate, the rate to one node next to a plain file copy of the same bytes, and how
 the time grows with the node count.
 
 The nodes are SIMULATED: plain MQTT clients (real node users on the real broker)
-that fetch every file chunk by chunk exactly as the protocol says (FetchRequests
-with Response Topic and Correlation Data, 4 requests in flight of 256 KiB, each
-chunk's SHA-256 checked, every file's hash checked at the end) and report
+that download with the node's own Fetcher (cellwatch.node.fetcher: 4 requests in
+flight of 256 KiB, each chunk's SHA-256 checked, written to disk and fsynced like
+on a node; every file's hash checked at the end) and report
 pending/downloading/verifying/activating/active. They skip OpenVINO compilation
 and the self-test: the point is the transfer, and 10 real nodes would need
 10 OpenVINO instances on 2 cores.
@@ -41,13 +41,13 @@ from bench.common import Broker, inception_bundle
 from cellwatch.hub.client import HubClient
 from cellwatch.hub.config import HttpSettings, HubSettings
 from cellwatch.hub.service import HubService
+from cellwatch.node.fetcher import Fetcher
 from cellwatch.shared.bundle import hash_files, write_manifest
 from cellwatch.shared.hubapi import RolloutStartArgs
 from cellwatch.shared.manifest import MANIFEST_FILE, SIGNATURE_FILE, Manifest
-from cellwatch.shared.mqtt import MqttClient, PublishProps, user_properties
+from cellwatch.shared.mqtt import MqttClient
 from cellwatch.shared.schemas import (
     DesiredModel,
-    FetchRequest,
     ModelRef,
     NodeStatus,
     UpdateReport,
@@ -86,14 +86,13 @@ def synthetic_bundle(out: Path, keys: Path, size_mb: float, version: str) -> Pat
 
 
 class SimNode:
-    """A simulated node: fetches the desired bundle with a window of requests."""
+    """A simulated node: the node's own Fetcher downloads the desired bundle; status
+    and update reports as the node sends them; no compilation, no self-test."""
 
-    def __init__(self, broker: Broker, node_id: str, model: ModelRef) -> None:
+    def __init__(self, broker: Broker, node_id: str, model: ModelRef, scratch: Path) -> None:
         self.node_id = node_id
         self.model = model
-        self.cond = threading.Condition()
-        self.replies: dict[bytes, tuple[int, int, bytes]] = {}
-        self.bytes = 0
+        self.scratch = scratch
         self.download_s = 0.0
         self.mqtt = MqttClient(
             broker.settings(node_id),
@@ -101,9 +100,14 @@ class SimNode:
             clean_start=True,
             subscriptions=[(T.desired(node_id), 1), (T.fetch_reply(node_id), 1)],
         )
+        self.fetcher = Fetcher(self.mqtt, T, node_id, window=WINDOW, chunk_bytes=CHUNK)
         self.mqtt.set_message_handler(self.on_message)
         self.mqtt.connect()
         self.status()
+
+    @property
+    def bytes(self) -> int:
+        return self.fetcher.bytes_received
 
     def status(self) -> None:
         s = NodeStatus(
@@ -123,44 +127,7 @@ class SimNode:
             if d.model.manifest_sha256 != self.model.sha256:
                 threading.Thread(target=self.update, args=(d,), daemon=True).start()
             return
-        props = user_properties(msg)
-        corr = bytes(msg.properties.CorrelationData)  # type: ignore[union-attr]
-        data = bytes(msg.payload)
-        assert "error" not in props, props
-        assert hashlib.sha256(data).hexdigest() == props["sha256"]
-        with self.cond:
-            self.replies[corr] = (int(props["offset"]), int(props["total"]), data)
-            self.cond.notify_all()
-
-    def ask(self, sha: str, name: str, offset: int) -> bytes:
-        corr = uuid.uuid4().bytes
-        req = FetchRequest(
-            node_id=self.node_id, manifest_sha256=sha, file=name, offset=offset, length=CHUNK
-        )
-        props = PublishProps(response_topic=T.fetch_reply(self.node_id), correlation_data=corr)
-        self.mqtt.publish(T.hub_fetch(), req.to_json(), qos=1, props=props)
-        return corr
-
-    def fetch(self, sha: str, name: str) -> bytes:
-        first = self.wait(self.ask(sha, name, 0))
-        total = first[1]
-        parts = {0: first[2]}
-        offsets = list(range(len(first[2]), total, CHUNK))
-        pending: list[tuple[int, bytes]] = []
-        while offsets or pending:
-            while offsets and len(pending) < WINDOW:
-                off = offsets.pop(0)
-                pending.append((off, self.ask(sha, name, off)))
-            off, corr = pending.pop(0)
-            parts[off] = self.wait(corr)[2]
-        data = b"".join(parts[o] for o in sorted(parts))
-        self.bytes += len(data)
-        return data
-
-    def wait(self, corr: bytes) -> tuple[int, int, bytes]:
-        with self.cond:
-            assert self.cond.wait_for(lambda: corr in self.replies, 60), "no chunk"
-            return self.replies.pop(corr)
+        self.fetcher.on_reply(msg)
 
     def report(self, d: DesiredModel, state: UpdateState, progress: float) -> None:
         r = UpdateReport(
@@ -172,12 +139,18 @@ class SimNode:
         sha = d.model.manifest_sha256
         self.report(d, UpdateState.PENDING, 0)
         self.report(d, UpdateState.DOWNLOADING, 0)
+        staging = self.scratch / sha
+        staging.mkdir(parents=True, exist_ok=True)
         t0 = time.monotonic()
-        manifest = Manifest.model_validate_json(self.fetch(sha, MANIFEST_FILE))
-        self.fetch(sha, SIGNATURE_FILE)
+        for name in (MANIFEST_FILE, SIGNATURE_FILE):
+            self.fetcher.fetch(sha, name, staging / name)
+        manifest = Manifest.model_validate_json((staging / MANIFEST_FILE).read_bytes())
         for name, entry in manifest.files.items():
-            assert hashlib.sha256(self.fetch(sha, name)).hexdigest() == entry.sha256
+            self.fetcher.fetch(sha, name, staging / name, expected_size=entry.size)
         self.download_s = time.monotonic() - t0
+        for name, entry in manifest.files.items():
+            assert hashlib.sha256((staging / name).read_bytes()).hexdigest() == entry.sha256
+        shutil.rmtree(staging)
         self.report(d, UpdateState.VERIFYING, 1)
         self.report(d, UpdateState.ACTIVATING, 1)
         self.model = ModelRef(name=d.model.name, version=d.model.version, sha256=sha)
@@ -186,6 +159,7 @@ class SimNode:
 
     def close(self) -> None:
         self.mqtt.disconnect()
+        self.fetcher.close()
 
 
 def run(counts: list[int], size_mb: float, inception: bool) -> None:
@@ -231,7 +205,7 @@ def run(counts: list[int], size_mb: float, inception: bool) -> None:
 
     rows = []
     for n in counts:
-        sims = [SimNode(broker, node_id, old) for node_id in nodes[:n]]
+        sims = [SimNode(broker, node_id, old, work / "sim" / node_id) for node_id in nodes[:n]]
         deadline = time.monotonic() + 30
         while len([x for x in op.nodes().nodes if x.state == "online"]) < n:
             assert time.monotonic() < deadline, "nodes not seen"

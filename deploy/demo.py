@@ -15,8 +15,9 @@ next run) can stop whatever an interrupted run left behind. WORKDIR/summary.json
 the facts of the run for machines (tests/demo/test_demo.py reads it).
 
 `up` starts the broker (ports 1883/8883), the hub and one node with the same
-configuration and returns, so the README's mosquitto_pub / mosquitto_sub /
-cellwatch-hub examples can be typed by hand; `down` stops them.
+configuration, writes WORKDIR/client.toml for `cellwatch-client` and returns, so the
+README's cellwatch-client / mosquitto_pub / mosquitto_sub / cellwatch-hub examples
+can be typed by hand; `down` stops them.
 
 Research use only: nothing here is a diagnosis; the demo's images are SYNTHETIC.
 """
@@ -66,6 +67,7 @@ from demolib.services import (
     mqtt_settings,
     port_free,
     start_broker,
+    write_client_toml,
     write_hub_toml,
     write_node_toml,
 )
@@ -203,6 +205,7 @@ def cmd_up(args: argparse.Namespace) -> int:
             raise DemoError(f"{node} did not come online; see {shown(layout.logs)}/")
         done(f"{node} online, serving {demo.client.serving(node) or 'no model'}")
         demo.client.close()
+        write_client_toml(layout, broker)
         print_cheatsheet(layout, broker, demo.http_port)
         demo.group.detach()
         return 0
@@ -230,7 +233,10 @@ Fleet page (live, read-only): {url}
 curl -s {url.removeprefix("http://")}metrics | grep cellwatch_
 curl -s {url}api/nodes
 
-# classify an image (MQTT v5 request/response)
+# classify images with the lab client (connection in {w}/client.toml)
+{shown(BIN / "cellwatch-client")} classify {w}/data/*.tif --config {w}/client.toml --json
+
+# the same by hand (MQTT v5 request/response)
 mosquitto_sub -V mqttv5 -p {broker.port} -u client -P {pw} -t 'cellwatch/replies/client/#' -C 1 &
 mosquitto_pub -V mqttv5 -p {broker.port} -u client -P {pw} -q 1 \\
   -t cellwatch/images/scope-1 -f {image} \\

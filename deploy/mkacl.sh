@@ -12,7 +12,8 @@ Usage: deploy/mkacl.sh [--prefix PREFIX] [--replace] [--client NAME]... DIR [NOD
 Writes DIR/acl, the Mosquitto ACL for cellwatch's roles (DESIGN.md, Topics and
 Security):
 
-  hub       reads node status/telemetry/update, fetch requests and API requests;
+  hub       reads node status/telemetry/update, every node's fetch requests
+            (PREFIX/hub/fetch/+) and API requests;
             writes desired models, bundle chunks and API replies
   operator  writes API requests, reads its API replies and node status;
             may also publish test images and read results
@@ -24,7 +25,7 @@ Security):
             replies; nothing of another lab's
   NODE_ID   one block per node: reads images, its own desired/fetch topics and
             its own status; writes only its own status/telemetry/update, fetch
-            requests, results and replies
+            requests (PREFIX/hub/fetch/NODE_ID), results and replies
   everyone  reads only its own replies: PREFIX/replies/USER/#
 
 The nodes and lab clients already in DIR/acl are kept, so re-running with a new
@@ -123,7 +124,7 @@ user hub
 topic read $p/nodes/+/status
 topic read $p/nodes/+/telemetry
 topic read $p/nodes/+/update
-topic read $p/hub/fetch
+topic read $p/hub/fetch/+
 topic read $p/hub/api/#
 topic write $p/nodes/+/desired
 topic write $p/nodes/+/fetch
@@ -167,7 +168,7 @@ topic read $p/nodes/$n/fetch
 topic readwrite $p/nodes/$n/status
 topic write $p/nodes/$n/telemetry
 topic write $p/nodes/$n/update
-topic write $p/hub/fetch
+topic write $p/hub/fetch/$n
 topic write $p/results/+
 topic write $p/replies/#
 EOF

@@ -2,7 +2,8 @@
 
 `HubClient` connects as the operator, sends ApiRequests on
 `cellwatch/hub/api/{verb}` with a Response Topic under
-`cellwatch/hub/replies/{user}/` and Correlation Data, and waits for the ApiReply.
+`cellwatch/hub/replies/{user}/` and Correlation Data (through the shared
+request/response layer, `cellwatch.shared.rpc`), and waits for the ApiReply.
 A request the broker refuses (the ACL: only the operator may call the hub) raises
 HubRefused; no answer raises HubUnavailable; an error reply raises ApiFailure.
 """
@@ -12,9 +13,10 @@ from __future__ import annotations
 import base64
 import hashlib
 import tempfile
-import threading
 import uuid
+from collections import deque
 from collections.abc import Callable
+from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -43,7 +45,16 @@ from cellwatch.shared.hubapi import (
     UploadAck,
 )
 from cellwatch.shared.manifest import MANIFEST_FILE, SIGNATURE_FILE
-from cellwatch.shared.mqtt import MqttClient, PublishProps
+from cellwatch.shared.mqtt import MqttClient
+from cellwatch.shared.rpc import (
+    Policy,
+    PublishRefused,
+    RemoteError,
+    Reply,
+    RequestTimeout,
+    Rpc,
+    RpcError,
+)
 from cellwatch.shared.schemas import ApiReply, ApiRequest
 from cellwatch.shared.settings import MqttSettings
 from cellwatch.shared.topics import Topics
@@ -51,14 +62,6 @@ from cellwatch.shared.topics import Topics
 UPLOAD_CHUNK_BYTES = 1024 * 1024
 UPLOAD_WINDOW = 4
 Progress = Callable[[int, int], None]
-
-
-class _Waiter:
-    def __init__(self, corr: bytes) -> None:
-        self.corr = corr
-        self.event = threading.Event()
-        self.refused = False
-        self.reply: ApiReply | None = None
 
 
 @dataclass(frozen=True)
@@ -69,6 +72,13 @@ class PushResult:
     bytes_sent: int
 
 
+def _parse_reply(msg: paho.MQTTMessage) -> ApiReply:
+    try:
+        return ApiReply.model_validate_json(msg.payload)
+    except ValidationError as exc:
+        raise RemoteError("internal", "the hub sent a malformed reply") from exc
+
+
 class HubClient:
     def __init__(self, settings: MqttSettings, *, timeout_s: float = 10.0) -> None:
         if settings.username is None:
@@ -76,18 +86,19 @@ class HubClient:
         self.settings = settings
         self.username = settings.username or "operator"
         self.timeout_s = timeout_s
+        self.policy = Policy(timeout_s=timeout_s)
+        """One attempt each: an upload chunk must not arrive twice, and the hub's
+        persistent session keeps a request while it restarts."""
         self.topics = Topics(settings.topic_prefix)
         token = uuid.uuid4().hex[:12]
         self.reply_topic = self.topics.hub_replies(self.username, f"cli-{token}")
-        self._lock = threading.Lock()
-        self._waiting: dict[bytes, _Waiter] = {}
         self.mqtt = MqttClient(
             settings.model_copy(update={"session_expiry_s": 0}),
             client_id=f"cellwatch-cli-{token}",
             clean_start=True,
             subscriptions=[(self.reply_topic, 1)],
         )
-        self.mqtt.set_message_handler(self._on_message)
+        self.rpc = Rpc(self.mqtt, self.reply_topic, window=64, name="hub-client").attach()
 
     def __enter__(self) -> HubClient:
         self.connect()
@@ -101,57 +112,47 @@ class HubClient:
 
     def close(self) -> None:
         self.mqtt.disconnect()
+        self.rpc.close()
 
     # -- transport ---------------------------------------------------------------------
-    def _on_message(self, msg: paho.MQTTMessage) -> None:
-        corr = getattr(msg.properties, "CorrelationData", None) if msg.properties else None
-        with self._lock:
-            waiter = self._waiting.get(bytes(corr or b""))
-        if waiter is None:
-            return
+    def send(
+        self, verb: str, payload: bytes, user: tuple[tuple[str, str], ...] = ()
+    ) -> Future[Reply[ApiReply]]:
+        """Publish raw bytes on `hub/api/{verb}`; the future gets the ApiReply."""
+        return self.rpc.submit(
+            self.topics.hub_api(verb), payload, _parse_reply, self.policy, user=user
+        )
+
+    def wait(self, future: Future[Reply[ApiReply]], what: str) -> Any:
+        """The reply's data; HubUnavailable, HubRefused or ApiFailure otherwise."""
         try:
-            waiter.reply = ApiReply.model_validate_json(msg.payload)
-        except ValidationError:
-            waiter.reply = ApiReply(request_id=None, ok=False, data=None)
-        waiter.event.set()
+            reply = future.result().value
+        except RequestTimeout as exc:
+            s = self.settings
+            raise HubUnavailable(
+                f"no answer from the hub within {self.timeout_s:g} s to {what} "
+                f"(is `cellwatch-hub serve` running and connected to {s.host}:{s.port}?)"
+            ) from exc
+        except PublishRefused as exc:
+            raise HubRefused(
+                f"the broker refused {what} from user {self.username!r}: only the "
+                "operator may call the hub API (check --user and the ACL)"
+            ) from exc
+        except RemoteError as exc:
+            raise ApiFailure(exc.code, exc.message) from exc
+        except RpcError as exc:
+            raise HubError(f"{what}: {exc}") from exc
+        if not reply.ok:
+            err = reply.error
+            raise ApiFailure(err.code if err else "internal", err.message if err else "?")
+        return reply.data
 
-    def _send(self, topic: str, payload: bytes, user: tuple[tuple[str, str], ...] = ()) -> _Waiter:
-        corr = uuid.uuid4().bytes
-        waiter = _Waiter(corr)
-        with self._lock:
-            self._waiting[corr] = waiter
-
-        def done(ok: bool) -> None:
-            if not ok:
-                waiter.refused = True
-                waiter.event.set()
-
-        props = PublishProps(response_topic=self.reply_topic, correlation_data=corr, user=user)
-        self.mqtt.publish(topic, payload, qos=1, props=props, on_done=done)
-        return waiter
-
-    def _wait(self, waiter: _Waiter, what: str) -> Any:
+    def raw(self, verb: str, payload: bytes) -> ApiReply:
+        """Send raw bytes and return the ApiReply, error or not (protocol tests)."""
         try:
-            if not waiter.event.wait(self.timeout_s):
-                s = self.settings
-                raise HubUnavailable(
-                    f"no answer from the hub within {self.timeout_s:g} s to {what} "
-                    f"(is `cellwatch-hub serve` running and connected to {s.host}:{s.port}?)"
-                )
-            if waiter.refused:
-                raise HubRefused(
-                    f"the broker refused {what} from user {self.username!r}: only the "
-                    "operator may call the hub API (check --user and the ACL)"
-                )
-            reply = waiter.reply
-            assert reply is not None
-            if not reply.ok:
-                err = reply.error
-                raise ApiFailure(err.code if err else "internal", err.message if err else "?")
-            return reply.data
-        finally:
-            with self._lock:
-                self._waiting.pop(waiter.corr, None)
+            return self.send(verb, payload).result().value
+        except RequestTimeout as exc:
+            raise HubUnavailable(f"no answer from the hub to {verb}") from exc
 
     def call(
         self, verb: str, args: BaseModel | None = None, *, request_id: str | None = None
@@ -161,7 +162,7 @@ class HubClient:
             request_id=request_id or uuid.uuid4().hex,
             args=args.model_dump(mode="json", exclude_none=True) if args is not None else {},
         )
-        return self._wait(self._send(self.topics.hub_api(verb), req.to_json()), verb)
+        return self.wait(self.send(verb, req.to_json()), verb)
 
     # -- verbs ---------------------------------------------------------------------------
     def models(self, name: str | None = None) -> ModelsReply:
@@ -241,8 +242,9 @@ class HubClient:
         total: int,
         progress: Progress | None,
     ) -> int:
-        topic = self.topics.hub_api(UPLOAD_VERB)
-        inflight: list[tuple[_Waiter, int]] = []
+        """Send path from offset in chunks, UPLOAD_WINDOW of them in flight; the hub
+        acknowledges each in order."""
+        inflight: deque[tuple[Future[Reply[ApiReply]], int]] = deque()
         sent = 0
         with path.open("rb") as f:
             f.seek(offset)
@@ -256,10 +258,15 @@ class HubClient:
                         ("offset", str(position)),
                         ("sha256", hashlib.sha256(data).hexdigest()),
                     )
-                    inflight.append((self._send(topic, data, user), len(data)))
+                    inflight.append((self.send(UPLOAD_VERB, data, user), len(data)))
                     position += len(data)
-                waiter, length = inflight.pop(0)
-                UploadAck.model_validate(self._wait(waiter, f"upload of {path.name}"))
+                future, length = inflight.popleft()
+                try:
+                    UploadAck.model_validate(self.wait(future, f"upload of {path.name}"))
+                except BaseException:
+                    for rest, _ in inflight:
+                        rest.cancel()
+                    raise
                 sent += length
                 if progress is not None:
                     progress(done + (position - offset) - sum(n for _, n in inflight), total)

@@ -1,13 +1,15 @@
-"""The chunk server: answers FetchRequests on `cellwatch/hub/fetch` (node-driven,
-resumable: the node asks for any offset).
+"""The chunk server: answers FetchRequests on `cellwatch/hub/fetch/{node_id}`
+(node-driven, resumable: the node asks for any offset).
 
-Reply (QoS 1, on the request's Response Topic, which must be the requesting node's
-`cellwatch/nodes/{node_id}/fetch`): the raw chunk, Correlation Data echoed, user
-properties `offset`, `total` (the file's size) and `sha256` (of this chunk).
-Lengths are clamped to `max_chunk_bytes`; offset == total gives an empty chunk.
-Errors: an empty payload with user properties `error` (bad_request, unknown_bundle,
-unknown_file, bad_offset) and `message`. A request without a usable Response
-Topic is logged and dropped.
+The node is the one named by the request's topic, which the broker's ACL lets only
+that node write; the body does not name it. Reply (QoS 1, on the request's Response
+Topic, which must be exactly that node's `cellwatch/nodes/{node_id}/fetch`): the raw
+chunk, Correlation Data echoed, user properties `offset`, `total` (the file's size)
+and `sha256` (of this chunk). Lengths are clamped to `max_chunk_bytes` (the node
+learns the limit from the chunks it gets); offset == total gives an empty chunk.
+Errors: an empty payload with user properties `error` (bad_request,
+unknown_bundle, unknown_file, bad_offset) and `message`. A request on any other
+topic, or whose Response Topic is not its node's, is logged and dropped.
 """
 
 from __future__ import annotations
@@ -81,9 +83,18 @@ class FetchServer:
         with self._lock:
             self.requests += 1
         rt, corr = props_of(msg)
-        node = self._node_of(rt)
-        if rt is None or node is None:
-            log.warning("fetch: dropping a request without a node fetch Response Topic (%r)", rt)
+        try:
+            node = self.topics.fetch_node_of(msg.topic)
+        except TopicError:
+            log.warning("fetch: dropping a request on %s: not a node's fetch topic", msg.topic)
+            self._count_error()
+            return
+        if rt != self.topics.fetch_reply(node):
+            log.warning(
+                "fetch: node %s asked for replies on %r, not its own fetch topic: dropped",
+                node,
+                rt,
+            )
             self._count_error()
             return
         if len(msg.payload) > MAX_FETCH_REQUEST_BYTES:
@@ -96,17 +107,9 @@ class FetchServer:
             where = ".".join(str(p) for p in err["loc"]) or "request"
             self._error(rt, corr, "bad_request", f"invalid FetchRequest: {where}: {err['msg']}")
             return
-        if rt != self.topics.fetch_reply(req.node_id):
-            log.warning(
-                "fetch: node %s asked for replies on %s, not its own fetch topic: dropped",
-                req.node_id,
-                rt,
-            )
-            self._count_error()
-            return
-        self._serve(req, rt, corr)
+        self._serve(node, req, rt, corr)
 
-    def _serve(self, req: FetchRequest, rt: str, corr: bytes | None) -> None:
+    def _serve(self, node: str, req: FetchRequest, rt: str, corr: bytes | None) -> None:
         sha = req.manifest_sha256
         if not self.store.has(sha):
             self._error(rt, corr, "unknown_bundle", f"no bundle {sha[:12]} on this hub")
@@ -141,27 +144,18 @@ class FetchServer:
         try:
             self.publish(rt, data, props)
         except MqttError as exc:
-            log.error("fetch: node %s: cannot send chunk: %s", req.node_id, exc)
+            log.error("fetch: node %s: cannot send chunk: %s", node, exc)
             return
         with self._lock:
-            self._served[req.node_id][sha] += len(data)
+            self._served[node][sha] += len(data)
         log.debug(
             "fetch: node %s: %s of %s at %d: %d bytes",
-            req.node_id,
+            node,
             req.file,
             sha[:12],
             req.offset,
             len(data),
         )
-
-    def _node_of(self, rt: str | None) -> str | None:
-        if rt is None:
-            return None
-        try:
-            node = self.topics.node_id_of(rt)
-        except TopicError:
-            return None
-        return node if rt == self.topics.fetch_reply(node) else None
 
     def _count_error(self) -> None:
         with self._lock:

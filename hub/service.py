@@ -74,6 +74,7 @@ class HubService(Daemon):
         self.topics = Topics(settings.mqtt.topic_prefix)
         self._api_prefix = self.topics.hub_api(UPLOAD_VERB)[: -len(UPLOAD_VERB)]
         self._replies_prefix = self.topics.hub_replies("x", "y")[: -len("x/y")]
+        self._fetch_prefix = self.topics.hub_fetch_filter()[:-1]
         self.db = Database(settings.db_path)
         self.store = BundleStore(settings.store_dir)
         trusted = TrustedKeys.load(settings.trusted_keys)
@@ -93,7 +94,7 @@ class HubService(Daemon):
                 (t.node_filter("status"), 1),
                 (t.node_filter("telemetry"), 0),
                 (t.node_filter("update"), 1),
-                (t.hub_fetch(), 1),
+                (t.hub_fetch_filter(), 1),
                 (t.hub_api_filter(), 1),
             ],
         )
@@ -184,7 +185,7 @@ class HubService(Daemon):
     # -- network thread ------------------------------------------------------------------
     def _on_message(self, msg: paho.MQTTMessage) -> None:
         item = (msg, self.mqtt.generation)
-        if msg.topic == self.topics.hub_fetch():
+        if msg.topic.startswith(self._fetch_prefix):
             try:
                 self._fetch.put_nowait(item)
             except queue.Full:

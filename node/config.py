@@ -75,7 +75,16 @@ class UpdateSettings(Section):
         FETCH_CHUNK_BYTES, ge=4096, le=MAX_FETCH_CHUNK_BYTES, description="bytes per request"
     )
     chunk_timeout_s: float = Field(10.0, gt=0, le=600, description="re-ask after this long")
+    stall_timeout_s: float = Field(
+        60.0, gt=0, le=3600, description="fail the download (fetch_failed) after no chunk this long"
+    )
     keep_versions: int = Field(3, ge=2, le=20, description="activated bundles kept on disk")
+
+    @model_validator(mode="after")
+    def _stall_after_retry(self) -> UpdateSettings:
+        if self.stall_timeout_s < self.chunk_timeout_s:
+            raise ValueError("stall_timeout_s must be >= chunk_timeout_s")
+        return self
 
 
 class InferenceSettings(Section):

@@ -1,29 +1,35 @@
 """Downloads bundle files from the hub in chunks over MQTT (DESIGN.md, Rollout).
 
-One file at a time, up to `window` FetchRequests in flight. Each reply's chunk is
-checked against its `sha256` user property; chunks are appended to `{file}.part`
-strictly in order (out-of-order replies wait in memory), so the part file's size is
-always the last good offset, and a download interrupted by a disconnect or a node
-restart resumes there. A request whose reply does not come within `timeout_s` is
-sent again.
+One file at a time, up to `window` FetchRequests in flight, through the shared
+request/response layer (`cellwatch.shared.rpc`, `cellwatch.shared.rpc.transfer`):
+
+- requests go to `{prefix}/hub/fetch/{node_id}` with Response Topic
+  `{prefix}/nodes/{node_id}/fetch`; the topic says which node asks;
+- each chunk is checked against its `sha256` user property and appended to
+  `{file}.part` in order, so a download interrupted by a disconnect or a node
+  restart resumes at the last good offset;
+- the download advances by the bytes it received: when the hub sends less than
+  asked (its `max_chunk_bytes`), the rest is asked for again and later requests use
+  the size the hub sends;
+- a file's size must equal the manifest's (`expected_size`);
+- a chunk without an answer is asked for again after `timeout_s`; when a chunk has
+  had no answer for `stall_timeout_s`, the download fails with FetchError (the
+  update agent reports `fetch_failed`).
 """
 
 from __future__ import annotations
 
-import hashlib
 import logging
-import os
-import threading
-import time
-import uuid
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 import paho.mqtt.client as paho
 
 from cellwatch.node.errors import NodeError
-from cellwatch.shared.mqtt import MqttClient, PublishProps, user_properties
+from cellwatch.shared.limits import FETCH_CHUNK_BYTES
+from cellwatch.shared.mqtt import MqttClient
+from cellwatch.shared.rpc import Rpc
+from cellwatch.shared.rpc.transfer import Download, TransferCancelled, TransferError, chunk_policy
 from cellwatch.shared.schemas import FetchRequest
 from cellwatch.shared.topics import Topics
 
@@ -31,18 +37,11 @@ log = logging.getLogger(__name__)
 
 
 class FetchError(NodeError):
-    """The hub refused a request or kept not answering."""
+    """The hub refused a request, contradicted the manifest, or stopped answering."""
 
 
 class FetchCancelled(NodeError):
     """A newer desired model superseded this download."""
-
-
-@dataclass
-class _Reply:
-    offset: int
-    total: int
-    data: bytes
 
 
 class Fetcher:
@@ -53,66 +52,32 @@ class Fetcher:
         node_id: str,
         *,
         window: int = 4,
-        chunk_bytes: int = 256 * 1024,
+        chunk_bytes: int = FETCH_CHUNK_BYTES,
         timeout_s: float = 10.0,
-        max_attempts: int = 6,
+        stall_timeout_s: float = 60.0,
     ) -> None:
-        self.mqtt = mqtt
         self.topics = topics
         self.node_id = node_id
         self.window = window
         self.chunk_bytes = chunk_bytes
-        self.timeout_s = timeout_s
-        self.max_attempts = max_attempts
-        self._cond = threading.Condition()
-        self._replies: dict[bytes, _Reply | FetchError] = {}
-        self._wanted: set[bytes] = set()
-        self.bytes_received = 0
+        self.policy = chunk_policy(timeout_s, max(stall_timeout_s, timeout_s))
+        self.rpc = Rpc(mqtt, topics.fetch_reply(node_id), window=window, name=f"{node_id}-fetch")
+        self._request_topic = topics.hub_fetch(node_id)
+        self._received_before = 0
+        self._current: Download | None = None
 
-    # -- network thread ---------------------------------------------------------
+    @property
+    def bytes_received(self) -> int:
+        """Chunk bytes received (hash-checked) since start."""
+        current = self._current
+        return self._received_before + (current.received if current is not None else 0)
+
     def on_reply(self, msg: paho.MQTTMessage) -> None:
-        corr = getattr(msg.properties, "CorrelationData", None) if msg.properties else None
-        key = bytes(corr or b"")
-        with self._cond:
-            if key not in self._wanted:
-                return  # a late reply to a request we already re-sent or gave up on
-        props = user_properties(msg)
-        reply: _Reply | FetchError
-        if "error" in props:
-            reply = FetchError(f"hub refused: {props['error']}: {props.get('message', '')}")
-        else:
-            data = bytes(msg.payload)
-            try:
-                offset, total = int(props["offset"]), int(props["total"])
-            except (KeyError, ValueError):
-                return  # malformed: treat as lost; the request is re-sent on timeout
-            if hashlib.sha256(data).hexdigest() != props.get("sha256"):
-                log.warning(
-                    "node %s: chunk at %d failed its SHA-256; refetching", self.node_id, offset
-                )
-                return
-            reply = _Reply(offset, total, data)
-        with self._cond:
-            self._replies[key] = reply
-            self._cond.notify_all()
+        """Network thread: a message on this node's fetch reply topic."""
+        self.rpc.on_message(msg)
 
-    # -- agent thread -------------------------------------------------------------
-    def _request(self, sha: str, name: str, offset: int, length: int) -> bytes:
-        key = uuid.uuid4().bytes
-        req = FetchRequest(
-            node_id=self.node_id, manifest_sha256=sha, file=name, offset=offset, length=length
-        )
-        with self._cond:
-            self._wanted.add(key)
-        self.mqtt.publish(
-            self.topics.hub_fetch(),
-            req.to_json(),
-            qos=1,
-            props=PublishProps(
-                response_topic=self.topics.fetch_reply(self.node_id), correlation_data=key
-            ),
-        )
-        return key
+    def close(self) -> None:
+        self.rpc.close()
 
     def fetch(
         self,
@@ -120,87 +85,45 @@ class Fetcher:
         name: str,
         dest: Path,
         *,
+        expected_size: int | None = None,
+        max_size: int | None = None,
         cancelled: Callable[[], bool] = lambda: False,
         progress: Callable[[int, int], None] = lambda done, total: None,
     ) -> int:
-        """Download file `name` of bundle `sha` to dest (resuming dest.part); returns size."""
+        """Download file `name` of bundle `sha` to dest (resuming dest.part); its size."""
+
+        def request_for(offset: int, length: int) -> tuple[str, bytes]:
+            req = FetchRequest(manifest_sha256=sha, file=name, offset=offset, length=length)
+            return self._request_topic, req.to_json()
+
         part = dest.with_name(dest.name + ".part")
-        done = part.stat().st_size if part.exists() else 0
-        total: int | None = None
-        pending: dict[int, tuple[bytes, float, int]] = {}  # offset -> (key, sent at, tries)
-        ready: dict[int, bytes] = {}
-        next_offset = done
-        if done:
-            log.info("node %s: resuming %s of %s at byte %d", self.node_id, name, sha[:12], done)
-        with part.open("ab") as out:
-            while total is None or done < total:
-                if cancelled():
-                    raise FetchCancelled(f"download of {sha[:12]} superseded")
-                while len(pending) < self.window and (total is None or next_offset < total):
-                    if total is None and pending:
-                        break  # learn the size from the first reply before fanning out
-                    key = self._request(sha, name, next_offset, self.chunk_bytes)
-                    pending[next_offset] = (key, time.monotonic(), 1)
-                    next_offset += self.chunk_bytes
-                got = self._collect(pending, sha, name)
-                for offset, reply in got.items():
-                    if isinstance(reply, FetchError):
-                        raise reply
-                    total = reply.total
-                    ready[offset] = reply.data
-                    self.bytes_received += len(reply.data)
-                if total is not None:
-                    next_offset = min(next_offset, max(total, done))
-                    for off in [o for o in pending if o >= total]:
-                        self._forget(pending.pop(off)[0])
-                while done in ready:
-                    data = ready.pop(done)
-                    if not data and done < (total or 0):
-                        raise FetchError(f"hub sent an empty chunk at {done} of {name}")
-                    out.write(data)
-                    out.flush()
-                    done += len(data)
-                    progress(done, total or 0)
-                    if not data:
-                        break
-                if total == 0:
-                    break
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(part, dest)
-        return done
-
-    def _collect(
-        self, pending: dict[int, tuple[bytes, float, int]], sha: str, name: str
-    ) -> dict[int, _Reply | FetchError]:
-        """Wait briefly for replies to pending requests; re-send timed-out ones."""
-        got: dict[int, _Reply | FetchError] = {}
-        with self._cond:
-            self._cond.wait_for(
-                lambda: any(k in self._replies for k, _, _ in pending.values()), timeout=0.5
+        if part.exists() and part.stat().st_size:
+            log.info(
+                "node %s: resuming %s of %s at byte %d",
+                self.node_id,
+                name,
+                sha[:12],
+                part.stat().st_size,
             )
-            for offset, (key, _, _) in list(pending.items()):
-                if key in self._replies:
-                    got[offset] = self._replies.pop(key)
-                    self._wanted.discard(key)
-                    del pending[offset]
-        now = time.monotonic()
-        for offset, (key, sent, tries) in list(pending.items()):
-            if now - sent > self.timeout_s:
-                self._forget(key)
-                if tries >= self.max_attempts:
-                    raise FetchError(
-                        f"no reply from the hub for offset {offset} after {tries} attempts"
-                    )
-                log.warning("node %s: fetch at %d timed out; asking again", self.node_id, offset)
-                pending[offset] = (
-                    self._request(sha, name, offset, self.chunk_bytes),
-                    now,
-                    tries + 1,
-                )
-        return got
-
-    def _forget(self, key: bytes) -> None:
-        with self._cond:
-            self._wanted.discard(key)
-            self._replies.pop(key, None)
+        download = Download(
+            rpc=self.rpc,
+            request_for=request_for,
+            dest=dest,
+            chunk_bytes=self.chunk_bytes,
+            window=self.window,
+            policy=self.policy,
+            expected_size=expected_size,
+            max_size=max_size,
+            cancelled=cancelled,
+            progress=progress,
+        )
+        self._current = download
+        try:
+            return download.run()
+        except TransferCancelled as exc:
+            raise FetchCancelled(f"download of {sha[:12]} superseded") from exc
+        except TransferError as exc:
+            raise FetchError(f"{sha[:12]}: {exc}") from exc
+        finally:
+            self._received_before += download.received
+            self._current = None

@@ -166,6 +166,7 @@ class NodeService(Daemon):
             window=u.fetch_window,
             chunk_bytes=u.chunk_bytes,
             timeout_s=u.chunk_timeout_s,
+            stall_timeout_s=u.stall_timeout_s,
         )
         self.updater = UpdateAgent(
             mqtt=self.mqtt,

@@ -30,6 +30,7 @@ from cellwatch.node.fetcher import FetchCancelled, Fetcher, FetchError
 from cellwatch.node.store import BundleStore
 from cellwatch.shared.bundle import load_bundle, parse_manifest, verify_signature
 from cellwatch.shared.errors import BundleError, SignatureError
+from cellwatch.shared.limits import MAX_MANIFEST_BYTES
 from cellwatch.shared.manifest import MANIFEST_FILE, SIGNATURE_FILE
 from cellwatch.shared.mqtt import MqttClient
 from cellwatch.shared.schemas import (
@@ -99,6 +100,7 @@ class UpdateAgent:
             self._cond.notify_all()
         if self._thread.is_alive():
             self._thread.join(timeout=timeout)
+        self.fetcher.close()
 
     # -- network thread --------------------------------------------------------------
     def on_desired(self, msg: paho.MQTTMessage) -> None:
@@ -225,7 +227,9 @@ class UpdateAgent:
         try:
             for name in (MANIFEST_FILE, SIGNATURE_FILE):
                 if not (staging / name).is_file():
-                    self.fetcher.fetch(sha, name, staging / name, cancelled=cancelled)
+                    self.fetcher.fetch(
+                        sha, name, staging / name, max_size=MAX_MANIFEST_BYTES, cancelled=cancelled
+                    )
             manifest_bytes = (staging / MANIFEST_FILE).read_bytes()
             self._check_signature(manifest_bytes, (staging / SIGNATURE_FILE).read_bytes())
             manifest = parse_manifest(manifest_bytes)
@@ -246,7 +250,12 @@ class UpdateAgent:
             for name, entry in manifest.files.items():
                 if not (staging / name).is_file():
                     self.fetcher.fetch(
-                        sha, name, staging / name, cancelled=cancelled, progress=progress
+                        sha,
+                        name,
+                        staging / name,
+                        expected_size=entry.size,
+                        cancelled=cancelled,
+                        progress=progress,
                     )
                 have_done[0] += entry.size
         except FetchError as exc:

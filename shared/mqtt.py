@@ -11,6 +11,7 @@ Callbacks run on paho's network thread: handlers must be short and never block.
 
 from __future__ import annotations
 
+import copy
 import logging
 import socket
 import ssl
@@ -59,6 +60,18 @@ class PublishProps:
     content_type: str | None = None
     user: Sequence[tuple[str, str]] = field(default_factory=tuple)
 
+    def size_bound(self) -> int:
+        """An upper bound of the packed properties' size, without packing them."""
+        size = 4 + 5  # property length (varint) + Message Expiry Interval
+        for value in (self.response_topic, self.content_type):
+            if value is not None:
+                size += 3 + len(value.encode())
+        if self.correlation_data is not None:
+            size += 3 + len(self.correlation_data)
+        for key, value in self.user:
+            size += 5 + len(key.encode()) + len(value.encode())
+        return size
+
     def to_paho(self) -> Properties | None:
         props = _properties(PacketTypes.PUBLISH)
         used = False
@@ -75,6 +88,14 @@ class PublishProps:
         return props if used else None
 
 
+class PacketTooLargeError(MqttError):
+    """A publish larger than the broker's Maximum Packet Size (not sent)."""
+
+
+class ConnectRefused(MqttError):
+    """The broker answered CONNECT with a failure (e.g. not authorized)."""
+
+
 def _no_delay(client: paho.Client, userdata: object, sock: object) -> None:
     """Disable Nagle's algorithm: small packets (PUBACKs, Results) must not wait for
     the peer's delayed ACK (~40 ms per round trip otherwise)."""
@@ -82,8 +103,17 @@ def _no_delay(client: paho.Client, userdata: object, sock: object) -> None:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
+_BLANK: dict[int, Properties] = {}
+
+
 def _properties(packet_type: int) -> Properties:
-    return Properties(packet_type)  # type: ignore[no-untyped-call]
+    """An empty Properties: a shallow copy of a blank one (paho builds its lookup
+    tables in every __init__, which cost more than the rest of a publish's props;
+    the copies share those tables, which paho only reads)."""
+    blank = _BLANK.get(packet_type)
+    if blank is None:
+        blank = _BLANK[packet_type] = Properties(packet_type)  # type: ignore[no-untyped-call]
+    return copy.copy(blank)
 
 
 def publish_packet_size(topic: str, payload: bytes, qos: int, props: Properties | None) -> int:
@@ -181,6 +211,11 @@ class MqttClient:
         return self._closing
 
     @property
+    def max_packet_size(self) -> int | None:
+        """The broker's Maximum Packet Size from the last CONNACK (None: no limit given)."""
+        return self._max_packet_size
+
+    @property
     def generation(self) -> int:
         """Increments on every successful (re)connect; acks from an older one are void."""
         return self._generation
@@ -271,7 +306,7 @@ class MqttClient:
         ok, reason = self._first_result
         if not ok:
             self._stop_loop()
-            raise MqttError(f"broker {s.host}:{s.port} refused the connection: {reason}")
+            raise ConnectRefused(f"broker {s.host}:{s.port} refused the connection: {reason}")
 
     def wait_connected(self, timeout: float) -> bool:
         return self._connected.wait(timeout)
@@ -297,10 +332,11 @@ class MqttClient:
         """
         paho_props = props.to_paho() if props else None
         limit = self._max_packet_size
-        if limit is not None:
+        bound = len(payload) + len(topic.encode()) + 9 + (props.size_bound() if props else 1)
+        if limit is not None and bound > limit:  # only then pack the properties to know
             size = publish_packet_size(topic, payload, qos, paho_props)
             if size > limit:
-                raise MqttError(
+                raise PacketTooLargeError(
                     f"publish to {topic} refused: the packet ({size} bytes) exceeds the "
                     f"broker's maximum packet size ({limit} bytes)"
                 )
@@ -359,11 +395,20 @@ class MqttClient:
             return
         self._client.ack(mid, qos)
 
-    def disconnect(self, timeout: float = 5.0) -> None:
-        """Clean disconnect (the broker does not send the Will) and stop the thread."""
+    def disconnect(self, timeout: float = 5.0, *, session_expiry_s: int | None = None) -> None:
+        """Clean disconnect (the broker does not send the Will) and stop the thread.
+
+        session_expiry_s replaces the session's expiry for this disconnect (0: the
+        broker drops the session now); MQTT v5 allows it only when it was not 0."""
         self._closing = True
-        self._client.disconnect()  # without a connection: MQTT_ERR_NO_CONN, harmless
+        if self.connected:  # without a connection there is nothing to say
+            props = None
+            if session_expiry_s is not None and self.settings.session_expiry_s > 0:
+                props = _properties(PacketTypes.DISCONNECT)
+                props.SessionExpiryInterval = session_expiry_s
+            self._client.disconnect(properties=props)
         self._stop_loop()
+        self._connected.clear()
 
     def drop(self) -> None:
         """Close the socket without DISCONNECT so the broker publishes the Will (tests)."""
@@ -372,6 +417,7 @@ class MqttClient:
         if sock is not None:
             sock.close()
         self._stop_loop()
+        self._connected.clear()  # on_disconnect may not have run before the loop stopped
 
     # -- paho callbacks (network thread) -------------------------------------
     def _stop_loop(self) -> None:

@@ -209,10 +209,12 @@ class UpdateReport(Message):
 
 
 class FetchRequest(Message):
-    """A node asks the hub for `length` bytes of one bundle file from `offset`."""
+    """A node asks the hub for `length` bytes of one bundle file from `offset`.
 
-    schema_: Literal["cellwatch.fetch/1"] = Field("cellwatch.fetch/1", alias="schema")
-    node_id: Name
+    Published on `{prefix}/hub/fetch/{node_id}`: the topic, which the broker's ACL
+    ties to the node, says who asks (version 2 dropped `node_id` from the body)."""
+
+    schema_: Literal["cellwatch.fetch/2"] = Field("cellwatch.fetch/2", alias="schema")
     manifest_sha256: Sha256
     file: str = Field(min_length=1, max_length=64)
     offset: int = Field(ge=0)

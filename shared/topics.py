@@ -116,8 +116,20 @@ class Topics:
         return check_name(parts[len(head) + 1], "node_id")
 
     # -- hub ----------------------------------------------------------------
-    def hub_fetch(self) -> str:
-        return f"{self.prefix}/hub/fetch"
+    def hub_fetch(self, node_id: str) -> str:
+        """Where node_id publishes its FetchRequests: the ACL lets only that node write
+        it, so the topic (not the payload) says who asks."""
+        return f"{self.prefix}/hub/fetch/{check_name(node_id, 'node_id')}"
+
+    def hub_fetch_filter(self) -> str:
+        return f"{self.prefix}/hub/fetch/+"
+
+    def fetch_node_of(self, topic: str) -> str:
+        """The `{node_id}` of a `{prefix}/hub/fetch/{node_id}` topic."""
+        head = f"{self.prefix}/hub/fetch/"
+        if not topic.startswith(head):
+            raise TopicError(f"not a fetch request topic: {topic!r}")
+        return check_name(topic[len(head) :], "node_id")
 
     def hub_api(self, verb: str) -> str:
         if not re.match(rf"^{HUB_API_VERBS_PATTERN}$", verb):

@@ -1,22 +1,31 @@
-"""A test-side MQTT requester: publishes images as the `client` user (MQTT v5, response
-topic + correlation data) and collects Results by correlation data."""
+"""Test-side MQTT helpers: `Collector` keeps what arrives on some topics; `Requester`
+publishes images as the `client` user through the shared request/response layer."""
 
 from __future__ import annotations
 
-import itertools
 import threading
 import time
 import uuid
 from collections.abc import Callable
+from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
 
 import paho.mqtt.client as paho
 
-from cellwatch.shared.mqtt import MqttClient, PublishProps
+from cellwatch.shared.mqtt import MqttClient
+from cellwatch.shared.rpc import Policy, Reply, Rpc, RpcStats
 from cellwatch.shared.schemas import Result
 from cellwatch.shared.settings import MqttSettings
 from cellwatch.shared.topics import Topics
 
 T = Topics()
+PROBE = Policy(timeout_s=600.0)
+"""One attempt; the tests bound each wait themselves."""
+Sent = Future[Reply[Result]]
+
+
+def parse_result(msg: paho.MQTTMessage) -> Result:
+    return Result.model_validate_json(msg.payload)
 
 
 def wait_for(cond: Callable[[], bool], timeout: float = 30.0, what: str = "condition") -> None:
@@ -57,29 +66,22 @@ class Collector:
 
 
 class Requester:
-    """Sends images with a Response Topic under `cellwatch/replies/{user}/...`."""
+    """A protocol probe on the shared request/response layer (`cellwatch.shared.rpc`):
+    sends images with a Response Topic under `cellwatch/replies/{user}/...`, one
+    attempt each (a retry would hide a node that loses an image), and exposes what
+    tests need to control: the topic, Correlation Data, Message Expiry, image_id and
+    Response Topic."""
 
     def __init__(self, settings: MqttSettings, user: str = "client") -> None:
         self.reply_topic = T.replies(user, f"t-{uuid.uuid4().hex[:8]}")
-        self.results: dict[bytes, list[Result]] = {}
-        self.raw: list[paho.MQTTMessage] = []
-        self._lock = threading.Lock()
-        self._ids = itertools.count()
         self.client = MqttClient(
             settings,
             client_id=f"req-{uuid.uuid4().hex[:8]}",
             clean_start=True,
             subscriptions=[(self.reply_topic, 1)],
         )
-        self.client.set_message_handler(self._on_message)
+        self.rpc = Rpc(self.client, self.reply_topic, window=10_000, name="requester").attach()
         self.client.connect()
-
-    def _on_message(self, msg: paho.MQTTMessage) -> None:
-        corr = getattr(msg.properties, "CorrelationData", None) if msg.properties else None
-        result = Result.model_validate_json(msg.payload)
-        with self._lock:
-            self.raw.append(msg)
-            self.results.setdefault(bytes(corr or b""), []).append(result)
 
     def send(
         self,
@@ -91,22 +93,24 @@ class Requester:
         expiry_s: int | None = None,
         image_id: str | None = None,
         response_topic: str | None = None,
-    ) -> bytes:
-        corr = correlation if correlation is not None else f"c{next(self._ids)}".encode()
-        props = PublishProps(
-            response_topic=response_topic or self.reply_topic,
-            correlation_data=corr,
-            message_expiry_s=expiry_s,
+    ) -> Sent:
+        sent = self.rpc.submit(
+            topic or T.images(source),
+            payload,
+            parse_result,
+            PROBE,
             user=[("image_id", image_id)] if image_id else (),
+            response_topic=response_topic,
+            correlation=correlation,
+            message_expiry_s=expiry_s,
         )
-        ok = self.client.publish_wait(topic or T.images(source), payload, qos=1, props=props)
-        assert ok, "broker did not accept the image"
-        return corr
+        return sent
 
-    def result(self, corr: bytes, timeout: float = 30.0) -> Result:
-        wait_for(lambda: corr in self.results, timeout, f"result for {corr!r}")
-        with self._lock:
-            return self.results[corr][0]
+    def result(self, sent: Sent, timeout: float = 30.0) -> Result:
+        try:
+            return sent.result(timeout).value
+        except FutureTimeout:
+            raise AssertionError(f"timed out waiting for a result ({timeout:g} s)") from None
 
     def request(
         self,
@@ -118,14 +122,18 @@ class Requester:
         image_id: str | None = None,
     ) -> Result:
         """Send one image and wait for its Result."""
-        corr = self.send(
+        sent = self.send(
             payload, source=source, topic=topic, correlation=correlation, image_id=image_id
         )
-        return self.result(corr)
+        return self.result(sent)
 
     def count(self) -> int:
-        with self._lock:
-            return len(self.results)
+        """Requests answered so far."""
+        return self.rpc.stats().answered
+
+    def stats(self) -> RpcStats:
+        return self.rpc.stats()
 
     def close(self) -> None:
         self.client.disconnect()
+        self.rpc.close()

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import threading
 import time
 import uuid
 from collections.abc import Callable, Sequence
+from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -15,11 +17,13 @@ import paho.mqtt.client as paho
 from pydantic import ValidationError
 
 from cellwatch.shared.errors import CellwatchError
-from cellwatch.shared.mqtt import MqttClient, PublishProps
+from cellwatch.shared.mqtt import MqttClient
+from cellwatch.shared.rpc import Policy, PublishRefused, Reply, Rpc, RpcError
 from cellwatch.shared.schemas import NodeStatus, Result
 from cellwatch.shared.settings import MqttSettings
 from cellwatch.shared.topics import Topics
 from demolib.common import (
+    DRAIN_TIMEOUT_S,
     LABELS,
     MODEL_NAME,
     SOURCE,
@@ -28,7 +32,6 @@ from demolib.common import (
     Layout,
     command,
     done,
-    log,
     shown,
 )
 from demolib.processes import Child, Command, ProcessGroup
@@ -36,16 +39,21 @@ from demolib.services import BrokerInfo, tool, write_operator_toml
 
 # -- the demo's MQTT client ---------------------------------------------------------------
 
+ONE_ATTEMPT = Policy(timeout_s=DRAIN_TIMEOUT_S)
+"""The demo sends each image once: a retry would hide an image a node lost in the swap."""
+
 
 @dataclass
 class Request:
-    key: bytes
+    key: str
     image: Path
     truth: str | None
     sent_at: float
     result: Result | None = None
     answered_at: float | None = None
     refused: bool = False
+    error: str | None = None
+    """Why no Result will come (no answer within DRAIN_TIMEOUT_S)."""
 
     @property
     def latency_ms(self) -> float | None:
@@ -64,16 +72,20 @@ def truth_of(image: Path) -> str | None:
     return {"0": LABELS[0], "1": LABELS[1]}.get(suffix)
 
 
+def parse_result(msg: paho.MQTTMessage) -> Result:
+    return Result.model_validate_json(msg.payload)
+
+
 class DemoClient:
     """A lab client: logs in as `client`, publishes images with a Response Topic and
-    Correlation Data (MQTT v5) and collects the Results; also follows node statuses."""
+    Correlation Data (MQTT v5) through the shared request layer
+    (`cellwatch.shared.rpc`), and collects the Results; also follows node statuses."""
 
     def __init__(self, settings: MqttSettings, topics: Topics) -> None:
         self.topics = topics
         self.reply_topic = topics.replies("client", f"demo-{uuid.uuid4().hex[:8]}")
         self._status_filter = topics.node_filter("status")
         self._cond = threading.Condition()
-        self.requests: dict[bytes, Request] = {}
         self.statuses: dict[str, NodeStatus] = {}
         self.mqtt = MqttClient(
             settings,
@@ -81,31 +93,20 @@ class DemoClient:
             clean_start=True,
             subscriptions=[(self.reply_topic, 1), (self._status_filter, 1)],
         )
+        self.rpc = Rpc(self.mqtt, self.reply_topic, window=1000, name="demo")
         self.mqtt.set_message_handler(self._on_message)
 
     def connect(self) -> None:
         self.mqtt.connect()
-        # The PUBACK of a publish nobody may make means the SUBSCRIBEs before it are active.
-        self.mqtt.publish_wait(f"{self.topics.prefix}-demo/sync", b"", qos=1)
 
     def close(self) -> None:
         self.mqtt.disconnect()
+        self.rpc.close()
 
     # network thread
     def _on_message(self, msg: paho.MQTTMessage) -> None:
-        now = time.monotonic()
         if msg.topic == self.reply_topic:
-            corr = getattr(msg.properties, "CorrelationData", None) if msg.properties else None
-            try:
-                result = Result.model_validate_json(msg.payload)
-            except ValidationError:
-                log.warning("ignoring a malformed Result on %s", msg.topic)
-                return
-            with self._cond:
-                req = self.requests.get(bytes(corr or b""))
-                if req is not None and req.result is None:
-                    req.result, req.answered_at = result, now
-                self._cond.notify_all()
+            self.rpc.on_message(msg)
         elif msg.payload:
             try:
                 status = NodeStatus.model_validate_json(msg.payload)
@@ -117,26 +118,31 @@ class DemoClient:
 
     def send(self, image: Path, key: str) -> Request:
         """Publish one image (QoS 1); the Result arrives on our Response Topic."""
-        req = Request(key.encode(), image, truth_of(image), time.monotonic())
-        with self._cond:
-            self.requests[req.key] = req
-        props = PublishProps(
-            response_topic=self.reply_topic,
-            correlation_data=req.key,
-            content_type="image/tiff" if image.suffix.lower() in (".tif", ".tiff") else None,
+        req = Request(key, image, truth_of(image), time.monotonic())
+        future = self.rpc.submit(
+            self.topics.images(SOURCE),
+            image.read_bytes(),
+            parse_result,
+            ONE_ATTEMPT,
             user=[("image_id", image.stem)],
+            content_type="image/tiff" if image.suffix.lower() in (".tif", ".tiff") else None,
         )
-
-        def _done(ok: bool) -> None:
-            if not ok:
-                with self._cond:
-                    req.refused = True
-                    self._cond.notify_all()
-
-        self.mqtt.publish(
-            self.topics.images(SOURCE), image.read_bytes(), qos=1, props=props, on_done=_done
-        )
+        future.add_done_callback(functools.partial(self._answered, req))
         return req
+
+    def _answered(self, req: Request, future: Future[Reply[Result]]) -> None:
+        """The request layer's thread: the Result (or why there is none) is in."""
+        with self._cond:
+            try:
+                reply = future.result()
+            except PublishRefused:
+                req.refused = True
+            except RpcError as exc:
+                req.error = str(exc)
+            else:
+                req.result = reply.value
+                req.answered_at = req.sent_at + reply.round_trip_s
+            self._cond.notify_all()
 
     def wait(
         self, predicate: Callable[[], bool], timeout: float, check: Callable[[], None]
@@ -155,7 +161,7 @@ class DemoClient:
 
     def pending(self, reqs: Sequence[Request]) -> int:
         with self._cond:
-            return sum(1 for r in reqs if r.result is None and not r.refused)
+            return sum(1 for r in reqs if r.result is None and not r.refused and r.error is None)
 
     def serving(self, node_id: str) -> str | None:
         """The model version node_id says it serves (None: no model or offline)."""
@@ -302,6 +308,7 @@ def tally(reqs: Sequence[Request]) -> dict[str, Any]:
         for r in answered
         if r.result is not None and r.result.error is not None
     ] + [f"{r.image.name}: publish refused by the broker" for r in reqs if r.refused]
+    errors += [f"{r.image.name}: {r.error}" for r in reqs if r.error is not None]
     return {
         "sent": len(reqs),
         "answered": len(answered),

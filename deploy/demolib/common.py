@@ -116,6 +116,10 @@ class Layout:
         return self.root / "data"
 
     @property
+    def client_toml(self) -> Path:
+        return self.root / "client.toml"
+
+    @property
     def split(self) -> Path:
         return self.root / "split"
 

@@ -214,6 +214,24 @@ def fleet_url(http_port: int) -> str:
     return f"http://{HOST}:{http_port}/"
 
 
+def write_client_toml(layout: Layout, broker: BrokerInfo) -> Path:
+    """The lab client's connection for `cellwatch-client` (user `client`)."""
+    path = layout.client_toml
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(f"""\
+# cellwatch-client: --config this file, or export CELLWATCH_CLIENT_CONFIG=<this file>
+# (deploy/client.example.toml documents every setting)
+source = "scope-1"
+
+[mqtt]
+host = {toml_str(HOST)}
+port = {broker.port}
+username = "client"
+password_file = {toml_str(layout.secret("client"))}
+""")
+    return path
+
+
 def write_hub_toml(layout: Layout, broker: BrokerInfo, http_port: int) -> Path:
     """The hub's config: the broker's loopback listener, the fleet page on http_port."""
     path = layout.hub_toml

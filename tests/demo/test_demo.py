@@ -199,6 +199,18 @@ def test_up_and_down_in_the_demo_workdir(quick_run: DemoRun) -> None:
         running = {line.split()[2] for line in pids if line.strip()}
         assert {"mosquitto", "hub", "node-1"} <= running
         assert leftovers(workdir), "`up` returned but nothing runs"
+        # The lab client example `up` prints works as printed.
+        example = next(line for line in up.stdout.splitlines() if "cellwatch-client " in line)
+        assert f"classify {workdir}/data/*.tif --config {workdir}/client.toml --json" in example
+        r = subprocess.run(
+            ["bash", "-c", example], cwd=REPO, capture_output=True, text=True, timeout=300
+        )
+        assert r.returncode == 0, r.stderr
+        answers = [json.loads(line) for line in r.stdout.splitlines()]
+        tifs = sorted((workdir / "data").glob("*.tif"))
+        assert sorted(Path(a["input"]).name for a in answers) == [p.name for p in tifs]
+        assert {a["status"] for a in answers} == {"ok"}
+        assert f"{len(tifs)} images: {len(tifs)} ok" in r.stderr
     finally:
         down = demo("down", "--workdir", str(workdir), timeout=120)
     assert down.returncode == 0, down.stdout

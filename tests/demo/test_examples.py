@@ -1,4 +1,5 @@
-"""deploy/hub.example.toml: loads as HubSettings and documents every setting."""
+"""deploy/hub.example.toml and deploy/client.example.toml: each loads and documents
+every setting."""
 
 from __future__ import annotations
 
@@ -28,4 +29,28 @@ def test_hub_example_config_loads_and_documents_every_setting() -> None:
     }, missing
     text = example.read_text()
     for name in sorted(missing - {"mqtt.password"}):  # that one: CELLWATCH_MQTT__PASSWORD
+        assert f"# {name.rsplit('.', 1)[-1]} = " in text, f"{name} is not even mentioned"
+
+
+def test_client_example_config_loads_and_documents_every_setting() -> None:
+    from cellwatch.client import ClientSettings
+
+    example = DEPLOY / "client.example.toml"
+    settings = ClientSettings.load(example)
+    assert settings.mqtt.username == "client" and settings.mqtt.tls.enabled
+    defaults = ClientSettings()
+    for key in ("timeout_s", "retry_after_s", "max_attempts", "concurrency", "log_level"):
+        assert getattr(settings, key) == getattr(defaults, key), key  # shows the defaults
+    assert settings.mqtt.session_expiry_s == defaults.mqtt.session_expiry_s == 300
+    documented = toml_paths(tomllib.loads(example.read_text()))
+    missing = leaf_paths(ClientSettings) - documented
+    assert missing <= {
+        "node",
+        "mqtt.password",
+        "mqtt.client_id",
+        "mqtt.tls.cert_file",
+        "mqtt.tls.key_file",
+    }, missing
+    text = example.read_text()
+    for name in sorted(missing - {"mqtt.password"}):
         assert f"# {name.rsplit('.', 1)[-1]} = " in text, f"{name} is not even mentioned"

@@ -1,22 +1,27 @@
 """Scripted nodes for hub tests: real MQTT peers (node users, real broker) that speak
-the node's side of the protocol: retained status with a Will, FetchRequests with
-Response Topic and Correlation Data, UpdateReports. They stand in for the node's
-update agent where a test needs exact control (fail on cue, stay silent, count
-bytes); the end-to-end tests use real nodes.
+the node's side of the protocol: retained status with a Will, UpdateReports, and
+downloads with the node's own Fetcher. They stand in for the node's update agent
+where a test needs exact control (fail on cue, stay silent, count bytes); the
+end-to-end tests use real nodes.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import shutil
+import tempfile
 import threading
 import uuid
 from dataclasses import dataclass
+from pathlib import Path
 
 import paho.mqtt.client as paho
 
+from cellwatch.node.fetcher import Fetcher, FetchError
 from cellwatch.shared.manifest import MANIFEST_FILE, SIGNATURE_FILE
-from cellwatch.shared.mqtt import MqttClient, PublishProps, Will, user_properties
+from cellwatch.shared.mqtt import MqttClient, Will, user_properties
+from cellwatch.shared.rpc import Policy, RequestTimeout
 from cellwatch.shared.schemas import (
     ApiError,
     DesiredModel,
@@ -43,9 +48,16 @@ class FetchFailed(Exception):
     pass
 
 
+def raw_reply(msg: paho.MQTTMessage) -> Reply:
+    return Reply(bytes(msg.payload), user_properties(msg))
+
+
 class FakeNode:
     """behaviour: `update` (download and report up to active), `fail` (report failed
-    with fail_code), `silent` (never answer), `manual` (the test reports)."""
+    with fail_code), `silent` (never answer), `manual` (the test reports).
+
+    Downloads use the node's own Fetcher (cellwatch.node.fetcher); `request` and
+    `fetch` send single protocol-level requests through the same request layer."""
 
     def __init__(
         self,
@@ -69,12 +81,11 @@ class FakeNode:
         self.since = utcnow()
         self.have: set[str] = set()
         """Bundles (manifest sha256) this node holds: switching to them needs no download."""
-        self.bytes_fetched = 0
         self.desired: list[DesiredModel] = []
         self._cond = threading.Condition()
-        self._replies: dict[bytes, Reply] = {}
         self._work: list[DesiredModel] = []
         self._stop = False
+        self._scratch = Path(tempfile.mkdtemp(prefix=f"fake-{node_id}-"))
         self.mqtt = MqttClient(
             settings,
             client_id=f"fake-{node_id}-{self.boot_id[:6]}",
@@ -82,11 +93,18 @@ class FakeNode:
             will=Will(T.status(node_id), self.status("offline").to_json()),
             subscriptions=[(T.desired(node_id), 1), (T.fetch_reply(node_id), 1)],
         )
+        self.fetcher = Fetcher(
+            self.mqtt, T, node_id, chunk_bytes=chunk_bytes, timeout_s=5.0, stall_timeout_s=30.0
+        )
         self.mqtt.set_message_handler(self._on_message)
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
         if connect:
             self.connect()
+
+    @property
+    def bytes_fetched(self) -> int:
+        return self.fetcher.bytes_received
 
     # -- connection and status ---------------------------------------------------------
     def connect(self) -> None:
@@ -116,6 +134,8 @@ class FakeNode:
             self._cond.notify_all()
         if self.mqtt.connected:
             self.mqtt.disconnect()
+        self.fetcher.close()
+        shutil.rmtree(self._scratch, ignore_errors=True)
 
     def crash(self) -> None:
         """Drop the connection without DISCONNECT: the broker publishes the Will."""
@@ -123,6 +143,7 @@ class FakeNode:
             self._stop = True
             self._cond.notify_all()
         self.mqtt.drop()
+        self.fetcher.close()
 
     # -- messages ------------------------------------------------------------------------
     def _on_message(self, msg: paho.MQTTMessage) -> None:
@@ -135,10 +156,7 @@ class FakeNode:
                 self._work.append(d)
                 self._cond.notify_all()
             return
-        corr = getattr(msg.properties, "CorrelationData", None) if msg.properties else None
-        with self._cond:
-            self._replies[bytes(corr or b"")] = Reply(bytes(msg.payload), user_properties(msg))
-            self._cond.notify_all()
+        self.fetcher.on_reply(msg)
 
     def report(
         self,
@@ -162,53 +180,57 @@ class FakeNode:
         self,
         payload: bytes,
         *,
+        topic: str | None = None,
         response_topic: str | None = None,
         correlation: bytes | None = None,
         timeout: float = 10.0,
     ) -> Reply | None:
-        """Publish raw bytes on the fetch topic; the reply, or None if none came."""
-        corr = correlation if correlation is not None else uuid.uuid4().bytes
-        props = PublishProps(
-            response_topic=response_topic or T.fetch_reply(self.node_id), correlation_data=corr
+        """Publish raw bytes on this node's fetch request topic (or `topic`); the reply,
+        or None if none came. PublishRefused if the broker refuses the publish."""
+        sent = self.fetcher.rpc.submit(
+            topic or T.hub_fetch(self.node_id),
+            payload,
+            raw_reply,
+            Policy(timeout_s=timeout),
+            response_topic=response_topic,
+            correlation=correlation,
         )
-        assert self.mqtt.publish_wait(T.hub_fetch(), payload, qos=1, props=props)
-        with self._cond:
-            self._cond.wait_for(lambda: corr in self._replies, timeout)
-            return self._replies.pop(corr, None)
+        try:
+            return sent.result().value
+        except RequestTimeout:
+            return None
 
     def fetch(self, sha: str, name: str, offset: int = 0, length: int | None = None) -> Reply:
+        """One chunk request."""
         req = FetchRequest(
-            node_id=self.node_id,
-            manifest_sha256=sha,
-            file=name,
-            offset=offset,
-            length=length or self.chunk_bytes,
+            manifest_sha256=sha, file=name, offset=offset, length=length or self.chunk_bytes
         )
         reply = self.request(req.to_json())
         if reply is None:
             raise FetchFailed(f"no reply for {name} at {offset}")
         return reply
 
-    def download_file(self, sha: str, name: str, offset: int = 0) -> bytes:
-        """Chunk by chunk from offset, checking each chunk's SHA-256."""
-        data = bytearray()
-        while True:
-            reply = self.fetch(sha, name, offset + len(data))
-            if "error" in reply.props:
-                raise FetchFailed(f"{reply.props['error']}: {reply.props.get('message')}")
-            assert hashlib.sha256(reply.payload).hexdigest() == reply.props["sha256"]
-            assert int(reply.props["offset"]) == offset + len(data)
-            data += reply.payload
-            self.bytes_fetched += len(reply.payload)
-            if offset + len(data) >= int(reply.props["total"]) or not reply.payload:
-                return bytes(data)
+    def download_file(
+        self, sha: str, name: str, *, part: bytes = b"", expected_size: int | None = None
+    ) -> bytes:
+        """The node's Fetcher downloads name, resuming after `part` (the bytes a
+        previous attempt left in the .part file)."""
+        dest = self._scratch / sha / name
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        dest.unlink(missing_ok=True)
+        dest.with_name(name + ".part").write_bytes(part)
+        try:
+            self.fetcher.fetch(sha, name, dest, expected_size=expected_size)
+        except FetchError as exc:
+            raise FetchFailed(str(exc)) from exc
+        return dest.read_bytes()
 
     def download(self, sha: str) -> dict[str, bytes]:
         files = {MANIFEST_FILE: self.download_file(sha, MANIFEST_FILE)}
         files[SIGNATURE_FILE] = self.download_file(sha, SIGNATURE_FILE)
         manifest = json.loads(files[MANIFEST_FILE])
         for name, entry in manifest["files"].items():
-            files[name] = self.download_file(sha, name)
+            files[name] = self.download_file(sha, name, expected_size=entry["size"])
             assert hashlib.sha256(files[name]).hexdigest() == entry["sha256"]
         return files
 

@@ -19,10 +19,7 @@ from tests.hub.conftest import Bundles, NodeMaker
 
 def raw(client: HubClient, verb: str, payload: bytes) -> ApiReply:
     """Send raw bytes as a request and return the ApiReply (error or not)."""
-    waiter = client._send(client.topics.hub_api(verb), payload)
-    assert waiter.event.wait(10), f"no reply to {verb}"
-    assert waiter.reply is not None
-    return waiter.reply
+    return client.raw(verb, payload)
 
 
 @pytest.mark.parametrize(

@@ -20,7 +20,7 @@ from cellwatch.shared.schemas import ModelRef, Result
 from cellwatch.shared.signing import generate_keypair
 from tests import images
 from tests.broker import Broker
-from tests.harness import Requester, wait_for
+from tests.harness import Requester, Sent, wait_for
 from tests.hub.conftest import Bundles, HubFactory
 from tests.hub.test_rollouts import states, until
 from tests.models import write_test_bundle
@@ -112,7 +112,7 @@ class Traffic:
 
     def __init__(self, requester: Requester) -> None:
         self.requester = requester
-        self.corrs: list[bytes] = []
+        self.corrs: list[Sent] = []
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
@@ -236,3 +236,21 @@ def test_a_download_resumes_after_the_broker_restarts(
     # From zero, the new hub would send the whole bundle again; resuming, it sends
     # the rest plus at most the requests re-sent while it was away.
     assert second <= size - first + 16 * chunk, (first, second, size)
+
+
+def test_a_node_asking_for_larger_chunks_than_the_hub_sends_still_converges(
+    hub_factory: HubFactory, operator: HubClient, release: Release, real_nodes: RealNodes
+) -> None:
+    """The hub clamps each chunk to its max_chunk_bytes; the node advances by what it
+    got, asks for the rest, and uses the hub's size from then on (it used to advance
+    by its own chunk size and wait forever for the gaps)."""
+    hub = hub_factory(trusted_keys=release.hub_keys, max_chunk_bytes=16384)
+    node = real_nodes("node-1", chunk_bytes=65536)
+    hub_sees(operator, ["node-1"])
+    operator.push(release.v2)
+    rid = operator.rollout_start(RolloutStartArgs(name="toy", version="2.0.0")).rollout_id
+    info = until(operator, rid, lambda i: i.state in ("completed", "aborted"), timeout=120)
+    assert states(info) == {"node-1": "active"} and serving(node) == "2.0.0"
+    size = sum(p.stat().st_size for p in release.v2.iterdir())
+    assert node.fetcher is not None and node.fetcher.bytes_received == size
+    assert hub.fetch.served_by_node()["node-1"] >= size

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import hashlib
 
+import pytest
+
 from cellwatch.hub.client import HubClient
 from cellwatch.hub.service import HubService
+from cellwatch.shared.rpc import PublishRefused
 from cellwatch.shared.schemas import FetchRequest
 from tests.broker import Broker
 from tests.harness import Collector, T
@@ -41,8 +44,10 @@ def test_resume_at_an_offset_and_the_end(
     sha = bundles.sha(bundles.v1)
     node = fake_nodes("node-1")
     data = (bundles.v1 / "model.bin").read_bytes()
-    tail = node.download_file(sha, "model.bin", offset=len(data) // 2)
-    assert tail == data[len(data) // 2 :]
+    half = len(data) // 2
+    whole = node.download_file(sha, "model.bin", part=data[:half], expected_size=len(data))
+    assert whole == data
+    assert node.bytes_fetched == len(data) - half  # resumed, not started again
     end = node.fetch(sha, "model.bin", len(data))
     assert end.payload == b"" and end.props["total"] == str(len(data))
     assert end.props["sha256"] == hashlib.sha256(b"").hexdigest()
@@ -69,9 +74,7 @@ def test_bad_requests_get_error_replies_and_the_hub_keeps_serving(
     assert _error(node.request(b"{not json")) == "bad_request"
     assert _error(node.request(b"[]")) == "bad_request"
     assert _error(node.request(b'{"node_id": "node-1"}')) == "bad_request"
-    negative = FetchRequest(
-        node_id="node-1", manifest_sha256=sha, file="model.xml", offset=0, length=1
-    )
+    negative = FetchRequest(manifest_sha256=sha, file="model.xml", offset=0, length=1)
     assert _error(node.request(negative.to_json().replace(b'"offset":0', b'"offset":-5'))) == (
         "bad_request"
     )
@@ -81,10 +84,8 @@ def test_bad_requests_get_error_replies_and_the_hub_keeps_serving(
 
     # No usable Response Topic: no reply at all (logged), and no crash.
     spy = Collector(broker.settings("node-2"), T.fetch_reply("node-2"), name="spy")
-    other = FetchRequest(
-        node_id="node-2", manifest_sha256=sha, file="model.xml", offset=0, length=10
-    )
-    assert node.request(other.to_json(), timeout=1.0) is None  # node-1 asking for node-2
+    req = FetchRequest(manifest_sha256=sha, file="model.xml", offset=0, length=10)
+    assert node.request(req.to_json(), response_topic=T.fetch_reply("node-2"), timeout=1.0) is None
     assert node.request(b"{", response_topic=T.replies("node-1", "x"), timeout=1.0) is None
     assert spy.messages == []
     spy.close()
@@ -92,3 +93,30 @@ def test_bad_requests_get_error_replies_and_the_hub_keeps_serving(
     ok = node.fetch(sha, "model.xml", 0, 10)
     assert ok.payload == (bundles.v1 / "model.xml").read_bytes()[:10]
     assert operator.stats().fetch_errors >= 12
+
+
+def test_a_node_cannot_fetch_for_another_node(
+    broker: Broker, hub: HubService, operator: HubClient, bundles: Bundles, fake_nodes: NodeMaker
+) -> None:
+    """The topic names the node: node-1 may publish only on its own fetch topic (the
+    broker refuses the other's), the hub answers only on the topic's node's reply
+    topic, and counts bytes only for node ids that came from a topic."""
+    operator.push(bundles.v1)
+    sha = bundles.sha(bundles.v1)
+    node = fake_nodes("node-1")
+    spy = Collector(broker.settings("node-2"), T.fetch_reply("node-2"), name="spy")
+    req = FetchRequest(manifest_sha256=sha, file="model.xml", offset=0, length=10).to_json()
+    with pytest.raises(PublishRefused):
+        node.request(req, topic=T.hub_fetch("node-2"))
+    # node-1 on its own topic, asking for the replies to go to node-2: dropped
+    assert node.request(req, response_topic=T.fetch_reply("node-2"), timeout=1.0) is None
+    # a version-1 body naming another node is not a valid request at all
+    named = req.replace(b"{", b'{"node_id":"node-2",', 1)
+    assert _error(node.request(named)) == "bad_request"
+    assert (
+        node.fetch(sha, "model.xml", 0, 10).payload == (bundles.v1 / "model.xml").read_bytes()[:10]
+    )
+    assert spy.messages == []
+    spy.close()
+    assert set(operator.stats().bytes_by_node) == {"node-1"}
+    assert hub.fetch.served_by_node() == {"node-1": 10}

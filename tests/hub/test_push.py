@@ -91,7 +91,7 @@ def _upload(client: HubClient, upload_id: str, name: str, offset: int, data: byt
         ("offset", str(offset)),
         ("sha256", hashlib.sha256(data).hexdigest()),
     )
-    return client._wait(client._send(client.topics.hub_api("upload"), data, user), "upload")
+    return client.wait(client.send("upload", data, user), "upload")
 
 
 def test_upload_refuses_traversal_unknown_files_and_bad_offsets(

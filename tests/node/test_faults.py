@@ -17,36 +17,38 @@ from cellwatch.shared.mqtt import PublishProps
 from cellwatch.shared.schemas import NodeStatus, Result
 from tests import images
 from tests.broker import Broker
-from tests.harness import Collector, Requester, T, wait_for
+from tests.harness import Collector, Requester, Sent, T, wait_for
 from tests.node.conftest import NodeFactory
 
 
-def answers(requester: Requester, corrs: list[bytes], timeout: float = 60) -> list[Result]:
+def answers(requester: Requester, sent: list[Sent], timeout: float = 60) -> list[Result]:
     """The one Result of each request (fails on a missing or a duplicated answer)."""
-    out = [requester.result(c, timeout=timeout) for c in corrs]
-    with requester._lock:
-        dup = {c: len(rs) for c, rs in requester.results.items() if len(rs) > 1}
-    assert not dup, f"answered more than once: {dup}"
+    out = [requester.result(s, timeout=timeout) for s in sent]
+    stats = requester.stats()
+    assert stats.duplicates == 0 and stats.unknown == 0, f"answered more than once: {stats}"
     return out
 
 
 def test_a_retained_image_is_answered_once_not_on_every_subscribe(
-    node_factory: NodeFactory, requester: Requester
+    broker: Broker, node_factory: NodeFactory, requester: Requester
 ) -> None:
     node = node_factory()
-    corr = b"retained-1"
-    props = PublishProps(correlation_data=corr, response_topic=requester.reply_topic)
-    assert requester.client.publish_wait(
-        T.images("scope-1"), images.jpeg(), qos=1, retain=True, props=props
-    )
-    assert requester.result(corr).status == "ok"  # live delivery: answered
-    node.join()
-    again = node_factory()  # subscribing replays the retained image to the new session
-    wait_for(lambda: again.stats.retained_ignored == 1, what="the replay to be ignored")
-    barrier = requester.send(images.jpeg())
-    assert requester.result(barrier).status == "ok"
-    wait_for(lambda: again.stats.inflight == 0, what="all acknowledged")
-    assert len(requester.results[corr]) == 1
+    replies = T.replies("client", "retained-test")
+    inbox = Collector(broker.settings("client"), replies)
+    try:
+        props = PublishProps(correlation_data=b"retained-1", response_topic=replies)
+        assert requester.client.publish_wait(
+            T.images("scope-1"), images.jpeg(), qos=1, retain=True, props=props
+        )
+        wait_for(lambda: len(inbox.on(replies)) == 1, what="the live delivery's answer")
+        node.join()
+        again = node_factory()  # subscribing replays the retained image to the new session
+        wait_for(lambda: again.stats.retained_ignored == 1, what="the replay to be ignored")
+        assert requester.request(images.jpeg()).status == "ok"
+        wait_for(lambda: again.stats.inflight == 0, what="all acknowledged")
+        assert len(inbox.on(replies)) == 1
+    finally:
+        inbox.close()
 
 
 def test_response_topics_outside_replies_are_refused(
@@ -127,7 +129,7 @@ def test_twenty_swaps_under_load_do_not_leak(
     bundle = node.settings.model.bundle
     assert bundle is not None
     stop = threading.Event()
-    sent: list[bytes] = []
+    sent: list[Sent] = []
 
     def load() -> None:
         while not stop.is_set():

@@ -10,7 +10,7 @@ from cellwatch.node.errors import DeviceError
 from cellwatch.shared.schemas import NodeStatus, Result, Telemetry
 from tests import images
 from tests.broker import Broker
-from tests.harness import Collector, Requester, T, wait_for
+from tests.harness import Collector, Requester, Sent, T, wait_for
 from tests.node.conftest import NodeFactory
 
 
@@ -69,7 +69,7 @@ def test_bad_inputs_get_error_results_and_nothing_is_lost(
     node_factory: NodeFactory, requester: Requester
 ) -> None:
     node_factory(limits={"max_image_bytes": 300_000})
-    sent: dict[bytes, tuple[str, str | None]] = {}
+    sent: dict[Sent, tuple[str, str | None]] = {}
     for name, payload, code in BAD_INPUTS:
         sent[requester.send(payload)] = (name, code)
         sent[requester.send(images.jpeg(images.RED))] = ("good-after-" + name, None)
@@ -87,7 +87,7 @@ def test_bad_inputs_get_error_results_and_nothing_is_lost(
             assert r.status == "error" and r.error is not None, name
             assert r.error.code == code, name
     assert requester.count() == len(sent)
-    assert sum(len(v) for v in requester.results.values()) == len(sent)  # one answer each
+    assert requester.stats().duplicates == 0  # one answer each
 
 
 def test_invalid_source_and_image_id(node_factory: NodeFactory, requester: Requester) -> None:
@@ -236,7 +236,7 @@ def test_shared_subscription_spreads_work(node_factory: NodeFactory, requester: 
     corrs = [requester.send(images.jpeg()) for _ in range(30)]
     nodes = {requester.result(c).node_id for c in corrs}
     assert nodes == {"node-1", "node-2"}
-    assert sum(len(v) for v in requester.results.values()) == 30  # each image once
+    assert requester.count() == 30 and requester.stats().duplicates == 0  # each image once
 
 
 def test_direct_topic(node_factory: NodeFactory, requester: Requester) -> None:

@@ -141,7 +141,8 @@ def test_unreachable_hub_fails_with_fetch_failed_and_keeps_serving(
 ) -> None:
     _, keys = toy_bundle
     watch = Collector(broker.settings("hub"), T.update("node-1"))
-    node_factory(updates={"store_dir": tmp_path / "store", "chunk_timeout_s": 0.3})
+    updates = {"store_dir": tmp_path / "store", "chunk_timeout_s": 0.3, "stall_timeout_s": 1.0}
+    node_factory(updates=updates)
     desire(broker, "node-1", second_bundle, keys)  # nobody serves the chunks
     wait_for(lambda: any(r.state == "failed" for r in reports(watch)), 60, "failed report")
     failed = next(r for r in reports(watch) if r.state == "failed")

@@ -90,4 +90,8 @@ def test_other_messages_validate() -> None:
     with pytest.raises(ValidationError):
         UpdateReport(rollout_id="r1", model=d.model, state="bogus", progress=1.0, ts=NOW)
     with pytest.raises(ValidationError):
-        FetchRequest(node_id="n/x", manifest_sha256=SHA, file="model.bin", offset=0, length=1)
+        FetchRequest(manifest_sha256=SHA, file="model.bin", offset=-1, length=1)
+    f = FetchRequest(manifest_sha256=SHA, file="model.bin", offset=0, length=1)
+    assert json.loads(f.to_json())["schema"] == "cellwatch.fetch/2"
+    with pytest.raises(ValidationError):  # the topic names the node, never the body
+        FetchRequest.model_validate_json(f.to_json().replace(b"{", b'{"node_id":"n",', 1))

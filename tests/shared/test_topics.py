@@ -18,7 +18,8 @@ def test_builders_follow_design() -> None:
     assert T.desired("n") == "cellwatch/nodes/n/desired"
     assert T.update("n") == "cellwatch/nodes/n/update"
     assert T.fetch_reply("n") == "cellwatch/nodes/n/fetch"
-    assert T.hub_fetch() == "cellwatch/hub/fetch"
+    assert T.hub_fetch("n") == "cellwatch/hub/fetch/n"
+    assert T.hub_fetch_filter() == "cellwatch/hub/fetch/+"
     assert T.hub_api("push") == "cellwatch/hub/api/push"
     assert T.replies("client", "x/1") == "cellwatch/replies/client/x/1"
     assert Topics("lab7").images("a") == "lab7/images/a"
@@ -40,6 +41,10 @@ def test_parse_source_and_node_id() -> None:
         T.source_of("cellwatch/results/x")
     with pytest.raises(TopicError):
         T.node_id_of("cellwatch/nodes/node-3")
+    assert T.fetch_node_of("cellwatch/hub/fetch/node-3") == "node-3"
+    for bad in ("cellwatch/hub/fetch", "cellwatch/hub/fetch/a/b", "cellwatch/hub/fetch/+"):
+        with pytest.raises(TopicError):
+            T.fetch_node_of(bad)
 
 
 @pytest.mark.parametrize("prefix", ["", "a/#", "$SYS"])
