@@ -11,9 +11,9 @@ not depend on the weights):
     time per inference (its process CPU time, less a one-inference run's, over the
     iterations);
 (b) a real node process (default settings, THROUGHPUT hint, receive maximum 32)
-    fed through a real Mosquitto by a separate sender process, the way the lab
-    client's `classify_many(concurrency=32)` does: QoS 1 on the node's direct
-    topic, 32 images in flight. Three images: 640x480 JPEG, 2592x1944 JPEG (the
+    fed through a real Mosquitto by the lab client in a separate process
+    (bench/sender.py: `classify_many(concurrency=32, node=...)`, QoS 1 on the
+    node's direct topic, 32 images in flight). Three images: 640x480 JPEG, 2592x1944 JPEG (the
     ALL-IDB1 microscope size) and a 640x480 uncompressed TIFF. For each: steady
     throughput, the ratio to (a), and the node process's CPU ms per image
     (getrusage of the node, robust to other load on the machine), with the part
@@ -74,7 +74,6 @@ from cellwatch.shared.topics import Topics
 
 T = Topics()
 NODE = "bench-node"
-REPLY = T.replies("client", "bench")
 WINDOW = 32
 KINDS = ("small", "large", "tiff")
 """--only names of the images make_images() returns, in its order."""
@@ -99,6 +98,7 @@ class Run:
     """CPU of every other process on the machine during the run, per image."""
     rtt_ms: list[float]
     node_ms: list[float]
+    node_parts_ms: dict[str, list[float]]
 
 
 def make_images(large: int, small: int) -> list[Image]:
@@ -200,10 +200,8 @@ def send(
             str(count),
             "--window",
             str(window),
-            "--topic",
-            T.node_images(NODE),
-            "--reply-topic",
-            REPLY,
+            "--node",
+            NODE,
         ],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
@@ -236,8 +234,7 @@ def send(
         spy.send_signal(signal.SIGINT)
         spy.wait(60)
     out: dict[str, Any] = json.loads(line)
-    sent, arrived = np.array(out["sent_at"]), np.array(out["arrived_at"])
-    steady = np.sort(arrived)
+    steady = np.sort(np.array(out["arrived_at"]))
     node_s, broker_s, sender_s = node1 - node0, broker1 - broker0, float(out["cpu_s"])
     return Run(
         ips=float((count - 1) / (steady[-1] - steady[0])),
@@ -247,8 +244,9 @@ def send(
         broker_cpu_ms=broker_s / count * 1000,
         sender_cpu_ms=sender_s / count * 1000,
         others_cpu_ms=max(0.0, (busy1 - busy0) - node_s - broker_s - sender_s) / count * 1000,
-        rtt_ms=list((arrived - sent) * 1000),
+        rtt_ms=[float(v) for v in out["round_trip_ms"]],
         node_ms=list(out["node_ms"]),
+        node_parts_ms=dict(out["node_parts_ms"]),
     )
 
 
@@ -330,7 +328,7 @@ def main() -> None:
             f"  {im.name}: {len(im.payload)} bytes, decode+preprocess {decode_ms[im.name]:.2f} ms"
         )
     rows: list[tuple[str, Image, dict[str, float], Run]] = []
-    latency: list[tuple[str, str, dict[str, float], tuple[float, float, float]]] = []
+    latency: list[tuple[str, str, dict[str, float], Run]] = []
     for precision, bundle in bundles.items():
         xml = bundle / "model.xml"
         print(f"{precision}: benchmark_app THROUGHPUT and LATENCY ...", flush=True)
@@ -361,10 +359,7 @@ def main() -> None:
             for im in [im for im in images if "JPEG" in im.name]:
                 send(work, broker, node, im, 5, 1)  # warm-up
                 run = send(work, broker, node, im, a.latency_images, 1)
-                p50, p99 = (float(v) for v in np.percentile(run.rtt_ms, [50, 99]))
-                latency.append(
-                    (precision, im.name, ba_lat, (p50, p99, float(np.median(run.node_ms))))
-                )
+                latency.append((precision, im.name, ba_lat, run))
             stop_node(node)
         finally:
             broker.stop()
@@ -379,7 +374,7 @@ def main() -> None:
 
 def print_tables(
     rows: list[tuple[str, Image, dict[str, float], Run]],
-    latency: list[tuple[str, str, dict[str, float], tuple[float, float, float]]],
+    latency: list[tuple[str, str, dict[str, float], Run]],
     decode_ms: dict[str, float],
     cores: int,
 ) -> None:
@@ -410,13 +405,15 @@ def print_tables(
     print()
     print(
         "| bundle | image | benchmark_app LATENCY median ms | node round trip p50 / p99 ms "
-        "(target p50) | inside the node p50 ms |"
+        "(target p50) | inside the node p50 ms: total = queue + decode + preprocess + infer |"
     )
     print("|---|---|---|---|---|")
-    for precision, name, ba, (p50, p99, inside) in latency:
+    for precision, name, ba, run in latency:
+        p50, p99 = (float(v) for v in np.percentile(run.rtt_ms, [50, 99]))
+        parts = " + ".join(f"{np.median(v):.1f}" for v in run.node_parts_ms.values())
         print(
             f"| {precision} | {name} | {ba['median_ms']:.1f} | {p50:.1f} / {p99:.1f} "
-            f"(<= {ba['median_ms'] + 3:.1f}) | {inside:.1f} |"
+            f"(<= {ba['median_ms'] + 3:.1f}) | {np.median(run.node_ms):.1f} = {parts} |"
         )
 
 
