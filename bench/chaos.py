@@ -10,6 +10,7 @@ Each scenario sends a steady stream of images through `classify_many`, injects
 its fault once a third of them are answered, and counts what the caller got:
 
     kill9           a node killed with SIGKILL (the supervisor restarts it)
+    kill9_dead      a node killed with SIGKILL and not restarted (the worst case)
     sigterm         a node stopped with SIGTERM, started again 5 s later
     broker_restart  the broker stopped (SIGTERM: it saves its database) and started
     poison          an image that kills the node it is sent to (test hook), twice
@@ -111,6 +112,7 @@ class Child:
         self.env = env
         self.proc: subprocess.Popen[bytes] | None = None
         self.restarts = 0
+        """Restarts after the process died on its own (a non-zero exit)."""
         self.exits: list[int] = []
         self.supervised = True
 
@@ -150,7 +152,9 @@ class Child:
 
 
 class Supervisor:
-    """Restarts supervised children that exited, like systemd's Restart=always."""
+    """Restarts supervised children that exited, like systemd's Restart=always (a
+    scenario stops a node with SIGTERM to have it restarted with other settings);
+    only restarts after a non-zero exit count as restarts."""
 
     def __init__(self, restart_s: float) -> None:
         self.restart_s = restart_s
@@ -174,7 +178,7 @@ class Supervisor:
                 child.exits.append(int(proc.returncode))
                 time.sleep(self.restart_s)
                 if child.supervised and not self._stop.is_set():
-                    child.restarts += 1
+                    child.restarts += proc.returncode != 0
                     child.start()
 
     def close(self) -> None:
@@ -355,7 +359,6 @@ def run_load(
     client = fleet.client
     assert client is not None
     before = client.stats()
-    restarts = fleet.restarts()
     answers: list[Answer] = []
 
     def paced() -> Iterator[bytes]:
@@ -368,7 +371,6 @@ def run_load(
             answers.append(answer)
     after = client.stats()
     tally(row, answers)
-    row.restarts += fleet.restarts() - restarts
     row.retries += after.retries - before.retries
     row.dropped_duplicates += after.duplicates - before.duplicates
     return answers
@@ -401,9 +403,39 @@ def check(row: Row, ok: bool, text: str) -> None:
 def kill9(fleet: Fleet, count: int) -> Row:
     row = Row("kill9")
     node = fleet.nodes["node-2"]
+    restarts = node.restarts
     run_load(fleet, row, count, lambda: node.signal(signal.SIGKILL))
     fleet.wait_online("node-2")
-    check(row, row.restarts == 1 and node.exits[-1:] == [-9], "node-2 killed and restarted once")
+    check(
+        row,
+        node.restarts == restarts + 1 and node.exits[-1:] == [-9],
+        "node-2 killed and restarted once",
+    )
+    return row
+
+
+def kill9_dead(fleet: Fleet, count: int) -> Row:
+    """The worst case: a node killed and not restarted. Its persistent session keeps
+    taking its share of the images until it expires (session_expiry_s); the client's
+    retries answer them through the other node."""
+    row = Row("kill9_dead")
+    node = fleet.nodes["node-2"]
+
+    def kill() -> None:
+        node.supervised = False
+        node.signal(signal.SIGKILL)
+
+    t0 = time.monotonic()
+    run_load(fleet, row, count, kill, rate_hz=max(4.0, count / (fleet.timers.session_expiry_s / 2)))
+    check(
+        row,
+        True,
+        f"last image answered {time.monotonic() - t0:.0f} s after the load began (the session "
+        f"expires {fleet.timers.session_expiry_s} s after the kill)",
+    )
+    node.supervised = True
+    node.start()
+    fleet.wait_online("node-2")
     return row
 
 
@@ -440,7 +472,6 @@ def poison(fleet: Fleet, count: int) -> Row:
     node.env = {FAULTS_ENV: f"crash_image={POISON}"}
     node.signal(signal.SIGTERM)  # restart node-1 with the hook (the supervisor restarts it)
     fleet.wait_online("node-1", other_than=old)
-    restarts = fleet.restarts()
     client = fleet.client
     assert client is not None
     poisoned: list[Answer] = []
@@ -455,7 +486,6 @@ def poison(fleet: Fleet, count: int) -> Row:
     check(row, code == "poison_image", f"the poison image was answered {code} (poison_image)")
     crashes = [c for c in node.exits if c == -9]
     check(row, len(crashes) == 2, f"node-1 died {len(crashes)} times on it (2: try, one retry)")
-    row.restarts = fleet.restarts() - restarts
     node.env = {}
     old = fleet.boot_of("node-1")
     node.signal(signal.SIGTERM)
@@ -560,9 +590,7 @@ def device_error(fleet: Fleet, count: int) -> Row:
     node.env = {FAULTS_ENV: "infer_fail_after=3"}
     node.signal(signal.SIGTERM)
     fleet.wait_online("node-1", other_than=old)
-    restarts = fleet.restarts()
     run_load(fleet, row, count, lambda: None)
-    row.restarts = fleet.restarts() - restarts
     log = node.log.read_text(errors="replace")
     check(row, "recompiling" in log, "node-1 recompiled its model after device errors")
     check(row, set(row.errors) <= {"device_error"}, f"error Results: {dict(row.errors)}")
@@ -573,8 +601,17 @@ def device_error(fleet: Fleet, count: int) -> Row:
     return row
 
 
+def run(fleet: Fleet, name: str, count: int) -> Row:
+    """One scenario; node restarts counted over all of it."""
+    restarts = fleet.restarts()
+    row = SCENARIOS[name](fleet, count)
+    row.restarts = fleet.restarts() - restarts
+    return row
+
+
 SCENARIOS: dict[str, Callable[[Fleet, int], Row]] = {
     "kill9": kill9,
+    "kill9_dead": kill9_dead,
     "sigterm": sigterm,
     "broker_restart": broker_restart,
     "poison": poison,
@@ -648,7 +685,7 @@ def main() -> None:
         fleet.start()
         for name in names:
             t0 = time.monotonic()
-            row = SCENARIOS[name](fleet, args.images)
+            row = run(fleet, name, args.images)
             rows.append(row)
             print(f"  {name}: {time.monotonic() - t0:.0f} s; " + "; ".join(row.checks), flush=True)
     finally:
