@@ -1,14 +1,16 @@
 """`AsyncClient`: the asyncio face of the lab client.
 
-The same Core as `Client`; file reads and publishes run in a worker thread
-(`asyncio.to_thread`), and the Core's futures are awaited with
-`asyncio.wrap_future`, so no logic is copied.
+The same Core as `Client`: file reads and publishes run in a worker thread
+(`asyncio.to_thread`), the Core's futures are awaited with `asyncio.wrap_future`,
+and classify_many runs the Core's own window loop in a worker thread, so no logic is
+copied.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import threading
 from collections.abc import AsyncIterator, Iterable
 from concurrent.futures import Future
 from pathlib import Path
@@ -18,7 +20,6 @@ from typing import Any
 from cellwatch.client.answer import Answer
 from cellwatch.client.config import ClientSettings
 from cellwatch.client.core import Core, Image, Prepared
-from cellwatch.client.errors import ClientError
 from cellwatch.client.sync import load_settings
 from cellwatch.shared.rpc import Reply, RpcStats
 from cellwatch.shared.schemas import Result
@@ -104,38 +105,36 @@ class AsyncClient:
         timeout: float | None = None,
         node: str | None = None,
     ) -> AsyncIterator[Answer]:
-        """As Client.classify_many, as an async iterator."""
-        limit = concurrency or self._core.settings.concurrency
-        if limit < 1:
-            raise ValueError("concurrency must be >= 1")
-        pending: set[asyncio.Task[Answer]] = set()
-        inputs = enumerate(images)
-        exhausted = False
+        """As Client.classify_many, as an async iterator: the same Core.many runs in a
+        worker thread and hands each Answer to the event loop."""
+        loop = asyncio.get_running_loop()
+        answers: asyncio.Queue[Answer | BaseException | None] = asyncio.Queue()
+        stop = threading.Event()
+
+        def produce() -> None:
+            many = self._core.many(
+                images, source=source, concurrency=concurrency, timeout=timeout, node=node
+            )
+            try:
+                for answer in many:
+                    loop.call_soon_threadsafe(answers.put_nowait, answer)
+                    if stop.is_set():
+                        break  # closing the generator cancels what is still in flight
+            except BaseException as exc:  # raised by the caller's await below
+                loop.call_soon_threadsafe(answers.put_nowait, exc)
+            finally:
+                many.close()
+                loop.call_soon_threadsafe(answers.put_nowait, None)
+
+        worker = loop.run_in_executor(None, produce)
         try:
-            while True:
-                while not exhausted and len(pending) < limit:
-                    item = next(inputs, None)
-                    if item is None:
-                        exhausted = True
-                        break
-                    index, image = item
-                    try:
-                        sent = await asyncio.to_thread(
-                            self._send, image, index, source, None, timeout, node
-                        )
-                    except ClientError as exc:
-                        name = f"bytes#{index}" if isinstance(image, bytes) else str(image)
-                        yield Answer(name, "", error=exc)
-                        continue
-                    pending.add(asyncio.create_task(self._answer(sent)))
-                if not pending:
-                    return
-                finished, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
-                for task in finished:
-                    yield task.result()
+            while (item := await answers.get()) is not None:
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
         finally:
-            for task in pending:
-                task.cancel()
+            stop.set()
+            await asyncio.shield(worker)
 
     def stats(self) -> RpcStats:
         return self._core.stats()

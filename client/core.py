@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 import queue
 import uuid
-from collections.abc import Iterable, Iterator
+from collections.abc import Generator, Iterable
 from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
@@ -289,7 +289,7 @@ class Core:
         concurrency: int | None = None,
         timeout: float | None = None,
         node: str | None = None,
-    ) -> Iterator[Answer]:
+    ) -> Generator[Answer, None, None]:
         """Answers in completion order, at most `concurrency` images in flight; files
         are read just before they are sent. Input errors become Answers too."""
         limit = concurrency or self.settings.concurrency

@@ -180,6 +180,25 @@ def test_async_client_from_asyncio(broker: Broker, node_factory: NodeFactory) ->
     assert all(a.ok for a in many)
 
 
+def test_async_classify_many_stopped_early_cancels_the_rest(
+    broker: Broker, node_factory: NodeFactory
+) -> None:
+    node_factory()
+
+    async def main() -> tuple[int, int]:
+        async with AsyncClient(ClientSettings(mqtt=broker.settings("client"))) as client:
+            taken = 0
+            async for _ in client.classify_many([images.jpeg()] * 500, concurrency=4):
+                taken += 1
+                if taken == 3:
+                    break
+            return taken, client.stats().sent
+
+    taken, sent = asyncio.run(main())
+    assert taken == 3
+    assert sent < 20  # the rest was never sent: the window closed with the iterator
+
+
 def test_classify_many_keeps_exactly_its_window_in_flight(
     broker: Broker, client_factory: ClientFactory
 ) -> None:
