@@ -213,7 +213,11 @@ def run(counts: list[int], size_mb: float, inception: bool) -> None:
         t0 = time.monotonic()
         rid = op.rollout_start(
             RolloutStartArgs(
-                name=name, version=version, target=f"node:{','.join(nodes[:n])}", waves="100%"
+                name=name,
+                version=version,
+                target=f"node:{','.join(nodes[:n])}",
+                waves="100%",
+                yes_untrained=True,  # the bench's bundles are fakes or untrained on purpose
             )
         ).rollout_id
         while op.rollout_status(rid).state != "completed":

@@ -223,6 +223,11 @@ def rollout() -> None:
 @click.option("--min-executed", type=int, help="finished nodes before the abort rule applies")
 @click.option("--node-timeout", type=float, help="seconds a node has to become active")
 @click.option("--request-id", help="idempotency key: the same id never starts twice")
+@click.option(
+    "--yes-untrained",
+    is_flag=True,
+    help="roll out a model flagged UNTRAINED or SYNTHETIC (refused without it)",
+)
 @connection
 @friendly_errors
 @operator
@@ -237,9 +242,13 @@ def rollout_start(
     min_executed: int | None,
     node_timeout: float | None,
     request_id: str | None,
+    yes_untrained: bool,
     as_json: bool,
 ) -> None:
-    """Roll model NAME VERSION out to the target nodes in waves."""
+    """Roll model NAME VERSION out to the target nodes in waves.
+
+    A model trained from random weights or on synthetic data (see `cellwatch-hub
+    models`, FLAGS) needs --yes-untrained."""
     args = RolloutStartArgs(
         name=name,
         version=version,
@@ -249,6 +258,7 @@ def rollout_start(
         max_failures=max_failures,
         min_executed=min_executed,
         node_timeout_s=node_timeout,
+        yes_untrained=yes_untrained,
     )
     info = client.rollout_start(args, request_id=request_id)
     if not as_json and info.existing:

@@ -21,7 +21,8 @@ class ApiFailure(HubError):
     """An API call failed with an error code; the hub answers it, the client raises it.
 
     Codes: bad_request, unknown_verb, not_found, conflict, invalid_bundle, too_large,
-    bad_offset, internal.
+    bad_offset, untrained_model (rollout.start of a model flagged untrained or synthetic
+    without yes_untrained), internal.
     """
 
     def __init__(self, code: str, message: str) -> None:

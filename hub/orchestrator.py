@@ -35,6 +35,8 @@ from cellwatch.shared.schemas import ApiError, UpdateReport
 log = logging.getLogger(__name__)
 
 WriteDesired = Callable[[Desired], None]
+CONFIRM_FLAGS = ("synthetic", "untrained")
+"""Model flags that `rollout.start` refuses without `yes_untrained`."""
 
 
 def _ts(value: float) -> datetime:
@@ -45,7 +47,9 @@ def _ref(m: ModelKey) -> DesiredRef:
     return DesiredRef(name=m.name, version=m.version, manifest_sha256=m.sha256)
 
 
-def describe(r: Rollout, *, existing: bool = False) -> RolloutInfo:
+def describe(
+    r: Rollout, *, existing: bool = False, model_flags: list[str] | None = None
+) -> RolloutInfo:
     """The API's view of a rollout."""
     p = r.policy
     previous = 0
@@ -97,6 +101,7 @@ def describe(r: Rollout, *, existing: bool = False) -> RolloutInfo:
         updated_at=_ts(r.updated_at),
         finished_at=_ts(r.finished_at) if r.finished_at is not None else None,
         existing=existing,
+        model_flags=model_flags or [],
     )
 
 
@@ -136,9 +141,23 @@ class Orchestrator:
                 self.write_desired(d)
 
     # -- operator verbs ----------------------------------------------------------------
+    def _describe(self, r: Rollout, *, existing: bool = False) -> RolloutInfo:
+        manifest = self.registry.stored_manifest(r.model.sha256)
+        flags: list[str] = list(manifest.flags) if manifest is not None else []
+        return describe(r, existing=existing, model_flags=flags)
+
     def start(self, args: RolloutStartArgs, now: float) -> RolloutInfo:
         m = self.registry.find(args.name, args.version)
         model = ModelKey(m.name, m.version, m.manifest_sha256)
+        manifest = self.registry.stored_manifest(m.manifest_sha256)
+        risky = [f for f in (manifest.flags if manifest else []) if f in CONFIRM_FLAGS]
+        if risky and not args.yes_untrained:
+            raise ApiFailure(
+                "untrained_model",
+                f"{m.name} {m.version} is {' and '.join(f.upper() for f in risky)} (see its "
+                "MODEL_CARD.md): it is not a model for real images; confirm with "
+                "--yes-untrained to roll it out anyway",
+            )
         ids = self.fleet.resolve(args.target.strip())
         for r in self.active.values():
             overlap = sorted(set(ids) & {t.node_id for t in r.targets})
@@ -146,7 +165,7 @@ class Orchestrator:
                 continue
             if r.model == model and sorted(t.node_id for t in r.targets) == ids:
                 log.info("rollout %s: the same rollout is already %s", r.rollout_id, r.state)
-                return describe(r, existing=True)
+                return self._describe(r, existing=True)
             raise ApiFailure(
                 "conflict",
                 f"{', '.join(overlap)} already in rollout {r.rollout_id} ({r.model}, {r.state}): "
@@ -172,7 +191,7 @@ class Orchestrator:
         )
         self.active[rollout.rollout_id] = rollout
         self._apply(rollout, rollout.tick(self.fleet.views(), now))
-        return describe(rollout)
+        return self._describe(rollout)
 
     def _policy(self, args: RolloutStartArgs, total: int) -> Policy:
         d = self.defaults
@@ -203,16 +222,17 @@ class Orchestrator:
 
     def status(self, rollout_id: str | None) -> RolloutInfo:
         if rollout_id is not None:
-            return describe(self.get(rollout_id))
+            return self._describe(self.get(rollout_id))
         latest = self.db.rollouts(limit=1)
         if not latest:
             raise ApiFailure("not_found", "no rollout yet")
-        return describe(self.active.get(latest[0].rollout_id, latest[0]))
+        return self._describe(self.active.get(latest[0].rollout_id, latest[0]))
 
     def recent(self, limit: int = 50) -> RolloutList:
         return RolloutList(
             rollouts=[
-                describe(self.active.get(r.rollout_id, r)) for r in self.db.rollouts(limit=limit)
+                self._describe(self.active.get(r.rollout_id, r))
+                for r in self.db.rollouts(limit=limit)
             ]
         )
 
@@ -220,19 +240,19 @@ class Orchestrator:
         r = self.get(rollout_id)
         r.pause(now)
         self._apply(r, [])
-        return describe(r)
+        return self._describe(r)
 
     def resume(self, rollout_id: str, now: float) -> RolloutInfo:
         r = self.get(rollout_id)
         r.resume(now)
         self._apply(r, r.tick(self.fleet.views(), now))
-        return describe(r)
+        return self._describe(r)
 
     def abort(self, rollout_id: str, now: float) -> RolloutInfo:
         r = self.get(rollout_id)
         r.abort(now)
         self._apply(r, [])
-        return describe(r)
+        return self._describe(r)
 
     def rollback(self, rollout_id: str, now: float) -> RolloutInfo:
         r = self.get(rollout_id)
@@ -253,7 +273,7 @@ class Orchestrator:
         desired = r.rollback(self.fleet.views(), now)
         self.active[r.rollout_id] = r
         self._apply(r, desired)
-        return describe(r)
+        return self._describe(r)
 
     # -- inputs from the fleet -------------------------------------------------------------
     def on_report(self, node_id: str, report: UpdateReport, now: float) -> None:

@@ -39,7 +39,13 @@ from cellwatch.shared.hubapi import (
     UploadFile,
 )
 from cellwatch.shared.limits import MAX_FETCH_CHUNK_BYTES, MAX_MANIFEST_BYTES
-from cellwatch.shared.manifest import MANIFEST_FILE, SIGNATURE_FILE, Manifest
+from cellwatch.shared.manifest import (
+    MANIFEST_FILE,
+    MODEL_FLAGS,
+    SIGNATURE_FILE,
+    Manifest,
+    model_flags,
+)
 from cellwatch.shared.signing import TrustedKeys
 
 log = logging.getLogger(__name__)
@@ -49,15 +55,10 @@ _SHA_RE = re.compile(r"^[0-9a-f]{64}$")
 
 
 def provenance_badges(provenance: dict[str, Any]) -> dict[str, bool]:
-    """ModelInfo's synthetic / untrained / degraded from the manifest's provenance:
-    `synthetic: true`; `base_checkpoint: null` (trained from random weights);
-    `gate.overridden: true` (released although its quality gate failed)."""
-    gate = provenance.get("gate")
-    return {
-        "synthetic": provenance.get("synthetic") is True,
-        "untrained": "base_checkpoint" in provenance and provenance["base_checkpoint"] is None,
-        "degraded": isinstance(gate, dict) and gate.get("overridden") is True,
-    }
+    """ModelInfo's synthetic / untrained / degraded from the manifest's provenance
+    (shared.manifest.model_flags: the one rule)."""
+    flags = model_flags(provenance)
+    return {flag: flag in flags for flag in MODEL_FLAGS}
 
 
 def model_info(m: ModelRecord) -> ModelInfo:
@@ -91,6 +92,7 @@ class Registry:
         self.trusted = trusted
         self.allow_unsigned = allow_unsigned
         self._manifests: dict[str, Manifest] = {}
+        self._stored: dict[str, Manifest] = {}
         self._backfill_provenance()
 
     def _backfill_provenance(self) -> None:
@@ -109,7 +111,23 @@ class Registry:
 
     # -- queries -------------------------------------------------------------------------
     def models(self, name: str | None = None) -> list[ModelInfo]:
-        return [model_info(m) for m in self.db.models(name)]
+        return [self.info(m) for m in self.db.models(name)]
+
+    def info(self, m: ModelRecord) -> ModelInfo:
+        return model_info(m)
+
+    def stored_manifest(self, sha: str) -> Manifest | None:
+        """The manifest of a stored bundle (cached: stored bundles never change)."""
+        cached = self._stored.get(sha)
+        if cached is not None:
+            return cached
+        try:
+            manifest = parse_manifest((self.store.path(sha) / MANIFEST_FILE).read_bytes())
+        except (OSError, BundleError) as exc:
+            log.warning("cannot read the manifest of stored bundle %s: %s", sha[:12], exc)
+            return None
+        self._stored[sha] = manifest
+        return manifest
 
     def find(self, name: str, version: str) -> ModelRecord:
         m = self.db.model(name, version)
@@ -135,7 +153,7 @@ class Registry:
         sha = sha256_bytes(manifest_bytes)
         stored = self.db.model_by_sha(sha)
         if stored is not None and self.store.has(sha):
-            return PushBeginReply(status="already_present", model=model_info(stored))
+            return PushBeginReply(status="already_present", model=self.info(stored))
         self._check_unique(manifest, sha)
         d = self.store.upload_dir(sha)
         (d / MANIFEST_FILE).write_bytes(manifest_bytes)
@@ -178,7 +196,7 @@ class Registry:
         sha = args.upload_id
         stored = self.db.model_by_sha(sha)
         if stored is not None and self.store.has(sha):
-            return PushCommitReply(status="already_present", model=model_info(stored))
+            return PushCommitReply(status="already_present", model=self.info(stored))
         manifest = self._manifest(sha)
         missing = [
             f"{name} ({self.store.received(sha, name)} of {e.size} bytes)"

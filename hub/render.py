@@ -78,10 +78,29 @@ def _table(*columns: str) -> Table:
     return table
 
 
+def model_flags(m: ModelInfo) -> list[str]:
+    """ModelInfo's warnings, in shared.manifest.MODEL_FLAGS order."""
+    return [
+        f
+        for f, on in (
+            ("synthetic", m.synthetic),
+            ("untrained", m.untrained),
+            ("degraded", m.degraded),
+        )
+        if on
+    ]
+
+
+def _flags(flags: list[str]) -> Text:
+    if not flags:
+        return Text("-", style="dim")
+    return Text(",".join(f.upper() for f in flags), style="bold yellow")
+
+
 def models_table(models: list[ModelInfo]) -> RenderableType:
     if not models:
         return Text("no models on the hub yet (cellwatch-hub push BUNDLE)")
-    table = _table("NAME", "VERSION", "SHA256", "SIZE", "PRECISION", "SIGNER", "PUSHED")
+    table = _table("NAME", "VERSION", "SHA256", "SIZE", "PRECISION", "FLAGS", "SIGNER", "PUSHED")
     for m in models:
         table.add_row(
             m.name,
@@ -89,6 +108,7 @@ def models_table(models: list[ModelInfo]) -> RenderableType:
             m.manifest_sha256[:12],
             _size(m.size),
             m.precision,
+            _flags(model_flags(m)),
             m.signer or "UNSIGNED",
             _when(m.pushed_at),
         )
@@ -122,6 +142,14 @@ def rollout_view(r: RolloutInfo) -> RenderableType:
         f"  wave {max(r.wave + 1, 0)}/{len(r.waves)}",
     )
     parts: list[RenderableType] = [head]
+    if r.model_flags:
+        parts.append(
+            Text(
+                f"  model is {', '.join(f.upper() for f in r.model_flags)}: not for real "
+                "decisions (see its MODEL_CARD.md)",
+                style="bold yellow",
+            )
+        )
     if r.reason:
         parts.append(Text(f"  {r.reason}", style="dim"))
     waves = _table("WAVE", "NODES", "ISSUED", "PROGRESS")

@@ -15,7 +15,28 @@ from cellwatch.node.decode import ImageLimits, decode_image
 from cellwatch.node.engine import ServingModel
 from cellwatch.node.preprocess import crop_and_resize
 from cellwatch.node.requests import ImageRequest
+from cellwatch.shared.manifest import Manifest
 from cellwatch.shared.schemas import ErrorCode, ErrorInfo, Result, Timings, utcnow
+
+
+def decide(manifest: Manifest, probs: np.ndarray) -> tuple[int, float, bool]:
+    """(class index, its probability, low_confidence) under the bundle's decision rule.
+
+    With a `decision` in the manifest: the positive label when its probability reaches
+    the threshold (which may be below 0.5: the reported confidence is then below 0.5
+    too), low confidence inside the [lo, hi] band. Without one (older bundles): argmax,
+    low confidence below low_confidence_threshold.
+    """
+    rule = manifest.decision
+    if rule is None:
+        idx = int(np.argmax(probs))
+        confidence = float(np.clip(probs[idx], 0.0, 1.0))
+        return idx, confidence, confidence < manifest.low_confidence_threshold
+    positive = manifest.labels.index(rule.positive_label)
+    p = float(np.clip(probs[positive], 0.0, 1.0))
+    idx = positive if p >= rule.threshold else 1 - positive
+    lo, hi = rule.low_confidence
+    return idx, float(np.clip(probs[idx], 0.0, 1.0)), lo <= p <= hi
 
 
 class Classifier:
@@ -41,9 +62,7 @@ class Classifier:
     def ok_result(self, req: ImageRequest, model: ServingModel, probs: np.ndarray) -> Result:
         now = time.monotonic()
         infer_ms = (now - req.timings.get("infer_start", now)) * 1000.0
-        manifest = model.bundle.manifest
-        idx = int(np.argmax(probs))
-        confidence = float(np.clip(probs[idx], 0.0, 1.0))
+        idx, confidence, low = decide(model.bundle.manifest, probs)
         return Result(
             status="ok",
             image_id=req.image_id,
@@ -57,7 +76,7 @@ class Classifier:
                 label: float(np.clip(p, 0.0, 1.0))
                 for label, p in zip(model.labels, probs, strict=True)
             },
-            low_confidence=confidence < manifest.low_confidence_threshold,
+            low_confidence=low,
             timings_ms=self._timings(req, infer_ms),
             received_at=req.received_at,
             completed_at=utcnow(),

@@ -165,6 +165,17 @@ class ServingModel:
             self.precision,
             self.jobs,
         )
+        if self.flags:
+            log.warning(
+                "model %s is %s (see its MODEL_CARD.md): not for real decisions",
+                bundle,
+                ", ".join(f.upper() for f in self.flags),
+            )
+
+    @property
+    def flags(self) -> list[str]:
+        """The model's warnings (synthetic, untrained, degraded) for status and logs."""
+        return list(self.bundle.manifest.flags)
 
     def _read_ir(self) -> ov.Model:
         bundle = self.bundle

@@ -466,6 +466,7 @@ class NodeService(Daemon):
             devices_available=available_devices(self.core),
             tags=list(self.settings.tags),
             software=software_versions(),
+            model_flags=model.flags if model is not None else [],
         )
 
     def _publish_status(self) -> None:

@@ -54,9 +54,9 @@ class ModelInfo(ApiModel):
     metrics: dict[str, Any] = Field(default_factory=dict)
     created_at: datetime = Field(description="the manifest's created_at")
     pushed_at: datetime
-    synthetic: bool = Field(False, description="trained or evaluated on synthetic data")
-    untrained: bool = Field(False, description="no base checkpoint: random initial weights")
-    degraded: bool = Field(False, description="released although its quality gate failed")
+    synthetic: bool = Field(False, description="trained on SYNTHETIC data (provenance)")
+    untrained: bool = Field(False, description="trained from random weights, no checkpoint")
+    degraded: bool = Field(False, description="exported although it failed the export gate")
 
 
 class PushBeginReply(ApiModel):
@@ -146,6 +146,11 @@ class RolloutStartArgs(ApiModel):
     max_failures: str | None = Field(None, max_length=16, description="count or percentage")
     min_executed: int | None = Field(None, ge=1, le=100_000)
     node_timeout_s: float | None = Field(None, gt=0, le=7 * 24 * 3600)
+    yes_untrained: bool = Field(
+        False,
+        description="confirm rolling out a model flagged untrained or synthetic "
+        "(refused with error code untrained_model otherwise)",
+    )
 
 
 class RolloutIdArgs(ApiModel):
@@ -204,6 +209,9 @@ class RolloutInfo(ApiModel):
     updated_at: datetime
     finished_at: datetime | None
     existing: bool = Field(False, description="start: an identical rollout was already running")
+    model_flags: list[str] = Field(
+        default_factory=list, description="the model's warnings: synthetic, untrained, degraded"
+    )
 
 
 class RolloutList(ApiModel):

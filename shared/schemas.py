@@ -118,6 +118,11 @@ class NodeStatus(Message):
     devices_available: list[str] = Field(default_factory=list)
     tags: list[str] = Field(default_factory=list, description="groups this node belongs to")
     software: dict[str, str] = Field(default_factory=dict)
+    model_flags: list[str] = Field(
+        default_factory=list,
+        description="warnings of the model served: synthetic, untrained, degraded "
+        "(shared.manifest.model_flags)",
+    )
 
 
 class Latency(Message):

@@ -17,7 +17,7 @@ import openvino as ov
 import openvino.opset13 as ops
 
 from cellwatch.shared.bundle import hash_files, write_manifest
-from cellwatch.shared.manifest import GoldenSpec, Manifest
+from cellwatch.shared.manifest import MODEL_CARD_FILE, Decision, GoldenSpec, Manifest
 from cellwatch.shared.signing import generate_keypair, load_private_key
 
 LABELS = ["normal", "ALL"]
@@ -61,6 +61,8 @@ def write_test_bundle(
     golden_shift: float = 0.0,
     metrics: dict[str, Any] | None = None,
     provenance: dict[str, Any] | None = None,
+    decision: Decision | None = None,
+    model_card: str | None = None,
 ) -> Path:
     """Write a signed bundle of the toy model into out (created); keys into key_dir."""
     out.mkdir(parents=True, exist_ok=True)
@@ -75,6 +77,8 @@ def write_test_bundle(
     if golden_shift:  # a bundle whose golden vectors this model does not reproduce
         probs = np.clip(probs + np.array([golden_shift, -golden_shift], np.float32), 0, 1)
     np.savez_compressed(out / "golden.npz", inputs=inputs, probabilities=probs)
+    if model_card is not None:
+        (out / MODEL_CARD_FILE).write_text(model_card)
     manifest = Manifest(
         name=name,
         version=version,
@@ -85,10 +89,11 @@ def write_test_bundle(
         low_confidence_threshold=0.6,
         files=hash_files(out),
         metrics=metrics if metrics is not None else {"note": "toy test model, not trained"},
-        provenance=provenance
-        if provenance is not None
-        else {"synthetic": True, "builder": "tests/models.py"},
+        # Hand-set weights, trained on nothing: the provenance says neither `synthetic` nor
+        # `base_checkpoint`, so the toy is not flagged (tests of the flags pass their own).
+        provenance=provenance if provenance is not None else {"builder": "tests/models.py"},
         golden=GoldenSpec(tolerance=1e-3),
+        decision=decision,
     )
     key = None
     if sign:

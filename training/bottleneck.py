@@ -1,10 +1,12 @@
 """Bottleneck features: the frozen base network's pooled 2048-vector, computed once per image.
 
-The cache is keyed by what determines a bottleneck: the image bytes (SHA-256) and
-the exact base weights (`network.weights_digest` of the restored network, which
-names the checkpoint, or the seed of a random initialisation) plus the eval
-preprocessing. Files are `CACHE/<key>/<sha[:2]>/<sha>.npy` (plain float32 arrays,
-loaded with allow_pickle=False); a damaged file is recomputed.
+The cache is keyed by what determines a bottleneck: the image bytes (SHA-256), the
+exact base weights (`network.weights_digest` of the restored network, which names
+the checkpoint, or the seed of a random initialisation), the eval preprocessing
+(its spec), and the versions of the code that turns bytes into features: the
+decoder's libraries (OpenCV, Pillow), TensorFlow (preprocessing and the forward
+pass) and NumPy (`cache_key`). Files are `CACHE/<key>/<sha[:2]>/<sha>.npy` (plain
+float32 arrays, loaded with allow_pickle=False); a damaged file is recomputed.
 """
 
 from __future__ import annotations
@@ -25,18 +27,43 @@ from cellwatch.training.progress import track
 
 log = logging.getLogger(__name__)
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2
 FEATURE_BATCH = 8
+KEY_LIBRARIES = ("tensorflow", "opencv-python-headless", "pillow", "numpy")
+"""Libraries whose versions are part of the key: decoder, preprocessing, forward pass."""
+
+
+def library_versions() -> dict[str, str]:
+    from importlib import metadata
+
+    found = {}
+    for dist in KEY_LIBRARIES:
+        try:
+            found[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            found[dist] = "absent"
+    return found
+
+
+def cache_key(base_digest: str, libraries: dict[str, str] | None = None) -> str:
+    """The cache directory name for one base network and this software."""
+    libs = library_versions() if libraries is None else libraries
+    text = "\n".join(
+        [
+            f"v{CACHE_VERSION}",
+            base_digest,
+            SPEC.model_dump_json(),
+            *(f"{name}={libs[name]}" for name in sorted(libs)),
+        ]
+    )
+    return hashlib.sha256(text.encode()).hexdigest()[:24]
 
 
 class BottleneckCache:
     """Bottleneck vectors on disk for one base network."""
 
     def __init__(self, root: Path, base_digest: str) -> None:
-        key = hashlib.sha256(
-            f"v{CACHE_VERSION}\n{base_digest}\n{SPEC.model_dump_json()}".encode()
-        ).hexdigest()[:24]
-        self.dir = root / key
+        self.dir = root / cache_key(base_digest)
         self.hits = 0
         self.misses = 0
 

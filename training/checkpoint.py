@@ -124,3 +124,29 @@ def restore(
 def _first_line(exc: BaseException) -> str:
     text = getattr(exc, "message", None) or str(exc)
     return str(text).strip().splitlines()[0] if str(text).strip() else type(exc).__name__
+
+
+def write_random_base(path: Path, seed: int = 1) -> Path:
+    """A 1001-class TF-Slim Inception V3 checkpoint with random weights, in the public
+    `inception_v3.ckpt`'s V1 single-file format and variable names.
+
+    For tests and benchmarks that need "a checkpoint" without downloading one: it
+    restores exactly like the ImageNet file, but its features are random, so models
+    built on it measure the pipeline, not transfer learning.
+    """
+    from cellwatch.training import network
+    from cellwatch.training.tfcompat import new_session, seed_everything
+
+    graph = tf.Graph()
+    with graph.as_default():
+        seed_everything(seed)
+        images = tf1.placeholder(tf.float32, [1, 299, 299, 3])
+        network.build(images, num_classes=1001, is_training=False)
+        saver = tf1.train.Saver(network.model_variables(graph), write_version=tf1.train.SaverDef.V1)
+        init = tf1.global_variables_initializer()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with new_session(graph) as session:
+        session.run(init)
+        with graph.as_default():
+            saver.save(session, str(path), write_meta_graph=False, write_state=False)
+    return path

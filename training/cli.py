@@ -2,7 +2,8 @@
 
 Only argument parsing and printing; the work is in the library modules, imported
 inside each command so `--help` does not load TensorFlow. Every CellwatchError
-(a user's mistake or a failed check) becomes one line on stderr and exit code 2.
+(a user's mistake or a failed check) becomes one line on stderr and exit code 2;
+a model that fails the export gate exits with code 3.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from typing import Any, ParamSpec, TypeVar, cast
 import click
 
 from cellwatch.shared.errors import CellwatchError
+from cellwatch.training.errors import GateError
 from cellwatch.training.progress import setup_logging
 
 P = ParamSpec("P")
@@ -24,6 +26,8 @@ R = TypeVar("R")
 log = logging.getLogger("cellwatch.training")
 
 _PATH = click.Path(path_type=Path)
+_FRACTION = click.FloatRange(0, 1)
+GATE_EXIT_CODE = 3
 
 
 def friendly_errors(func: Callable[P, R]) -> Callable[P, R]:
@@ -31,6 +35,9 @@ def friendly_errors(func: Callable[P, R]) -> Callable[P, R]:
     def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
         try:
             return func(*args, **kwargs)
+        except GateError as exc:
+            click.echo(f"error: {exc}", err=True)
+            sys.exit(GATE_EXIT_CODE)
         except CellwatchError as exc:
             click.echo(f"error: {exc}", err=True)
             sys.exit(2)
@@ -85,19 +92,68 @@ def synth(out: Path, count: int, seed: int, size: int, image_format: str, force:
 @main.command()
 @click.argument("data", type=_PATH)
 @click.option("--out", type=_PATH, required=True, help="split directory to write")
-@click.option("--val", default=0.15, show_default=True, type=click.FloatRange(0, 1, max_open=True))
+@click.option(
+    "--val",
+    default=None,
+    type=click.FloatRange(0, 1, max_open=True),
+    help="validation fraction [default: 0.15; 0 with --folds]",
+)
 @click.option("--test", default=0.15, show_default=True, type=click.FloatRange(0, 1, max_open=True))
 @click.option("--seed", default=0, show_default=True, type=click.IntRange(0))
+@click.option(
+    "--groups",
+    "groups_file",
+    type=_PATH,
+    default=None,
+    help="CSV with columns path,group: the patient or smear of every image (one split each)",
+)
+@click.option(
+    "--folds",
+    default=0,
+    show_default=True,
+    type=click.IntRange(0, 20),
+    help="K-fold cross-validation instead of a validation split (fit --fold i)",
+)
+@click.option("--strict", is_flag=True, help="refuse near-duplicate images in different splits")
 @click.option("--force", is_flag=True, help="replace an existing split directory")
 @friendly_errors
-def prepare(data: Path, out: Path, val: float, test: float, seed: int, force: bool) -> None:
-    """Check DATA's images and split them by source image (stratified) into --out."""
-    from cellwatch.training.split import SPLIT_NAMES
+def prepare(
+    data: Path,
+    out: Path,
+    val: float | None,
+    test: float,
+    seed: int,
+    groups_file: Path | None,
+    folds: int,
+    strict: bool,
+    force: bool,
+) -> None:
+    """Check DATA's images and split them by group (file, or --groups), stratified, into --out."""
+    from cellwatch.training.split import LEAK_WARNING, SPLIT_NAMES
     from cellwatch.training.split import prepare as run_prepare
 
-    split = run_prepare(data, out, val=val, test=test, seed=seed, force=force)
+    split = run_prepare(
+        data,
+        out,
+        val=(0.0 if folds else 0.15) if val is None else val,
+        test=test,
+        seed=seed,
+        force=force,
+        groups_file=groups_file,
+        folds=folds,
+        strict=strict,
+    )
     tag = " SYNTHETIC" if split.synthetic else ""
     click.echo(f"{split.layout}{tag} data in {split.data_root}; split written to {out}")
+    if split.grouping == "file" and not split.synthetic:
+        click.echo(f"  warning: {LEAK_WARNING}")
+    if split.near_duplicates:
+        click.echo(
+            f"  warning: {len(split.near_duplicates)} near-duplicate pairs in different splits "
+            "(listed in split.json and above)"
+        )
+    if split.folds:
+        click.echo(f"  {split.folds} cross-validation folds of the training images (fit --fold i)")
     for name in SPLIT_NAMES:
         counts = split.class_counts(name)
         total = sum(counts.values())
@@ -158,6 +214,26 @@ def prepare(data: Path, out: Path, val: float, test: float, seed: int, force: bo
     default=None,
     help="bottleneck cache directory [default: SPLIT/bottlenecks]",
 )
+@click.option(
+    "--patience",
+    default=10,
+    show_default=True,
+    type=click.IntRange(0),
+    help="stop after N epochs without a lower validation loss (0: run all epochs)",
+)
+@click.option(
+    "--lr-schedule",
+    type=click.Choice(["cosine", "step", "constant"]),
+    default="cosine",
+    show_default=True,
+    help="cosine decay to 0; step: /10 at 50% and 75% of the epochs",
+)
+@click.option(
+    "--fold",
+    type=click.IntRange(0),
+    default=None,
+    help="cross-validation: train fold i of a `prepare --folds K` split (it is the val split)",
+)
 @click.option("--force", is_flag=True, help="replace an existing run directory")
 @friendly_errors
 def fit(
@@ -173,9 +249,13 @@ def fit(
     train_batch_norm: bool,
     checkpoint_every: int,
     cache_dir: Path | None,
+    patience: int,
+    lr_schedule: str,
+    fold: int | None,
     force: bool,
 ) -> None:
-    """Train on SPLIT (from `prepare`) into the run directory --out."""
+    """Train on SPLIT (from `prepare`) into the run directory --out; keeps the epoch with the
+    lowest validation loss."""
     from cellwatch.training.fit import fit as run_fit
     from cellwatch.training.runinfo import FitConfig
 
@@ -191,46 +271,85 @@ def fit(
             "seed": seed,
             "train_batch_norm": train_batch_norm,
             "checkpoint_every": checkpoint_every,
+            "patience": patience,
+            "lr_schedule": lr_schedule,
+            "fold": fold,
             **extra,
         }
     )
     info = run_fit(split, out, config, base_checkpoint=checkpoint, cache_dir=cache_dir, force=force)
-    last = info.history[-1]
-    val = "n/a" if last.val_accuracy is None else f"{last.val_accuracy:.3f}"
+    kept = next(h for h in info.history if h.epoch == info.selected_epoch)
+    val = "n/a" if kept.val_accuracy is None else f"{kept.val_accuracy:.3f}"
     base = "RANDOM INIT" if info.base_checkpoint is None else info.base_checkpoint.path
     click.echo(
-        f"run {out}: {info.steps} steps from {base}; train accuracy "
-        f"{last.train_accuracy:.3f}, val accuracy {val}"
+        f"run {out}: {info.steps} steps from {base}; kept epoch {info.selected_epoch} "
+        f"({info.selection}): train accuracy {kept.train_accuracy:.3f}, val accuracy {val}"
         f"{' (SYNTHETIC data)' if info.synthetic else ''}"
     )
 
 
 @main.command()
-@click.argument("run", type=_PATH)
+@click.argument("runs", type=_PATH, nargs=-1, required=True)
 @click.option(
     "--split",
     "split_name",
     type=click.Choice(["test", "val", "train"]),
-    default="test",
-    show_default=True,
+    default=None,
+    help="[default: test for one run; val (each run's held-out fold) for several]",
 )
 @friendly_errors
-def evaluate(run: Path, split_name: str) -> None:
-    """Accuracy, sensitivity, specificity, F1, ROC AUC and confusion matrix of RUN."""
-    from cellwatch.training.evaluate import eval_dir
+def evaluate(runs: tuple[Path, ...], split_name: str | None) -> None:
+    """Accuracy, sensitivity, specificity, PPV, NPV and ROC AUC with 95% intervals.
+
+    One RUN: its TensorFlow model on one split. Several RUNs (the folds of one
+    `prepare --folds K` split, each from `fit --fold i`): each on its held-out fold,
+    then the mean and standard deviation over the folds.
+    """
+    from cellwatch.training.evaluate import cross_validate, eval_dir
     from cellwatch.training.evaluate import evaluate as run_evaluate
     from cellwatch.training.split import SplitName
+    from cellwatch.training.stats import fmt
 
-    name = cast("SplitName", split_name)  # click.Choice guarantees it
+    if len(runs) > 1:
+        summary = cross_validate(list(runs), cast("SplitName", split_name or "val"))
+        for m in summary.per_fold:
+            click.echo(
+                f"fold {m.fold} ({m.split}, n={m.n}): accuracy {fmt(m.accuracy)}, "
+                f"sensitivity {fmt(m.sensitivity)}, specificity {fmt(m.specificity)}"
+            )
+        click.echo(
+            f"over {len(summary.folds)} of {summary.total_folds} folds"
+            f"{', SYNTHETIC data' if summary.per_fold[0].synthetic else ''} (mean ± sd):"
+        )
+        for name, mean in summary.mean.items():
+            sd = summary.sd[name]
+            shown = (
+                "n/a" if mean is None else f"{mean:.3f}" + ("" if sd is None else f" ± {sd:.3f}")
+            )
+            click.echo(f"  {name:<12} {shown}")
+        return
+    run = runs[0]
+    name = cast("SplitName", split_name or "test")  # click.Choice guarantees it
     m = run_evaluate(run, name)
-    auc = "n/a" if m.roc_auc is None else f"{m.roc_auc:.3f}"
     click.echo(
-        f"{m.split} (n={m.n}{', SYNTHETIC data' if m.synthetic else ''}): "
-        f"accuracy {m.accuracy:.3f}, precision {m.precision:.3f}, "
-        f"sensitivity {m.recall:.3f}, specificity {m.specificity:.3f}, F1 {m.f1:.3f}, "
-        f"ROC AUC {auc}"
+        f"{m.split} (n={m.n}{', SYNTHETIC data' if m.synthetic else ''}), TensorFlow, "
+        f"threshold {m.threshold:g}, 95% intervals:"
     )
+    for label, est in (
+        ("accuracy", m.accuracy),
+        ("sensitivity", m.sensitivity),
+        ("specificity", m.specificity),
+        ("precision", m.precision),
+        ("NPV", m.npv),
+        ("ROC AUC", m.roc_auc),
+    ):
+        click.echo(f"  {label:<12} {fmt(est)}")
     click.echo(f"confusion (rows true {'/'.join(m.labels)}): {m.confusion}")
+    if m.split == "test" and m.test_reads > 1:
+        click.echo(
+            f"note: this run has now read its test split {m.test_reads} times; choices made "
+            "after looking at test figures make them optimistic"
+        )
     click.echo(f"written to {eval_dir(run, name)}")
 
 
@@ -251,11 +370,62 @@ def evaluate(run: Path, split_name: str) -> None:
     help="int8: training images used to calibrate",
 )
 @click.option(
-    "--low-confidence",
-    default=0.6,
+    "--min-agreement",
+    default=0.98,
     show_default=True,
-    type=click.FloatRange(0, 1),
-    help="the bundle's low_confidence_threshold",
+    type=_FRACTION,
+    help="gate: share of test decisions the deployed IR must share with TensorFlow",
+)
+@click.option(
+    "--max-drop",
+    default=0.02,
+    show_default=True,
+    type=_FRACTION,
+    help="gate: largest sensitivity loss of the deployed IR against TensorFlow",
+)
+@click.option(
+    "--allow-degraded",
+    is_flag=True,
+    help="export even if the gate fails (recorded; shown as degraded everywhere)",
+)
+@click.option(
+    "--allow-untrained",
+    is_flag=True,
+    help="export a run trained from random weights (no --checkpoint; labelled untrained)",
+)
+@click.option(
+    "--allow-no-test",
+    is_flag=True,
+    help="with an empty test split, measure on the validation split (recorded)",
+)
+@click.option(
+    "--int8-method",
+    type=click.Choice(["auto", "ptq", "accuracy-control"]),
+    default="auto",
+    show_default=True,
+    help="auto: NNCF accuracy-aware quantisation only when plain post-training "
+    "quantisation misses the gate; ptq: plain only; accuracy-control: always",
+)
+@click.option(
+    "--threshold",
+    type=click.FloatRange(0, 1, min_open=True, max_open=True),
+    default=None,
+    help="fix the decision threshold (p(ALL) >= it is ALL) instead of choosing it on "
+    "validation for --target-sensitivity",
+)
+@click.option(
+    "--target-sensitivity",
+    default=0.95,
+    show_default=True,
+    type=_FRACTION,
+    help="the decision threshold is chosen on validation to reach this sensitivity",
+)
+@click.option(
+    "--band-half-width",
+    default=0.1,
+    show_default=True,
+    type=click.FloatRange(0, 0.5, max_open=True),
+    help="low-confidence band: at least this far either side of the threshold",
 )
 @click.option("--force", is_flag=True, help="replace an existing bundle directory")
 @friendly_errors
@@ -267,13 +437,23 @@ def export(
     precision: str,
     sign_key: Path,
     calibration_size: int,
-    low_confidence: float,
+    min_agreement: float,
+    max_drop: float,
+    allow_degraded: bool,
+    allow_untrained: bool,
+    allow_no_test: bool,
+    int8_method: str,
+    threshold: float | None,
+    target_sensitivity: float,
+    band_half_width: float,
     force: bool,
 ) -> None:
-    """Freeze RUN, convert to OpenVINO IR, and write a signed bundle to --out."""
-    from cellwatch.training.export import ExportOptions
+    """Freeze RUN, calibrate, convert to OpenVINO IR, measure the IR itself, gate, and write a
+    signed bundle to --out. Exit code 3: the deployed model fails the gate."""
+    from cellwatch.training.export import ExportOptions, Int8Method
     from cellwatch.training.export import export as run_export
     from cellwatch.training.ir import Precision
+    from cellwatch.training.stats import MetricSet, Proportion, fmt
 
     prec = cast(Precision, precision)  # click.Choice guarantees it
     bundle = run_export(
@@ -286,15 +466,54 @@ def export(
             sign_key=sign_key,
             force=force,
             calibration_size=calibration_size,
-            low_confidence_threshold=low_confidence,
+            min_agreement=min_agreement,
+            max_drop=max_drop,
+            allow_degraded=allow_degraded,
+            allow_untrained=allow_untrained,
+            allow_no_test=allow_no_test,
+            int8_method=cast(Int8Method, int8_method),
+            threshold=threshold,
+            target_sensitivity=target_sensitivity,
+            band_half_width=band_half_width,
         ),
     )
-    agreement = bundle.manifest.metrics["ir_agreement"]
+    m = bundle.manifest
+    metrics = m.metrics
+    dep = metrics["deployed"]
+    flags = ", ".join(f.upper() for f in m.flags)
+    click.echo(f"bundle {bundle} ({prec}) written to {out}{f' [{flags}]' if flags else ''}")
+    threshold = dep["metrics"]["threshold"]
     click.echo(
-        f"bundle {bundle} ({prec}) written to {out}; IR vs frozen.pb: max |dp| "
-        f"{agreement['max_abs_diff']:.2g}, top-1 agreement "
-        f"{agreement['top1_agreement']:.3f} on {agreement['n']} images"
+        f"deployed {prec} IR on {dep['device']} ({dep['inference_precision']}, "
+        f"{dep['machine']}), {metrics['split']} split n={metrics['n']}, threshold "
+        f"{threshold:.3f}, 95% intervals:"
     )
+    ms = {k: MetricSet.model_validate(metrics[k]["metrics"]) for k in ("deployed", "tensorflow")}
+    for label, key in (
+        ("accuracy", "accuracy"),
+        ("sensitivity", "sensitivity"),
+        ("specificity", "specificity"),
+        ("ROC AUC", "roc_auc"),
+    ):
+        click.echo(
+            f"  {label:<12} {fmt(getattr(ms['deployed'], key))}   "
+            f"(TensorFlow {fmt(getattr(ms['tensorflow'], key), counts=False)})"
+        )
+    agree = Proportion.model_validate(metrics["agreement"])
+    gate = m.provenance["gate"]
+    click.echo(
+        f"  agreement with TensorFlow {fmt(agree, 3)}; gate "
+        f"{'passed' if gate['passed'] else 'FAILED (overridden: --allow-degraded)'}"
+    )
+    if m.calibration is not None:
+        c = m.calibration
+        click.echo(
+            f"  calibration: T {c.temperature:.3g} "
+            f"{'applied' if c.applied else 'NOT applied'}, validation ECE "
+            f"{c.ece_before if c.ece_before is None else round(c.ece_before, 3)} -> "
+            f"{c.ece_after if c.ece_after is None else round(c.ece_after, 3)}"
+            f"{f' ({c.note})' if c.note else ''}"
+        )
 
 
 @main.command()

@@ -20,6 +20,7 @@ from cellwatch.node.decode import ImageError, ImageLimits, decode_image
 from cellwatch.shared.schemas import Sha256
 from cellwatch.training import IMAGE_SIZE, LABELS
 from cellwatch.training.errors import DataError
+from cellwatch.training.groups import phash
 from cellwatch.training.layout import (
     ALLIDB_SUBFOLDERS,
     CLASS_FOLDER_ALIASES,
@@ -45,7 +46,13 @@ class ImageEntry(BaseModel):
     label: int = Field(ge=0, lt=len(LABELS))
     sha256: Sha256
     size: int = Field(ge=1, description="file size in bytes")
-    group: str = Field(min_length=1, description="source image: entries of a group share a split")
+    group: str = Field(
+        min_length=1, description="source (file, or smear/patient from --groups): one split"
+    )
+    phash: list[str] | None = Field(
+        None, description="perceptual hashes of the 8 flips/turns (groups.phash)"
+    )
+    fold: int | None = Field(None, ge=0, description="cross-validation fold (prepare --folds)")
 
 
 class Skipped(BaseModel):
@@ -134,15 +141,25 @@ def _class_folder_candidates(root: Path, subdirs: list[Path]) -> list[Candidate]
     return found
 
 
-def inspect(scan: Scan) -> tuple[list[ImageEntry], list[Skipped]]:
-    """Hash and test-decode every candidate; undecodable files are skipped with a warning."""
+def relative(scan: Scan, cand: Candidate) -> str:
+    """How split.json (and a groups file) names a candidate: POSIX path under the root."""
+    return cand.path.relative_to(scan.root).as_posix()
+
+
+def inspect(
+    scan: Scan, groups: dict[str, str] | None = None
+) -> tuple[list[ImageEntry], list[Skipped]]:
+    """Hash and test-decode every candidate; undecodable files are skipped with a warning.
+
+    groups (path -> group id, from a groups file) replaces the default file groups.
+    """
     entries: list[ImageEntry] = []
     skipped: list[Skipped] = []
     for cand in track(scan.candidates, "checking images"):
-        rel = cand.path.relative_to(scan.root).as_posix()
+        rel = relative(scan, cand)
         try:
             data = cand.path.read_bytes()
-            decode_image(data, LIMITS, target_size=IMAGE_SIZE)
+            rgb = decode_image(data, LIMITS, target_size=IMAGE_SIZE)
         except (ImageError, OSError) as exc:
             log.warning("skipping %s: %s", rel, exc)
             skipped.append(Skipped(path=rel, reason=str(exc)))
@@ -153,7 +170,8 @@ def inspect(scan: Scan) -> tuple[list[ImageEntry], list[Skipped]]:
                 label=cand.label,
                 sha256=sha256_hex(data),
                 size=len(data),
-                group=cand.group,
+                group=f"group:{groups[rel]}" if groups is not None else cand.group,
+                phash=phash(rgb),
             )
         )
     if skipped:

@@ -1,8 +1,8 @@
 """The training package's exceptions (one tree under CellwatchError).
 
-`cellwatch-train` turns every TrainingError into one line on stderr and exit code 2:
-they describe a user's mistake (bad data folder, wrong checkpoint, existing output)
-or a check that failed, never a bug.
+`cellwatch-train` turns every TrainingError into one line on stderr and exit code 2
+(3 for GateError): they describe a user's mistake (bad data folder, wrong
+checkpoint, existing output) or a check that failed, never a bug.
 """
 
 from __future__ import annotations
@@ -28,3 +28,10 @@ class RunError(TrainingError):
 
 class ExportError(TrainingError):
     """Freezing, converting, quantising or writing a bundle failed."""
+
+
+class GateError(ExportError):
+    """The deployed model fails the export gate (gate.py) and --allow-degraded was not given.
+
+    `cellwatch-train export` exits with code 3 for it, so scripts can tell a model that
+    is not good enough to ship from a mistake."""

@@ -33,8 +33,10 @@ class EvalGraph:
                 name=network.INPUT_NAME,
             )
             net = network.build(self.input, is_training=False)
+            self.logits = net.logits
             self.output = tf.identity(net.probabilities, name=network.OUTPUT_NAME)
             variables = network.model_variables(self.graph)
+            self._head = network.in_scopes(variables, [network.HEAD_CONV_SCOPE])
         self.session = new_session(self.graph)
         try:
             with self.graph.as_default():
@@ -46,6 +48,20 @@ class EvalGraph:
     def predict(self, inputs: np.ndarray) -> np.ndarray:
         """Probabilities [N, classes] for preprocessed inputs [N, 299, 299, 3]."""
         return np.asarray(self.session.run(self.output, {self.input: inputs}), dtype=np.float32)
+
+    def predict_logits(self, inputs: np.ndarray) -> np.ndarray:
+        """Pre-softmax logits [N, classes] for preprocessed inputs [N, 299, 299, 3]."""
+        return np.asarray(self.session.run(self.logits, {self.input: inputs}), dtype=np.float32)
+
+    def scale_logits(self, factor: float) -> None:
+        """Multiply the logits by factor, exactly, by scaling the final 1x1 convolution's
+        weights and biases (nothing follows it but the softmax): how a calibration
+        temperature T is folded in (factor 1/T) before freezing."""
+        with self.graph.as_default():
+            for variable in self._head:
+                value = np.asarray(self.session.run(variable) * factor, dtype=np.float32)
+                holder = tf1.placeholder(tf.float32, variable.shape)
+                self.session.run(variable.assign(holder), {holder: value})
 
     def freeze(self) -> Any:
         """GraphDef with variables turned into constants, pruned to the softmax output."""

@@ -1,30 +1,32 @@
-"""`evaluate`: metrics of a run's final checkpoint on one split (test by default).
+"""`evaluate`: the TensorFlow model of a run on one split (test by default), with intervals.
 
-Positive class is ALL (index 1): recall = sensitivity = TP / (TP + FN), specificity =
-TN / (TN + FP). Writes RUN/eval-<split>/ with metrics.json, predictions.csv,
-confusion.png and roc.png; metrics.json carries the split's fingerprint so a bundle's
-numbers can be traced to the exact images.
+Positive class is ALL (index 1): sensitivity = TP / (TP + FN), specificity = TN / (TN
++ FP), at the argmax threshold 0.5 (the calibrated threshold is chosen and applied by
+`export`, whose manifest carries the deployed model's own figures). Every proportion
+has its Wilson 95% interval and counts, ROC AUC a bootstrap interval (stats.py).
+Writes RUN/eval-<split>/ with metrics.json, predictions.csv, confusion.png and
+roc.png; metrics.json carries the split's fingerprint so the numbers can be traced
+to the exact images. The run must still match its split (runinfo.load_run_split),
+and every evaluation of the test split is counted in run.json.
+
+Several runs that are folds of one K-fold split (`fit --fold i`) are evaluated each
+on its own held-out fold, and `cross_validate` gives the mean and standard deviation
+over the folds.
 """
 
 from __future__ import annotations
 
 import csv
 import logging
+import statistics
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
-from sklearn.metrics import (
-    accuracy_score,
-    confusion_matrix,
-    f1_score,
-    precision_score,
-    recall_score,
-    roc_auc_score,
-    roc_curve,
-)
+from pydantic import Field, ValidationError
+from sklearn.metrics import roc_curve
 
 from cellwatch.training import LABELS, plots
 from cellwatch.training.dataset import ImageEntry, load_rgb
@@ -33,34 +35,34 @@ from cellwatch.training.evalgraph import EvalGraph
 from cellwatch.training.outdir import staged_dir
 from cellwatch.training.preprocess import Preprocessor
 from cellwatch.training.progress import track
-from cellwatch.training.runinfo import RunInfo, load_run, write_json
-from cellwatch.training.split import SplitName, load_split
+from cellwatch.training.runinfo import (
+    RunInfo,
+    load_run,
+    load_run_split,
+    record_test_read,
+    write_json,
+)
+from cellwatch.training.split import SplitName
+from cellwatch.training.stats import MetricSet, fmt, metric_set
 
 log = logging.getLogger(__name__)
 
 METRICS_FILE = "metrics.json"
 BATCH = 8
+SUMMARY_METRICS = ("accuracy", "sensitivity", "specificity", "precision", "npv", "roc_auc")
 
 
-class Metrics(BaseModel):
-    """metrics.json (also copied into the bundle manifest's `metrics`)."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
+class Metrics(MetricSet):
+    """metrics.json: the figures (MetricSet) and what they are of."""
 
     split: SplitName
-    n: int = Field(ge=0)
     positive_label: str = LABELS[1]
-    accuracy: float
-    precision: float
-    recall: float = Field(description="sensitivity: TP / (TP + FN), ALL is positive")
-    specificity: float = Field(description="TN / (TN + FP)")
-    f1: float
-    roc_auc: float | None = Field(description="null when the split has one class only")
-    confusion: list[list[int]] = Field(description="rows true, columns predicted, label order")
     labels: list[str]
     fingerprint: str = Field(description="the evaluated split's data fingerprint")
     checkpoint: str
+    fold: int | None = None
     synthetic: bool
+    test_reads: int = Field(0, ge=0, description="reads of the test split by this run so far")
     created_at: datetime
 
 
@@ -77,42 +79,26 @@ def batches(
         yield np.stack([pre.eval(load_rgb(root, e)) for e in entries[start : start + BATCH]])
 
 
-def compute(y_true: np.ndarray, p_all: np.ndarray) -> dict[str, object]:
-    """The metric values for labels y_true and probabilities of ALL p_all."""
-    y_pred = (p_all >= 0.5).astype(np.int64)
-    cm = confusion_matrix(y_true, y_pred, labels=[0, 1])
-    tn, fp = int(cm[0, 0]), int(cm[0, 1])
-    both = len(set(y_true.tolist())) == 2
-    return {
-        "accuracy": float(accuracy_score(y_true, y_pred)),
-        "precision": float(precision_score(y_true, y_pred, zero_division=0)),
-        "recall": float(recall_score(y_true, y_pred, zero_division=0)),
-        "specificity": tn / (tn + fp) if tn + fp else 0.0,
-        "f1": float(f1_score(y_true, y_pred, zero_division=0)),
-        "roc_auc": float(roc_auc_score(y_true, p_all)) if both else None,
-        "confusion": cm.astype(int).tolist(),
-    }
-
-
 def evaluate(run: Path, split_name: SplitName = "test") -> Metrics:
     """Evaluate the run's checkpoint on split_name and write RUN/eval-<split>/."""
     info = load_run(run)
-    split = load_split(Path(info.split_dir))
+    split = load_run_split(run, info)
     entries = split.entries(split_name)
     if not entries:
         raise DataError(f"the {split_name} split of {info.split_dir} is empty")
     probs = predict(run, info, entries, f"evaluating ({split_name})")
+    info = record_test_read(run, "evaluate", split_name, len(entries))
     y_true = np.array([e.label for e in entries], np.int64)
-    values = compute(y_true, probs[:, 1])
     metrics = Metrics.model_validate(
         {
-            **values,
+            **metric_set(y_true, probs[:, 1]).model_dump(),
             "split": split_name,
-            "n": len(entries),
             "labels": list(LABELS),
             "fingerprint": split.fingerprints[split_name],
             "checkpoint": info.checkpoint,
+            "fold": info.config.fold,
             "synthetic": info.synthetic,
+            "test_reads": len(info.test_reads),
             "created_at": datetime.now(UTC),
         }
     )
@@ -126,33 +112,45 @@ def evaluate(run: Path, split_name: SplitName = "test") -> Metrics:
             np.array(metrics.confusion),
             LABELS,
             tmp / "confusion.png",
-            title=title,
+            title=f"{title}\naccuracy {fmt(metrics.accuracy)}",
             synthetic=info.synthetic,
         )
-        both = metrics.roc_auc is not None
+        both = metrics.roc_auc.value is not None
         fpr, tpr, _ = roc_curve(y_true, probs[:, 1]) if both else (np.zeros(1), np.zeros(1), None)
         plots.roc(fpr, tpr, metrics.roc_auc, tmp / "roc.png", title=title, synthetic=info.synthetic)
     log.info(
-        "%s%s: accuracy %.3f, sensitivity %.3f, specificity %.3f, F1 %.3f, AUC %s",
+        "%s%s: accuracy %s, sensitivity %s, specificity %s, ROC AUC %s",
         split_name,
         " (SYNTHETIC data)" if info.synthetic else "",
-        metrics.accuracy,
-        metrics.recall,
-        metrics.specificity,
-        metrics.f1,
-        "n/a" if metrics.roc_auc is None else f"{metrics.roc_auc:.3f}",
+        fmt(metrics.accuracy),
+        fmt(metrics.sensitivity),
+        fmt(metrics.specificity),
+        fmt(metrics.roc_auc),
     )
     return metrics
 
 
 def predict(run: Path, info: RunInfo, entries: Sequence[ImageEntry], what: str) -> np.ndarray:
     """[N, classes] probabilities of the run's checkpoint on entries (TensorFlow eval graph)."""
+    return np.asarray(_run_graph(run, info, entries, what, logits=False))
+
+
+def predict_logits(
+    run: Path, info: RunInfo, entries: Sequence[ImageEntry], what: str
+) -> np.ndarray:
+    """[N, classes] pre-softmax logits of the run's checkpoint on entries."""
+    return np.asarray(_run_graph(run, info, entries, what, logits=True))
+
+
+def _run_graph(
+    run: Path, info: RunInfo, entries: Sequence[ImageEntry], what: str, *, logits: bool
+) -> np.ndarray:
     root = Path(info.data_root)
     out = []
     with EvalGraph(run / info.checkpoint) as graph, Preprocessor() as pre:
         for x in batches(root, entries, pre, what):
-            out.append(graph.predict(x))
-    return np.concatenate(out)
+            out.append(graph.predict_logits(x) if logits else graph.predict(x))
+    return np.concatenate(out) if out else np.zeros((0, len(LABELS)), np.float32)
 
 
 def load_metrics(run: Path, split: SplitName) -> Metrics | None:
@@ -163,6 +161,49 @@ def load_metrics(run: Path, split: SplitName) -> Metrics | None:
         return Metrics.model_validate_json(path.read_bytes())
     except ValidationError as exc:
         raise RunError(f"{path} is not a valid metrics file: {exc.errors()[0]['msg']}") from exc
+
+
+@dataclass(frozen=True)
+class FoldSummary:
+    """Mean and sample standard deviation of each figure over cross-validation folds."""
+
+    folds: list[int]
+    total_folds: int
+    mean: dict[str, float | None]
+    sd: dict[str, float | None]
+    per_fold: list[Metrics]
+
+
+def cross_validate(runs: Sequence[Path], split_name: SplitName = "val") -> FoldSummary:
+    """Evaluate fold runs of one split, each on its own split_name (default: its held-out
+    fold), and summarise over folds."""
+    infos = [load_run(r) for r in runs]
+    folds = [i.config.fold for i in infos]
+    if any(f is None for f in folds):
+        bad = next(r for r, f in zip(runs, folds, strict=True) if f is None)
+        raise RunError(f"{bad} is not a cross-validation run (fit it with --fold)")
+    if len({i.fingerprints.get("all") for i in infos}) > 1 or len({i.split_dir for i in infos}) > 1:
+        raise RunError("these runs come from different splits: folds must share one split")
+    if len(set(folds)) != len(folds):
+        raise RunError(
+            f"two runs of the same fold among {sorted(f for f in folds if f is not None)}"
+        )
+    per_fold = [evaluate(r, split_name) for r in runs]
+    mean: dict[str, float | None] = {}
+    sd: dict[str, float | None] = {}
+    for name in SUMMARY_METRICS:
+        values = [getattr(m, name).value for m in per_fold]
+        known = [v for v in values if v is not None]
+        mean[name] = statistics.fmean(known) if known else None
+        sd[name] = statistics.stdev(known) if len(known) > 1 else None
+    total = load_run_split(runs[0], infos[0]).folds
+    return FoldSummary(
+        folds=[f for f in folds if f is not None],
+        total_folds=total,
+        mean=mean,
+        sd=sd,
+        per_fold=per_fold,
+    )
 
 
 def _write_predictions(path: Path, entries: Sequence[ImageEntry], probs: np.ndarray) -> None:

@@ -3,6 +3,13 @@
 Everything that can be checked cheaply (split, checkpoint path, output directory) is
 checked before any TensorFlow work; the checkpoint is matched against the network
 before anything is written; the run directory appears only when training finished.
+
+Model selection: after every epoch the validation loss is computed; the epoch with
+the lowest one is what the run keeps (its trainable state is held in memory and
+restored before the checkpoint is written), and training stops early once
+`patience` epochs in a row brought no improvement. run.json says which epoch was
+kept and why (`selected_epoch`, `selection`). Without a validation split the last
+epoch is kept.
 """
 
 from __future__ import annotations
@@ -10,8 +17,11 @@ from __future__ import annotations
 import csv
 import logging
 import time
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+
+import numpy as np
 
 from cellwatch.training import LABELS, checkpoint
 from cellwatch.training.errors import DataError, TrainingError
@@ -34,6 +44,8 @@ from cellwatch.training.trainer import BottleneckTrainer, FinetuneTrainer, Train
 
 log = logging.getLogger(__name__)
 
+MIN_IMPROVEMENT = 1e-4
+"""A validation loss must fall by more than this to count as better."""
 BOTTLENECK_CACHE_DIR = "bottlenecks"
 """Default cache location: inside the split directory (shared by every run of that split)."""
 
@@ -48,7 +60,7 @@ def fit(
     force: bool = False,
 ) -> RunInfo:
     """Train as config says and write the run directory out; returns its RunInfo."""
-    split = load_split(split_dir)
+    split = load_split(split_dir).for_fold(config.fold)
     if not split.entries("train"):
         raise DataError(f"the training split of {split_dir} is empty")
     if config.mode == "bottleneck" and config.trainable_scopes != FitConfig().trainable_scopes:
@@ -74,10 +86,12 @@ def fit(
     try:
         trainer.prepare(cache_root)
         with staged_dir(out, marker=RUN_FILE, force=force, what="training run") as tmp:
-            history = _train(trainer, config, tmp)
-            final = trainer.save(tmp)
+            history, chosen = _train(trainer, config, tmp)
+            final = trainer.save(tmp, chosen.steps)
             _write_log(history, tmp / LOG_FILE)
-            training_curves(history, tmp / CURVES_FILE, synthetic=split.synthetic)
+            training_curves(
+                history, tmp / CURVES_FILE, synthetic=split.synthetic, selected=chosen.epoch
+            )
             info = RunInfo(
                 created_at=datetime.now(UTC),
                 config=config,
@@ -91,6 +105,8 @@ def fit(
                 checkpoint=final,
                 steps=trainer.steps,
                 history=history,
+                selected_epoch=chosen.epoch,
+                selection=chosen.reason,
                 skipped_images=len(split.skipped),
                 bottleneck_cache=str(cache_root) if cache_root else None,
                 versions=versions(),
@@ -98,24 +114,34 @@ def fit(
             write_json(tmp / RUN_FILE, info)
     finally:
         trainer.close()
-    last = history[-1]
-    log.info(
-        "run %s: %d steps, train accuracy %.3f, val accuracy %s",
-        out,
-        info.steps,
-        last.train_accuracy,
-        "n/a" if last.val_accuracy is None else f"{last.val_accuracy:.3f}",
-    )
+    log.info("run %s: %d steps; kept epoch %d (%s)", out, info.steps, chosen.epoch, chosen.reason)
     return info
 
 
-def _train(trainer: Trainer, config: FitConfig, directory: Path) -> list[EpochLog]:
+@dataclass(frozen=True)
+class Chosen:
+    epoch: int
+    steps: int
+    reason: str
+
+
+def _train(trainer: Trainer, config: FitConfig, directory: Path) -> tuple[list[EpochLog], Chosen]:
+    """Run the epochs; restore the best one's state and say which it is."""
     history: list[EpochLog] = []
+    best: tuple[float, int, int, list[np.ndarray]] | None = None  # loss, epoch, steps, state
+    since_best = 0
+    stopped = ""
     epochs = range(1, config.epochs + 1)
     for epoch in track(epochs, f"training ({config.mode})"):
         start = time.perf_counter()
         loss, acc = trainer.train_epoch(epoch)
         val = trainer.validate()
+        if val is not None:
+            if best is None or val[0] < best[0] - MIN_IMPROVEMENT:
+                best = (val[0], epoch, trainer.steps, trainer.snapshot())
+                since_best = 0
+            else:
+                since_best += 1
         history.append(
             EpochLog(
                 epoch=epoch,
@@ -140,7 +166,22 @@ def _train(trainer: Trainer, config: FitConfig, directory: Path) -> list[EpochLo
         every = config.checkpoint_every
         if every and epoch % every == 0 and epoch < config.epochs:
             trainer.save(directory)
-    return history
+        if config.patience and since_best >= config.patience and epoch < config.epochs:
+            stopped = (
+                f"; stopped early after epoch {epoch}: no lower validation loss for "
+                f"{config.patience} epochs"
+            )
+            log.info("early stop at epoch %d (best epoch %d)", epoch, best[1] if best else 0)
+            break
+    if best is None:
+        last = history[-1]
+        return history, Chosen(last.epoch, last.steps, "last epoch (no validation split)")
+    val_loss, epoch, steps, state = best
+    trainer.restore(state)
+    reason = (
+        f"lowest validation loss {val_loss:.4f} at epoch {epoch} of {len(history)} run{stopped}"
+    )
+    return history, Chosen(epoch, steps, reason)
 
 
 def _write_log(history: list[EpochLog], path: Path) -> None:

@@ -57,5 +57,10 @@ def class_folder_label(name: str) -> int | None:
 
 
 def group_key(path: Path) -> str:
-    """Files with the same key are one source image (e.g. Im001_1.jpg and Im001_1.tif)."""
-    return path.stem.lower()
+    """The default group of a file: the file itself (its name, case-folded).
+
+    ALL-IDB1's `Im001_1.jpg` and ALL-IDB2's `Im001_1.tif` are NOT one source: the two
+    sets are numbered independently. Which smear or patient an image comes from is
+    not in the names; give it with `prepare --groups` (groups.py).
+    """
+    return path.name.lower()

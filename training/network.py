@@ -11,6 +11,7 @@ Graphs are TF1-style (tf.compat.v1), which is what tf-slim needs; build them ins
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -69,9 +70,17 @@ def build(
     is_training: bool = False,
     reuse: bool | None = None,
     create_aux_logits: bool = True,
+    batch_norm_scopes: Sequence[str] | None = None,
 ) -> Net:
-    """Inception V3 on images ([B, 299, 299, 3] float in [-1, 1]) in the current graph."""
-    with slim.arg_scope(arg_scope()):
+    """Inception V3 on images ([B, 299, 299, 3] float in [-1, 1]) in the current graph.
+
+    is_training switches dropout and (TF-Slim's behaviour) every batch norm to
+    training mode. With batch_norm_scopes given, batch norm is in training mode (batch
+    statistics, moving averages updated in place) only inside those scopes and in
+    inference mode everywhere else, while dropout still follows is_training: that is
+    how fine-tuning keeps frozen scopes frozen, statistics included.
+    """
+    with slim.arg_scope(arg_scope()), _scoped_batch_norm(is_training, batch_norm_scopes):
         logits, end_points = inception_v3.inception_v3(
             images,
             num_classes=num_classes,
@@ -88,6 +97,32 @@ def build(
         aux_logits=end_points.get("AuxLogits"),
         end_points=dict(end_points),
     )
+
+
+def _scoped_batch_norm(is_training: bool, scopes: Sequence[str] | None) -> Any:
+    """An arg scope whose conv2d normaliser runs batch norm in training mode only in scopes.
+
+    conv2d calls its normalizer_fn inside the layer's variable scope, so the scope
+    name tells the wrapper where it is; its explicit is_training overrides the one
+    TF-Slim's inception_v3 sets for every batch norm.
+    """
+    if scopes is None:
+        return contextlib.nullcontext()
+    chosen = tuple(scopes)
+
+    def batch_norm(inputs: Tensor, **kwargs: Any) -> Tensor:
+        here = tf1.get_variable_scope().name
+        kwargs["is_training"] = is_training and any(
+            here == s or here.startswith(s.rstrip("/") + "/") for s in chosen
+        )
+        return slim.batch_norm(inputs, **kwargs)
+
+    return slim.arg_scope([slim.conv2d], normalizer_fn=batch_norm)
+
+
+def covers(scopes: Sequence[str], name: str) -> bool:
+    """Whether the variable (or scope) name lies in one of scopes."""
+    return any(name == s or name.startswith(s.rstrip("/") + "/") for s in scopes)
 
 
 def weight_decay_loss(variables: Iterable[Any], weight_decay: float = WEIGHT_DECAY) -> Tensor:
@@ -118,8 +153,7 @@ def variable_name(variable: Any) -> str:
 
 
 def _in(variable: Any, scopes: Sequence[str]) -> bool:
-    name = variable_name(variable)
-    return any(name == s or name.startswith(s.rstrip("/") + "/") for s in scopes)
+    return covers(scopes, variable_name(variable))
 
 
 def weights_digest(session: Any, variables: Sequence[Any]) -> str:

@@ -6,24 +6,33 @@ Layout of RUN/:
     training_log.csv      one row per epoch
     curves.png            loss and accuracy per epoch
     eval-<split>/         metrics.json, confusion.png, roc.png (`evaluate`)
+    calibration/          calibration.json, reliability.png (`export`)
     frozen.pb             the frozen eval graph (`export`)
+
+A run is tied to its split: run.json keeps the split's fingerprints, and `evaluate`
+and `export` refuse a split that changed since (`load_run_split`). Every read of the
+test split is recorded in run.json (`test_reads`), so a figure can be read with the
+number of looks behind it.
 """
 
 from __future__ import annotations
 
-from datetime import datetime
+import math
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from cellwatch.training.errors import RunError
+from cellwatch.training.split import SplitFile, SplitName, load_split
 
 RUN_FILE = "run.json"
 LOG_FILE = "training_log.csv"
 CURVES_FILE = "curves.png"
 FROZEN_FILE = "frozen.pb"
 Mode = Literal["bottleneck", "finetune"]
+LrSchedule = Literal["cosine", "step", "constant"]
 RANDOM_INIT = "random-init"
 
 
@@ -52,6 +61,27 @@ class FitConfig(_Model):
     checkpoint_every: int = Field(
         0, ge=0, description="also save every N epochs (0: only the final checkpoint)"
     )
+    patience: int = Field(
+        10,
+        ge=0,
+        description="stop after this many epochs without a lower validation loss (0: never)",
+    )
+    lr_schedule: LrSchedule = Field(
+        "cosine",
+        description="cosine: decays to 0 over the epochs; step: /10 at 50% and 75%; constant",
+    )
+    fold: int | None = Field(None, ge=0, description="cross-validation fold trained (--fold)")
+
+    def learning_rate_at(self, epoch: int) -> float:
+        """The rate for epoch (1-based) under lr_schedule."""
+        done = (epoch - 1) / self.epochs
+        if self.lr_schedule == "cosine":
+            return self.learning_rate * 0.5 * (1.0 + math.cos(math.pi * done))
+        if self.lr_schedule == "step":
+            return (
+                self.learning_rate * (0.1 if done >= 0.5 else 1.0) * (0.1 if done >= 0.75 else 1.0)
+            )
+        return self.learning_rate
 
 
 class BaseCheckpoint(_Model):
@@ -69,6 +99,14 @@ class EpochLog(_Model):
     seconds: float = Field(ge=0)
 
 
+class SplitRead(_Model):
+    """One look at the test split (`evaluate --split test`, `export`)."""
+
+    at: datetime
+    command: str
+    n: int = Field(ge=0)
+
+
 class RunInfo(_Model):
     """run.json."""
 
@@ -82,9 +120,16 @@ class RunInfo(_Model):
     labels: list[str]
     base_checkpoint: BaseCheckpoint | None = Field(description="null: random initialisation")
     base_weights_sha256: str = Field(description="digest of the base network's restored weights")
-    checkpoint: str = Field(description="final checkpoint prefix, relative to the run directory")
-    steps: int = Field(ge=0)
+    checkpoint: str = Field(
+        description="exported checkpoint prefix (the selected epoch), relative to the run"
+    )
+    steps: int = Field(ge=0, description="training steps run (all epochs)")
     history: list[EpochLog]
+    selected_epoch: int | None = Field(None, ge=1, description="the epoch `checkpoint` holds")
+    selection: str | None = Field(None, description="why that epoch (model selection)")
+    test_reads: list[SplitRead] = Field(
+        default_factory=list, description="every read of the test split, in order"
+    )
     skipped_images: int = Field(0, ge=0)
     bottleneck_cache: str | None = None
     versions: dict[str, str]
@@ -107,6 +152,36 @@ def load_run(run: Path) -> RunInfo:
         raise RunError(f"{path} is not a valid run file: {exc.errors()[0]['msg']}") from exc
     if not Path(f"{run / info.checkpoint}.index").is_file():
         raise RunError(f"run {run} lacks its checkpoint {info.checkpoint}")
+    return info
+
+
+def load_run_split(run: Path, info: RunInfo) -> SplitFile:
+    """The split the run was trained on (its fold's view); RunError if it changed since fit."""
+    split = load_split(Path(info.split_dir)).for_fold(info.config.fold)
+    changed = [
+        name
+        for name in ("train", "val", "test")
+        if split.fingerprints.get(name) != info.fingerprints.get(name)
+    ]
+    if changed:
+        name = changed[0]
+        raise RunError(
+            f"the split in {info.split_dir} changed after `fit` of {run} ({', '.join(changed)} "
+            f"fingerprint {info.fingerprints.get(name, '?')[:12]} -> "
+            f"{split.fingerprints.get(name, '?')[:12]}): it may hold images this run trained "
+            "on; train again on this split"
+        )
+    return split
+
+
+def record_test_read(run: Path, command: str, split: SplitName, n: int) -> RunInfo:
+    """Count a read of the test split in run.json (other splits are not counted)."""
+    info = load_run(run)
+    if split != "test":
+        return info
+    read = SplitRead(at=datetime.now(UTC), command=command, n=n)
+    info = info.model_copy(update={"test_reads": [*info.test_reads, read]})
+    write_json(run / RUN_FILE, info)
     return info
 
 

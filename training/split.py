@@ -1,11 +1,17 @@
-"""`prepare`: a stratified train/val/test split by source image, written as split.json.
+"""`prepare`: a stratified train/val/test split by group, written as split.json.
 
 The split is made from the original files, before any augmentation (augmentation
-happens on the fly during `fit`, on training images only), and by source image:
-files with the same name stem (Im001_1.jpg / Im001_1.tif) or identical bytes are
-one group and always land in the same split. This is what the original workflow got
-wrong: it augmented first and split afterwards, so copies of a training image sat
-in the validation set.
+happens on the fly during `fit`, on training images only), and by group: a group is
+a file, or, with `--groups groups.csv`, a patient or smear (groups.py); files with
+identical bytes always join one group. A group never straddles two splits. This is
+what the original workflow got wrong: it augmented first and split afterwards, so
+copies of a training image sat in the validation set. Near-duplicates across splits
+(perceptual hash) are reported, and refused with `strict`.
+
+`folds=K` makes grouped, stratified K-fold cross-validation: the test split is held
+out as usual and every other group is dealt to one of K folds (per class, in a
+seeded order). `split.for_fold(i)` is the view `fit --fold i` trains on: fold i is
+the validation split, the other folds the training split.
 """
 
 from __future__ import annotations
@@ -19,8 +25,17 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from cellwatch.training import LABELS
-from cellwatch.training.dataset import ImageEntry, Skipped, find_images, fingerprint, inspect
+from cellwatch.training.dataset import (
+    ImageEntry,
+    Skipped,
+    find_images,
+    fingerprint,
+    inspect,
+    relative,
+    sha256_hex,
+)
 from cellwatch.training.errors import DataError
+from cellwatch.training.groups import NearDuplicate, near_duplicates, read_groups
 from cellwatch.training.outdir import staged_dir
 
 log = logging.getLogger(__name__)
@@ -28,6 +43,13 @@ log = logging.getLogger(__name__)
 SPLIT_FILE = "split.json"
 SplitName = Literal["train", "val", "test"]
 SPLIT_NAMES: tuple[SplitName, ...] = ("train", "val", "test")
+Grouping = Literal["file", "groups-file"]
+MAX_FOLDS = 20
+LEAK_WARNING = (
+    "each file is its own group: ALL-IDB2 crops come from ALL-IDB1 smears and several "
+    "smears come from one patient, so images of one patient can land in both training "
+    "and test; give the patient or smear of every file with --groups groups.csv"
+)
 
 
 class SplitFile(BaseModel):
@@ -47,10 +69,49 @@ class SplitFile(BaseModel):
     splits: dict[SplitName, list[ImageEntry]]
     fingerprints: dict[str, str] = Field(description="per split and `all` (dataset.fingerprint)")
     skipped: list[Skipped] = Field(default_factory=list, description="files that did not decode")
+    grouping: Grouping = Field(
+        "file", description="file: each file its own group; groups-file: from --groups"
+    )
+    groups_file_sha256: str | None = None
+    near_duplicates: list[NearDuplicate] = Field(
+        default_factory=list, description="pHash near-duplicates in different splits"
+    )
+    folds: int = Field(0, ge=0, le=MAX_FOLDS, description="K of K-fold cross-validation, or 0")
+    fold: int | None = Field(None, ge=0, description="set on the view of one fold (for_fold)")
 
     @property
     def root(self) -> Path:
         return Path(self.data_root)
+
+    def for_fold(self, fold: int | None) -> SplitFile:
+        """The split a run uses: itself, or for a K-fold split the view of fold `fold`."""
+        if fold is None:
+            if self.folds:
+                raise DataError(
+                    f"this split has {self.folds} cross-validation folds: "
+                    f"pass --fold 0..{self.folds - 1}"
+                )
+            return self
+        if not self.folds:
+            raise DataError("--fold needs a split made with `prepare --folds K`")
+        if not 0 <= fold < self.folds:
+            raise DataError(
+                f"--fold {fold} is out of range: this split has folds 0..{self.folds - 1}"
+            )
+        pool = self.entries("train")
+        train = [e for e in pool if e.fold != fold]
+        val = [e for e in pool if e.fold == fold]
+        return self.model_copy(
+            update={
+                "splits": {"train": train, "val": val, "test": self.entries("test")},
+                "fingerprints": {
+                    **self.fingerprints,
+                    "train": fingerprint(train),
+                    "val": fingerprint(val),
+                },
+                "fold": fold,
+            }
+        )
 
     def entries(self, split: SplitName) -> list[ImageEntry]:
         return list(self.splits.get(split, []))
@@ -65,18 +126,21 @@ class SplitFile(BaseModel):
 def stratified_split(
     entries: list[ImageEntry], val: float, test: float, seed: int
 ) -> dict[SplitName, list[ImageEntry]]:
-    """Split groups of each class by the fractions; every non-zero split gets each class."""
+    """Split the groups of each class (group_label) by the fractions; every non-zero split
+    gets images of each class."""
     if not 0 <= val < 1 or not 0 <= test < 1 or val + test >= 1:
         raise DataError(f"--val {val} and --test {test} must be >= 0 and sum to less than 1")
     groups = _groups(entries)
-    present = {lab for members in groups.values() for lab in {e.label for e in members}}
+    present = {e.label for e in entries}
     if len(present) < len(LABELS):
         have = ", ".join(LABELS[i] for i in sorted(present)) or "none"
         raise DataError(f"the data has one class only ({have}); both normal and ALL are needed")
     rng = np.random.default_rng(seed)
     out: dict[SplitName, list[ImageEntry]] = {name: [] for name in SPLIT_NAMES}
     for label, name in enumerate(LABELS):
-        keys = sorted(k for k, members in groups.items() if members[0].label == label)
+        keys = sorted(k for k, members in groups.items() if group_label(members) == label)
+        if not keys:  # every group of this class also holds the other one
+            continue
         order = [keys[i] for i in rng.permutation(len(keys))]
         n_test = max(1, round(test * len(keys))) if test > 0 else 0
         n_val = max(1, round(val * len(keys))) if val > 0 else 0
@@ -93,11 +157,51 @@ def stratified_split(
         }
         for split, split_keys in parts.items():
             out[split] += [e for k in split_keys for e in groups[k]]
+    fractions = {"train": 1.0, "val": val, "test": test}
+    for split, items in out.items():
+        if fractions[split] > 0 and {e.label for e in items} != set(range(len(LABELS))):
+            raise DataError(
+                f"split too small: the {split} split got images of one class only "
+                f"(too few groups for --val {val} and --test {test})"
+            )
     return {name: sorted(items, key=lambda e: e.path) for name, items in out.items()}
 
 
+def assign_folds(entries: list[ImageEntry], folds: int, seed: int) -> list[ImageEntry]:
+    """entries with `fold` set: each class's groups dealt round-robin to folds in seeded order."""
+    groups = _groups(entries)
+    rng = np.random.default_rng([seed, 0xF01D])
+    fold_of: dict[str, int] = {}
+    for label, name in enumerate(LABELS):
+        keys = sorted(k for k, members in groups.items() if group_label(members) == label)
+        if keys and len(keys) < folds:
+            raise DataError(
+                f"too few groups for {folds} folds: class {name!r} has {len(keys)} outside "
+                "the test split (one per fold needed)"
+            )
+        for i, j in enumerate(rng.permutation(len(keys))):
+            fold_of[keys[j]] = i % folds
+    out = [
+        e.model_copy(update={"fold": fold_of[k]}) for k, members in groups.items() for e in members
+    ]
+    for fold in range(folds):
+        if {e.label for e in out if e.fold == fold} != set(range(len(LABELS))):
+            raise DataError(f"too few groups for {folds} folds: fold {fold} has one class only")
+    return out
+
+
+def group_label(members: list[ImageEntry]) -> int:
+    """The class a group is stratified by: ALL if at least half its images are ALL.
+
+    A patient's group may hold both classes (normal cells from a leukaemia smear);
+    a file group always has one.
+    """
+    positives = sum(e.label for e in members)
+    return 1 if 2 * positives >= len(members) else 0
+
+
 def _groups(entries: list[ImageEntry]) -> dict[str, list[ImageEntry]]:
-    """Union of same-name-stem and same-bytes entries; DataError if a group has two labels."""
+    """Union of same-group and same-bytes entries; DataError if one image has two labels."""
     parent: dict[str, str] = {}
 
     def find(x: str) -> str:
@@ -116,22 +220,42 @@ def _groups(entries: list[ImageEntry]) -> dict[str, list[ImageEntry]]:
     groups: dict[str, list[ImageEntry]] = {}
     for e in entries:
         groups.setdefault(find(e.group), []).append(e)
+    labels_of: dict[str, set[int]] = {}
+    for e in entries:
+        labels_of.setdefault(e.sha256, set()).add(e.label)
     for members in groups.values():
-        if len({e.label for e in members}) > 1:
-            names = ", ".join(e.path for e in members[:4])
-            raise DataError(f"the same source image carries both labels: {names}")
+        clash = [e for e in members if len(labels_of[e.sha256]) > 1]
+        if clash:
+            names = ", ".join(e.path for e in clash[:4])
+            raise DataError(f"the same image carries both labels: {names}")
     return groups
 
 
 def prepare(
-    data: Path, out: Path, *, val: float, test: float, seed: int, force: bool = False
+    data: Path,
+    out: Path,
+    *,
+    val: float,
+    test: float,
+    seed: int,
+    force: bool = False,
+    groups_file: Path | None = None,
+    folds: int = 0,
+    strict: bool = False,
 ) -> SplitFile:
     """Scan data, check every image, split, and write out/split.json (all or nothing)."""
+    if folds == 1 or not 0 <= folds <= MAX_FOLDS:
+        raise DataError(f"--folds must be 0 (no cross-validation) or 2..{MAX_FOLDS}, not {folds}")
+    if folds and val:
+        raise DataError("--folds replaces the validation split: leave --val out (or 0)")
     scan = find_images(data)
     named = {c.label for c in scan.candidates}
     if len(named) < len(LABELS):
         have = ", ".join(LABELS[i] for i in sorted(named))
         raise DataError(f"{data} holds one class only ({have}); both normal and ALL are needed")
+    groups = None
+    if groups_file is not None:
+        groups = read_groups(groups_file, [relative(scan, c) for c in scan.candidates])
     log.info(
         "%s: %s layout, %d image files%s",
         scan.root,
@@ -139,11 +263,21 @@ def prepare(
         len(scan.candidates),
         " (SYNTHETIC)" if scan.synthetic else "",
     )
+    if groups is None and not scan.synthetic:
+        log.warning("%s", LEAK_WARNING)
     with staged_dir(out, marker=SPLIT_FILE, force=force, what="split") as tmp:
-        entries, skipped = inspect(scan)
+        entries, skipped = inspect(scan, groups)
         if not entries:
             raise DataError(f"no image in {data} could be decoded ({len(skipped)} skipped)")
         splits = stratified_split(entries, val, test, seed)
+        if folds:
+            splits["train"] = sorted(
+                assign_folds(splits["train"], folds, seed), key=lambda e: e.path
+            )
+        duplicates = near_duplicates(
+            {name: [(e.path, e.phash) for e in items] for name, items in splits.items()}
+        )
+        _report_duplicates(duplicates, strict)
         prints: dict[str, str] = {name: fingerprint(items) for name, items in splits.items()}
         prints["all"] = fingerprint(entries)
         split = SplitFile(
@@ -157,11 +291,34 @@ def prepare(
             splits=splits,
             fingerprints=prints,
             skipped=skipped,
+            grouping="groups-file" if groups is not None else "file",
+            groups_file_sha256=sha256_hex(groups_file.read_bytes()) if groups_file else None,
+            near_duplicates=duplicates,
+            folds=folds,
         )
         (tmp / SPLIT_FILE).write_text(split.model_dump_json(by_alias=True, indent=2) + "\n")
     for name in SPLIT_NAMES:
         log.info("%-5s %s", name, split.class_counts(name))
     return split
+
+
+def _report_duplicates(duplicates: list[NearDuplicate], strict: bool) -> None:
+    for d in duplicates:
+        log.warning(
+            "near-duplicate images in different splits: %s (%s) and %s (%s), %d bits apart",
+            d.a,
+            d.a_split,
+            d.b,
+            d.b_split,
+            d.distance,
+        )
+    if duplicates and strict:
+        first = duplicates[0]
+        raise DataError(
+            f"{len(duplicates)} near-duplicate pairs straddle splits (e.g. {first.a} in "
+            f"{first.a_split} and {first.b} in {first.b_split}): put copies in one group "
+            "with --groups, or remove them (--strict)"
+        )
 
 
 def load_split(path: Path) -> SplitFile:

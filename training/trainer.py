@@ -8,7 +8,14 @@ checkpoints of the whole network (model variables only, no optimizer slots), so
 - `BottleneckTrainer`: the base runs once per image in inference mode; its pooled
   features are cached on disk and only `InceptionV3/Logits/Conv2d_1c_1x1` trains
   (with the network's own dropout), on the cached features. Base weights never change.
-- `FinetuneTrainer`: the chosen scopes train end to end on augmented images.
+- `FinetuneTrainer`: the chosen scopes train end to end on augmented images, with the
+  network's dropout on; batch norm runs in training mode (batch statistics, moving
+  averages updated) only inside the trainable scopes and only with
+  `train_batch_norm`, so a frozen scope never changes, statistics included.
+
+Both feed Adam a learning rate per epoch (`learning_rate`, FitConfig.lr_schedule),
+and can snapshot and restore their trainable state (`snapshot`/`restore`) so that
+`fit` can keep the epoch with the best validation loss.
 """
 
 from __future__ import annotations
@@ -53,10 +60,14 @@ class Trainer(ABC):
             self.images = tf1.placeholder(
                 tf.float32, [None, IMAGE_SIZE, IMAGE_SIZE, 3], name="input"
             )
+            self.lr = tf1.placeholder_with_default(
+                tf.constant(config.learning_rate, tf.float32), [], name="learning_rate"
+            )
             self._build()
             self.model_vars = network.model_variables(self.graph)  # before optimizer slots
             self.base_vars = network.not_in_scopes(self.model_vars, network.HEAD_SCOPES)
-            self.train_op = tf1.train.AdamOptimizer(config.learning_rate).minimize(
+            self.state_vars = self.trainable + self._extra_state()
+            self.train_op = tf1.train.AdamOptimizer(self.lr).minimize(
                 self.loss, var_list=self.trainable
             )
             self.saver = tf1.train.Saver(
@@ -99,7 +110,22 @@ class Trainer(ABC):
     def validate(self) -> tuple[float, float] | None:
         """(loss, accuracy) on the validation split, or None if it is empty."""
 
+    def _extra_state(self) -> list[Any]:
+        """Variables besides the trainable ones that training changes (none by default)."""
+        return []
+
     # -- shared ----------------------------------------------------------------
+    def learning_rate(self, epoch: int) -> float:
+        return self.config.learning_rate_at(epoch)
+
+    def snapshot(self) -> list[np.ndarray]:
+        """Values of the trainable state (to keep the best epoch)."""
+        return [np.array(v) for v in self.session.run(self.state_vars)]
+
+    def restore(self, values: list[np.ndarray]) -> None:
+        for variable, value in zip(self.state_vars, values, strict=True):
+            self.assign(variable, value)
+
     def _batches(self, n: int, epoch: int) -> list[np.ndarray]:
         order = np.random.default_rng([self.config.seed, epoch]).permutation(n)
         size = self.config.batch_size
@@ -122,13 +148,14 @@ class Trainer(ABC):
         holder, op = self._assigners[name]
         self.session.run(op, {holder: np.asarray(value, dtype=np.float32)})
 
-    def save(self, directory: Path) -> str:
-        """Save a checkpoint of the whole network; returns its prefix relative to directory."""
+    def save(self, directory: Path, step: int | None = None) -> str:
+        """Save a checkpoint of the whole network (named for step, default the steps run);
+        returns its prefix relative to directory."""
         with self.graph.as_default():
             prefix = self.saver.save(
                 self.session,
                 str(directory / "model.ckpt"),
-                global_step=self.steps,
+                global_step=self.steps if step is None else step,
                 write_meta_graph=False,
             )
         return Path(prefix).name
@@ -203,10 +230,11 @@ class BottleneckTrainer(Trainer):
     def train_on(self, x: np.ndarray, y: np.ndarray, epoch: int) -> tuple[float, float]:
         """One epoch of head training on the given bottlenecks (also used by the benchmark)."""
         total_loss, total_correct = 0.0, 0.0
+        lr = self.learning_rate(epoch)
         for idx in self._batches(len(y), epoch):
             _, loss, correct = self.session.run(
                 [self.train_op, self.loss, self.correct],
-                {self.features: x[idx], self.labels: y[idx]},
+                {self.features: x[idx], self.labels: y[idx], self.lr: lr},
             )
             total_loss += float(loss) * len(idx)
             total_correct += float(correct)
@@ -220,9 +248,9 @@ class BottleneckTrainer(Trainer):
         loss, correct = self.session.run([self.eval_loss, self.eval_correct], feed)
         return float(loss), float(correct) / len(self.val_y)
 
-    def save(self, directory: Path) -> str:
+    def save(self, directory: Path, step: int | None = None) -> str:
         self.fold_head()
-        return super().save(directory)
+        return super().save(directory, step)
 
     def fold_head(self) -> None:
         """Write the trained head into the network's final 1x1 convolution (exact)."""
@@ -244,7 +272,13 @@ class FinetuneTrainer(Trainer):
         self.train_images = tf1.placeholder(
             tf.float32, [None, IMAGE_SIZE, IMAGE_SIZE, 3], name="train_input"
         )
-        train_net = network.build(self.train_images, is_training=cfg.train_batch_norm)
+        # dropout on (is_training); batch norm in training mode only in the trainable
+        # scopes and only when asked: a frozen scope must not change, statistics included
+        train_net = network.build(
+            self.train_images,
+            is_training=True,
+            batch_norm_scopes=cfg.trainable_scopes if cfg.train_batch_norm else (),
+        )
         eval_net = network.build(self.images, is_training=False, reuse=True)
         self.logits_for_eval = eval_net.logits
         self.trainable = network.in_scopes(tf1.trainable_variables(), cfg.trainable_scopes)
@@ -252,6 +286,11 @@ class FinetuneTrainer(Trainer):
             raise TrainingError(
                 f"--trainable-scopes {','.join(cfg.trainable_scopes)} match no variable of "
                 "the network (scopes look like InceptionV3/Mixed_7c)"
+            )
+        if not network.covers(cfg.trainable_scopes, f"{network.HEAD_CONV_SCOPE}/weights"):
+            raise TrainingError(
+                f"--trainable-scopes must include {network.LOGITS_SCOPE}: the 2-class head is "
+                "new and starts from random weights"
             )
         xent, self.correct = self._loss_ops(train_net.logits)
         loss = xent
@@ -267,6 +306,16 @@ class FinetuneTrainer(Trainer):
             len(self.trainable),
             ", ".join(cfg.trainable_scopes),
         )
+
+    def _extra_state(self) -> list[Any]:
+        """Batch-norm moving statistics inside the trainable scopes (train_batch_norm)."""
+        return [
+            v
+            for v in network.in_scopes(
+                network.model_variables(self.graph), self.config.trainable_scopes
+            )
+            if "moving_" in network.variable_name(v)
+        ]
 
     def prepare(self, cache_root: Path | None) -> None:
         self.pre = Preprocessor(augment_seed=self.config.seed)
@@ -293,7 +342,8 @@ class FinetuneTrainer(Trainer):
             x = np.stack([self.pre.augment(self._rgb(e)) for e in batch])
             y = np.array([e.label for e in batch], np.int64)
             _, loss, correct = self.session.run(
-                [self.train_op, self.loss, self.correct], {self.train_images: x, self.labels: y}
+                [self.train_op, self.loss, self.correct],
+                {self.train_images: x, self.labels: y, self.lr: self.learning_rate(epoch)},
             )
             total_loss += float(loss) * len(idx)
             total_correct += float(correct)

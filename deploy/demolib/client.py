@@ -17,11 +17,13 @@ import paho.mqtt.client as paho
 from pydantic import ValidationError
 
 from cellwatch.shared.errors import CellwatchError
+from cellwatch.shared.manifest import model_flags
 from cellwatch.shared.mqtt import MqttClient
 from cellwatch.shared.rpc import Policy, PublishRefused, Reply, Rpc, RpcError
 from cellwatch.shared.schemas import NodeStatus, Result
 from cellwatch.shared.settings import MqttSettings
 from cellwatch.shared.topics import Topics
+from cellwatch.training.stats import MetricSet, Proportion
 from demolib.common import (
     DRAIN_TIMEOUT_S,
     LABELS,
@@ -181,10 +183,29 @@ class Trained:
     version: str
     run: Path
     bundle: Path
-    metrics: dict[str, Any]
-    """The test split's metrics from `cellwatch-train evaluate` (TensorFlow)."""
-    agreement: float | None
-    """Share of test images where the exported IR's top class equals TensorFlow's."""
+    precision: str
+    """The precision shipped (fp16 when int8 failed the export gate)."""
+    manifest: dict[str, Any]
+    """The bundle's manifest.json: metrics of the deployed model, gate, calibration."""
+    fallback: str | None = None
+    """Why the demo shipped another precision than the profile's, if it did."""
+
+    @property
+    def deployed(self) -> MetricSet:
+        """The figures of the model the nodes run (its own, on the test split)."""
+        return MetricSet.model_validate(self.manifest["metrics"]["deployed"]["metrics"])
+
+    @property
+    def tensorflow(self) -> MetricSet:
+        return MetricSet.model_validate(self.manifest["metrics"]["tensorflow"]["metrics"])
+
+    @property
+    def agreement(self) -> Proportion:
+        return Proportion.model_validate(self.manifest["metrics"]["agreement"])
+
+    @property
+    def flags(self) -> list[str]:
+        return list(model_flags(self.manifest.get("provenance", {})))
 
 
 class Hub:
@@ -232,10 +253,13 @@ class Hub:
     def push(self, bundle: Path) -> None:
         self.group.run("hub-push", self.op("push", str(bundle)), timeout=600)
 
-    def rollout(self, version: str, waves: str) -> str:
-        """`rollout start`; prints it, returns the rollout id."""
-        argv = self.op("rollout", "start", MODEL_NAME, version, "--waves", waves, "--json")
-        command(argv[:-3])
+    def rollout(self, version: str, waves: str, *, confirm_untrained: bool = False) -> str:
+        """`rollout start` (with --yes-untrained for a synthetic or untrained model);
+        prints it, returns the rollout id."""
+        confirm = ["--yes-untrained"] if confirm_untrained else []
+        argv = self.op("rollout", "start", MODEL_NAME, version, "--waves", waves, *confirm)
+        command(argv[:-2])
+        argv.append("--json")
         info = json.loads(self.group.run("hub-rollout", argv, echo=False, timeout=60))
         done(
             f"rollout {info['rollout_id']}: {MODEL_NAME} {version} to {info['target']} "

@@ -58,10 +58,28 @@ class Profile:
     precision: str
     swap_rate: float
     after_swap_s: float
+    int8_methods: tuple[str, str]
+    """`export --int8-method` for v1 and v2. Accuracy-aware quantisation takes 4-6
+    minutes on 2 CPUs, so only `make demo`'s v1 may use it; otherwise an int8
+    model that misses the gate is replaced by fp16 (and the demo says so)."""
 
 
-FULL = Profile(images=120, epochs=20, precision="int8", swap_rate=8.0, after_swap_s=5.0)
-QUICK = Profile(images=40, epochs=1, precision="int8", swap_rate=6.0, after_swap_s=3.0)
+FULL = Profile(
+    images=120,
+    epochs=20,
+    precision="int8",
+    swap_rate=8.0,
+    after_swap_s=5.0,
+    int8_methods=("auto", "ptq"),
+)
+QUICK = Profile(
+    images=40,
+    epochs=1,
+    precision="int8",
+    swap_rate=6.0,
+    after_swap_s=3.0,
+    int8_methods=("ptq", "ptq"),
+)
 
 
 # -- the working directory ------------------------------------------------------------

@@ -15,6 +15,7 @@ from rich.table import Table
 
 from cellwatch.shared.errors import CellwatchError
 from cellwatch.shared.topics import Topics
+from cellwatch.training.stats import fmt, wilson
 from demolib.client import DemoClient, Hub, Request, Traffic, Trained, tally
 from demolib.common import (
     DRAIN_TIMEOUT_S,
@@ -36,7 +37,7 @@ from demolib.common import (
     shown,
     stage,
 )
-from demolib.processes import ProcessGroup, stop_tier
+from demolib.processes import Command, ProcessGroup, stop_tier, tail
 from demolib.services import (
     BrokerInfo,
     cw,
@@ -49,6 +50,15 @@ from demolib.services import (
     write_hub_toml,
     write_node_toml,
 )
+
+GATE_EXIT_CODE = 3
+"""`cellwatch-train export`: the deployed model fails the export gate."""
+
+
+def gate_message(log: Path) -> str:
+    """The gate's one-line refusal from an export's log (its last `error:` line)."""
+    lines = [line.strip() for line in tail(log, 40).splitlines() if "error:" in line]
+    return lines[-1].split("error:", 1)[1].strip() if lines else "it failed the export gate"
 
 
 class Demo:
@@ -103,7 +113,7 @@ class Demo:
         self.group.run("train-synth", synth)
         self.group.run("train-prepare", cw("train", "prepare", data, "--out", split, "--force"))
 
-    def train(self, tag: str, version: str, epochs: int) -> Trained:
+    def train(self, tag: str, version: str, epochs: int, int8_method: str = "ptq") -> Trained:
         """fit (bottleneck) -> evaluate -> export a signed bundle, with cellwatch-train."""
         run, bundle = self.layout.run_dir(tag), self.layout.bundle(tag)
         run.parent.mkdir(parents=True, exist_ok=True)
@@ -111,22 +121,59 @@ class Demo:
         base = ["--checkpoint", self.checkpoint] if self.checkpoint is not None else []
         env = {"TF_CPP_MIN_LOG_LEVEL": "2"}
         doing(
-            f"training {MODEL_NAME} {version}: {epochs} epoch(s) of a new 2-class head on "
-            "Inception V3 features (bottleneck mode: the base network runs once per image)"
+            f"training {MODEL_NAME} {version}: up to {epochs} epoch(s) of a new 2-class head on "
+            "Inception V3 features (bottleneck mode: the base network runs once per image); "
+            "the epoch with the lowest validation loss is kept"
         )
         fit = cw("train", "fit", self.layout.split, "--out", run, "--epochs", epochs, *base)
         self.group.run(f"train-fit-{tag}", [*fit, "--mode", "bottleneck", "--force"], env=env)
-        doing("evaluating on the held-out test images (never seen in training)")
+        doing("evaluating on the held-out test images (never seen in training), with 95% intervals")
         self.group.run(f"train-evaluate-{tag}", cw("train", "evaluate", run), env=env)
-        doing(f"exporting: frozen graph -> OpenVINO IR ({self.profile.precision}) -> signed bundle")
-        export = cw("train", "export", run, "--out", bundle, "--name", MODEL_NAME)
-        export += ["--version", version, "--precision", self.profile.precision]
-        export += ["--sign-key", str(self.layout.sign_key), "--force"]
-        self.group.run(f"train-export-{tag}", export, env=env)
-        metrics: dict[str, Any] = json.loads((run / "eval-test" / "metrics.json").read_text())
+        precision = self.profile.precision
+        doing(
+            f"exporting: calibrate on the validation images, frozen graph -> OpenVINO IR "
+            f"({precision}) -> the IR itself measured on the test images -> export gate -> "
+            "signed bundle with a model card"
+        )
+        untrained = [] if self.checkpoint is not None else ["--allow-untrained"]
+        if untrained:
+            doing(
+                "--allow-untrained: without CHECKPOINT the base network is random, so export "
+                "would refuse it; the bundle is labelled UNTRAINED wherever it goes"
+            )
+        if precision == "int8":
+            doing(
+                "int8: NNCF's accuracy-aware quantisation (4-6 minutes here) if plain "
+                "quantisation misses the gate"
+                if int8_method == "auto"
+                else "int8: plain quantisation only (--int8-method ptq) to keep the demo "
+                "short; if it misses the gate the demo ships fp16"
+            )
+
+        def export(prec: str) -> Command:
+            argv = cw("train", "export", run, "--out", bundle, "--name", MODEL_NAME)
+            argv += ["--version", version, "--precision", prec, *untrained]
+            if prec == "int8":
+                argv += ["--int8-method", int8_method]
+            argv += ["--sign-key", str(self.layout.sign_key), "--force"]
+            return self.group.spawn(f"train-export-{tag}-{prec}", argv, env=env)
+
+        attempt = export(precision)
+        self.group.finish(attempt, check=False)
+        fallback = None
+        code = attempt.child.proc.returncode
+        if code == GATE_EXIT_CODE and precision == "int8":
+            fallback = gate_message(attempt.child.log)
+            console.print(
+                f"  [yellow]![/yellow] int8 is NOT shipped: {escape(fallback)}. The demo ships "
+                "fp16 instead, whose decisions the same gate checks."
+            )
+            precision = "fp16"
+            self.group.finish(export(precision))
+        elif code != 0:
+            self.group.finish(attempt)  # raises with the end of its log
         manifest = json.loads((bundle / "manifest.json").read_text())
-        agreement = manifest.get("metrics", {}).get("ir_agreement", {}).get("top1_agreement")
-        return Trained(tag, version, run, bundle, metrics, agreement)
+        return Trained(tag, version, run, bundle, precision, manifest, fallback)
 
     # -- the steps ----------------------------------------------------------------------
     def run(self) -> None:
@@ -150,7 +197,7 @@ class Demo:
                 "self-tests it beside the old one and then swaps atomically, so no request "
                 "fails and results switch from the old version to the new one.",
             )
-            v2 = self.train("v2", "1.1.0", self.profile.epochs + 1)
+            v2 = self.train("v2", "1.1.0", self.profile.epochs + 1, self.profile.int8_methods[1])
             self.report_metrics(v2)
         with self.timings.phase("6b roll out v2 under load"):
             self.step_swap(v1, v2, test_images)
@@ -225,8 +272,10 @@ class Demo:
             "Train, evaluate and export version 1",
             "A SYNTHETIC data set imitates ALL-IDB blood-smear crops (`_1` = ALL blast, "
             "`_0` = normal). It is split by source image into train, validation and test; "
-            "a 2-class head is trained on TF-Slim Inception V3 features, evaluated on the "
-            "test split, converted to OpenVINO and signed.",
+            "a 2-class head is trained on TF-Slim Inception V3 features and calibrated on the "
+            "validation split. The converted OpenVINO model itself is measured on the test "
+            "split, and export signs it only if its decisions still match TensorFlow's. "
+            "Every figure comes with its 95% interval: a few dozen test images cannot show more.",
         )
         if self.checkpoint is not None:
             doing(f"starting from the ImageNet weights in {self.checkpoint}")
@@ -238,17 +287,67 @@ class Demo:
                 "ImageNet features (see the README)."
             )
         self.make_data()
-        v1 = self.train("v1", "1.0.0", self.profile.epochs)
+        v1 = self.train("v1", "1.0.0", self.profile.epochs, self.profile.int8_methods[0])
         self.report_metrics(v1)
         return v1
 
     def report_metrics(self, t: Trained) -> None:
-        m = t.metrics
+        """The deployed model's own figures (from its manifest), TensorFlow's beside them."""
+        m = t.manifest
+        metrics = m["metrics"]
+        dep, tf = t.deployed, t.tensorflow
+        flags = ", ".join(f.upper() for f in t.flags)
         done(
-            f"{MODEL_NAME} {t.version}: test accuracy {m['accuracy']:.2f}, sensitivity "
-            f"{m['recall']:.2f}, specificity {m['specificity']:.2f} on {m['n']} images; "
-            f"bundle {shown(t.bundle)}"
+            f"{MODEL_NAME} {t.version} ({t.precision}{', ' + flags if flags else ''}): bundle "
+            f"{shown(t.bundle)}, model card {shown(t.bundle / 'MODEL_CARD.md')}"
         )
+        table = Table(
+            title=f"{MODEL_NAME} {t.version} on {metrics['n']} held-out test images "
+            f"(SYNTHETIC; threshold p(ALL) >= {dep.threshold:.3f}; 95% intervals)"
+        )
+        for col in ("figure", f"deployed {t.precision} IR (what the nodes run)", "TensorFlow"):
+            table.add_column(col)
+        for label, key in (
+            ("accuracy", "accuracy"),
+            ("sensitivity", "sensitivity"),
+            ("specificity", "specificity"),
+            ("ROC AUC", "roc_auc"),
+        ):
+            table.add_row(label, fmt(getattr(dep, key)), fmt(getattr(tf, key)))
+        console.print(table)
+        gate = m["provenance"]["gate"]
+        done(
+            f"deployed decisions equal TensorFlow's on {fmt(t.agreement, 3)}; export gate "
+            f"(agreement >= {gate['min_agreement']:g}, sensitivity drop <= {gate['max_drop']:g}) "
+            f"{'passed' if gate['passed'] else 'FAILED'}; measured on "
+            f"{metrics['deployed']['device']} at {metrics['deployed']['inference_precision']}"
+        )
+        for attempt in m["provenance"].get("quantization", {}).get("attempts", []):
+            shown_agreement = fmt(wilson(attempt["agreement_k"], attempt["n"]))
+            done(
+                f"int8 by {attempt['method']} ({attempt['seconds']:.0f} s): decisions equal "
+                f"TensorFlow's on {shown_agreement}: "
+                + ("passes the gate" if attempt["passed"] else "refused by the gate")
+            )
+        c = m.get("calibration") or {}
+        d = m.get("decision") or {}
+        if c:
+            done(
+                f"calibration on {c['n']} validation images: temperature {c['temperature']:.3g} "
+                f"{'applied' if c['applied'] else 'not applied'} (ECE {c['ece_before']:.3f} -> "
+                f"{c['ece_after']:.3f}); low-confidence band p(ALL) in "
+                f"[{d['low_confidence'][0]:.2f}, {d['low_confidence'][1]:.2f}]"
+            )
+        self.summary.setdefault("trained", {})[t.tag] = {
+            "version": t.version,
+            "precision": t.precision,
+            "fallback": t.fallback,
+            "flags": t.flags,
+            "metrics": metrics,
+            "gate": gate,
+            "calibration": c,
+            "decision": d,
+        }
 
     def step_rollout_v1(self, v1: Trained) -> None:
         stage(
@@ -261,6 +360,12 @@ class Demo:
             "the signature, compiles it, runs its self-test and only then serves it.",
         )
         self.hub.push(v1.bundle)
+        doing("what the hub stores: FLAGS warn about synthetic / untrained / degraded models")
+        self.group.run("hub-models", self.hub.op("models"), timeout=60)
+        doing(
+            f"the model is {' and '.join(f.upper() for f in v1.flags)}: `rollout start` "
+            "refuses it without --yes-untrained, which the demo gives"
+        )
         t0 = time.monotonic()
         self.roll_out(v1.version, None)
         self.summary["rollout_v1_s"] = round(time.monotonic() - t0, 1)
@@ -268,7 +373,7 @@ class Demo:
     def roll_out(self, version: str, traffic: Traffic | None) -> float:
         """Start a rollout (a canary node first, then the rest), follow it until every
         node serves version and the hub calls it completed; when the last node switched."""
-        rollout_id = self.hub.rollout(version, WAVES)
+        rollout_id = self.hub.rollout(version, WAVES, confirm_untrained=True)
         watch = self.hub.watch(rollout_id)
         switched_at = self.follow_rollout(version, traffic)
         self.group.finish(watch, timeout=ROLLOUT_TIMEOUT_S)
@@ -373,15 +478,19 @@ class Demo:
         console.print(table)
         t = tally(reqs)
         accuracy = correct / len(reqs) if reqs else 0.0
-        done(
-            f"accuracy {correct}/{len(reqs)} = {accuracy:.2f}; answers from "
-            f"{', '.join(sorted(t['by_node']))}"
-        )
-        if v1.agreement is not None and abs(accuracy - v1.metrics["accuracy"]) > 1e-9:
+        over_mqtt = wilson(correct, len(reqs))
+        done(f"accuracy over MQTT {fmt(over_mqtt)}; answers from {', '.join(sorted(t['by_node']))}")
+        stated = v1.deployed.accuracy
+        if stated.k == correct:
+            done(
+                f"the same as the bundle's own figure for its deployed {v1.precision} model "
+                f"({fmt(stated)}), measured at export"
+            )
+        else:
             doing(
-                f"TensorFlow's evaluation in step 3 said {v1.metrics['accuracy']:.2f}: the "
-                f"{self.profile.precision} OpenVINO model the nodes run gives the same top class "
-                f"on {v1.agreement:.0%} of these images (quantisation moved the others)"
+                f"the bundle states {fmt(stated)} for its deployed model, measured on the export "
+                "machine's CPU; the nodes' answers differ on "
+                f"{abs(stated.k - correct)} image(s): a device with another inference precision"
             )
         if t["failed"]:
             raise DemoError(f"{t['failed']} test images failed: {t['errors']}")
@@ -471,10 +580,12 @@ class Demo:
     # -- the end --------------------------------------------------------------------------
     def paths(self) -> dict[str, list[str]]:
         runs = sorted(self.layout.root.glob("runs/*"))
+        bundles = sorted(self.layout.root.glob("bundles/*"))
         return {
             "plots": [str(p) for r in runs for p in sorted(r.rglob("*.png"))],
             "metrics": [str(p) for r in runs for p in sorted(r.glob("eval-*/metrics.json"))],
-            "bundles": [str(p) for p in sorted(self.layout.root.glob("bundles/*"))],
+            "bundles": [str(p) for p in bundles],
+            "model_cards": [str(b / "MODEL_CARD.md") for b in bundles],
             "logs": [str(p) for p in sorted(self.layout.logs.glob("*.log"))],
         }
 
@@ -496,6 +607,7 @@ class Demo:
                 ("plots", [shown(p) for p in paths["plots"]]),
                 ("metrics", [shown(p) for p in paths["metrics"]] or ["-"]),
                 ("bundles", [shown(p) + "/" for p in paths["bundles"]]),
+                ("cards", [shown(p) for p in paths["model_cards"]]),
                 ("runs", [shown(Path(r).parent) + "/" for r in runs]),
                 ("logs", [shown(self.layout.logs) + "/ (one file per process)"]),
                 ("summary", [shown(self.layout.summary)]),

@@ -27,22 +27,9 @@ TINY_COUNT = 40
 
 def save_imagenet_like_checkpoint(path: Path, seed: int = 1) -> Path:
     """A 1001-class TF-Slim Inception V3 checkpoint in the public file's V1 format."""
-    from cellwatch.training import network
-    from cellwatch.training.tfcompat import new_session, seed_everything, tf, tf1
+    from cellwatch.training.checkpoint import write_random_base
 
-    graph = tf.Graph()
-    with graph.as_default():
-        seed_everything(seed)
-        images = tf1.placeholder(tf.float32, [1, 299, 299, 3])
-        network.build(images, num_classes=1001, is_training=False)
-        saver = tf1.train.Saver(network.model_variables(graph), write_version=tf1.train.SaverDef.V1)
-        init = tf1.global_variables_initializer()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with new_session(graph) as session:
-        session.run(init)
-        with graph.as_default():
-            saver.save(session, str(path), write_meta_graph=False, write_state=False)
-    return path
+    return write_random_base(path, seed)
 
 
 @pytest.fixture(scope="session")
@@ -88,7 +75,13 @@ def signing_key(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def bundle(trained_run: Path, signing_key: Path) -> Callable[[Precision], Path]:
-    """bundle(precision) -> the trained run exported at that precision (made on first use)."""
+    """bundle(precision) -> the trained run exported at that precision (made on first use).
+
+    int8 is exported with allow_degraded: on this 2-epoch model plain quantisation
+    changes a test decision on some CPUs (measured: 5/6 on a Xeon with AMX), the
+    accuracy-aware retry cannot see it on 6 validation images, and the tests check
+    that whatever the gate decided is recorded truthfully.
+    """
     from cellwatch.training.export import ExportOptions, export
 
     made: dict[Precision, Path] = {}
@@ -105,6 +98,7 @@ def bundle(trained_run: Path, signing_key: Path) -> Callable[[Precision], Path]:
                     precision=precision,
                     sign_key=signing_key,
                     calibration_size=16,
+                    allow_degraded=precision == "int8",
                 ),
             )
             made[precision] = out

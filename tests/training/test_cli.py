@@ -7,6 +7,7 @@ import os
 import shutil
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -123,3 +124,32 @@ def test_keygen(tmp_path: Path) -> None:
     assert (tmp_path / "keys" / "lab.key").stat().st_mode & 0o077 == 0
     assert_one_line_error(train("keygen", tmp_path / "keys", "--name", "lab"), "already exists")
     shutil.rmtree(tmp_path / "keys")
+
+
+def test_gate_settings_out_of_range_are_usage_errors(tmp_path: Path) -> None:
+    for flag, value in (("--min-agreement", "1.5"), ("--max-drop", "-0.1")):
+        result = train(
+            *("export", tmp_path, "--out", tmp_path / "b", "--name", "x", "--version", "1"),
+            *("--sign-key", tmp_path / "k", flag, value),
+        )
+        assert result.returncode == 2 and "Traceback" not in result.stderr
+        assert f"Invalid value for '{flag}'" in result.stderr, result.stderr
+        assert not (tmp_path / "b").exists()
+
+
+@pytest.mark.slow
+def test_export_gate_failure_exits_3_naming_the_figure(
+    trained_run: Path, bundle: Callable[[str], Path], signing_key: Path, tmp_path: Path
+) -> None:
+    from tests.training.test_export import gate_threshold, inputs_of
+
+    threshold, _ = gate_threshold(trained_run, bundle, inputs_of(trained_run)[0])
+    result = train(
+        *("export", trained_run, "--out", tmp_path / "b", "--name", "x", "--version", "1"),
+        *("--precision", "fp16", "--sign-key", signing_key, "--threshold", f"{threshold!r}"),
+    )
+    assert result.returncode == 3, result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: the fp16 model fails the export gate"), result.stderr
+    assert "top-1 agreement with TensorFlow" in last and "--allow-degraded" in last
+    assert "Traceback" not in result.stderr and not (tmp_path / "b").exists()

@@ -3,7 +3,10 @@ evaluate -> keygen -> export, then the node (`cellwatch-node classify`) serves t
 
 The node compiles the bundle itself, runs its golden self-test and classifies the test
 images with its own decoder and OpenCV preprocessing; its probabilities must match what
-training's TensorFlow evaluation wrote for the same files.
+training's TensorFlow runs of the shipped (calibrated) frozen graph give for the same
+files. Along the way: export refuses a run without a base checkpoint unless
+--allow-untrained, counts its look at the test split, and evaluate and export refuse
+a split that changed after fit.
 """
 
 from __future__ import annotations
@@ -17,7 +20,11 @@ import pytest
 
 from cellwatch.shared.bundle import load_bundle
 from cellwatch.shared.signing import TrustedKeys
-from tests.training.test_cli import BIN, ENV, train
+from cellwatch.training.dataset import ImageEntry, load_rgb
+from cellwatch.training.evalgraph import FrozenGraph
+from cellwatch.training.preprocess import Preprocessor
+from cellwatch.training.split import load_split
+from tests.training.test_cli import BIN, ENV, assert_one_line_error, train
 
 pytestmark = pytest.mark.slow
 
@@ -42,32 +49,34 @@ def test_tiny_run_through_the_cli_is_served_by_the_node(tmp_path: Path) -> None:
     )
     assert "RANDOM weights" in ok(fitted) + fitted.stderr
     assert "(SYNTHETIC data)" in fitted.stdout
-    assert "accuracy" in ok(train("evaluate", "run", cwd=tmp_path))
+    evaluated = ok(train("evaluate", "run", cwd=tmp_path))
+    assert "accuracy" in evaluated and "95% CI" in evaluated
     ok(train("keygen", "keys", "--name", "e2e", cwd=tmp_path))
-    out = ok(
-        train(
-            "export",
-            "run",
-            "--out",
-            "bundle",
-            "--name",
-            "all-e2e",
-            "--version",
-            "1.0.0",
-            "--precision",
-            "fp32",
-            "--sign-key",
-            "keys/e2e.key",
-            cwd=tmp_path,
-        )
-    )
-    assert "top-1 agreement 1.000" in out
+    export = [
+        *("export", "run", "--out", "bundle", "--name", "all-e2e", "--version", "1.0.0"),
+        *("--precision", "fp32", "--sign-key", "keys/e2e.key"),
+    ]
+    refused = train(*export, cwd=tmp_path)  # fit had no --checkpoint
+    assert_one_line_error(refused, "--allow-untrained")
+    assert not (tmp_path / "bundle").exists()
+    out = ok(train(*export, "--allow-untrained", cwd=tmp_path))
+    assert "[SYNTHETIC, UNTRAINED]" in out and "agreement with TensorFlow 1.000" in out
+    assert "sensitivity" in out and "95% CI" in out
     bundle = load_bundle(tmp_path / "bundle", TrustedKeys.load(tmp_path / "keys"))
-    assert bundle.manifest.provenance["synthetic"] is True
+    prov = bundle.manifest.provenance
+    assert prov["synthetic"] is True and prov["base_checkpoint"] is None
+    assert prov["allow_untrained"] is True and bundle.manifest.flags == ["synthetic", "untrained"]
+    reads = json.loads((tmp_path / "run" / "run.json").read_text())["test_reads"]
+    assert [r["command"] for r in reads] == ["evaluate", "export"]
 
     with (tmp_path / "run" / "eval-test" / "predictions.csv").open() as f:
-        expected = {row["path"]: float(row["p_ALL"]) for row in csv.DictReader(f)}
-    images = [tmp_path / "data" / name for name in sorted(expected)]
+        names = sorted(row["path"] for row in csv.DictReader(f))
+    images = [tmp_path / "data" / name for name in names]
+    with FrozenGraph(tmp_path / "run" / "frozen.pb") as frozen, Preprocessor() as pre:
+        expected = {  # the shipped (calibrated) model, run by TensorFlow on its preprocessing
+            image.name: float(frozen.predict(pre.eval(load_rgb(image.parent, entry))[None])[0, 1])
+            for image, entry in zip(images, entries(tmp_path, names), strict=True)
+        }
     # --force-f32: this is a parity check against TensorFlow's probabilities; on CPUs
     # where OpenVINO defaults to bf16 the node would differ by more than the bound.
     node = subprocess.run(
@@ -95,3 +104,16 @@ def test_tiny_run_through_the_cli_is_served_by_the_node(tmp_path: Path) -> None:
         assert result["label"] in ("normal", "ALL")
         p_all = result["probabilities"]["ALL"]
         assert abs(p_all - expected[image.name]) <= NODE_VS_TRAINING, image.name
+
+    # the split changes after fit (a new seed): the run refuses to be measured on it
+    ok(train("prepare", "data", "--out", "split", "--force", "--seed", "9", cwd=tmp_path))
+    assert_one_line_error(train("evaluate", "run", cwd=tmp_path), "changed after `fit`")
+    assert_one_line_error(
+        train(*export, "--allow-untrained", "--force", cwd=tmp_path), "changed after `fit`"
+    )
+
+
+def entries(root: Path, names: list[str]) -> list[ImageEntry]:
+    split = load_split(root / "split")
+    by_path = {e.path: e for name in ("train", "val", "test") for e in split.entries(name)}
+    return [by_path[n] for n in names]

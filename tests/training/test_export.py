@@ -1,8 +1,10 @@
-"""`export`: frozen.pb and the IR agree, the bundle is complete, signed and verifiable,
-and bad requests are refused without touching anything."""
+"""`export`: the manifest states the shipped model's own figures (with intervals), the gate
+refuses a model whose decisions moved, and the bundle is complete, signed and traceable.
+Bad requests are refused without touching anything."""
 
 from __future__ import annotations
 
+import json
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -12,40 +14,45 @@ import pytest
 
 from cellwatch.shared.bundle import load_bundle, sha256_file
 from cellwatch.shared.errors import SignatureError
+from cellwatch.shared.manifest import Manifest
 from cellwatch.shared.signing import TrustedKeys, key_id, load_private_key
-from cellwatch.training.errors import ExportError, TrainingError
-from cellwatch.training.evalgraph import FrozenGraph
+from cellwatch.training.calibration import softmax
+from cellwatch.training.errors import ExportError, GateError, TrainingError
+from cellwatch.training.evalgraph import EvalGraph, FrozenGraph
 from cellwatch.training.evaluate import batches
 from cellwatch.training.export import GOLDEN_TOLERANCE, ExportOptions, export
-from cellwatch.training.ir import CompiledIR, Precision
+from cellwatch.training.ir import DEVICE_DEFAULT, CompiledIR, Precision
 from cellwatch.training.preprocess import Preprocessor
-from cellwatch.training.runinfo import FROZEN_FILE
+from cellwatch.training.runinfo import FROZEN_FILE, load_run
 from cellwatch.training.split import load_split
+from cellwatch.training.stats import MetricSet, metric_set
 from cellwatch.training.tfcompat import tf1
 
 pytestmark = pytest.mark.slow
 Bundles = Callable[[Precision], Path]
 
 
-@pytest.fixture(scope="module")
-def eval_set(split_dir: Path) -> np.ndarray:
-    """The val and test images, eval-preprocessed: 12 inputs neither fit nor calibration saw."""
-    split = load_split(split_dir)
-    entries = split.entries("val") + split.entries("test")
+def inputs_of(run: Path) -> tuple[np.ndarray, np.ndarray]:
+    """A run's test split, eval-preprocessed, and its labels."""
+    split = load_split(Path(load_run(run).split_dir))
+    entries = split.entries("test")
     with Preprocessor() as pre:
-        return np.concatenate(list(batches(split.root, entries, pre, "eval")))
+        x = np.concatenate(list(batches(split.root, entries, pre, "test")))
+    return x, np.array([e.label for e in entries])
 
 
 @pytest.fixture(scope="module")
-def reference(trained_run: Path, bundle: Bundles, eval_set: np.ndarray) -> np.ndarray:
-    bundle("fp32")  # writes RUN/frozen.pb
-    with FrozenGraph(trained_run / FROZEN_FILE) as graph:
-        return graph.predict(eval_set)
+def held_out(trained_run: Path) -> tuple[np.ndarray, np.ndarray]:
+    return inputs_of(trained_run)
 
 
 def trusted(key: Path) -> TrustedKeys:
     public = load_private_key(key).public_key()
     return TrustedKeys({key_id(public): public})
+
+
+def manifest_of(path: Path) -> Manifest:
+    return load_bundle(path, TrustedKeys({}), allow_unsigned=True).manifest
 
 
 def test_frozen_graph_is_the_contract(trained_run: Path, bundle: Bundles) -> None:
@@ -61,39 +68,83 @@ def test_frozen_graph_is_the_contract(trained_run: Path, bundle: Bundles) -> Non
     assert not [n for n in nodes if n.startswith("InceptionV3/AuxLogits")]
 
 
+def test_calibration_is_folded_into_the_shipped_logits(
+    trained_run: Path, bundle: Bundles, held_out: tuple[np.ndarray, np.ndarray]
+) -> None:
+    m = manifest_of(bundle("fp32"))
+    assert m.calibration is not None and m.calibration.n == 6
+    x, _ = held_out
+    with EvalGraph(trained_run / load_run(trained_run).checkpoint) as graph:
+        logits = graph.predict_logits(x)
+    scale = 1 / m.calibration.temperature if m.calibration.applied else 1.0
+    with FrozenGraph(trained_run / FROZEN_FILE) as frozen:
+        np.testing.assert_allclose(frozen.predict(x), softmax(logits * scale), atol=1e-5)
+    assert (trained_run / "calibration" / "reliability.png").read_bytes()[:4] == b"\x89PNG"
+
+
 def test_fp32_ir_matches_frozen_pb(
-    bundle: Bundles, eval_set: np.ndarray, reference: np.ndarray
+    trained_run: Path, bundle: Bundles, held_out: tuple[np.ndarray, np.ndarray]
 ) -> None:
     ir = CompiledIR(bundle("fp32") / "model.xml")  # f32 inference precision
-    probs = ir.predict(eval_set)
-    assert np.abs(probs - reference).max() <= 1e-4
+    x, _ = held_out
+    with FrozenGraph(trained_run / FROZEN_FILE) as frozen:
+        assert np.abs(ir.predict(x) - frozen.predict(x)).max() <= 1e-4
     assert ir.input_name == "input" and ir.output_name == "probabilities"
 
 
+def same_figures(ours: MetricSet, stated: dict[str, object]) -> None:
+    theirs = MetricSet.model_validate(stated)
+    assert theirs.confusion == ours.confusion and theirs.n == ours.n
+    for name in ("accuracy", "sensitivity", "specificity", "precision", "npv", "roc_auc"):
+        assert getattr(theirs, name) == getattr(ours, name), name
+
+
 @pytest.mark.parametrize("precision", ["fp16", "int8"])
-def test_reduced_precision_keeps_top1(
+def test_manifest_states_the_shipped_models_own_figures(
     precision: Precision,
+    trained_run: Path,
     bundle: Bundles,
-    eval_set: np.ndarray,
-    reference: np.ndarray,
-    record_property: Callable[[str, object], None],
+    held_out: tuple[np.ndarray, np.ndarray],
+    split_dir: Path,
 ) -> None:
     path = bundle(precision)
-    probs = CompiledIR(path / "model.xml").predict(eval_set)
-    agreement = float(np.mean(probs.argmax(1) == reference.argmax(1)))
-    record_property(f"{precision}_top1_agreement", agreement)
-    record_property(f"{precision}_max_abs_diff", float(np.abs(probs - reference).max()))
-    print(
-        f"{precision}: top-1 agreement {agreement:.3f}, max |dp| "
-        f"{np.abs(probs - reference).max():.3g} on {len(eval_set)} images"
-    )
-    if precision == "fp16":
-        assert agreement == 1.0
-    else:
-        assert agreement >= 0.75  # int8 is reported; a broken quantisation falls to chance
-    manifest = load_bundle(path, TrustedKeys({}), allow_unsigned=True).manifest
-    assert manifest.precision == precision
-    assert manifest.metrics["ir_agreement"]["precision"] == precision
+    m = manifest_of(path)
+    assert m.decision is not None
+    t = m.decision.threshold
+    x, y = held_out
+    deployed = CompiledIR(path / "model.xml", DEVICE_DEFAULT)
+    p_dep = deployed.predict(x)
+    p_f32 = CompiledIR(path / "model.xml").predict(x)
+    with FrozenGraph(trained_run / FROZEN_FILE) as frozen:
+        p_tf = frozen.predict(x)
+    stated = m.metrics
+    assert stated["split"] == "test" and stated["n"] == len(y) == 6
+    assert stated["split_fingerprint"] == load_split(split_dir).fingerprints["test"]
+    dep = stated["deployed"]
+    assert dep["precision"] == precision and dep["device"] == "CPU"
+    assert dep["inference_precision"] == deployed.inference_precision
+    same_figures(metric_set(y, p_dep[:, 1], t), dep["metrics"])
+    same_figures(metric_set(y, p_f32[:, 1], t), stated["f32"]["metrics"])
+    same_figures(metric_set(y, p_tf[:, 1], t), stated["tensorflow"]["metrics"])
+    agree = int(np.sum((p_dep[:, 1] >= t) == (p_tf[:, 1] >= t)))
+    assert stated["agreement"]["k"] == agree and stated["agreement"]["n"] == 6
+    lo, hi = stated["agreement"]["ci95"]
+    assert lo <= agree / 6 <= hi
+    sens = dep["metrics"]["sensitivity"]
+    assert sens["n"] == int(y.sum()) and sens["ci95"][0] <= sens["value"] <= sens["ci95"][1]
+    print(f"{precision}: agreement {agree}/6, deployed confusion {dep['metrics']['confusion']}")
+
+    gate = m.provenance["gate"]
+    assert gate["agreement"] == pytest.approx(agree / 6)
+    should_pass = agree / 6 >= gate["min_agreement"] and gate["sensitivity_drop"] <= 0.02
+    assert gate["passed"] is should_pass
+    assert ("degraded" in m.flags) is (not should_pass)
+    assert gate["overridden"] is (not should_pass)  # int8 is exported with allow_degraded
+    if precision == "int8":
+        attempts = m.provenance["quantization"]["attempts"]
+        assert attempts[0]["method"].startswith("post-training")
+        if not attempts[0]["passed"]:  # plain quantisation missed: accuracy control was tried
+            assert attempts[-1]["method"].startswith("accuracy-aware")
 
 
 def test_bundle_is_complete_signed_and_traceable(
@@ -103,6 +154,7 @@ def test_bundle_is_complete_signed_and_traceable(
     verified = load_bundle(path, trusted(signing_key))
     m = verified.manifest
     assert sorted(p.name for p in path.iterdir()) == [
+        "MODEL_CARD.md",
         "golden.npz",
         "manifest.json",
         "manifest.sig",
@@ -113,21 +165,86 @@ def test_bundle_is_complete_signed_and_traceable(
     assert m.input.name == "input" and m.input.shape == (1, 299, 299, 3)
     assert m.golden is not None and m.golden.tolerance == GOLDEN_TOLERANCE["fp32"]
     split = load_split(split_dir)
-    assert m.metrics["evaluation"]["fingerprint"] == split.fingerprints["test"]
     prov = m.provenance
-    assert prov["synthetic"] is True
-    assert prov["base_checkpoint"]["sha256"] == sha256_file(imagenet_ckpt)
+    assert prov["synthetic"] is True and m.flags == ["synthetic"]
+    assert prov["base_checkpoint"] == str(imagenet_ckpt.resolve())
+    assert prov["base_checkpoint_sha256"] == sha256_file(imagenet_ckpt)
     assert prov["data_fingerprint"] == split.fingerprints["all"]
     assert prov["frozen_pb_sha256"] == sha256_file(trained_run / FROZEN_FILE)
-    assert prov["steps"] == 8 and prov["seed"] == 5
+    assert prov["steps"] == 8 and prov["seed"] == 5 and prov["selected_epoch"] in (1, 2)
+    assert prov["gate"]["passed"] is True and prov["test_reads"] >= 1
     assert {"tensorflow", "tf-slim", "openvino"} <= set(prov["training_versions"])
+
+    card = (path / "MODEL_CARD.md").read_text()
+    for fragment in (
+        "not for diagnosis",
+        split.fingerprints["all"],
+        "| train | 28 | 14 | 14 |",
+        "95% CI",
+        "deployed",
+        "Temperature scaling" if m.calibration and m.calibration.applied else "Not calibrated",
+        "magnification",
+        "stain",
+        str(imagenet_ckpt.resolve()),
+        "tensorflow 2.",
+        "SYNTHETIC",
+    ):
+        assert fragment in card, fragment
 
     with np.load(path / "golden.npz", allow_pickle=False) as golden:
         inputs, expected = golden["inputs"], golden["probabilities"]
-    assert inputs.shape == (4, 299, 299, 3) and inputs.dtype == np.float32
-    assert expected.shape == (4, 2) and expected.dtype == np.float32
+    assert inputs.shape == (8, 299, 299, 3) and inputs.dtype == np.float32
+    assert expected.shape == (8, 2) and expected.dtype == np.float32
     got = CompiledIR(path / "model.xml").predict(inputs)
     assert np.abs(got - expected).max() <= m.golden.tolerance
+    assert m.golden.inputs and "no patient data" in m.golden.inputs
+    with Preprocessor() as pre:  # no image of the data set is in the bundle
+        data = np.concatenate(list(batches(split.root, split.entries("test"), pre, "t")))
+        data = np.concatenate([data, *batches(split.root, split.entries("train"), pre, "t")])
+    distance = np.abs(inputs[:, None] - data[None]).max(axis=(2, 3, 4))
+    assert distance.min() > 0.1
+
+
+def gate_threshold(trained_run: Path, bundle: Bundles, x: np.ndarray) -> tuple[float, int]:
+    """A threshold between TensorFlow's and the deployed fp16 IR's p(ALL) of one test image,
+    so that image's decision differs between the two by construction."""
+    p_dep = CompiledIR(bundle("fp16") / "model.xml", DEVICE_DEFAULT).predict(x)[:, 1]
+    with FrozenGraph(trained_run / FROZEN_FILE) as frozen:
+        p_tf = frozen.predict(x)[:, 1]
+    i = int(np.argmax(np.abs(p_dep - p_tf)))
+    assert p_dep[i] != p_tf[i], "the deployed IR reproduces TensorFlow exactly on this CPU"
+    return float((p_dep[i] + p_tf[i]) / 2), i
+
+
+def test_gate_refuses_a_model_whose_decisions_moved(
+    trained_run: Path,
+    bundle: Bundles,
+    signing_key: Path,
+    held_out: tuple[np.ndarray, np.ndarray],
+    tmp_path: Path,
+) -> None:
+    threshold, _ = gate_threshold(trained_run, bundle, held_out[0])
+    options = ExportOptions(
+        name="gated", version="1", precision="fp16", sign_key=signing_key, threshold=threshold
+    )
+    with pytest.raises(
+        GateError, match=r"agreement with TensorFlow 0\.\d+ < --min-agreement 0\.98"
+    ):
+        export(trained_run, tmp_path / "refused", options)
+    assert not (tmp_path / "refused").exists() and not list(tmp_path.iterdir())
+
+    allowed = export(
+        trained_run,
+        tmp_path / "degraded",
+        ExportOptions(**{**options.__dict__, "allow_degraded": True}),
+    )
+    m = allowed.manifest
+    assert m.flags == ["synthetic", "degraded"]
+    assert m.provenance["gate"]["passed"] is False and m.provenance["gate"]["overridden"] is True
+    assert m.decision is not None and m.decision.threshold == pytest.approx(threshold)
+    assert m.decision.target.startswith("fixed threshold")
+    assert m.metrics["agreement"]["k"] <= 5
+    assert "**DEGRADED**" in (tmp_path / "degraded" / "MODEL_CARD.md").read_text()
 
 
 def test_existing_bundle_is_refused_unless_forced(
@@ -149,22 +266,22 @@ def test_existing_bundle_is_refused_unless_forced(
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
 
 
-def test_bad_names_and_keys_are_refused(
+def test_bad_names_keys_and_gate_settings_are_refused(
     trained_run: Path, signing_key: Path, tmp_path: Path
 ) -> None:
     out = tmp_path / "bundle"
+    good = ExportOptions(name="ok", version="1", precision="fp32", sign_key=signing_key)
     with pytest.raises(ExportError, match="invalid --name"):
-        export(
-            trained_run,
-            out,
-            ExportOptions(name="../evil", version="1", precision="fp32", sign_key=signing_key),
-        )
+        export(trained_run, out, ExportOptions(**{**good.__dict__, "name": "../evil"}))
     with pytest.raises(SignatureError):
-        export(
-            trained_run,
-            out,
-            ExportOptions(
-                name="ok", version="1", precision="fp32", sign_key=tmp_path / "missing.key"
-            ),
-        )
+        export(trained_run, out, ExportOptions(**{**good.__dict__, "sign_key": tmp_path / "no"}))
+    for field, value, flag in (
+        ("min_agreement", 1.5, "--min-agreement"),
+        ("min_agreement", -0.1, "--min-agreement"),
+        ("max_drop", 2.0, "--max-drop"),
+    ):
+        with pytest.raises(ExportError, match=f"{flag} must be between 0 and 1"):
+            export(trained_run, out, ExportOptions(**{**good.__dict__, field: value}))
     assert not out.exists()
+    reads = json.loads((trained_run / "run.json").read_text())["test_reads"]
+    assert all(r["command"] in ("evaluate", "export") for r in reads)

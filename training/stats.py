@@ -1,0 +1,151 @@
+"""Figures with their uncertainty: Wilson intervals for proportions, a bootstrap for ROC AUC.
+
+A metric on a few dozen test images is a guess with a wide error bar; every figure
+cellwatch shows carries its 95% interval and its counts so the reader can tell
+32/32 (0.89-1.00) from 320/320 (0.99-1.00).
+
+- Proportions (accuracy, sensitivity, specificity, precision, NPV, agreement):
+  Wilson score interval, which stays inside [0, 1] and is sensible at 0/n and n/n.
+  A proportion whose denominator is zero (specificity with no negatives) has value
+  and interval null, never 0.
+- ROC AUC: percentile bootstrap over images, resampling positives and negatives
+  separately (each resample keeps both classes). With perfect separation every
+  resample gives 1.0 and the interval collapses to [1, 1]: read it with n.
+
+ALL (label index 1) is the positive class; the decision is `p_ALL >= threshold`.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
+
+Z95 = 1.959963984540054
+"""Two-sided 95% normal quantile."""
+BOOTSTRAP_RESAMPLES = 2000
+BOOTSTRAP_SEED = 20240611
+"""Fixed, so the same predictions always give the same interval."""
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Proportion(_Model):
+    """k of n, with its Wilson 95% interval; value and interval null when n is 0."""
+
+    value: float | None
+    ci95: tuple[float, float] | None
+    k: int = Field(ge=0)
+    n: int = Field(ge=0)
+
+
+class Auc(_Model):
+    """ROC AUC with a stratified percentile-bootstrap 95% interval (null with one class)."""
+
+    value: float | None
+    ci95: tuple[float, float] | None
+    n: int = Field(ge=0)
+    resamples: int = Field(ge=0)
+
+
+class MetricSet(_Model):
+    """One model's figures on one split at one decision threshold (ALL positive)."""
+
+    accuracy: Proportion
+    sensitivity: Proportion = Field(description="TP / (TP + FN): blasts found")
+    specificity: Proportion = Field(description="TN / (TN + FP); null with no negatives")
+    precision: Proportion = Field(description="TP / (TP + FP): positive predictive value")
+    npv: Proportion = Field(description="TN / (TN + FN): negative predictive value")
+    roc_auc: Auc
+    n: int = Field(ge=0)
+    threshold: float = Field(ge=0.0, le=1.0, description="ALL when p_ALL >= threshold")
+    confusion: list[list[int]] = Field(description="[[TN, FP], [FN, TP]]: rows true")
+
+
+def wilson(k: int, n: int, z: float = Z95) -> Proportion:
+    """k successes of n trials with the Wilson score interval."""
+    if not 0 <= k <= n:
+        raise ValueError(f"need 0 <= k <= n, got k={k}, n={n}")
+    if n == 0:
+        return Proportion(value=None, ci95=None, k=0, n=0)
+    p = k / n
+    z2 = z * z
+    centre = (p + z2 / (2 * n)) / (1 + z2 / n)
+    half = z * math.sqrt(p * (1 - p) / n + z2 / (4 * n * n)) / (1 + z2 / n)
+    lo = 0.0 if k == 0 else max(0.0, centre - half)
+    hi = 1.0 if k == n else min(1.0, centre + half)
+    return Proportion(value=p, ci95=(lo, hi), k=k, n=n)
+
+
+def auc_value(pos: np.ndarray, neg: np.ndarray) -> float:
+    """Mann-Whitney AUC: P(score_pos > score_neg) + P(tie) / 2."""
+    neg_sorted = np.sort(neg)
+    below = np.searchsorted(neg_sorted, pos, side="left")
+    at_or_below = np.searchsorted(neg_sorted, pos, side="right")
+    return float(np.mean((below + at_or_below) / 2.0) / len(neg))
+
+
+def bootstrap_auc(
+    y_true: np.ndarray,
+    score: np.ndarray,
+    resamples: int = BOOTSTRAP_RESAMPLES,
+    seed: int = BOOTSTRAP_SEED,
+) -> Auc:
+    y = np.asarray(y_true).astype(bool)
+    s = np.asarray(score, dtype=np.float64)
+    pos, neg = s[y], s[~y]
+    if len(pos) == 0 or len(neg) == 0:
+        return Auc(value=None, ci95=None, n=len(s), resamples=0)
+    rng = np.random.default_rng(seed)
+    values = np.empty(resamples)
+    for i in range(resamples):
+        values[i] = auc_value(
+            pos[rng.integers(0, len(pos), len(pos))], neg[rng.integers(0, len(neg), len(neg))]
+        )
+    lo, hi = np.percentile(values, [2.5, 97.5])
+    return Auc(
+        value=auc_value(pos, neg), ci95=(float(lo), float(hi)), n=len(s), resamples=resamples
+    )
+
+
+def metric_set(y_true: np.ndarray, p_pos: np.ndarray, threshold: float = 0.5) -> MetricSet:
+    """Every figure of labels y_true (1 = ALL) against probabilities of ALL p_pos."""
+    y = np.asarray(y_true).astype(bool)
+    pred = np.asarray(p_pos) >= threshold
+    tp = int(np.sum(y & pred))
+    tn = int(np.sum(~y & ~pred))
+    fp = int(np.sum(~y & pred))
+    fn = int(np.sum(y & ~pred))
+    return MetricSet(
+        accuracy=wilson(tp + tn, len(y)),
+        sensitivity=wilson(tp, tp + fn),
+        specificity=wilson(tn, tn + fp),
+        precision=wilson(tp, tp + fp),
+        npv=wilson(tn, tn + fn),
+        roc_auc=bootstrap_auc(y, np.asarray(p_pos)),
+        n=len(y),
+        threshold=threshold,
+        confusion=[[tn, fp], [fn, tp]],
+    )
+
+
+def agreement(a: np.ndarray, b: np.ndarray) -> Proportion:
+    """Share of items where two decision vectors agree, with its Wilson interval."""
+    a, b = np.asarray(a), np.asarray(b)
+    if a.shape != b.shape:
+        raise ValueError(f"cannot compare decisions of shapes {a.shape} and {b.shape}")
+    return wilson(int(np.sum(a == b)), len(a))
+
+
+def fmt(est: Proportion | Auc, digits: int = 2, *, counts: bool = True) -> str:
+    """`0.94 (95% CI 0.74-0.99, 17/18)`; `n/a (no cases)` for an undefined figure."""
+    if est.value is None or est.ci95 is None:
+        return "n/a (one class only)" if isinstance(est, Auc) else "n/a (no cases)"
+    lo, hi = est.ci95
+    text = f"{est.value:.{digits}f} (95% CI {lo:.{digits}f}-{hi:.{digits}f}"
+    if counts and isinstance(est, Proportion):
+        text += f", {est.k}/{est.n}"
+    return text + ")"
