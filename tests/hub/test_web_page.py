@@ -96,10 +96,10 @@ def test_fleet_rollout_and_node_pages_follow_a_rollout_with_a_failure(
     assert f'data-rollout="{rid}" data-state="aborted" data-active="2" data-total="3"' in page.text
     assert "<code>self_test_failed</code> golden mismatch &lt;script&gt;" in page.text
     assert HOSTILE not in page.text
-    # the models: both pushed, with the toy bundles' synthetic badge
+    # the models: both pushed; the toy bundles say nothing of their data: no badge
     models = re.findall(r'<tr data-model="toy" data-version="([^"]+)">', page.text)
     assert models == ["1.0.0", "2.0.0"]
-    assert page.text.count('class="flag synthetic"') == 2
+    assert 'class="flag' not in page.text
     # the rollout's page: each node's state and error, and the events in order
     rp = get(hub, f"/rollouts/{rid}")
     assert rp.status == 200
@@ -182,7 +182,7 @@ def test_models_show_metrics_with_intervals_and_provenance_badges(
         bundles.keys,
         version="4.0.0",
         metrics=DEPLOYED,
-        provenance={"synthetic": False, "base_checkpoint": None, "gate": {"overridden": True}},
+        provenance={"synthetic": True, "base_checkpoint": None, "gate": {"overridden": True}},
     )
     trained = write_test_bundle(
         tmp_path / "tf",
@@ -200,7 +200,7 @@ def test_models_show_metrics_with_intervals_and_provenance_badges(
     assert 'sensitivity</span> 0.880 <span class="ci">(95% CI 0.800–0.930)</span>' in row4
     assert "roc_auc</span> –" in row4 and "n = 240 images" in row4
     assert 'class="flag untrained"' in row4 and 'class="flag degraded"' in row4
-    assert 'class="flag synthetic"' not in row4
+    assert 'class="flag synthetic"' in row4
     row5 = page[page.index('data-version="5.0.0"') :]
     row5 = row5[: row5.index("</tr>")]
     assert "evaluation.accuracy</span> 0.750" in row5
@@ -208,7 +208,7 @@ def test_models_show_metrics_with_intervals_and_provenance_badges(
     assert 'class="flag' not in row5
     api = {m["version"]: m for m in json.loads(get(hub, "/api/models").text)["models"]}
     assert (api["4.0.0"]["untrained"], api["4.0.0"]["degraded"]) == (True, True)
-    assert api["4.0.0"]["synthetic"] is False
+    assert api["4.0.0"]["synthetic"] is True
     assert (api["5.0.0"]["untrained"], api["5.0.0"]["degraded"]) == (False, False)
 
 

@@ -19,6 +19,7 @@ from cellwatch.shared.bundle import load_bundle
 from cellwatch.shared.signing import TrustedKeys
 from tests.hub.conftest import Bundles
 from tests.hub.test_web_page import telemetry
+from tests.models import write_test_bundle
 
 
 def test_history_keeps_an_hour_in_bounded_slots() -> None:
@@ -153,11 +154,14 @@ def test_a_schema_1_database_is_upgraded_and_badges_backfilled(
 ) -> None:
     v1_database(tmp_path / "hub.db")
     store = BundleStore(tmp_path / "store")
-    bundle = load_bundle(bundles.v1, TrustedKeys.load(bundles.keys))
+    synthetic = write_test_bundle(
+        tmp_path / "synthetic", bundles.keys, provenance={"synthetic": True}
+    )
+    bundle = load_bundle(synthetic, TrustedKeys.load(bundles.keys))
     sha = bundle.manifest_sha256
     target = store.bundles / sha
     target.mkdir(parents=True)
-    for p in bundles.v1.iterdir():
+    for p in synthetic.iterdir():
         (target / p.name).write_bytes(p.read_bytes())
     with sqlite3.connect(tmp_path / "hub.db") as c:
         c.execute(
