@@ -13,7 +13,7 @@ import numpy as np
 
 from cellwatch.node.decode import ImageLimits, decode_image
 from cellwatch.node.engine import ServingModel
-from cellwatch.node.preprocess import preprocess
+from cellwatch.node.preprocess import crop_and_resize
 from cellwatch.node.requests import ImageRequest
 from cellwatch.shared.manifest import Manifest
 from cellwatch.shared.schemas import ErrorCode, ErrorInfo, Result, Timings, utcnow
@@ -45,13 +45,14 @@ class Classifier:
         self.limits = limits
 
     def prepare(self, req: ImageRequest, model: ServingModel) -> np.ndarray:
-        """Decode and preprocess req's payload (ImageError if it cannot be used)."""
+        """Decode, crop and resize req's payload to the model's uint8 input (ImageError
+        if it cannot be used); the model converts the pixels to its range itself."""
         t0 = time.monotonic()
         req.timings["queue"] = (t0 - req.received_mono) * 1000.0
         spec = model.bundle.manifest.preprocessing
         rgb = decode_image(req.payload, self.limits, spec.size)
         t1 = time.monotonic()
-        x = preprocess(rgb, spec)
+        x = crop_and_resize(rgb, spec)
         t2 = time.monotonic()
         req.timings["decode"] = (t1 - t0) * 1000.0
         req.timings["preprocess"] = (t2 - t1) * 1000.0

@@ -4,6 +4,11 @@ RGB uint8 -> central crop (TF's `central_crop` arithmetic) -> bilinear resize wi
 half-pixel centres (OpenCV INTER_LINEAR == TF2 `tf.image.resize` bilinear without
 antialias) -> float32 `x / 127.5 - 1` -> NHWC batch of one. Training's TensorFlow
 implementation (`cellwatch.training.preprocess`) must agree with this one.
+
+The node does the first two steps (`crop_and_resize`, 8-bit pixels) and OpenVINO the
+last (`to_model_range`, folded into the compiled model by node/engine.py): a quarter
+of the bytes to hand over, no float pass in Python. `preprocess` is all of it, in
+NumPy: what the model sees (tests bound the compiled model's arithmetic against it).
 """
 
 from __future__ import annotations
@@ -35,14 +40,29 @@ def central_crop_box(height: int, width: int, fraction: float) -> tuple[int, int
     return top, left, height - 2 * top, width - 2 * left
 
 
-def preprocess(rgb: np.ndarray, spec: PreprocessingSpec) -> np.ndarray:
-    """RGB uint8 (H, W, 3) -> float32 (1, S, S, 3) in [-1, 1]."""
+PIXEL_SCALE = 127.5
+PIXEL_OFFSET = 1.0
+"""Model input = pixel / PIXEL_SCALE - PIXEL_OFFSET: [0, 255] -> [-1, 1]."""
+
+
+def crop_and_resize(rgb: np.ndarray, spec: PreprocessingSpec) -> np.ndarray:
+    """RGB uint8 (H, W, 3) -> uint8 (1, S, S, 3): the pixels the node hands OpenVINO."""
     top, left, ch, cw = central_crop_box(rgb.shape[0], rgb.shape[1], spec.central_crop_fraction)
     crop = rgb[top : top + ch, left : left + cw]
     size = spec.size
     if crop.shape[0] != size or crop.shape[1] != size:
-        crop = cv2.resize(crop, (size, size), interpolation=cv2.INTER_LINEAR)
-    out = crop.astype(np.float32)
-    out *= np.float32(1.0 / 127.5)
-    out -= np.float32(1.0)
-    return out[np.newaxis]
+        return cv2.resize(crop, (size, size), interpolation=cv2.INTER_LINEAR)[np.newaxis]
+    return np.ascontiguousarray(crop)[np.newaxis]
+
+
+def to_model_range(pixels: np.ndarray) -> np.ndarray:
+    """uint8 pixels -> float32 in [-1, 1] (training's arithmetic, exactly)."""
+    out = pixels.astype(np.float32)
+    out *= np.float32(1.0 / PIXEL_SCALE)
+    out -= np.float32(PIXEL_OFFSET)
+    return out
+
+
+def preprocess(rgb: np.ndarray, spec: PreprocessingSpec) -> np.ndarray:
+    """RGB uint8 (H, W, 3) -> float32 (1, S, S, 3) in [-1, 1]."""
+    return to_model_range(crop_and_resize(rgb, spec))

@@ -79,9 +79,12 @@ def parse_message(
     now_mono = time.monotonic()
     payload = bytes(msg.payload)
     user = user_properties(msg)
+    given_id = user.get("image_id")
+    id_ok = given_id is not None and IMAGE_ID_RE.match(given_id) is not None
     req = ImageRequest(
         payload=payload,
-        image_id=derive_image_id(payload),
+        # Hashing costs ~0.3 ms for a 5 MP JPEG: only when the sender gave no usable id.
+        image_id=given_id if given_id is not None and id_ok else derive_image_id(payload),
         source=None,
         response_topic=str(response_topic) if response_topic else None,
         correlation_data=bytes(correlation) if correlation is not None else None,
@@ -90,15 +93,11 @@ def parse_message(
         deadline_mono=now_mono + float(expiry) if expiry is not None else None,
         ack=ack,
     )
-    given_id = user.get("image_id")
-    if given_id is not None:
-        if IMAGE_ID_RE.match(given_id):
-            req.image_id = given_id
-        else:
-            req.invalid = (
-                ErrorCode.INVALID_REQUEST,
-                "user property image_id must match [A-Za-z0-9_.:-]{1,128}",
-            )
+    if given_id is not None and not id_ok:
+        req.invalid = (
+            ErrorCode.INVALID_REQUEST,
+            "user property image_id must match [A-Za-z0-9_.:-]{1,128}",
+        )
     if topics.is_node_images(msg.topic, node_id):
         req.direct = True
     else:

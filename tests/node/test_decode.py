@@ -3,11 +3,15 @@ versions of these are in test_node_mqtt.py)."""
 
 from __future__ import annotations
 
+import io
 from collections.abc import Callable
 
+import cv2
 import numpy as np
 import pytest
+from PIL import Image
 
+from cellwatch.node import decode
 from cellwatch.node.decode import ImageError, ImageLimits, decode_image, to_rgb8
 from cellwatch.node.preprocess import central_crop_box, jpeg_scale_denominator, preprocess
 from cellwatch.shared.manifest import PreprocessingSpec
@@ -114,3 +118,85 @@ def test_preprocess_shape_and_range() -> None:
     assert float(x.min()) >= -1.0 and float(x.max()) <= 1.0
     white = np.full((10, 10, 3), 255, dtype=np.uint8)
     assert np.allclose(preprocess(white, PreprocessingSpec()), 1.0)
+
+
+# -- the JPEG decoder: simplejpeg's pixels are OpenCV's ----------------------------
+
+
+def _jpeg_variants() -> dict[str, bytes]:
+    """JPEGs as cameras and tools write them: 4:4:4 / 4:2:2 / 4:2:0, progressive, restart
+    markers, optimised Huffman tables, grayscale, sizes that are not whole MCUs."""
+    rng = np.random.default_rng(5)
+    out: dict[str, bytes] = {}
+    for h, w in [(480, 640), (333, 517), (17, 9)]:
+        bgr = cv2.GaussianBlur(rng.integers(0, 256, (h, w, 3), dtype=np.uint8), (5, 5), 0)
+        rgb = Image.fromarray(np.ascontiguousarray(bgr[:, :, ::-1]))
+        for sub in (0, 1, 2):
+            for progressive in (False, True):
+                b = io.BytesIO()
+                rgb.save(b, "JPEG", quality=88, subsampling=sub, progressive=progressive)
+                out[f"{w}x{h}-sub{sub}-{'prog' if progressive else 'base'}"] = b.getvalue()
+        out[f"{w}x{h}-restart"] = images.encode(bgr, ".jpg", [cv2.IMWRITE_JPEG_RST_INTERVAL, 4])
+        out[f"{w}x{h}-optimized"] = images.encode(bgr, ".jpg", [cv2.IMWRITE_JPEG_OPTIMIZE, 1])
+        out[f"{w}x{h}-gray"] = images.encode(cv2.cvtColor(bgr, cv2.COLOR_BGR2GRAY), ".jpg")
+    return out
+
+
+def _opencv_rgb(data: bytes, denom: int) -> np.ndarray:
+    flags = {
+        1: cv2.IMREAD_COLOR,
+        2: cv2.IMREAD_REDUCED_COLOR_2,
+        4: cv2.IMREAD_REDUCED_COLOR_4,
+        8: cv2.IMREAD_REDUCED_COLOR_8,
+    }
+    bgr = cv2.imdecode(np.frombuffer(data, np.uint8), flags[denom])
+    assert bgr is not None
+    return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+
+
+@pytest.mark.parametrize("name", sorted(_jpeg_variants()))
+def test_jpeg_pixels_are_opencvs_at_every_scale(name: str) -> None:
+    """Bundles were trained on OpenCV's pixels: the faster decoder must give the very
+    same ones (not close: equal), at full and every reduced scale."""
+    data = _jpeg_variants()[name]
+    assert decode._decode_jpeg_rgb(data, *Image.open(io.BytesIO(data)).size, 1) is not None
+    np.testing.assert_array_equal(decode_image(data, LIMITS), _opencv_rgb(data, 1))
+    h, w = _opencv_rgb(data, 1).shape[:2]
+    for denom in (2, 4, 8):
+        fast = decode._decode_jpeg_rgb(data, w, h, denom)
+        assert fast is not None
+        np.testing.assert_array_equal(fast, _opencv_rgb(data, denom), err_msg=f"1/{denom}")
+    big = images.jpeg(h=1944, w=2592)  # decode_image's own reduced scale (1/2)
+    np.testing.assert_array_equal(decode_image(big, LIMITS), _opencv_rgb(big, 2))
+
+
+def test_exif_rotated_jpeg_is_turned_as_opencv_turns_it() -> None:
+    """OpenCV applies the EXIF orientation; libjpeg alone does not: such files take
+    OpenCV's path, so a rotated photo arrives upright in training and on the node."""
+    rgb = np.zeros((100, 200, 3), dtype=np.uint8)
+    rgb[:, :50] = 255
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored rotated: turn 90 degrees clockwise to view
+    b = io.BytesIO()
+    Image.fromarray(rgb).save(b, "JPEG", exif=exif.tobytes())
+    out = decode_image(b.getvalue(), LIMITS)
+    assert out.shape == (200, 100, 3)
+    np.testing.assert_array_equal(out, _opencv_rgb(b.getvalue(), 1))
+
+
+def test_cmyk_jpeg_takes_opencvs_path() -> None:
+    cmyk = Image.new("CMYK", (64, 48), (0, 200, 200, 0))  # red, in ink
+    b = io.BytesIO()
+    cmyk.save(b, "JPEG")
+    assert decode._decode_jpeg_rgb(b.getvalue(), 64, 48, 1) is None
+    out = decode_image(b.getvalue(), LIMITS)
+    np.testing.assert_array_equal(out, _opencv_rgb(b.getvalue(), 1))
+    r, g, _ = out.reshape(-1, 3).mean(axis=0)
+    assert r > 200 and g < 100
+
+
+def test_truncated_jpeg_is_refused_by_both_paths() -> None:
+    data = images.truncated_jpeg()
+    assert decode._decode_jpeg_rgb(data, 640, 480, 1) is None
+    with pytest.raises(ImageError, match="truncated JPEG"):
+        decode_image(data, LIMITS)

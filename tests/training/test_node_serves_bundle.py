@@ -15,7 +15,7 @@ import pytest
 
 from cellwatch.node.decode import ImageLimits, decode_image
 from cellwatch.node.engine import EngineConfig, load_serving_model
-from cellwatch.node.preprocess import preprocess
+from cellwatch.node.preprocess import crop_and_resize
 from cellwatch.node.service import NodeService
 from cellwatch.shared.bundle import load_bundle
 from cellwatch.shared.signing import TrustedKeys
@@ -66,7 +66,7 @@ def test_node_serves_the_exported_inception_bundle(
             assert r.status == "ok" and r.model == model.bundle.ref
             assert r.probabilities is not None and set(r.probabilities) == {"normal", "ALL"}
             rgb = decode_image((split.root / entry.path).read_bytes(), ImageLimits())
-            expected = local.infer(preprocess(rgb, model.bundle.manifest.preprocessing))
+            expected = local.infer(crop_and_resize(rgb, model.bundle.manifest.preprocessing))
             got = np.array([r.probabilities["normal"], r.probabilities["ALL"]])
             assert np.allclose(got, expected, atol=1e-3), (entry.path, got, expected)
     finally:
