@@ -32,15 +32,20 @@ from cellwatch.hub.counters import HubCounters
 from cellwatch.hub.db import Database, ModelRecord, NodeRecord
 from cellwatch.hub.fetch import FetchServer
 from cellwatch.hub.history import SLOT_S, SLOTS, TelemetryHistory
-from cellwatch.hub.rollout import ModelKey, NodeView, Policy, Rollout, RolloutState, TargetState
+from cellwatch.hub.rollout import NodeView, Policy, Rollout
 from cellwatch.hub.served import ServedTotals
 from cellwatch.hub.store import BundleStore
 from cellwatch.hub.web.reader import HubSources
 from cellwatch.hub.web.server import HttpServer
-from cellwatch.shared.schemas import Latency, Telemetry
+from cellwatch.shared.codes import UpdateErrorCode
+from cellwatch.shared.schemas import Latency, ModelRef, Telemetry
+from cellwatch.shared.states import RolloutState, TargetState
 from cellwatch.shared.topics import Topics
 
-MODELS = [ModelKey("all-inception-v3", f"1.{i}.0", f"{i:064x}") for i in range(3)]
+MODELS = [
+    ModelRef(name="all-inception-v3", version=f"1.{i}.0", manifest_sha256=f"{i:064x}")
+    for i in range(3)
+]
 DEPLOYED = {
     "deployed": {
         "n": 240,
@@ -82,7 +87,7 @@ def fill(db: Database, history: TelemetryHistory, nodes: int, now: float) -> Non
             ModelRecord(
                 name=m.name,
                 version=m.version,
-                manifest_sha256=m.sha256,
+                manifest_sha256=m.manifest_sha256,
                 size=47_000_000,
                 precision="fp16",
                 signer="d7edb49737d4c227",
@@ -126,7 +131,8 @@ def fill(db: Database, history: TelemetryHistory, nodes: int, now: float) -> Non
             t.state = TargetState.ACTIVE if t.node_id[-1] != "7" else TargetState.FAILED
             t.progress = 1.0
             if t.state is TargetState.FAILED:
-                t.error_code, t.error_message = "self_test_failed", "golden mismatch 0.31"
+                t.error_code = UpdateErrorCode.SELF_TEST_FAILED
+                t.error_message = "golden mismatch 0.31"
         if r < 5:
             rollout.state, rollout.finished_at = RolloutState.COMPLETED, now - 300 + r
         db.save_rollout(rollout, [f"event {e}" for e in range(20)], now)

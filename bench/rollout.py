@@ -53,21 +53,14 @@ from bench.common import BIN, Broker, cpu_name, inception_bundle
 from cellwatch.hub.client import HubClient
 from cellwatch.hub.db import Database
 from cellwatch.hub.errors import HubUnavailable
-from cellwatch.hub.rollout import RolloutState
 from cellwatch.node.fetcher import Fetcher
 from cellwatch.shared.bundle import hash_files, write_manifest
 from cellwatch.shared.hubapi import RolloutStartArgs
 from cellwatch.shared.manifest import MANIFEST_FILE, SIGNATURE_FILE, Manifest
 from cellwatch.shared.mqtt import MqttClient
-from cellwatch.shared.schemas import (
-    DesiredModel,
-    ModelRef,
-    NodeStatus,
-    UpdateReport,
-    UpdateState,
-    utcnow,
-)
+from cellwatch.shared.schemas import DesiredModel, ModelRef, NodeStatus, UpdateReport, utcnow
 from cellwatch.shared.signing import generate_keypair, load_private_key
+from cellwatch.shared.states import RolloutState, UpdateState
 from cellwatch.shared.topics import Topics
 from tests.hub.swarm import Swarm, add_swarm_user
 
@@ -138,7 +131,7 @@ class SimNode:
             if not msg.payload:
                 return
             d = DesiredModel.model_validate_json(msg.payload)
-            if d.model.manifest_sha256 != self.model.sha256:
+            if d.model.manifest_sha256 != self.model.manifest_sha256:
                 threading.Thread(target=self.update, args=(d,), daemon=True).start()
             return
         self.fetcher.on_reply(msg)
@@ -167,7 +160,7 @@ class SimNode:
         shutil.rmtree(staging)
         self.report(d, UpdateState.VERIFYING, 1)
         self.report(d, UpdateState.ACTIVATING, 1)
-        self.model = ModelRef(name=d.model.name, version=d.model.version, sha256=sha)
+        self.model = ModelRef(name=d.model.name, version=d.model.version, manifest_sha256=sha)
         self.status()
         self.report(d, UpdateState.ACTIVE, 1)
 
@@ -286,7 +279,7 @@ def rounds(
         f"push (operator -> hub, verified, stored): {push_s:.2f} s, {size / MB / push_s:.0f} MB/s"
     )
     name, version = pushed.model["name"], pushed.model["version"]
-    old = ModelRef(name=name, version="0", sha256="0" * 64)
+    old = ModelRef(name=name, version="0", manifest_sha256="0" * 64)
     db_path = hub.data / "hub.db"
     rows = []
     for n in counts:

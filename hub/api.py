@@ -28,6 +28,7 @@ from cellwatch.hub.orchestrator import Orchestrator
 from cellwatch.hub.queries import Queries
 from cellwatch.hub.registry import Registry
 from cellwatch.hub.served import ServedTotals
+from cellwatch.shared.codes import ApiErrorCode
 from cellwatch.shared.hubapi import (
     ModelsArgs,
     NoArgs,
@@ -57,7 +58,7 @@ def _first_error(exc: ValidationError) -> str:
     return f"{where}: {err['msg']}"
 
 
-def error_reply(request_id: str | None, code: str, message: str) -> ApiReply:
+def error_reply(request_id: str | None, code: ApiErrorCode, message: str) -> ApiReply:
     return ApiReply(request_id=request_id, ok=False, error=ApiError(code=code, message=message))
 
 
@@ -102,17 +103,21 @@ class Api:
         """Answer one request; never raises for anything a caller can send."""
         if len(payload) > MAX_API_REQUEST_BYTES:
             return error_reply(
-                None, "too_large", f"request is {len(payload)} bytes, over {MAX_API_REQUEST_BYTES}"
+                None,
+                ApiErrorCode.TOO_LARGE,
+                f"request is {len(payload)} bytes, over {MAX_API_REQUEST_BYTES}",
             )
         try:
             req = ApiRequest.model_validate_json(payload)
         except ValidationError as exc:
-            return error_reply(None, "bad_request", f"not an ApiRequest: {_first_error(exc)}")
+            return error_reply(
+                None, ApiErrorCode.BAD_REQUEST, f"not an ApiRequest: {_first_error(exc)}"
+            )
         spec = self.verbs.get(verb)
         if spec is None:
             return error_reply(
                 req.request_id,
-                "unknown_verb",
+                ApiErrorCode.UNKNOWN_VERB,
                 f"unknown verb {verb!r} (known: {', '.join(sorted(self.verbs))})",
             )
         if spec.mutating:
@@ -120,14 +125,18 @@ class Api:
             if stored is not None:
                 if stored[0] != verb:
                     return error_reply(
-                        req.request_id, "conflict", f"request_id already used for {stored[0]}"
+                        req.request_id,
+                        ApiErrorCode.CONFLICT,
+                        f"request_id already used for {stored[0]}",
                     )
                 log.info("api: %s %s repeated: same reply", verb, req.request_id)
                 return ApiReply.model_validate_json(stored[1])
         try:
             args = spec.args.model_validate(req.args)
         except ValidationError as exc:
-            return error_reply(req.request_id, "bad_request", f"{verb}: {_first_error(exc)}")
+            return error_reply(
+                req.request_id, ApiErrorCode.BAD_REQUEST, f"{verb}: {_first_error(exc)}"
+            )
         try:
             data = spec.run(args, now)
         except ApiFailure as exc:
@@ -135,7 +144,9 @@ class Api:
             return error_reply(req.request_id, exc.code, exc.message)
         except Exception:  # the API boundary: log it, answer, keep serving
             log.exception("api: %s %s failed", verb, req.request_id)
-            return error_reply(req.request_id, "internal", f"{verb} failed inside the hub")
+            return error_reply(
+                req.request_id, ApiErrorCode.INTERNAL, f"{verb} failed inside the hub"
+            )
         reply = ApiReply(request_id=req.request_id, ok=True, data=data.model_dump(mode="json"))
         if spec.mutating:
             self.db.save_reply(req.request_id, verb, reply.model_dump_json(by_alias=True), now)

@@ -26,10 +26,12 @@ from cellwatch.hub.queries import as_json as json_text
 from cellwatch.hub.service import HubService
 from cellwatch.shared.cli import friendly_errors, run_until_signalled, setup_logging
 from cellwatch.shared.hubapi import RevokeArgs, RevokeReply, RolloutInfo, RolloutStartArgs
+from cellwatch.shared.states import ACTIVE_ROLLOUT_STATES, TARGET_FAILURES, RolloutState
 
 P = ParamSpec("P")
 R = TypeVar("R")
-TERMINAL = ("completed", "aborted", "rolled_back")
+TERMINAL = frozenset(RolloutState) - ACTIVE_ROLLOUT_STATES
+"""A rollout in these states is over (`rollout status --watch` stops)."""
 CONNECTION_HELP = """
 Operator commands connect to the broker from, in rising precedence: --config FILE
 (an [mqtt] section as in hub.toml; default $CELLWATCH_HUB_CLIENT_CONFIG), the
@@ -317,8 +319,9 @@ def rollout_status(
         emit(as_json, info, render.rollout_view(info))
         return
     info = _watch(client, info, interval, as_json)
-    failures = info.counts.get("failed", 0) + info.counts.get("timed_out", 0)
-    sys.exit(0 if info.state in ("completed", "rolled_back") and not failures else 1)
+    failures = sum(info.counts.get(s, 0) for s in TARGET_FAILURES)
+    done = (RolloutState.COMPLETED, RolloutState.ROLLED_BACK)
+    sys.exit(0 if info.state in done and not failures else 1)
 
 
 def _watch(client: HubClient, info: RolloutInfo, interval: float, as_json: bool) -> RolloutInfo:

@@ -26,6 +26,7 @@ from pydantic import BaseModel, ValidationError
 
 from cellwatch.hub.errors import ApiFailure, HubError, HubRefused, HubUnavailable
 from cellwatch.shared.bundle import check_file_name, parse_manifest, unpack_tar, verify_file
+from cellwatch.shared.codes import ApiErrorCode
 from cellwatch.shared.errors import BundleError
 from cellwatch.shared.hubapi import (
     UPLOAD_VERB,
@@ -77,6 +78,15 @@ def _parse_reply(msg: paho.MQTTMessage) -> ApiReply:
         return ApiReply.model_validate_json(msg.payload)
     except ValidationError as exc:
         raise RemoteError("internal", "the hub sent a malformed reply") from exc
+
+
+def _api_code(value: str) -> ApiErrorCode:
+    """An error code from the hub; one this client does not know is `internal` (the
+    message still says what happened)."""
+    try:
+        return ApiErrorCode(value)
+    except ValueError:
+        return ApiErrorCode.INTERNAL
 
 
 class HubClient:
@@ -139,12 +149,14 @@ class HubClient:
                 "operator may call the hub API (check --user and the ACL)"
             ) from exc
         except RemoteError as exc:
-            raise ApiFailure(exc.code, exc.message) from exc
+            raise ApiFailure(_api_code(exc.code), exc.message) from exc
         except RpcError as exc:
             raise HubError(f"{what}: {exc}") from exc
         if not reply.ok:
             err = reply.error
-            raise ApiFailure(err.code if err else "internal", err.message if err else "?")
+            if err is None:
+                raise ApiFailure(ApiErrorCode.INTERNAL, "the hub refused without saying why")
+            raise ApiFailure(err.code, err.message)
         return reply.data
 
     def raw(self, verb: str, payload: bytes) -> ApiReply:

@@ -19,7 +19,10 @@ from pathlib import Path
 from typing import Any
 
 from cellwatch.hub.errors import HubError
-from cellwatch.hub.rollout import ModelKey, Policy, Rollout, RolloutState, Target, TargetState
+from cellwatch.hub.rollout import Policy, Rollout, Target
+from cellwatch.shared.codes import UpdateErrorCode
+from cellwatch.shared.schemas import ModelRef
+from cellwatch.shared.states import ACTIVE_ROLLOUT_STATES, RolloutState, TargetState
 
 SCHEMA_VERSION = 4
 REPLY_RETENTION_S = 7 * 24 * 3600
@@ -139,7 +142,7 @@ class NodeRecord:
     since: float | None = None
     last_seen: float | None = None
     tags: list[str] = field(default_factory=list)
-    model: ModelKey | None = None
+    model: ModelRef | None = None
     model_at: float = 0.0
     device: str | None = None
     telemetry: dict[str, Any] | None = None
@@ -168,6 +171,10 @@ class ModelRecord:
     def revoked(self) -> bool:
         return self.revoked_at is not None
 
+    @property
+    def ref(self) -> ModelRef:
+        return ModelRef(name=self.name, version=self.version, manifest_sha256=self.manifest_sha256)
+
 
 @dataclass(frozen=True)
 class RolloutEvent:
@@ -180,11 +187,11 @@ class TargetRecord:
     """One node's part in one rollout (the per-node page's history)."""
 
     rollout_id: str
-    model: ModelKey
+    model: ModelRef
     phase: str
-    state: str
+    state: TargetState
     progress: float
-    error_code: str | None
+    error_code: UpdateErrorCode | None
     error_message: str | None
     updated_at: float
 
@@ -327,7 +334,7 @@ class Database:
                     json.dumps(n.tags),
                     m.name if m else None,
                     m.version if m else None,
-                    m.sha256 if m else None,
+                    m.manifest_sha256 if m else None,
                     n.model_at,
                     n.device,
                     json.dumps(n.telemetry) if n.telemetry is not None else None,
@@ -358,7 +365,7 @@ class Database:
                     r.rollout_id,
                     r.model.name,
                     r.model.version,
-                    r.model.sha256,
+                    r.model.manifest_sha256,
                     r.target,
                     p.waves,
                     json.dumps(list(p.counts)),
@@ -387,7 +394,7 @@ class Database:
                         t.wave,
                         prev.name if prev else None,
                         prev.version if prev else None,
-                        prev.sha256 if prev else None,
+                        prev.manifest_sha256 if prev else None,
                         t.phase,
                         t.state.value,
                         t.progress,
@@ -429,11 +436,11 @@ class Database:
         return [
             TargetRecord(
                 rollout_id=t["rollout_id"],
-                model=ModelKey(t["model_name"], t["model_version"], t["model_sha256"]),
+                model=_ref(t["model_name"], t["model_version"], t["model_sha256"]),
                 phase=t["phase"],
-                state=t["state"],
+                state=TargetState(t["state"]),
                 progress=t["progress"],
-                error_code=t["error_code"],
+                error_code=_code(t["error_code"]),
                 error_message=t["error_message"],
                 updated_at=t["updated_at"],
             )
@@ -446,8 +453,11 @@ class Database:
 
     def rollouts(self, *, active_only: bool = False, limit: int = 50) -> list[Rollout]:
         """Newest first."""
-        where = "WHERE state IN ('running', 'paused', 'rolling_back')" if active_only else ""
-        rows = self._rows(f"SELECT * FROM rollouts {where} ORDER BY seq DESC LIMIT ?", limit)
+        states = sorted(ACTIVE_ROLLOUT_STATES) if active_only else []
+        where = f"WHERE state IN ({', '.join('?' * len(states))})" if states else ""
+        rows = self._rows(
+            f"SELECT * FROM rollouts {where} ORDER BY seq DESC LIMIT ?", *states, limit
+        )
         return [self._rollout(r) for r in rows]
 
     def _rollout(self, row: sqlite3.Row) -> Rollout:
@@ -455,13 +465,13 @@ class Database:
             Target(
                 node_id=t["node_id"],
                 wave=t["wave"],
-                previous=ModelKey(t["prev_name"], t["prev_version"], t["prev_sha256"])
+                previous=_ref(t["prev_name"], t["prev_version"], t["prev_sha256"])
                 if t["prev_sha256"]
                 else None,
                 phase=t["phase"],
                 state=TargetState(t["state"]),
                 progress=t["progress"],
-                error_code=t["error_code"],
+                error_code=_code(t["error_code"]),
                 error_message=t["error_message"],
                 issued_at=t["issued_at"],
                 clock_from=t["clock_from"],
@@ -477,7 +487,7 @@ class Database:
             t.dirty = False  # as stored
         return Rollout(
             rollout_id=row["rollout_id"],
-            model=ModelKey(row["model_name"], row["model_version"], row["model_sha256"]),
+            model=_ref(row["model_name"], row["model_version"], row["model_sha256"]),
             target=row["target"],
             policy=Policy(
                 waves=row["waves"],
@@ -527,6 +537,14 @@ class Database:
             c.execute("DELETE FROM api_replies WHERE created_at < ?", (now - REPLY_RETENTION_S,))
 
 
+def _ref(name: str, version: str, sha256: str) -> ModelRef:
+    return ModelRef(name=name, version=version, manifest_sha256=sha256)
+
+
+def _code(value: str | None) -> UpdateErrorCode | None:
+    return UpdateErrorCode(value) if value else None
+
+
 def _model(r: sqlite3.Row) -> ModelRecord:
     return ModelRecord(
         name=r["name"],
@@ -552,7 +570,7 @@ def _node(r: sqlite3.Row) -> NodeRecord:
         since=r["since"],
         last_seen=r["last_seen"],
         tags=json.loads(r["tags"]),
-        model=ModelKey(r["model_name"], r["model_version"], r["model_sha256"])
+        model=_ref(r["model_name"], r["model_version"], r["model_sha256"])
         if r["model_sha256"]
         else None,
         model_at=r["model_at"],

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from cellwatch.shared.codes import ApiErrorCode
 from cellwatch.shared.errors import CellwatchError
 
 
@@ -18,14 +19,10 @@ class HubRefused(HubError):
 
 
 class ApiFailure(HubError):
-    """An API call failed with an error code; the hub answers it, the client raises it.
+    """An API call failed with an error code (shared.codes.ApiErrorCode); the hub
+    answers it, the client raises it."""
 
-    Codes: bad_request, unknown_verb, not_found, conflict, invalid_bundle, too_large,
-    bad_offset, untrained_model (rollout.start of a model flagged untrained or synthetic
-    without yes_untrained), internal.
-    """
-
-    def __init__(self, code: str, message: str) -> None:
+    def __init__(self, code: ApiErrorCode, message: str) -> None:
         super().__init__(message)
         self.code = code
         self.message = message
@@ -42,4 +39,4 @@ class RolloutError(ApiFailure):
     """A rollout verb does not apply in the rollout's current state (a conflict)."""
 
     def __init__(self, message: str) -> None:
-        super().__init__("conflict", message)
+        super().__init__(ApiErrorCode.CONFLICT, message)

@@ -24,6 +24,7 @@ import paho.mqtt.client as paho
 from pydantic import ValidationError
 
 from cellwatch.hub.store import BundleStore
+from cellwatch.shared.codes import ApiErrorCode
 from cellwatch.shared.errors import MqttError, TopicError
 from cellwatch.shared.mqtt import PublishProps
 from cellwatch.shared.schemas import FetchRequest
@@ -98,25 +99,31 @@ class FetchServer:
             self._count_error()
             return
         if len(msg.payload) > MAX_FETCH_REQUEST_BYTES:
-            self._error(rt, corr, "bad_request", f"request over {MAX_FETCH_REQUEST_BYTES} bytes")
+            self._error(
+                rt, corr, ApiErrorCode.BAD_REQUEST, f"request over {MAX_FETCH_REQUEST_BYTES} bytes"
+            )
             return
         try:
             req = FetchRequest.model_validate_json(msg.payload)
         except ValidationError as exc:
             err = exc.errors()[0]
             where = ".".join(str(p) for p in err["loc"]) or "request"
-            self._error(rt, corr, "bad_request", f"invalid FetchRequest: {where}: {err['msg']}")
+            self._error(
+                rt, corr, ApiErrorCode.BAD_REQUEST, f"invalid FetchRequest: {where}: {err['msg']}"
+            )
             return
         self._serve(node, req, rt, corr)
 
     def _serve(self, node: str, req: FetchRequest, rt: str, corr: bytes | None) -> None:
         sha = req.manifest_sha256
         if not self.store.has(sha):
-            self._error(rt, corr, "unknown_bundle", f"no bundle {sha[:12]} on this hub")
+            self._error(rt, corr, ApiErrorCode.UNKNOWN_BUNDLE, f"no bundle {sha[:12]} on this hub")
             return
         path = self.store.file(sha, req.file)
         if path is None:
-            self._error(rt, corr, "unknown_file", f"bundle {sha[:12]} has no file {req.file!r}")
+            self._error(
+                rt, corr, ApiErrorCode.UNKNOWN_FILE, f"bundle {sha[:12]} has no file {req.file!r}"
+            )
             return
         length = min(req.length, self.max_chunk_bytes)
         try:
@@ -124,14 +131,17 @@ class FetchServer:
                 total = f.seek(0, 2)
                 if req.offset > total:
                     self._error(
-                        rt, corr, "bad_offset", f"offset {req.offset} is past the end ({total})"
+                        rt,
+                        corr,
+                        ApiErrorCode.BAD_OFFSET,
+                        f"offset {req.offset} is past the end ({total})",
                     )
                     return
                 f.seek(req.offset)
                 data = f.read(length)
         except OSError as exc:
             log.error("fetch: cannot read %s of %s: %s", req.file, sha[:12], exc)
-            self._error(rt, corr, "unknown_file", f"cannot read {req.file}")
+            self._error(rt, corr, ApiErrorCode.UNKNOWN_FILE, f"cannot read {req.file}")
             return
         props = PublishProps(
             correlation_data=corr,
@@ -161,7 +171,7 @@ class FetchServer:
         with self._lock:
             self.errors += 1
 
-    def _error(self, rt: str, corr: bytes | None, code: str, message: str) -> None:
+    def _error(self, rt: str, corr: bytes | None, code: ApiErrorCode, message: str) -> None:
         self._count_error()
         log.warning("fetch: %s on %s: %s", code, rt, message)
         props = PublishProps(correlation_data=corr, user=(("error", code), ("message", message)))

@@ -29,21 +29,16 @@ from datetime import UTC, datetime
 from cellwatch.hub.db import Database, NodeRecord
 from cellwatch.hub.errors import ApiFailure
 from cellwatch.hub.history import TelemetryHistory
-from cellwatch.hub.rollout import ModelKey, NodeView
-from cellwatch.shared.hubapi import NodeInfo, NodeState
+from cellwatch.hub.rollout import NodeView
+from cellwatch.shared.codes import ApiErrorCode
+from cellwatch.shared.hubapi import NodeInfo
 from cellwatch.shared.limits import (
     CONFLICT_HOLD_S,
     DEFAULT_TELEMETRY_INTERVAL_S,
     STALE_AFTER_INTERVALS,
 )
-from cellwatch.shared.schemas import (
-    ModelError,
-    ModelRef,
-    NodeStatus,
-    Telemetry,
-    UpdateReport,
-    UpdateState,
-)
+from cellwatch.shared.schemas import ModelError, ModelRef, NodeStatus, Telemetry, UpdateReport
+from cellwatch.shared.states import NodeState, UpdateState
 from cellwatch.shared.topics import is_valid_name
 
 log = logging.getLogger(__name__)
@@ -115,7 +110,7 @@ class Fleet:
         self.db.save_node(rec)
         self._all()[rec.node_id] = rec
 
-    def model_of(self, node_id: str) -> ModelKey | None:
+    def model_of(self, node_id: str) -> ModelRef | None:
         rec = self._all().get(node_id)
         return rec.model if rec is not None else None
 
@@ -156,8 +151,7 @@ class Fleet:
                 status.model_error.model_dump(mode="json") if status.model_error else None
             )
         if status.state == "online" or status.model is not None:
-            m = status.model
-            rec.model = ModelKey(m.name, m.version, m.sha256) if m is not None else None
+            rec.model = status.model
             rec.model_at = now
         self._save(rec)
         log.info(
@@ -186,8 +180,7 @@ class Fleet:
             return False
         rec = replace(found, last_seen=now)
         if report.state is UpdateState.ACTIVE:
-            m = report.model
-            rec.model, rec.model_at = ModelKey(m.name, m.version, m.manifest_sha256), now
+            rec.model, rec.model_at = report.model, now
         self._save(rec)
         return True
 
@@ -203,27 +196,30 @@ class Fleet:
         if target == "all":
             ids = sorted(known)
             if not ids:
-                raise ApiFailure("not_found", "the hub knows no nodes yet (none has connected)")
+                raise ApiFailure(
+                    ApiErrorCode.NOT_FOUND, "the hub knows no nodes yet (none has connected)"
+                )
             return ids
         kind, _, rest = target.partition(":")
         if kind == "group" and rest:
             ids = sorted(i for i, n in known.items() if rest in n.tags)
             if not ids:
-                raise ApiFailure("not_found", f"no node has the tag {rest!r}")
+                raise ApiFailure(ApiErrorCode.NOT_FOUND, f"no node has the tag {rest!r}")
             return ids
         if kind == "node" and rest:
             ids = sorted({i.strip() for i in rest.split(",") if i.strip()})
             bad = [i for i in ids if not is_valid_name(i)]
             if bad or not ids:
-                raise ApiFailure("bad_request", f"invalid node id(s) in target: {bad}")
+                raise ApiFailure(ApiErrorCode.BAD_REQUEST, f"invalid node id(s) in target: {bad}")
             unknown = [i for i in ids if i not in known]
             if unknown:
                 raise ApiFailure(
-                    "not_found", f"unknown node(s) {', '.join(unknown)}: never seen by the hub"
+                    ApiErrorCode.NOT_FOUND,
+                    f"unknown node(s) {', '.join(unknown)}: never seen by the hub",
                 )
             return ids
         raise ApiFailure(
-            "bad_request", f"target {target!r}: use all, group:GROUP or node:ID[,ID...]"
+            ApiErrorCode.BAD_REQUEST, f"target {target!r}: use all, group:GROUP or node:ID[,ID...]"
         )
 
     def infos(self, bytes_by_node: dict[str, int], now: float) -> list[NodeInfo]:
@@ -235,9 +231,7 @@ class Fleet:
                 since=_ts(n.since),
                 last_seen=_ts(n.last_seen),
                 tags=n.tags,
-                model=ModelRef(name=n.model.name, version=n.model.version, sha256=n.model.sha256)
-                if n.model
-                else None,
+                model=n.model,
                 device=n.device,
                 telemetry=n.telemetry,
                 bytes_served=bytes_by_node.get(n.node_id, 0),

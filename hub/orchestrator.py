@@ -22,10 +22,11 @@ from cellwatch.hub.db import Database
 from cellwatch.hub.errors import ApiFailure
 from cellwatch.hub.fleet import Fleet
 from cellwatch.hub.registry import Registry
-from cellwatch.hub.rollout import Desired, ModelKey, Policy, Rollout, RolloutState
+from cellwatch.hub.rollout import Desired, Policy, Rollout
 from cellwatch.hub.waves import WaveSpecError, parse_threshold, parse_waves, plan_waves
+from cellwatch.shared.codes import ApiErrorCode
+from cellwatch.shared.hubapi import Policy as PolicyInfo
 from cellwatch.shared.hubapi import (
-    DesiredRef,
     RevokeArgs,
     RevokeReply,
     RolloutInfo,
@@ -34,8 +35,8 @@ from cellwatch.shared.hubapi import (
     TargetInfo,
     WaveInfo,
 )
-from cellwatch.shared.hubapi import Policy as PolicyInfo
-from cellwatch.shared.schemas import ApiError, UpdateReport
+from cellwatch.shared.schemas import UpdateError, UpdateReport
+from cellwatch.shared.states import RolloutState
 
 log = logging.getLogger(__name__)
 
@@ -48,10 +49,6 @@ FINISHED_KEPT = 8
 
 def _ts(value: float) -> datetime:
     return datetime.fromtimestamp(value, UTC)
-
-
-def _ref(m: ModelKey) -> DesiredRef:
-    return DesiredRef(name=m.name, version=m.version, manifest_sha256=m.sha256)
 
 
 def describe(
@@ -68,15 +65,15 @@ def describe(
                 index=index,
                 size=count - previous,
                 issued=index <= r.wave,
-                counts=dict(Counter(t.state.value for t in members)),
+                counts=dict(Counter(t.state for t in members)),
             )
         )
         previous = count
     return RolloutInfo(
         rollout_id=r.rollout_id,
-        model=_ref(r.model),
+        model=r.model,
         target=r.target,
-        state=r.state.value,
+        state=r.state,
         reason=r.reason,
         policy=PolicyInfo(
             waves=p.waves,
@@ -93,12 +90,12 @@ def describe(
                 node_id=t.node_id,
                 wave=t.wave,
                 phase="rollback" if t.phase == "rollback" else "rollout",
-                state=t.state.value,
+                state=t.state,
                 progress=t.progress,
-                error=ApiError(code=t.error_code, message=t.error_message or "")
+                error=UpdateError(code=t.error_code, message=t.error_message or "")
                 if t.error_code
                 else None,
-                previous=_ref(t.previous) if t.previous else None,
+                previous=t.previous,
                 issued_at=_ts(t.issued_at) if t.issued_at is not None else None,
                 finished_at=_ts(t.finished_at) if t.finished_at is not None else None,
             )
@@ -168,18 +165,18 @@ class Orchestrator:
 
     # -- operator verbs ----------------------------------------------------------------
     def _describe(self, r: Rollout, *, existing: bool = False) -> RolloutInfo:
-        manifest = self.registry.stored_manifest(r.model.sha256)
+        manifest = self.registry.stored_manifest(r.model.manifest_sha256)
         flags: list[str] = list(manifest.flags) if manifest is not None else []
         return describe(r, existing=existing, model_flags=flags)
 
     def start(self, args: RolloutStartArgs, now: float) -> RolloutInfo:
         m = self.registry.find_servable(args.name, args.version)
-        model = ModelKey(m.name, m.version, m.manifest_sha256)
+        model = m.ref
         manifest = self.registry.stored_manifest(m.manifest_sha256)
         risky = [f for f in (manifest.flags if manifest else []) if f in CONFIRM_FLAGS]
         if risky and not args.yes_untrained:
             raise ApiFailure(
-                "untrained_model",
+                ApiErrorCode.UNTRAINED_MODEL,
                 f"{m.name} {m.version} is {' and '.join(f.upper() for f in risky)} (see its "
                 "MODEL_CARD.md): it is not a model for real images; confirm with "
                 "--yes-untrained to roll it out anyway",
@@ -193,7 +190,7 @@ class Orchestrator:
                 log.info("rollout %s: the same rollout is already %s", r.rollout_id, r.state)
                 return self._describe(r, existing=True)
             raise ApiFailure(
-                "conflict",
+                ApiErrorCode.CONFLICT,
                 f"{', '.join(overlap)} already in rollout {r.rollout_id} ({r.model}, {r.state}): "
                 "abort or finish it first",
             )
@@ -227,7 +224,7 @@ class Orchestrator:
             counts = plan_waves(total, parse_waves(waves))
             parse_threshold(max_failures)
         except WaveSpecError as exc:
-            raise ApiFailure("bad_request", str(exc)) from exc
+            raise ApiFailure(ApiErrorCode.BAD_REQUEST, str(exc)) from exc
         return Policy(
             waves=waves,
             counts=tuple(counts),
@@ -243,7 +240,7 @@ class Orchestrator:
         rid = rollout_id if rollout_id.startswith("r") else f"r{rollout_id}"
         r = self._find(rid)
         if r is None:
-            raise ApiFailure("not_found", f"no rollout {rollout_id!r}")
+            raise ApiFailure(ApiErrorCode.NOT_FOUND, f"no rollout {rollout_id!r}")
         return r
 
     def status(self, rollout_id: str | None) -> RolloutInfo:
@@ -251,7 +248,7 @@ class Orchestrator:
             return self._describe(self.get(rollout_id))
         latest = self.db.rollouts(limit=1)
         if not latest:
-            raise ApiFailure("not_found", "no rollout yet")
+            raise ApiFailure(ApiErrorCode.NOT_FOUND, "no rollout yet")
         return self._describe(self.active.get(latest[0].rollout_id, latest[0]))
 
     def recent(self, limit: int = 50) -> RolloutList:
@@ -289,10 +286,10 @@ class Orchestrator:
         ]
         revoked = {m.manifest_sha256: m for m in self.db.revoked_models()}
         for t in r.rollback_targets():
-            back = revoked.get(t.previous.sha256) if t.previous else None
+            back = revoked.get(t.previous.manifest_sha256) if t.previous else None
             if back is not None:
                 raise ApiFailure(
-                    "revoked",
+                    ApiErrorCode.REVOKED,
                     f"{t.node_id} would go back to {back.name} {back.version}, which was "
                     f"revoked ({back.revoke_reason}): start a rollout of a good model instead",
                 )
@@ -300,7 +297,7 @@ class Orchestrator:
                 target = other.get(t.node_id)
                 if target is not None and target.issued:
                     raise ApiFailure(
-                        "conflict",
+                        ApiErrorCode.CONFLICT,
                         f"{t.node_id} was since updated by rollout {other.rollout_id}: "
                         "roll that one back first",
                     )
@@ -311,7 +308,7 @@ class Orchestrator:
     def revoke(self, args: RevokeArgs, now: float) -> RevokeReply:
         """Revoke a model: store it, abort its active rollouts, tell the nodes."""
         m = self.registry.revoke(args.name, args.version, args.reason, now)
-        model = ModelKey(m.name, m.version, m.manifest_sha256)
+        model = m.ref
         aborted = []
         for r in list(self.active.values()):
             if r.model == model and r.state in (RolloutState.RUNNING, RolloutState.PAUSED):
@@ -352,7 +349,7 @@ class Orchestrator:
 
     def on_confirmed(self, d: Desired) -> None:
         r = self.active.get(d.rollout_id)
-        if r is not None and r.confirm(d.node_id, d.model.sha256):
+        if r is not None and r.confirm(d.node_id, d.model.manifest_sha256):
             self._apply(r, [])
 
     def tick(self, now: float) -> None:

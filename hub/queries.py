@@ -16,6 +16,7 @@ from cellwatch.hub.fleet import Fleet
 from cellwatch.hub.orchestrator import describe
 from cellwatch.hub.registry import model_info
 from cellwatch.hub.served import ServedTotals
+from cellwatch.shared.codes import ApiErrorCode
 from cellwatch.shared.hubapi import ModelsReply, NodesReply, RolloutInfo, RolloutList, StatsReply
 
 
@@ -57,12 +58,12 @@ class Queries:
         if rollout_id is None:
             latest = self.db.rollouts(limit=1)
             if not latest:
-                raise ApiFailure("not_found", "no rollout yet")
+                raise ApiFailure(ApiErrorCode.NOT_FOUND, "no rollout yet")
             return describe(latest[0])
         rid = rollout_id if rollout_id.startswith("r") else f"r{rollout_id}"
         r = self.db.rollout(rid)
         if r is None:
-            raise ApiFailure("not_found", f"no rollout {rollout_id!r}")
+            raise ApiFailure(ApiErrorCode.NOT_FOUND, f"no rollout {rollout_id!r}")
         return describe(r)
 
     def rollouts(self, limit: int = 50) -> RolloutList:

@@ -35,6 +35,7 @@ from cellwatch.hub.db import Database, ModelRecord
 from cellwatch.hub.errors import ApiFailure, StoreError
 from cellwatch.hub.store import BundleStore
 from cellwatch.shared.bundle import load_bundle, parse_manifest, sha256_bytes, verify_signature
+from cellwatch.shared.codes import ApiErrorCode
 from cellwatch.shared.errors import BundleError
 from cellwatch.shared.hubapi import (
     ModelInfo,
@@ -90,7 +91,7 @@ def _b64(value: str, what: str) -> bytes:
     try:
         return base64.b64decode(value, validate=True)
     except (binascii.Error, ValueError) as exc:
-        raise ApiFailure("bad_request", f"{what} is not valid base64") from exc
+        raise ApiFailure(ApiErrorCode.BAD_REQUEST, f"{what} is not valid base64") from exc
 
 
 class Registry:
@@ -144,7 +145,7 @@ class Registry:
         if m is None or not self.store.has(m.manifest_sha256):
             known = sorted(x.version for x in self.db.models(name))
             hint = f" (known versions: {', '.join(known)})" if known else " (no such model)"
-            raise ApiFailure("not_found", f"no model {name} {version} on the hub{hint}")
+            raise ApiFailure(ApiErrorCode.NOT_FOUND, f"no model {name} {version} on the hub{hint}")
         return m
 
     def find_servable(self, name: str, version: str) -> ModelRecord:
@@ -153,7 +154,7 @@ class Registry:
         m = self.find(name, version)
         if m.revoked:
             raise ApiFailure(
-                "revoked",
+                ApiErrorCode.REVOKED,
                 f"{name} {version} was revoked ({m.revoke_reason}): it cannot be rolled out",
             )
         try:
@@ -163,7 +164,7 @@ class Registry:
         except BundleError as exc:
             self.store.discard(m.manifest_sha256)
             raise ApiFailure(
-                "invalid_bundle",
+                ApiErrorCode.INVALID_BUNDLE,
                 f"the hub's copy of {name} {version} failed its verification ({exc}): it was "
                 "removed; push the bundle again",
             ) from exc
@@ -173,7 +174,7 @@ class Registry:
         """Revoke a stored model (again: nothing changes); its record after."""
         m = self.db.model(name, version)
         if m is None:
-            raise ApiFailure("not_found", f"no model {name} {version} on the hub")
+            raise ApiFailure(ApiErrorCode.NOT_FOUND, f"no model {name} {version} on the hub")
         if not m.revoked:
             self.db.revoke_model(m.manifest_sha256, reason, now)
             log.warning("registry: %s %s revoked: %s", name, version, reason)
@@ -201,19 +202,19 @@ class Registry:
         manifest_bytes = _b64(args.manifest, "manifest")
         signature = _b64(args.signature, "signature") if args.signature is not None else None
         if len(manifest_bytes) > MAX_MANIFEST_BYTES:
-            raise ApiFailure("too_large", f"manifest over {MAX_MANIFEST_BYTES} bytes")
+            raise ApiFailure(ApiErrorCode.TOO_LARGE, f"manifest over {MAX_MANIFEST_BYTES} bytes")
         try:
             signer = verify_signature(
                 manifest_bytes, signature, self.trusted, allow_unsigned=self.allow_unsigned
             )
             manifest = parse_manifest(manifest_bytes)
         except BundleError as exc:
-            raise ApiFailure("invalid_bundle", f"bundle refused: {exc}") from exc
+            raise ApiFailure(ApiErrorCode.INVALID_BUNDLE, f"bundle refused: {exc}") from exc
         sha = sha256_bytes(manifest_bytes)
         stored = self.db.model_by_sha(sha)
         if stored is not None and stored.revoked:
             raise ApiFailure(
-                "revoked",
+                ApiErrorCode.REVOKED,
                 f"{stored.name} {stored.version} was revoked ({stored.revoke_reason}): "
                 "give the bundle a new version",
             )
@@ -248,15 +249,21 @@ class Registry:
         manifest = self._manifest(upload_id)
         entry = manifest.files.get(file)
         if entry is None:
-            raise ApiFailure("bad_request", f"{file!r} is not a file of this bundle's manifest")
+            raise ApiFailure(
+                ApiErrorCode.BAD_REQUEST, f"{file!r} is not a file of this bundle's manifest"
+            )
         if len(data) > MAX_UPLOAD_CHUNK_BYTES:
-            raise ApiFailure("too_large", f"upload chunk over {MAX_UPLOAD_CHUNK_BYTES} bytes")
+            raise ApiFailure(
+                ApiErrorCode.TOO_LARGE, f"upload chunk over {MAX_UPLOAD_CHUNK_BYTES} bytes"
+            )
         if hashlib.sha256(data).hexdigest() != sha256:
-            raise ApiFailure("bad_request", f"{file} chunk at {offset}: SHA-256 mismatch")
+            raise ApiFailure(
+                ApiErrorCode.BAD_REQUEST, f"{file} chunk at {offset}: SHA-256 mismatch"
+            )
         try:
             done = self.store.append(upload_id, file, offset, data, entry.size)
         except StoreError as exc:
-            raise ApiFailure("bad_offset", str(exc)) from exc
+            raise ApiFailure(ApiErrorCode.BAD_OFFSET, str(exc)) from exc
         return UploadAck(file=file, offset=done, complete=done == entry.size)
 
     def commit(self, args: PushCommitArgs, now: float) -> PushCommitReply:
@@ -271,7 +278,7 @@ class Registry:
             if not (self.store.uploads / sha / name).is_file()
         ]
         if missing:
-            raise ApiFailure("bad_request", f"upload incomplete: {', '.join(missing)}")
+            raise ApiFailure(ApiErrorCode.BAD_REQUEST, f"upload incomplete: {', '.join(missing)}")
         try:
             bundle = load_bundle(
                 self.store.uploads / sha, self.trusted, allow_unsigned=self.allow_unsigned
@@ -279,7 +286,7 @@ class Registry:
         except BundleError as exc:
             self.store.discard_upload(sha)
             self._manifests.pop(sha, None)
-            raise ApiFailure("invalid_bundle", f"bundle refused: {exc}") from exc
+            raise ApiFailure(ApiErrorCode.INVALID_BUNDLE, f"bundle refused: {exc}") from exc
         self._check_unique(bundle.manifest, sha)
         path = self.store.commit(sha)
         self._manifests.pop(sha, None)
@@ -321,12 +328,16 @@ class Registry:
         if cached is not None:
             return cached
         if not _SHA_RE.match(sha) or not self.store.has_upload(sha):
-            raise ApiFailure("not_found", f"no upload {sha[:12]!r} in progress: push.begin first")
+            raise ApiFailure(
+                ApiErrorCode.NOT_FOUND, f"no upload {sha[:12]!r} in progress: push.begin first"
+            )
         try:
             manifest = parse_manifest((self.store.uploads / sha / MANIFEST_FILE).read_bytes())
         except (BundleError, OSError) as exc:
             self.store.discard_upload(sha)
-            raise ApiFailure("not_found", f"upload {sha[:12]} is unusable: {exc}") from exc
+            raise ApiFailure(
+                ApiErrorCode.NOT_FOUND, f"upload {sha[:12]} is unusable: {exc}"
+            ) from exc
         self._manifests[sha] = manifest
         return manifest
 
@@ -334,7 +345,7 @@ class Registry:
         other = self.db.model(manifest.name, manifest.version)
         if other is not None and other.manifest_sha256 != sha:
             raise ApiFailure(
-                "conflict",
+                ApiErrorCode.CONFLICT,
                 f"{manifest.name} {manifest.version} is already stored with another manifest "
                 f"({other.manifest_sha256[:12]}): give the new bundle a new version",
             )

@@ -10,33 +10,29 @@ from rich.table import Table
 from rich.text import Text
 
 from cellwatch.shared.hubapi import ModelInfo, NodeInfo, RevokeReply, RolloutInfo, StatsReply
-
-STATE_STYLES = {
-    "active": "green",
-    "completed": "green",
-    "rolled_back": "cyan",
-    "failed": "red",
-    "timed_out": "red",
-    "aborted": "red",
-    "paused": "yellow",
-    "rolling_back": "yellow",
-    "waiting": "dim",
-    "online": "green",
-    "stale": "yellow",
-    "conflict": "bold red",
-    "offline": "dim",
-}
-STATE_ORDER = (
-    "waiting",
-    "pending",
-    "downloading",
-    "verifying",
-    "activating",
-    "active",
-    "failed",
-    "timed_out",
-    "rolled_back",
+from cellwatch.shared.states import (
+    TARGET_FAILURES,
+    NodeState,
+    RolloutState,
+    TargetState,
 )
+
+STATE_STYLES: dict[str, str] = {
+    TargetState.ACTIVE: "green",
+    TargetState.ROLLED_BACK: "cyan",
+    TargetState.FAILED: "red",
+    TargetState.TIMED_OUT: "red",
+    TargetState.WAITING: "dim",
+    RolloutState.COMPLETED: "green",
+    RolloutState.ABORTED: "red",
+    RolloutState.PAUSED: "yellow",
+    RolloutState.ROLLING_BACK: "yellow",
+    NodeState.ONLINE: "green",
+    NodeState.STALE: "yellow",
+    NodeState.CONFLICT: "bold red",
+    NodeState.OFFLINE: "dim",
+}
+"""Colour of a state in the tables (target, rollout and node states; others plain)."""
 
 
 def _when(value: datetime | None) -> str:
@@ -66,7 +62,7 @@ def _state(value: str) -> Text:
 
 
 def _target_state(state: str, phase: str) -> Text:
-    if phase == "rollback" and state not in ("rolled_back", "failed", "timed_out"):
+    if phase == "rollback" and state != TargetState.ROLLED_BACK and state not in TARGET_FAILURES:
         return Text(f"{state} (rolling back)", style="yellow")
     return _state(state)
 
@@ -199,7 +195,7 @@ def rollout_view(r: RolloutInfo) -> RenderableType:
         parts.append(Text(f"  {r.reason}", style="dim"))
     waves = _table("WAVE", "NODES", "ISSUED", "PROGRESS")
     for w in r.waves:
-        counts = ", ".join(f"{w.counts[s]} {s}" for s in STATE_ORDER if w.counts.get(s))
+        counts = ", ".join(f"{w.counts[s]} {s}" for s in TargetState if w.counts.get(s))
         waves.add_row(str(w.index + 1), str(w.size), "yes" if w.issued else "no", counts)
     parts += [Text(""), waves, Text("")]
     targets = _table("NODE", "WAVE", "STATE", "PROGRESS", "PREVIOUS", "ERROR")
@@ -228,7 +224,7 @@ def rollouts_table(rollouts: list[RolloutInfo]) -> RenderableType:
             r.target,
             _state(r.state),
             f"{max(r.wave + 1, 0)}/{len(r.waves)}",
-            f"{r.counts.get('active', 0)}/{len(r.targets)}",
+            f"{r.counts.get(TargetState.ACTIVE, 0)}/{len(r.targets)}",
             _when(r.created_at),
         )
     return table

@@ -27,42 +27,22 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from enum import StrEnum
 
 from cellwatch.hub.errors import RolloutError
 from cellwatch.hub.waves import parse_threshold, wave_of
-from cellwatch.shared.schemas import UpdateState
-
-
-class RolloutState(StrEnum):
-    RUNNING = "running"
-    PAUSED = "paused"
-    COMPLETED = "completed"
-    ABORTED = "aborted"
-    ROLLING_BACK = "rolling_back"
-    ROLLED_BACK = "rolled_back"
-
-
-ACTIVE_STATES = (RolloutState.RUNNING, RolloutState.PAUSED, RolloutState.ROLLING_BACK)
-
-
-class TargetState(StrEnum):
-    WAITING = "waiting"
-    """Its wave has not been issued (yet)."""
-    PENDING = "pending"
-    DOWNLOADING = "downloading"
-    VERIFYING = "verifying"
-    ACTIVATING = "activating"
-    ACTIVE = "active"
-    FAILED = "failed"
-    TIMED_OUT = "timed_out"
-    ROLLED_BACK = "rolled_back"
-
+from cellwatch.shared.codes import UpdateErrorCode
+from cellwatch.shared.schemas import ModelRef
+from cellwatch.shared.states import (
+    ACTIVE_ROLLOUT_STATES,
+    TARGET_FAILURES,
+    TARGET_FINISHED,
+    RolloutState,
+    TargetState,
+    UpdateState,
+)
 
 EVENT_NODES = 20
 """A wave's event names at most this many of its nodes (then "and N more")."""
-FINISHED = (TargetState.ACTIVE, TargetState.FAILED, TargetState.TIMED_OUT, TargetState.ROLLED_BACK)
-FAILURES = (TargetState.FAILED, TargetState.TIMED_OUT)
 _IN_PROGRESS = {
     UpdateState.PENDING: TargetState.PENDING,
     UpdateState.DOWNLOADING: TargetState.DOWNLOADING,
@@ -72,21 +52,11 @@ _IN_PROGRESS = {
 
 
 @dataclass(frozen=True)
-class ModelKey:
-    name: str
-    version: str
-    sha256: str
-
-    def __str__(self) -> str:
-        return f"{self.name} {self.version}"
-
-
-@dataclass(frozen=True)
 class NodeView:
     """What the fleet tracker knows about a node."""
 
     online: bool
-    model: ModelKey | None
+    model: ModelRef | None
     model_at: float = 0.0
     """When the hub last learnt the node's model (status or report), epoch seconds."""
 
@@ -97,7 +67,7 @@ class Desired:
 
     node_id: str
     rollout_id: str
-    model: ModelKey
+    model: ModelRef
     issued_at: float
     """When the target's current phase was issued: written again (after a hub restart,
     or to a node that reconnected), the desired model is the same message, which a
@@ -119,11 +89,11 @@ class Policy:
 class Target:
     node_id: str
     wave: int
-    previous: ModelKey | None
+    previous: ModelRef | None
     phase: str = "rollout"
     state: TargetState = TargetState.WAITING
     progress: float = 0.0
-    error_code: str | None = None
+    error_code: UpdateErrorCode | None = None
     error_message: str | None = None
     issued_at: float | None = None
     clock_from: float | None = None
@@ -143,7 +113,7 @@ class Target:
 
     @property
     def finished(self) -> bool:
-        return self.state in FINISHED
+        return self.state in TARGET_FINISHED
 
     @property
     def issued(self) -> bool:
@@ -153,7 +123,7 @@ class Target:
 @dataclass
 class Rollout:
     rollout_id: str
-    model: ModelKey
+    model: ModelRef
     target: str
     policy: Policy
     targets: list[Target]
@@ -175,7 +145,7 @@ class Rollout:
     def create(
         cls,
         rollout_id: str,
-        model: ModelKey,
+        model: ModelRef,
         target: str,
         node_ids: list[str],
         fleet: Mapping[str, NodeView],
@@ -203,7 +173,7 @@ class Rollout:
     # -- queries -----------------------------------------------------------------------
     @property
     def active(self) -> bool:
-        return self.state in ACTIVE_STATES
+        return self.state in ACTIVE_ROLLOUT_STATES
 
     def get(self, node_id: str) -> Target | None:
         return self._index.get(node_id)
@@ -211,7 +181,7 @@ class Rollout:
     def wave_targets(self, index: int) -> list[Target]:
         return [t for t in self.targets if t.wave == index]
 
-    def expected(self, t: Target) -> ModelKey | None:
+    def expected(self, t: Target) -> ModelRef | None:
         """The model the target's current phase asks for."""
         return self.model if t.phase == "rollout" else t.previous
 
@@ -219,7 +189,7 @@ class Rollout:
         return Counter(t.state.value for t in self.targets)
 
     def failures(self) -> int:
-        return sum(1 for t in self.targets if t.phase == "rollout" and t.state in FAILURES)
+        return sum(1 for t in self.targets if t.phase == "rollout" and t.state in TARGET_FAILURES)
 
     def executed(self) -> int:
         return sum(1 for t in self.targets if t.phase == "rollout" and t.finished)
@@ -233,7 +203,7 @@ class Rollout:
                 out.append(self._desired(t, model))
         return out
 
-    def reassert(self, node_id: str, running: ModelKey | None) -> Desired | None:
+    def reassert(self, node_id: str, running: ModelRef | None) -> Desired | None:
         """The desired model to write again for node_id: its target is issued and
         unfinished in the current phase and the node does not run the model yet."""
         t = self.get(node_id)
@@ -244,7 +214,7 @@ class Rollout:
             return None
         return self._desired(t, model)
 
-    def _desired(self, t: Target, model: ModelKey) -> Desired:
+    def _desired(self, t: Target, model: ModelRef) -> Desired:
         assert t.issued_at is not None
         return Desired(t.node_id, self.rollout_id, model, t.issued_at)
 
@@ -261,7 +231,7 @@ class Rollout:
         sha256: str,
         state: UpdateState,
         progress: float,
-        error: tuple[str, str] | None,
+        error: tuple[UpdateErrorCode, str] | None,
         now: float,
     ) -> bool:
         """Apply a node's UpdateReport; False if it is not about this rollout's work."""
@@ -269,7 +239,7 @@ class Rollout:
         if t is None or rollout_id != self.rollout_id or not t.issued:
             return False
         expected = self.expected(t)
-        if expected is None or sha256 != expected.sha256:
+        if expected is None or sha256 != expected.manifest_sha256:
             return False
         if t.clock_from is None:
             t.clock_from = now
@@ -281,7 +251,7 @@ class Rollout:
             if t.finished and t.state is not TargetState.FAILED:
                 return False
             t.state = TargetState.FAILED
-            t.error_code, t.error_message = error or ("internal", "no error given")
+            t.error_code, t.error_message = error or (UpdateErrorCode.INTERNAL, "no error given")
             t.finished_at = now
             self._event(f"node {node_id} failed ({t.error_code}): {t.error_message}")
         elif state in _IN_PROGRESS:
@@ -299,7 +269,7 @@ class Rollout:
         """The broker acknowledged the desired written for node_id (model sha256)."""
         t = self.get(node_id)
         expected = self.expected(t) if t is not None else None
-        if t is None or expected is None or expected.sha256 != sha256 or t.confirmed:
+        if t is None or expected is None or expected.manifest_sha256 != sha256 or t.confirmed:
             return False
         t.confirmed = True
         return True
@@ -396,7 +366,9 @@ class Rollout:
         return [
             t
             for t in self.targets
-            if t.issued and t.previous is not None and t.previous.sha256 != self.model.sha256
+            if t.issued
+            and t.previous is not None
+            and t.previous.manifest_sha256 != self.model.manifest_sha256
         ]
 
     # -- internals ---------------------------------------------------------------------
@@ -442,7 +414,7 @@ class Rollout:
                 )
             if t.clock_from is not None and now - t.clock_from > self.policy.node_timeout_s:
                 t.state, t.finished_at, t.updated_at = TargetState.TIMED_OUT, now, now
-                t.error_code = "timed_out"
+                t.error_code = UpdateErrorCode.TIMED_OUT
                 t.error_message = f"not active within {self.policy.node_timeout_s:g} s"
                 self._event(f"node {t.node_id} timed out ({t.phase})")
 

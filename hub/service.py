@@ -42,6 +42,7 @@ from cellwatch.hub.registry import Registry
 from cellwatch.hub.rollout import Desired
 from cellwatch.hub.served import ServedTotals
 from cellwatch.hub.store import BundleStore
+from cellwatch.shared.codes import ApiErrorCode
 from cellwatch.shared.daemon import Daemon
 from cellwatch.shared.errors import MqttError, TopicError
 from cellwatch.shared.hubapi import UPLOAD_VERB
@@ -49,7 +50,6 @@ from cellwatch.shared.mqtt import MqttClient, PublishProps, user_properties
 from cellwatch.shared.schemas import (
     ApiReply,
     DesiredModel,
-    DesiredModelRef,
     NodeStatus,
     Telemetry,
     UpdateReport,
@@ -265,7 +265,7 @@ class HubService(Daemon):
                 item.topic,
                 item.response_topic,
                 item.correlation,
-                error_reply(None, "too_large", message),
+                error_reply(None, ApiErrorCode.TOO_LARGE, message),
             )
         elif item is not None:
             item()
@@ -361,7 +361,9 @@ class HubService(Daemon):
             offset = int(props["offset"])
         except (KeyError, ValueError):
             return error_reply(
-                None, "bad_request", "upload needs user properties upload_id, file, offset, sha256"
+                None,
+                ApiErrorCode.BAD_REQUEST,
+                "upload needs user properties upload_id, file, offset, sha256",
             )
         try:
             ack = self.registry.upload(upload_id, name, offset, sha, bytes(msg.payload))
@@ -396,9 +398,7 @@ class HubService(Daemon):
     def _write_desired(self, d: Desired) -> None:
         desired = DesiredModel(
             rollout_id=d.rollout_id,
-            model=DesiredModelRef(
-                name=d.model.name, version=d.model.version, manifest_sha256=d.model.sha256
-            ),
+            model=d.model,
             issued_at=datetime.fromtimestamp(d.issued_at, UTC),
         )
 

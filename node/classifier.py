@@ -15,8 +15,9 @@ from cellwatch.node.decode import ImageLimits, decode_image
 from cellwatch.node.engine import ServingModel
 from cellwatch.node.preprocess import crop_and_resize
 from cellwatch.node.requests import ImageRequest
+from cellwatch.shared.codes import ErrorCode
 from cellwatch.shared.manifest import Manifest
-from cellwatch.shared.schemas import ErrorCode, ErrorInfo, Result, Timings, utcnow
+from cellwatch.shared.schemas import ErrorInfo, Result, Timings, utcnow
 
 
 def decide(manifest: Manifest, probs: np.ndarray) -> tuple[int, float, bool]:

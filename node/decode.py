@@ -27,9 +27,9 @@ import simplejpeg
 from PIL import Image, UnidentifiedImageError
 
 from cellwatch.node.preprocess import jpeg_scale_denominator
+from cellwatch.shared.codes import ErrorCode
 from cellwatch.shared.errors import CellwatchError
 from cellwatch.shared.limits import MAX_DECODED_BYTES, MAX_IMAGE_BYTES, MAX_IMAGE_PIXELS
-from cellwatch.shared.schemas import ErrorCode
 
 Image.MAX_IMAGE_PIXELS = None  # we enforce our own limit from the header, without warnings
 

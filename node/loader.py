@@ -22,8 +22,9 @@ from cellwatch.node.engine import EngineConfig, ServingModel, load_serving_model
 from cellwatch.node.errors import ModelLoadError, NodeError, SelfTestError
 from cellwatch.node.faults import Faults
 from cellwatch.shared.bundle import Bundle, load_bundle
+from cellwatch.shared.codes import ModelErrorCode
 from cellwatch.shared.errors import BundleError, SignatureError
-from cellwatch.shared.schemas import ModelError, ModelErrorCode
+from cellwatch.shared.schemas import ModelError
 from cellwatch.shared.signing import TrustedKeys
 
 log = logging.getLogger(__name__)

@@ -36,9 +36,10 @@ from cellwatch.node.faults import Faults
 from cellwatch.node.journal import POISON_AFTER_CRASHES, Journal
 from cellwatch.node.requests import ImageRequest, parse_message
 from cellwatch.node.stats import Stats
+from cellwatch.shared.codes import ErrorCode
 from cellwatch.shared.errors import MqttError
 from cellwatch.shared.mqtt import MqttClient, PublishProps
-from cellwatch.shared.schemas import ErrorCode, Result
+from cellwatch.shared.schemas import Result
 from cellwatch.shared.topics import Topics
 
 log = logging.getLogger(__name__)

@@ -15,9 +15,10 @@ from datetime import datetime
 
 import paho.mqtt.client as paho
 
+from cellwatch.shared.codes import ErrorCode
 from cellwatch.shared.errors import TopicError
 from cellwatch.shared.mqtt import user_properties
-from cellwatch.shared.schemas import ErrorCode, utcnow
+from cellwatch.shared.schemas import utcnow
 from cellwatch.shared.topics import Topics
 
 IMAGE_ID_RE = re.compile(r"^[A-Za-z0-9_.:-]{1,128}$")

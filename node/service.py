@@ -45,9 +45,10 @@ from cellwatch.node.pipeline import ImagePipeline, wait_until
 from cellwatch.node.stats import Stats
 from cellwatch.node.store import BundleStore
 from cellwatch.node.updater import UpdateAgent
+from cellwatch.shared.codes import ModelErrorCode
 from cellwatch.shared.daemon import Daemon
 from cellwatch.shared.mqtt import SESSION_TAKEN_OVER, MessageHandler, MqttClient, Will
-from cellwatch.shared.schemas import ModelError, ModelErrorCode, NodeStatus, Telemetry, utcnow
+from cellwatch.shared.schemas import ModelError, NodeStatus, Telemetry, utcnow
 from cellwatch.shared.signing import TrustedKeys
 from cellwatch.shared.topics import Topics
 

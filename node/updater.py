@@ -39,20 +39,20 @@ from cellwatch.node.fetcher import FetchCancelled, Fetcher, FetchError
 from cellwatch.node.loader import BundleLoader, Candidate, LoadFailure
 from cellwatch.node.store import BundleStore
 from cellwatch.shared.bundle import parse_manifest, verify_signature
+from cellwatch.shared.codes import ModelErrorCode, UpdateErrorCode, as_update_error
 from cellwatch.shared.errors import BundleError, SignatureError
 from cellwatch.shared.limits import MAX_MANIFEST_BYTES
 from cellwatch.shared.manifest import MANIFEST_FILE, SIGNATURE_FILE
 from cellwatch.shared.mqtt import MqttClient
 from cellwatch.shared.schemas import (
-    ApiError,
     DesiredModel,
     ModelError,
-    ModelErrorCode,
     RevocationList,
+    UpdateError,
     UpdateReport,
-    UpdateState,
     utcnow,
 )
+from cellwatch.shared.states import UpdateState
 from cellwatch.shared.topics import Topics
 
 log = logging.getLogger(__name__)
@@ -65,7 +65,7 @@ Deactivate = Callable[[ModelError], None]
 
 
 class UpdateFailed(Exception):
-    def __init__(self, code: str, message: str) -> None:
+    def __init__(self, code: UpdateErrorCode, message: str) -> None:
         super().__init__(message)
         self.code = code
 
@@ -187,7 +187,7 @@ class UpdateAgent:
             except Exception as exc:  # the agent outlives anything one update does
                 log.exception("node %s: update step failed", self.node_id)
                 if desired is not None:
-                    self._failed(desired, "internal", f"internal error: {exc}")
+                    self._failed(desired, UpdateErrorCode.INTERNAL, f"internal error: {exc}")
             finally:
                 with self._cond:
                     self._in_progress = None
@@ -197,7 +197,7 @@ class UpdateAgent:
             return self._stop or self._generation != generation
 
     def _report(
-        self, d: DesiredModel, state: UpdateState, progress: float, error: ApiError | None = None
+        self, d: DesiredModel, state: UpdateState, progress: float, error: UpdateError | None = None
     ) -> None:
         report = UpdateReport(
             rollout_id=d.rollout_id,
@@ -210,12 +210,12 @@ class UpdateAgent:
         self.last_report = report
         self.mqtt.publish(self.topics.update(self.node_id), report.to_json(), qos=1)
 
-    def _failed(self, d: DesiredModel, code: str, message: str) -> None:
+    def _failed(self, d: DesiredModel, code: UpdateErrorCode, message: str) -> None:
         log.error(
             "node %s: rollout %s: update failed (%s): %s", self.node_id, d.rollout_id, code, message
         )
         try:
-            self._report(d, UpdateState.FAILED, 0.0, ApiError(code=code, message=message[:2048]))
+            self._report(d, UpdateState.FAILED, 0.0, UpdateError(code=code, message=message[:2048]))
         except Exception:  # e.g. the connection: the hub times the node out instead
             log.exception("node %s: cannot report the failure", self.node_id)
 
@@ -223,7 +223,7 @@ class UpdateAgent:
         sha = d.model.manifest_sha256
         rid = d.rollout_id
         if sha in self._revoked:
-            self._failed(d, ModelErrorCode.REVOKED, f"{d.model.name} {d.model.version} is revoked")
+            self._failed(d, UpdateErrorCode.REVOKED, f"{d.model.name} {d.model.version} is revoked")
             return
         if self._current_sha() == sha:
             log.info(
@@ -249,7 +249,7 @@ class UpdateAgent:
             if self._superseded(generation):
                 return
             if sha in self._revoked:  # revoked while it was being fetched
-                raise UpdateFailed(ModelErrorCode.REVOKED, f"{model.bundle} was revoked")
+                raise UpdateFailed(UpdateErrorCode.REVOKED, f"{model.bundle} was revoked")
             self._activate(model, None)
             self.store.set_active(sha)
             self._report(d, UpdateState.ACTIVE, 1.0)
@@ -265,9 +265,10 @@ class UpdateAgent:
         except UpdateFailed as exc:
             self._failed(d, exc.code, str(exc))
         except LoadFailure as exc:
-            self._failed(d, exc.code, str(exc))
+            self._failed(d, as_update_error(exc.code), str(exc))
         except OSError as exc:
-            code = "disk_full" if exc.errno == errno.ENOSPC else "internal"
+            full = exc.errno == errno.ENOSPC
+            code = UpdateErrorCode.DISK_FULL if full else UpdateErrorCode.INTERNAL
             self._failed(d, code, f"{type(exc).__name__}: {exc}")
 
     def _obtain(self, d: DesiredModel, generation: int) -> ServingModel:
@@ -331,7 +332,9 @@ class UpdateAgent:
             total = sum(e.size for e in manifest.files.values())
             have = sum(_size(staging / n) for n in manifest.files)
             if self.store.free_bytes() < total - have + DISK_MARGIN_BYTES:
-                raise UpdateFailed("disk_full", f"need {total - have} bytes in {self.store.root}")
+                raise UpdateFailed(
+                    UpdateErrorCode.DISK_FULL, f"need {total - have} bytes in {self.store.root}"
+                )
             reported = [0.0]
 
             def progress(done: int, size: int) -> None:
@@ -354,13 +357,13 @@ class UpdateAgent:
                     )
                 have_done[0] += entry.size
         except FetchError as exc:
-            raise UpdateFailed("fetch_failed", str(exc)) from exc
+            raise UpdateFailed(UpdateErrorCode.FETCH_FAILED, str(exc)) from exc
         except SignatureError as exc:
             self.store.discard_staging(sha)
-            raise UpdateFailed("bad_signature", str(exc)) from exc
+            raise UpdateFailed(UpdateErrorCode.BAD_SIGNATURE, str(exc)) from exc
         except BundleError as exc:
             self.store.discard_staging(sha)
-            raise UpdateFailed("hash_mismatch", str(exc)) from exc
+            raise UpdateFailed(UpdateErrorCode.HASH_MISMATCH, str(exc)) from exc
 
     def _verify_staging(self, sha: str) -> None:
         try:
@@ -370,7 +373,9 @@ class UpdateAgent:
             raise
         if bundle.manifest_sha256 != sha:
             self.store.discard_staging(sha)
-            raise UpdateFailed("hash_mismatch", "manifest does not match the desired sha256")
+            raise UpdateFailed(
+                UpdateErrorCode.HASH_MISMATCH, "manifest does not match the desired sha256"
+            )
 
     # -- revocations -------------------------------------------------------------------
     def _apply_revocations(self, revocations: RevocationList) -> None:

@@ -1,2 +1,5 @@
-"""Contracts shared by every cellwatch part: message schemas, topic names, the model
-bundle format, settings and the one MQTT client wrapper (see DESIGN.md)."""
+"""Contracts shared by every cellwatch part (see DESIGN.md): message schemas
+(`schemas`, `hubapi`), the states of every state machine (`states`) and every
+error-code family (`codes`), the one strict pydantic base (`base`), topic names, the
+model bundle format, settings, the one MQTT client wrapper and request/response layer
+(`rpc`)."""

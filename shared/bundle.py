@@ -63,7 +63,9 @@ class Bundle:
     @property
     def ref(self) -> ModelRef:
         return ModelRef(
-            name=self.manifest.name, version=self.manifest.version, sha256=self.manifest_sha256
+            name=self.manifest.name,
+            version=self.manifest.version,
+            manifest_sha256=self.manifest_sha256,
         )
 
     def file(self, name: str) -> Path:

@@ -6,7 +6,7 @@ import functools
 import logging
 import signal
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from types import FrameType
 from typing import ParamSpec, Protocol, TypeVar
 
@@ -17,19 +17,37 @@ from cellwatch.shared.errors import CellwatchError
 P = ParamSpec("P")
 R = TypeVar("R")
 
-EXIT_USER_ERROR = 2
+EXIT_INTERRUPTED = 130
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 
-def setup_logging(level: str = "INFO") -> None:
-    logging.basicConfig(
-        level=getattr(logging, level.upper(), logging.INFO),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+def setup_logging(
+    level: str = "INFO", *, handler: logging.Handler | None = None, quiet: Iterable[str] = ()
+) -> None:
+    """Log one line per event to stderr (daemons: with time, level and logger).
+
+    `handler` replaces that (and any handler set before): the training CLI passes its
+    rich handler, which prints the message alone next to its progress bars. `quiet`
+    loggers (other libraries') only show warnings."""
+    if handler is None:
+        logging.basicConfig(
+            level=getattr(logging, level.upper(), logging.INFO),
+            format=LOG_FORMAT,
+            stream=sys.stderr,
+        )
+    else:
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        logging.basicConfig(
+            level=getattr(logging, level.upper(), logging.INFO), handlers=[handler], force=True
+        )
+    for name in quiet:
+        logging.getLogger(name).setLevel(logging.WARNING)
 
 
 def friendly_errors(func: Callable[P, R]) -> Callable[P, R]:
-    """Turn a CellwatchError into `error: ...` on stderr and exit code 2."""
+    """Turn a CellwatchError into `error: ...` on stderr and its exit code (2 unless the
+    error class says otherwise, e.g. a failed export gate exits 3); Ctrl-C into
+    `interrupted` and 130. Anything else is a bug: its traceback is shown."""
 
     @functools.wraps(func)
     def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
@@ -37,7 +55,10 @@ def friendly_errors(func: Callable[P, R]) -> Callable[P, R]:
             return func(*args, **kwargs)
         except CellwatchError as exc:
             click.echo(f"error: {exc}", err=True)
-            sys.exit(EXIT_USER_ERROR)
+            sys.exit(exc.exit_code)
+        except KeyboardInterrupt:
+            click.echo("interrupted", err=True)
+            sys.exit(EXIT_INTERRUPTED)
 
     return wrapper
 

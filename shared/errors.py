@@ -5,6 +5,9 @@ at its boundaries; CLIs turn them into one clear line and a non-zero exit."""
 class CellwatchError(Exception):
     """Base class of every error cellwatch raises on purpose."""
 
+    exit_code = 2
+    """What a CLI exits with for it (shared.cli.friendly_errors)."""
+
 
 class ConfigError(CellwatchError):
     """A configuration file or setting is invalid (message names the field)."""

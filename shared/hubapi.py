@@ -9,53 +9,45 @@ The bundle upload between `push.begin` and `push.commit` is raw bytes on
 from __future__ import annotations
 
 from datetime import datetime
-from enum import StrEnum
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
+from cellwatch.shared.base import Strict
 from cellwatch.shared.schemas import (
-    ApiError,
     ModelError,
     ModelName,
     ModelRef,
     Name,
     Sha256,
+    ShortModelRef,
+    UpdateError,
     Version,
 )
+from cellwatch.shared.states import NodeState, RolloutState, TargetState
 
 UPLOAD_VERB = "upload"
 """Raw chunk upload: payload = bytes; user properties upload_id, file, offset, sha256."""
 
-ROLLOUT_STATES = ("running", "paused", "completed", "aborted", "rolling_back", "rolled_back")
-ACTIVE_ROLLOUT_STATES = ("running", "paused", "rolling_back")
 
-
-class ApiModel(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class NoArgs(ApiModel):
+class NoArgs(Strict):
     pass
 
 
 # -- models and push ----------------------------------------------------------------
 
 
-class PushBeginArgs(ApiModel):
+class PushBeginArgs(Strict):
     manifest: str = Field(description="manifest.json, base64")
     signature: str | None = Field(None, description="manifest.sig, base64 (None: unsigned)")
 
 
-class UploadFile(ApiModel):
+class UploadFile(Strict):
     size: int = Field(ge=0, description="size the manifest gives")
     offset: int = Field(ge=0, description="bytes the hub already has (upload from here)")
 
 
-class ModelInfo(ApiModel):
-    name: ModelName
-    version: Version
-    manifest_sha256: Sha256
+class ModelInfo(ModelRef):
     size: int = Field(ge=0, description="bytes of all files, manifest and signature included")
     precision: str
     signer: str | None
@@ -71,7 +63,7 @@ class ModelInfo(ApiModel):
     revoke_reason: str | None = None
 
 
-class PushBeginReply(ApiModel):
+class PushBeginReply(Strict):
     status: Literal["already_present", "upload"]
     model: ModelInfo | None = None
     upload_id: Sha256 | None = None
@@ -79,36 +71,36 @@ class PushBeginReply(ApiModel):
     chunk_bytes: int = Field(0, ge=0, description="largest upload chunk the hub accepts")
 
 
-class UploadAck(ApiModel):
+class UploadAck(Strict):
     file: str
     offset: int = Field(ge=0, description="the next offset the hub expects for this file")
     complete: bool
 
 
-class PushCommitArgs(ApiModel):
+class PushCommitArgs(Strict):
     upload_id: Sha256
 
 
-class PushCommitReply(ApiModel):
+class PushCommitReply(Strict):
     status: Literal["stored", "already_present"]
     model: ModelInfo
 
 
-class ModelsArgs(ApiModel):
+class ModelsArgs(Strict):
     name: ModelName | None = None
 
 
-class ModelsReply(ApiModel):
+class ModelsReply(Strict):
     models: list[ModelInfo]
 
 
-class RevokeArgs(ApiModel):
+class RevokeArgs(Strict):
     name: ModelName
     version: Version
     reason: str = Field(min_length=1, max_length=500, description="why, for operators and logs")
 
 
-class RevokeReply(ApiModel):
+class RevokeReply(Strict):
     model: ModelInfo
     nodes: list[Name] = Field(
         description="nodes the hub last saw serving it: they move to their previous "
@@ -120,26 +112,14 @@ class RevokeReply(ApiModel):
 # -- fleet ---------------------------------------------------------------------------
 
 
-class NodeState(StrEnum):
-    """What the hub says of a node (computed when asked, from what it last heard)."""
-
-    ONLINE = "online"
-    OFFLINE = "offline"
-    STALE = "stale"
-    """Its last status said online, but it has been silent for STALE_AFTER_INTERVALS
-    telemetry intervals (shared/limits.py)."""
-    CONFLICT = "conflict"
-    """Two processes claim this node id."""
-
-
-class NodeInfo(ApiModel):
+class NodeInfo(Strict):
     node_id: Name
     state: NodeState
     boot_id: str | None
     since: datetime | None
     last_seen: datetime | None
     tags: list[str]
-    model: ModelRef | None
+    model: ShortModelRef | None
     device: str | None
     telemetry: dict[str, Any] | None
     bytes_served: int = Field(0, ge=0, description="bundle bytes sent to it (all time)")
@@ -148,11 +128,11 @@ class NodeInfo(ApiModel):
     )
 
 
-class NodesReply(ApiModel):
+class NodesReply(Strict):
     nodes: list[NodeInfo]
 
 
-class StatsReply(ApiModel):
+class StatsReply(Strict):
     started_at: datetime
     fetch_requests: int
     fetch_errors: int
@@ -165,7 +145,7 @@ class StatsReply(ApiModel):
 # -- rollouts -------------------------------------------------------------------------
 
 
-class RolloutStartArgs(ApiModel):
+class RolloutStartArgs(Strict):
     name: ModelName
     version: Version
     target: str = Field(
@@ -183,21 +163,15 @@ class RolloutStartArgs(ApiModel):
     )
 
 
-class RolloutIdArgs(ApiModel):
+class RolloutIdArgs(Strict):
     rollout_id: str = Field(min_length=1, max_length=64)
 
 
-class RolloutStatusArgs(ApiModel):
+class RolloutStatusArgs(Strict):
     rollout_id: str | None = Field(None, min_length=1, max_length=64)
 
 
-class DesiredRef(ApiModel):
-    name: ModelName
-    version: Version
-    manifest_sha256: Sha256
-
-
-class Policy(ApiModel):
+class Policy(Strict):
     waves: str
     advance_at: float
     max_failures: str
@@ -205,35 +179,35 @@ class Policy(ApiModel):
     node_timeout_s: float
 
 
-class TargetInfo(ApiModel):
+class TargetInfo(Strict):
     node_id: Name
     wave: int = Field(ge=0, description="0-based wave index")
     phase: Literal["rollout", "rollback"]
-    state: str
+    state: TargetState
     progress: float
-    error: ApiError | None
-    previous: DesiredRef | None = Field(description="the model it ran when the rollout began")
+    error: UpdateError | None
+    previous: ModelRef | None = Field(description="the model it ran when the rollout began")
     issued_at: datetime | None
     finished_at: datetime | None
 
 
-class WaveInfo(ApiModel):
+class WaveInfo(Strict):
     index: int
     size: int = Field(description="nodes this wave adds")
     issued: bool
-    counts: dict[str, int] = Field(description="nodes of this wave per state")
+    counts: dict[TargetState, int] = Field(description="nodes of this wave per state")
 
 
-class RolloutInfo(ApiModel):
+class RolloutInfo(Strict):
     rollout_id: str
-    model: DesiredRef
+    model: ModelRef
     target: str
-    state: Literal["running", "paused", "completed", "aborted", "rolling_back", "rolled_back"]
+    state: RolloutState
     reason: str | None
     policy: Policy
     wave: int = Field(description="index of the last issued wave (-1: none yet)")
     waves: list[WaveInfo]
-    counts: dict[str, int]
+    counts: dict[TargetState, int]
     targets: list[TargetInfo]
     created_at: datetime
     updated_at: datetime
@@ -244,5 +218,5 @@ class RolloutInfo(ApiModel):
     )
 
 
-class RolloutList(ApiModel):
+class RolloutList(Strict):
     rollouts: list[RolloutInfo]

@@ -6,8 +6,9 @@ from collections.abc import Mapping
 from datetime import datetime
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 
+from cellwatch.shared.base import Strict
 from cellwatch.shared.schemas import ModelName, Sha256, Version
 
 MANIFEST_FILE = "manifest.json"
@@ -23,11 +24,7 @@ trained from a random initialisation (no base checkpoint); exported although its
 deployed precision failed the quantisation gate (`--allow-degraded`)."""
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
-
-
-class InputSpec(_Strict):
+class InputSpec(Strict):
     name: str = Field("input", min_length=1, max_length=128)
     shape: tuple[int, int, int, int] = (1, 299, 299, 3)
     layout: Literal["NHWC"] = "NHWC"
@@ -45,18 +42,18 @@ class InputSpec(_Strict):
         return self
 
 
-class PreprocessingSpec(_Strict):
+class PreprocessingSpec(Strict):
     central_crop_fraction: float = Field(0.875, gt=0.0, le=1.0)
     resize: Literal["bilinear"] = "bilinear"
     size: int = Field(299, ge=16, le=2048)
 
 
-class FileEntry(_Strict):
+class FileEntry(Strict):
     sha256: Sha256
     size: int = Field(ge=0)
 
 
-class GoldenSpec(_Strict):
+class GoldenSpec(Strict):
     file: Literal["golden.npz"] = "golden.npz"
     tolerance: float = Field(gt=0.0, le=1.0, description="max |p - expected| per probability")
     inputs: str | None = Field(
@@ -64,7 +61,7 @@ class GoldenSpec(_Strict):
     )
 
 
-class Calibration(_Strict):
+class Calibration(Strict):
     """Temperature scaling fit on the validation split (training/calibration.py)."""
 
     temperature: float = Field(gt=0.0, description="logits are divided by it when applied")
@@ -79,7 +76,7 @@ class Calibration(_Strict):
     note: str | None = None
 
 
-class Decision(_Strict):
+class Decision(Strict):
     """How a node turns probabilities into a label (two-class bundles).
 
     `label` is positive_label when p(positive_label) >= threshold, otherwise the other
@@ -122,7 +119,7 @@ def model_flags(provenance: Mapping[str, Any]) -> list[ModelFlag]:
     return flags
 
 
-class Manifest(_Strict):
+class Manifest(Strict):
     schema_: Literal["cellwatch.bundle/1"] = Field("cellwatch.bundle/1", alias="schema")
     name: ModelName
     version: Version

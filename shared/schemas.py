@@ -7,11 +7,12 @@ a reader can tell `cellwatch.result/1` from anything else on a topic.
 from __future__ import annotations
 
 from datetime import UTC, datetime
-from enum import StrEnum
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+from pydantic import AliasChoices, ConfigDict, Field, PlainSerializer, StringConstraints
 
+from cellwatch.shared.base import Strict
+from cellwatch.shared.codes import ApiErrorCode, ErrorCode, ModelErrorCode, UpdateErrorCode
 from cellwatch.shared.limits import (
     MAX_ERROR_CODES,
     MAX_TELEMETRY_COUNT,
@@ -20,6 +21,7 @@ from cellwatch.shared.limits import (
     MAX_TELEMETRY_RATE,
     MAX_TELEMETRY_RSS_MB,
 )
+from cellwatch.shared.states import UpdateState
 from cellwatch.shared.topics import NAME_PATTERN
 
 Name = Annotated[str, StringConstraints(pattern=rf"^{NAME_PATTERN}$")]
@@ -36,39 +38,43 @@ def utcnow() -> datetime:
     return datetime.now(UTC)
 
 
-class Message(BaseModel):
+class Message(Strict):
     """Base of every wire message: strict about unknown fields, JSON in and out."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 
     def to_json(self) -> bytes:
         return self.model_dump_json(by_alias=True).encode()
 
 
 class ModelRef(Message):
-    """Which model produced a result or is being served."""
+    """A model's identity, the one type for it everywhere: which model produced a
+    result, is served, is desired, is revoked. The manifest's hash is the identity;
+    name and version are what people read.
+
+    On the wire it is {name, version, manifest_sha256}, except in Results and node
+    statuses, which write the hash as `sha256` (DESIGN.md; see `ShortModelRef`).
+    Both keys are read."""
 
     name: ModelName
     version: Version
-    sha256: Sha256 = Field(description="SHA-256 of the bundle's manifest.json")
+    manifest_sha256: Sha256 = Field(
+        validation_alias=AliasChoices("manifest_sha256", "sha256"),
+        description="SHA-256 of the bundle's manifest.json",
+    )
+
+    def __str__(self) -> str:
+        return f"{self.name} {self.version}"
+
+
+def _short_keys(m: ModelRef) -> dict[str, str]:
+    return {"name": m.name, "version": m.version, "sha256": m.manifest_sha256}
+
+
+ShortModelRef = Annotated[ModelRef, PlainSerializer(_short_keys, return_type=dict[str, str])]
+"""A ModelRef written as {name, version, sha256}: the `model` of a Result and of a
+NodeStatus (DESIGN.md, Messages)."""
 
 
 # -- results ---------------------------------------------------------------
-
-
-class ErrorCode(StrEnum):
-    UNDECODABLE_IMAGE = "undecodable_image"
-    UNSUPPORTED_FORMAT = "unsupported_format"
-    IMAGE_TOO_LARGE = "image_too_large"
-    PAYLOAD_TOO_LARGE = "payload_too_large"
-    EXPIRED = "expired"
-    NO_MODEL = "no_model"
-    INVALID_REQUEST = "invalid_request"
-    DEVICE_ERROR = "device_error"
-    """The inference device failed or did not finish in time; sending again may work."""
-    POISON_IMAGE = "poison_image"
-    """The image was being processed during two crashes of this node: refused."""
-    INTERNAL = "internal"
 
 
 class ErrorInfo(Message):
@@ -92,7 +98,7 @@ class Result(Message):
     image_id: ImageId
     source: Name | None = Field(description="{source} of the images topic; null if direct")
     node_id: Name
-    model: ModelRef | None = None
+    model: ShortModelRef | None = None
     label: str | None = None
     class_index: int | None = Field(None, ge=0)
     confidence: Probability | None = None
@@ -107,22 +113,6 @@ class Result(Message):
 # -- node status and telemetry ---------------------------------------------
 
 
-class ModelErrorCode(StrEnum):
-    """Why a node does not serve the bundle it should (NodeStatus.model_error)."""
-
-    BAD_SIGNATURE = "bad_signature"
-    """Not signed by a key the node trusts (e.g. its signer's key was removed)."""
-    HASH_MISMATCH = "hash_mismatch"
-    """A file is missing, damaged or not the one the manifest names."""
-    COMPILE_ERROR = "compile_error"
-    """OpenVINO could not read or compile it on this node's device."""
-    SELF_TEST_FAILED = "self_test_failed"
-    """Its golden vectors gave other probabilities on this device."""
-    REVOKED = "revoked"
-    """The hub revoked it (`cellwatch-hub models revoke`)."""
-    INTERNAL = "internal"
-
-
 class ModelError(Message):
     code: ModelErrorCode
     message: str = Field(max_length=2048)
@@ -134,7 +124,7 @@ class NodeStatus(Message):
     state: Literal["online", "offline"]
     boot_id: str = Field(min_length=8, max_length=64)
     since: datetime
-    model: ModelRef | None = None
+    model: ShortModelRef | None = None
     device: str | None = None
     devices_available: list[str] = Field(default_factory=list)
     tags: list[str] = Field(default_factory=list, description="groups this node belongs to")
@@ -157,9 +147,7 @@ class NodeStatus(Message):
 
 
 class Latency(Message):
-    model_config = ConfigDict(
-        extra="forbid", frozen=True, populate_by_name=True, allow_inf_nan=False
-    )
+    model_config = ConfigDict(allow_inf_nan=False)
 
     p50: float = Field(ge=0, le=MAX_TELEMETRY_LATENCY_MS)
     p95: float = Field(ge=0, le=MAX_TELEMETRY_LATENCY_MS)
@@ -174,9 +162,7 @@ class Telemetry(Message):
     """A node's figures every `window_s`. Absurd values (negative, NaN, infinite, or
     beyond the bounds in shared/limits.py) make the whole message invalid."""
 
-    model_config = ConfigDict(
-        extra="forbid", frozen=True, populate_by_name=True, allow_inf_nan=False
-    )
+    model_config = ConfigDict(allow_inf_nan=False)
 
     schema_: Literal["cellwatch.telemetry/1"] = Field("cellwatch.telemetry/1", alias="schema")
     node_id: Name
@@ -201,46 +187,34 @@ class Telemetry(Message):
 # -- model rollout ---------------------------------------------------------
 
 
-class DesiredModelRef(Message):
-    name: ModelName
-    version: Version
-    manifest_sha256: Sha256
-
-
 class DesiredModel(Message):
     schema_: Literal["cellwatch.desired/1"] = Field("cellwatch.desired/1", alias="schema")
     rollout_id: str = Field(min_length=1, max_length=64)
-    model: DesiredModelRef
+    model: ModelRef
     issued_at: datetime
 
 
-class UpdateState(StrEnum):
-    PENDING = "pending"
-    DOWNLOADING = "downloading"
-    VERIFYING = "verifying"
-    ACTIVATING = "activating"
-    ACTIVE = "active"
-    FAILED = "failed"
-    TIMED_OUT = "timed_out"
-    ROLLED_BACK = "rolled_back"
-
-
 class ApiError(Message):
-    code: str = Field(description="e.g. bad_request, unknown_verb, not_found, conflict")
+    """Why the hub refused an API call, a fetch request or an HTTP request."""
+
+    code: ApiErrorCode
     message: str
+
+
+class UpdateError(Message):
+    """Why a node's model update failed."""
+
+    code: UpdateErrorCode
+    message: str = Field(max_length=2048)
 
 
 class UpdateReport(Message):
     schema_: Literal["cellwatch.update/1"] = Field("cellwatch.update/1", alias="schema")
     rollout_id: str = Field(min_length=1, max_length=64)
-    model: DesiredModelRef
+    model: ModelRef
     state: UpdateState
     progress: float = Field(ge=0.0, le=1.0)
-    error: ApiError | None = Field(
-        None,
-        description="code: bad_signature, hash_mismatch, fetch_failed, compile_error, "
-        "self_test_failed, disk_full, internal",
-    )
+    error: UpdateError | None = None
     ts: datetime
 
 
@@ -260,10 +234,7 @@ class FetchRequest(Message):
 MAX_REVOCATIONS = 10_000
 
 
-class Revocation(Message):
-    name: ModelName
-    version: Version
-    manifest_sha256: Sha256
+class Revocation(ModelRef):
     reason: str = Field(max_length=500)
     revoked_at: datetime
 

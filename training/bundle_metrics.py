@@ -20,18 +20,15 @@ from __future__ import annotations
 import platform
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
+from cellwatch.shared.base import Strict
 from cellwatch.training.ir import Precision
 from cellwatch.training.split import SplitName
 from cellwatch.training.stats import MetricSet, Proportion
 
 
-class _Model(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class Deployed(_Model):
+class Deployed(Strict):
     precision: Precision
     device: str
     inference_precision: str
@@ -39,16 +36,16 @@ class Deployed(_Model):
     metrics: MetricSet
 
 
-class Reference(_Model):
+class Reference(Strict):
     metrics: MetricSet
 
 
-class Parity(_Model):
+class Parity(Strict):
     max_abs_diff_f32: float = Field(ge=0.0, description="max |p_IR(f32) - p_TensorFlow|")
     max_abs_diff_deployed: float = Field(ge=0.0, description="max |p_IR(deployed) - p_TF|")
 
 
-class BundleMetrics(_Model):
+class BundleMetrics(Strict):
     split: SplitName
     n: int = Field(ge=0)
     split_fingerprint: str

@@ -8,18 +8,14 @@ a model that fails the export gate exits with code 3.
 
 from __future__ import annotations
 
-import functools
 import logging
-import sys
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any, ParamSpec, TypeVar, cast
 
 import click
 
-from cellwatch.shared.errors import CellwatchError
-from cellwatch.training.errors import GateError
-from cellwatch.training.progress import setup_logging
+from cellwatch.shared.cli import friendly_errors, setup_logging
+from cellwatch.training.progress import NOISY_LOGGERS, log_handler
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -27,25 +23,6 @@ log = logging.getLogger("cellwatch.training")
 
 _PATH = click.Path(path_type=Path)
 _FRACTION = click.FloatRange(0, 1)
-GATE_EXIT_CODE = 3
-
-
-def friendly_errors(func: Callable[P, R]) -> Callable[P, R]:
-    @functools.wraps(func)
-    def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
-        try:
-            return func(*args, **kwargs)
-        except GateError as exc:
-            click.echo(f"error: {exc}", err=True)
-            sys.exit(GATE_EXIT_CODE)
-        except CellwatchError as exc:
-            click.echo(f"error: {exc}", err=True)
-            sys.exit(2)
-        except KeyboardInterrupt:
-            click.echo("interrupted: nothing was written", err=True)
-            sys.exit(130)
-
-    return wrapper
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -55,7 +32,7 @@ def main(verbose: bool) -> None:
 
     Research use only; not for diagnosis.
     """
-    setup_logging(verbose)
+    setup_logging("DEBUG" if verbose else "INFO", handler=log_handler(), quiet=NOISY_LOGGERS)
 
 
 @main.command()

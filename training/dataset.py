@@ -14,9 +14,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
 from cellwatch.node.decode import ImageError, ImageLimits, decode_image
+from cellwatch.shared.base import Strict
 from cellwatch.shared.schemas import Sha256
 from cellwatch.training import IMAGE_SIZE, LABELS
 from cellwatch.training.errors import DataError
@@ -37,10 +38,8 @@ log = logging.getLogger(__name__)
 LIMITS = ImageLimits()
 
 
-class ImageEntry(BaseModel):
+class ImageEntry(Strict):
     """One usable image: where it is (relative to the data root), its class and its hash."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
     path: str = Field(min_length=1, description="POSIX path relative to the data root")
     label: int = Field(ge=0, lt=len(LABELS))
@@ -55,9 +54,7 @@ class ImageEntry(BaseModel):
     fold: int | None = Field(None, ge=0, description="cross-validation fold (prepare --folds)")
 
 
-class Skipped(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
+class Skipped(Strict):
     path: str
     reason: str
 

@@ -35,3 +35,5 @@ class GateError(ExportError):
 
     `cellwatch-train export` exits with code 3 for it, so scripts can tell a model that
     is not good enough to ship from a mistake."""
+
+    exit_code = 3

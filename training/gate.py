@@ -24,8 +24,9 @@ the manifest's provenance, and hub and node show the model as degraded.
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
+from cellwatch.shared.base import Strict
 from cellwatch.training.errors import GateError
 from cellwatch.training.stats import MetricSet, Proportion
 
@@ -34,10 +35,8 @@ DEFAULT_MAX_DROP = 0.02
 __all__ = ["DEFAULT_MAX_DROP", "DEFAULT_MIN_AGREEMENT", "Gate", "GateError", "judge"]
 
 
-class Gate(BaseModel):
+class Gate(Strict):
     """provenance.gate in the manifest."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
     min_agreement: float = Field(ge=0.0, le=1.0)
     max_drop: float = Field(ge=0.0, le=1.0)

@@ -29,8 +29,8 @@ from pathlib import Path
 
 import cv2
 import numpy as np
-from pydantic import BaseModel, ConfigDict
 
+from cellwatch.shared.base import Strict
 from cellwatch.training.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -50,9 +50,7 @@ _CHUNK = 32
 """Rows of `a` compared at once: 32 x 8 x B x 32 bytes of XOR (40 MB for 5000 images)."""
 
 
-class NearDuplicate(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
+class NearDuplicate(Strict):
     a: str
     a_split: str
     b: str

@@ -47,10 +47,9 @@ def track(items: Iterable[T], description: str, total: int | None = None) -> Ite
             progress.advance(task)
 
 
-def setup_logging(verbose: bool = False) -> None:
-    """Log to stderr through rich (once, from the CLI)."""
-    level = logging.DEBUG if verbose else logging.INFO
-    handler = RichHandler(console=console, show_path=False, show_time=False, markup=False)
-    logging.basicConfig(level=level, format="%(message)s", handlers=[handler], force=True)
-    for noisy in ("tensorflow", "nncf", "matplotlib", "PIL", "h5py"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+NOISY_LOGGERS = ("tensorflow", "nncf", "matplotlib", "PIL", "h5py")
+
+
+def log_handler() -> logging.Handler:
+    """The training CLI's log handler: stderr through rich, beside the progress bars."""
+    return RichHandler(console=console, show_path=False, show_time=False, markup=False)

@@ -22,8 +22,9 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, Field, ValidationError
 
+from cellwatch.shared.base import Strict
 from cellwatch.training.errors import RunError
 from cellwatch.training.split import SplitFile, SplitName, load_split
 
@@ -36,11 +37,7 @@ LrSchedule = Literal["cosine", "step", "constant"]
 RANDOM_INIT = "random-init"
 
 
-class _Model(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
-
-
-class FitConfig(_Model):
+class FitConfig(Strict):
     """How to train (the `fit` options)."""
 
     mode: Mode = "bottleneck"
@@ -84,12 +81,12 @@ class FitConfig(_Model):
         return self.learning_rate
 
 
-class BaseCheckpoint(_Model):
+class BaseCheckpoint(Strict):
     path: str
     sha256: str
 
 
-class EpochLog(_Model):
+class EpochLog(Strict):
     epoch: int = Field(ge=1)
     steps: int = Field(ge=0)
     train_loss: float
@@ -99,7 +96,7 @@ class EpochLog(_Model):
     seconds: float = Field(ge=0)
 
 
-class SplitRead(_Model):
+class SplitRead(Strict):
     """One look at the test split (`evaluate --split test`, `export`)."""
 
     at: datetime
@@ -107,7 +104,7 @@ class SplitRead(_Model):
     n: int = Field(ge=0)
 
 
-class RunInfo(_Model):
+class RunInfo(Strict):
     """run.json."""
 
     schema_: Literal["cellwatch.run/1"] = Field("cellwatch.run/1", alias="schema")

@@ -22,8 +22,9 @@ from pathlib import Path
 from typing import Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import Field, ValidationError
 
+from cellwatch.shared.base import Strict
 from cellwatch.training import LABELS
 from cellwatch.training.dataset import (
     ImageEntry,
@@ -52,10 +53,8 @@ LEAK_WARNING = (
 )
 
 
-class SplitFile(BaseModel):
+class SplitFile(Strict):
     """split.json: which image is in which split, and fingerprints of each."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 
     schema_: Literal["cellwatch.split/1"] = Field("cellwatch.split/1", alias="schema")
     created_at: datetime

@@ -20,7 +20,9 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
+
+from cellwatch.shared.base import Strict
 
 Z95 = 1.959963984540054
 """Two-sided 95% normal quantile."""
@@ -29,11 +31,7 @@ BOOTSTRAP_SEED = 20240611
 """Fixed, so the same predictions always give the same interval."""
 
 
-class _Model(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class Proportion(_Model):
+class Proportion(Strict):
     """k of n, with its Wilson 95% interval; value and interval null when n is 0."""
 
     value: float | None
@@ -42,7 +40,7 @@ class Proportion(_Model):
     n: int = Field(ge=0)
 
 
-class Auc(_Model):
+class Auc(Strict):
     """ROC AUC with a stratified percentile-bootstrap 95% interval (null with one class)."""
 
     value: float | None
@@ -51,7 +49,7 @@ class Auc(_Model):
     resamples: int = Field(ge=0)
 
 
-class MetricSet(_Model):
+class MetricSet(Strict):
     """One model's figures on one split at one decision threshold (ALL positive)."""
 
     accuracy: Proportion

@@ -21,8 +21,9 @@ from typing import Literal
 
 import cv2
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
+from cellwatch.shared.base import Strict
 from cellwatch.training import LABELS
 from cellwatch.training.errors import DataError
 from cellwatch.training.layout import SYNTHETIC_MARKER, allidb_name
@@ -36,10 +37,8 @@ ImageFormat = Literal["tif", "jpg"]
 _SUFFIX: dict[str, str] = {"tif": ".tif", "jpg": ".jpg"}
 
 
-class SynthInfo(BaseModel):
+class SynthInfo(Strict):
     """SYNTHETIC.json: what generated this folder."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 
     schema_: Literal["cellwatch.synthetic/1"] = Field("cellwatch.synthetic/1", alias="schema")
     synthetic: Literal[True] = True

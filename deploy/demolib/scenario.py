@@ -15,6 +15,7 @@ from rich.table import Table
 
 from cellwatch.shared.errors import CellwatchError
 from cellwatch.shared.topics import Topics
+from cellwatch.training.errors import GateError
 from cellwatch.training.stats import fmt, wilson
 from demolib.client import DemoClient, Hub, Request, Traffic, Trained, tally
 from demolib.common import (
@@ -51,7 +52,7 @@ from demolib.services import (
     write_node_toml,
 )
 
-GATE_EXIT_CODE = 3
+GATE_EXIT_CODE = GateError.exit_code
 """`cellwatch-train export`: the deployed model fails the export gate."""
 
 

@@ -30,9 +30,11 @@ from cellwatch.hub.queries import as_json
 from cellwatch.hub.web import views
 from cellwatch.hub.web.metrics import make_registry
 from cellwatch.hub.web.reader import FleetReader
-from cellwatch.shared.hubapi import ModelsArgs, NodeState
+from cellwatch.shared.codes import ApiErrorCode
+from cellwatch.shared.hubapi import ModelsArgs
 from cellwatch.shared.limits import DEFAULT_TELEMETRY_INTERVAL_S, STALE_AFTER_INTERVALS
 from cellwatch.shared.schemas import ApiError
+from cellwatch.shared.states import NodeState
 
 log = logging.getLogger(__name__)
 
@@ -157,7 +159,7 @@ class Pages:
         return Response(as_json(data) + "\n", media_type="application/json")
 
     @staticmethod
-    def _api_error(code: str, message: str, status: int) -> Response:
+    def _api_error(code: ApiErrorCode, message: str, status: int) -> Response:
         body = as_json(ApiError(code=code, message=message)) + "\n"
         return Response(body, status_code=status, media_type="application/json")
 
@@ -168,7 +170,7 @@ class Pages:
         try:
             args = ModelsArgs.model_validate({"name": request.query_params.get("name")})
         except ValidationError as exc:
-            return self._api_error("bad_request", f"name: {exc.errors()[0]['msg']}", 400)
+            return self._api_error(ApiErrorCode.BAD_REQUEST, f"name: {exc.errors()[0]['msg']}", 400)
         return self._json(self.reader.queries.models(args.name))
 
     def api_stats(self, request: Request) -> Response:

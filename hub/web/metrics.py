@@ -40,8 +40,8 @@ from prometheus_client.registry import Collector
 from pydantic import ValidationError
 
 from cellwatch.hub.web.reader import FleetReader
-from cellwatch.shared.hubapi import ROLLOUT_STATES, NodeState
 from cellwatch.shared.schemas import Telemetry
+from cellwatch.shared.states import NodeState, RolloutState
 
 log = logging.getLogger(__name__)
 
@@ -137,8 +137,8 @@ class FleetCollector(Collector):
         )
         states = db.rollout_states()
         rollouts = GaugeMetricFamily("cellwatch_rollouts", "rollouts per state", labels=["state"])
-        for state in ROLLOUT_STATES:
-            rollouts.add_metric([state], float(states.get(state, 0)))
+        for state in RolloutState:
+            rollouts.add_metric([state.value], float(states.get(state, 0)))
         yield rollouts
         targets = GaugeMetricFamily(
             "cellwatch_rollout_targets",
@@ -150,8 +150,8 @@ class FleetCollector(Collector):
             for t in r.targets:
                 phase = "rollback" if t.phase == "rollback" else "rollout"
                 per[(phase, t.state.value)] = per.get((phase, t.state.value), 0) + 1
-            for (phase, state), count in sorted(per.items()):
-                targets.add_metric([r.rollout_id, phase, state], float(count))
+            for (phase, target_state), count in sorted(per.items()):
+                targets.add_metric([r.rollout_id, phase, target_state], float(count))
         yield targets
         names = {m.manifest_sha256: m for m in models}
         served = CounterMetricFamily(

@@ -14,7 +14,8 @@ import numpy as np
 
 from cellwatch.hub.db import RolloutEvent, TargetRecord
 from cellwatch.hub.history import HISTORY_S, Samples
-from cellwatch.shared.hubapi import ModelInfo, NodeInfo, NodeState, RolloutInfo, WaveInfo
+from cellwatch.shared.hubapi import ModelInfo, NodeInfo, RolloutInfo, WaveInfo
+from cellwatch.shared.states import TARGET_FAILURES, NodeState, TargetState
 
 SPARK_POINTS = 60
 """Most points of one sparkline (the hour in up to 60 time bins)."""
@@ -25,13 +26,22 @@ GENERIC_METRICS_MAX = 16
 TEXT_MAX = 120
 
 # Target states grouped as the wave bars colour them.
-BAR_GROUPS = (
-    ("active", ("active",)),
-    ("progress", ("pending", "downloading", "verifying", "activating")),
-    ("rolled-back", ("rolled_back",)),
-    ("failed", ("failed", "timed_out")),
-    ("waiting", ("waiting",)),
+BAR_GROUPS: tuple[tuple[str, tuple[TargetState, ...]], ...] = (
+    ("active", (TargetState.ACTIVE,)),
+    (
+        "progress",
+        (
+            TargetState.PENDING,
+            TargetState.DOWNLOADING,
+            TargetState.VERIFYING,
+            TargetState.ACTIVATING,
+        ),
+    ),
+    ("rolled-back", (TargetState.ROLLED_BACK,)),
+    ("failed", tuple(TARGET_FAILURES)),
+    ("waiting", (TargetState.WAITING,)),
 )
+"""The segments of a wave's bar: every TargetState is in exactly one (tested)."""
 
 
 # -- formatting (also the templates' filters) -----------------------------------------
@@ -289,7 +299,9 @@ def _generic(metrics: dict[str, Any]) -> tuple[list[MetricCell], int | None]:
 
 
 def model_rows(models: list[ModelInfo], nodes: list[NodeInfo]) -> list[ModelRow]:
-    running = Counter(n.model.sha256 for n in nodes if n.model and n.state != NodeState.OFFLINE)
+    running = Counter(
+        n.model.manifest_sha256 for n in nodes if n.model and n.state != NodeState.OFFLINE
+    )
     rows = []
     for m in models:
         deployed = _deployed(m.metrics)
@@ -329,7 +341,7 @@ def wave_bar(w: WaveInfo) -> WaveBar:
             width = count / total * 100.0
             segments.append(Segment(kind, x, width, count))
             x += width
-    parts = [f"{w.counts[s]} {s}" for s in sorted(w.counts) if w.counts[s]]
+    parts = [f"{w.counts[s]} {s}" for s in TargetState if w.counts.get(s)]
     return WaveBar(w.index, w.size, w.issued, segments, ", ".join(parts) or "no nodes")
 
 
@@ -344,17 +356,17 @@ class RolloutRow:
 
 
 def rollout_row(r: RolloutInfo) -> RolloutRow:
-    failures = [(t.node_id, t.error.code, t.error.message) for t in r.targets if t.error]
+    failures = [(t.node_id, str(t.error.code), t.error.message) for t in r.targets if t.error]
     failures += [
         (t.node_id, "timed_out", f"not active within {r.policy.node_timeout_s:g} s")
         for t in r.targets
-        if t.state == "timed_out" and t.error is None
+        if t.state == TargetState.TIMED_OUT and t.error is None
     ]
     return RolloutRow(
         r,
         [wave_bar(w) for w in r.waves],
         len(r.targets),
-        r.counts.get("active", 0),
+        r.counts.get(TargetState.ACTIVE, 0),
         failures,
     )
 

@@ -19,20 +19,21 @@ from pathlib import Path
 import paho.mqtt.client as paho
 
 from cellwatch.node.fetcher import Fetcher, FetchError
+from cellwatch.shared.codes import UpdateErrorCode
 from cellwatch.shared.manifest import MANIFEST_FILE, SIGNATURE_FILE
 from cellwatch.shared.mqtt import MqttClient, Will, user_properties
 from cellwatch.shared.rpc import Policy, RequestTimeout
 from cellwatch.shared.schemas import (
-    ApiError,
     DesiredModel,
     FetchRequest,
     ModelRef,
     NodeStatus,
+    UpdateError,
     UpdateReport,
-    UpdateState,
     utcnow,
 )
 from cellwatch.shared.settings import MqttSettings
+from cellwatch.shared.states import UpdateState
 from cellwatch.shared.topics import Topics
 
 T = Topics()
@@ -67,7 +68,7 @@ class FakeNode:
         model: ModelRef | None = None,
         tags: tuple[str, ...] = (),
         behaviour: str = "update",
-        fail_code: str = "self_test_failed",
+        fail_code: UpdateErrorCode = UpdateErrorCode.SELF_TEST_FAILED,
         chunk_bytes: int = 64 * 1024,
         connect: bool = True,
     ) -> None:
@@ -163,7 +164,7 @@ class FakeNode:
         d: DesiredModel,
         state: UpdateState,
         progress: float = 0.0,
-        error: ApiError | None = None,
+        error: UpdateError | None = None,
     ) -> None:
         r = UpdateReport(
             rollout_id=d.rollout_id,
@@ -245,18 +246,23 @@ class FakeNode:
             try:
                 self._reconcile(d)
             except Exception as exc:  # a test helper: surface it in the reports
-                self.report(d, UpdateState.FAILED, 0.0, ApiError(code="internal", message=str(exc)))
+                self.report(
+                    d,
+                    UpdateState.FAILED,
+                    0.0,
+                    UpdateError(code=UpdateErrorCode.INTERNAL, message=str(exc)),
+                )
 
     def _reconcile(self, d: DesiredModel) -> None:
         if self.behaviour in ("silent", "manual"):
             return
         sha = d.model.manifest_sha256
-        if self.model is not None and self.model.sha256 == sha:
+        if self.model is not None and self.model.manifest_sha256 == sha:
             self.report(d, UpdateState.ACTIVE, 1.0)
             return
         self.report(d, UpdateState.PENDING)
         if self.behaviour == "fail":
-            self.report(d, UpdateState.FAILED, error=ApiError(code=self.fail_code, message="x"))
+            self.report(d, UpdateState.FAILED, error=UpdateError(code=self.fail_code, message="x"))
             return
         if sha not in self.have:
             self.report(d, UpdateState.DOWNLOADING)
@@ -265,7 +271,7 @@ class FakeNode:
         self.report(d, UpdateState.VERIFYING, 1.0)
         self.report(d, UpdateState.ACTIVATING, 1.0)
         if self.model is not None:
-            self.have.add(self.model.sha256)
-        self.model = ModelRef(name=d.model.name, version=d.model.version, sha256=sha)
+            self.have.add(self.model.manifest_sha256)
+        self.model = ModelRef(name=d.model.name, version=d.model.version, manifest_sha256=sha)
         self.publish_status()
         self.report(d, UpdateState.ACTIVE, 1.0)

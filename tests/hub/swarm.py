@@ -31,9 +31,9 @@ from cellwatch.shared.schemas import (
     NodeStatus,
     Telemetry,
     UpdateReport,
-    UpdateState,
     utcnow,
 )
+from cellwatch.shared.states import UpdateState
 from tests.broker import Broker, sync
 from tests.harness import T, wait_for
 
@@ -216,7 +216,7 @@ class Swarm:
         if self.answer_delay_s:
             time.sleep(self.answer_delay_s)
         m = d.model
-        want = ModelRef(name=m.name, version=m.version, sha256=m.manifest_sha256)
+        want = ModelRef(name=m.name, version=m.version, manifest_sha256=m.manifest_sha256)
 
         def report(state: UpdateState, progress: float) -> None:
             r = UpdateReport(

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from cellwatch.shared.schemas import UpdateState
+from cellwatch.shared.states import UpdateState
 from tests.broker import Broker, free_port
 from tests.harness import wait_for
 from tests.hub.conftest import Bundles, NodeMaker

@@ -17,7 +17,7 @@ from cellwatch.hub.errors import ApiFailure
 from cellwatch.hub.rollout import Rollout
 from cellwatch.hub.service import HubService
 from cellwatch.shared.hubapi import RolloutStartArgs
-from cellwatch.shared.schemas import UpdateState
+from cellwatch.shared.states import UpdateState
 from tests.broker import Broker
 from tests.harness import wait_for
 from tests.hub.conftest import Bundles, HubFactory, NodeMaker

@@ -91,7 +91,7 @@ def serving(node: NodeService) -> str:
     return node.model.bundle.manifest.version
 
 
-FAKE = ModelRef(name="none", version="none", sha256="0" * 64)
+FAKE = ModelRef(name="none", version="none", manifest_sha256="0" * 64)
 
 
 def hub_sees(operator: HubClient, ids: list[str], version: str = "1.0.0") -> None:

@@ -9,7 +9,7 @@ from tests.broker import Broker
 from tests.harness import Collector, T, wait_for
 from tests.hub.conftest import NodeMaker
 
-V1 = ModelRef(name="toy", version="1.0.0", sha256="a" * 64)
+V1 = ModelRef(name="toy", version="1.0.0", manifest_sha256="a" * 64)
 
 
 def telemetry(node_id: str) -> Telemetry:

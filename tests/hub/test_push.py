@@ -187,7 +187,7 @@ def test_same_version_with_another_manifest_is_a_conflict(
 def test_a_damaged_copy_on_the_hub_is_refused_at_rollout_start_and_pushed_again(
     hub: HubService, operator: HubClient, bundles: Bundles, fake_nodes: NodeMaker
 ) -> None:
-    v1 = ModelRef(name="toy", version="1.0.0", sha256=bundles.sha(bundles.v1))
+    v1 = ModelRef(name="toy", version="1.0.0", manifest_sha256=bundles.sha(bundles.v1))
     fake_nodes("node-1", model=v1)
     wait_for(lambda: len(operator.nodes().nodes) == 1, what="node-1")
     operator.push(bundles.v2)

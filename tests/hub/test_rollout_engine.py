@@ -8,12 +8,14 @@ import pytest
 
 from cellwatch.hub.db import Database
 from cellwatch.hub.errors import RolloutError
-from cellwatch.hub.rollout import Desired, ModelKey, NodeView, Policy, Rollout, RolloutState, Target
+from cellwatch.hub.rollout import Desired, NodeView, Policy, Rollout, Target
 from cellwatch.hub.waves import WaveSpecError, parse_threshold, parse_waves, plan_waves
-from cellwatch.shared.schemas import UpdateState
+from cellwatch.shared.codes import UpdateErrorCode
+from cellwatch.shared.schemas import ModelRef
+from cellwatch.shared.states import RolloutState, UpdateState
 
-OLD = ModelKey("toy", "1.0.0", "a" * 64)
-NEW = ModelKey("toy", "2.0.0", "b" * 64)
+OLD = ModelRef(name="toy", version="1.0.0", manifest_sha256="a" * 64)
+NEW = ModelRef(name="toy", version="2.0.0", manifest_sha256="b" * 64)
 T0 = 1_000_000.0
 
 
@@ -46,7 +48,7 @@ def test_thresholds() -> None:
     assert parse_threshold("10%").of(20) == 2
 
 
-def fleet(*ids: str, online: bool = True, model: ModelKey | None = OLD) -> dict[str, NodeView]:
+def fleet(*ids: str, online: bool = True, model: ModelRef | None = OLD) -> dict[str, NodeView]:
     return {i: NodeView(online=online, model=model, model_at=T0 - 100) for i in ids}
 
 
@@ -74,9 +76,13 @@ def make(
 
 
 def report(
-    r: Rollout, node: str, state: UpdateState, now: float = T0, sha: str = NEW.sha256
+    r: Rollout, node: str, state: UpdateState, now: float = T0, sha: str = NEW.manifest_sha256
 ) -> bool:
-    error = ("self_test_failed", "golden mismatch") if state is UpdateState.FAILED else None
+    error = (
+        (UpdateErrorCode.SELF_TEST_FAILED, "golden mismatch")
+        if state is UpdateState.FAILED
+        else None
+    )
     return r.on_report(node, "r1", sha, state, 1.0, error, now)
 
 
@@ -122,8 +128,8 @@ def test_a_node_already_running_the_target_is_active_at_once() -> None:
 def test_reports_for_other_rollouts_or_models_are_ignored() -> None:
     r, views = make()
     r.tick(views, T0)
-    assert not r.on_report("node-1", "r9", NEW.sha256, UpdateState.ACTIVE, 1, None, T0)
-    assert not report(r, "node-1", UpdateState.ACTIVE, sha=OLD.sha256)
+    assert not r.on_report("node-1", "r9", NEW.manifest_sha256, UpdateState.ACTIVE, 1, None, T0)
+    assert not report(r, "node-1", UpdateState.ACTIVE, sha=OLD.manifest_sha256)
     assert not report(r, "node-2", UpdateState.ACTIVE)  # its wave is not issued
     assert target(r, "node-1").state == "pending"
 
@@ -245,7 +251,7 @@ def test_rollback_sends_switched_nodes_to_their_previous_model() -> None:
     assert r.rollback(views, T0 + 1) == []  # idempotent
     assert not report(r, "node-1", UpdateState.ACTIVE)  # the new model: not what we want now
     for node in ("node-1", "node-2", "node-4"):
-        report(r, node, UpdateState.ACTIVE, sha=OLD.sha256)
+        report(r, node, UpdateState.ACTIVE, sha=OLD.manifest_sha256)
     r.tick(views, T0 + 2)
     assert state(r) is RolloutState.ROLLED_BACK and r.reason == "3 of 3 nodes rolled back"
     assert target(r, "node-1").state == "rolled_back"
@@ -265,8 +271,8 @@ def test_confirmations_and_unconfirmed_desired() -> None:
     r, views = make(2, "100%")
     r.tick(views, T0)
     assert issued(r.unconfirmed()) == ["node-1", "node-2"]
-    assert r.confirm("node-1", NEW.sha256)
-    assert not r.confirm("node-1", OLD.sha256)
+    assert r.confirm("node-1", NEW.manifest_sha256)
+    assert not r.confirm("node-1", OLD.manifest_sha256)
     assert issued(r.unconfirmed()) == ["node-2"]
 
 

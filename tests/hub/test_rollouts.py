@@ -10,7 +10,8 @@ from cellwatch.hub.client import HubClient
 from cellwatch.hub.errors import ApiFailure
 from cellwatch.hub.service import HubService
 from cellwatch.shared.hubapi import RolloutInfo, RolloutStartArgs
-from cellwatch.shared.schemas import ModelRef, UpdateState
+from cellwatch.shared.schemas import ModelRef
+from cellwatch.shared.states import UpdateState
 from tests.harness import wait_for
 from tests.hub.conftest import Bundles, HubFactory, NodeMaker
 from tests.hub.scripted_nodes import FakeNode
@@ -18,7 +19,7 @@ from tests.hub.scripted_nodes import FakeNode
 
 def ref(bundles: Bundles, version: str = "1.0.0") -> ModelRef:
     path = {"1.0.0": bundles.v1, "2.0.0": bundles.v2, "3.0.0": bundles.v3}[version]
-    return ModelRef(name="toy", version=version, sha256=bundles.sha(path))
+    return ModelRef(name="toy", version=version, manifest_sha256=bundles.sha(path))
 
 
 def until(
@@ -42,7 +43,7 @@ def fleet_on_v1(bundles: Bundles, fake_nodes: NodeMaker, **kwargs: object) -> li
     nodes = []
     for i in (1, 2, 3):
         node = fake_nodes(f"node-{i}", model=ref(bundles), **kwargs)
-        node.have.add(ref(bundles).sha256)
+        node.have.add(ref(bundles).manifest_sha256)
         nodes.append(node)
     return nodes
 
@@ -62,7 +63,7 @@ def test_waves_issue_one_after_the_other(
     assert [w.size for w in info.waves] == [1, 1, 1]
     wait_for(lambda: len(n1.desired) == 1, what="canary desired")
     d = n1.desired[0]
-    assert d.rollout_id == rid and d.model.manifest_sha256 == ref(bundles, "2.0.0").sha256
+    assert d.rollout_id == rid and d.model.manifest_sha256 == ref(bundles, "2.0.0").manifest_sha256
     n1.report(d, UpdateState.DOWNLOADING, 0.5)
     until(operator, rid, lambda i: states(i)["node-1"] == "downloading")
     assert n2.desired == [] and n3.desired == []
@@ -89,7 +90,7 @@ def test_rollout_downloads_and_completes(
     size = sum(p.stat().st_size for p in bundles.v2.iterdir())
     assert all(n.model == v2 and n.bytes_fetched == size for n in nodes)
     wait_for(lambda: all(n.model == v2 for n in operator.nodes().nodes), what="fleet on v2")
-    assert operator.stats().bytes_by_bundle == {v2.sha256: 3 * size}
+    assert operator.stats().bytes_by_bundle == {v2.manifest_sha256: 3 * size}
 
 
 def test_a_failure_aborts_and_rollback_needs_no_download(

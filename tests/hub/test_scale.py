@@ -40,7 +40,7 @@ def poll(cond: Callable[[], bool], timeout: float, what: str) -> None:
 
 def ref(bundles: Bundles, version: str) -> ModelRef:
     path = {"1.0.0": bundles.v1, "2.0.0": bundles.v2}[version]
-    return ModelRef(name="toy", version=version, sha256=bundles.sha(path))
+    return ModelRef(name="toy", version=version, manifest_sha256=bundles.sha(path))
 
 
 @pytest.fixture

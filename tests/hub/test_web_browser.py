@@ -16,7 +16,7 @@ from selenium.webdriver.common.by import By
 from cellwatch.hub.client import HubClient
 from cellwatch.node.service import NodeService
 from cellwatch.shared.hubapi import RolloutStartArgs
-from cellwatch.shared.schemas import UpdateState
+from cellwatch.shared.states import UpdateState
 from tests import images
 from tests.broker import Broker, free_port
 from tests.harness import Requester, wait_for
@@ -170,7 +170,7 @@ def test_fleet_page_follows_nodes_and_a_rollout_live(
             lambda d: rollout_on_page(d, rid) == ("running", "2"),
             "2 of 3 active, node-3 pending",
         )
-        assert texts(browser, labels) == ["1 node: 1 active", "2 nodes: 1 active, 1 pending"]
+        assert texts(browser, labels) == ["1 node: 1 active", "2 nodes: 1 pending, 1 active"]
         wait_for(lambda: len(third.desired) == 1, what="node-3's desired")
         third.report(third.desired[0], UpdateState.ACTIVE, 1.0)
         wait_until(browser, lambda d: rollout_on_page(d, rid) == ("completed", "3"), "completed")

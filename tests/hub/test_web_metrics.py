@@ -17,7 +17,8 @@ from cellwatch.hub.service import HubService
 from cellwatch.hub.web.metrics import __doc__ as METRICS_DOC
 from cellwatch.node.service import NodeService
 from cellwatch.shared.hubapi import RolloutStartArgs
-from cellwatch.shared.schemas import Telemetry, UpdateState
+from cellwatch.shared.schemas import Telemetry
+from cellwatch.shared.states import UpdateState
 from tests import images
 from tests.broker import Broker
 from tests.harness import Collector, Requester, T, wait_for
@@ -105,7 +106,7 @@ def test_hub_figures_rollouts_bytes_queue_and_drops(
         RolloutStartArgs(name="toy", version="2.0.0", waves="1,100%")
     ).rollout_id
     wait_for(lambda: len(n1.desired) == 1, what="canary desired")
-    sha = ref(bundles, "2.0.0").sha256
+    sha = ref(bundles, "2.0.0").manifest_sha256
     fetched = n1.download(sha)  # the canary downloads for real
     n1.report(n1.desired[0], UpdateState.DOWNLOADING, 0.5)
     until(operator, rid, lambda i: i.targets[0].state == "downloading")

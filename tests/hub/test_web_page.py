@@ -14,8 +14,10 @@ from cellwatch.hub.client import HubClient
 from cellwatch.hub.db import NodeRecord
 from cellwatch.hub.fleet import node_state
 from cellwatch.hub.service import HubService
-from cellwatch.shared.hubapi import NodeState, RolloutStartArgs
-from cellwatch.shared.schemas import ApiError, Latency, Telemetry, UpdateState, utcnow
+from cellwatch.shared.codes import UpdateErrorCode
+from cellwatch.shared.hubapi import RolloutStartArgs
+from cellwatch.shared.schemas import Latency, Telemetry, UpdateError, utcnow
+from cellwatch.shared.states import NodeState, UpdateState
 from tests.broker import Broker
 from tests.harness import T, wait_for
 from tests.hub.conftest import Bundles, NodeMaker
@@ -89,7 +91,9 @@ def test_fleet_rollout_and_node_pages_follow_a_rollout_with_a_failure(
     n3.report(
         n3.desired[0],
         UpdateState.FAILED,
-        error=ApiError(code="self_test_failed", message=f"golden mismatch {HOSTILE}"),
+        error=UpdateError(
+            code=UpdateErrorCode.SELF_TEST_FAILED, message=f"golden mismatch {HOSTILE}"
+        ),
     )
     info = until(operator, rid, lambda i: i.state == "aborted")
     page = get(hub, "/")

@@ -14,8 +14,8 @@ from PIL import Image
 from cellwatch.node import decode
 from cellwatch.node.decode import ImageError, ImageLimits, decode_image, to_rgb8
 from cellwatch.node.preprocess import central_crop_box, jpeg_scale_denominator, preprocess
+from cellwatch.shared.codes import ErrorCode
 from cellwatch.shared.manifest import PreprocessingSpec
-from cellwatch.shared.schemas import ErrorCode
 from tests import images
 
 LIMITS = ImageLimits()

@@ -6,9 +6,9 @@ from datetime import UTC, datetime
 import pytest
 from pydantic import ValidationError
 
+from cellwatch.shared.codes import ErrorCode
 from cellwatch.shared.schemas import (
     DesiredModel,
-    ErrorCode,
     FetchRequest,
     ModelRef,
     NodeStatus,
@@ -27,7 +27,7 @@ def test_result_round_trip_uses_schema_tag() -> None:
         image_id="img-1",
         source="scope",
         node_id="node-1",
-        model=ModelRef(name="m", version="1.0", sha256=SHA),
+        model=ModelRef(name="m", version="1.0", manifest_sha256=SHA),
         label="ALL",
         class_index=1,
         confidence=0.9,

@@ -1,0 +1,163 @@
+"""One vocabulary: one ModelRef with the wire keys DESIGN.md fixes, one enum per state
+machine and per error-code family, one strict base, and the lists the hub's CLI and
+page derive from them."""
+
+from __future__ import annotations
+
+import json
+import math
+from datetime import UTC, datetime
+
+import click
+import pytest
+from click.testing import CliRunner
+from pydantic import BaseModel, ValidationError
+
+from cellwatch.hub import cli as hub_cli
+from cellwatch.hub import render
+from cellwatch.hub.web.views import BAR_GROUPS
+from cellwatch.shared import hubapi, manifest, schemas
+from cellwatch.shared.base import Strict
+from cellwatch.shared.cli import friendly_errors
+from cellwatch.shared.codes import ModelErrorCode, as_update_error
+from cellwatch.shared.errors import CellwatchError
+from cellwatch.shared.schemas import (
+    ApiReply,
+    DesiredModel,
+    Latency,
+    ModelRef,
+    NodeStatus,
+    Result,
+    Revocation,
+    Telemetry,
+    UpdateReport,
+)
+from cellwatch.shared.states import (
+    ACTIVE_ROLLOUT_STATES,
+    NodeState,
+    RolloutState,
+    TargetState,
+    UpdateState,
+)
+from cellwatch.training.errors import GateError
+
+NOW = datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)
+SHA = "ab" * 32
+REF = ModelRef(name="toy", version="1.0.0", manifest_sha256=SHA)
+
+
+def test_results_and_statuses_write_the_hash_as_sha256_and_read_it_back() -> None:
+    result = Result(
+        status="ok",
+        image_id="i",
+        source=None,
+        node_id="node-1",
+        model=REF,
+        received_at=NOW,
+        completed_at=NOW,
+    )
+    status = NodeStatus(node_id="node-1", state="online", boot_id="b" * 8, since=NOW, model=REF)
+    for message, kind in ((result, Result), (status, NodeStatus)):
+        wire = json.loads(message.to_json())
+        assert wire["model"] == {"name": "toy", "version": "1.0.0", "sha256": SHA}
+        back = kind.model_validate_json(message.to_json())
+        assert back.model == REF and back.model.manifest_sha256 == SHA
+
+
+def test_desired_models_and_reports_write_manifest_sha256() -> None:
+    desired = DesiredModel(rollout_id="r1", model=REF, issued_at=NOW)
+    report = UpdateReport(
+        rollout_id="r1", model=REF, state=UpdateState.ACTIVE, progress=1.0, ts=NOW
+    )
+    for message in (desired, report):
+        wire = json.loads(message.to_json())
+        assert wire["model"] == {"name": "toy", "version": "1.0.0", "manifest_sha256": SHA}
+    revocation = Revocation(
+        name="toy", version="1.0.0", manifest_sha256=SHA, reason="bad", revoked_at=NOW
+    )
+    assert json.loads(revocation.to_json())["manifest_sha256"] == SHA
+    assert ModelRef(**{"name": "toy", "version": "1.0.0", "sha256": SHA}) == REF
+
+
+def test_a_model_ref_is_a_value() -> None:
+    same = ModelRef.model_validate({"name": "toy", "version": "1.0.0", "sha256": SHA})
+    assert same == REF and hash(same) == hash(REF) and str(REF) == "toy 1.0.0"
+    with pytest.raises(ValidationError):
+        ModelRef(name="toy", version="1.0.0", manifest_sha256="not a hash")
+
+
+def test_every_model_error_is_an_update_error() -> None:
+    for code in ModelErrorCode:
+        assert as_update_error(code).value == code.value
+
+
+def test_error_codes_outside_their_family_are_refused() -> None:
+    report = {
+        "schema": "cellwatch.update/1",
+        "rollout_id": "r1",
+        "model": REF.model_dump(),
+        "state": "failed",
+        "progress": 0.0,
+        "error": {"code": "made_up", "message": "?"},
+        "ts": NOW.isoformat(),
+    }
+    with pytest.raises(ValidationError, match="code"):
+        UpdateReport.model_validate(report)
+    report["error"] = {"code": "fetch_failed", "message": "stalled"}
+    assert UpdateReport.model_validate(report).error is not None
+    reply = {"request_id": "x", "ok": False, "error": {"code": "fetch_failed", "message": "?"}}
+    with pytest.raises(ValidationError, match="code"):  # an update code is no API code
+        ApiReply.model_validate(reply)
+
+
+def _subclasses(base: type[BaseModel]) -> set[type[BaseModel]]:
+    found: set[type[BaseModel]] = set()
+    for sub in base.__subclasses__():
+        found |= {sub} | _subclasses(sub)
+    return found
+
+
+def test_every_message_and_api_model_is_strict() -> None:
+    modules = {schemas.__name__, hubapi.__name__, manifest.__name__}
+    models = {m for m in _subclasses(BaseModel) if m.__module__ in modules}
+    assert len(models) > 40
+    for m in models:
+        assert issubclass(m, Strict), m
+        assert m.model_config.get("extra") == "forbid" and m.model_config.get("frozen"), m
+
+
+def test_telemetry_keeps_refusing_nan_on_top_of_the_strict_base() -> None:
+    assert Latency.model_config.get("extra") == "forbid"
+    with pytest.raises(ValidationError):
+        Latency(p50=math.nan, p95=1.0, p99=1.0)
+    assert Telemetry.model_config.get("allow_inf_nan") is False
+
+
+def test_the_wave_bar_shows_every_target_state_exactly_once() -> None:
+    shown = [s for _, states in BAR_GROUPS for s in states]
+    assert sorted(shown) == sorted(TargetState)
+
+
+def test_state_colours_name_only_real_states() -> None:
+    known = {*TargetState, *RolloutState, *NodeState}
+    assert set(render.STATE_STYLES) <= known
+
+
+def test_a_rollout_is_either_active_or_over() -> None:
+    assert frozenset(RolloutState) == hub_cli.TERMINAL | ACTIVE_ROLLOUT_STATES
+    assert not hub_cli.TERMINAL & ACTIVE_ROLLOUT_STATES
+
+
+def test_friendly_errors_use_the_error_class_exit_code() -> None:
+    def run(exc: BaseException) -> tuple[int, str]:
+        @friendly_errors
+        def command() -> None:
+            raise exc
+
+        runner = CliRunner()
+        result = runner.invoke(click.command()(command), [])
+        return result.exit_code, result.output
+
+    assert run(CellwatchError("bad config")) == (2, "error: bad config\n")
+    assert run(GateError("agreement 0.91 < 0.98")) == (3, "error: agreement 0.91 < 0.98\n")
+    assert run(KeyboardInterrupt()) == (130, "interrupted\n")
