@@ -13,10 +13,10 @@ import threading
 from collections import defaultdict
 
 from cellwatch.hub.db import Database
-from cellwatch.hub.fetch import FetchServer
+from cellwatch.hub.fetch import FetchServer, ServedViews
 
 
-class ServedTotals:
+class ServedTotals(ServedViews):
     def __init__(self, fetch: FetchServer, db: Database) -> None:
         self.fetch = fetch
         self._base = db.served()
@@ -39,16 +39,6 @@ class ServedTotals:
                 for sha, n in per.items():
                     out[node][sha] += n
         return {node: dict(per) for node, per in out.items()}
-
-    def served_by_node(self) -> dict[str, int]:
-        return {node: sum(per.values()) for node, per in self.served().items()}
-
-    def served_by_bundle(self) -> dict[str, int]:
-        out: defaultdict[str, int] = defaultdict(int)
-        for per in self.served().values():
-            for sha, n in per.items():
-                out[sha] += n
-        return dict(out)
 
     def store(self, db: Database) -> None:
         """Store the totals that changed since the last call (control thread)."""

@@ -14,7 +14,7 @@ import paho.mqtt.client as paho
 
 from cellwatch.shared.mqtt import MqttClient
 from cellwatch.shared.rpc import Policy, Reply, Rpc, RpcStats
-from cellwatch.shared.schemas import Result
+from cellwatch.shared.schemas import Latency, Result, Telemetry, utcnow
 from cellwatch.shared.settings import MqttSettings
 from cellwatch.shared.topics import Topics
 
@@ -22,6 +22,21 @@ T = Topics()
 PROBE = Policy(timeout_s=600.0)
 """One attempt; the tests bound each wait themselves."""
 Sent = Future[Reply[Result]]
+
+
+def quiet_telemetry(node_id: str, rss_mb: float = 1.0) -> Telemetry:
+    """A valid Telemetry of an idle node (what fake nodes and markers send)."""
+    return Telemetry(
+        node_id=node_id,
+        ts=utcnow(),
+        window_s=10.0,
+        processed=0,
+        errors=0,
+        throughput_ips=0.0,
+        latency_ms=Latency(p50=0.0, p95=0.0, p99=0.0),
+        inflight=0,
+        rss_mb=rss_mb,
+    )
 
 
 def parse_result(msg: paho.MQTTMessage) -> Result:

@@ -29,13 +29,12 @@ from cellwatch.shared.schemas import (
     DesiredModel,
     ModelRef,
     NodeStatus,
-    Telemetry,
     UpdateReport,
     utcnow,
 )
 from cellwatch.shared.states import UpdateState
 from tests.broker import Broker, sync
-from tests.harness import T, wait_for
+from tests.harness import T, quiet_telemetry, wait_for
 
 SWARM_USER = "swarm"
 RECEIVE_MAXIMUM = 65535
@@ -178,17 +177,7 @@ class Swarm:
         )
 
     def telemetry(self, node_id: str, payload: bytes | None = None) -> None:
-        t = Telemetry(
-            node_id=node_id,
-            ts=utcnow(),
-            window_s=10.0,
-            processed=0,
-            errors=0,
-            throughput_ips=0.0,
-            latency_ms={"p50": 0.0, "p95": 0.0, "p99": 0.0},
-            inflight=0,
-            rss_mb=100.0,
-        )
+        t = quiet_telemetry(node_id, rss_mb=100.0)
         body = payload if payload is not None else t.to_json()
         self._owner[node_id].mqtt.publish(T.telemetry(node_id), body, qos=0)
 

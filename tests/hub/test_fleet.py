@@ -4,26 +4,12 @@ from __future__ import annotations
 
 from cellwatch.hub.client import HubClient
 from cellwatch.hub.service import HubService
-from cellwatch.shared.schemas import ModelRef, NodeStatus, Telemetry, utcnow
+from cellwatch.shared.schemas import ModelRef, NodeStatus
 from tests.broker import Broker
-from tests.harness import Collector, T, wait_for
+from tests.harness import Collector, T, quiet_telemetry, wait_for
 from tests.hub.conftest import NodeMaker
 
 V1 = ModelRef(name="toy", version="1.0.0", manifest_sha256="a" * 64)
-
-
-def telemetry(node_id: str) -> Telemetry:
-    return Telemetry(
-        node_id=node_id,
-        ts=utcnow(),
-        window_s=10.0,
-        processed=0,
-        errors=0,
-        throughput_ips=0.0,
-        latency_ms={"p50": 0.0, "p95": 0.0, "p99": 0.0},
-        inflight=0,
-        rss_mb=1.0,
-    )
 
 
 def node_state(operator: HubClient, node_id: str) -> tuple[str, str | None]:
@@ -56,7 +42,7 @@ def test_status_tags_and_a_stale_will_is_ignored(
     # taken the Will, the node would now be offline with the old boot.
     before = hub.db.node("node-1")
     assert before is not None
-    marker = telemetry("node-1")
+    marker = quiet_telemetry("node-1")
     assert new.mqtt.publish_wait(T.telemetry("node-1"), marker.to_json(), qos=1)
     wait_for(lambda: (hub.db.node("node-1") or before).telemetry is not None, what="marker")
     assert node_state(operator, "node-1") == ("online", new.boot_id)

@@ -18,27 +18,13 @@ from cellwatch.hub.handover import Handover
 from cellwatch.hub.intake import Incoming, Intake, Item
 from cellwatch.hub.service import HubService
 from cellwatch.shared.limits import MiB
-from cellwatch.shared.schemas import ApiRequest, NodeStatus, Telemetry, utcnow
+from cellwatch.shared.schemas import ApiRequest, NodeStatus, utcnow
 from tests.broker import Broker
-from tests.harness import T, wait_for
+from tests.harness import T, quiet_telemetry, wait_for
 from tests.hub.conftest import HubFactory, NodeMaker
 
 FLOOD_TELEMETRY = 3000
 FLOOD_STATUS = 2000
-
-
-def telemetry(node_id: str) -> bytes:
-    return Telemetry(
-        node_id=node_id,
-        ts=utcnow(),
-        window_s=10.0,
-        processed=0,
-        errors=0,
-        throughput_ips=0.0,
-        latency_ms={"p50": 0.0, "p95": 0.0, "p99": 0.0},
-        inflight=0,
-        rss_mb=1.0,
-    ).to_json()
 
 
 def dropped(hub: HubService, reason: DropReason) -> int:
@@ -52,7 +38,7 @@ def test_a_flooding_node_is_limited_and_the_others_are_served(
     since = utcnow()
     started = time.monotonic()
     for _ in range(FLOOD_TELEMETRY):
-        flooder.publish(T.telemetry("node-1"), telemetry("node-1"), qos=0)
+        flooder.publish(T.telemetry("node-1"), quiet_telemetry("node-1").to_json(), qos=0)
     for i in range(FLOOD_STATUS):
         status = NodeStatus(
             node_id="node-1", state="online", boot_id="f" * 32, since=since, tags=[f"n{i}"]
