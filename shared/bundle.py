@@ -8,6 +8,7 @@ anything is used. Nothing in a bundle is executed or unpickled.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import os
@@ -60,8 +61,9 @@ class Bundle:
     signer: str | None
     """Key id of the trusted key that signed it; None if accepted unsigned (dev switch)."""
 
-    @property
+    @functools.cached_property
     def ref(self) -> ModelRef:
+        """The bundle's identity (built once: every Result carries it)."""
         return ModelRef(
             name=self.manifest.name,
             version=self.manifest.version,
