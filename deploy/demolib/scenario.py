@@ -144,7 +144,7 @@ class Demo:
             )
         if precision == "int8":
             doing(
-                "int8: NNCF's accuracy-aware quantisation (4-6 minutes here) if plain "
+                "int8: NNCF's accuracy-aware quantisation (2-6 minutes on 2 cores) if plain "
                 "quantisation misses the gate"
                 if int8_method == "auto"
                 else "int8: plain quantisation only (--int8-method ptq) to keep the demo "
