@@ -43,6 +43,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from cellwatch.client import Answer, Client, ClientSettings
+from cellwatch.node.config import NODE_SESSION_EXPIRY_S
 from cellwatch.node.faults import ENV_VAR as FAULTS_ENV
 from cellwatch.shared.mqtt import MqttClient, PublishProps
 from cellwatch.shared.schemas import NodeStatus, Result
@@ -60,12 +61,12 @@ POISON = "poison-1"
 class Timers:
     """The timers a scenario's outcome depends on (production defaults in the bench)."""
 
-    session_expiry_s: int = 60
+    session_expiry_s: int = NODE_SESSION_EXPIRY_S
     """The nodes' (NodeMqttSettings default)."""
     restart_s: float = 5.0
     """The supervisor's delay before restarting a dead node (the unit's RestartSec)."""
-    retry_after_s: float = 10.0
-    timeout_s: float = 120.0
+    retry_after_s: float = ClientSettings.model_fields["retry_after_s"].default
+    timeout_s: float = ClientSettings.model_fields["timeout_s"].default
     """The client's (ClientSettings defaults)."""
     reconnect_max_s: float = 2.0
     """The nodes' reconnect cap: bounds the duplicate-id fight (30 s in production)."""

@@ -48,24 +48,23 @@ def props_of(msg: paho.MQTTMessage) -> tuple[str | None, bytes | None]:
     return (str(rt) if rt else None), (bytes(corr) if corr is not None else None)
 
 
-class ServedViews:
-    """Totals of a `served()` table (node_id -> manifest sha256 -> bytes sent)."""
-
-    def served(self) -> dict[str, dict[str, int]]:
-        raise NotImplementedError
-
-    def served_by_node(self) -> dict[str, int]:
-        return {node: sum(per.values()) for node, per in self.served().items()}
-
-    def served_by_bundle(self) -> dict[str, int]:
-        out: defaultdict[str, int] = defaultdict(int)
-        for per in self.served().values():
-            for sha, n in per.items():
-                out[sha] += n
-        return dict(out)
+Served = dict[str, dict[str, int]]
+"""Bytes sent: node_id -> manifest sha256 -> bytes."""
 
 
-class FetchServer(ServedViews):
+def by_node(served: Served) -> dict[str, int]:
+    return {node: sum(per.values()) for node, per in served.items()}
+
+
+def by_bundle(served: Served) -> dict[str, int]:
+    out: defaultdict[str, int] = defaultdict(int)
+    for per in served.values():
+        for sha, n in per.items():
+            out[sha] += n
+    return dict(out)
+
+
+class FetchServer:
     def __init__(
         self, store: BundleStore, topics: Topics, publish: Publish, max_chunk_bytes: int
     ) -> None:
@@ -81,8 +80,8 @@ class FetchServer(ServedViews):
         self.errors = 0
 
     # -- counters ----------------------------------------------------------------------
-    def served(self) -> dict[str, dict[str, int]]:
-        """Bytes sent since start: node_id -> manifest sha256 -> bytes."""
+    def served(self) -> Served:
+        """Bytes sent since start."""
         with self._lock:
             return {node: dict(per) for node, per in self._served.items()}
 

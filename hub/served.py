@@ -13,10 +13,10 @@ import threading
 from collections import defaultdict
 
 from cellwatch.hub.db import Database
-from cellwatch.hub.fetch import FetchServer, ServedViews
+from cellwatch.hub.fetch import FetchServer, Served, by_bundle, by_node
 
 
-class ServedTotals(ServedViews):
+class ServedTotals:
     def __init__(self, fetch: FetchServer, db: Database) -> None:
         self.fetch = fetch
         self._base = db.served()
@@ -31,7 +31,7 @@ class ServedTotals(ServedViews):
     def errors(self) -> int:
         return self.fetch.errors
 
-    def served(self) -> dict[str, dict[str, int]]:
+    def served(self) -> Served:
         """Bytes sent: node_id -> manifest sha256 -> bytes."""
         out: defaultdict[str, defaultdict[str, int]] = defaultdict(lambda: defaultdict(int))
         for source in (self._base, self.fetch.served()):
@@ -39,6 +39,12 @@ class ServedTotals(ServedViews):
                 for sha, n in per.items():
                     out[node][sha] += n
         return {node: dict(per) for node, per in out.items()}
+
+    def served_by_node(self) -> dict[str, int]:
+        return by_node(self.served())
+
+    def served_by_bundle(self) -> dict[str, int]:
+        return by_bundle(self.served())
 
     def store(self, db: Database) -> None:
         """Store the totals that changed since the last call (control thread)."""

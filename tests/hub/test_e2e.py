@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 
 from cellwatch.hub.client import HubClient
+from cellwatch.hub.fetch import by_node
 from cellwatch.node.service import NodeService
 from cellwatch.shared.hubapi import RolloutInfo, RolloutStartArgs
 from cellwatch.shared.schemas import ModelRef, Result
@@ -224,9 +225,9 @@ def test_a_download_resumes_after_the_broker_restarts(
     operator.push(release.v2)
     size = sum(p.stat().st_size for p in release.v2.iterdir())
     rid = operator.rollout_start(RolloutStartArgs(name="toy", version="2.0.0")).rollout_id
-    wait_for(lambda: hub.fetch.served_by_node().get("node-1", 0) > 0.2 * size, 60, "20% sent")
+    wait_for(lambda: by_node(hub.fetch.served()).get("node-1", 0) > 0.2 * size, 60, "20% sent")
     hub.join()
-    first = hub.fetch.served_by_node()["node-1"]
+    first = by_node(hub.fetch.served())["node-1"]
     assert first < 0.9 * size, "the download finished before the hub stopped"
     broker.restart()
     hub_factory(trusted_keys=release.hub_keys, max_chunk_bytes=chunk)
@@ -255,4 +256,4 @@ def test_a_node_asking_for_larger_chunks_than_the_hub_sends_still_converges(
     assert states(info) == {"node-1": "active"} and serving(node) == "2.0.0"
     size = sum(p.stat().st_size for p in release.v2.iterdir())
     assert node.fetcher is not None and node.fetcher.bytes_received == size
-    assert hub.fetch.served_by_node()["node-1"] >= size
+    assert by_node(hub.fetch.served())["node-1"] >= size

@@ -7,6 +7,7 @@ import hashlib
 import pytest
 
 from cellwatch.hub.client import HubClient
+from cellwatch.hub.fetch import by_node
 from cellwatch.hub.service import HubService
 from cellwatch.shared.rpc import PublishRefused
 from cellwatch.shared.schemas import FetchRequest
@@ -119,4 +120,4 @@ def test_a_node_cannot_fetch_for_another_node(
     assert spy.messages == []
     spy.close()
     assert set(operator.stats().bytes_by_node) == {"node-1"}
-    assert hub.fetch.served_by_node() == {"node-1": 10}
+    assert by_node(hub.fetch.served()) == {"node-1": 10}

@@ -16,6 +16,7 @@ from rich.console import Console
 
 from cellwatch.hub import render
 from cellwatch.hub.client import HubClient
+from cellwatch.hub.fetch import by_node
 from cellwatch.node.engine import ServingModel
 from cellwatch.node.faults import Faults
 from cellwatch.node.service import NodeService
@@ -176,7 +177,7 @@ def test_a_damaged_bundle_in_the_store_is_fetched_again(
     again = rollout(operator, "2.0.0")
     assert again.state == "completed" and version(node) == "2.0.0"
     assert node.fetcher.bytes_received - before == size  # fetched again, whole
-    assert hub.fetch.served_by_node()["node-1"] == 2 * size
+    assert by_node(hub.fetch.served())["node-1"] == 2 * size
 
 
 def test_a_damaged_active_bundle_at_start_falls_back_and_heals(
