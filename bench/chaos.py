@@ -30,7 +30,6 @@ import argparse
 import os
 import platform
 import signal
-import subprocess
 import sys
 import tempfile
 import threading
@@ -42,9 +41,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench.supervisor import Cause, Child, Supervisor
 from cellwatch.client import Answer, Client, ClientSettings
 from cellwatch.node.config import NODE_SESSION_EXPIRY_S
 from cellwatch.node.faults import ENV_VAR as FAULTS_ENV
+from cellwatch.node.service import EXIT_NODE_ID_CONFLICT
 from cellwatch.shared.mqtt import MqttClient, PublishProps
 from cellwatch.shared.schemas import NodeStatus, Result
 from cellwatch.shared.topics import Topics
@@ -98,95 +99,6 @@ class Row:
     checks: list[str] = field(default_factory=list)
     """What the scenario checked beyond the counts, and how it came out."""
     failures: list[str] = field(default_factory=list)
-
-
-# -- processes ----------------------------------------------------------------------------
-
-
-class Child:
-    """One supervised process: restarted after `restart_s` when it exits on its own."""
-
-    def __init__(self, name: str, argv: list[str], log: Path, env: dict[str, str]) -> None:
-        self.name = name
-        self.argv = argv
-        self.log = log
-        self.env = env
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.restarts = 0
-        """Restarts after the process died on its own (a non-zero exit)."""
-        self.exits: list[int] = []
-        self.supervised = True
-
-    def start(self, env: dict[str, str] | None = None) -> None:
-        if env is not None:
-            self.env = env
-        with self.log.open("ab") as out:
-            self.proc = subprocess.Popen(
-                self.argv,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                env={**os.environ, **self.env},
-            )
-
-    @property
-    def running(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
-
-    def signal(self, sig: int) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(sig)
-
-    def stop(self, timeout: float = 90.0) -> int | None:
-        """SIGTERM and wait (not restarted); the exit code."""
-        self.supervised = False
-        proc = self.proc
-        if proc is None:
-            return None
-        if proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(timeout)
-        return proc.returncode
-
-
-class Supervisor:
-    """Restarts supervised children that exited, like systemd's Restart=always (a
-    scenario stops a node with SIGTERM to have it restarted with other settings);
-    only restarts after a non-zero exit count as restarts."""
-
-    def __init__(self, restart_s: float) -> None:
-        self.restart_s = restart_s
-        self.children: list[Child] = []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="supervisor", daemon=True)
-
-    def add(self, child: Child) -> Child:
-        self.children.append(child)
-        return child
-
-    def begin(self) -> None:
-        self._thread.start()
-
-    def _run(self) -> None:
-        while not self._stop.wait(0.05):
-            for child in self.children:
-                proc = child.proc
-                if not child.supervised or proc is None or proc.poll() is None:
-                    continue
-                child.exits.append(int(proc.returncode))
-                time.sleep(self.restart_s)
-                if child.supervised and not self._stop.is_set():
-                    child.restarts += proc.returncode != 0
-                    child.start()
-
-    def close(self) -> None:
-        self._stop.set()
-        self._thread.join(10)
-        for child in self.children:
-            child.stop(30)
 
 
 # -- the fleet ---------------------------------------------------------------------------
@@ -409,7 +321,7 @@ def kill9(fleet: Fleet, count: int) -> Row:
     fleet.wait_online("node-2")
     check(
         row,
-        node.restarts == restarts + 1 and node.exits[-1:] == [-9],
+        node.restarts == restarts + 1 and [e.code for e in node.exits[-1:]] == [-9],
         "node-2 killed and restarted once",
     )
     return row
@@ -423,8 +335,7 @@ def kill9_dead(fleet: Fleet, count: int) -> Row:
     node = fleet.nodes["node-2"]
 
     def kill() -> None:
-        node.supervised = False
-        node.signal(signal.SIGKILL)
+        node.signal(signal.SIGKILL, restart=False)
 
     t0 = time.monotonic()
     run_load(fleet, row, count, kill, rate_hz=max(4.0, count / (fleet.timers.session_expiry_s / 2)))
@@ -434,7 +345,6 @@ def kill9_dead(fleet: Fleet, count: int) -> Row:
         f"last image answered {time.monotonic() - t0:.0f} s after the load began (the session "
         f"expires {fleet.timers.session_expiry_s} s after the kill)",
     )
-    node.supervised = True
     node.start()
     fleet.wait_online("node-2")
     return row
@@ -445,11 +355,9 @@ def sigterm(fleet: Fleet, count: int) -> Row:
     node = fleet.nodes["node-2"]
 
     def stop_and_start() -> None:
-        node.supervised = False
-        code = node.stop()
+        code = node.stop()  # not restarted by the supervisor until start()
         check(row, code == 0, f"node-2 exited with code {code} on SIGTERM (0 expected)")
         time.sleep(fleet.timers.restart_s)
-        node.supervised = True
         node.start()
 
     run_load(fleet, row, count, stop_and_start)
@@ -470,8 +378,9 @@ def poison(fleet: Fleet, count: int) -> Row:
     row = Row("poison")
     node = fleet.nodes["node-1"]
     old = fleet.boot_of("node-1")
-    node.env = {FAULTS_ENV: f"crash_image={POISON}"}
-    node.signal(signal.SIGTERM)  # restart node-1 with the hook (the supervisor restarts it)
+    first_exit = len(node.exits)
+    # restart node-1 with the hook (the supervisor restarts it)
+    node.signal(signal.SIGTERM, env={FAULTS_ENV: f"crash_image={POISON}"})
     fleet.wait_online("node-1", other_than=old)
     client = fleet.client
     assert client is not None
@@ -485,11 +394,10 @@ def poison(fleet: Fleet, count: int) -> Row:
     got = poisoned[0].result
     code = got.error.code.value if got is not None and got.error is not None else None
     check(row, code == "poison_image", f"the poison image was answered {code} (poison_image)")
-    crashes = [c for c in node.exits if c == -9]
+    crashes = [e for e in node.exits_since(first_exit) if e.cause is Cause.OWN and e.code == -9]
     check(row, len(crashes) == 2, f"node-1 died {len(crashes)} times on it (2: try, one retry)")
-    node.env = {}
     old = fleet.boot_of("node-1")
-    node.signal(signal.SIGTERM)
+    node.signal(signal.SIGTERM, env={})
     fleet.wait_online("node-1", other_than=old)
     return row
 
@@ -529,8 +437,9 @@ def retained(fleet: Fleet, count: int) -> Row:
 def duplicate_id(fleet: Fleet, count: int) -> Row:
     row = Row("duplicate_id")
     original = fleet.nodes["node-1"]
+    # started by mistake by hand: not in the supervisor, so nothing restarts it
     dup = Child("node-1-duplicate", original.argv, fleet.work / "duplicate.log", {})
-    dup.supervised = False  # started by mistake by hand: nothing restarts it
+    first_exit = len(original.exits)
 
     def start_duplicate() -> None:
         dup.start()
@@ -539,7 +448,8 @@ def duplicate_id(fleet: Fleet, count: int) -> Row:
     deadline = time.monotonic() + 300
     while dup.running and original.running and time.monotonic() < deadline:
         time.sleep(0.1)
-    codes = [dup.proc.poll() if dup.proc else None, *original.exits]
+    codes = [dup.proc.poll() if dup.proc else None]
+    codes += [e.code for e in original.exits_since(first_exit)]
     check(row, 4 in codes, f"one of the two gave up with exit code 4 (exit codes {codes})")
     dup.stop(30)
     fleet.wait_online("node-1")
@@ -588,25 +498,30 @@ def device_error(fleet: Fleet, count: int) -> Row:
     row = Row("device_error")
     node = fleet.nodes["node-1"]
     old = fleet.boot_of("node-1")
-    node.env = {FAULTS_ENV: "infer_fail_after=3"}
-    node.signal(signal.SIGTERM)
+    node.signal(signal.SIGTERM, env={FAULTS_ENV: "infer_fail_after=3"})
     fleet.wait_online("node-1", other_than=old)
     run_load(fleet, row, count, lambda: None)
     log = node.log.read_text(errors="replace")
     check(row, "recompiling" in log, "node-1 recompiled its model after device errors")
     check(row, set(row.errors) <= {"device_error"}, f"error Results: {dict(row.errors)}")
-    node.env = {}
     old = fleet.boot_of("node-1")
-    node.signal(signal.SIGTERM)
+    node.signal(signal.SIGTERM, env={})
     fleet.wait_online("node-1", other_than=old)
     return row
 
 
 def run(fleet: Fleet, name: str, count: int) -> Row:
-    """One scenario; node restarts counted over all of it."""
+    """One scenario; node restarts counted over all of it, and every exit attributed to
+    its cause: a node that gave up on a duplicate id (exit code 4) when the scenario
+    started no duplicate is a failure, however the counts came out."""
     restarts = fleet.restarts()
+    first = {node_id: len(child.exits) for node_id, child in fleet.nodes.items()}
     row = SCENARIOS[name](fleet, count)
     row.restarts = fleet.restarts() - restarts
+    for node_id, child in fleet.nodes.items():
+        for e in child.exits_since(first[node_id]):
+            if e.cause is Cause.OWN and e.code == EXIT_NODE_ID_CONFLICT and name != "duplicate_id":
+                check(row, False, f"{node_id} exited {e.code} (duplicate id) with no duplicate")
     return row
 
 

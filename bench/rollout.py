@@ -101,6 +101,10 @@ class SimNode:
         self.model = model
         self.scratch = scratch
         self.download_s = 0.0
+        self._lock = threading.Lock()
+        self._updating: str | None = None
+        """The bundle an update thread is working on: one at a time, and a desired
+        message the broker delivers again meanwhile starts no second one."""
         self.mqtt = MqttClient(
             broker.settings(node_id),
             client_id=f"sim-{node_id}",
@@ -131,8 +135,12 @@ class SimNode:
             if not msg.payload:
                 return
             d = DesiredModel.model_validate_json(msg.payload)
-            if d.model.manifest_sha256 != self.model.manifest_sha256:
-                threading.Thread(target=self.update, args=(d,), daemon=True).start()
+            sha = d.model.manifest_sha256
+            with self._lock:  # the check and the claim are one step
+                if sha == self.model.manifest_sha256 or self._updating is not None:
+                    return
+                self._updating = sha
+            threading.Thread(target=self._update_once, args=(d,), daemon=True).start()
             return
         self.fetcher.on_reply(msg)
 
@@ -141,6 +149,13 @@ class SimNode:
             rollout_id=d.rollout_id, model=d.model, state=state, progress=progress, ts=utcnow()
         )
         self.mqtt.publish(T.update(self.node_id), r.to_json(), qos=1)
+
+    def _update_once(self, d: DesiredModel) -> None:
+        try:
+            self.update(d)
+        finally:
+            with self._lock:
+                self._updating = None
 
     def update(self, d: DesiredModel) -> None:
         sha = d.model.manifest_sha256
