@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -244,3 +246,42 @@ def test_node_sends_every_image_to_one_node(
     one = client.classify(images.jpeg(), node="node-1")
     assert one.result is not None and one.result.node_id == "node-1"
     assert one.result.source is None  # a direct image has no {source}
+
+
+def test_classify_many_yields_each_answer_while_the_input_waits(
+    node_factory: NodeFactory, client_factory: ClientFactory
+) -> None:
+    """A stream (a generator that waits for its next image) gets each Answer as it
+    comes: the next image is only produced once the previous one was answered, so a
+    classify_many that held Answers back until its window filled would hang here."""
+    node_factory("node-1")
+    client = client_factory()
+    answered: list[Answer] = []
+    got_one = threading.Event()
+
+    def stream() -> Iterator[bytes]:
+        for i in range(5):
+            got_one.clear()
+            yield images.jpeg(images.RED if i % 2 else images.BLUE, 48, 64)
+            assert got_one.wait(60), f"no Answer for image {i} while the stream waited"
+
+    for answer in client.classify_many(stream(), concurrency=8):
+        answered.append(answer)
+        got_one.set()
+    assert [a.input for a in answered] == [f"bytes#{i}" for i in range(5)]
+    assert all(a.ok for a in answered)
+
+
+def test_an_input_iterable_that_fails_raises_in_the_caller(
+    node_factory: NodeFactory, client_factory: ClientFactory
+) -> None:
+    node_factory("node-1")
+    client = client_factory()
+
+    def broken() -> Iterator[bytes]:
+        yield images.jpeg()
+        raise OSError("the microscope share went away")
+
+    with pytest.raises(OSError, match="share went away"):
+        list(client.classify_many(broken(), concurrency=4))
+    assert client.classify(images.jpeg()).ok  # the client is still usable
