@@ -74,7 +74,7 @@ test: lint typecheck pytest
 
 # The whole system end to end on this machine, in $(DEMO_DIR)/ (deploy/demo.py).
 demo: venv mosquitto
-	$(BIN)/python deploy/demo.py run --workdir $(DEMO_DIR) $(if $(CHECKPOINT),--checkpoint $(CHECKPOINT))
+	$(BIN)/python deploy/demo.py run --workdir $(DEMO_DIR) $(if $(CHECKPOINT),--checkpoint $(CHECKPOINT)) $(if $(INT8),--int8 $(INT8))
 
 # Broker (ports 1883/8883), hub and one node with the demo's configuration, left
 # running for the README's examples; `make down` stops them.

@@ -31,13 +31,12 @@ import os
 import shutil
 import sys
 from collections.abc import Callable
-from datetime import UTC, datetime
 from pathlib import Path
 
 from rich.markup import escape
 
 from cellwatch.shared.errors import CellwatchError
-from demolib.client import DemoClient, Hub
+from cellwatch.shared.states import NodeState
 from demolib.common import (
     BIN,
     DEFAULT_WORKDIR,
@@ -45,7 +44,6 @@ from demolib.common import (
     HOST,
     MARKER,
     QUICK,
-    START_TIMEOUT_S,
     UP_NODES,
     DemoError,
     Interrupted,
@@ -54,8 +52,10 @@ from demolib.common import (
     console,
     doing,
     done,
+    duration,
     shown,
 )
+from demolib.hubctl import Hub
 from demolib.processes import install_signal_handlers, stop_recorded
 from demolib.scenario import Demo
 from demolib.services import (
@@ -64,7 +64,6 @@ from demolib.services import (
     fleet_url,
     make_credentials,
     make_signing_key,
-    mqtt_settings,
     port_free,
     start_broker,
     write_client_toml,
@@ -128,7 +127,13 @@ def cmd_run(args: argparse.Namespace) -> int:
     )
     if args.http_port and not port_free(args.http_port):
         raise DemoError(f"port {args.http_port} is in use: choose another with --http-port N")
-    demo = Demo(layout, profile, checkpoint, http_port=args.http_port)
+    demo = Demo(
+        layout,
+        profile,
+        checkpoint,
+        http_port=args.http_port,
+        accurate_int8=args.int8 == "accurate",
+    )
     atexit.register(demo.group.stop_all)
     install_signal_handlers()
     code = 1
@@ -137,16 +142,16 @@ def cmd_run(args: argparse.Namespace) -> int:
         code = 0
     except Interrupted as exc:
         console.print(f"\n[yellow]interrupted ({exc}): stopping everything the demo started")
-        demo.summary["error"] = f"interrupted by {exc}"
+        demo.summary.error = f"interrupted by {exc}"
         code = 130
     except (DemoError, CellwatchError) as exc:
         console.print(f"\n[red]✗ {escape(str(exc))}")
-        demo.summary["error"] = str(exc)
+        demo.summary.error = str(exc)
     finally:
         demo.finish()
     if code == 0:
         console.print(
-            f"\n[bold green]Demo finished[/bold green] in {demo.summary['total_s']:.0f} s. "
+            f"\n[bold green]Demo finished[/bold green] in {duration(demo.summary.total_s)}. "
             "Next: `make up` to try it by hand, `make test` for the test suite."
         )
     return code
@@ -174,18 +179,17 @@ def cmd_up(args: argparse.Namespace) -> int:
         shutil.rmtree(layout.broker / "data", ignore_errors=True)
         broker = start_broker(demo.group, layout, args.port, args.tls_port)
         demo.broker = broker
-        demo._client = DemoClient(mqtt_settings(layout, broker, "client"), demo.topics)
-        demo.client.connect()
+        demo.connect_clients(broker)
         write_hub_toml(layout, broker, demo.http_port)
         demo._hub = Hub(demo.group, layout, broker)
         demo.hub.serve()
-        demo.hub.wait_for("that it is ready", lambda nodes: True)
+        demo.fleet.wait_for("that it is ready", lambda nodes: True, demo.group.check)
         done(f"hub running; fleet page {fleet_url(demo.http_port)}")
         bundles = sorted(layout.root.glob("bundles/*/manifest.json"))
         if not bundles:
             doing("no bundle from an earlier `make demo` here: training a quick one (1 epoch)")
-            demo.make_data()
-            demo.train("v1", "1.0.0", QUICK.epochs)
+            demo.training.make_data()
+            demo.training.train("v1", "1.0.0", QUICK.epochs)
             bundles = sorted(layout.root.glob("bundles/*/manifest.json"))
         for manifest in bundles:
             demo.hub.push(manifest.parent)
@@ -193,18 +197,21 @@ def cmd_up(args: argparse.Namespace) -> int:
         toml = write_node_toml(layout, UP_NODES[0], broker, bundle=latest)
         argv = cw("node", "run", "--config", toml)
         command(argv)
-        since = datetime.now(UTC).replace(microsecond=0)
-        demo.group.start(UP_NODES[0], argv)
         node = UP_NODES[0]
-
-        def online() -> bool:
-            st = demo.client.statuses.get(node)
-            return st is not None and st.state == "online" and st.since >= since
-
-        if not demo.client.wait(online, START_TIMEOUT_S, demo.group.check):
-            raise DemoError(f"{node} did not come online; see {shown(layout.logs)}/")
-        done(f"{node} online, serving {demo.client.serving(node) or 'no model'}")
-        demo.client.close()
+        before = demo.fleet.nodes().get(node)
+        demo.group.start(node, argv)
+        demo.fleet.wait_for(
+            f"{node} online",
+            lambda nodes: (
+                node in nodes
+                and nodes[node].state is NodeState.ONLINE
+                and (before is None or nodes[node].boot_id != before.boot_id)
+            ),
+            demo.group.check,
+        )
+        done(f"{node} online, serving {demo.fleet.serving().get(node) or 'no model'}")
+        demo.lab.close()
+        demo.fleet.close()
         write_client_toml(layout, broker)
         print_cheatsheet(layout, broker, demo.http_port)
         demo.group.detach()
@@ -283,6 +290,14 @@ def main(argv: list[str] | None = None) -> int:
         "--quick",
         action="store_true",
         help="the shortened demo the tests run: fewer images, 1 epoch",
+    )
+    p_run.add_argument(
+        "--int8",
+        choices=("ptq", "accurate"),
+        default=os.environ.get("INT8") or "ptq",
+        help="how version 1 is quantised: ptq (plain; fp16 is shipped if the export gate "
+        "refuses it) or accurate (NNCF's accuracy-aware search when plain misses the gate: "
+        "several minutes more) [default: $INT8, else ptq]",
     )
     p_run.add_argument(
         "--checkpoint",

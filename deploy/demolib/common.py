@@ -59,9 +59,10 @@ class Profile:
     swap_rate: float
     after_swap_s: float
     int8_methods: tuple[str, str]
-    """`export --int8-method` for v1 and v2. Accuracy-aware quantisation takes 4-6
-    minutes on 2 CPUs, so only `make demo`'s v1 may use it; otherwise an int8
-    model that misses the gate is replaced by fp16 (and the demo says so)."""
+    """`export --int8-method` for v1 and v2: plain quantisation; an int8 model that
+    misses the gate is replaced by fp16 (and the demo says so). NNCF's accuracy-aware
+    quantisation takes 2-6 minutes on a fast 2-core CPU and over 5 on a slow one, so
+    only `make demo INT8=accurate` (`--int8 accurate`) runs it, for v1."""
 
 
 FULL = Profile(
@@ -70,7 +71,7 @@ FULL = Profile(
     precision="int8",
     swap_rate=8.0,
     after_swap_s=5.0,
-    int8_methods=("auto", "ptq"),
+    int8_methods=("ptq", "ptq"),
 )
 QUICK = Profile(
     images=40,
@@ -191,16 +192,29 @@ def command(argv: Sequence[str]) -> None:
     console.print(f"    [cyan]$ {escape(' '.join(args))}[/cyan]")
 
 
+def duration(seconds: float) -> str:
+    """`42 s`, `3 min 05 s`."""
+    if seconds < 60:
+        return f"{seconds:.0f} s" if seconds >= 10 else f"{seconds:.1f} s"
+    minutes, secs = divmod(round(seconds), 60)
+    return f"{minutes} min {secs:02d} s"
+
+
 @dataclass
 class Timings:
-    """Wall-clock seconds of each phase, in order."""
+    """Wall-clock seconds of each phase, in order; each phase says its time when it ends."""
 
     phases: dict[str, float] = field(default_factory=dict)
 
     @contextlib.contextmanager
     def phase(self, name: str) -> Iterator[None]:
         start = time.monotonic()
+        ok = False
         try:
             yield
+            ok = True
         finally:
-            self.phases[name] = round(time.monotonic() - start, 1)
+            elapsed = time.monotonic() - start
+            self.phases[name] = round(elapsed, 1)
+            if ok:
+                console.print(f"  [dim]⏱ {escape(name)}: {duration(elapsed)}[/dim]")

@@ -26,9 +26,14 @@ from demolib.common import (
     command,
     console,
     doing,
+    duration,
     log,
     shown,
 )
+
+HEARTBEAT_S = 30.0
+"""A command silent for this long gets a line saying it is still running (and for how
+long), so that no step looks stuck."""
 
 # -- processes ----------------------------------------------------------------------
 
@@ -119,7 +124,10 @@ class Command:
 
     child: Child
     lines: list[str]
-    reader: threading.Thread
+    started: float
+    last_output: float
+    """time.monotonic() of its last line (or its start)."""
+    reader: threading.Thread | None = None
 
 
 class ProcessGroup:
@@ -184,12 +192,13 @@ class ProcessGroup:
             command(argv)
         child = self._popen(name, argv, stdout=subprocess.PIPE, env=env)
         assert child.proc.stdout is not None
-        lines: list[str] = []
-        reader = threading.Thread(
-            target=self._read_lines, args=(child.proc.stdout, lines, echo), daemon=True
+        now = time.monotonic()
+        cmd = Command(child, [], now, now)
+        cmd.reader = threading.Thread(
+            target=self._read_lines, args=(child.proc.stdout, cmd, echo), daemon=True
         )
-        reader.start()
-        return Command(child, lines, reader)
+        cmd.reader.start()
+        return cmd
 
     def finish(self, cmd: Command, *, timeout: float = TRAIN_TIMEOUT_S, check: bool = True) -> str:
         """Wait for a command; its stdout. With check, DemoError (with the end of its
@@ -197,14 +206,23 @@ class ProcessGroup:
         child = cmd.child
         deadline = time.monotonic() + timeout
         while child.proc.poll() is None:
-            if time.monotonic() > deadline:
+            now = time.monotonic()
+            if now > deadline:
                 self._stop(child)
                 raise DemoError(
                     f"{child.name} did not finish within {timeout:g} s; see {shown(child.log)}"
                 )
+            if now - cmd.last_output >= HEARTBEAT_S:
+                cmd.last_output = now
+                console.print(
+                    f"      [dim]… {escape(child.name)} still running "
+                    f"({duration(now - cmd.started)} so far; its log: {escape(shown(child.log))})"
+                    "[/dim]"
+                )
             self.check()
             time.sleep(0.05)
-        cmd.reader.join(5)
+        if cmd.reader is not None:
+            cmd.reader.join(5)
         self._forget(child)
         if check and child.proc.returncode != 0:
             argv = child.argv
@@ -227,10 +245,11 @@ class ProcessGroup:
         return self.finish(self.spawn(name, argv, echo=echo, show=echo, env=env), timeout=timeout)
 
     @staticmethod
-    def _read_lines(stream: IO[bytes], lines: list[str], echo: bool) -> None:
+    def _read_lines(stream: IO[bytes], cmd: Command, echo: bool) -> None:
         for raw in stream:
             line = raw.decode(errors="replace").rstrip()
-            lines.append(line)
+            cmd.lines.append(line)
+            cmd.last_output = time.monotonic()
             if echo and line:
                 console.print(f"      {escape(line)}")
 

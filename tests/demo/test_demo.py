@@ -220,35 +220,46 @@ def test_up_and_down_in_the_demo_workdir(quick_run: DemoRun) -> None:
     assert leftovers(workdir) == []
 
 
+def running_command(workdir: Path, name: str, proc: subprocess.Popen[str]) -> tuple[int, int]:
+    """(pid, start ticks) of the demo's command `name` once WORKDIR/pids lists it alive."""
+    pidfile = workdir / "pids"
+    while proc.poll() is None:
+        for line in pidfile.read_text().splitlines() if pidfile.exists() else []:
+            pid, ticks, who = line.split()
+            if who == name and start_ticks(int(pid)) == int(ticks):
+                return int(pid), int(ticks)
+        time.sleep(0.05)
+    pytest.fail(f"the demo ended before {name} ran")
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_interrupted_demo_stops_everything(tmp_path: Path) -> None:
-    """Ctrl-C in the middle (once the nodes are up): exit 130, nothing left running."""
-    workdir = tmp_path / "work"
-    proc = subprocess.Popen(
-        [sys.executable, str(DEMO), "run", "--quick", "--workdir", str(workdir)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        cwd=REPO,
-    )
-    assert proc.stdout is not None
-    seen: list[str] = []
+    """Ctrl-C while a training command runs (once the nodes are up): exit 130, that
+    command and every service stopped, nothing left running."""
+    workdir, log = tmp_path / "work", tmp_path / "demo.out"
+    with log.open("w") as out:
+        proc = subprocess.Popen(
+            [sys.executable, str(DEMO), "run", "--quick", "--workdir", str(workdir)],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            text=True,
+            cwd=REPO,
+        )
     try:
-        for line in proc.stdout:
-            seen.append(line)
-            if "Step 3/7" in line:
-                break
-        time.sleep(3.0)  # a training command is running now
+        fit_pid, fit_ticks = running_command(workdir, "train-fit-v1", proc)
         proc.send_signal(signal.SIGINT)
-        rest, _ = proc.communicate(timeout=120)
+        proc.wait(timeout=120)
     finally:
         if proc.poll() is None:
             proc.kill()
-    output = "".join(seen) + rest
+    output = log.read_text()
     assert proc.returncode == 130, output[-6000:]
+    assert start_ticks(fit_pid) != fit_ticks, "the training command outlived the demo"
     summary = json.loads((workdir / "summary.json").read_text())
     assert summary["ok"] is False and "interrupted" in summary["error"]
+    names = {p["name"] for p in summary["processes"]}
+    assert {"mosquitto", "hub", "node-1", "node-2", "train-fit-v1"} <= names
     assert recorded_alive(summary) == []
     assert leftovers(workdir) == []
 

@@ -1,0 +1,106 @@
+"""The facts of one demo run, typed: written to WORKDIR/summary.json at the end (the
+tests read it) and read by attribute everywhere in the demo."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class Model(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class Counts(Model):
+    """What the lab client got for the images it sent."""
+
+    sent: int = 0
+    answered: int = 0
+    """Images with a Result (ok or error)."""
+    failed: int = 0
+    """Images with an error Result, or without a Result."""
+    missing: int = 0
+    """Images with no answer at all."""
+    by_version: dict[str, int] = Field(default_factory=dict)
+    by_node: dict[str, int] = Field(default_factory=dict)
+    errors: list[str] = Field(default_factory=list)
+    """The first few failures, one line each."""
+
+
+class Classified(Counts):
+    """Step 5: the held-out test images, each sent once."""
+
+    accuracy: float = 0.0
+    latency_ms_median: float = 0.0
+
+
+class Swap(Counts):
+    """Step 6: images flowing while version 2 rolls out. Times are seconds relative to
+    `rollout start`."""
+
+    rate_per_s: float
+    answered_during_rollout: int
+    traffic_started_s: float
+    traffic_stopped_s: float
+    all_nodes_switched_s: float
+    first_v2_answer_s: float | None
+    last_v1_answer_s: float | None
+    last_answer_version: str | None
+    flowing_during_rollout: bool
+
+
+class TrainedInfo(Model):
+    version: str
+    precision: str
+    fallback: str | None
+    """Why another precision than the profile's was shipped, if one was."""
+    flags: list[str]
+    metrics: dict[str, Any]
+    """The bundle manifest's `metrics`, as written by `cellwatch-train export`."""
+
+
+class ProcessRecord(Model):
+    name: str
+    pid: int
+    ticks: int
+
+
+class Paths(Model):
+    plots: list[str] = Field(default_factory=list)
+    metrics: list[str] = Field(default_factory=list)
+    bundles: list[str] = Field(default_factory=list)
+    model_cards: list[str] = Field(default_factory=list)
+    logs: list[str] = Field(default_factory=list)
+
+
+class Summary(Model):
+    ok: bool = False
+    error: str | None = None
+    quick: bool
+    workdir: str
+    started_at: datetime = Field(default_factory=lambda: datetime.now(UTC))
+    finished_at: datetime | None = None
+    nodes: list[str]
+    model: str
+    checkpoint: str | None
+    int8: str
+    """How v1's int8 was made: `ptq` (plain) or `accurate` (NNCF accuracy-aware if
+    plain misses the gate)."""
+    fleet_url: str | None = None
+    rollout_v1_s: float | None = None
+    trained: dict[str, TrainedInfo] = Field(default_factory=dict)
+    classify: Classified | None = None
+    swap: Swap | None = None
+    versions: dict[str, str] = Field(default_factory=dict)
+    phases_s: dict[str, float] = Field(default_factory=dict)
+    total_s: float = 0.0
+    exit_codes: dict[str, int | None] = Field(default_factory=dict)
+    processes: list[ProcessRecord] = Field(default_factory=list)
+    nodes_answered: list[str] = Field(default_factory=list)
+    versions_seen: list[str] = Field(default_factory=list)
+    paths: Paths = Field(default_factory=Paths)
+
+    def to_json(self) -> str:
+        return self.model_dump_json(indent=2) + "\n"

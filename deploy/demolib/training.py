@@ -1,0 +1,215 @@
+"""Steps 3 and 6a: `cellwatch-train` as a person runs it (synth, prepare, fit,
+evaluate, export), and what the bundle says of the model it ships."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from rich.markup import escape
+from rich.table import Table
+
+from cellwatch.shared.manifest import Manifest
+from cellwatch.training.errors import GateError
+from cellwatch.training.stats import MetricSet, Proportion, fmt, wilson
+from demolib.common import MODEL_NAME, Layout, Profile, console, doing, done, shown
+from demolib.processes import Command, ProcessGroup, tail
+from demolib.services import cw
+from demolib.summary import TrainedInfo
+
+GATE_EXIT_CODE = GateError.exit_code
+"""`cellwatch-train export`: the deployed model fails the export gate."""
+ENV = {"TF_CPP_MIN_LOG_LEVEL": "2"}
+ACCURATE_INT8 = "make demo INT8=accurate"
+"""The command that runs what the default demo skips (NNCF's accuracy-aware int8)."""
+
+
+def gate_message(log: Path) -> str:
+    """The gate's one-line refusal from an export's log (its last `error:` line)."""
+    lines = [line.strip() for line in tail(log, 40).splitlines() if "error:" in line]
+    return lines[-1].split("error:", 1)[1].strip() if lines else "it failed the export gate"
+
+
+@dataclass
+class Trained:
+    tag: str
+    version: str
+    run: Path
+    bundle: Path
+    precision: str
+    """The precision shipped (fp16 when int8 failed the export gate)."""
+    manifest: Manifest
+    fallback: str | None = None
+    """Why the demo shipped another precision than the profile's, if it did."""
+
+    def _metrics(self, *keys: str) -> Any:
+        value: Any = self.manifest.metrics
+        for key in keys:
+            value = value[key]
+        return value
+
+    @property
+    def deployed(self) -> MetricSet:
+        """The figures of the model the nodes run (its own, on the test split)."""
+        return MetricSet.model_validate(self._metrics("deployed", "metrics"))
+
+    @property
+    def tensorflow(self) -> MetricSet:
+        return MetricSet.model_validate(self._metrics("tensorflow", "metrics"))
+
+    @property
+    def agreement(self) -> Proportion:
+        return Proportion.model_validate(self._metrics("agreement"))
+
+    @property
+    def flags(self) -> list[str]:
+        return list(self.manifest.flags)
+
+    def info(self) -> TrainedInfo:
+        return TrainedInfo(
+            version=self.version,
+            precision=self.precision,
+            fallback=self.fallback,
+            flags=self.flags,
+            metrics=self.manifest.metrics,
+        )
+
+
+class Training:
+    """`cellwatch-train` in the demo's working directory."""
+
+    def __init__(
+        self, group: ProcessGroup, layout: Layout, profile: Profile, checkpoint: Path | None
+    ) -> None:
+        self.group = group
+        self.layout = layout
+        self.profile = profile
+        self.checkpoint = checkpoint
+
+    def make_data(self) -> None:
+        """A SYNTHETIC data set and its train/val/test split."""
+        data, split = self.layout.data, self.layout.split
+        synth = cw("train", "synth", data, "--count", self.profile.images, "--force")
+        self.group.run("train-synth", synth)
+        self.group.run("train-prepare", cw("train", "prepare", data, "--out", split, "--force"))
+
+    def train(self, tag: str, version: str, epochs: int, int8_method: str = "ptq") -> Trained:
+        """fit (bottleneck) -> evaluate -> export a signed bundle."""
+        run, bundle = self.layout.run_dir(tag), self.layout.bundle(tag)
+        run.parent.mkdir(parents=True, exist_ok=True)
+        bundle.parent.mkdir(parents=True, exist_ok=True)
+        base = ["--checkpoint", self.checkpoint] if self.checkpoint is not None else []
+        doing(
+            f"training {MODEL_NAME} {version}: up to {epochs} epoch(s) of a new 2-class head on "
+            "Inception V3 features (bottleneck mode: the base network runs once per image, and "
+            "its features are cached for the next run); the epoch with the lowest validation "
+            "loss is kept"
+        )
+        fit = cw("train", "fit", self.layout.split, "--out", run, "--epochs", epochs, *base)
+        self.group.run(f"train-fit-{tag}", [*fit, "--mode", "bottleneck", "--force"], env=ENV)
+        doing("evaluating on the held-out test images (never seen in training), with 95% intervals")
+        self.group.run(f"train-evaluate-{tag}", cw("train", "evaluate", run), env=ENV)
+        return self.export(tag, version, run, bundle, int8_method)
+
+    def export(self, tag: str, version: str, run: Path, bundle: Path, int8_method: str) -> Trained:
+        precision = self.profile.precision
+        doing(
+            f"exporting: calibrate on the validation images, frozen graph -> OpenVINO IR "
+            f"({precision}) -> the IR itself measured on the test images -> export gate -> "
+            "signed bundle with a model card"
+        )
+        untrained = [] if self.checkpoint is not None else ["--allow-untrained"]
+        if untrained:
+            doing(
+                "--allow-untrained: without CHECKPOINT the base network is random, so export "
+                "would refuse it; the bundle is labelled UNTRAINED wherever it goes"
+            )
+        if precision == "int8":
+            if int8_method == "auto":
+                doing(
+                    "int8: NNCF's accuracy-aware quantisation if plain quantisation misses the "
+                    "gate (several minutes; progress below)"
+                )
+            else:
+                doing(
+                    "int8: plain quantisation (--int8-method ptq); if the gate refuses it the "
+                    "demo ships fp16. Skipped to keep the demo short: NNCF's accuracy-aware "
+                    f"search (2-6 minutes on a fast CPU, more on a slow one); `{ACCURATE_INT8}` "
+                    "runs it"
+                )
+
+        def export(prec: str) -> Command:
+            argv = cw("train", "export", run, "--out", bundle, "--name", MODEL_NAME)
+            argv += ["--version", version, "--precision", prec, *untrained]
+            if prec == "int8":
+                argv += ["--int8-method", int8_method]
+            argv += ["--sign-key", str(self.layout.sign_key), "--force"]
+            return self.group.spawn(f"train-export-{tag}-{prec}", argv, env=ENV)
+
+        attempt = export(precision)
+        self.group.finish(attempt, check=False)
+        fallback = None
+        code = attempt.child.proc.returncode
+        if code == GATE_EXIT_CODE and precision == "int8":
+            fallback = gate_message(attempt.child.log)
+            console.print(
+                f"  [yellow]![/yellow] int8 is NOT shipped: {escape(fallback)}. The demo ships "
+                "fp16 instead, whose decisions the same gate checks."
+            )
+            precision = "fp16"
+            self.group.finish(export(precision))
+        elif code != 0:
+            self.group.finish(attempt)  # raises with the end of its log
+        manifest = Manifest.model_validate_json((bundle / "manifest.json").read_bytes())
+        return Trained(tag, version, run, bundle, precision, manifest, fallback)
+
+
+def report(t: Trained) -> None:
+    """The deployed model's own figures (from its manifest), TensorFlow's beside them."""
+    m = t.manifest
+    dep, tf = t.deployed, t.tensorflow
+    flags = ", ".join(f.upper() for f in t.flags)
+    done(
+        f"{MODEL_NAME} {t.version} ({t.precision}{', ' + flags if flags else ''}): bundle "
+        f"{shown(t.bundle)}, model card {shown(t.bundle / 'MODEL_CARD.md')}"
+    )
+    table = Table(
+        title=f"{MODEL_NAME} {t.version} on {m.metrics['n']} held-out test images "
+        f"(SYNTHETIC; threshold p(ALL) >= {dep.threshold:.3f}; 95% intervals)"
+    )
+    for col in ("figure", f"deployed {t.precision} IR (what the nodes run)", "TensorFlow"):
+        table.add_column(col)
+    for label, key in (
+        ("accuracy", "accuracy"),
+        ("sensitivity", "sensitivity"),
+        ("specificity", "specificity"),
+        ("ROC AUC", "roc_auc"),
+    ):
+        table.add_row(label, fmt(getattr(dep, key)), fmt(getattr(tf, key)))
+    console.print(table)
+    gate = m.provenance["gate"]
+    deployed = m.metrics["deployed"]
+    done(
+        f"deployed decisions equal TensorFlow's on {fmt(t.agreement, 3)}; export gate "
+        f"(agreement >= {gate['min_agreement']:g}, sensitivity drop <= {gate['max_drop']:g}) "
+        f"{'passed' if gate['passed'] else 'FAILED'}; measured on "
+        f"{deployed['device']} at {deployed['inference_precision']}"
+    )
+    for attempt in m.provenance.get("quantization", {}).get("attempts", []):
+        shown_agreement = fmt(wilson(attempt["agreement_k"], attempt["n"]))
+        done(
+            f"int8 by {attempt['method']} ({attempt['seconds']:.0f} s): decisions equal "
+            f"TensorFlow's on {shown_agreement}: "
+            + ("passes the gate" if attempt["passed"] else "refused by the gate")
+        )
+    c, d = m.calibration, m.decision
+    if c is not None and d is not None:
+        before = f"{c.ece_before:.3f}" if c.ece_before is not None else "?"
+        after = f"{c.ece_after:.3f}" if c.ece_after is not None else "?"
+        done(
+            f"calibration on {c.n} validation images: temperature {c.temperature:.3g} "
+            f"{'applied' if c.applied else 'not applied'} (ECE {before} -> {after}); "
+            f"low-confidence band p(ALL) in [{d.low_confidence[0]:.2f}, "
+            f"{d.low_confidence[1]:.2f}]"
+        )
