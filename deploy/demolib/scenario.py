@@ -118,7 +118,7 @@ class Demo:
         with self.timings.phase("5 classify the test images"):
             test_images = self.step_classify(v1)
         with self.timings.phase("6a train, evaluate, export v2"):
-            v2 = self.step_train_v2()
+            v2 = self.step_train_v2(v1)
         with self.timings.phase("6b roll out v2 under load"):
             self.step_swap(v1, v2, test_images)
         self.summary.ok = True
@@ -257,7 +257,7 @@ class Demo:
             )
         return images
 
-    def step_train_v2(self) -> Trained:
+    def step_train_v2(self, v1: Trained) -> Trained:
         stage(
             6,
             self.STEPS,
@@ -267,7 +267,9 @@ class Demo:
             "self-tests it beside the old one and then swaps atomically, so no request "
             "fails and results switch from the old version to the new one.",
         )
-        v2 = self.training.train("v2", "1.1.0", self.profile.epochs + 1, self.int8_methods[1])
+        v2 = self.training.train(
+            "v2", "1.1.0", self.profile.epochs + 1, self.int8_methods[1], after=v1
+        )
         report(v2)
         self.summary.trained["v2"] = v2.info()
         return v2

@@ -94,8 +94,16 @@ class Training:
         self.group.run("train-synth", synth)
         self.group.run("train-prepare", cw("train", "prepare", data, "--out", split, "--force"))
 
-    def train(self, tag: str, version: str, epochs: int, int8_method: str = "ptq") -> Trained:
-        """fit (bottleneck) -> evaluate -> export a signed bundle."""
+    def train(
+        self,
+        tag: str,
+        version: str,
+        epochs: int,
+        int8_method: str = "ptq",
+        after: Trained | None = None,
+    ) -> Trained:
+        """fit (bottleneck) -> evaluate -> export a signed bundle. after: the version
+        before this one, whose shipped precision this one starts from."""
         run, bundle = self.layout.run_dir(tag), self.layout.bundle(tag)
         run.parent.mkdir(parents=True, exist_ok=True)
         bundle.parent.mkdir(parents=True, exist_ok=True)
@@ -110,10 +118,25 @@ class Training:
         self.group.run(f"train-fit-{tag}", [*fit, "--mode", "bottleneck", "--force"], env=ENV)
         doing("evaluating on the held-out test images (never seen in training), with 95% intervals")
         self.group.run(f"train-evaluate-{tag}", cw("train", "evaluate", run), env=ENV)
-        return self.export(tag, version, run, bundle, int8_method)
+        return self.export(tag, version, run, bundle, int8_method, after)
 
-    def export(self, tag: str, version: str, run: Path, bundle: Path, int8_method: str) -> Trained:
+    def export(
+        self,
+        tag: str,
+        version: str,
+        run: Path,
+        bundle: Path,
+        int8_method: str,
+        after: Trained | None,
+    ) -> Trained:
         precision = self.profile.precision
+        if after is not None and after.fallback is not None and int8_method == "ptq":
+            doing(
+                f"{precision} is skipped for {version}: the export gate refused plain "
+                f"quantisation for {after.version} (above), so {version} ships {after.precision} "
+                "as it did; the same gate checks it"
+            )
+            precision = after.precision
         doing(
             f"exporting: calibrate on the validation images, frozen graph -> OpenVINO IR "
             f"({precision}) -> the IR itself measured on the test images -> export gate -> "
