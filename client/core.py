@@ -1,7 +1,8 @@
 """The one implementation under `Client` and `AsyncClient`.
 
 It connects as the lab user with a persistent session, receives every Result on
-`{prefix}/replies/{username}/{client_id}`, and sends each image through the shared
+`{prefix}/replies/{username}/{token}` (token: a hash of the client id, which the
+nodes that see the Response Topic must not learn), and sends each image through the shared
 request/response layer (`cellwatch.shared.rpc`): fresh Correlation Data per
 publish, a retry after `retry_after_s` with the same `image_id` and user property
 `attempt=N`, Message Expiry set to the time left, up to `max_attempts` publishes
@@ -11,6 +12,7 @@ not ask for are counted and dropped.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import queue
 import uuid
@@ -53,6 +55,7 @@ from cellwatch.shared.topics import Topics, check_name
 
 log = logging.getLogger(__name__)
 
+REPLY_TOKEN_HEX = 24
 MAX_IN_FLIGHT = 1024
 """Requests in flight per client, over all callers (each holds its image in memory)."""
 
@@ -67,6 +70,13 @@ CONTENT_TYPES = {
     ".tif": "image/tiff",
     ".tiff": "image/tiff",
 }
+
+
+def reply_token(client_id: str) -> str:
+    """The last level of the client's reply topic: stable for a client id (its
+    persistent session keeps the subscription), and not the id itself, which every node
+    would otherwise read in the Response Topic and could use to take the session over."""
+    return hashlib.sha256(f"cellwatch reply\0{client_id}".encode()).hexdigest()[:REPLY_TOKEN_HEX]
 
 
 def parse_result(msg: paho.MQTTMessage) -> Result:
@@ -98,8 +108,10 @@ class Core:
         assert mqtt.username is not None  # ClientSettings fills in the default
         self.username = mqtt.username
         self.topics = Topics(mqtt.topic_prefix)
-        self.client_id = mqtt.client_id or f"cellwatch-client-{uuid.uuid4().hex[:12]}"
-        self.reply_topic = self.topics.replies(self.username, self.client_id)
+        # A random id per run: Mosquitto 2.0 lets any account take over any client id,
+        # so another lab must not be able to guess it (deploy/PRODUCTION.md, threat model).
+        self.client_id = mqtt.client_id or f"cellwatch-client-{uuid.uuid4().hex}"
+        self.reply_topic = self.topics.replies(self.username, reply_token(self.client_id))
         self.policy = Policy(
             timeout_s=settings.timeout_s,
             retry_after_s=settings.retry_after_s,

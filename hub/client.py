@@ -102,9 +102,11 @@ class HubClient:
         self.topics = Topics(settings.topic_prefix)
         token = uuid.uuid4().hex[:12]
         self.reply_topic = self.topics.hub_replies(self.username, f"cli-{token}")
+        # Random and unrelated to the reply topic: no other account can guess it and
+        # take the session over (Mosquitto lets any account use any client id).
         self.mqtt = MqttClient(
             settings.model_copy(update={"session_expiry_s": 0}),
-            client_id=f"cellwatch-cli-{token}",
+            client_id=f"cellwatch-cli-{uuid.uuid4().hex}",
             clean_start=True,
             subscriptions=[(self.reply_topic, 1)],
         )

@@ -91,7 +91,7 @@ class DemoClient:
         self.statuses: dict[str, NodeStatus] = {}
         self.mqtt = MqttClient(
             settings,
-            client_id=f"cellwatch-demo-{uuid.uuid4().hex[:8]}",
+            client_id=f"cellwatch-demo-{uuid.uuid4().hex}",
             clean_start=True,
             subscriptions=[(self.reply_topic, 1), (self._status_filter, 1)],
         )
