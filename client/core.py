@@ -124,7 +124,7 @@ class Core:
             subscriptions=[(self.reply_topic, 1)],
         )
         self.rpc = Rpc(self.mqtt, self.reply_topic, window=MAX_IN_FLIGHT, name="client").attach()
-        self._topic_of: dict[str, str] = {}
+        self._topic_of: dict[str | None, str] = {}
 
     # -- connection -------------------------------------------------------------------
     def connect(self) -> None:
@@ -174,15 +174,17 @@ class Core:
         return prepared
 
     def _topic(self, source: str | None, node: str | None = None) -> str:
-        """The images topic of source, or node's direct topic (TopicError if a name is
-        not valid)."""
+        """The images topic of this account and scope (source), or node's direct topic
+        (TopicError if a name is not valid). A lab publishes only under its own name
+        (the broker's ACL): `images/{username}[/{source}]`."""
         node = node or self.settings.node
         if node is not None:
             return self.topics.node_images(check_name(node, "node"))
         src = source or self.settings.source
         topic = self._topic_of.get(src)
         if topic is None:
-            topic = self._topic_of[src] = self.topics.images(check_name(src, "source"))
+            scope = check_name(src, "source") if src is not None else None
+            topic = self._topic_of[src] = self.topics.lab_images(self.username, scope)
         return topic
 
     def _check_size(self, p: Prepared) -> None:

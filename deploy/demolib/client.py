@@ -122,7 +122,7 @@ class DemoClient:
         """Publish one image (QoS 1); the Result arrives on our Response Topic."""
         req = Request(key, image, truth_of(image), time.monotonic())
         future = self.rpc.submit(
-            self.topics.images(SOURCE),
+            self.topics.lab_images("client", SOURCE),
             image.read_bytes(),
             parse_result,
             ONE_ATTEMPT,

@@ -93,7 +93,7 @@ def test_usage_connection_and_authorisation_errors_exit_2_with_one_line(
             str(wrong),
         ],
         "did not answer": ["classify", str(image), "--config", str(cfg), "--port", "1"],
-        "refused images on cellwatch/images/lab from user 'hub'": [
+        "refused images on cellwatch/images/hub from user 'hub'": [
             "classify",
             str(image),
             "--config",
