@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, ParamSpec, TypeVar
 
 import click
+from click.core import ParameterSource
 from pydantic import BaseModel
 from rich.console import Console, RenderableType
 from rich.live import Live
@@ -187,7 +188,14 @@ def push(client: HubClient, bundle: Path, as_json: bool) -> None:
 def models(ctx: click.Context, /, name: str | None, as_json: bool, **opts: Any) -> None:
     """List the models stored on the hub; `models revoke` revokes one."""
     if ctx.invoked_subcommand is not None:
-        if name is not None or as_json or any(v is not None for v in opts.values()):
+        # Only what was typed here: --config may come from CELLWATCH_HUB_CLIENT_CONFIG,
+        # which the subcommand reads as well.
+        typed = [
+            p
+            for p in ("name", "as_json", *opts)
+            if ctx.get_parameter_source(p) is ParameterSource.COMMANDLINE
+        ]
+        if typed:
             raise click.UsageError("give the options after the subcommand")
         return
     _list_models(name=name, as_json=as_json, **opts)

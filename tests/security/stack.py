@@ -74,7 +74,8 @@ class Stack:
     def mqtt_section(self, user: str) -> str:
         return (
             f'[mqtt]\nhost = "{self.broker.host}"\nport = {self.broker.port}\n'
-            f'password_file = "{self.secret(user)}"\nreconnect_max_s = 2.0\n'
+            f'username = "{user}"\npassword_file = "{self.secret(user)}"\n'
+            "reconnect_max_s = 2.0\n"
         )
 
     def hub(self, data_dir: Path, name: str = "hub") -> Process:
