@@ -414,7 +414,7 @@ def retained(fleet: Fleet, count: int) -> Row:
     )
     inbox.set_message_handler(lambda m: arrived.append(Result.model_validate_json(m.payload)))
     inbox.connect()
-    topic = T.images("retained")
+    topic = T.lab_images("client", "retained")
     try:
         props = PublishProps(response_topic=replies, correlation_data=b"retained-1")
         inbox.publish_wait(topic, smear(1), qos=1, retain=True, props=props)
@@ -476,14 +476,14 @@ def response_topic(fleet: Fleet, count: int) -> Row:
                 props = PublishProps(
                     response_topic=rt, correlation_data=b"x", user=[("image_id", f"foreign-{i}")]
                 )
-                sender.publish_wait(T.images("scope-9"), smear(i), qos=1, props=props)
+                sender.publish_wait(T.lab_images("client", "scope-9"), smear(i), qos=1, props=props)
 
         run_load(fleet, row, count, foreign)
         deadline = time.monotonic() + 30
-        while seen.count(T.results("scope-9")) < len(bad) and time.monotonic() < deadline:
+        while seen.count(T.results("client")) < len(bad) and time.monotonic() < deadline:
             time.sleep(0.05)
-        answered = seen.count(T.results("scope-9"))
-        check(row, answered == len(bad), f"{answered} invalid_request on results/scope-9 (2)")
+        answered = seen.count(T.results("client"))
+        check(row, answered == len(bad), f"{answered} invalid_request on results/client (2)")
         check(row, T.results("otherlab") not in seen, "nothing written to results/otherlab")
         statuses = seen.count(T.status("node-1"))
         check(row, statuses <= 1, f"node-1's status topic got {statuses} message(s) (its own)")

@@ -104,7 +104,7 @@ class RawPaho:
     """The baseline: plain paho, QoS 1, Response Topic + Correlation Data, a window."""
 
     def __init__(self, broker: Broker) -> None:
-        self.topic = T.images("bench")
+        self.topic = T.lab_images("client", "bench")
         self.reply = T.replies("client", "raw-bench")
         self.slots = threading.Semaphore(1)
         self.answered = 0

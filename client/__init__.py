@@ -9,7 +9,7 @@
 
 `Client` blocks; `AsyncClient` is the same for asyncio. Each image is published
 with fresh Correlation Data and a Response Topic under
-`cellwatch/replies/{username}/{client_id}` (a persistent session, so Results sent
+`cellwatch/replies/{username}/{token}` (a persistent session, so Results sent
 while the client reconnects arrive), re-sent after `retry_after_s` (same image_id,
 user property `attempt`), with Message Expiry set to the time left, until
 `max_attempts` or `timeout_s`; the first Result wins. Error Results are answers:

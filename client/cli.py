@@ -79,7 +79,9 @@ def connection(func: Callable[..., None]) -> Callable[..., None]:
         click.option(
             "--tls-ca", type=click.Path(path_type=Path), help="CA certificate: connect with TLS"
         ),
-        click.option("--source", help="the {source} of cellwatch/images/{source}"),
+        click.option(
+            "--source", help="scope (microscope) name: images go to cellwatch/images/USER/SOURCE"
+        ),
         click.option("--node", help="send to this node only (its direct topic), not to every node"),
         click.option(
             "--concurrency", type=click.IntRange(1, 1024), help="images in flight at once"

@@ -2,7 +2,7 @@
 `CELLWATCH_*` environment variables, like the node's and the hub's
 (deploy/client.example.toml documents every one).
 
-    source = "scope-1"
+    source = "scope-1"          # images go to cellwatch/images/{username}/scope-1
     timeout_s = 60
     [mqtt]
     host = "broker.lab"
@@ -45,7 +45,11 @@ at most five minutes of Results behind. A clean close drops the session at once.
 
 class ClientSettings(CellwatchSettings):
     mqtt: MqttSettings = Field(default_factory=MqttSettings)
-    source: Name = Field("lab", description="the {source} of cellwatch/images/{source}")
+    source: Name | None = Field(
+        None,
+        description="the scope (microscope) name: images go to cellwatch/images/{user}/{source} "
+        "(none: cellwatch/images/{user})",
+    )
     node: Name | None = Field(
         None,
         description="send to this node's direct topic (cellwatch/nodes/{node}/images) "

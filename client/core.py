@@ -1,7 +1,8 @@
 """The one implementation under `Client` and `AsyncClient`.
 
 It connects as the lab user with a persistent session, receives every Result on
-`{prefix}/replies/{username}/{client_id}`, and sends each image through the shared
+`{prefix}/replies/{username}/{token}` (token: a hash of the client id, which the
+nodes that see the Response Topic must not learn), and sends each image through the shared
 request/response layer (`cellwatch.shared.rpc`): fresh Correlation Data per
 publish, a retry after `retry_after_s` with the same `image_id` and user property
 `attempt=N`, Message Expiry set to the time left, up to `max_attempts` publishes
@@ -11,12 +12,15 @@ not ask for are counted and dropped.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import queue
+import socket
 import threading
 import uuid
-from collections.abc import Generator, Iterable
+from collections.abc import Generator, Iterable, Iterator
 from concurrent.futures import Future
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import cast
@@ -54,6 +58,10 @@ from cellwatch.shared.topics import Topics, check_name
 
 log = logging.getLogger(__name__)
 
+REPLY_TOKEN_HEX = 24
+MQTT_LOGGER = "cellwatch.shared.mqtt"
+"""The MQTT wrapper's logger: its lines about a failed first connection are dropped
+(the caller gets the exception instead)."""
 MAX_IN_FLIGHT = 1024
 """Requests in flight per client, over all callers (each holds its image in memory)."""
 
@@ -68,6 +76,36 @@ CONTENT_TYPES = {
     ".tif": "image/tiff",
     ".tiff": "image/tiff",
 }
+
+
+class _Silence(logging.Filter):
+    def __init__(self, client_id: str) -> None:
+        super().__init__()
+        self.client_id = client_id
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (
+            record.args and isinstance(record.args, tuple) and record.args[0] == self.client_id
+        )
+
+
+@contextmanager
+def _silenced(logger: str, client_id: str) -> Iterator[None]:
+    """Drop `logger`'s records about client_id (its first argument) meanwhile."""
+    silence = _Silence(client_id)
+    target = logging.getLogger(logger)
+    target.addFilter(silence)
+    try:
+        yield
+    finally:
+        target.removeFilter(silence)
+
+
+def reply_token(client_id: str) -> str:
+    """The last level of the client's reply topic: stable for a client id (its
+    persistent session keeps the subscription), and not the id itself, which every node
+    would otherwise read in the Response Topic and could use to take the session over."""
+    return hashlib.sha256(f"cellwatch reply\0{client_id}".encode()).hexdigest()[:REPLY_TOKEN_HEX]
 
 
 def parse_result(msg: paho.MQTTMessage) -> Result:
@@ -99,8 +137,10 @@ class Core:
         assert mqtt.username is not None  # ClientSettings fills in the default
         self.username = mqtt.username
         self.topics = Topics(mqtt.topic_prefix)
-        self.client_id = mqtt.client_id or f"cellwatch-client-{uuid.uuid4().hex[:12]}"
-        self.reply_topic = self.topics.replies(self.username, self.client_id)
+        # A random id per run: Mosquitto 2.0 lets any account take over any client id,
+        # so another lab must not be able to guess it (deploy/PRODUCTION.md, threat model).
+        self.client_id = mqtt.client_id or f"cellwatch-client-{uuid.uuid4().hex}"
+        self.reply_topic = self.topics.replies(self.username, reply_token(self.client_id))
         self.policy = Policy(
             timeout_s=settings.timeout_s,
             retry_after_s=settings.retry_after_s,
@@ -113,20 +153,44 @@ class Core:
             subscriptions=[(self.reply_topic, 1)],
         )
         self.rpc = Rpc(self.mqtt, self.reply_topic, window=MAX_IN_FLIGHT, name="client").attach()
-        self._topic_of: dict[str, str] = {}
+        self._topic_of: dict[str | None, str] = {}
 
     # -- connection -------------------------------------------------------------------
     def connect(self) -> None:
+        """Connect; NotAuthorized (a wrong user or password) or BrokerUnavailable."""
         s = self.settings.mqtt
-        try:
-            self.mqtt.connect()
-        except ConnectRefused as exc:
-            raise NotAuthorized(f"{exc} (user {self.username!r}: check the password)") from exc
-        except MqttError as exc:
-            raise BrokerUnavailable(str(exc)) from exc
+        self._probe()
+        # A failed first connection reaches the caller as one exception: the MQTT
+        # wrapper's own log lines about it ("refused", "reconnecting") would say it
+        # twice, and wrongly (nothing reconnects).
+        with _silenced(MQTT_LOGGER, self.client_id):
+            try:
+                self.mqtt.connect()
+            except ConnectRefused as exc:
+                raise NotAuthorized(f"{exc} (user {self.username!r}: check the password)") from exc
+            except MqttError as exc:
+                raise BrokerUnavailable(str(exc)) from exc
         log.info(
             "client %s: Results on %s (%s:%s)", self.client_id, self.reply_topic, s.host, s.port
         )
+
+    def _probe(self) -> None:
+        """BrokerUnavailable at once when nothing listens on the broker's port or its
+        name does not resolve: paho would try again and again until connect_timeout_s
+        and then only say that the broker did not answer."""
+        s = self.settings.mqtt
+        try:
+            with socket.create_connection((s.host, s.port), timeout=s.connect_timeout_s):
+                pass
+        except ConnectionRefusedError as exc:
+            raise BrokerUnavailable(
+                f"connection refused by {s.host}:{s.port}: is the broker running, and is "
+                "this its port?"
+            ) from exc
+        except socket.gaierror as exc:
+            raise BrokerUnavailable(f"cannot resolve the broker's name {s.host!r}: {exc}") from exc
+        except OSError:
+            pass  # unreachable, timed out: the MQTT connection tries and says what happened
 
     def close(self) -> None:
         """Disconnect and drop the reply session (nothing will ask for its Results)."""
@@ -163,15 +227,17 @@ class Core:
         return prepared
 
     def _topic(self, source: str | None, node: str | None = None) -> str:
-        """The images topic of source, or node's direct topic (TopicError if a name is
-        not valid)."""
+        """The images topic of this account and scope (source), or node's direct topic
+        (TopicError if a name is not valid). A lab publishes only under its own name
+        (the broker's ACL): `images/{username}[/{source}]`."""
         node = node or self.settings.node
         if node is not None:
             return self.topics.node_images(check_name(node, "node"))
         src = source or self.settings.source
         topic = self._topic_of.get(src)
         if topic is None:
-            topic = self._topic_of[src] = self.topics.images(check_name(src, "source"))
+            scope = check_name(src, "source") if src is not None else None
+            topic = self._topic_of[src] = self.topics.lab_images(self.username, scope)
         return topic
 
     def _check_size(self, p: Prepared) -> None:

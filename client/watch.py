@@ -3,10 +3,11 @@ completely written, and append every Answer to a JSON-lines file.
 
 - A file is ready when its size and mtime have not changed for `settle_s` (a file
   still being written keeps changing; it is sent once it stops).
-- The state file (JSON lines, compacted at start) records each file sent and each
-  file done, with the size and mtime it had: a restart skips what is done and sends
-  again what was sent but not answered. A file replaced by a different one (other
-  size or mtime) is sent again.
+- The state file (JSON lines, compacted at start and as it grows) records each file
+  sent and each file done, with the size and mtime it had: a restart skips what is
+  done and sends again what was sent but not answered. Files no longer in the
+  folder are dropped from it, so it does not grow for ever. A file replaced by a
+  different one (other size or mtime) is sent again.
 - A timed-out image (no node, no broker) stays pending and is sent again; an image
   the client cannot send (too large, unreadable) gets an error line and is done.
 - Answers are written (and fsynced) before their files are marked done, so a crash
@@ -40,12 +41,21 @@ Key = tuple[int, int]
 """(size, mtime_ns) of a file as it was sent."""
 
 
+COMPACT_AFTER_LINES = 10_000
+"""The state file is rewritten (one line per file) once this many lines, or as many
+as it holds files, were appended since it was last written whole."""
+
+
 class StateFile:
     """Which files were sent and which are done (JSON lines; the last line per file
-    wins; rewritten compactly when opened)."""
+    wins). Rewritten compactly when opened and whenever it has grown by
+    COMPACT_AFTER_LINES lines; each rewrite forgets the done files no longer in
+    `folder`, so a folder whose images are moved away after use keeps a small state
+    file (at start, also the sent ones: nothing is in flight then)."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, folder: Path | None = None) -> None:
         self.path = path
+        self.folder = folder
         self.done: dict[str, Key] = {}
         self.sent: dict[str, Key] = {}
         if path.exists():
@@ -62,8 +72,34 @@ class StateFile:
                     self.sent.pop(name, None)
                 elif state == "sent":
                     self.sent[name] = key
+        self._file: IO[str] | None = None
+        self._appended = 0
+        self._compact(prune_sent=True)
         self.pending_at_start = dict(self.sent)
-        tmp = path.with_name(path.name + ".tmp")
+
+    @staticmethod
+    def _line(name: str, key: Key, state: str) -> str:
+        return json.dumps({"file": name, "size": key[0], "mtime_ns": key[1], "state": state}) + "\n"
+
+    def _present(self) -> set[str] | None:
+        if self.folder is None:
+            return None
+        try:
+            with os.scandir(self.folder) as entries:
+                return {e.name for e in entries}
+        except OSError:
+            return None  # a folder that cannot be read: forget nothing
+
+    def _compact(self, *, prune_sent: bool = False) -> None:
+        """Write the state whole (aside, then renamed), without the files gone."""
+        present = self._present()
+        if present is not None:
+            self.done = {n: k for n, k in self.done.items() if n in present}
+            if prune_sent:
+                self.sent = {n: k for n, k in self.sent.items() if n in present}
+        if self._file is not None:
+            self._file.close()
+        tmp = self.path.with_name(self.path.name + ".tmp")
         with tmp.open("w") as f:
             for name, key in self.done.items():
                 f.write(self._line(name, key, "done"))
@@ -71,14 +107,12 @@ class StateFile:
                 f.write(self._line(name, key, "sent"))
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
-        self._file: IO[str] = path.open("a")
-
-    @staticmethod
-    def _line(name: str, key: Key, state: str) -> str:
-        return json.dumps({"file": name, "size": key[0], "mtime_ns": key[1], "state": state}) + "\n"
+        os.replace(tmp, self.path)
+        self._file = self.path.open("a")
+        self._appended = 0
 
     def mark(self, entries: list[tuple[str, Key, str]]) -> None:
+        assert self._file is not None
         for name, key, state in entries:
             self._file.write(self._line(name, key, state))
             if state == "done":
@@ -88,9 +122,13 @@ class StateFile:
                 self.sent[name] = key
         self._file.flush()
         os.fsync(self._file.fileno())
+        self._appended += len(entries)
+        if self._appended >= max(COMPACT_AFTER_LINES, len(self.done) + len(self.sent)):
+            self._compact()
 
     def close(self) -> None:
-        self._file.close()
+        if self._file is not None:
+            self._file.close()
 
 
 @dataclass
@@ -127,7 +165,7 @@ class Watcher:
 
     def run(self) -> Summary:
         """Watch until `stop` is set; NotAuthorized stops it at once."""
-        state = StateFile(self.state_path)
+        state = StateFile(self.state_path, self.folder)
         if state.pending_at_start:
             log.warning(
                 "%d images sent before the last stop got no answer: sending them again",

@@ -13,16 +13,18 @@ Writes DIR/acl, the Mosquitto ACL for cellwatch's roles (DESIGN.md, Topics and
 Security):
 
   hub       reads node status/telemetry/update, every node's fetch requests
-            (PREFIX/hub/fetch/+) and API requests;
+            (PREFIX/hub/fetch/+), API requests and the list of revoked bundles;
             writes desired models, bundle chunks, API replies and the list of
             revoked bundles (PREFIX/hub/revoked: no one else may write it)
   operator  writes API requests, reads its API replies and node status;
-            may also publish test images and read results
-  client    publishes images (to all nodes or one), reads all results and node
-            status: a lab client shared by everyone who has its password
+            may also publish test images (any images topic: also to clear an
+            image a lab published retained) and read results
+  client    the demo's lab account, shared by everyone who has its password: the
+            same rules as a lab of its own, under the name client
   NAME      one block per --client NAME (a lab of its own, e.g. client-labA):
-            publishes images, reads node status, its own results (results/NAME,
-            i.e. images sent with source NAME and no Response Topic) and its own
+            publishes images only under its own name (PREFIX/images/NAME and
+            PREFIX/images/NAME/SCOPE; to one node PREFIX/nodes/N/images/NAME[/SCOPE]),
+            reads node status, its own results (PREFIX/results/NAME) and its own
             replies; nothing of another lab's
   NODE_ID   one block per node: reads images, its own desired/fetch topics, its
             own status and the revoked bundles; writes only its own
@@ -114,6 +116,24 @@ for name in ${clients[@]+"${clients[@]}"}; do
 done
 
 p=$prefix
+# A lab account writes images only under a topic naming itself, so a node knows
+# which account sent an image and answers only that account (DESIGN.md, Trust).
+# `nodes/+/images` (the direct topic without an account) stays until the nodes
+# subscribe to `nodes/N/images/ACCOUNT[/SCOPE]` (issue 17, phase 2).
+lab_block() {
+    cat <<EOF
+user $1
+topic write $p/images/$1
+topic write $p/images/$1/+
+topic write $p/nodes/+/images/$1
+topic write $p/nodes/+/images/$1/+
+topic write $p/nodes/+/images
+topic read $p/results/$1
+topic read $p/nodes/+/status
+
+EOF
+}
+
 write_acl() {
     cat <<EOF
 # Mosquitto ACL for cellwatch, written by deploy/mkacl.sh: re-run the script
@@ -132,6 +152,7 @@ topic write $p/nodes/+/desired
 topic write $p/nodes/+/fetch
 topic write $p/hub/replies/#
 topic write $p/hub/revoked
+topic read $p/hub/revoked
 
 user operator
 topic write $p/hub/api/#
@@ -140,23 +161,11 @@ topic read $p/nodes/+/status
 topic read $p/results/#
 topic write $p/images/#
 
-user client
-topic write $p/images/+
-topic write $p/nodes/+/images
-topic read $p/results/#
-topic read $p/nodes/+/status
 EOF
     local c
-    for c in ${clients[@]+"${clients[@]}"}; do
-        cat <<EOF
-
-$client_marker$c
-user $c
-topic write $p/images/+
-topic write $p/nodes/+/images
-topic read $p/results/$c
-topic read $p/nodes/+/status
-EOF
+    for c in client ${clients[@]+"${clients[@]}"}; do
+        [[ $c == client ]] || echo "$client_marker$c"
+        lab_block "$c"
     done
     local n
     for n in ${nodes[@]+"${nodes[@]}"}; do
@@ -164,8 +173,9 @@ EOF
 
 $marker$n
 user $n
-topic read $p/images/+
+topic read $p/images/#
 topic read $p/nodes/$n/images
+topic read $p/nodes/$n/images/#
 topic read $p/nodes/$n/desired
 topic read $p/nodes/$n/fetch
 topic read $p/hub/revoked

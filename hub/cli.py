@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, ParamSpec, TypeVar
 
 import click
+from click.core import ParameterSource
 from pydantic import BaseModel
 from rich.console import Console, RenderableType
 from rich.live import Live
@@ -25,7 +26,7 @@ from cellwatch.hub.config import HubSettings, OperatorSettings
 from cellwatch.hub.queries import as_json as json_text
 from cellwatch.hub.service import HubService
 from cellwatch.shared.cli import friendly_errors, run_until_signalled, setup_logging
-from cellwatch.shared.hubapi import RevokeArgs, RevokeReply, RolloutInfo, RolloutStartArgs
+from cellwatch.shared.hubapi import RolloutInfo, RolloutStartArgs
 from cellwatch.shared.states import ACTIVE_ROLLOUT_STATES, TARGET_FAILURES, RolloutState
 
 P = ParamSpec("P")
@@ -187,7 +188,14 @@ def push(client: HubClient, bundle: Path, as_json: bool) -> None:
 def models(ctx: click.Context, /, name: str | None, as_json: bool, **opts: Any) -> None:
     """List the models stored on the hub; `models revoke` revokes one."""
     if ctx.invoked_subcommand is not None:
-        if name is not None or as_json or any(v is not None for v in opts.values()):
+        # Only what was typed here: --config may come from CELLWATCH_HUB_CLIENT_CONFIG,
+        # which the subcommand reads as well.
+        typed = [
+            p
+            for p in ("name", "as_json", *opts)
+            if ctx.get_parameter_source(p) is ParameterSource.COMMANDLINE
+        ]
+        if typed:
             raise click.UsageError("give the options after the subcommand")
         return
     _list_models(name=name, as_json=as_json, **opts)
@@ -203,6 +211,14 @@ def _list_models(client: HubClient, name: str | None, as_json: bool) -> None:
 @click.argument("name")
 @click.argument("version")
 @click.option("--reason", required=True, help="why (shown to operators and in node logs)")
+@click.option(
+    "--sign-key",
+    required=True,
+    type=click.Path(path_type=Path),
+    envvar="CELLWATCH_SIGN_KEY",
+    help="release key (NAME.key) that signs the revocation; its .pub must be among the "
+    "hub's and nodes' trusted keys [env CELLWATCH_SIGN_KEY]",
+)
 @click.option("--request-id", help="idempotency key: the same id never revokes twice")
 @connection
 @friendly_errors
@@ -212,14 +228,16 @@ def models_revoke(
     name: str,
     version: str,
     reason: str,
+    sign_key: Path,
     request_id: str | None,
     as_json: bool,
 ) -> None:
     """Revoke model NAME VERSION for good: it is never rolled out again, its active
-    rollouts are aborted, and every node serving it moves to its previous good bundle
-    (or answers no_model if it has none)."""
-    args = RevokeArgs(name=name, version=version, reason=reason)
-    reply = RevokeReply.model_validate(client.call("models.revoke", args, request_id=request_id))
+    rollouts are aborted, every node whose desired model names it is sent back to the
+    model it ran before, and every node serving it moves to its previous good bundle
+    (or answers no_model if it has none). The revocation is signed with a release key,
+    as bundles are: nodes take no other, and never forget one."""
+    reply = client.revoke(name, version, reason, sign_key, request_id=request_id)
     emit(as_json, reply, render.revoke_view(reply))
 
 

@@ -37,6 +37,8 @@ from cellwatch.shared.hubapi import (
     PushBeginReply,
     PushCommitArgs,
     PushCommitReply,
+    RevokeArgs,
+    RevokeReply,
     RolloutIdArgs,
     RolloutInfo,
     RolloutList,
@@ -47,6 +49,7 @@ from cellwatch.shared.hubapi import (
 )
 from cellwatch.shared.manifest import MANIFEST_FILE, SIGNATURE_FILE
 from cellwatch.shared.mqtt import MqttClient
+from cellwatch.shared.revocations import sign_revocation
 from cellwatch.shared.rpc import (
     Policy,
     PublishRefused,
@@ -56,8 +59,9 @@ from cellwatch.shared.rpc import (
     Rpc,
     RpcError,
 )
-from cellwatch.shared.schemas import ApiReply, ApiRequest
+from cellwatch.shared.schemas import ApiReply, ApiRequest, ModelRef
 from cellwatch.shared.settings import MqttSettings
+from cellwatch.shared.signing import load_private_key
 from cellwatch.shared.topics import Topics
 
 UPLOAD_CHUNK_BYTES = 1024 * 1024
@@ -102,9 +106,11 @@ class HubClient:
         self.topics = Topics(settings.topic_prefix)
         token = uuid.uuid4().hex[:12]
         self.reply_topic = self.topics.hub_replies(self.username, f"cli-{token}")
+        # Random and unrelated to the reply topic: no other account can guess it and
+        # take the session over (Mosquitto lets any account use any client id).
         self.mqtt = MqttClient(
             settings.model_copy(update={"session_expiry_s": 0}),
-            client_id=f"cellwatch-cli-{token}",
+            client_id=f"cellwatch-cli-{uuid.uuid4().hex}",
             clean_start=True,
             subscriptions=[(self.reply_topic, 1)],
         )
@@ -179,6 +185,28 @@ class HubClient:
     # -- verbs ---------------------------------------------------------------------------
     def models(self, name: str | None = None) -> ModelsReply:
         return ModelsReply.model_validate(self.call("models", ModelsArgs(name=name)))
+
+    def revoke(
+        self,
+        name: str,
+        version: str,
+        reason: str,
+        sign_key: Path,
+        *,
+        request_id: str | None = None,
+    ) -> RevokeReply:
+        """Revoke NAME VERSION: the revocation names the bundle the hub stores under
+        that name and version, signed here with the release key at sign_key (the hub
+        and nodes take only revocations a key they trust signed). SignatureError if the
+        key cannot be read; ApiFailure (not_found) if the hub has no such model."""
+        key = load_private_key(sign_key)
+        found = [m for m in self.models(name).models if m.version == version]
+        if not found:
+            raise ApiFailure(ApiErrorCode.NOT_FOUND, f"no model {name} {version} on the hub")
+        m = found[0]
+        ref = ModelRef(name=m.name, version=m.version, manifest_sha256=m.manifest_sha256)
+        args = RevokeArgs(revocation=sign_revocation(key, ref, reason))
+        return RevokeReply.model_validate(self.call("models.revoke", args, request_id=request_id))
 
     def nodes(self) -> NodesReply:
         return NodesReply.model_validate(self.call("nodes"))

@@ -202,7 +202,9 @@ class HubSettings(CellwatchSettings):
 
     @property
     def client_id(self) -> str:
-        return self.mqtt.client_id or "cellwatch-hub"
+        """`cellwatch-hub-{secret}` (MqttSettings.session_client_id): no other account
+        can take over the hub's session."""
+        return self.mqtt.session_client_id("cellwatch-hub")
 
     @property
     def db_path(self) -> Path:

@@ -21,10 +21,10 @@ from typing import Any
 from cellwatch.hub.errors import HubError
 from cellwatch.hub.rollout import Policy, Rollout, Target
 from cellwatch.shared.codes import UpdateErrorCode
-from cellwatch.shared.schemas import ModelRef
+from cellwatch.shared.schemas import ModelRef, Revocation
 from cellwatch.shared.states import ACTIVE_ROLLOUT_STATES, RolloutState, TargetState
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 REPLY_RETENTION_S = 7 * 24 * 3600
 
 SCHEMA = """
@@ -58,7 +58,8 @@ CREATE TABLE IF NOT EXISTS nodes (
     device TEXT,
     telemetry TEXT,
     conflict_at REAL,
-    model_error TEXT
+    model_error TEXT,
+    boots TEXT NOT NULL DEFAULT '[]'
 );
 CREATE TABLE IF NOT EXISTS rollouts (
     seq INTEGER PRIMARY KEY,
@@ -114,6 +115,11 @@ CREATE TABLE IF NOT EXISTS served (
     bytes INTEGER NOT NULL,
     PRIMARY KEY (node_id, manifest_sha256)
 );
+CREATE TABLE IF NOT EXISTS revocations (
+    manifest_sha256 TEXT PRIMARY KEY,
+    revocation TEXT NOT NULL,
+    stored_at REAL NOT NULL
+);
 CREATE TABLE IF NOT EXISTS api_replies (
     request_id TEXT PRIMARY KEY,
     verb TEXT NOT NULL,
@@ -131,6 +137,9 @@ MIGRATIONS = {
     3: "ALTER TABLE models ADD COLUMN revoked_at REAL; "
     "ALTER TABLE models ADD COLUMN revoke_reason TEXT; "
     "ALTER TABLE nodes ADD COLUMN model_error TEXT;",
+    # schema 4 -> 5: signed revocations (the `revocations` table: CREATE above), and
+    # the earlier boots of each node in the order the hub heard of them
+    4: "ALTER TABLE nodes ADD COLUMN boots TEXT NOT NULL DEFAULT '[]';",
 }
 
 
@@ -150,6 +159,9 @@ class NodeRecord:
     """Last time an older process said it was online after a newer one (fleet.py)."""
     model_error: dict[str, str] | None = None
     """The node's NodeStatus.model_error ({code, message}) as last heard."""
+    boots: list[str] = field(default_factory=list)
+    """The node's earlier boot ids, in the order the hub first heard of them (oldest
+    first): what makes a status `stale` (fleet.py), never the node's own clock."""
 
 
 @dataclass(frozen=True)
@@ -279,6 +291,28 @@ class Database:
                 (now, reason, sha),
             )
 
+    def add_revocation(self, rev: Revocation, now: float) -> bool:
+        """Store a (verified) revocation and mark its model revoked; False if one for
+        that bundle was stored already (the first one stays)."""
+        with self._tx() as c:
+            cur = c.execute(
+                "INSERT OR IGNORE INTO revocations VALUES (?, ?, ?)",
+                (rev.manifest_sha256, rev.model_dump_json(by_alias=True), now),
+            )
+            if cur.rowcount == 0:
+                return False
+            c.execute(
+                "UPDATE models SET revoked_at = ?, revoke_reason = ? "
+                "WHERE manifest_sha256 = ? AND revoked_at IS NULL",
+                (rev.revoked_at.timestamp(), rev.reason, rev.manifest_sha256),
+            )
+        return True
+
+    def revocations(self) -> list[Revocation]:
+        """The signed revocations, in the order they were stored."""
+        rows = self._rows("SELECT revocation FROM revocations ORDER BY stored_at, rowid")
+        return [Revocation.model_validate_json(r["revocation"]) for r in rows]
+
     def set_signer(self, sha: str, signer: str | None) -> None:
         with self._tx() as c:
             c.execute("UPDATE models SET signer = ? WHERE manifest_sha256 = ?", (signer, sha))
@@ -324,7 +358,7 @@ class Database:
         m = n.model
         with self._tx() as c:
             c.execute(
-                "INSERT OR REPLACE INTO nodes VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                "INSERT OR REPLACE INTO nodes VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     n.node_id,
                     n.state,
@@ -340,6 +374,7 @@ class Database:
                     json.dumps(n.telemetry) if n.telemetry is not None else None,
                     n.conflict_at,
                     json.dumps(n.model_error) if n.model_error is not None else None,
+                    json.dumps(n.boots),
                 ),
             )
 
@@ -446,6 +481,22 @@ class Database:
             )
             for t in rows
         ]
+
+    def last_desired(self) -> dict[str, tuple[str, str]]:
+        """node_id -> (rollout_id, manifest sha256) of the desired model last issued to
+        it: its retained desired, from the newest rollout that issued it one (the
+        previous model for a target rolled back, the rollout's model otherwise)."""
+        rows = self._rows(
+            "SELECT t.node_id, t.rollout_id, t.phase, t.prev_sha256, r.model_sha256, r.seq "
+            "FROM targets t JOIN rollouts r USING (rollout_id) "
+            "WHERE t.issued_at IS NOT NULL ORDER BY r.seq"
+        )
+        out: dict[str, tuple[str, str]] = {}
+        for row in rows:  # the newest rollout last: it wins
+            sha = row["prev_sha256"] if row["phase"] == "rollback" else row["model_sha256"]
+            if sha is not None:
+                out[row["node_id"]] = (row["rollout_id"], sha)
+        return out
 
     def rollout(self, rollout_id: str) -> Rollout | None:
         rows = self._rows("SELECT * FROM rollouts WHERE rollout_id = ?", rollout_id)
@@ -578,4 +629,5 @@ def _node(r: sqlite3.Row) -> NodeRecord:
         telemetry=json.loads(r["telemetry"]) if r["telemetry"] else None,
         conflict_at=r["conflict_at"],
         model_error=json.loads(r["model_error"]) if r["model_error"] else None,
+        boots=json.loads(r["boots"]),
     )

@@ -1,13 +1,16 @@
 """Fleet tracking: what each node runs and whether it is online, from the retained
 status topics, telemetry and update reports (DESIGN.md, Topics).
 
-A status whose boot_id differs from the newest one seen for that node and whose
-`since` is older is a late Will of an earlier process: it is ignored. An `online`
-status of such an older process is no late Will: a second process runs with the
-same node id, and the node is shown `conflict` until CONFLICT_HOLD_S after the last
-such sign (the two take the broker session from each other; each node process
-backs off and the one that loses exits with code 4). An offline status keeps the
-model last known (a Will is written before a model is loaded).
+Which of a node's processes is the newest is the hub's own receive order, never the
+node's clock (its `since` may be a day off): each node record keeps the boot ids
+the hub heard of before the current one (at most KEPT_BOOTS). A status of a new
+boot id is the node's newest process. A status of an earlier boot is a late Will of
+a process that was replaced: it is ignored. An `online` status of an earlier boot
+is no late Will: a second process runs with the same node id, and the node is
+shown `conflict` until CONFLICT_HOLD_S after the last such sign (the two take the
+broker session from each other; each node process backs off and the one that
+loses exits with code 4). An offline status keeps the model last known (a Will is
+written before a model is loaded).
 
 A node is shown `stale` when its last status said online but nothing came from it
 (status, telemetry, update report) for STALE_AFTER_INTERVALS of its telemetry
@@ -42,6 +45,10 @@ from cellwatch.shared.states import NodeState, UpdateState
 from cellwatch.shared.topics import is_valid_name
 
 log = logging.getLogger(__name__)
+
+KEPT_BOOTS = 16
+"""Earlier boot ids kept per node: a late message of an older process than these is
+taken for a new process (it cannot happen: a Will comes within seconds)."""
 
 
 def _ts(value: float | None) -> datetime | None:
@@ -120,10 +127,9 @@ class Fleet:
         found = self._record(status.node_id)
         if found is None:
             return None
-        rec = replace(found)
+        rec = replace(found, boots=list(found.boots))
         since = status.since.timestamp()
-        stale = rec.boot_id is not None and status.boot_id != rec.boot_id
-        if stale and rec.since is not None and since < rec.since:
+        if status.boot_id != rec.boot_id and status.boot_id in rec.boots:
             if status.state == "online":
                 rec.conflict_at = rec.last_seen = now
                 self._save(rec)
@@ -143,6 +149,8 @@ class Fleet:
                 (rec.boot_id or "")[:8],
             )
             return False
+        if rec.boot_id is not None and status.boot_id != rec.boot_id:
+            rec.boots = [*rec.boots, rec.boot_id][-KEPT_BOOTS:]
         rec.state, rec.boot_id, rec.since, rec.last_seen = status.state, status.boot_id, since, now
         rec.tags = list(status.tags)
         rec.device = status.device or rec.device

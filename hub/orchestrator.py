@@ -3,7 +3,8 @@ persists every change in the database and writes the desired models they ask for
 
 Only the hub's control thread calls it. Active rollouts live in memory and in the
 database; a restarted hub reloads them and writes again every desired model the
-broker had not acknowledged (timers continue from the stored timestamps). Every
+broker had not acknowledged (timers continue from the stored timestamps, on the
+monotonic clock from then on: hub/rollout.py, "Timers"). Every
 change is stored before anything else sees it: a rollout that could not be stored is
 reloaded from the database (the change is undone, the caller sees the error), and
 desired models are written only after the store.
@@ -35,7 +36,7 @@ from cellwatch.shared.hubapi import (
     TargetInfo,
     WaveInfo,
 )
-from cellwatch.shared.schemas import UpdateError, UpdateReport
+from cellwatch.shared.schemas import ModelRef, UpdateError, UpdateReport
 from cellwatch.shared.states import RolloutState
 
 log = logging.getLogger(__name__)
@@ -118,6 +119,7 @@ class Orchestrator:
         defaults: RolloutDefaults,
         write_desired: WriteDesired,
         publish_revocations: Callable[[float], None] = lambda now: None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.db = db
         self.fleet = fleet
@@ -125,6 +127,9 @@ class Orchestrator:
         self.defaults = defaults
         self.write_desired = write_desired
         self.publish_revocations = publish_revocations
+        self.clock = clock
+        """The monotonic clock of the rollouts' timers (the `now` the callers pass is
+        wall time: what is stored and shown)."""
         self.active: dict[str, Rollout] = {}
         self._finished: OrderedDict[str, Rollout] = OrderedDict()
 
@@ -212,7 +217,7 @@ class Orchestrator:
             len(ids),
             list(policy.counts),
         )
-        desired = rollout.tick(self.fleet.views(), now)
+        desired = rollout.tick(self.fleet.views(), now, self.clock())
         self._apply(rollout, desired)  # stored first: a failed store leaves no trace
         return self._describe(rollout)
 
@@ -268,7 +273,7 @@ class Orchestrator:
     def resume(self, rollout_id: str, now: float) -> RolloutInfo:
         r = self.get(rollout_id)
         r.resume(now)
-        self._apply(r, r.tick(self.fleet.views(), now))
+        self._apply(r, r.tick(self.fleet.views(), now, self.clock()))
         return self._describe(r)
 
     def abort(self, rollout_id: str, now: float) -> RolloutInfo:
@@ -301,13 +306,15 @@ class Orchestrator:
                         f"{t.node_id} was since updated by rollout {other.rollout_id}: "
                         "roll that one back first",
                     )
-        desired = r.rollback(self.fleet.views(), now)
+        desired = r.rollback(self.fleet.views(), now, mono=self.clock())
         self._apply(r, desired)
         return self._describe(r)
 
     def revoke(self, args: RevokeArgs, now: float) -> RevokeReply:
-        """Revoke a model: store it, abort its active rollouts, tell the nodes."""
-        m = self.registry.revoke(args.name, args.version, args.reason, now)
+        """Revoke a model (a signed revocation): store it, abort its active rollouts,
+        move every node whose retained desired model names it back to the model it
+        ran before (the rollouts that switched them roll back), tell the nodes."""
+        m = self.registry.revoke(args.revocation, now)
         model = m.ref
         aborted = []
         for r in list(self.active.values()):
@@ -315,11 +322,49 @@ class Orchestrator:
                 r.abort(now, f"{model} was revoked: {m.revoke_reason}")
                 self._apply(r, [])
                 aborted.append(r.rollout_id)
+        moved = self._move_off(model, now)
         self.publish_revocations(now)
         nodes = sorted(
             n for n, view in self.fleet.views().items() if view.model and view.model == model
         )
-        return RevokeReply(model=self.registry.info(m), nodes=nodes, aborted=aborted)
+        return RevokeReply(
+            model=self.registry.info(m), nodes=nodes, aborted=aborted, moved=sorted(moved)
+        )
+
+    def _move_off(self, model: ModelRef, now: float) -> list[str]:
+        """Write a desired model of their previous one for the nodes whose last desired
+        names `model` (the retained message would otherwise keep naming it: a node
+        refuses it, but a node that lost its revocation list would not)."""
+        by_rollout: dict[str, set[str]] = {}
+        for node_id, (rid, sha) in self.db.last_desired().items():
+            if sha == model.manifest_sha256:
+                by_rollout.setdefault(rid, set()).add(node_id)
+        avoid = {x.manifest_sha256 for x in self.db.revoked_models()}
+        moved: list[str] = []
+        for rid, node_ids in sorted(by_rollout.items()):
+            r = self._find(rid)
+            if r is None or r.model != model:
+                continue
+            desired = r.rollback(
+                self.fleet.views(),
+                now,
+                only=node_ids,
+                avoid=avoid,
+                why=f": {model} was revoked",
+                mono=self.clock(),
+            )
+            if desired:
+                self._apply(r, desired)
+                moved += [d.node_id for d in desired]
+        left = sorted(set().union(*by_rollout.values()) - set(moved)) if by_rollout else []
+        if left:
+            log.warning(
+                "revoke %s: no earlier good model to send %s back to: their desired model "
+                "still names it (they refuse it and fall back on their own)",
+                model,
+                ", ".join(left),
+            )
+        return moved
 
     # -- inputs from the fleet -------------------------------------------------------------
     def on_report(self, node_id: str, report: UpdateReport, now: float) -> None:
@@ -336,6 +381,7 @@ class Orchestrator:
             report.progress,
             error,
             now,
+            self.clock(),
         )
         if changed:
             log.debug(
@@ -356,8 +402,9 @@ class Orchestrator:
         if not self.active:
             return
         views = self.fleet.views()
+        mono = self.clock()
         for r in list(self.active.values()):
-            desired = r.tick(views, now)
+            desired = r.tick(views, now, mono)
             if desired or r.events:
                 self._apply(r, desired)
 

@@ -16,9 +16,10 @@ same manifest pushed again with another trusted signature (a key rotation: the
 bundle re-signed with the new key) replaces the stored signature; nodes that verify
 their copy against the new keys fetch it again.
 
-Revocation (`models.revoke`): a revoked model is never rolled out again, nor pushed
-again; the hub publishes the list of revoked bundles for the nodes
-(hub/service.py, `{prefix}/hub/revoked`).
+Revocation (`models.revoke`): signed by a release key the hub trusts (the operator's
+CLI signs it, `--sign-key`); a revoked model is never rolled out again, nor pushed
+again, nor served to a node that asks for its files; the hub publishes the signed
+revocations for the nodes (hub/service.py, `{prefix}/hub/revoked`).
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ from cellwatch.hub.errors import ApiFailure, StoreError
 from cellwatch.hub.store import BundleStore
 from cellwatch.shared.bundle import load_bundle, parse_manifest, sha256_bytes, verify_signature
 from cellwatch.shared.codes import ApiErrorCode
-from cellwatch.shared.errors import BundleError
+from cellwatch.shared.errors import BundleError, SignatureError
 from cellwatch.shared.hubapi import (
     ModelInfo,
     PushBeginArgs,
@@ -54,6 +55,7 @@ from cellwatch.shared.manifest import (
     Manifest,
     model_flags,
 )
+from cellwatch.shared.revocations import verify_revocation
 from cellwatch.shared.schemas import Revocation, RevocationList
 from cellwatch.shared.signing import TrustedKeys
 
@@ -105,6 +107,10 @@ class Registry:
         self._manifests: dict[str, Manifest] = {}
         self._stored: dict[str, Manifest] = {}
         self._backfill_provenance()
+        for m in self.db.revoked_models():
+            store.refuse(m.manifest_sha256)
+        for rev in self.db.revocations():
+            store.refuse(rev.manifest_sha256)
 
     def _backfill_provenance(self) -> None:
         """Models stored before the database kept provenance: read it from the store."""
@@ -170,32 +176,76 @@ class Registry:
             ) from exc
         return m
 
-    def revoke(self, name: str, version: str, reason: str, now: float) -> ModelRecord:
-        """Revoke a stored model (again: nothing changes); its record after."""
-        m = self.db.model(name, version)
+    def revoke(self, rev: Revocation, now: float) -> ModelRecord:
+        """Revoke a stored model with a signed revocation (again: nothing changes, the
+        first revocation stays); its record after. ApiFailure if the model is unknown,
+        the revocation names another bundle, or no trusted key signed it."""
+        m = self.db.model(rev.name, rev.version)
         if m is None:
-            raise ApiFailure(ApiErrorCode.NOT_FOUND, f"no model {name} {version} on the hub")
+            raise ApiFailure(
+                ApiErrorCode.NOT_FOUND, f"no model {rev.name} {rev.version} on the hub"
+            )
+        if m.manifest_sha256 != rev.manifest_sha256:
+            raise ApiFailure(
+                ApiErrorCode.BAD_REQUEST,
+                f"the revocation names bundle {rev.manifest_sha256[:12]}, but {m.name} "
+                f"{m.version} on the hub is {m.manifest_sha256[:12]}",
+            )
         if not m.revoked:
-            self.db.revoke_model(m.manifest_sha256, reason, now)
-            log.warning("registry: %s %s revoked: %s", name, version, reason)
-        revoked = self.db.model(name, version)
+            signer = self._verify(rev)
+            self.db.add_revocation(rev, now)
+            self.store.refuse(m.manifest_sha256)
+            log.warning(
+                "registry: %s %s revoked (signed by %s): %s",
+                rev.name,
+                rev.version,
+                signer or "nobody",
+                rev.reason,
+            )
+        revoked = self.db.model(rev.name, rev.version)
         assert revoked is not None
         return revoked
 
+    def add_revocation(self, rev: Revocation, now: float) -> bool:
+        """Take a signed revocation learnt elsewhere (a node's list, the retained one
+        of an earlier hub), also of a bundle this hub never stored; True if it is new.
+        ApiFailure (bad_signature) if no trusted key signed it."""
+        self._verify(rev)
+        if not self.db.add_revocation(rev, now):
+            return False
+        self.store.refuse(rev.manifest_sha256)
+        log.warning("registry: learnt that %s %s is revoked: %s", rev.name, rev.version, rev.reason)
+        return True
+
+    def _verify(self, rev: Revocation) -> str | None:
+        try:
+            return verify_revocation(rev, self.trusted)
+        except SignatureError as exc:
+            if self.allow_unsigned:
+                return None
+            raise ApiFailure(
+                ApiErrorCode.BAD_SIGNATURE,
+                f"revocation of {rev.name} {rev.version} refused: {exc} (sign it with a "
+                "release key the hub and the nodes trust: --sign-key)",
+            ) from exc
+
     def revocations(self, now: float) -> RevocationList:
-        return RevocationList(
-            revoked=[
-                Revocation(
-                    name=m.name,
-                    version=m.version,
-                    manifest_sha256=m.manifest_sha256,
-                    reason=m.revoke_reason or "",
-                    revoked_at=datetime.fromtimestamp(m.revoked_at or now, UTC),
-                )
-                for m in self.db.revoked_models()
-            ],
-            issued_at=datetime.fromtimestamp(now, UTC),
-        )
+        """Every revocation, signed ones as signed; a model revoked before revocations
+        were signed (hub schema 4) is listed unsigned."""
+        signed = self.db.revocations()
+        shas = {r.manifest_sha256 for r in signed}
+        legacy = [
+            Revocation(
+                name=m.name,
+                version=m.version,
+                manifest_sha256=m.manifest_sha256,
+                reason=m.revoke_reason or "",
+                revoked_at=datetime.fromtimestamp(m.revoked_at or now, UTC),
+            )
+            for m in self.db.revoked_models()
+            if m.manifest_sha256 not in shas
+        ]
+        return RevocationList(revoked=signed + legacy, issued_at=datetime.fromtimestamp(now, UTC))
 
     # -- push ------------------------------------------------------------------------------
     def begin(self, args: PushBeginArgs) -> PushBeginReply:

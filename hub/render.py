@@ -131,6 +131,13 @@ def revoke_view(r: RevokeReply) -> RenderableType:
     ]
     if r.aborted:
         lines.append(Text(f"aborted rollouts: {', '.join(r.aborted)}"))
+    if r.moved:
+        lines.append(
+            Text(
+                f"{len(r.moved)} node(s) told to go back to the model they ran before: "
+                f"{', '.join(r.moved)}"
+            )
+        )
     if r.nodes:
         lines.append(
             Text(

@@ -1,9 +1,17 @@
 """The rollout state machine (DESIGN.md, Rollout): pure logic, no I/O.
 
 A `Rollout` moves its targets (sorted node ids) through waves. Time is passed in
-(`now`, seconds since the epoch) and the fleet is passed in as `NodeView`s, so every
-rule is unit-testable; the orchestrator persists the result and writes the
-`Desired` models the methods return.
+(`now`, seconds since the epoch, for what is stored and shown; `mono`, a monotonic
+clock, for the timers) and the fleet is passed in as `NodeView`s, so every rule is
+unit-testable; the orchestrator persists the result and writes the `Desired`
+models the methods return.
+
+Timers: a target's deadline is monotonic (`Target.deadline`), so a step of the wall
+clock (NTP, an operator) times nothing out. What is stored is when its clock
+started (`clock_from`, wall time): the durable deadline is clock_from +
+node_timeout_s, turned back into a monotonic one the first time a rollout loaded
+from the database is ticked (the time left, at most node_timeout_s: a wall clock
+stepped back while the hub was down gives no target more than a full timeout).
 
 Rules:
 - `tick` issues the first wave, then the next one as soon as the current wave's
@@ -25,7 +33,7 @@ Rules:
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 
 from cellwatch.hub.errors import RolloutError
@@ -97,6 +105,9 @@ class Target:
     error_message: str | None = None
     issued_at: float | None = None
     clock_from: float | None = None
+    """When the target's timeout clock started (wall time, stored)."""
+    deadline: float | None = field(default=None, compare=False)
+    """Monotonic time the target times out at (not stored: recomputed from clock_from)."""
     finished_at: float | None = None
     updated_at: float = 0.0
     confirmed: bool = False
@@ -108,7 +119,7 @@ class Target:
         # The database writes only the targets that changed: a report of one node of a
         # 2,000-node rollout stores one row, not 2,000.
         object.__setattr__(self, name, value)
-        if name != "dirty":
+        if name not in ("dirty", "deadline"):
             object.__setattr__(self, "dirty", True)
 
     @property
@@ -233,8 +244,10 @@ class Rollout:
         progress: float,
         error: tuple[UpdateErrorCode, str] | None,
         now: float,
+        mono: float | None = None,
     ) -> bool:
-        """Apply a node's UpdateReport; False if it is not about this rollout's work."""
+        """Apply a node's UpdateReport; False if it is not about this rollout's work.
+        mono: the monotonic clock (default now)."""
         t = self.get(node_id)
         if t is None or rollout_id != self.rollout_id or not t.issued:
             return False
@@ -242,7 +255,7 @@ class Rollout:
         if expected is None or sha256 != expected.manifest_sha256:
             return False
         if t.clock_from is None:
-            t.clock_from = now
+            self._start_clock(t, now, now if mono is None else mono)
         if state is UpdateState.ACTIVE:
             if t.state in (TargetState.ACTIVE, TargetState.ROLLED_BACK):
                 return False
@@ -274,11 +287,15 @@ class Rollout:
         t.confirmed = True
         return True
 
-    def tick(self, fleet: Mapping[str, NodeView], now: float) -> list[Desired]:
-        """Apply timeouts and the abort/advance rules; returns the desired to write."""
+    def tick(
+        self, fleet: Mapping[str, NodeView], now: float, mono: float | None = None
+    ) -> list[Desired]:
+        """Apply timeouts and the abort/advance rules; returns the desired to write.
+        mono: the monotonic clock of the timers (default now)."""
         if not self.active:
             return []
-        self._watch_nodes(fleet, now)
+        mono = now if mono is None else mono
+        self._watch_nodes(fleet, now, mono)
         if self.state is RolloutState.ROLLING_BACK:
             back = [t for t in self.targets if t.phase == "rollback"]
             if all(t.finished for t in back):
@@ -292,13 +309,13 @@ class Rollout:
         out: list[Desired] = []
         while self.state is RolloutState.RUNNING:
             if self.wave < 0:
-                out += self._issue(0, fleet, now)
+                out += self._issue(0, fleet, now, mono)
                 continue
             current = self.wave_targets(self.wave)
             active = sum(1 for t in current if t.state is TargetState.ACTIVE)
             if active >= self.policy.advance_at * len(current) - 1e-9:
                 if self.wave + 1 < len(self.policy.counts):
-                    out += self._issue(self.wave + 1, fleet, now)
+                    out += self._issue(self.wave + 1, fleet, now, mono)
                     continue
                 if all(t.finished for t in self.targets):
                     self._finish(RolloutState.COMPLETED, self._summary(), now)
@@ -337,24 +354,44 @@ class Rollout:
             )
         self._finish(RolloutState.ABORTED, reason, now)
 
-    def rollback(self, fleet: Mapping[str, NodeView], now: float) -> list[Desired]:
-        """Send every switched (or switching) node back to its previous model."""
-        if self.state is RolloutState.ROLLING_BACK:
-            return []
-        if self.state is RolloutState.ROLLED_BACK:
-            raise RolloutError(f"rollout {self.rollout_id} is already rolled back")
+    def rollback(
+        self,
+        fleet: Mapping[str, NodeView],
+        now: float,
+        *,
+        only: Collection[str] | None = None,
+        avoid: Collection[str] = (),
+        why: str = "",
+        mono: float | None = None,
+    ) -> list[Desired]:
+        """Send every switched (or switching) node back to its previous model. With
+        `only` (a revocation moving nodes off this rollout's model), just those of
+        them still on this rollout's model, and none whose previous model's sha256 is
+        in `avoid`; nothing changes if that leaves none."""
+        if only is None:
+            if self.state is RolloutState.ROLLING_BACK:
+                return []
+            if self.state is RolloutState.ROLLED_BACK:
+                raise RolloutError(f"rollout {self.rollout_id} is already rolled back")
         out = []
         for t in self.rollback_targets():
             assert t.previous is not None
+            if only is not None and (t.node_id not in only or t.phase != "rollout"):
+                continue
+            if t.previous.manifest_sha256 in avoid:
+                continue
             view = fleet.get(t.node_id)
             t.phase, t.state, t.progress = "rollback", TargetState.PENDING, 0.0
             t.error_code = t.error_message = None
             t.issued_at, t.finished_at, t.updated_at, t.confirmed = now, None, now, False
-            t.clock_from = now if view is not None and view.online else None
+            online = view is not None and view.online
+            self._start_clock(t, now, now if mono is None else mono, online)
             out.append(self._desired(t, t.previous))
+        if only is not None and not out:
+            return []
         self.state, self.finished_at, self.updated_at = RolloutState.ROLLING_BACK, None, now
-        self.reason = f"rolling back {len(out)} nodes"
-        self._event(f"rolling back {len(out)} nodes")
+        self.reason = f"rolling back {len(out)} nodes{why}"
+        self._event(self.reason)
         if not out:
             self._finish(
                 RolloutState.ROLLED_BACK, "no node had switched: nothing to roll back", now
@@ -372,13 +409,15 @@ class Rollout:
         ]
 
     # -- internals ---------------------------------------------------------------------
-    def _issue(self, index: int, fleet: Mapping[str, NodeView], now: float) -> list[Desired]:
+    def _issue(
+        self, index: int, fleet: Mapping[str, NodeView], now: float, mono: float
+    ) -> list[Desired]:
         self.wave = index
         out = []
         for t in self.wave_targets(index):
             view = fleet.get(t.node_id)
             t.issued_at, t.updated_at, t.confirmed = now, now, False
-            t.clock_from = now if view is not None and view.online else None
+            self._start_clock(t, now, mono, view is not None and view.online)
             t.state = TargetState.PENDING
             if view is not None and view.model is not None and view.model == self.model:
                 self._succeed(t, now)
@@ -393,7 +432,21 @@ class Rollout:
         )
         return out
 
-    def _watch_nodes(self, fleet: Mapping[str, NodeView], now: float) -> None:
+    def _start_clock(self, t: Target, now: float, mono: float, online: bool = True) -> None:
+        """Start t's timeout clock now, or (its node offline) when it is next online."""
+        t.clock_from = now if online else None
+        t.deadline = mono + self.policy.node_timeout_s if online else None
+
+    def _deadline(self, t: Target, now: float, mono: float) -> float | None:
+        """t's monotonic deadline; for a target loaded from the database, the stored
+        one (clock_from + node_timeout_s, wall time) turned into a monotonic one."""
+        if t.deadline is None and t.clock_from is not None:
+            timeout = self.policy.node_timeout_s
+            left = min(max(t.clock_from + timeout - now, 0.0), timeout)
+            t.deadline = mono + left
+        return t.deadline
+
+    def _watch_nodes(self, fleet: Mapping[str, NodeView], now: float, mono: float) -> None:
         for t in self.targets:
             if not t.issued or t.finished or self._stale_phase(t):
                 continue
@@ -408,11 +461,12 @@ class Rollout:
                 self._succeed(t, now)  # its status says so (the report may be lost)
                 continue
             if t.clock_from is None and view is not None and view.online:
-                t.clock_from = now
+                self._start_clock(t, now, mono)
                 self._event(
                     f"node {t.node_id} is online: its {self.policy.node_timeout_s:g} s start"
                 )
-            if t.clock_from is not None and now - t.clock_from > self.policy.node_timeout_s:
+            deadline = self._deadline(t, now, mono)
+            if deadline is not None and mono > deadline:
                 t.state, t.finished_at, t.updated_at = TargetState.TIMED_OUT, now, now
                 t.error_code = UpdateErrorCode.TIMED_OUT
                 t.error_message = f"not active within {self.policy.node_timeout_s:g} s"

@@ -29,6 +29,8 @@ PART_SUFFIX = ".part"
 class BundleStore:
     def __init__(self, root: Path) -> None:
         self.root = root
+        self._refused: set[str] = set()
+        """Revoked bundles: kept, never handed out (file() says there is no file)."""
         self.bundles = root / "bundles"
         self.uploads = root / "uploads"
         self.bundles.mkdir(parents=True, exist_ok=True)
@@ -41,8 +43,16 @@ class BundleStore:
     def path(self, sha: str) -> Path:
         return self.bundles / sha
 
+    def refuse(self, sha: str) -> None:
+        """Never hand out a file of bundle sha again (it was revoked)."""
+        self._refused.add(sha)
+
     def file(self, sha: str, name: str) -> Path | None:
-        """The stored file `name` of bundle `sha`, or None if there is no such file."""
+        """The stored file `name` of bundle `sha`, or None if there is no such file or
+        the bundle was revoked."""
+        if sha in self._refused:
+            log.warning("store: %s of revoked bundle %s refused", name, sha[:12])
+            return None
         try:
             check_file_name(name)
         except BundleError:

@@ -177,7 +177,10 @@ class NodeSettings(CellwatchSettings):
 
     @property
     def client_id(self) -> str:
-        return self.mqtt.client_id or f"cellwatch-node-{self.node_id}"
+        """`cellwatch-node-{node_id}-{secret}` (MqttSettings.session_client_id): no
+        other account can take over the node's session; a second process with the same
+        credentials gets the same id, which the duplicate-id detection relies on."""
+        return self.mqtt.session_client_id(f"cellwatch-node-{self.node_id}")
 
     def resolved_state_dir(self) -> Path:
         """state_dir, or systemd's $STATE_DIRECTORY, or the user's XDG state directory."""

@@ -13,7 +13,9 @@ discarded and fetched again. Any failure reports `failed` with a code and leaves
 old model serving; the agent survives anything (an unexpected exception is reported
 as `internal`, and the next desired model is handled as usual).
 
-Revocations (`{prefix}/hub/revoked`, retained, written by the hub only): a revoked
+Revocations (`{prefix}/hub/revoked`, retained, written by the hub only): only those
+signed by a trusted release key are taken, and none is ever dropped (a list that
+leaves one out is refused and logged: shared/revocations.py); a revoked
 bundle is never activated (`failed`, code `revoked`); when the bundle being served
 is revoked, the node moves to the newest earlier bundle in its store that loads and
 is not revoked, or, if none does, answers `no_model`; its status says why
@@ -44,6 +46,7 @@ from cellwatch.shared.errors import BundleError, SignatureError
 from cellwatch.shared.limits import MAX_MANIFEST_BYTES
 from cellwatch.shared.manifest import MANIFEST_FILE, SIGNATURE_FILE
 from cellwatch.shared.mqtt import MqttClient
+from cellwatch.shared.revocations import merge as merge_revocations
 from cellwatch.shared.schemas import (
     DesiredModel,
     ModelError,
@@ -378,12 +381,38 @@ class UpdateAgent:
             )
 
     # -- revocations -------------------------------------------------------------------
-    def _apply_revocations(self, revocations: RevocationList) -> None:
-        try:
-            self.store.save_revoked(revocations)
-        except OSError as exc:  # still applied now; the next start learns it again
-            log.error("node %s: cannot store the revocation list: %s", self.node_id, exc)
-        self._revoked = revocations.shas()
+    def _apply_revocations(self, incoming: RevocationList) -> None:
+        """Take the incoming list's new revocations that a trusted release key signed;
+        never drop one this node knows (a list that leaves one out is refused as a
+        replacement and logged: a hub restored from an older backup, or an impostor)."""
+        known = self.store.revoked()
+        merged = merge_revocations(
+            known, incoming, self.loader.trusted, allow_unsigned=self.loader.allow_unsigned
+        )
+        for rev, why in merged.refused:
+            log.error(
+                "node %s: revocation of %s %s (%s) refused: %s",
+                self.node_id,
+                rev.name,
+                rev.version,
+                rev.manifest_sha256[:12],
+                why,
+            )
+        if merged.dropped:
+            log.error(
+                "node %s: refused a revocation list that leaves out %d known revocation(s) "
+                "(%s): a revocation is final, they stay",
+                self.node_id,
+                len(merged.dropped),
+                ", ".join(f"{r.name} {r.version}" for r in merged.dropped),
+            )
+        revocations = merged.known
+        if known is None or merged.added:
+            try:
+                self.store.save_revoked(revocations)
+            except OSError as exc:  # still applied now; the next start learns it again
+                log.error("node %s: cannot store the revocation list: %s", self.node_id, exc)
+        self._revoked = self._revoked | revocations.shas()
         current = self._current_sha()
         if current is None or current not in self._revoked:
             return

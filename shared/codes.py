@@ -80,4 +80,6 @@ class ApiErrorCode(StrEnum):
     """A fetch request for a bundle the hub does not have."""
     UNKNOWN_FILE = "unknown_file"
     """A fetch request for a file the bundle does not have."""
+    BAD_SIGNATURE = "bad_signature"
+    """A revocation not signed by a key the hub trusts."""
     INTERNAL = "internal"

@@ -19,6 +19,7 @@ from cellwatch.shared.schemas import (
     ModelName,
     ModelRef,
     Name,
+    Revocation,
     Sha256,
     ShortModelRef,
     UpdateError,
@@ -95,9 +96,9 @@ class ModelsReply(Strict):
 
 
 class RevokeArgs(Strict):
-    name: ModelName
-    version: Version
-    reason: str = Field(min_length=1, max_length=500, description="why, for operators and logs")
+    revocation: Revocation = Field(
+        description="the revocation, signed by a release key the hub and nodes trust"
+    )
 
 
 class RevokeReply(Strict):
@@ -107,6 +108,11 @@ class RevokeReply(Strict):
         "good bundle, or answer no_model without one"
     )
     aborted: list[str] = Field(description="active rollouts of it, now aborted")
+    moved: list[Name] = Field(
+        default_factory=list,
+        description="nodes whose retained desired model named it: told to go back to the "
+        "model they ran before it (the rollouts that switched them roll back)",
+    )
 
 
 # -- fleet ---------------------------------------------------------------------------

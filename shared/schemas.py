@@ -6,10 +6,18 @@ a reader can tell `cellwatch.result/1` from anything else on a topic.
 
 from __future__ import annotations
 
+import json
 from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
-from pydantic import AliasChoices, ConfigDict, Field, PlainSerializer, StringConstraints
+from pydantic import (
+    AliasChoices,
+    AwareDatetime,
+    ConfigDict,
+    Field,
+    PlainSerializer,
+    StringConstraints,
+)
 
 from cellwatch.shared.base import Strict
 from cellwatch.shared.codes import ApiErrorCode, ErrorCode, ModelErrorCode, UpdateErrorCode
@@ -234,14 +242,40 @@ class FetchRequest(Message):
 MAX_REVOCATIONS = 10_000
 
 
+REVOCATION_STATEMENT = "cellwatch.revocation/1"
+KeyId = Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{16}$")]
+
+
 class Revocation(ModelRef):
+    """One revoked bundle, signed by a release key (shared/revocations.py): a node and
+    a hub take it only if a key in their trusted-keys directory signed it, so no hub
+    (a restored one, an impostor with the hub's broker password) can forge or drop
+    one. The signature covers `signed_bytes()`: every field but the signature."""
+
     reason: str = Field(max_length=500)
-    revoked_at: datetime
+    revoked_at: AwareDatetime
+    key_id: KeyId | None = Field(None, description="the release key that signed it")
+    signature: str | None = Field(
+        None, max_length=128, description="base64 Ed25519 signature of signed_bytes()"
+    )
+
+    def signed_bytes(self) -> bytes:
+        """The statement the release key signs (canonical JSON)."""
+        statement = {
+            "schema": REVOCATION_STATEMENT,
+            "name": self.name,
+            "version": self.version,
+            "manifest_sha256": self.manifest_sha256,
+            "reason": self.reason,
+            "revoked_at": self.revoked_at.astimezone(UTC).isoformat(timespec="microseconds"),
+        }
+        return json.dumps(statement, sort_keys=True, separators=(",", ":")).encode()
 
 
 class RevocationList(Message):
     """Every bundle the hub has revoked: retained on `{prefix}/hub/revoked`, which only
-    the hub may write (ACL). Nodes refuse these bundles and move off them."""
+    the hub may write (ACL). Each entry is signed by a release key; nodes take the
+    signed entries, never drop one they know, and refuse these bundles."""
 
     schema_: Literal["cellwatch.revoked/1"] = Field("cellwatch.revoked/1", alias="schema")
     revoked: list[Revocation] = Field(default_factory=list, max_length=MAX_REVOCATIONS)

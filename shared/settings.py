@@ -7,6 +7,8 @@ setting becomes a ConfigError that names the field and the reason.
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import tomllib
 from contextvars import ContextVar
 from pathlib import Path
@@ -24,6 +26,8 @@ from cellwatch.shared.errors import ConfigError
 from cellwatch.shared.topics import DEFAULT_PREFIX
 
 ENV_PREFIX = "CELLWATCH_"
+CLIENT_ID_SECRET_HEX = 32
+"""Hex digits (128 bits) of the secret part of a derived client id."""
 _toml_path: ContextVar[Path | None] = ContextVar("cellwatch_toml_path", default=None)
 
 
@@ -47,7 +51,11 @@ class MqttSettings(Section):
     username: str | None = Field(None, description="MQTT user name (a node uses its node_id)")
     password: SecretStr | None = Field(None, description="MQTT password")
     password_file: Path | None = Field(None, description="read the password from this file")
-    client_id: str | None = Field(None, description="MQTT client id (default: derived)")
+    client_id: str | None = Field(
+        None,
+        description="MQTT client id, used as is (default: derived, with a part only this "
+        "account can compute: see session_client_id)",
+    )
     tls: TlsSettings = Field(default_factory=TlsSettings)
     keepalive_s: int = Field(30, ge=5, le=3600, description="MQTT keep-alive")
     session_expiry_s: int = Field(
@@ -78,6 +86,27 @@ class MqttSettings(Section):
                     f"mqtt.password_file: cannot read {self.password_file}: {exc}"
                 ) from exc
         return None
+
+    def session_client_id(self, base: str) -> str:
+        """The client id a service (hub, node) logs in with: `client_id` if set, else
+        `{base}-{secret}`, where secret is the first 32 hex digits of an HMAC-SHA256 of
+        the user name and base keyed with the account's password.
+
+        Mosquitto 2.0 lets any account log in with any client id and so take over the
+        session of whoever holds it (DESIGN.md, Trust; deploy/PRODUCTION.md, threat
+        model). A client id only the password's holder can compute cannot be taken over
+        by another account, while two processes with the same credentials still share
+        it, so the node's duplicate-id detection works as before. Without a password
+        (a development broker) it is plain `base`. Reads password_file if that is how
+        the password is given (ConfigError if it cannot)."""
+        if self.client_id is not None:
+            return self.client_id
+        password = self.resolved_password()
+        if not password:
+            return base
+        message = f"cellwatch client id\0{self.username or ''}\0{base}".encode()
+        secret = hmac.new(password.encode(), message, hashlib.sha256).hexdigest()
+        return f"{base}-{secret[:CLIENT_ID_SECRET_HEX]}"
 
 
 class CellwatchSettings(BaseSettings):

@@ -30,6 +30,15 @@ def check_name(value: str, what: str = "name") -> str:
 
 
 @dataclass(frozen=True)
+class ImageOrigin:
+    """Who sent an image, from its topic: the account the broker authenticated, and
+    the scope (microscope) it named, if any."""
+
+    account: str
+    scope: str | None = None
+
+
+@dataclass(frozen=True)
 class Topics:
     """Topic builders for one prefix (default `cellwatch`)."""
 
@@ -40,15 +49,65 @@ class Topics:
             raise TopicError(f"invalid topic prefix {self.prefix!r}")
 
     # -- images and results -------------------------------------------------
+    # A lab account publishes images only under a topic naming itself:
+    # `{prefix}/images/{account}[/{scope}]` (scope: the microscope's name), or
+    # `{prefix}/nodes/{node_id}/images/{account}[/{scope}]` for one node. The broker's
+    # ACL (deploy/mkacl.sh) enforces it, so the topic authenticates the account that a
+    # node answers (DESIGN.md, Trust).
+    def lab_images(self, account: str, scope: str | None = None) -> str:
+        """Where `account` publishes images for every node (the shared subscription)."""
+        topic = f"{self.prefix}/images/{check_name(account, 'account')}"
+        return topic if scope is None else f"{topic}/{check_name(scope, 'scope')}"
+
+    def lab_images_filters(self) -> tuple[str, str]:
+        """The two exact filters of lab images (with and without a scope level)."""
+        return (f"{self.prefix}/images/+", f"{self.prefix}/images/+/+")
+
+    def lab_images_shared_filters(self) -> tuple[str, str]:
+        """lab_images_filters() in the nodes' shared subscription."""
+        plain, scoped = self.lab_images_filters()
+        return (f"$share/{SHARE_GROUP}/{plain}", f"$share/{SHARE_GROUP}/{scoped}")
+
+    def node_lab_images(self, node_id: str, account: str, scope: str | None = None) -> str:
+        """Where `account` publishes images for node_id only."""
+        topic = f"{self.node_images(node_id)}/{check_name(account, 'account')}"
+        return topic if scope is None else f"{topic}/{check_name(scope, 'scope')}"
+
+    def node_lab_images_filters(self, node_id: str) -> tuple[str, str]:
+        base = self.node_images(node_id)
+        return (f"{base}/+", f"{base}/+/+")
+
+    def origin_of(self, topic: str, node_id: str | None = None) -> ImageOrigin:
+        """The account and scope of a lab images topic: `{prefix}/images/...`, or with
+        node_id also `{prefix}/nodes/{node_id}/images/...`. TopicError for any other
+        topic or an invalid name."""
+        for head in (f"{self.prefix}/images/",) + (
+            (f"{self.node_images(node_id)}/",) if node_id is not None else ()
+        ):
+            if topic.startswith(head):
+                levels = topic[len(head) :].split("/")
+                if len(levels) > 2:
+                    raise TopicError(f"too many topic levels in {topic!r}: account[/scope]")
+                account = check_name(levels[0], "account")
+                scope = check_name(levels[1], "scope") if len(levels) == 2 else None
+                return ImageOrigin(account, scope)
+        raise TopicError(f"not a lab images topic: {topic!r}")
+
+    # The first node-side helpers, kept until the node subscribes to the exact filters
+    # above (issue 17, phase 2): they accept the account-naming topics too, and take
+    # the account as the `{source}` a Result is sent back to (`results/{account}`).
     def images(self, source: str) -> str:
-        return f"{self.prefix}/images/{check_name(source, 'source')}"
+        """`{prefix}/images/{source}`: lab_images(source) without a scope."""
+        return self.lab_images(source)
 
     def images_shared_filter(self) -> str:
-        """The shared subscription every node joins so the broker spreads images."""
-        return f"$share/{SHARE_GROUP}/{self.prefix}/images/+"
+        """The shared subscription every node joins so the broker spreads images:
+        `images/#` takes both `images/{account}` and `images/{account}/{scope}` (the
+        ACL lets no one publish deeper; origin_of refuses it)."""
+        return f"$share/{SHARE_GROUP}/{self.prefix}/images/#"
 
     def images_filter(self) -> str:
-        return f"{self.prefix}/images/+"
+        return f"{self.prefix}/images/#"
 
     def node_images(self, node_id: str) -> str:
         return f"{self.prefix}/nodes/{check_name(node_id, 'node_id')}/images"
@@ -63,23 +122,23 @@ class Topics:
         """A Response Topic a client may use: `{prefix}/replies/{username}/{suffix}`."""
         return f"{self.prefix}/replies/{check_name(username, 'username')}/{suffix}"
 
-    def is_reply_topic(self, topic: str) -> bool:
+    def is_reply_topic(self, topic: str, account: str | None = None) -> bool:
         """True for a topic a node may answer on: `{prefix}/replies/{username}/...`
-        with a valid user name and no wildcards. Anything else (another lab's results,
-        a node's own status) is refused as a Response Topic."""
+        with a valid user name and no wildcards, and with account given, only under
+        that account's replies. Anything else (another lab's results, a node's own
+        status) is refused as a Response Topic."""
         head = f"{self.prefix}/replies/"
         if not topic.startswith(head) or any(c in topic for c in "+#\x00"):
             return False
         user, sep, rest = topic[len(head) :].partition("/")
+        if account is not None and user != account:
+            return False
         return bool(sep) and bool(rest) and is_valid_name(user)
 
     def source_of(self, topic: str) -> str:
-        """The `{source}` of an images topic; TopicError if the topic is not one or
-        the source is invalid."""
-        head = f"{self.prefix}/images/"
-        if not topic.startswith(head):
-            raise TopicError(f"not an images topic: {topic!r}")
-        return check_name(topic[len(head) :], "source")
+        """The `{source}` of an images topic: its account (origin_of); TopicError if
+        the topic is not one or a name is invalid."""
+        return self.origin_of(topic).account
 
     def is_node_images(self, topic: str, node_id: str) -> bool:
         return topic == self.node_images(node_id)

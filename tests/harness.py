@@ -82,12 +82,13 @@ class Collector:
 
 class Requester:
     """A protocol probe on the shared request/response layer (`cellwatch.shared.rpc`):
-    sends images with a Response Topic under `cellwatch/replies/{user}/...`, one
-    attempt each (a retry would hide a node that loses an image), and exposes what
-    tests need to control: the topic, Correlation Data, Message Expiry, image_id and
-    Response Topic."""
+    sends images (to `images/{user}/{source}`) with a Response Topic under
+    `cellwatch/replies/{user}/...`, one attempt each (a retry would hide a node that
+    loses an image), and exposes what tests need to control: the topic, Correlation
+    Data, Message Expiry, image_id and Response Topic."""
 
     def __init__(self, settings: MqttSettings, user: str = "client") -> None:
+        self.user = user
         self.reply_topic = T.replies(user, f"t-{uuid.uuid4().hex[:8]}")
         self.client = MqttClient(
             settings,
@@ -110,7 +111,7 @@ class Requester:
         response_topic: str | None = None,
     ) -> Sent:
         sent = self.rpc.submit(
-            topic or T.images(source),
+            topic or T.lab_images(self.user, source),
             payload,
             parse_result,
             PROBE,

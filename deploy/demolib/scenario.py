@@ -243,8 +243,9 @@ class Demo:
             self.STEPS,
             "Classify the held-out test images over MQTT",
             "Like a microscope PC would, the demo sends each test image with the lab client "
-            f"library (cellwatch.client) to cellwatch/images/{SOURCE} (MQTT v5, QoS 1) with a "
-            "Response Topic under cellwatch/replies/client/ and Correlation Data; whichever "
+            f"library (cellwatch.client) to cellwatch/images/client/{SOURCE} (MQTT v5, QoS 1: "
+            "the `client` account may publish only under its own name) with a Response Topic "
+            "under cellwatch/replies/client/ and Correlation Data; whichever "
             "node takes the image answers there with a Result. Latency is measured by the "
             "client, publish to result.",
         )

@@ -92,8 +92,8 @@ def test_usage_connection_and_authorisation_errors_exit_2_with_one_line(
             "--password-file",
             str(wrong),
         ],
-        "did not answer": ["classify", str(image), "--config", str(cfg), "--port", "1"],
-        "refused images on cellwatch/images/lab from user 'hub'": [
+        "connection refused": ["classify", str(image), "--config", str(cfg), "--port", "1"],
+        "refused images on cellwatch/images/hub from user 'hub'": [
             "classify",
             str(image),
             "--config",

@@ -129,7 +129,7 @@ def test_a_refused_publish_is_not_authorized(
 ) -> None:
     node_factory()
     client = client_factory(user="hub")  # the hub may not publish images
-    with pytest.raises(NotAuthorized, match="refused images on cellwatch/images/lab"):
+    with pytest.raises(NotAuthorized, match="refused images on cellwatch/images/hub"):
         client.classify(images.jpeg())
 
 

@@ -1,5 +1,6 @@
 """`cellwatch-client watch DIR` as a real process: files arriving, a file still being
-written, Ctrl-C and a restart that resumes, and a folder of 10,000 files."""
+written, Ctrl-C and a restart that resumes, a folder of 10,000 files, and a state
+file that forgets the files moved away."""
 
 from __future__ import annotations
 
@@ -14,6 +15,8 @@ from typing import Any
 
 import pytest
 
+from cellwatch.client import watch as watch_module
+from cellwatch.client.watch import StateFile
 from tests import images
 from tests.broker import Broker
 from tests.client.conftest import BIN, client_toml
@@ -139,3 +142,32 @@ def test_ten_thousand_files_and_a_restart_sends_none_again(
     names = watch.names()
     assert len(names) == 10_001 and set(names.values()) == {1}
     assert "publishes: 1 (" in stderr, stderr  # the restart sent only the new file
+
+
+def test_the_state_file_forgets_files_no_longer_in_the_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A microscope PC that moves answered images away keeps a small state file: at
+    start and as it grows, the files gone from the folder are dropped from it."""
+    monkeypatch.setattr(watch_module, "COMPACT_AFTER_LINES", 4)
+    folder = tmp_path / "incoming"
+    folder.mkdir()
+    path = tmp_path / "results.jsonl.state"
+    state = StateFile(path, folder)
+    for i in range(6):
+        (folder / f"{i}.jpg").write_bytes(SMALL)
+        state.mark([(f"{i}.jpg", (1, i), "sent")])
+        state.mark([(f"{i}.jpg", (1, i), "done")])
+        if i >= 1:
+            (folder / f"{i - 1}.jpg").unlink()  # moved away once answered
+    state.close()
+    assert len(path.read_text().splitlines()) <= 4  # compacted as it grew
+    (folder / "5.jpg").unlink()
+    (folder / "kept.jpg").write_bytes(SMALL)
+    state = StateFile(path, folder)
+    state.mark([("kept.jpg", (1, 9), "done")])
+    state.close()
+    again = StateFile(path, folder)
+    assert again.done == {"kept.jpg": (1, 9)} and again.sent == {}
+    again.close()
+    assert len(path.read_text().splitlines()) == 1

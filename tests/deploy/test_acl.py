@@ -25,14 +25,14 @@ WRITES: dict[str, list[tuple[str, bool]]] = {
         (T.hub_replies("operator", "1"), True),
         (T.hub_revoked(), True),
         (T.status("node-1"), False),
-        (T.images("scope-1"), False),
+        (T.lab_images("client"), False),
         (T.hub_api("list"), False),
         (T.results("scope-1"), False),
         (T.replies("client", "1"), False),
     ],
     "operator": [
         (T.hub_api("list"), True),
-        (T.images("scope-1"), True),
+        (T.lab_images("client", "scope-1"), True),  # any lab's: to clear a retained image
         (T.desired("node-1"), False),
         (T.node_images("node-1"), False),
         (T.replies("client", "1"), False),
@@ -40,9 +40,16 @@ WRITES: dict[str, list[tuple[str, bool]]] = {
         (T.hub_revoked(), False),
     ],
     "client": [
-        (T.images("scope-1"), True),
-        (T.images("scope-1") + "/deeper", False),
-        (T.node_images("node-1"), True),
+        # images only under its own name (DESIGN.md, Trust)
+        (T.lab_images("client"), True),
+        (T.lab_images("client", "scope-1"), True),
+        (T.lab_images("client", "scope-1") + "/deeper", False),
+        (T.lab_images("scope-1"), False),
+        (T.lab_images("client-labB"), False),
+        (T.lab_images("client-labB", "scope-1"), False),
+        (T.node_lab_images("node-1", "client", "scope-1"), True),
+        (T.node_lab_images("node-1", "client-labB"), False),
+        (T.node_images("node-1"), True),  # until the nodes subscribe per account
         (T.desired("node-1"), False),
         (T.hub_api("x"), False),
         (T.results("scope-1"), False),
@@ -64,7 +71,8 @@ WRITES: dict[str, list[tuple[str, bool]]] = {
         (T.telemetry("node-2"), False),
         (T.desired("node-1"), False),
         (T.fetch_reply("node-1"), False),
-        (T.images("scope-1"), False),
+        (T.lab_images("client", "scope-1"), False),
+        (T.lab_images("node-1"), False),
         (T.node_images("node-1"), False),
         (T.hub_api("x"), False),
         (T.hub_replies("operator", "1"), False),
@@ -86,10 +94,13 @@ def test_who_may_write_what(broker: Broker, user: str) -> None:
 
 # Each topic, who publishes it, and who may read it (besides the publisher).
 READS: list[tuple[str, str, set[str]]] = [
-    (T.images("scope-1"), "client", {"node-1"}),
+    (T.lab_images("client"), "client", {"node-1"}),
+    (T.lab_images("client", "scope-1"), "client", {"node-1"}),
     (T.node_images("node-1"), "client", {"node-1"}),
+    (T.node_lab_images("node-1", "client", "scope-1"), "client", {"node-1"}),
     (T.node_images("node-2"), "client", set()),
-    (T.results("scope-1"), "node-1", {"operator", "client"}),
+    (T.results("client"), "node-1", {"operator", "client"}),
+    (T.results("client-labB"), "node-1", {"operator"}),
     (T.replies("operator", "x"), "node-1", {"operator"}),
     (T.replies("client", "x"), "node-1", {"client"}),
     (T.status("node-1"), "node-1", {"hub", "operator", "client", "node-1"}),
@@ -105,7 +116,7 @@ READS: list[tuple[str, str, set[str]]] = [
     (T.hub_replies("operator", "1"), "hub", {"operator"}),
     (T.hub_replies("client", "1"), "hub", set()),
     (T.hub_api("list"), "operator", {"hub"}),
-    (T.hub_revoked(), "hub", {"node-1"}),
+    (T.hub_revoked(), "hub", {"hub", "node-1"}),
 ]
 READERS = ("hub", "operator", "client", "node-1")
 
@@ -150,8 +161,8 @@ def test_node_receives_images_through_the_shared_subscription(broker: Broker) ->
     inbox = Inbox()
     broker.connect("node-1", subscriptions=[(T.images_shared_filter(), 1)], handler=inbox)
     client = broker.connect("client")
-    assert client.publish_wait(T.images("scope-1"), b"image bytes")
-    assert inbox.wait_topic(T.images("scope-1"))
+    assert client.publish_wait(T.lab_images("client", "scope-1"), b"image bytes")
+    assert inbox.wait_topic(T.lab_images("client", "scope-1"))
     assert [m.payload for m in inbox.messages] == [b"image bytes"]
 
 
@@ -171,7 +182,7 @@ def test_share_group_delivers_each_image_to_one_node(broker: Broker) -> None:
     client = broker.connect("client")
     sent = [f"image-{i}".encode() for i in range(10)]
     for payload in sent:
-        assert client.publish_wait(T.images("scope-1"), payload)
+        assert client.publish_wait(T.lab_images("client"), payload)
     assert everything.wait_count(len(sent))
     assert sorted(m.payload for m in everything.messages) == sorted(sent)  # each once
     assert all(inbox.messages for inbox in per_node.values()), "one node got every image"

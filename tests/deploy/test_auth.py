@@ -78,8 +78,8 @@ def test_tls_listener_with_the_ca(broker: Broker) -> None:
     broker.connect("node-1", tls=True, subscriptions=[(T.images_shared_filter(), 1)], handler=inbox)
     client = broker.connect("client", tls=True)
     assert client.settings.port == broker.tls_port
-    assert client.publish_wait(T.images("scope-1"), b"over tls")
-    assert inbox.wait_topic(T.images("scope-1"))
+    assert client.publish_wait(T.lab_images("client", "scope-1"), b"over tls")
+    assert inbox.wait_topic(T.lab_images("client", "scope-1"))
     assert inbox.messages[0].payload == b"over tls"
 
 

@@ -32,7 +32,7 @@ def test_largest_image_with_request_properties_is_delivered(broker: Broker) -> N
         user=[("image_id", "i" * 64)],
     )
     payload = b"\xff" * MAX_IMAGE_BYTES
-    assert client.publish_wait(T.images("s" * 64), payload, props=props, timeout=30)
+    assert client.publish_wait(T.lab_images("client", "s" * 64), payload, props=props, timeout=30)
     assert inbox.wait_count(1, timeout=30)
     assert inbox.messages[0].payload == payload
 
@@ -58,7 +58,7 @@ def test_oversize_packet_is_not_delivered(broker: Broker) -> None:
     big.username_pw_set("client", broker.password("client"))
     big.on_disconnect = on_disconnect
     big.connect(broker.host, broker.port)
-    big.publish(T.images("big"), b"\0" * (BROKER_MAX_PACKET_BYTES + 1024), qos=1)
+    big.publish(T.lab_images("client", "big"), b"\0" * (BROKER_MAX_PACKET_BYTES + 1024), qos=1)
     deadline = time.monotonic() + 30
     while not closed.is_set() and time.monotonic() < deadline:
         big.loop(timeout=0.1)
@@ -68,15 +68,15 @@ def test_oversize_packet_is_not_delivered(broker: Broker) -> None:
 
     # A message published after it arrives; the oversize one never does.
     client = broker.connect("client")
-    assert client.publish_wait(T.images("small"), b"small")
-    assert inbox.wait_topic(T.images("small"))
-    assert inbox.topics() == [T.images("small")]
+    assert client.publish_wait(T.lab_images("client", "small"), b"small")
+    assert inbox.wait_topic(T.lab_images("client", "small"))
+    assert inbox.topics() == [T.lab_images("client", "small")]
     assert "oversize packet" in broker.log_text()  # dropped for its size, not the ACL
 
 
 def test_mqtt_client_refuses_a_packet_over_the_brokers_maximum(broker: Broker) -> None:
     client = broker.connect("client")
-    topic = T.images("scope-1")
+    topic = T.lab_images("client", "scope-1")
     # An empty payload needs 1 byte of remaining length, a 20 MiB one 4 bytes.
     overhead = publish_packet_size(topic, b"", 1, None) + 3
     fits = b"\0" * (BROKER_MAX_PACKET_BYTES - overhead)

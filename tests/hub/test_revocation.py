@@ -13,6 +13,7 @@ import shutil
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +25,9 @@ from cellwatch.hub.service import HubService
 from cellwatch.node.faults import Faults
 from cellwatch.node.service import NodeService
 from cellwatch.shared.hubapi import NodeInfo, RevokeArgs, RevokeReply, RolloutStartArgs
+from cellwatch.shared.revocations import sign_revocation
 from cellwatch.shared.schemas import (
+    DesiredModel,
     RevocationList,
     UpdateReport,
 )
@@ -39,6 +42,8 @@ from tests.hub.web import get, sample, scrape
 from tests.node.conftest import node_settings
 
 Nodes = Callable[..., NodeService]
+
+
 TRAIN = str(Path(sys.executable).with_name("cellwatch-train"))
 
 
@@ -70,9 +75,11 @@ def requester(broker: Broker) -> Iterator[Requester]:
     r.close()
 
 
-def revoke(operator: HubClient, version: str, reason: str = "wrong labels") -> RevokeReply:
-    args = RevokeArgs(name="toy", version=version, reason=reason)
-    return RevokeReply.model_validate(operator.call("models.revoke", args))
+def revoke(
+    operator: HubClient, bundles: Bundles, version: str, reason: str = "wrong labels"
+) -> RevokeReply:
+    """Revoke toy VERSION, signed with the test release key (a trusted key)."""
+    return operator.revoke("toy", version, reason, bundles.keys / "test.key")
 
 
 def version(node: NodeService) -> str | None:
@@ -101,27 +108,40 @@ def test_revoked_and_unknown_models_are_refused(
     bundles: Bundles,
     fake_nodes: NodeMaker,
 ) -> None:
-    fake_nodes("node-1", model=ref(bundles))
+    fake = fake_nodes("node-1", model=ref(bundles))
     wait_for(lambda: len(operator.nodes().nodes) == 1, what="node-1 seen")
     operator.push(bundles.v2)
+    sha = bundles.sha(bundles.v2)
+    assert "error" not in fake.fetch(sha, "manifest.json").props
+    mallory = load_private_key(bundles.untrusted.parent / "other-keys" / "mallory.key")
+    forged = sign_revocation(mallory, ref(bundles, "2.0.0"), "forged")
+    for bad in (forged, forged.model_copy(update={"signature": None})):
+        with pytest.raises(ApiFailure) as err:  # not signed by a trusted key
+            operator.call("models.revoke", RevokeArgs(revocation=bad))
+        assert err.value.code == "bad_signature"
     with pytest.raises(ApiFailure) as err:  # unknown model
         operator.rollout_start(RolloutStartArgs(name="toy", version="9.9.9"))
     assert err.value.code == "not_found" and "known versions: 2.0.0" in err.value.message
     with pytest.raises(ApiFailure) as err:
-        revoke(operator, "9.9.9")
+        revoke(operator, bundles, "9.9.9")
     assert err.value.code == "not_found"
 
     watch = Collector(broker.settings("node-1"), T.hub_revoked(), name="watch")
-    reply = revoke(operator, "2.0.0", "trained on the wrong labels")
+    reply = revoke(operator, bundles, "2.0.0", "trained on the wrong labels")
     assert reply.model.revoke_reason == "trained on the wrong labels"
     assert reply.model.revoked_at is not None and reply.nodes == [] and reply.aborted == []
+    # The fetch server hands out no file of it (a node that lost its list cannot get it).
+    assert fake.fetch(sha, "manifest.json").props.get("error") == "unknown_file"
     with pytest.raises(ApiFailure) as err:  # a revoked model
         operator.rollout_start(RolloutStartArgs(name="toy", version="2.0.0"))
     assert err.value.code == "revoked" and "wrong labels" in err.value.message
     with pytest.raises(ApiFailure) as err:  # pushed again: still revoked
         operator.push(bundles.v2)
     assert err.value.code == "revoked"
-    assert revoke(operator, "2.0.0", "again").model.revoke_reason == "trained on the wrong labels"
+    assert (
+        revoke(operator, bundles, "2.0.0", "again").model.revoke_reason
+        == "trained on the wrong labels"
+    )
     assert operator.rollout_list().rollouts == []
 
     def published() -> list[str]:
@@ -148,11 +168,12 @@ def test_the_cli_revokes_and_explains(
     broker: Broker, hub: Any, operator: HubClient, bundles: Bundles
 ) -> None:
     operator.push(bundles.v2)
-    r = cli(broker, "models", "revoke", "toy", "2.0.0", "--reason", "bad batch")
+    key = str(bundles.keys / "test.key")
+    r = cli(broker, "models", "revoke", "toy", "2.0.0", "--reason", "bad batch", "--sign-key", key)
     assert r.returncode == 0, r.stderr
     assert "revoked toy 2.0.0" in r.stdout and "bad batch" in r.stdout
     assert "no node was serving it" in r.stdout
-    r = cli(broker, "models", "revoke", "toy", "9.9.9", "--reason", "x")
+    r = cli(broker, "models", "revoke", "toy", "9.9.9", "--reason", "x", "--sign-key", key)
     assert r.returncode == 2 and r.stderr.startswith("error: no model toy 9.9.9")
     r = cli(broker, "models", "revoke", "toy", "2.0.0")
     assert r.returncode == 2 and "--reason" in r.stderr
@@ -174,34 +195,71 @@ def test_nodes_move_off_a_revoked_bundle_and_refuse_it(
     until(operator, rid, lambda i: i.state == "completed", timeout=120)
     assert version(n1) == version(n2) == "2.0.0"
 
-    reply = revoke(operator, "2.0.0", "wrong labels")
+    reply = revoke(operator, bundles, "2.0.0", "wrong labels")
     assert reply.nodes == ["node-1", "node-2"]
+    # Their retained desired model named 2.0.0: the rollout rolls back to 1.0.0.
+    assert reply.moved == ["node-1", "node-2"]
     wait_for(lambda: version(n1) == version(n2) == "1.0.0", 60, "both back on 1.0.0")
-    for node in (n1, n2):
-        assert node.model_error is not None and node.model_error.code == "revoked"
-        assert "wrong labels" in node.model_error.message
+    for node in (n1, n2):  # moved by the revocation or by the desired model, first wins
+        assert node.model_error is None or node.model_error.code == "revoked"
     r = requester.request(images.jpeg())
     assert r.status == "ok" and r.model is not None and r.model.version == "1.0.0"
     on(operator, ["node-1", "node-2"], "1.0.0")
-    shown = node_info(operator, "node-1").model_error
-    assert shown is not None and shown.code == "revoked"
+    until(operator, rid, lambda i: i.state == "rolled_back", timeout=60)
 
-    # A restart keeps it off 2.0.0 (the revocation list is in its store); the
-    # retained desired still names 2.0.0: the node refuses it.
-    watch = Collector(broker.settings("hub"), T.update("node-1"))
+    # A restart keeps it off 2.0.0 (the revocation list is in its store), and its
+    # retained desired model names 1.0.0 now.
     n1.join()
     again = nodes("node-1")
     assert version(again) == "1.0.0" and again.model_error is None  # its active bundle
+    assert again.updater is not None
+    wait_for(
+        lambda: (
+            again.updater is not None
+            and again.updater.last_report is not None
+            and again.updater.last_report.model.version == "1.0.0"
+        ),
+        30,
+        "the node confirming its desired 1.0.0",
+    )
+    assert version(again) == "1.0.0"
+
+
+def test_a_node_refuses_a_revoked_desired_model(
+    broker: Broker,
+    hub_factory: HubFactory,
+    operator: HubClient,
+    bundles: Bundles,
+    nodes: Nodes,
+) -> None:
+    """A retained desired model that still names a revoked bundle (a node that had no
+    earlier model to go back to, a hub restored from before the revocation): the node
+    refuses it with `revoked` and keeps its model."""
+    hub_factory()
+    node = nodes("node-1")
+    on(operator, ["node-1"], "1.0.0")
+    operator.push(bundles.v2)
+    revoke(operator, bundles, "2.0.0", "wrong labels")
+    wait_for(lambda: node.updater is not None and bool(node.updater.revoked), 30, "the list")
+    watch = Collector(broker.settings("hub"), T.update("node-1"))
+    hub = broker.connect("hub")
+    desired = DesiredModel(
+        rollout_id="r-old", model=ref(bundles, "2.0.0"), issued_at=datetime.now(UTC)
+    )
+    assert hub.publish_wait(T.desired("node-1"), desired.to_json(), retain=True)
 
     def refused() -> bool:
         reports = [UpdateReport.model_validate_json(m.payload) for m in watch.messages]
         return any(
-            r.rollout_id == rid and r.state == "failed" and r.error and r.error.code == "revoked"
+            r.rollout_id == "r-old"
+            and r.state == "failed"
+            and r.error
+            and r.error.code == "revoked"
             for r in reports
         )
 
     wait_for(refused, 30, "a failed/revoked report")
-    assert version(again) == "1.0.0"
+    assert version(node) == "1.0.0"
     watch.close()
 
 
@@ -216,7 +274,7 @@ def test_revoking_the_only_bundle_leaves_no_model(
     node = nodes()
     on(operator, ["node-1"], "1.0.0")
     operator.push(bundles.v1)
-    reply = revoke(operator, "1.0.0", "do not use")
+    reply = revoke(operator, bundles, "1.0.0", "do not use")
     assert reply.nodes == ["node-1"]
     wait_for(lambda: node.model is None, 30, "no model")
     assert node.model_error is not None and node.model_error.code == "revoked"
@@ -275,7 +333,7 @@ def test_key_rotation_leaves_no_node_without_a_model(
     new_id = key_id(load_private_key(new_key).public_key())
     pushed = operator.push(resigned)  # the same manifest: the hub keeps the new signature
     assert pushed.status == "already_present" and pushed.model["signer"] == new_id
-    assert revoke(operator, "1.0.0", "signed with the retired key").nodes == []
+    assert revoke(operator, bundles, "1.0.0", "signed with the retired key").nodes == []
 
     # (3) the old key goes
     new_only = tmp_path / "keys-new"

@@ -290,3 +290,46 @@ def test_database_round_trip(tmp_path: Path) -> None:
     assert db.rollouts(active_only=True) == []
     assert db.next_rollout_id() == "r1" and db.next_rollout_id() == "r2"
     db.close()
+
+
+DAY = 86_400.0
+
+
+def test_a_wall_clock_step_times_nothing_out() -> None:
+    """Timers run on the monotonic clock (`mono`): the wall clock jumping a day
+    forward (NTP, an operator) times no target out; a full node_timeout_s does."""
+    r, views = make(2, "100%", timeout=60, max_failures="2")
+    r.tick(views, T0, mono=5.0)
+    r.tick(views, T0 + DAY, mono=6.0)
+    assert {t.state for t in r.targets} == {"pending"}
+    r.tick(views, T0 + DAY, mono=5.0 + 60)
+    assert {t.state for t in r.targets} == {"pending"}
+    r.tick(views, T0 - DAY, mono=5.0 + 61)  # and a step back delays nothing
+    assert {t.state for t in r.targets} == {"timed_out"}
+
+
+def test_deadlines_survive_a_restart_of_the_hub(tmp_path: Path) -> None:
+    """A reloaded rollout's timers go on from the stored clock start (wall time, the
+    durable deadline clock_from + node_timeout_s) on the new process's monotonic
+    clock; a wall clock set back while the hub was down gives no more than a full
+    timeout."""
+    db = Database(tmp_path / "hub.db")
+    r, views = make(2, "100%", timeout=60, max_failures="2")
+    r.tick(views, T0, mono=5.0)
+    db.save_rollout(r)
+    loaded = db.rollout("r1")
+    assert loaded is not None and all(t.deadline is None for t in loaded.targets)
+    # The hub restarts 20 s later; its monotonic clock starts anew.
+    loaded.tick(views, T0 + 20, mono=1.0)
+    loaded.tick(views, T0 + 1000, mono=1.0 + 40)  # 40 s of the 60 left: a wall step
+    assert {t.state for t in loaded.targets} == {"pending"}
+    loaded.tick(views, T0 + 1000, mono=1.0 + 41)
+    assert {t.state for t in loaded.targets} == {"timed_out"}
+    back = db.rollout("r1")
+    assert back is not None
+    back.tick(views, T0 - DAY, mono=0.0)  # the wall clock went back a day
+    back.tick(views, T0 - DAY, mono=60.0)
+    assert {t.state for t in back.targets} == {"pending"}
+    back.tick(views, T0 - DAY, mono=61.0)
+    assert {t.state for t in back.targets} == {"timed_out"}
+    db.close()

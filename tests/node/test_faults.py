@@ -38,7 +38,7 @@ def test_a_retained_image_is_answered_once_not_on_every_subscribe(
     try:
         props = PublishProps(correlation_data=b"retained-1", response_topic=replies)
         assert requester.client.publish_wait(
-            T.images("scope-1"), images.jpeg(), qos=1, retain=True, props=props
+            T.lab_images("client", "scope-1"), images.jpeg(), qos=1, retain=True, props=props
         )
         wait_for(lambda: len(inbox.on(replies)) == 1, what="the live delivery's answer")
         node.join()
@@ -62,8 +62,8 @@ def test_response_topics_outside_replies_are_refused(
         before = len(status.on(T.status("node-1")))
         for rt in (T.results("otherlab"), T.status("node-1"), "cellwatch/replies/x/+"):
             requester.send(images.jpeg(), response_topic=rt, image_id="bad-rt")
-        wait_for(lambda: len(watch.on(T.results("scope-1"))) == 3, what="3 error results")
-        for m in watch.on(T.results("scope-1")):
+        wait_for(lambda: len(watch.on(T.results("client"))) == 3, what="3 error results")
+        for m in watch.on(T.results("client")):
             r = Result.model_validate_json(m.payload)
             assert r.status == "error" and r.error is not None
             assert r.error.code == "invalid_request" and "replies/" in r.error.message

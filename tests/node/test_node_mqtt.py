@@ -22,7 +22,9 @@ def test_classifies_and_echoes_binary_correlation_data(
     corr = b"\xff\xfe\x00not-utf8\x80"
     red = requester.result(requester.send(images.jpeg(images.RED), correlation=corr))
     assert red.status == "ok" and red.label == "ALL" and red.node_id == "node-1"
-    assert red.model == node.model.bundle.ref and red.source == "scope-1"
+    assert (
+        red.model == node.model.bundle.ref and red.source == "client"
+    )  # the account: the ACL vouches for it
     assert red.probabilities is not None and abs(sum(red.probabilities.values()) - 1) < 1e-4
     assert red.timings_ms.total >= red.timings_ms.infer > 0
     blue = requester.request(images.png(images.BLUE), image_id="slide-7")
@@ -34,17 +36,17 @@ def test_results_topic_for_a_v311_publisher(broker: Broker, node_factory: NodeFa
     from paho.mqtt.enums import CallbackAPIVersion
 
     node_factory()
-    results = Collector(broker.settings("client"), T.results("scope-9"))
+    results = Collector(broker.settings("client"), T.results("client"))
     c = paho.Client(CallbackAPIVersion.VERSION2, client_id="old-scope", protocol=paho.MQTTv311)
     c.username_pw_set("client", broker.password("client"))
     c.connect(broker.host, broker.port)
     c.loop_start()
     try:
         payload = images.jpeg(images.BLUE)
-        c.publish(T.images("scope-9"), payload, qos=1).wait_for_publish(10)
-        wait_for(lambda: bool(results.on(T.results("scope-9"))), what="result on results/scope-9")
-        r = Result.model_validate_json(results.on(T.results("scope-9"))[0].payload)
-        assert r.status == "ok" and r.label == "normal" and r.source == "scope-9"
+        c.publish(T.lab_images("client", "scope-9"), payload, qos=1).wait_for_publish(10)
+        wait_for(lambda: bool(results.on(T.results("client"))), what="result on results/client")
+        r = Result.model_validate_json(results.on(T.results("client"))[0].payload)
+        assert r.status == "ok" and r.label == "normal" and r.source == "client"
         assert len(r.image_id) == 16  # derived from the payload's SHA-256
     finally:
         c.loop_stop()
@@ -92,7 +94,7 @@ def test_bad_inputs_get_error_results_and_nothing_is_lost(
 
 def test_invalid_source_and_image_id(node_factory: NodeFactory, requester: Requester) -> None:
     node = node_factory()
-    bad_topic = "cellwatch/images/not.valid"
+    bad_topic = T.lab_images("client") + "/not.valid"
     r = requester.request(images.jpeg(), topic=bad_topic)
     assert r.status == "error" and r.error is not None and r.error.code == "invalid_request"
     r = requester.request(images.jpeg(), image_id="no spaces allowed")

@@ -27,7 +27,7 @@ from tests.broker import Broker
 from tests.harness import T, wait_for
 from tests.responder import Responder, Seen
 
-TOPIC = T.images("scope-1")
+TOPIC = T.lab_images("client", "scope-1")
 QUICK = Policy(timeout_s=30.0)
 
 

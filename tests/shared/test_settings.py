@@ -4,9 +4,11 @@ import tomllib
 from pathlib import Path
 
 import pytest
+from pydantic import SecretStr
 
 from cellwatch.node.config import NodeSettings
 from cellwatch.shared.errors import ConfigError
+from cellwatch.shared.settings import MqttSettings
 from tests.configdoc import leaf_paths, toml_paths
 
 
@@ -75,3 +77,23 @@ def test_node_example_config_documents_every_setting() -> None:
         "mqtt.tls.key_file",
         "inference.cache_dir",
     }, missing
+
+
+def test_a_service_client_id_carries_a_secret_of_its_password(tmp_path: Path) -> None:
+    """MqttSettings.session_client_id: another account cannot compute it (it needs the
+    password); the same credentials give the same id (the node's duplicate-id
+    detection); a configured client_id is used as is."""
+    secret = tmp_path / "pw"
+    secret.write_text("s3cret\n")
+    a = MqttSettings(username="node-1", password_file=secret)
+    b = MqttSettings(username="node-1", password=SecretStr("s3cret"))
+    cid = a.session_client_id("cellwatch-node-node-1")
+    assert cid == b.session_client_id("cellwatch-node-node-1")
+    assert (
+        cid.startswith("cellwatch-node-node-1-") and len(cid) == len("cellwatch-node-node-1-") + 32
+    )
+    other = MqttSettings(username="node-1", password=SecretStr("other"))
+    assert other.session_client_id("cellwatch-node-node-1") != cid
+    assert MqttSettings(username="x").session_client_id("base") == "base"
+    fixed = MqttSettings(username="node-1", password=SecretStr("s3cret"), client_id="mine")
+    assert fixed.session_client_id("cellwatch-node-node-1") == "mine"

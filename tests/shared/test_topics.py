@@ -3,14 +3,26 @@ from __future__ import annotations
 import pytest
 
 from cellwatch.shared.errors import TopicError
-from cellwatch.shared.topics import Topics, is_valid_name
+from cellwatch.shared.topics import ImageOrigin, Topics, is_valid_name
 
 T = Topics()
 
 
 def test_builders_follow_design() -> None:
     assert T.images("scope-1") == "cellwatch/images/scope-1"
-    assert T.images_shared_filter() == "$share/cellwatch-nodes/cellwatch/images/+"
+    assert T.images_shared_filter() == "$share/cellwatch-nodes/cellwatch/images/#"
+    assert T.lab_images("client-labA") == "cellwatch/images/client-labA"
+    assert T.lab_images("client-labA", "scope-1") == "cellwatch/images/client-labA/scope-1"
+    assert T.lab_images_filters() == ("cellwatch/images/+", "cellwatch/images/+/+")
+    assert T.lab_images_shared_filters() == (
+        "$share/cellwatch-nodes/cellwatch/images/+",
+        "$share/cellwatch-nodes/cellwatch/images/+/+",
+    )
+    assert T.node_lab_images("n", "a", "s") == "cellwatch/nodes/n/images/a/s"
+    assert T.node_lab_images_filters("n") == (
+        "cellwatch/nodes/n/images/+",
+        "cellwatch/nodes/n/images/+/+",
+    )
     assert T.node_images("node-1") == "cellwatch/nodes/node-1/images"
     assert T.results("scope-1") == "cellwatch/results/scope-1"
     assert T.status("n") == "cellwatch/nodes/n/status"
@@ -30,6 +42,26 @@ def test_invalid_names_are_refused(bad: str) -> None:
     assert not is_valid_name(bad)
     with pytest.raises(TopicError):
         T.images(bad)
+
+
+def test_the_origin_of_an_image_is_the_account_its_topic_names() -> None:
+    assert T.origin_of("cellwatch/images/labA") == ImageOrigin("labA", None)
+    assert T.origin_of("cellwatch/images/labA/scope-1") == ImageOrigin("labA", "scope-1")
+    assert T.origin_of("cellwatch/nodes/n/images/labA/s", "n") == ImageOrigin("labA", "s")
+    assert T.source_of("cellwatch/images/labA/scope-1") == "labA"
+    for bad in (
+        "cellwatch/images/labA/s/deeper",
+        "cellwatch/images/labA/bad.scope",
+        "cellwatch/images/",
+        "cellwatch/nodes/n/images/labA",  # without node_id
+        "cellwatch/results/labA",
+    ):
+        with pytest.raises(TopicError):
+            T.origin_of(bad)
+    with pytest.raises(TopicError):
+        T.origin_of("cellwatch/nodes/other/images/labA", "n")
+    assert T.is_reply_topic("cellwatch/replies/labA/x", account="labA")
+    assert not T.is_reply_topic("cellwatch/replies/labB/x", account="labA")
 
 
 def test_parse_source_and_node_id() -> None:
