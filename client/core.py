@@ -21,8 +21,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import cast
 
-import paho.mqtt.client as paho
-
 from cellwatch.client.answer import Answer
 from cellwatch.client.config import ClientSettings
 from cellwatch.client.errors import (
@@ -34,7 +32,7 @@ from cellwatch.client.errors import (
 )
 from cellwatch.client.inputs import image_id_for, read
 from cellwatch.shared.errors import MqttError
-from cellwatch.shared.mqtt import ConnectRefused, MqttClient, PublishProps, publish_packet_size
+from cellwatch.shared.mqtt import ConnectRefused, Message, MqttClient, PublishProps, packet_size
 from cellwatch.shared.rpc import (
     ATTEMPT_PROPERTY,
     Outcome,
@@ -70,7 +68,7 @@ CONTENT_TYPES = {
 }
 
 
-def parse_result(msg: paho.MQTTMessage) -> Result:
+def parse_result(msg: Message) -> Result:
     """Network thread: a Result, or ValueError (counted as malformed and dropped)."""
     return Result.model_validate_json(msg.payload)
 
@@ -189,7 +187,7 @@ class Core:
         )
         if len(p.payload) + len(p.topic.encode()) + 9 + props.size_bound() <= limit:
             return  # fits for sure, without packing the properties
-        size = publish_packet_size(p.topic, p.payload, 1, props.to_paho())
+        size = packet_size(p.topic, p.payload, 1, props)
         if size > limit:
             raise PayloadTooLarge(
                 f"{p.input}: {len(p.payload)} bytes do not fit in the broker's maximum packet "
