@@ -66,7 +66,8 @@ class NetworkLoop:
         self._flush_at_stop = True
         # With a register-write callback set, paho never writes from a publisher's
         # thread (its direct write in _packet_queue is for unthreaded use): only here.
-        client.on_socket_register_write = lambda c, userdata, sock: self.wake()
+        # The callback itself does nothing: whoever queues a packet calls wake().
+        client.on_socket_register_write = lambda c, userdata, sock: None
 
     # -- control (any thread) --------------------------------------------------------
     def start(self) -> None:
