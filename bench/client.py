@@ -44,6 +44,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.common import BIN, Broker, scratch, smear_jpeg
 from cellwatch.client import Answer, Client, ClientSettings
 from cellwatch.client.summary import percentile
+from cellwatch.shared.mqtt import Message
 from cellwatch.shared.topics import Topics
 from tests.models import write_test_bundle
 
@@ -87,7 +88,7 @@ def wait_online(broker: Broker, nodes: list[str]) -> None:
     seen: set[str] = set()
     cond = threading.Condition()
 
-    def on_status(msg: paho.MQTTMessage) -> None:
+    def on_status(msg: Message) -> None:
         if msg.payload and json.loads(msg.payload).get("state") == "online":
             with cond:
                 seen.add(T.node_id_of(msg.topic))

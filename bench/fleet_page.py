@@ -165,7 +165,7 @@ def main() -> None:
         print(
             f"filled {args.nodes} nodes x {SLOTS} history slots in {time.perf_counter() - t0:.1f} s"
         )
-        fetch = FetchServer(BundleStore(root / "store"), Topics(), lambda *a: None, 262144)
+        fetch = FetchServer(BundleStore(root / "store"), Topics(), 262144, HubCounters())
         server = HttpServer(
             HttpSettings(listen="127.0.0.1:0"),
             HubSources(

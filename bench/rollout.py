@@ -45,7 +45,6 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
-import paho.mqtt.client as paho
 import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -57,7 +56,7 @@ from cellwatch.node.fetcher import Fetcher
 from cellwatch.shared.bundle import hash_files, write_manifest
 from cellwatch.shared.hubapi import RolloutStartArgs
 from cellwatch.shared.manifest import MANIFEST_FILE, SIGNATURE_FILE, Manifest
-from cellwatch.shared.mqtt import MqttClient
+from cellwatch.shared.mqtt import Message, MqttClient
 from cellwatch.shared.schemas import DesiredModel, ModelRef, NodeStatus, UpdateReport, utcnow
 from cellwatch.shared.signing import generate_keypair, load_private_key
 from cellwatch.shared.states import RolloutState, UpdateState
@@ -130,7 +129,7 @@ class SimNode:
         )
         self.mqtt.publish_wait(T.status(self.node_id), s.to_json(), qos=1, retain=True)
 
-    def on_message(self, msg: paho.MQTTMessage) -> None:
+    def on_message(self, msg: Message) -> None:
         if msg.topic == T.desired(self.node_id):
             if not msg.payload:
                 return
@@ -142,7 +141,7 @@ class SimNode:
                 self._updating = sha
             threading.Thread(target=self._update_once, args=(d,), daemon=True).start()
             return
-        self.fetcher.on_reply(msg)
+        self.fetcher.rpc.on_message(msg)
 
     def report(self, d: DesiredModel, state: UpdateState, progress: float) -> None:
         r = UpdateReport(

@@ -25,8 +25,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import cast
 
-import paho.mqtt.client as paho
-
 from cellwatch.client.answer import Answer
 from cellwatch.client.config import ClientSettings
 from cellwatch.client.errors import (
@@ -38,7 +36,7 @@ from cellwatch.client.errors import (
 )
 from cellwatch.client.inputs import image_id_for, read
 from cellwatch.shared.errors import MqttError
-from cellwatch.shared.mqtt import ConnectRefused, MqttClient, PublishProps, publish_packet_size
+from cellwatch.shared.mqtt import ConnectRefused, Message, MqttClient, PublishProps, packet_size
 from cellwatch.shared.rpc import (
     ATTEMPT_PROPERTY,
     Outcome,
@@ -108,7 +106,7 @@ def reply_token(client_id: str) -> str:
     return hashlib.sha256(f"cellwatch reply\0{client_id}".encode()).hexdigest()[:REPLY_TOKEN_HEX]
 
 
-def parse_result(msg: paho.MQTTMessage) -> Result:
+def parse_result(msg: Message) -> Result:
     """Network thread: a Result, or ValueError (counted as malformed and dropped)."""
     return Result.model_validate_json(msg.payload)
 
@@ -255,7 +253,7 @@ class Core:
         )
         if len(p.payload) + len(p.topic.encode()) + 9 + props.size_bound() <= limit:
             return  # fits for sure, without packing the properties
-        size = publish_packet_size(p.topic, p.payload, 1, props.to_paho())
+        size = packet_size(p.topic, p.payload, 1, props)
         if size > limit:
             raise PayloadTooLarge(
                 f"{p.input}: {len(p.payload)} bytes do not fit in the broker's maximum packet "

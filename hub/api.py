@@ -1,13 +1,14 @@
 """The hub API: verb dispatch for `cellwatch/hub/api/{verb}` (DESIGN.md, Topics).
 
-Every request is an ApiRequest whose args validate against the verb's model
-(shared/hubapi.py); every answer is an ApiReply. A mutating verb's successful reply
+Every request is an ApiRequest (validated and capped by the API's route, hub/intake.py)
+whose args validate against the verb's model (shared/hubapi.py); every answer is an
+ApiReply. A mutating verb's successful reply
 is stored under its request_id: the same request again (a client retry) gets the
 same reply and does nothing twice.
 
 Verbs: push.begin, push.commit, models, models.revoke, nodes, stats, rollout.start,
 rollout.status, rollout.list, rollout.pause, rollout.resume, rollout.abort,
-rollout.rollback (the raw chunk upload on `upload` is handled by the service, see
+rollout.rollback (the chunk upload on `upload` has its own route, hub/control.py and
 registry.py).
 """
 
@@ -28,6 +29,7 @@ from cellwatch.hub.orchestrator import Orchestrator
 from cellwatch.hub.queries import Queries
 from cellwatch.hub.registry import Registry
 from cellwatch.hub.served import ServedTotals
+from cellwatch.shared.base import first_problem
 from cellwatch.shared.codes import ApiErrorCode
 from cellwatch.shared.hubapi import (
     ModelsArgs,
@@ -39,7 +41,6 @@ from cellwatch.shared.hubapi import (
     RolloutStartArgs,
     RolloutStatusArgs,
 )
-from cellwatch.shared.limits import MAX_API_REQUEST_BYTES
 from cellwatch.shared.schemas import ApiError, ApiReply, ApiRequest
 
 log = logging.getLogger(__name__)
@@ -50,12 +51,6 @@ class Verb:
     args: type[BaseModel]
     run: Callable[[Any, float], BaseModel]
     mutating: bool = False
-
-
-def _first_error(exc: ValidationError) -> str:
-    err = exc.errors()[0]
-    where = ".".join(str(p) for p in err["loc"]) or "(top level)"
-    return f"{where}: {err['msg']}"
 
 
 def error_reply(request_id: str | None, code: ApiErrorCode, message: str) -> ApiReply:
@@ -99,20 +94,8 @@ class Api:
             ),
         }
 
-    def handle(self, verb: str, payload: bytes, now: float) -> ApiReply:
+    def handle(self, verb: str, req: ApiRequest, now: float) -> ApiReply:
         """Answer one request; never raises for anything a caller can send."""
-        if len(payload) > MAX_API_REQUEST_BYTES:
-            return error_reply(
-                None,
-                ApiErrorCode.TOO_LARGE,
-                f"request is {len(payload)} bytes, over {MAX_API_REQUEST_BYTES}",
-            )
-        try:
-            req = ApiRequest.model_validate_json(payload)
-        except ValidationError as exc:
-            return error_reply(
-                None, ApiErrorCode.BAD_REQUEST, f"not an ApiRequest: {_first_error(exc)}"
-            )
         spec = self.verbs.get(verb)
         if spec is None:
             return error_reply(
@@ -135,7 +118,7 @@ class Api:
             args = spec.args.model_validate(req.args)
         except ValidationError as exc:
             return error_reply(
-                req.request_id, ApiErrorCode.BAD_REQUEST, f"{verb}: {_first_error(exc)}"
+                req.request_id, ApiErrorCode.BAD_REQUEST, f"{verb}: {first_problem(exc)}"
             )
         try:
             data = spec.run(args, now)

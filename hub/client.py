@@ -11,17 +11,14 @@ HubRefused; no answer raises HubUnavailable; an error reply raises ApiFailure.
 from __future__ import annotations
 
 import base64
-import hashlib
 import tempfile
 import uuid
-from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import paho.mqtt.client as paho
 from pydantic import BaseModel, ValidationError
 
 from cellwatch.hub.errors import ApiFailure, HubError, HubRefused, HubUnavailable
@@ -48,7 +45,7 @@ from cellwatch.shared.hubapi import (
     UploadAck,
 )
 from cellwatch.shared.manifest import MANIFEST_FILE, SIGNATURE_FILE
-from cellwatch.shared.mqtt import MqttClient
+from cellwatch.shared.mqtt import Message, MqttClient
 from cellwatch.shared.revocations import sign_revocation
 from cellwatch.shared.rpc import (
     Policy,
@@ -59,6 +56,7 @@ from cellwatch.shared.rpc import (
     Rpc,
     RpcError,
 )
+from cellwatch.shared.rpc.transfer import Upload
 from cellwatch.shared.schemas import ApiReply, ApiRequest, ModelRef
 from cellwatch.shared.settings import MqttSettings
 from cellwatch.shared.signing import load_private_key
@@ -77,7 +75,7 @@ class PushResult:
     bytes_sent: int
 
 
-def _parse_reply(msg: paho.MQTTMessage) -> ApiReply:
+def _parse_reply(msg: Message) -> ApiReply:
     try:
         return ApiReply.model_validate_json(msg.payload)
     except ValidationError as exc:
@@ -282,35 +280,27 @@ class HubClient:
         total: int,
         progress: Progress | None,
     ) -> int:
-        """Send path from offset in chunks, UPLOAD_WINDOW of them in flight; the hub
-        acknowledges each in order."""
-        inflight: deque[tuple[Future[Reply[ApiReply]], int]] = deque()
-        sent = 0
-        with path.open("rb") as f:
-            f.seek(offset)
-            position = offset
-            while position < size or inflight:
-                while position < size and len(inflight) < UPLOAD_WINDOW:
-                    data = f.read(min(chunk, size - position))
-                    user = (
-                        ("upload_id", upload_id),
-                        ("file", path.name),
-                        ("offset", str(position)),
-                        ("sha256", hashlib.sha256(data).hexdigest()),
-                    )
-                    inflight.append((self.send(UPLOAD_VERB, data, user), len(data)))
-                    position += len(data)
-                future, length = inflight.popleft()
-                try:
-                    UploadAck.model_validate(self.wait(future, f"upload of {path.name}"))
-                except BaseException:
-                    for rest, _ in inflight:
-                        rest.cancel()
-                    raise
-                sent += length
-                if progress is not None:
-                    progress(done + (position - offset) - sum(n for _, n in inflight), total)
-        return sent
+        """Send path from offset through the one chunk transfer (shared.rpc.transfer),
+        UPLOAD_WINDOW chunks in flight; the hub acknowledges each in order."""
+
+        def confirm(future: Future[Reply[ApiReply]]) -> None:
+            UploadAck.model_validate(self.wait(future, f"upload of {path.name}"))
+
+        upload = Upload(
+            rpc=self.rpc,
+            topic=self.topics.hub_api(UPLOAD_VERB),
+            naming=(("upload_id", upload_id), ("file", path.name)),
+            path=path,
+            start=offset,
+            size=size,
+            chunk_bytes=chunk,
+            window=UPLOAD_WINDOW,
+            parse=_parse_reply,
+            policy=self.policy,
+            confirm=confirm,
+            progress=(lambda sent: progress(done + sent, total)) if progress else lambda sent: None,
+        )
+        return upload.run()
 
 
 def _b64(path: Path) -> str:

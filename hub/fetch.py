@@ -1,32 +1,35 @@
 """The chunk server: answers FetchRequests on `cellwatch/hub/fetch/{node_id}`
-(node-driven, resumable: the node asks for any offset).
+(node-driven, resumable: the node asks for any offset), through the edge's fetch
+route (`route()`: a FetchRequest of at most MAX_FETCH_REQUEST_BYTES).
 
 The node is the one named by the request's topic, which the broker's ACL lets only
-that node write; the body does not name it. Reply (QoS 1, on the request's Response
-Topic, which must be exactly that node's `cellwatch/nodes/{node_id}/fetch`): the raw
-chunk, Correlation Data echoed, user properties `offset`, `total` (the file's size)
-and `sha256` (of this chunk). Lengths are clamped to `max_chunk_bytes` (the node
-learns the limit from the chunks it gets); offset == total gives an empty chunk.
-Errors: an empty payload with user properties `error` (bad_request,
-unknown_bundle, unknown_file, bad_offset) and `message`. A request on any other
-topic, or whose Response Topic is not its node's, is logged and dropped.
+that node write; the body does not name it. The route's reply policy allows only
+that node's `cellwatch/nodes/{node_id}/fetch` as the Response Topic; a request with
+any other is logged and dropped. Reply (QoS 1): a chunk in the one chunk format
+(shared/rpc/transfer.py: the raw bytes, user properties `offset`, `total` (the
+file's size) and `sha256`), Correlation Data echoed. Lengths are clamped to
+`max_chunk_bytes` (the node learns the limit from the chunks it gets); offset ==
+total gives an empty chunk. Errors: an empty payload with user properties `error`
+(bad_request, unknown_bundle, unknown_file, bad_offset) and `message`. The network
+thread only checks and queues (`take`, at most FETCH_QUEUE waiting; beyond that a
+request is dropped and counted: the node asks again); `fetch-N` workers `serve`.
 """
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import threading
 from collections import defaultdict
-from collections.abc import Callable
 
-import paho.mqtt.client as paho
-from pydantic import ValidationError
-
+from cellwatch.hub.counters import DropReason, HubCounters
 from cellwatch.hub.store import BundleStore
 from cellwatch.shared.codes import ApiErrorCode
 from cellwatch.shared.errors import MqttError, TopicError
-from cellwatch.shared.mqtt import PublishProps
+from cellwatch.shared.handoff import Handoff
+from cellwatch.shared.mqtt import Message
+from cellwatch.shared.rpc import Acks, Delivery, Inbound, Problem, Rejected, ReplyPolicy, Route
+from cellwatch.shared.rpc import response_topic as reply_on_response_topic
+from cellwatch.shared.rpc.transfer import chunk_properties, error_properties
 from cellwatch.shared.schemas import FetchRequest
 from cellwatch.shared.topics import Topics
 
@@ -34,18 +37,19 @@ log = logging.getLogger(__name__)
 
 MAX_FETCH_REQUEST_BYTES = 4096
 """A FetchRequest is ~200 bytes of JSON; anything much larger is refused unread."""
+FETCH_QUEUE = 256
 
-Publish = Callable[[str, bytes, PublishProps], None]
 
+def fetch_replies(topics: Topics) -> ReplyPolicy:
+    """Replies go only to the asking node's own fetch topic."""
 
-def props_of(msg: paho.MQTTMessage) -> tuple[str | None, bytes | None]:
-    """(Response Topic, Correlation Data) of a message."""
-    p = msg.properties
-    if p is None:
-        return None, None
-    rt = getattr(p, "ResponseTopic", None)
-    corr = getattr(p, "CorrelationData", None)
-    return (str(rt) if rt else None), (bytes(corr) if corr is not None else None)
+    def scope(message: Message) -> str | None:
+        try:
+            return topics.fetch_reply(topics.fetch_node_of(message.topic))
+        except TopicError:
+            return None
+
+    return reply_on_response_topic(scope)
 
 
 Served = dict[str, dict[str, int]]
@@ -66,12 +70,13 @@ def by_bundle(served: Served) -> dict[str, int]:
 
 class FetchServer:
     def __init__(
-        self, store: BundleStore, topics: Topics, publish: Publish, max_chunk_bytes: int
+        self, store: BundleStore, topics: Topics, max_chunk_bytes: int, counters: HubCounters
     ) -> None:
         self.store = store
         self.topics = topics
-        self.publish = publish
         self.max_chunk_bytes = max_chunk_bytes
+        self.counters = counters
+        self.queue: Handoff[Inbound[FetchRequest]] = Handoff(FETCH_QUEUE, name="hub: fetch")
         self._lock = threading.Lock()
         self._served: defaultdict[str, defaultdict[str, int]] = defaultdict(
             lambda: defaultdict(int)
@@ -85,50 +90,77 @@ class FetchServer:
         with self._lock:
             return {node: dict(per) for node, per in self._served.items()}
 
-    # -- requests ------------------------------------------------------------------------
-    def handle(self, msg: paho.MQTTMessage) -> None:
+    def _count(self, error: bool) -> None:
         with self._lock:
             self.requests += 1
-        rt, corr = props_of(msg)
-        try:
-            node = self.topics.fetch_node_of(msg.topic)
-        except TopicError:
-            log.warning("fetch: dropping a request on %s: not a node's fetch topic", msg.topic)
-            self._count_error()
-            return
-        if rt != self.topics.fetch_reply(node):
-            log.warning(
-                "fetch: node %s asked for replies on %r, not its own fetch topic: dropped",
-                node,
-                rt,
-            )
-            self._count_error()
-            return
-        if len(msg.payload) > MAX_FETCH_REQUEST_BYTES:
-            self._error(
-                rt, corr, ApiErrorCode.BAD_REQUEST, f"request over {MAX_FETCH_REQUEST_BYTES} bytes"
-            )
-            return
-        try:
-            req = FetchRequest.model_validate_json(msg.payload)
-        except ValidationError as exc:
-            err = exc.errors()[0]
-            where = ".".join(str(p) for p in err["loc"]) or "request"
-            self._error(
-                rt, corr, ApiErrorCode.BAD_REQUEST, f"invalid FetchRequest: {where}: {err['msg']}"
-            )
-            return
-        self._serve(node, req, rt, corr)
+            self.errors += error
 
-    def _serve(self, node: str, req: FetchRequest, rt: str, corr: bytes | None) -> None:
+    # -- network thread ----------------------------------------------------------------
+    def route(self) -> Route[FetchRequest]:
+        return Route(
+            self.topics.hub_fetch_filter(),
+            FetchRequest.model_validate_json,
+            self.take,
+            max_bytes=MAX_FETCH_REQUEST_BYTES,
+            reply=fetch_replies(self.topics),
+            on_rejected=self.refuse,
+            acks=Acks.HANDLER,
+            name="fetch request",
+        )
+
+    def take(self, inbound: Inbound[FetchRequest]) -> None:
+        """Queue a request for the fetch workers (never waits)."""
+        if not self.queue.offer(inbound):
+            log.warning("fetch: queue full, dropping a request (the node asks again)")
+            self.counters.dropped(DropReason.FETCH_QUEUE_FULL)
+            inbound.ack()
+
+    def refuse(self, rejected: Rejected) -> None:
+        """A request over the cap or not a FetchRequest: a bad_request answer."""
+        if rejected.problem is Problem.MALFORMED:
+            message = f"invalid FetchRequest: {rejected.reason}"
+        else:
+            message = f"request {rejected.reason}"
+        self._count(error=True)
+        if self._deliverable(rejected):
+            self._error(rejected, ApiErrorCode.BAD_REQUEST, message)
+        rejected.ack()
+
+    # -- fetch workers -----------------------------------------------------------------
+    def serve(self, inbound: Inbound[FetchRequest]) -> None:
+        """Answer one request, then acknowledge it."""
+        try:
+            self._serve(inbound)
+        finally:
+            inbound.ack()
+
+    def _deliverable(self, delivery: Delivery) -> bool:
+        if delivery.reply_to.topic is not None:
+            return True
+        log.warning(
+            "fetch: a request on %s asked for replies on %r, not its node's own fetch "
+            "topic: dropped",
+            delivery.topic,
+            delivery.reply_to.refused,
+        )
+        return False
+
+    def _serve(self, inbound: Inbound[FetchRequest]) -> None:
+        if not self._deliverable(inbound):
+            self._count(error=True)
+            return
+        node = self.topics.fetch_node_of(inbound.topic)  # valid: the policy checked it
+        req = inbound.body
         sha = req.manifest_sha256
         if not self.store.has(sha):
-            self._error(rt, corr, ApiErrorCode.UNKNOWN_BUNDLE, f"no bundle {sha[:12]} on this hub")
+            self._error(inbound, ApiErrorCode.UNKNOWN_BUNDLE, f"no bundle {sha[:12]} on this hub")
             return
         path = self.store.file(sha, req.file)
         if path is None:
             self._error(
-                rt, corr, ApiErrorCode.UNKNOWN_FILE, f"bundle {sha[:12]} has no file {req.file!r}"
+                inbound,
+                ApiErrorCode.UNKNOWN_FILE,
+                f"bundle {sha[:12]} has no file {req.file!r}",
             )
             return
         length = min(req.length, self.max_chunk_bytes)
@@ -137,8 +169,7 @@ class FetchServer:
                 total = f.seek(0, 2)
                 if req.offset > total:
                     self._error(
-                        rt,
-                        corr,
+                        inbound,
                         ApiErrorCode.BAD_OFFSET,
                         f"offset {req.offset} is past the end ({total})",
                     )
@@ -147,18 +178,11 @@ class FetchServer:
                 data = f.read(length)
         except OSError as exc:
             log.error("fetch: cannot read %s of %s: %s", req.file, sha[:12], exc)
-            self._error(rt, corr, ApiErrorCode.UNKNOWN_FILE, f"cannot read {req.file}")
+            self._error(inbound, ApiErrorCode.UNKNOWN_FILE, f"cannot read {req.file}")
             return
-        props = PublishProps(
-            correlation_data=corr,
-            user=(
-                ("offset", str(req.offset)),
-                ("total", str(total)),
-                ("sha256", hashlib.sha256(data).hexdigest()),
-            ),
-        )
+        self._count(error=False)
         try:
-            self.publish(rt, data, props)
+            inbound.reply(data, user=chunk_properties(req.offset, data, total))
         except MqttError as exc:
             log.error("fetch: node %s: cannot send chunk: %s", node, exc)
             return
@@ -173,15 +197,11 @@ class FetchServer:
             len(data),
         )
 
-    def _count_error(self) -> None:
-        with self._lock:
-            self.errors += 1
-
-    def _error(self, rt: str, corr: bytes | None, code: ApiErrorCode, message: str) -> None:
-        self._count_error()
-        log.warning("fetch: %s on %s: %s", code, rt, message)
-        props = PublishProps(correlation_data=corr, user=(("error", code), ("message", message)))
+    def _error(self, delivery: Delivery, code: ApiErrorCode, message: str) -> None:
+        if not isinstance(delivery, Rejected):
+            self._count(error=True)
+        log.warning("fetch: %s on %s: %s", code, delivery.reply_to.topic, message)
         try:
-            self.publish(rt, b"", props)
+            delivery.reply(b"", user=error_properties(code, message))
         except MqttError as exc:
-            log.error("fetch: cannot send the error reply to %s: %s", rt, exc)
+            log.error("fetch: cannot send the error reply to %s: %s", delivery.reply_to.topic, exc)

@@ -1,25 +1,25 @@
-"""What the hub does with each incoming message on paho's network thread: check it
-against its topic's size cap, rate-limit telemetry, coalesce statuses, and hand it to
-the control thread (hub/handover.py) or the fetch workers. Nothing here waits.
+"""The hub's routes (shared/rpc/edge.py): what it accepts from the fleet and the
+operator, on paho's network thread. Each is checked against its route's byte cap and
+payload model there, then handed to the control thread (hub/control.py) or the fetch
+workers (hub/fetch.py), never waiting.
 
-- Size caps, before anything is queued: node status, telemetry and update reports
-  NODE_MESSAGE_MAX_BYTES each (a real one is under 2 KB), API requests
-  MAX_API_REQUEST_BYTES, bundle upload chunks MAX_UPLOAD_CHUNK_BYTES, fetch requests
-  MAX_FETCH_REQUEST_BYTES. A node message over its cap is acknowledged, counted
-  `too_large` and dropped unread; an API request over it is answered `too_large`
-  (without its payload); a fetch request over it is queued cut to one byte over the
-  cap, which the fetch server answers `bad_request`.
+- Caps: node status, telemetry and update reports MAX_NODE_MESSAGE_BYTES each (a real
+  one is under 2 KB), API requests MAX_API_REQUEST_BYTES, bundle upload chunks
+  MAX_UPLOAD_CHUNK_BYTES, fetch requests MAX_FETCH_REQUEST_BYTES. A node message over
+  its cap, or one that does not validate, or one naming another node than its topic,
+  is acknowledged, counted (`too_large`, `malformed`, `wrong_node`), logged and
+  dropped; an API request over its cap or malformed is answered `too_large` /
+  `bad_request` (without its payload being queued); a fetch request, `bad_request`.
+  An empty status, telemetry or report clears a retained message: ignored.
 - Telemetry (QoS 0): at most `telemetry_per_s` per node on average (bursts of
   `telemetry_burst`), and none while the control queue is deeper than
   `telemetry_high_water` (counted `rate_limited` / `backlog`).
-- Status (QoS 1, retained): at most one valid status per node process (boot_id)
-  waits for the control thread; a newer one of the same process replaces it in its
-  place in the queue (the older is acknowledged and counted `superseded`): a node
-  flooding its status costs one queue entry. Statuses of different processes (a
-  restart, a late Will, two processes with one node id) are all queued, for the
-  fleet's rules to see in order; a status that does not validate (or names another
-  node) never replaces one: it is queued on its own, and the control thread counts
-  and logs it.
+- Status (QoS 1, retained): at most one status per node process (boot_id) waits for
+  the control thread; a newer one of the same process replaces it in its place in
+  the queue (the older is acknowledged and counted `superseded`): a node flooding
+  its status costs one queue entry. Statuses of different processes (a restart, a
+  late Will, two processes with one node id) are all queued, for the fleet's rules
+  to see in order.
 - QoS 1 messages are otherwise never dropped: the hub's Receive Maximum bounds how
   many the broker sends before the hub acknowledges them (after handling them).
 
@@ -29,65 +29,43 @@ Per-node state here (rate-limit buckets) is bounded by `max_nodes`, oldest evict
 from __future__ import annotations
 
 import logging
-import queue
 import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
-from enum import StrEnum
-
-import paho.mqtt.client as paho
-from pydantic import ValidationError
+from typing import Any, Protocol
 
 from cellwatch.hub.config import HubLimits
 from cellwatch.hub.counters import DropReason, HubCounters
-from cellwatch.hub.fetch import MAX_FETCH_REQUEST_BYTES, props_of
-from cellwatch.hub.handover import Handover
 from cellwatch.hub.registry import MAX_UPLOAD_CHUNK_BYTES
 from cellwatch.hub.rollout import Desired
+from cellwatch.shared.codes import ApiErrorCode
 from cellwatch.shared.errors import TopicError
+from cellwatch.shared.handoff import Handoff
 from cellwatch.shared.hubapi import UPLOAD_VERB
-from cellwatch.shared.limits import MAX_API_REQUEST_BYTES
-from cellwatch.shared.schemas import NodeStatus
+from cellwatch.shared.limits import MAX_API_REQUEST_BYTES, MAX_NODE_MESSAGE_BYTES
+from cellwatch.shared.rpc import Acks, Inbound, Problem, Rejected, Route, raw, response_topic
+from cellwatch.shared.schemas import ApiRequest, NodeStatus, Telemetry, UpdateReport
 from cellwatch.shared.topics import Topics
 
 log = logging.getLogger(__name__)
 
-NODE_MESSAGE_MAX_BYTES = 16 * 1024
-"""Largest status, telemetry or update report the hub reads (a real one is < 2 KB)."""
-
-
-class Kind(StrEnum):
-    STATUS = "status"
-    TELEMETRY = "telemetry"
-    UPDATE = "update"
-    API = "api"
+Handle = Callable[[Inbound[Any], str], bool]
+"""A control-thread handler: (the message, its node id or ""); True when the rollout
+engine should tick."""
 
 
 @dataclass(eq=False)
 class Incoming:
-    """A message for the control thread. A status one may have its message replaced
-    by a newer status of the same node until the control thread takes it."""
+    """A message for the control thread: `handle` it there, then acknowledge it. A
+    status may have its message replaced by a newer status of the same node process
+    until the control thread takes it."""
 
-    kind: Kind
-    msg: paho.MQTTMessage
-    generation: int
-    node_id: str | None = None
+    handle: Handle
+    inbound: Inbound[Any]
+    node_id: str = ""
     taken: bool = False
-    status: NodeStatus | None = None
-    """A status already validated on the way in (it goes with msg)."""
-
-
-@dataclass(frozen=True)
-class Oversized:
-    """An API request over its size cap: answered `too_large` without its payload."""
-
-    topic: str
-    response_topic: str | None
-    correlation: bytes | None
-    size: int
-    limit: int
 
 
 @dataclass(frozen=True)
@@ -98,8 +76,18 @@ class Confirmed:
 
 
 Task = Callable[[], None]
-Item = Incoming | Oversized | Confirmed | Task | None
-Ack = Callable[[paho.MQTTMessage, int], None]
+Item = Incoming | Confirmed | Task | None
+
+
+class Handlers(Protocol):
+    """What the control thread does with each kind of message (hub/control.py)."""
+
+    def on_status(self, inbound: Inbound[NodeStatus], node_id: str) -> bool: ...
+    def on_telemetry(self, inbound: Inbound[Telemetry], node_id: str) -> bool: ...
+    def on_update(self, inbound: Inbound[UpdateReport], node_id: str) -> bool: ...
+    def on_api(self, inbound: Inbound[ApiRequest], node_id: str) -> bool: ...
+    def on_upload(self, inbound: Inbound[bytes], node_id: str) -> bool: ...
+    def refuse_api(self, rejected: Rejected) -> None: ...
 
 
 class RateLimiter:
@@ -125,28 +113,21 @@ class RateLimiter:
 
 
 class Intake:
-    """Routes messages from the network thread (see the module docstring)."""
+    """The hub's routes (see the module docstring)."""
 
     def __init__(
         self,
         topics: Topics,
         limits: HubLimits,
         counters: HubCounters,
-        control: Handover[Item],
-        fetch: queue.Queue[tuple[paho.MQTTMessage, int] | None],
-        *,
-        ack: Ack,
-        generation: Callable[[], int],
+        control: Handoff[Item],
+        handlers: Handlers,
     ) -> None:
         self.topics = topics
         self.limits = limits
         self.counters = counters
         self.control = control
-        self.fetch = fetch
-        self._ack = ack
-        self._generation = generation
-        self._api_prefix = topics.hub_api(UPLOAD_VERB)[: -len(UPLOAD_VERB)]
-        self._fetch_prefix = topics.hub_fetch_filter()[:-1]
+        self.handlers = handlers
         self._telemetry = RateLimiter(
             limits.telemetry_per_s, limits.telemetry_burst, limits.max_nodes
         )
@@ -154,109 +135,131 @@ class Intake:
         self._status: dict[str, Incoming] = {}
         """node_id -> its status waiting for the control thread (at most one)."""
 
-    # -- network thread ------------------------------------------------------------------
-    def on_message(self, msg: paho.MQTTMessage) -> None:
-        topic, size, generation = msg.topic, len(msg.payload), self._generation()
-        if topic.startswith(self._fetch_prefix):
-            self._on_fetch(msg, size, generation)
-        elif topic.startswith(self._api_prefix):
-            self._on_api(msg, size, generation)
-        else:
-            self._on_node(msg, size, generation)
+    def routes(self) -> list[Route[Any]]:
+        t, h = self.topics, self.handlers
+        api_replies = response_topic(lambda message: t.hub_replies_filter())
 
-    def _drop(self, msg: paho.MQTTMessage, generation: int, reason: DropReason) -> None:
-        self.counters.dropped(reason)
-        self._ack(msg, generation)
-
-    def _on_fetch(self, msg: paho.MQTTMessage, size: int, generation: int) -> None:
-        if size > MAX_FETCH_REQUEST_BYTES:
-            # Keep the queue small; the fetch server still sees it is too large.
-            msg.payload = bytes(msg.payload[: MAX_FETCH_REQUEST_BYTES + 1])
-        try:
-            self.fetch.put_nowait((msg, generation))
-        except queue.Full:
-            log.warning("fetch: queue full, dropping a request (the node asks again)")
-            self._drop(msg, generation, DropReason.FETCH_QUEUE_FULL)
-
-    def _on_api(self, msg: paho.MQTTMessage, size: int, generation: int) -> None:
-        upload = msg.topic == self._api_prefix + UPLOAD_VERB
-        limit = MAX_UPLOAD_CHUNK_BYTES if upload else MAX_API_REQUEST_BYTES
-        if size > limit:
-            rt, corr = props_of(msg)
-            log.warning("api: a %d-byte request on %s refused unread", size, msg.topic)
-            self._drop(msg, generation, DropReason.TOO_LARGE)
-            self.control.put(Oversized(msg.topic, rt, corr, size, limit))
-            return
-        self.control.put(Incoming(Kind.API, msg, generation))
-
-    def _on_node(self, msg: paho.MQTTMessage, size: int, generation: int) -> None:
-        try:
-            node_id = self.topics.node_id_of(msg.topic)
-            kind = Kind(msg.topic.rsplit("/", 1)[-1])
-        except (TopicError, ValueError):
-            log.warning("hub: message on unexpected topic %s dropped", msg.topic)
-            self._ack(msg, generation)
-            return
-        if size > NODE_MESSAGE_MAX_BYTES:
-            log.warning(
-                "node %s: a %d-byte %s dropped unread (over %d bytes)",
-                node_id,
-                size,
-                kind,
-                NODE_MESSAGE_MAX_BYTES,
+        def node_route(
+            leaf: str, model: Any, handler: Callable[[Any], None], qos: int = 1
+        ) -> Route[Any]:
+            return Route(
+                t.node_filter(leaf),
+                model.model_validate_json,
+                handler,
+                max_bytes=MAX_NODE_MESSAGE_BYTES,
+                on_rejected=self._drop_node_message,
+                acks=Acks.HANDLER,
+                empty_clears=True,
+                qos=qos,
+                name=f"node {leaf}",
             )
-            self._drop(msg, generation, DropReason.TOO_LARGE)
-            return
-        if kind is Kind.TELEMETRY:
-            self._on_telemetry(msg, node_id, generation)
-        elif kind is Kind.STATUS:
-            self._on_status(msg, node_id, generation)
-        else:
-            self.control.put(Incoming(kind, msg, generation, node_id))
 
-    def _on_telemetry(self, msg: paho.MQTTMessage, node_id: str, generation: int) -> None:
+        def operator_route(
+            topic: str, body: Any, handle: Handle, cap: int, name: str
+        ) -> Route[Any]:
+            return Route(
+                topic,
+                body,
+                lambda inbound: self.control.put(Incoming(handle, inbound)),
+                max_bytes=cap,
+                reply=api_replies,
+                on_rejected=h.refuse_api,
+                acks=Acks.HANDLER,
+                name=name,
+            )
+
+        return [
+            node_route("status", NodeStatus, self._on_status),
+            node_route("telemetry", Telemetry, self._on_telemetry, qos=0),
+            node_route("update", UpdateReport, self._on_update),
+            operator_route(
+                t.hub_api_filter(),
+                ApiRequest.model_validate_json,
+                h.on_api,
+                MAX_API_REQUEST_BYTES,
+                "API request",
+            ),
+            operator_route(
+                t.hub_api(UPLOAD_VERB), raw, h.on_upload, MAX_UPLOAD_CHUNK_BYTES, "upload chunk"
+            ),
+        ]
+
+    # -- network thread ------------------------------------------------------------------
+    def _node_of(self, inbound: Inbound[Any], named: str | None) -> str | None:
+        """The node id of the message's topic, if the body (naming `named`) agrees;
+        otherwise the message is counted and dropped (None)."""
+        try:
+            node_id = self.topics.node_id_of(inbound.topic)
+        except TopicError:
+            log.warning("hub: message on unexpected topic %s dropped", inbound.topic)
+            inbound.ack()
+            return None
+        if named is not None and named != node_id:
+            self.counters.dropped(DropReason.WRONG_NODE)
+            log.warning("node %s: %s names node %s: ignored", node_id, inbound.topic, named)
+            inbound.ack()
+            return None
+        return node_id
+
+    def _drop_node_message(self, rejected: Rejected) -> None:
+        too_large = rejected.problem is Problem.TOO_LARGE
+        self.counters.dropped(DropReason.TOO_LARGE if too_large else DropReason.MALFORMED)
+        log.warning("hub: %s ignored: %s", rejected.topic, rejected.reason)
+        rejected.ack()
+
+    def _on_update(self, inbound: Inbound[UpdateReport]) -> None:
+        node_id = self._node_of(inbound, None)
+        if node_id is not None:
+            self.control.put(Incoming(self.handlers.on_update, inbound, node_id))
+
+    def _on_telemetry(self, inbound: Inbound[Telemetry]) -> None:
+        node_id = self._node_of(inbound, inbound.body.node_id)
+        if node_id is None:
+            return
         if not self._telemetry.allow(node_id, time.monotonic()):
             self.counters.dropped(DropReason.RATE_LIMITED)
             return
-        item = Incoming(Kind.TELEMETRY, msg, generation, node_id)
+        item = Incoming(self.handlers.on_telemetry, inbound, node_id)
         if not self.control.offer(item, self.limits.telemetry_high_water):
             self.counters.dropped(DropReason.BACKLOG)
 
-    def _on_status(self, msg: paho.MQTTMessage, node_id: str, generation: int) -> None:
-        try:
-            status = NodeStatus.model_validate_json(msg.payload) if msg.payload else None
-        except ValidationError:
-            status = None
-        if status is None or status.node_id != node_id:  # the control thread says why
-            self.control.put(Incoming(Kind.STATUS, msg, generation, node_id))
+    def _on_status(self, inbound: Inbound[NodeStatus]) -> None:
+        status = inbound.body
+        node_id = self._node_of(inbound, status.node_id)
+        if node_id is None:
             return
         with self._lock:
             waiting = self._status.get(node_id)
             same_process = (
                 waiting is not None
                 and not waiting.taken
-                and waiting.status is not None
-                and waiting.status.boot_id == status.boot_id
+                and waiting.inbound.body.boot_id == status.boot_id
             )
             if waiting is not None and same_process:
-                older, older_generation = waiting.msg, waiting.generation
-                waiting.msg, waiting.generation, waiting.status = msg, generation, status
+                older, waiting.inbound = waiting.inbound, inbound
             else:
-                waiting = Incoming(Kind.STATUS, msg, generation, node_id, status=status)
+                waiting = Incoming(self.handlers.on_status, inbound, node_id)
                 self._status[node_id] = waiting
                 older = None
         if older is None:
             self.control.put(waiting)
         else:
-            self._drop(older, older_generation, DropReason.SUPERSEDED)
+            self.counters.dropped(DropReason.SUPERSEDED)
+            older.ack()
 
     # -- control thread ------------------------------------------------------------------
-    def take(self, item: Incoming) -> tuple[paho.MQTTMessage, int, NodeStatus | None]:
-        """The message, its connection generation and its validated status (if it is
-        one) the control thread handles now; from here on a newer status of the node
-        waits in a new entry."""
+    def take(self, item: Incoming) -> Inbound[Any]:
+        """The message the control thread handles now; from here on a newer status of
+        the node waits in a new entry."""
         with self._lock:
             item.taken = True
-            if item.node_id is not None and self._status.get(item.node_id) is item:
+            if item.node_id and self._status.get(item.node_id) is item:
                 del self._status[item.node_id]
-            return item.msg, item.generation, item.status
+            return item.inbound
+
+
+def api_error(rejected: Rejected) -> tuple[ApiErrorCode, str]:
+    """The API's answer to a request its route refused."""
+    if rejected.problem is Problem.TOO_LARGE:
+        return ApiErrorCode.TOO_LARGE, f"request refused: {rejected.reason}"
+    return ApiErrorCode.BAD_REQUEST, f"not an ApiRequest: {rejected.reason}"

@@ -6,8 +6,9 @@ Push (operator -> hub), resumable and idempotent:
    `already_present` (same manifest sha256 stored: nothing to do), or `upload` with
    upload_id (= the manifest sha256) and, per file, its size and the offset the hub
    already has (a push interrupted earlier resumes there).
-2. Raw chunks on `cellwatch/hub/api/upload`, user properties upload_id, file,
-   offset (must equal the bytes the hub has), sha256 (of the chunk); one UploadAck each.
+2. Chunks on `cellwatch/hub/api/upload` in the one chunk format (shared/rpc/transfer.py:
+   the bytes, user properties offset, which must equal the bytes the hub has, sha256
+   and total) with user properties upload_id and file; one UploadAck each.
 3. `push.commit` {upload_id}: every file's size and SHA-256 and the signature are
    checked again on the assembled directory (shared.bundle.load_bundle), then it is
    moved into the store under its manifest sha256 in one rename.
@@ -26,7 +27,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import hashlib
 import logging
 import re
 from datetime import UTC, datetime
@@ -56,6 +56,7 @@ from cellwatch.shared.manifest import (
     model_flags,
 )
 from cellwatch.shared.revocations import verify_revocation
+from cellwatch.shared.rpc.transfer import Chunk
 from cellwatch.shared.schemas import Revocation, RevocationList
 from cellwatch.shared.signing import TrustedKeys
 
@@ -295,23 +296,25 @@ class Registry:
             status="upload", upload_id=sha, files=files, chunk_bytes=MAX_UPLOAD_CHUNK_BYTES
         )
 
-    def upload(self, upload_id: str, file: str, offset: int, sha256: str, data: bytes) -> UploadAck:
+    def upload(self, upload_id: str, file: str, chunk: Chunk) -> UploadAck:
+        """Store a chunk (its SHA-256 was checked on arrival) of a file of upload_id."""
         manifest = self._manifest(upload_id)
         entry = manifest.files.get(file)
         if entry is None:
             raise ApiFailure(
                 ApiErrorCode.BAD_REQUEST, f"{file!r} is not a file of this bundle's manifest"
             )
-        if len(data) > MAX_UPLOAD_CHUNK_BYTES:
+        if len(chunk.data) > MAX_UPLOAD_CHUNK_BYTES:
             raise ApiFailure(
                 ApiErrorCode.TOO_LARGE, f"upload chunk over {MAX_UPLOAD_CHUNK_BYTES} bytes"
             )
-        if hashlib.sha256(data).hexdigest() != sha256:
+        if chunk.total is not None and chunk.total != entry.size:
             raise ApiFailure(
-                ApiErrorCode.BAD_REQUEST, f"{file} chunk at {offset}: SHA-256 mismatch"
+                ApiErrorCode.BAD_REQUEST,
+                f"{file} is {entry.size} bytes in the manifest, the upload says {chunk.total}",
             )
         try:
-            done = self.store.append(upload_id, file, offset, data, entry.size)
+            done = self.store.append(upload_id, file, chunk.offset, chunk.data, entry.size)
         except StoreError as exc:
             raise ApiFailure(ApiErrorCode.BAD_OFFSET, str(exc)) from exc
         return UploadAck(file=file, offset=done, complete=done == entry.size)

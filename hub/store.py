@@ -20,10 +20,9 @@ from cellwatch.hub.errors import StoreError
 from cellwatch.shared.bundle import check_file_name
 from cellwatch.shared.errors import BundleError
 from cellwatch.shared.manifest import MANIFEST_FILE, SIGNATURE_FILE
+from cellwatch.shared.rpc.transfer import PartFile, TransferError
 
 log = logging.getLogger(__name__)
-
-PART_SUFFIX = ".part"
 
 
 class BundleStore:
@@ -95,34 +94,24 @@ class BundleStore:
     def has_upload(self, sha: str) -> bool:
         return (self.uploads / sha / MANIFEST_FILE).is_file()
 
+    def upload_file(self, sha: str, name: str, size: int | None = None) -> PartFile:
+        """File `name` of upload sha as it arrives (shared/rpc/transfer.py: in order
+        into `{name}.part`, renamed to `{name}` once it reaches size)."""
+        return PartFile(self.uploads / sha / name, size)
+
     def received(self, sha: str, name: str) -> int:
         """Bytes of file `name` already uploaded (complete or partial)."""
-        d = self.uploads / sha
-        done, part = d / name, d / (name + PART_SUFFIX)
-        if done.is_file():
-            return done.stat().st_size
-        return part.stat().st_size if part.is_file() else 0
+        return self.upload_file(sha, name).received()
 
     def append(self, sha: str, name: str, offset: int, data: bytes, size: int) -> int:
         """Append data at offset (must equal the bytes received); returns the new total.
-
-        The file is renamed from `{name}.part` to `{name}` once it reaches `size`.
-        """
-        d = self.uploads / sha
-        part = d / (name + PART_SUFFIX)
-        have = self.received(sha, name)
-        if offset != have:
-            raise StoreError(f"{name}: upload expected offset {have}, got {offset}")
-        if offset + len(data) > size:
-            raise StoreError(f"{name}: {offset + len(data)} bytes is more than its size {size}")
+        StoreError for any other offset, more bytes than size, or a disk error."""
         try:
-            with part.open("ab") as out:
-                out.write(data)
-            if offset + len(data) == size:
-                os.replace(part, d / name)
+            return self.upload_file(sha, name, size).append(offset, data)
+        except TransferError as exc:
+            raise StoreError(f"upload of {exc}") from exc
         except OSError as exc:
             raise StoreError(f"cannot write upload of {name}: {exc}") from exc
-        return offset + len(data)
 
     def discard_upload(self, sha: str) -> None:
         shutil.rmtree(self.uploads / sha, ignore_errors=True)

@@ -13,6 +13,7 @@ from cellwatch.node.classifier import Classifier
 from cellwatch.node.config import NodeSettings
 from cellwatch.node.decode import ImageError, ImageLimits
 from cellwatch.node.engine import EngineConfig, check_device, load_serving_model
+from cellwatch.node.faults import Faults
 from cellwatch.node.requests import IMAGE_ID_RE, ImageRequest, derive_image_id
 from cellwatch.node.service import NodeService
 from cellwatch.shared.bundle import load_bundle
@@ -41,7 +42,7 @@ def run(config_path: Path | None) -> None:
     """Serve images from MQTT until SIGTERM/SIGINT, then stop gracefully."""
     settings = NodeSettings.load(config_path)
     setup_logging(settings.log_level)
-    run_until_signalled(NodeService(settings))
+    run_until_signalled(NodeService(settings, faults=Faults.from_env()))
 
 
 @main.command()
@@ -91,8 +92,6 @@ def classify(
             payload=payload,
             image_id=path.stem if IMAGE_ID_RE.match(path.stem) else derive_image_id(payload),
             source=None,
-            response_topic=None,
-            correlation_data=None,
             received_at=utcnow(),
             received_mono=time.monotonic(),
         )

@@ -41,7 +41,7 @@ from cellwatch.node.errors import (
     ModelRetired,
     SelfTestError,
 )
-from cellwatch.node.faults import Faults
+from cellwatch.node.faults import NO_FAULTS, FaultPoint, Faults
 from cellwatch.node.preprocess import PIXEL_OFFSET, PIXEL_SCALE, to_model_range
 from cellwatch.shared.bundle import Bundle
 
@@ -154,7 +154,7 @@ class ServingModel:
         self._pending: dict[int, _Job] = {}
         self._job_ids = itertools.count(1)
         self._retired = False
-        self._faults = Faults()
+        self._faults = NO_FAULTS
         self._started = 0
         self._sync_request = self.compiled.create_infer_request()
         log.info(
@@ -213,7 +213,7 @@ class ServingModel:
         self._callback = callback
 
     def inject(self, faults: Faults) -> None:
-        """Test hooks (node/faults.py) for this compiled model only."""
+        """The fault seam (node/faults.py) for this compiled model's inferences."""
         self._faults = faults
 
     @property
@@ -252,9 +252,8 @@ class ServingModel:
             self._pending[job] = _Job(userdata, time.monotonic() + self.config.infer_timeout_s)
             self._started += 1
             started = self._started
-        faults = self._faults
-        if faults.infer_hang_after is not None and started >= faults.infer_hang_after:
-            return  # test hook: the device took it and never finishes (slot stays busy)
+        if self._faults.at(FaultPoint.INFER_START, n=started):
+            return  # a hung device: it took the inference and never finishes
         try:
             with self._start_lock:
                 self._queue.start_async({0: x}, job)
@@ -269,9 +268,8 @@ class ServingModel:
         self._slots.release()
         with self._lock:
             entry = self._pending.pop(job, None)
-            fail_after = self._faults.infer_fail_after
-            if entry is not None and fail_after is not None and job >= fail_after:
-                self._pending[job] = entry  # test hook: a failed inference never calls back
+            if entry is not None and self._faults.at(FaultPoint.INFER_DONE, n=job):
+                self._pending[job] = entry  # a failed inference never calls back
                 return
         if entry is None:
             return  # the watchdog already answered it

@@ -23,12 +23,10 @@ import logging
 from collections.abc import Callable
 from pathlib import Path
 
-import paho.mqtt.client as paho
-
 from cellwatch.node.errors import NodeError
 from cellwatch.shared.limits import FETCH_CHUNK_BYTES
 from cellwatch.shared.mqtt import MqttClient
-from cellwatch.shared.rpc import Rpc
+from cellwatch.shared.rpc import Route, Rpc
 from cellwatch.shared.rpc.transfer import Download, TransferCancelled, TransferError, chunk_policy
 from cellwatch.shared.schemas import FetchRequest
 from cellwatch.shared.topics import Topics
@@ -72,9 +70,9 @@ class Fetcher:
         current = self._current
         return self._received_before + (current.received if current is not None else 0)
 
-    def on_reply(self, msg: paho.MQTTMessage) -> None:
-        """Network thread: a message on this node's fetch reply topic."""
-        self.rpc.on_message(msg)
+    def route(self) -> Route[bytes]:
+        """The edge route of this node's fetch reply topic (chunks for the rpc)."""
+        return self.rpc.route()
 
     def close(self) -> None:
         self.rpc.close()

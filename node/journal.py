@@ -2,19 +2,27 @@
 
 An image that crashes the node (a decoder bug, an OOM kill) is not acknowledged, so
 the broker delivers it again after the restart, and it would crash the node again,
-forever. The journal breaks the loop. It is an append-only text file:
+forever. The journal breaks the loop. It is an append-only text file of image keys
+(`requests.journal_key`):
 
     B                a node process opened the journal (a boot)
-    S <image_id>     decoding started
-    D <image_id>     answered (or given back unanswered at a clean stop)
-    C <image_id> N   carried over by a compaction: N crashes so far
+    S <key>          decoding started
+    D <key>          answered (or given back unanswered at a clean stop)
+    C <key> N        carried over by a compaction: N crashes so far
 
 A boot whose images are still open (started, not done) when the next boot begins
 (or at the end of the file) ended in a crash while they were in progress: each such
-image id counts one crash, however many copies of it were in flight (a batch of
+key counts one crash, however many copies of it were in flight (a batch of
 identical payloads shares one derived id). The node retries an image with one crash
 once, alone (no other suspect in flight, so a second crash points at it), and answers
-it with a `poison_image` error the next time. An answer clears the id.
+it with a `poison_image` error the next time. An answer clears the key.
+
+Threads. `started` runs on a decode worker and writes its line before the decode
+begins (a crash in the decoder must find it). `finished` runs where a Result's
+publish completes, often paho's network thread: it never waits, it only notes the
+key and wakes the journal's own writer thread, which writes the `D` lines (as does
+the next `started`); `crashes` reads without a lock. Compaction writes and syncs the
+new file without holding the lock, so a slow disk stalls no image.
 
 Lines are flushed to the kernel at once (they survive kill -9 and the OOM killer,
 not a power cut; a power cut is not what a poison image does). The file is
@@ -26,9 +34,11 @@ from __future__ import annotations
 import logging
 import os
 import threading
-from collections import Counter
+from collections import Counter, deque
 from pathlib import Path
 from typing import TextIO
+
+from cellwatch.node.faults import NO_FAULTS, FaultPoint, Faults
 
 log = logging.getLogger(__name__)
 
@@ -39,38 +49,40 @@ POISON_AFTER_CRASHES = 2
 
 
 def read_crashes(text: str) -> dict[str, int]:
-    """image id -> crashes it was in progress for, from a journal's text."""
+    """key -> crashes it was in progress for, from a journal's text."""
     crashes: Counter[str] = Counter()
-    open_ids: Counter[str] = Counter()
+    open_keys: Counter[str] = Counter()
 
     def end_of_boot() -> None:
-        for image_id, n in open_ids.items():
+        for key, n in open_keys.items():
             if n > 0:
-                crashes[image_id] += 1
-        open_ids.clear()
+                crashes[key] += 1
+        open_keys.clear()
 
     for line in text.splitlines():
         kind, _, rest = line.partition(" ")
         if kind == "B":
             end_of_boot()
         elif kind == "S" and rest:
-            open_ids[rest] += 1
+            open_keys[rest] += 1
         elif kind == "D" and rest:
-            open_ids[rest] = max(0, open_ids[rest] - 1)
+            open_keys[rest] = max(0, open_keys[rest] - 1)
             crashes.pop(rest, None)
         elif kind == "C" and rest:
-            image_id, _, count = rest.rpartition(" ")
-            if image_id and count.isdigit():
-                crashes[image_id] = max(crashes[image_id], int(count))
+            key, _, count = rest.rpartition(" ")
+            if key and count.isdigit():
+                crashes[key] = max(crashes[key], int(count))
         # anything else: a torn last line
     end_of_boot()
     return {k: n for k, n in crashes.items() if n > 0}
 
 
 class Journal:
-    def __init__(self, state_dir: Path) -> None:
+    def __init__(self, state_dir: Path, faults: Faults = NO_FAULTS) -> None:
         state_dir.mkdir(parents=True, exist_ok=True)
         self.path = state_dir / JOURNAL_FILE
+        self.faults = faults
+        self.compact_bytes = COMPACT_BYTES
         self._lock = threading.Lock()
         try:
             text = self.path.read_text(encoding="utf-8", errors="replace")
@@ -78,8 +90,16 @@ class Journal:
             text = ""
         self._crashes = read_crashes(text)
         self._open: Counter[str] = Counter()
-        """Images started by this process and not finished (an id may repeat)."""
-        self._file: TextIO = self._rewrite()
+        """Images started by this process and not finished (a key may repeat)."""
+        self._finished: deque[str] = deque()
+        """Finished keys whose `D` line is not written yet (appended without a lock)."""
+        self._tail: list[str] | None = None
+        """While a compaction writes the new file: the lines written meanwhile."""
+        self._wake = threading.Event()
+        self._closed = False
+        self._file: TextIO = self._open_new(self._snapshot())
+        self._writer = threading.Thread(target=self._write_loop, name="journal", daemon=True)
+        self._writer.start()
         if self._crashes:
             log.warning(
                 "journal: %d image(s) were being processed when the node last stopped "
@@ -88,58 +108,132 @@ class Journal:
                 ", ".join(f"{i} ({n}x)" for i, n in sorted(self._crashes.items())[:10]),
             )
 
-    def _rewrite(self) -> TextIO:
-        """Replace the file by what is still needed (atomic): the crash counts, a boot
-        marker for this process, and its images in progress."""
-        tmp = self.path.with_suffix(".tmp")
-        with tmp.open("w", encoding="utf-8") as f:
-            f.writelines(f"C {image_id} {n}\n" for image_id, n in self._crashes.items())
-            f.write("B\n")
-            for image_id, n in self._open.items():
-                f.writelines(f"S {image_id}\n" for _ in range(n))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.path)
-        return self.path.open("a", encoding="utf-8")
+    # -- images --------------------------------------------------------------------------
+    def crashes(self, key: str) -> int:
+        """How many abnormal stops this image was in progress for. Any thread; no
+        lock (a dict read is atomic), so paho's network thread may ask."""
+        return self._crashes.get(key, 0)
 
-    def crashes(self, image_id: str) -> int:
-        """How many abnormal stops this image was in progress for."""
+    def started(self, key: str) -> None:
+        """Decoding begins (decode worker): the line is with the kernel on return."""
         with self._lock:
-            return self._crashes.get(image_id, 0)
+            self._write_finished()
+            self._open[key] += 1
+            self._write(f"S {key}\n")
 
-    def started(self, image_id: str) -> None:
-        with self._lock:
-            self._open[image_id] += 1
-            self._write(f"S {image_id}\n")
+    def finished(self, key: str) -> None:
+        """The image was answered (or handed back at a clean stop): no longer a
+        suspect. Any thread; never waits (the writer thread writes its line)."""
+        self._finished.append(key)
+        self._wake.set()
 
-    def finished(self, image_id: str) -> None:
-        """The image was answered (or handed back at a clean stop): no longer a suspect."""
+    def flush(self) -> None:
+        """Write the `D` lines of every image finished before this call."""
         with self._lock:
-            if self._open[image_id] <= 1:
-                del self._open[image_id]
+            self._write_finished()
+
+    def _write_loop(self) -> None:
+        while True:
+            self._wake.wait()
+            self._wake.clear()
+            if self._closed:
+                return
+            try:
+                self.flush()
+            except Exception:  # the writer must outlive anything (flush logs disk errors)
+                log.exception("journal: writing finished images failed")
+
+    # -- the file ------------------------------------------------------------------------
+    def _write_finished(self) -> None:
+        """Lock held."""
+        lines = []
+        while self._finished:
+            key = self._finished.popleft()
+            if self._open[key] <= 1:
+                del self._open[key]
             else:
-                self._open[image_id] -= 1
-            self._crashes.pop(image_id, None)
-            self._write(f"D {image_id}\n")
+                self._open[key] -= 1
+            self._crashes.pop(key, None)
+            lines.append(f"D {key}\n")
+        if lines:
+            self._write("".join(lines))
 
-    def _write(self, line: str) -> None:
+    def _write(self, text: str) -> None:
+        """Lock held."""
+        if self._tail is not None:
+            self._tail.append(text)
         try:
-            self._file.write(line)
+            self._file.write(text)
             self._file.flush()
         except (OSError, ValueError) as exc:  # a full disk must not stop the node answering
             log.error("journal: cannot write %s: %s", self.path, exc)
 
+    def _snapshot(self) -> str:
+        """Lock held (or not shared yet): what a rewritten file holds: the crash
+        counts, a boot marker for this process, and its images in progress."""
+        lines = [f"C {key} {n}\n" for key, n in self._crashes.items()]
+        lines.append("B\n")
+        for key, n in self._open.items():
+            lines.extend(f"S {key}\n" for _ in range(n))
+        return "".join(lines)
+
+    def _open_new(self, text: str, tail: list[str] | None = None) -> TextIO:
+        """Write text to a new file, sync it (no lock held: this is the slow part),
+        and return it open for appending; `tail` (lines written meanwhile) is added
+        and the file put in place by the caller."""
+        tmp = self.path.with_suffix(".tmp")
+        with tmp.open("w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            self.faults.at(FaultPoint.JOURNAL_SYNC)
+            os.fsync(f.fileno())
+        if tail is None:
+            os.replace(tmp, self.path)
+            return self.path.open("a", encoding="utf-8")
+        return tmp.open("a", encoding="utf-8")
+
     def compact(self) -> None:
-        """Rewrite the file if it grew large (called from a background thread)."""
+        """Rewrite the file if it grew past `compact_bytes` (the periodic thread). The
+        lock is held only to take a snapshot and, after the new file is synced, to add
+        what was written meanwhile and swap the files."""
         with self._lock:
             try:
-                if self.path.stat().st_size < COMPACT_BYTES:
+                if self._tail is not None or self.path.stat().st_size < self.compact_bytes:
                     return
-                self._file.close()
-                self._file = self._rewrite()
             except OSError as exc:
                 log.error("journal: cannot compact %s: %s", self.path, exc)
+                return
+            self._write_finished()
+            snapshot = self._snapshot()
+            tail: list[str] = []
+            self._tail = tail
+        try:
+            new = self._open_new(snapshot, tail)
+        except OSError as exc:
+            log.error("journal: cannot compact %s: %s", self.path, exc)
+            with self._lock:
+                self._tail = None
+            return
+        with self._lock:
+            self._tail = None
+            try:
+                new.write("".join(tail))
+                new.flush()
+                os.replace(self.path.with_suffix(".tmp"), self.path)
+            except OSError as exc:
+                log.error("journal: cannot compact %s: %s", self.path, exc)
+                new.close()
+                return
+            old, self._file = self._file, new
+        old.close()
 
     def close(self) -> None:
+        """Write what is pending and close (idempotent)."""
+        self._closed = True
+        self._wake.set()
+        if self._writer is not threading.current_thread():
+            self._writer.join(timeout=10)
         with self._lock:
-            self._file.close()
+            if not self._file.closed:
+                self._write_finished()
+                self._file.close()

@@ -11,7 +11,6 @@ revoked: the start-up fallback and the move off a revoked bundle.
 from __future__ import annotations
 
 import logging
-import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +19,7 @@ import openvino as ov
 
 from cellwatch.node.engine import EngineConfig, ServingModel, load_serving_model
 from cellwatch.node.errors import ModelLoadError, NodeError, SelfTestError
-from cellwatch.node.faults import Faults
+from cellwatch.node.faults import NO_FAULTS, FaultPoint, Faults
 from cellwatch.shared.bundle import Bundle, load_bundle
 from cellwatch.shared.codes import ModelErrorCode
 from cellwatch.shared.errors import BundleError, SignatureError
@@ -61,16 +60,14 @@ class BundleLoader:
         *,
         allow_unsigned: bool,
         self_test: bool,
-        faults: Faults | None = None,
+        faults: Faults = NO_FAULTS,
     ) -> None:
         self.core = core
         self.trusted = trusted
         self.engine = engine
         self.allow_unsigned = allow_unsigned
         self.self_test = self_test
-        self.faults = faults or Faults()
-        self._compiles = 0
-        self._lock = threading.Lock()
+        self.faults = faults
 
     def verify(self, path: Path) -> Bundle:
         """The verified bundle at path; LoadFailure (bad_signature, hash_mismatch)."""
@@ -86,12 +83,8 @@ class BundleLoader:
     def compile(self, bundle: Bundle) -> ServingModel:
         """Compile and self-test a verified bundle; LoadFailure (compile_error,
         self_test_failed) whatever OpenVINO raises."""
-        with self._lock:
-            self._compiles += 1
-            count = self._compiles
         try:
-            if self.faults.compile_raises_at == count:
-                raise RuntimeError(f"test fault: compile {count} fails")
+            self.faults.at(FaultPoint.COMPILE)
             return load_serving_model(self.core, bundle, self.engine, self_test=self.self_test)
         except SelfTestError as exc:
             raise LoadFailure(ModelErrorCode.SELF_TEST_FAILED, str(exc)) from exc

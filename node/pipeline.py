@@ -1,14 +1,21 @@
 """The node's image path: a received image -> exactly one Result -> acknowledged.
 
-Threads (STYLE.md, "Threads"):
-- paho's network thread parses each image and puts it in the Backlog (a bounded
-  wait, never an unbounded one: node/backlog.py);
-- `decode_workers` threads decode and preprocess, then start the inference on the
-  current model's AsyncInferQueue;
-- OpenVINO's completion callback builds the Result and publishes it; the watchdog
-  (NodeService) answers inferences the device never finished with `device_error`;
-- once the broker acknowledged the Result, the image is acknowledged (manual ack),
-  so an image is only dropped by the broker after its answer is safe.
+An image crosses four threads, and never waits on paho's network thread:
+1. the edge (paho's network thread) checks it against the image route (byte cap,
+   where its Result may go); `on_image` reads the request (node/requests.py), looks
+   its crash count up (node/journal.py, without a lock) and puts it in the backlog,
+   which never waits (shared/handoff.py). Back-pressure: while `max_inflight`
+   images wait, the connection reads nothing more from the broker (`on_full` and
+   `on_room` hold and release it, shared/mqttloop.py), so TCP stops the broker while
+   Results, acks and keepalive still go out;
+2. one of `decode_workers` threads notes it in the crash journal, decodes and
+   preprocesses it, and starts the inference on the current model's AsyncInferQueue;
+3. OpenVINO's completion callback builds the Result and replies with it (the
+   watchdog, node/health.py, answers inferences the device never finished with
+   `device_error`);
+4. once the broker acknowledged the Result (paho's network thread again), the image
+   is acknowledged and its journal entry closed, neither of which waits: an image is
+   only dropped by the broker after its answer is safe.
 
 Every path ends in `_answer` and then `_done`, once per image: ok, an error code, or
 (at a stop) handed back unanswered for the broker to deliver again. Images that were
@@ -22,27 +29,54 @@ import logging
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
-import paho.mqtt.client as paho
 
-from cellwatch.node.backlog import Backlog
 from cellwatch.node.classifier import Classifier
 from cellwatch.node.decode import ImageError
 from cellwatch.node.engine import ServingModel
 from cellwatch.node.errors import InferenceError, ModelRetired
-from cellwatch.node.faults import Faults
+from cellwatch.node.faults import FaultPoint, Faults
 from cellwatch.node.journal import POISON_AFTER_CRASHES, Journal
-from cellwatch.node.requests import ImageRequest, parse_message
+from cellwatch.node.requests import (
+    ImageRequest,
+    Invalid,
+    image_replies,
+    journal_key,
+    read_request,
+    refused_response_topic,
+)
 from cellwatch.node.stats import Stats
 from cellwatch.shared.codes import ErrorCode
 from cellwatch.shared.errors import MqttError
-from cellwatch.shared.mqtt import MqttClient, PublishProps
-from cellwatch.shared.schemas import Result
+from cellwatch.shared.handoff import Handoff
+from cellwatch.shared.rpc import Acks, Delivery, Inbound, Rejected, Route, raw
+from cellwatch.shared.schemas import Result, utcnow
 from cellwatch.shared.topics import Topics
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(slots=True, eq=False)
+class Job:
+    """One received image on its way to exactly one answer."""
+
+    delivery: Delivery
+    req: ImageRequest
+    invalid: Invalid | None
+    """Why the request is answered with an error without being classified."""
+    key: str
+    """The journal key (requests.journal_key)."""
+    crashes: int
+    """Abnormal stops of this node while this image was in progress (node/journal.py),
+    as the journal said when it arrived: copies that arrive before an answer to a
+    poison image are answered poison_image too."""
+    answered: bool = False
+    journaled: bool = False
+    release: Callable[[], None] | None = None
+    """Frees the one-suspect-at-a-time slot once this (suspect) image is done."""
 
 
 class ImagePipeline:
@@ -50,7 +84,6 @@ class ImagePipeline:
         self,
         *,
         node_id: str,
-        mqtt: MqttClient,
         topics: Topics,
         classifier: Classifier,
         stats: Stats,
@@ -58,20 +91,21 @@ class ImagePipeline:
         faults: Faults,
         model: Callable[[], ServingModel | None],
         capacity: int,
-        put_wait_s: float,
         start_wait_s: float,
         on_device_error: Callable[[int], None],
+        on_full: Callable[[], None],
+        on_room: Callable[[], None],
     ) -> None:
         self.node_id = node_id
-        self.mqtt = mqtt
         self.topics = topics
         self.classifier = classifier
         self.stats = stats
         self.journal = journal
         self.faults = faults
         self._model = model
-        self.backlog: Backlog[ImageRequest] = Backlog(capacity)
-        self._put_wait_s = put_wait_s
+        self.backlog: Handoff[Job] = Handoff(
+            capacity, name=f"node {node_id}: backlog", on_full=on_full, on_room=on_room
+        )
         self._start_wait_s = start_wait_s
         self._on_device_error = on_device_error
         self._accepting = threading.Event()
@@ -80,6 +114,28 @@ class ImagePipeline:
         self._lock = threading.Lock()
         self._device_errors = 0
         """Consecutive device errors (reset by any inference that succeeds)."""
+
+    def routes(self) -> list[Route[bytes]]:
+        """The image route: the shared images topic (through the shared subscription)
+        and this node's direct topic; raw bytes up to `max_image_bytes`, Results where
+        `requests.image_replies` says; acknowledged once the Result is safe."""
+        policy = image_replies(self.topics, self.node_id)
+        cap = self.classifier.limits.max_bytes
+        shared = Route(
+            self.topics.images_filter(),
+            raw,
+            self.on_image,
+            max_bytes=cap,
+            reply=policy,
+            on_rejected=self.on_rejected,
+            acks=Acks.HANDLER,
+            subscription=self.topics.images_shared_filter(),
+            name="image",
+        )
+        return [
+            shared,
+            replace(shared, filter=self.topics.node_images(self.node_id), subscription=None),
+        ]
 
     # -- intake (network thread) -----------------------------------------------------
     def accept(self, on: bool) -> None:
@@ -90,119 +146,128 @@ class ImagePipeline:
         else:
             self._accepting.clear()
 
-    def on_message(self, msg: paho.MQTTMessage) -> None:
-        """Parse and enqueue: never more than a bounded wait (node/backlog.py)."""
-        ack = self.mqtt.ack_token(msg)
-        if msg.retain:
+    def on_image(self, inbound: Inbound[bytes]) -> None:
+        """Hand the image to a decode worker; never waits."""
+        self._take(inbound, None)
+
+    def on_rejected(self, rejected: Rejected) -> None:
+        """A payload over the byte cap: answered `payload_too_large` like any image."""
+        self._take(rejected, rejected.reason)
+
+    def _take(self, delivery: Delivery, too_large: str | None) -> None:
+        if delivery.message.retained:
             # A replay of a retained image on (re)subscribe: answering it would answer
             # it again on every reconnect. It was answered when it was first published.
             log.warning(
                 "node %s: ignoring a retained image on %s (replayed on subscribe)",
                 self.node_id,
-                msg.topic,
+                delivery.topic,
             )
             self.stats.retained_ignored += 1
-            ack()
+            delivery.ack()
             return
         if not self._accepting.is_set():
             return
-        req = parse_message(msg, self.topics, self.node_id, ack)
-        req.crashes = self.journal.crashes(req.image_id)
         self.stats.started()
-        self.backlog.put(req, self._put_wait_s)
+        message = delivery.message
+        req, invalid = read_request(message, self.topics, self.node_id, utcnow(), time.monotonic())
+        refused = delivery.reply_to.refused
+        if refused is not None:
+            invalid = refused_response_topic(refused, self.topics)
+        elif invalid is None and too_large is not None:
+            invalid = (ErrorCode.PAYLOAD_TOO_LARGE, too_large)
+        key = journal_key(req)
+        self.backlog.put(Job(delivery, req, invalid, key, self.journal.crashes(key)))
 
     # -- decode workers -------------------------------------------------------------------
     def worker_loop(self) -> None:
-        while True:
-            req = self.backlog.get()
-            if req is None:
-                return
+        while (job := self.backlog.get()) is not None:
             try:
-                self._handle(req)
+                self._handle(job)
             except Exception as exc:  # never lose the request: answer it
-                log.exception("node %s: image %s failed", self.node_id, req.image_id)
-                self._answer_error(req, ErrorCode.INTERNAL, f"internal error: {exc}")
+                log.exception("node %s: image %s failed", self.node_id, job.req.image_id)
+                self._answer_error(job, ErrorCode.INTERNAL, f"internal error: {exc}")
 
-    def _handle(self, req: ImageRequest) -> None:
-        if req.invalid is not None:
-            self._answer_error(req, *req.invalid)
+    def _handle(self, job: Job) -> None:
+        req = job.req
+        if job.invalid is not None:
+            self._answer_error(job, *job.invalid)
             return
-        if req.crashes >= POISON_AFTER_CRASHES:
+        if job.crashes >= POISON_AFTER_CRASHES:
             self._answer_error(
-                req,
+                job,
                 ErrorCode.POISON_IMAGE,
                 f"image {req.image_id} was being processed when this node crashed "
-                f"{req.crashes} times; it is not processed again",
+                f"{job.crashes} times; it is not processed again",
             )
             return
-        if req.expired:
-            self._answer_error(req, ErrorCode.EXPIRED, "message expiry passed while queued")
+        expiry = job.delivery.message.expiry_s
+        if expiry is not None and time.monotonic() > req.received_mono + expiry:
+            self._answer_error(job, ErrorCode.EXPIRED, "message expiry passed while queued")
             return
         if self._model() is None:
-            self._answer_error(req, ErrorCode.NO_MODEL, "this node has no model loaded yet")
+            self._answer_error(job, ErrorCode.NO_MODEL, "this node has no model loaded yet")
             return
-        if req.crashes:
+        if job.crashes:
             log.warning(
                 "node %s: image %s was in progress during a crash: retrying it alone",
                 self.node_id,
                 req.image_id,
             )
             self._suspect.acquire()
-            req.release = self._suspect.release
-        self.journal.started(req.image_id)
-        req.journaled = True
-        self.faults.crash_if_poison(req.image_id)
-        self._infer(req)
+            job.release = self._suspect.release
+        self.journal.started(job.key)
+        job.journaled = True
+        self.faults.at(FaultPoint.DECODE, key=req.image_id)
+        self._infer(job, req)
 
-    def _infer(self, req: ImageRequest) -> None:
+    def _infer(self, job: Job, req: ImageRequest) -> None:
         x: np.ndarray | None = None
         prepared_for: Any = None
         while True:
             model = self._model()
             if model is None:
-                self._answer_error(req, ErrorCode.NO_MODEL, "this node's model was unloaded")
+                self._answer_error(job, ErrorCode.NO_MODEL, "this node's model was unloaded")
                 return
             spec = model.bundle.manifest.preprocessing
             if x is None or prepared_for != spec:
                 try:
                     x = self.classifier.prepare(req, model)
                 except ImageError as exc:
-                    self._answer_error(req, exc.code, str(exc), model)
+                    self._answer_error(job, exc.code, str(exc), model)
                     return
                 prepared_for = spec
             try:
-                model.start(x, req, wait_s=self._start_wait_s)
+                model.start(x, job, wait_s=self._start_wait_s)
                 return
             except ModelRetired:
-                continue  # swapped while we waited: start on the new model
+                continue  # swapped while we waited: start on the new one
             except InferenceError as exc:
-                self.device_error(model, req, exc)
+                self.device_error(model, job, exc)
                 return
 
     # -- completions (OpenVINO thread or the watchdog) ----------------------------------
     def on_inferred(
-        self, model: ServingModel, probs: np.ndarray | None, req: Any, error: BaseException | None
+        self, model: ServingModel, probs: np.ndarray | None, job: Any, error: BaseException | None
     ) -> None:
         """One inference ended. Never raises (it runs inside OpenVINO's callback)."""
         try:
             if probs is None:
-                self.device_error(model, req, error)
+                self.device_error(model, job, error)
                 return
             with self._lock:
                 self._device_errors = 0
-            self._answer(req, self.classifier.ok_result(req, model, probs))
+            self._answer(job, self.classifier.ok_result(job.req, model, probs))
         except Exception as exc:
-            log.exception("node %s: completing image %s failed", self.node_id, req.image_id)
-            self._answer_error(req, ErrorCode.INTERNAL, f"internal error: {exc}", model)
+            log.exception("node %s: completing image %s failed", self.node_id, job.req.image_id)
+            self._answer_error(job, ErrorCode.INTERNAL, f"internal error: {exc}", model)
 
-    def device_error(
-        self, model: ServingModel, req: ImageRequest, error: BaseException | None
-    ) -> None:
+    def device_error(self, model: ServingModel, job: Job, error: BaseException | None) -> None:
         with self._lock:
             self._device_errors += 1
             count = self._device_errors
         self._answer_error(
-            req,
+            job,
             ErrorCode.DEVICE_ERROR,
             f"inference on {model.config.device} failed: {error}",
             model,
@@ -211,8 +276,9 @@ class ImagePipeline:
 
     # -- answers ----------------------------------------------------------------------------
     def _answer_error(
-        self, req: ImageRequest, code: ErrorCode, message: str, model: ServingModel | None = None
+        self, job: Job, code: ErrorCode, message: str, model: ServingModel | None = None
     ) -> None:
+        req = job.req
         log.info(
             "node %s: image %s from %s: %s (%s)",
             self.node_id,
@@ -221,62 +287,49 @@ class ImagePipeline:
             code.value,
             message,
         )
-        self._answer(req, self.classifier.error_result(req, code, message, model or self._model()))
+        self._answer(job, self.classifier.error_result(req, code, message, model or self._model()))
 
-    def _result_topic(self, req: ImageRequest) -> str | None:
-        """Response Topic if given (and under replies/), else `results/{source}`
-        (`results/{node_id}` for direct images); None when neither exists (an images
-        topic with an invalid source and no usable Response Topic)."""
-        if req.response_topic:
-            return req.response_topic
-        if req.direct:
-            return self.topics.results(self.node_id)
-        if req.source is not None:
-            return self.topics.results(req.source)
-        return None
-
-    def _answer(self, req: ImageRequest, result: Result) -> None:
-        if req.answered:
-            log.warning("node %s: image %s answered twice: dropped", self.node_id, req.image_id)
+    def _answer(self, job: Job, result: Result) -> None:
+        if job.answered:
+            log.warning("node %s: image %s answered twice: dropped", self.node_id, result.image_id)
             return
-        req.answered = True
+        job.answered = True
         self.stats.answered()
-        topic = self._result_topic(req)
-        if topic is None:
-            log.warning(
-                "node %s: image %s has no valid result topic; dropped after logging",
-                self.node_id,
-                req.image_id,
-            )
-            self._done(req, result, published=False)
-            return
-        props = PublishProps(correlation_data=req.correlation_data, content_type="application/json")
         try:
-            self.mqtt.publish(
-                topic,
+            sent = job.delivery.reply(
                 result.to_json(),
-                qos=1,
-                props=props,
-                on_done=lambda ok: self._done(req, result, published=ok),
+                content_type="application/json",
+                on_done=lambda ok: self._done(job, result, published=ok),
             )
         except MqttError as exc:
             log.warning(
                 "node %s: cannot publish result for %s to %r: %s",
                 self.node_id,
-                req.image_id,
-                topic,
+                result.image_id,
+                job.delivery.reply_to.topic,
                 exc,
             )
-            self._done(req, result, published=False)
+            sent = False
+        if not sent:
+            if job.delivery.reply_to.topic is None:
+                log.warning(
+                    "node %s: image %s has no valid result topic; dropped after logging",
+                    self.node_id,
+                    result.image_id,
+                )
+            self._done(job, result, published=False)
 
-    def _done(self, req: ImageRequest, result: Result, *, published: bool) -> None:
-        """The Result is with the broker (or cannot be delivered): ack the image."""
+    def _done(self, job: Job, result: Result, *, published: bool) -> None:
+        """The Result is with the broker (or cannot be delivered): ack the image. Runs
+        on paho's network thread (or the publishing one): nothing here waits."""
         if not published:
             log.warning(
-                "node %s: result for %s was not accepted by the broker", self.node_id, req.image_id
+                "node %s: result for %s was not accepted by the broker",
+                self.node_id,
+                result.image_id,
             )
-        req.ack()
-        self._release(req)
+        job.delivery.ack()
+        self._release(job)
         self.stats.finished(
             result.timings_ms.total,
             error=result.status == "error",
@@ -286,32 +339,32 @@ class ImagePipeline:
             log.debug(
                 "node %s: image %s -> %s %.3f",
                 self.node_id,
-                req.image_id,
+                result.image_id,
                 result.label,
                 result.confidence or 0.0,
             )
 
-    def _release(self, req: ImageRequest) -> None:
-        if req.journaled or req.crashes:
-            self.journal.finished(req.image_id)
-        release, req.release = req.release, None
+    def _release(self, job: Job) -> None:
+        if job.journaled or job.crashes:
+            self.journal.finished(job.key)
+        release, job.release = job.release, None
         if release is not None:
             release()
 
     # -- stop ------------------------------------------------------------------------------
-    def abandon(self, req: ImageRequest) -> None:
+    def abandon(self, job: Job) -> None:
         """Hand an unanswered image back: not acknowledged, so the broker delivers it
         again to this node's next session."""
-        if not req.answered:
-            req.answered = True
+        if not job.answered:
+            job.answered = True
             self.stats.abandoned()
-            self._release(req)
+            self._release(job)
 
     def close(self) -> int:
         """Stop the workers; the images still queued are handed back. Returns how many."""
         left = self.backlog.close()
-        for req in left:
-            self.abandon(req)
+        for job in left:
+            self.abandon(job)
         return len(left)
 
 

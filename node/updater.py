@@ -21,7 +21,9 @@ is revoked, the node moves to the newest earlier bundle in its store that loads 
 is not revoked, or, if none does, answers `no_model`; its status says why
 (`model_error`, code `revoked`).
 
-Work runs on the agent's own thread; the network thread only hands over messages.
+Work runs on the agent's own thread; the edge's routes (`routes()`: desired model and
+revocation list, validated and capped there) only hand messages over. Reports go out
+through a Publisher, so the agent runs without a broker too.
 """
 
 from __future__ import annotations
@@ -31,22 +33,20 @@ import logging
 import threading
 from collections.abc import Callable
 from pathlib import Path
-
-import paho.mqtt.client as paho
-from pydantic import ValidationError
+from typing import Any
 
 from cellwatch.node.engine import ServingModel
-from cellwatch.node.faults import Faults
+from cellwatch.node.faults import NO_FAULTS, FaultPoint, Faults
 from cellwatch.node.fetcher import FetchCancelled, Fetcher, FetchError
 from cellwatch.node.loader import BundleLoader, Candidate, LoadFailure
 from cellwatch.node.store import BundleStore
 from cellwatch.shared.bundle import parse_manifest, verify_signature
 from cellwatch.shared.codes import ModelErrorCode, UpdateErrorCode, as_update_error
 from cellwatch.shared.errors import BundleError, SignatureError
-from cellwatch.shared.limits import MAX_MANIFEST_BYTES
+from cellwatch.shared.limits import MAX_MANIFEST_BYTES, MAX_NODE_MESSAGE_BYTES, MAX_REVOCATION_BYTES
 from cellwatch.shared.manifest import MANIFEST_FILE, SIGNATURE_FILE
-from cellwatch.shared.mqtt import MqttClient
 from cellwatch.shared.revocations import merge as merge_revocations
+from cellwatch.shared.rpc import Inbound, Publisher, Rejected, Route
 from cellwatch.shared.schemas import (
     DesiredModel,
     ModelError,
@@ -77,7 +77,7 @@ class UpdateAgent:
     def __init__(
         self,
         *,
-        mqtt: MqttClient,
+        publisher: Publisher,
         topics: Topics,
         node_id: str,
         store: BundleStore,
@@ -86,16 +86,15 @@ class UpdateAgent:
         current_sha: Callable[[], str | None],
         activate: Activate,
         deactivate: Deactivate,
-        faults: Faults | None = None,
+        faults: Faults = NO_FAULTS,
     ) -> None:
-        self.mqtt = mqtt
+        self.publisher = publisher
         self.topics = topics
         self.node_id = node_id
         self.store = store
         self.fetcher = fetcher
         self.loader = loader
-        self.faults = faults or Faults()
-        self._disk_full_fault = self.faults.disk_full_once
+        self.faults = faults
         self._current_sha = current_sha
         self._activate = activate
         self._deactivate = deactivate
@@ -127,19 +126,45 @@ class UpdateAgent:
             self._thread.join(timeout=timeout)
         self.fetcher.close()
 
-    # -- network thread --------------------------------------------------------------
-    def on_desired(self, msg: paho.MQTTMessage) -> None:
-        if not msg.payload:
-            return  # retained desired cleared
-        try:
-            desired = DesiredModel.model_validate_json(msg.payload)
-        except ValidationError as exc:
-            log.error(
-                "node %s: ignoring malformed desired model: %s",
-                self.node_id,
-                exc.errors()[0]["msg"],
+    # -- routes (network thread) -------------------------------------------------------
+    def routes(self) -> list[Route[Any]]:
+        """The retained desired model and revocation list (an empty one clears it)."""
+
+        def retained(topic: str, body: Any, handler: Any, cap: int, name: str) -> Route[Any]:
+            return Route(
+                topic,
+                body,
+                handler,
+                max_bytes=cap,
+                on_rejected=self._malformed,
+                empty_clears=True,
+                name=name,
             )
-            return
+
+        return [
+            retained(
+                self.topics.desired(self.node_id),
+                DesiredModel.model_validate_json,
+                self.on_desired,
+                MAX_NODE_MESSAGE_BYTES,
+                "desired model",
+            ),
+            retained(
+                self.topics.hub_revoked(),
+                RevocationList.model_validate_json,
+                self.on_revoked,
+                MAX_REVOCATION_BYTES,
+                "revocation list",
+            ),
+        ]
+
+    def _malformed(self, rejected: Rejected) -> None:
+        log.error(
+            "node %s: ignoring a malformed %s: %s", self.node_id, rejected.topic, rejected.reason
+        )
+
+    def on_desired(self, inbound: Inbound[DesiredModel]) -> None:
+        desired = inbound.body
         with self._cond:
             if desired == self._in_progress:
                 # The broker resent the retained desired on reconnect, or the hub said it
@@ -149,20 +174,9 @@ class UpdateAgent:
             self._generation += 1
             self._cond.notify_all()
 
-    def on_revoked(self, msg: paho.MQTTMessage) -> None:
-        if not msg.payload:
-            return
-        try:
-            revocations = RevocationList.model_validate_json(msg.payload)
-        except ValidationError as exc:
-            log.error(
-                "node %s: ignoring a malformed revocation list: %s",
-                self.node_id,
-                exc.errors()[0]["msg"],
-            )
-            return
+    def on_revoked(self, inbound: Inbound[RevocationList]) -> None:
         with self._cond:
-            self._revocations = revocations
+            self._revocations = inbound.body
             self._cond.notify_all()
 
     # -- agent thread ------------------------------------------------------------------
@@ -211,7 +225,7 @@ class UpdateAgent:
             ts=utcnow(),
         )
         self.last_report = report
-        self.mqtt.publish(self.topics.update(self.node_id), report.to_json(), qos=1)
+        self.publisher.publish(self.topics.update(self.node_id), report.to_json(), qos=1)
 
     def _failed(self, d: DesiredModel, code: UpdateErrorCode, message: str) -> None:
         log.error(
@@ -304,9 +318,7 @@ class UpdateAgent:
         self._download(d, generation)
         self._report(d, UpdateState.VERIFYING, 1.0)
         self._verify_staging(sha)
-        if self._disk_full_fault:
-            self._disk_full_fault = False
-            raise OSError(errno.ENOSPC, "test fault: no space left on device")
+        self.faults.at(FaultPoint.STORE_PROMOTE)
         self.store.promote(sha)
         self._report(d, UpdateState.ACTIVATING, 1.0)
         return self.loader.load(self.store.path(sha))

@@ -20,6 +20,7 @@ from pathlib import Path
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from pydantic import ValidationError
 
+from cellwatch.shared.base import first_problem
 from cellwatch.shared.errors import BundleError, SignatureError
 from cellwatch.shared.limits import MAX_BUNDLE_FILE_BYTES, MAX_MANIFEST_BYTES
 from cellwatch.shared.manifest import (
@@ -97,7 +98,7 @@ def parse_manifest(data: bytes) -> Manifest:
     try:
         return Manifest.model_validate_json(data)
     except ValidationError as exc:
-        raise BundleError(f"invalid manifest.json: {_first_error(exc)}") from exc
+        raise BundleError(f"invalid manifest.json: {first_problem(exc, 'manifest')}") from exc
 
 
 def verify_signature(
@@ -219,9 +220,3 @@ def unpack_tar(tar_path: Path, dest: Path) -> Path:
     except tarfile.TarError as exc:
         raise BundleError(f"cannot read bundle tar {tar_path}: {exc}") from exc
     return dest
-
-
-def _first_error(exc: ValidationError) -> str:
-    err = exc.errors()[0]
-    where = ".".join(str(p) for p in err["loc"]) or "manifest"
-    return f"{where}: {err['msg']}"

@@ -28,7 +28,8 @@ from cellwatch.shared.schemas import (
 from cellwatch.shared.states import NodeState, RolloutState, TargetState
 
 UPLOAD_VERB = "upload"
-"""Raw chunk upload: payload = bytes; user properties upload_id, file, offset, sha256."""
+"""Raw chunk upload: a chunk of the one chunk format (shared.rpc.transfer: the bytes,
+user properties offset, sha256 and total) with user properties upload_id and file."""
 
 
 class NoArgs(Strict):

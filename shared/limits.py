@@ -25,6 +25,13 @@ FETCH_CHUNK_BYTES = 256 * 1024
 
 MAX_FETCH_CHUNK_BYTES = 4 * MiB
 
+MAX_NODE_MESSAGE_BYTES = 16 * 1024
+"""Largest node status, telemetry, update report or desired model read (a real one is
+under 2 KB): larger ones are dropped unread."""
+
+MAX_REVOCATION_BYTES = 1 * MiB
+"""Largest revocation list a node reads (about 300 bytes per revoked bundle)."""
+
 MAX_API_REQUEST_BYTES = 64 * 1024
 """The hub ignores API requests larger than this (with an error reply)."""
 

@@ -6,7 +6,10 @@ persistent session (clean start off, session expiry from settings), sets a Will,
 re-subscribes on every connect, and calls back when each QoS>0 publish is
 acknowledged by the broker (so callers can ack their input only then).
 
-Callbacks run on paho's network thread: handlers must be short and never block.
+Received messages leave this module as `Message` values (`received()` is the one place
+that reads their properties, Correlation Data included): no paho type reaches the code
+above it. Callbacks run on paho's network thread: handlers must be short and never
+block.
 """
 
 from __future__ import annotations
@@ -16,8 +19,9 @@ import logging
 import socket
 import ssl
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from types import MappingProxyType
 
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion
@@ -26,11 +30,76 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
 from cellwatch.shared.errors import MqttError
+from cellwatch.shared.mqttloop import NetworkLoop
 from cellwatch.shared.settings import MqttSettings
 
 log = logging.getLogger(__name__)
 
-MessageHandler = Callable[[paho.MQTTMessage], None]
+AckToken = Callable[[], None]
+"""Acknowledges one received message (once its work is done). Bound to the connection
+it arrived on: after a reconnect it does nothing, because the broker delivers the
+message again on the new connection."""
+
+
+def no_ack() -> None:
+    """The ack token of a message that needs none (QoS 0, automatic acks, tests)."""
+
+
+_NO_USER: Mapping[str, str] = MappingProxyType({})
+
+
+@dataclass(slots=True, eq=False)
+class Message:
+    """A received message as cellwatch sees it (built by `received()`)."""
+
+    topic: str
+    payload: bytes
+    qos: int = 1
+    retained: bool = False
+    correlation: bytes | None = None
+    """Correlation Data, echoed on a reply."""
+    response_topic: str | None = None
+    expiry_s: int | None = None
+    """Message Expiry Interval left when the broker delivered it."""
+    user: Mapping[str, str] = field(default_factory=lambda: _NO_USER)
+    """User properties (the last value of a repeated key wins)."""
+    ack: AckToken = no_ack
+
+
+def received(msg: paho.MQTTMessage, ack: AckToken = no_ack) -> Message:
+    """The Message of a paho message: the one function that reads a received message's
+    properties (Response Topic, Correlation Data, Message Expiry, user properties)."""
+    payload = msg.payload
+    if not isinstance(payload, bytes):  # paho slices its receive bytearray
+        payload = bytes(payload)
+    props = msg.properties
+    if props is None:
+        return Message(msg.topic, payload, msg.qos, bool(msg.retain), ack=ack)
+    rt = getattr(props, "ResponseTopic", None)
+    corr = getattr(props, "CorrelationData", None)
+    expiry = getattr(props, "MessageExpiryInterval", None)
+    pairs = getattr(props, "UserProperty", None)
+    return Message(
+        msg.topic,
+        payload,
+        msg.qos,
+        bool(msg.retain),
+        bytes(corr) if corr is not None else None,
+        str(rt) if rt else None,
+        int(expiry) if expiry is not None else None,
+        {str(k): str(v) for k, v in pairs} if pairs else _NO_USER,
+        ack,
+    )
+
+
+MessageHandler = Callable[[Message], None]
+
+
+def topic_matches(topic_filter: str, topic: str) -> bool:
+    """Whether topic (or a filter, taken level by level) falls under topic_filter."""
+    return bool(paho.topic_matches_sub(topic_filter, topic))
+
+
 PublishCallback = Callable[[bool], None]
 """Called with True once the broker acknowledged a publish, False if it refused it (or,
 for QoS 0, if the connection dropped before it was sent). It runs on paho's network
@@ -38,6 +107,8 @@ thread, or on the publishing thread when the acknowledgement beat `publish()` ba
 it must never block."""
 DisconnectListener = Callable[[ReasonCode | None], None]
 
+HOLD_MAX_S = 5.0
+"""Longest a hold on reading lasts before one read pass (and at most keepalive / 4)."""
 SESSION_TAKEN_OVER = 0x8E
 """DISCONNECT reason: another connection logged in with our client id."""
 
@@ -116,21 +187,19 @@ def _properties(packet_type: int) -> Properties:
     return copy.copy(blank)
 
 
-def publish_packet_size(topic: str, payload: bytes, qos: int, props: Properties | None) -> int:
+def packet_size(topic: str, payload: bytes, qos: int, props: PublishProps | None) -> int:
     """Size in bytes of the MQTT v5 PUBLISH packet paho sends for these arguments."""
+    return publish_packet_size(topic, payload, qos, props.to_paho() if props else None)
+
+
+def publish_packet_size(topic: str, payload: bytes, qos: int, props: Properties | None) -> int:
+    """packet_size, for paho's Properties."""
     packed_props: bytes = props.pack() if props is not None else b"\x00"  # type: ignore[no-untyped-call]
     remaining = 2 + len(topic.encode()) + (2 if qos > 0 else 0) + len(packed_props) + len(payload)
     length_bytes = 1
     while remaining >= 128**length_bytes:
         length_bytes += 1
     return 1 + length_bytes + remaining
-
-
-def user_properties(msg: paho.MQTTMessage) -> dict[str, str]:
-    """A message's user properties as a dict (last value wins)."""
-    props = msg.properties
-    pairs = getattr(props, "UserProperty", None) if props is not None else None
-    return {str(k): str(v) for k, v in (pairs or [])}
 
 
 class MqttClient:
@@ -151,6 +220,7 @@ class MqttClient:
         self.client_id = client_id
         self._clean_start = clean_start
         self._receive_maximum = receive_maximum
+        self._manual_ack = manual_ack
         self._subscriptions = list(subscriptions)
         self._message_handler: MessageHandler | None = None
         self._connect_listeners: list[Callable[[bool], None]] = []
@@ -187,10 +257,8 @@ class MqttClient:
             c.tls_insecure_set(not settings.tls.check_hostname)
         if will is not None:
             c.will_set(will.topic, will.payload, qos=will.qos, retain=will.retain)
-        c.reconnect_delay_set(
-            min_delay=max(1, round(settings.reconnect_min_s)),
-            max_delay=max(1, round(settings.reconnect_max_s)),
-        )
+        self._min_delay = max(1, round(settings.reconnect_min_s))
+        self._max_delay = max(1, round(settings.reconnect_max_s))
         c.on_connect = self._on_connect
         c.on_disconnect = self._on_disconnect
         c.on_message = self._on_message
@@ -199,6 +267,12 @@ class MqttClient:
         c.on_unsubscribe = self._on_unsubscribe
         c.on_socket_open = _no_delay
         self._client = c
+        self._loop = NetworkLoop(
+            c,
+            name=f"mqtt-{client_id}",
+            max_hold_s=min(HOLD_MAX_S, settings.keepalive_s / 4),
+            backoff=lambda: (self._min_delay, self._max_delay),
+        )
 
     # -- public API ----------------------------------------------------------
     @property
@@ -238,7 +312,7 @@ class MqttClient:
 
         def call(client: paho.Client, userdata: object, msg: paho.MQTTMessage) -> None:
             try:
-                handler(msg)
+                handler(self._received(msg))
             except Exception:  # an exception here would end paho's network loop
                 log.exception("%s: handler for %s failed", self.client_id, msg.topic)
 
@@ -249,6 +323,7 @@ class MqttClient:
         self._subscriptions.append((topic, qos))
         if self.connected:
             self._client.subscribe(topic, qos=qos)
+            self._loop.wake()
 
     def unsubscribe(self, topic: str, timeout: float = 5.0) -> bool:
         """Stop subscribing to topic (also after reconnects); True once the broker
@@ -261,6 +336,7 @@ class MqttClient:
         rc, mid = self._client.unsubscribe(topic)
         if rc != paho.MQTT_ERR_SUCCESS or mid is None:
             return False
+        self._loop.wake()
         acked = threading.Event()
         with self._lock:
             if mid in self._early_unsubacks:
@@ -275,9 +351,16 @@ class MqttClient:
 
     def reconnect_backoff(self, min_s: float, max_s: float) -> None:
         """Change the reconnect delay: it starts at min_s and doubles up to max_s."""
-        self._client.reconnect_delay_set(
-            min_delay=max(1, round(min_s)), max_delay=max(1, round(max_s), round(min_s))
-        )
+        self._min_delay = max(1, round(min_s))
+        self._max_delay = max(1, round(max_s), round(min_s))
+
+    def hold_reading(self) -> None:
+        """Read nothing more from the broker for now (back-pressure: TCP stops it);
+        writes, acknowledgements and keepalive go on (shared/mqttloop.py)."""
+        self._loop.hold()
+
+    def release_reading(self) -> None:
+        self._loop.release()
 
     def connect(self) -> None:
         """Connect and start the network thread; MqttError if refused or unreachable."""
@@ -296,7 +379,7 @@ class MqttClient:
             )
         except (OSError, ValueError) as exc:
             raise MqttError(f"cannot connect to {s.host}:{s.port}: {exc}") from exc
-        self._client.loop_start()
+        self._loop.start()
         if not self._first_done.wait(s.connect_timeout_s):
             self._stop_loop()
             raise MqttError(
@@ -346,6 +429,7 @@ class MqttClient:
             )
         except ValueError as exc:  # an invalid topic or QoS
             raise MqttError(f"publish to {topic!r} refused: {exc}") from exc
+        self._loop.wake()
         ok_codes = (paho.MQTT_ERR_SUCCESS, paho.MQTT_ERR_NO_CONN, paho.MQTT_ERR_CONN_LOST)
         if info.rc not in ok_codes:
             raise MqttError(f"publish to {topic} failed: {paho.error_string(info.rc)}")
@@ -379,21 +463,19 @@ class MqttClient:
         self.publish(topic, payload, qos=qos, retain=retain, props=props, on_done=_done)
         return done.wait(timeout) and result[0]
 
-    def ack_token(self, msg: paho.MQTTMessage) -> Callable[[], None]:
-        """A callable that acknowledges msg (once its work is done), bound to the
-        connection it arrived on: after a reconnect it does nothing, because the broker
-        delivers the message again on the new connection."""
+    def _received(self, msg: paho.MQTTMessage) -> Message:
+        """msg as a Message whose ack token acknowledges it on this connection."""
+        if not self._manual_ack or msg.qos == 0:
+            return received(msg)
         mid, qos, generation = msg.mid, msg.qos, self._generation
-        return lambda: self.ack(mid, qos, generation)
+        return received(msg, lambda: self._ack(mid, qos, generation))
 
-    def ack(self, mid: int, qos: int, generation: int) -> None:
-        """Acknowledge an incoming message received on connection `generation`."""
-        if qos == 0:
-            return
+    def _ack(self, mid: int, qos: int, generation: int) -> None:
         if generation != self._generation:
             log.debug("not acking mid %d from an older connection (will be redelivered)", mid)
             return
         self._client.ack(mid, qos)
+        self._loop.wake()
 
     def disconnect(self, timeout: float = 5.0, *, session_expiry_s: int | None = None) -> None:
         """Clean disconnect (the broker does not send the Will) and stop the thread.
@@ -413,15 +495,12 @@ class MqttClient:
     def drop(self) -> None:
         """Close the socket without DISCONNECT so the broker publishes the Will (tests)."""
         self._closing = True
-        sock = self._client.socket()
-        if sock is not None:
-            sock.close()
-        self._stop_loop()
+        self._loop.stop(flush=False)
         self._connected.clear()  # on_disconnect may not have run before the loop stopped
 
     # -- paho callbacks (network thread) -------------------------------------
     def _stop_loop(self) -> None:
-        self._client.loop_stop()
+        self._loop.stop()
 
     def _on_connect(
         self,
@@ -439,6 +518,7 @@ class MqttClient:
                 client.disconnect()
             return
         self._generation += 1
+        self._loop.reset_backoff()
         max_packet = getattr(properties, "MaximumPacketSize", None)
         self._max_packet_size = int(max_packet) if max_packet else None
         self._connected.set()
@@ -527,7 +607,7 @@ class MqttClient:
         if handler is None:
             return
         try:
-            handler(msg)
+            handler(self._received(msg))
         except Exception:  # an exception here would end paho's network loop
             log.exception("%s: message handler failed on %s", self.client_id, msg.topic)
 

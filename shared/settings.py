@@ -22,6 +22,7 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
+from cellwatch.shared.base import problem
 from cellwatch.shared.errors import ConfigError
 from cellwatch.shared.topics import DEFAULT_PREFIX
 
@@ -153,8 +154,5 @@ class CellwatchSettings(BaseSettings):
 def describe_validation_error(exc: ValidationError, path: Path | None = None) -> str:
     """One line per problem: `field.path: reason`."""
     where = f"{path}: " if path else ""
-    lines = []
-    for err in exc.errors():
-        loc = ".".join(str(p) for p in err["loc"]) or "(top level)"
-        lines.append(f"{where}{loc}: {err['msg']}")
+    lines = [f"{where}{problem(err)}" for err in exc.errors()]
     return "invalid configuration:\n  " + "\n  ".join(lines)

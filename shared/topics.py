@@ -135,6 +135,11 @@ class Topics:
             return False
         return bool(sep) and bool(rest) and is_valid_name(user)
 
+    def replies_filter(self) -> str:
+        """Where a node may answer an image: a Response Topic must match this filter
+        (checked by `response_topic_allowed`)."""
+        return f"{self.prefix}/replies/+/#"
+
     def source_of(self, topic: str) -> str:
         """The `{source}` of an images topic: its account (origin_of); TopicError if
         the topic is not one or a name is invalid."""
@@ -198,9 +203,46 @@ class Topics:
     def hub_api_filter(self) -> str:
         return f"{self.prefix}/hub/api/+"
 
+    def hub_api_verb_of(self, topic: str) -> str:
+        """The `{verb}` of a `{prefix}/hub/api/{verb}` topic (any text: the API says
+        whether it knows it)."""
+        head = f"{self.prefix}/hub/api/"
+        if not topic.startswith(head):
+            raise TopicError(f"not a hub API topic: {topic!r}")
+        return topic[len(head) :]
+
     def hub_revoked(self) -> str:
         """The hub's revocation list (retained; only the hub may write it)."""
         return f"{self.prefix}/hub/revoked"
 
     def hub_replies(self, username: str, suffix: str) -> str:
         return f"{self.prefix}/hub/replies/{check_name(username, 'username')}/{suffix}"
+
+    def hub_replies_filter(self) -> str:
+        """Where the hub may answer an API request (see `replies_filter`)."""
+        return f"{self.prefix}/hub/replies/+/#"
+
+
+def response_topic_allowed(topic: str, allowed: str) -> bool:
+    """The one check of a Response Topic: may a reply be published on `topic`?
+
+    `allowed` is an MQTT topic filter: a reply route's policy builds it (from the
+    request's own topic where that names who asks). The topic must have no wildcard
+    and no NUL, and match the filter level by level, where a `+` level must be a valid
+    name (`[A-Za-z0-9_-]{1,64}`: a user or node id) and a trailing `#` must match at
+    least one character. A filter without wildcards allows exactly itself.
+    """
+    if any(c in topic for c in "+#\x00"):
+        return False
+    got = topic.split("/")
+    for i, level in enumerate(allowed.split("/")):
+        if level == "#":
+            return bool("/".join(got[i:]))
+        if i >= len(got):
+            return False
+        if level == "+":
+            if not is_valid_name(got[i]):
+                return False
+        elif level != got[i]:
+            return False
+    return len(got) == len(allowed.split("/"))

@@ -20,12 +20,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
-import paho.mqtt.client as paho
 import pytest
 from pydantic import SecretStr
 
 from cellwatch.shared.errors import MqttError
-from cellwatch.shared.mqtt import MqttClient
+from cellwatch.shared.mqtt import Message, MqttClient
 from cellwatch.shared.settings import MqttSettings, TlsSettings
 
 REPO = Path(__file__).resolve().parents[1]
@@ -105,24 +104,22 @@ class Inbox:
 
     def __init__(self) -> None:
         self._cond = threading.Condition()
-        self._messages: list[paho.MQTTMessage] = []
+        self._messages: list[Message] = []
 
-    def __call__(self, msg: paho.MQTTMessage) -> None:
+    def __call__(self, msg: Message) -> None:
         with self._cond:
             self._messages.append(msg)
             self._cond.notify_all()
 
     @property
-    def messages(self) -> list[paho.MQTTMessage]:
+    def messages(self) -> list[Message]:
         with self._cond:
             return list(self._messages)
 
     def topics(self) -> list[str]:
         return [m.topic for m in self.messages]
 
-    def wait_for(
-        self, predicate: Callable[[list[paho.MQTTMessage]], bool], timeout: float = WAIT_S
-    ) -> bool:
+    def wait_for(self, predicate: Callable[[list[Message]], bool], timeout: float = WAIT_S) -> bool:
         """True as soon as predicate(messages so far) holds; False after timeout."""
         with self._cond:
             return self._cond.wait_for(lambda: predicate(self._messages), timeout)
@@ -231,7 +228,7 @@ class Broker:
         client_id: str | None = None,
         clean_start: bool = True,
         subscriptions: Sequence[tuple[str, int]] = (),
-        handler: Callable[[paho.MQTTMessage], None] | None = None,
+        handler: Callable[[Message], None] | None = None,
         **overrides: Any,
     ) -> MqttClient:
         """A connected MqttClient (disconnected by the fixture at teardown).

@@ -10,9 +10,7 @@ from collections.abc import Callable
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 
-import paho.mqtt.client as paho
-
-from cellwatch.shared.mqtt import MqttClient
+from cellwatch.shared.mqtt import Message, MqttClient
 from cellwatch.shared.rpc import Policy, Reply, Rpc, RpcStats
 from cellwatch.shared.schemas import Latency, Result, Telemetry, utcnow
 from cellwatch.shared.settings import MqttSettings
@@ -39,7 +37,7 @@ def quiet_telemetry(node_id: str, rss_mb: float = 1.0) -> Telemetry:
     )
 
 
-def parse_result(msg: paho.MQTTMessage) -> Result:
+def parse_result(msg: Message) -> Result:
     return Result.model_validate_json(msg.payload)
 
 
@@ -57,7 +55,7 @@ class Collector:
     """Subscribes to topics and keeps every message, thread-safely."""
 
     def __init__(self, settings: MqttSettings, *topics: str, name: str = "collector") -> None:
-        self.messages: list[paho.MQTTMessage] = []
+        self.messages: list[Message] = []
         self._lock = threading.Lock()
         self.client = MqttClient(
             settings,
@@ -68,11 +66,11 @@ class Collector:
         self.client.set_message_handler(self._on_message)
         self.client.connect()
 
-    def _on_message(self, msg: paho.MQTTMessage) -> None:
+    def _on_message(self, msg: Message) -> None:
         with self._lock:
             self.messages.append(msg)
 
-    def on(self, topic: str) -> list[paho.MQTTMessage]:
+    def on(self, topic: str) -> list[Message]:
         with self._lock:
             return [m for m in self.messages if m.topic == topic]
 

@@ -9,9 +9,7 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 
-import paho.mqtt.client as paho
-
-from cellwatch.shared.mqtt import MqttClient, PublishProps, user_properties
+from cellwatch.shared.mqtt import Message, MqttClient, PublishProps
 from tests.broker import Broker
 from tests.harness import T
 
@@ -51,18 +49,14 @@ class Responder:
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
 
-    def _on_message(self, msg: paho.MQTTMessage) -> None:
-        p = msg.properties
-        corr = getattr(p, "CorrelationData", None)
-        rt = getattr(p, "ResponseTopic", None)
-        expiry = getattr(p, "MessageExpiryInterval", None)
+    def _on_message(self, msg: Message) -> None:
         seen = Seen(
             msg.topic,
-            bytes(msg.payload),
-            bytes(corr) if corr is not None else None,
-            str(rt) if rt else None,
-            user_properties(msg),
-            int(expiry) if expiry is not None else None,
+            msg.payload,
+            msg.correlation,
+            msg.response_topic,
+            dict(msg.user),
+            msg.expiry_s,
         )
         with self._lock:
             self.seen.append(seen)

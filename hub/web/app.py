@@ -30,6 +30,7 @@ from cellwatch.hub.queries import as_json
 from cellwatch.hub.web import views
 from cellwatch.hub.web.metrics import make_registry
 from cellwatch.hub.web.reader import FleetReader
+from cellwatch.shared.base import first_problem
 from cellwatch.shared.codes import ApiErrorCode
 from cellwatch.shared.hubapi import ModelsArgs
 from cellwatch.shared.limits import DEFAULT_TELEMETRY_INTERVAL_S, STALE_AFTER_INTERVALS
@@ -170,7 +171,7 @@ class Pages:
         try:
             args = ModelsArgs.model_validate({"name": request.query_params.get("name")})
         except ValidationError as exc:
-            return self._api_error(ApiErrorCode.BAD_REQUEST, f"name: {exc.errors()[0]['msg']}", 400)
+            return self._api_error(ApiErrorCode.BAD_REQUEST, first_problem(exc), 400)
         return self._json(self.reader.queries.models(args.name))
 
     def api_stats(self, request: Request) -> Response:

@@ -1,4 +1,9 @@
-"""Correlated request/response over MQTT v5: the one implementation cellwatch uses.
+"""Correlated request/response over MQTT v5: the one implementation cellwatch uses,
+both halves of it.
+
+The responder half is the edge (`edge`: routes, `Inbound` values with `ack()` and
+`reply()`, reply policies; see its docstring): every message a node, the hub or a
+client receives comes through it. The requester half follows.
 
 A request is published (QoS 1) with a Response Topic and fresh Correlation Data
 (16 random bytes); the peer answers on the Response Topic with the Correlation
@@ -28,11 +33,29 @@ put into their queue directly, without the hop through the dispatcher. While the
 connection is down, retries wait: paho resends the queued publish itself after
 reconnecting.
 
-Modules: `core` (Rpc), `errors`, `values` (Policy, Reply, RpcStats), `transfer`
-(the windowed chunk download on top of Rpc).
+Modules: `edge` (the responder half), `core` (Rpc), `errors`, `values` (Policy,
+Reply, RpcStats), `transfer` (the one chunk wire format, its windowed download and
+upload on top of Rpc).
 """
 
 from cellwatch.shared.rpc.core import Rpc, Ticket
+from cellwatch.shared.rpc.edge import (
+    NOWHERE,
+    Acks,
+    Delivery,
+    Edge,
+    Inbound,
+    Problem,
+    Publisher,
+    Rejected,
+    ReplyPolicy,
+    ReplyTo,
+    Route,
+    deliver,
+    no_reply,
+    raw,
+    response_topic,
+)
 from cellwatch.shared.rpc.errors import (
     PacketTooLarge,
     PublishRefused,
@@ -49,24 +72,37 @@ from cellwatch.shared.rpc.values import (
     Reply,
     RpcStats,
     Sink,
-    correlation_of,
 )
 
 __all__ = [
     "ATTEMPT_PROPERTY",
+    "NOWHERE",
+    "Acks",
+    "Delivery",
+    "Edge",
+    "Inbound",
     "Outcome",
     "PacketTooLarge",
     "Parse",
     "Policy",
+    "Problem",
     "PublishRefused",
+    "Publisher",
+    "Rejected",
     "RemoteError",
     "Reply",
+    "ReplyPolicy",
+    "ReplyTo",
     "RequestTimeout",
+    "Route",
     "Rpc",
     "RpcClosed",
     "RpcError",
     "RpcStats",
     "Sink",
     "Ticket",
-    "correlation_of",
+    "deliver",
+    "no_reply",
+    "raw",
+    "response_topic",
 ]

@@ -7,18 +7,19 @@ import itertools
 import logging
 import math
 import os
+import queue
 import threading
 import time
-from collections import OrderedDict, deque
+from collections import OrderedDict
 from collections.abc import Sequence
 from concurrent.futures import Future, InvalidStateError
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-import paho.mqtt.client as paho
-
 from cellwatch.shared.errors import MqttError
-from cellwatch.shared.mqtt import MqttClient, PacketTooLargeError, PublishProps
+from cellwatch.shared.handoff import Handoff
+from cellwatch.shared.mqtt import Message, MqttClient, PacketTooLargeError, PublishProps
+from cellwatch.shared.rpc.edge import Route, raw
 from cellwatch.shared.rpc.errors import (
     PacketTooLarge,
     PublishRefused,
@@ -33,7 +34,6 @@ from cellwatch.shared.rpc.values import (
     Reply,
     RpcStats,
     Sink,
-    correlation_of,
 )
 
 log = logging.getLogger(__name__)
@@ -103,12 +103,14 @@ class Rpc:
         self.name = name
         self.qos = qos
         self._lock = threading.Lock()
-        self._wake = threading.Condition(self._lock)
         self._slots = threading.Condition(self._lock)
         self._by_corr: dict[bytes, _Request] = {}
         self._finished: OrderedDict[bytes, bool] = OrderedDict()
         """Correlation Data of finished requests -> whether they had an answer."""
-        self._handover: deque[tuple[_Request, Reply[Any] | RpcError]] = deque()
+        self._handover: Handoff[tuple[_Request, Reply[Any] | RpcError] | None] = Handoff(
+            name=f"{name} answers"
+        )
+        """Outcomes for the dispatcher to put into futures; None: the timers changed."""
         self._timers: list[tuple[float, int, _Request]] = []
         self._seq = itertools.count()
         self._in_flight = 0
@@ -135,6 +137,17 @@ class Rpc:
         """Make on_message the MqttClient's message handler; returns self."""
         self.mqtt.set_message_handler(self.on_message)
         return self
+
+    def route(self) -> Route[bytes]:
+        """The edge route of the reply topic (for a client with other routes too)."""
+        return Route(
+            self.reply_topic,
+            raw,
+            lambda inbound: self.on_message(inbound.message),
+            max_bytes=None,
+            qos=self.qos,
+            name=f"{self.name} replies",
+        )
 
     # -- caller side ------------------------------------------------------------------
     def submit(
@@ -276,14 +289,16 @@ class Rpc:
             for req in pending.values():
                 self._finish(req, RpcClosed(f"{self.name}: closed before an answer came"))
             self._slots.notify_all()
-            self._wake.notify_all()
+        self._handover.put(None)
         self._thread.join(timeout=10)
-        self._resolve_handover()
+        for item in self._handover.close():
+            if item is not None:
+                self._resolve(*item)
 
     # -- network thread -------------------------------------------------------------------
-    def on_message(self, msg: paho.MQTTMessage) -> None:
+    def on_message(self, msg: Message) -> None:
         """An answer arrived: parse, match, hand over. Never blocks."""
-        corr = correlation_of(msg)
+        corr = msg.correlation
         with self._lock:
             req = self._by_corr.get(corr) if corr is not None else None
             if req is None:
@@ -360,7 +375,7 @@ class Rpc:
         req.timer = next(self._seq)
         heapq.heappush(self._timers, (when, req.timer, req))
         if self._timers[0][2] is req:
-            self._wake.notify()
+            self._handover.put(None)  # the dispatcher's next wake-up moved earlier
         if len(self._timers) > 4 * self._in_flight + 1024:
             # Finished requests leave their entries behind until they come due: drop them.
             self._timers = [t for t in self._timers if not t[2].done and t[1] == t[2].timer]
@@ -383,8 +398,7 @@ class Rpc:
             queue, tag = req.sink
             queue.put((tag, outcome))  # unbounded: never blocks
         else:
-            self._handover.append((req, outcome))
-            self._wake.notify()
+            self._handover.put((req, outcome))
 
     def _abandon(self, req: _Request) -> None:
         """The caller cancelled the future."""
@@ -433,37 +447,36 @@ class Rpc:
     # -- dispatcher thread ----------------------------------------------------------------------
     def _dispatch(self) -> None:
         while True:
-            due: list[tuple[int, _Request]] = []
             with self._lock:
-                while not self._closed and not self._handover:
-                    now = time.monotonic()
-                    if self._timers and self._timers[0][0] <= now:
-                        break
-                    self._wake.wait(self._timers[0][0] - now if self._timers else None)
                 if self._closed:
                     return
+                now = time.monotonic()
+                wait = max(0.0, self._timers[0][0] - now) if self._timers else None
+            try:
+                item = self._handover.get(wait)
+            except queue.Empty:
+                item = None
+            if item is not None:
+                self._resolve(*item)
+            due: list[tuple[int, _Request]] = []
+            with self._lock:
                 now = time.monotonic()
                 while self._timers and self._timers[0][0] <= now:
                     _, seq, req = heapq.heappop(self._timers)
                     due.append((seq, req))
-            self._resolve_handover()
             for seq, req in due:
                 self._on_timer(req, seq)
 
-    def _resolve_handover(self) -> None:
-        while True:
-            with self._lock:
-                if not self._handover:
-                    return
-                req, outcome = self._handover.popleft()
-            assert req.future is not None
-            try:
-                if isinstance(outcome, RpcError):
-                    req.future.set_exception(outcome)
-                else:
-                    req.future.set_result(outcome)
-            except InvalidStateError:
-                pass  # cancelled by the caller in the meantime
+    @staticmethod
+    def _resolve(req: _Request, outcome: Reply[Any] | RpcError) -> None:
+        assert req.future is not None
+        try:
+            if isinstance(outcome, RpcError):
+                req.future.set_exception(outcome)
+            else:
+                req.future.set_result(outcome)
+        except InvalidStateError:
+            pass  # cancelled by the caller in the meantime
 
     def _on_timer(self, req: _Request, seq: int) -> None:
         with self._lock:

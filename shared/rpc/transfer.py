@@ -1,16 +1,24 @@
-"""Windowed chunk download over `Rpc`: the node's bundle fetch (DESIGN.md, Rollout).
+"""Chunk transfers over `Rpc`, one wire format in both directions (DESIGN.md, Rollout).
 
-The downloader asks for `length` bytes at `offset`; each answer carries the chunk
-and the user properties `offset`, `total` (the file's size) and `sha256` (of the
-chunk), or an empty payload with `error` and `message`. The server may send fewer
-bytes than asked (the hub clamps to its `max_chunk_bytes`): the downloader advances
-by what it received, asks for the rest, and asks for chunks of the size it learned
-from then on. A chunk whose hash does not match is dropped and asked for again.
+The chunk: the raw bytes as the payload, user properties `offset` (where they
+start), `sha256` (of these bytes) and `total` (the file's size; a download needs it,
+an upload chunk may omit it), or an empty payload with `error` and `message`.
+`chunk_properties` writes them and `read_chunk` reads them (the hash is checked
+there: a chunk that fails it is dropped and sent or asked for again). A receiver
+writes chunks through a `PartFile`: strictly in order into `{dest}.part`, so its
+size is always the last good offset and an interrupted transfer resumes there.
 
-Chunks are appended to `{dest}.part` strictly in order (later ones wait in
-memory), so the part file's size is always the last good offset: a download
-interrupted by a disconnect or a restart resumes there. When the expected size is
-known (from the manifest), the server's `total` must equal it.
+- Download (`Download`, the node's bundle fetch): the downloader asks for `length`
+  bytes at `offset` (its own request body), up to `window` requests in flight; the
+  server answers with a chunk. It may send fewer bytes than asked (the hub clamps to
+  its `max_chunk_bytes`): the downloader advances by what it received, asks for the
+  rest, and asks for chunks of the size it learned from then on. Chunks are appended
+  in order (later ones wait in memory). When the expected size is known (from the
+  manifest), the server's `total` must equal it.
+- Upload (`Upload`, the operator's bundle push; any peer's upload): the sender sends
+  chunks from its resume offset, up to `window` in flight, each with the receiver's
+  naming properties (which file); the receiver appends each to its PartFile and
+  answers with the next offset it expects, in order.
 """
 
 from __future__ import annotations
@@ -20,23 +28,36 @@ import os
 import queue
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
+from concurrent.futures import Future
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import cast
-
-import paho.mqtt.client as paho
+from typing import Generic, TypeVar, cast
 
 from cellwatch.shared.errors import CellwatchError
-from cellwatch.shared.mqtt import user_properties
-from cellwatch.shared.rpc import Outcome, Policy, RemoteError, Rpc, RpcError, Sink, Ticket
+from cellwatch.shared.mqtt import Message
+from cellwatch.shared.rpc import (
+    Outcome,
+    Parse,
+    Policy,
+    RemoteError,
+    Reply,
+    Rpc,
+    RpcError,
+    Sink,
+    Ticket,
+)
 
 POLL_S = 0.25
 """How often a waiting download checks whether it was cancelled."""
+OFFSET, TOTAL, SHA256 = "offset", "total", "sha256"
+ERROR, MESSAGE = "error", "message"
+UserProperties = tuple[tuple[str, str], ...]
+A = TypeVar("A")
 
 
 class TransferError(CellwatchError):
-    """The download cannot finish: no progress, a refusal, or a server that
-    contradicts itself or the manifest."""
+    """The transfer cannot finish: no progress, a refusal, or a peer that contradicts
+    itself or the manifest."""
 
 
 class TransferCancelled(CellwatchError):
@@ -46,26 +67,95 @@ class TransferCancelled(CellwatchError):
 @dataclass(frozen=True)
 class Chunk:
     offset: int
-    total: int
+    total: int | None
+    """The file's size (None: the sender did not say)."""
     data: bytes
 
 
-def parse_chunk(msg: paho.MQTTMessage) -> Chunk:
-    """A chunk answer; RemoteError for an error answer, ValueError if malformed
-    (including a chunk whose SHA-256 does not match: it is asked for again)."""
-    props = user_properties(msg)
-    if "error" in props:
-        raise RemoteError(props["error"], props.get("message", ""))
-    data = bytes(msg.payload)
+def chunk_properties(offset: int, data: bytes, total: int | None = None) -> UserProperties:
+    """The user properties of a chunk of data at offset (of a file of total bytes)."""
+    props = [(OFFSET, str(offset))]
+    if total is not None:
+        props.append((TOTAL, str(total)))
+    props.append((SHA256, hashlib.sha256(data).hexdigest()))
+    return tuple(props)
+
+
+def error_properties(code: str, message: str) -> UserProperties:
+    """The user properties of an error answer (its payload is empty)."""
+    return ((ERROR, code), (MESSAGE, message))
+
+
+def read_chunk(msg: Message) -> Chunk:
+    """A chunk; RemoteError for an error answer, ValueError if malformed (including a
+    chunk whose SHA-256 does not match)."""
+    props = msg.user
+    if ERROR in props:
+        raise RemoteError(props[ERROR], props.get(MESSAGE, ""))
     try:
-        offset, total = int(props["offset"]), int(props["total"])
+        offset = int(props[OFFSET])
+        total = int(props[TOTAL]) if TOTAL in props else None
     except (KeyError, ValueError) as exc:
-        raise ValueError(f"chunk without a valid offset/total: {props}") from exc
-    if offset < 0 or total < 0:
-        raise ValueError(f"negative offset or total: {props}")
-    if hashlib.sha256(data).hexdigest() != props.get("sha256"):
+        raise ValueError(f"chunk without a valid offset/total: {dict(props)}") from exc
+    if offset < 0 or (total is not None and total < 0):
+        raise ValueError(f"negative offset or total: {dict(props)}")
+    data = msg.payload
+    if hashlib.sha256(data).hexdigest() != props.get(SHA256):
         raise ValueError(f"chunk at {offset} failed its SHA-256")
     return Chunk(offset, total, data)
+
+
+def read_sized_chunk(msg: Message) -> Chunk:
+    """A download's chunk: read_chunk, and `total` is required."""
+    chunk = read_chunk(msg)
+    if chunk.total is None:
+        raise ValueError(f"chunk at {chunk.offset} without a total")
+    return chunk
+
+
+@dataclass
+class PartFile:
+    """A file received in order: `{dest}.part` until it is complete, then `dest`."""
+
+    dest: Path
+    total: int | None = None
+
+    @property
+    def part(self) -> Path:
+        return self.dest.with_name(self.dest.name + ".part")
+
+    def received(self) -> int:
+        """Bytes that arrived (the whole file once complete)."""
+        for path in (self.dest, self.part):
+            try:
+                return path.stat().st_size
+            except FileNotFoundError:
+                continue
+        return 0
+
+    def append(self, offset: int, data: bytes) -> int:
+        """Write data at offset, which must be the bytes received so far; completes the
+        file when it reaches `total`. Returns the new size; TransferError otherwise (an
+        OSError, e.g. a full disk, passes)."""
+        if self.dest.exists():
+            raise TransferError(f"{self.dest.name} is complete already")
+        have = self.received()
+        if offset != have:
+            raise TransferError(f"{self.dest.name}: expected offset {have}, got {offset}")
+        end = offset + len(data)
+        if self.total is not None and end > self.total:
+            raise TransferError(f"{self.dest.name}: {end} bytes is more than its size {self.total}")
+        with self.part.open("ab") as out:
+            out.write(data)
+        if end == self.total:
+            self.complete()
+        return end
+
+    def complete(self) -> None:
+        """Make the part file the file: on disk first (fsync), then renamed."""
+        with self.part.open("ab") as out:
+            os.fsync(out.fileno())
+        os.replace(self.part, self.dest)
 
 
 RequestFor = Callable[[int, int], tuple[str, bytes]]
@@ -92,10 +182,10 @@ class Download:
 
     def run(self) -> int:
         """Download to dest (resuming dest.part); returns the file's size."""
-        part = self.dest.with_name(self.dest.name + ".part")
-        done = part.stat().st_size if part.exists() else 0
+        file = PartFile(self.dest, self.expected_size)
+        done = file.part.stat().st_size if file.part.exists() else 0
         if self.expected_size is not None and done > self.expected_size:
-            part.unlink()  # longer than the file can be: start again
+            file.part.unlink()  # longer than the file can be: start again
             done = 0
         total = self.expected_size
         chunk = self.chunk_bytes
@@ -105,79 +195,127 @@ class Download:
         pending: dict[int, tuple[int, Ticket]] = {}  # offset -> (length, ticket)
         ready: dict[int, bytes] = {}
         try:
-            with part.open("ab") as out:
-                while total is None or done < total:
-                    if self.cancelled():
-                        raise TransferCancelled(f"download of {self.dest.name} cancelled")
-                    while len(pending) < self.window:
-                        if gaps:
-                            offset, length = gaps.popleft()
-                            if length > chunk:
-                                gaps.appendleft((offset + chunk, length - chunk))
-                                length = chunk
-                        elif total is None and pending:
-                            break  # learn the size from the first answer before fanning out
-                        elif total is not None and next_offset >= total:
-                            break
-                        else:
-                            offset = next_offset
-                            length = chunk if total is None else min(chunk, total - offset)
-                            next_offset += length
-                        topic, payload = self.request_for(offset, length)
-                        ticket = self.rpc.send(
-                            topic, payload, parse_chunk, self.policy, sink=sink, tag=offset
-                        )
-                        pending[offset] = (length, ticket)
-                    for offset, outcome in _drain(sink, POLL_S):
-                        length, _ = pending.pop(offset)
-                        got = self._chunk(outcome, offset, length, total)
-                        if total is None:
-                            total = got.total
-                            self._check_size(total)
-                            next_offset = min(next_offset, total)
-                        n = len(got.data)
-                        if n < length and offset + n < total:
-                            chunk = min(chunk, max(n, 1))  # the server's limit
-                            gaps.append((offset + n, length - n))
-                        ready[offset] = got.data
-                    while done in ready:
-                        data = ready.pop(done)
-                        out.write(data)
-                        done += len(data)
-                        self.progress(done, total or 0)
-                        if not data:
-                            break
-                    if total is not None and total == done:
+            while total is None or done < total:
+                if self.cancelled():
+                    raise TransferCancelled(f"download of {self.dest.name} cancelled")
+                while len(pending) < self.window:
+                    if gaps:
+                        offset, length = gaps.popleft()
+                        if length > chunk:
+                            gaps.appendleft((offset + chunk, length - chunk))
+                            length = chunk
+                    elif total is None and pending:
+                        break  # learn the size from the first answer before fanning out
+                    elif total is not None and next_offset >= total:
                         break
-                out.flush()
-                os.fsync(out.fileno())
+                    else:
+                        offset = next_offset
+                        length = chunk if total is None else min(chunk, total - offset)
+                        next_offset += length
+                    topic, payload = self.request_for(offset, length)
+                    ticket = self.rpc.send(
+                        topic, payload, read_sized_chunk, self.policy, sink=sink, tag=offset
+                    )
+                    pending[offset] = (length, ticket)
+                for offset, outcome in _drain(sink, POLL_S):
+                    length, _ = pending.pop(offset)
+                    got, size = self._chunk(outcome, offset, length, total)
+                    if total is None:
+                        total = file.total = self._check_size(size)
+                        next_offset = min(next_offset, total)
+                    n = len(got.data)
+                    if n < length and offset + n < total:
+                        chunk = min(chunk, max(n, 1))  # the server's limit
+                        gaps.append((offset + n, length - n))
+                    ready[offset] = got.data
+                while done in ready:
+                    data = ready.pop(done)
+                    done = file.append(done, data)
+                    self.progress(done, total or 0)
+                    if not data:
+                        break
         finally:
             for _, ticket in pending.values():
                 ticket.cancel()
-        os.replace(part, self.dest)
+        if not self.dest.exists():  # the part file was complete before we began
+            file.complete()
         return done
 
-    def _chunk(self, outcome: Outcome, offset: int, length: int, total: int | None) -> Chunk:
+    def _chunk(
+        self, outcome: Outcome, offset: int, length: int, total: int | None
+    ) -> tuple[Chunk, int]:
+        """The chunk of an answer, checked against the request, and the file's size."""
         if isinstance(outcome, RemoteError):
             raise TransferError(f"{self.dest.name}: refused: {outcome}") from outcome
         if isinstance(outcome, RpcError):
             raise TransferError(f"{self.dest.name} at byte {offset}: {outcome}") from outcome
         got: Chunk = outcome.value
+        size = got.total
+        assert size is not None  # read_sized_chunk
         self.received += len(got.data)
         name = self.dest.name
         if got.offset != offset:
             raise TransferError(f"{name}: asked for byte {offset}, got byte {got.offset}")
-        if total is not None and got.total != total:
-            raise TransferError(f"{name}: the server says {got.total} bytes, expected {total}")
+        if total is not None and size != total:
+            raise TransferError(f"{name}: the server says {size} bytes, expected {total}")
         if len(got.data) > length:
             raise TransferError(f"{name}: asked for {length} bytes at {offset}, got more")
-        if not got.data and offset < got.total:
-            raise TransferError(f"{name}: empty chunk at {offset} of {got.total}")
-        return got
+        if not got.data and offset < size:
+            raise TransferError(f"{name}: empty chunk at {offset} of {size}")
+        return got, size
 
-    def _check_size(self, total: int) -> None:
+    def _check_size(self, total: int) -> int:
         if self.max_size is not None and total > self.max_size:
             raise TransferError(f"{self.dest.name}: {total} bytes is over {self.max_size}")
+        return total
+
+
+@dataclass
+class Upload(Generic[A]):
+    """One file sent from `start`, up to `window` chunks in flight; the receiver
+    answers every chunk (in order), and `confirm` checks each answer."""
+
+    rpc: Rpc
+    topic: str
+    naming: UserProperties
+    """The receiver's properties that say which file the chunks belong to."""
+    path: Path
+    start: int
+    size: int
+    chunk_bytes: int
+    window: int
+    parse: Parse[A]
+    policy: Policy
+    """Per chunk (one attempt: a chunk must not arrive twice out of order)."""
+    confirm: Callable[[Future[Reply[A]]], object]
+    """Waits for one answer; raises the caller's error for a refusal or no answer."""
+    progress: Callable[[int], None] = field(default=lambda sent: None)
+    """Bytes of this file the receiver confirmed (since `start`)."""
+
+    def run(self) -> int:
+        """Send the file; returns the bytes sent."""
+        inflight: deque[tuple[Future[Reply[A]], int]] = deque()
+        sent = 0
+        with self.path.open("rb") as f:
+            f.seek(self.start)
+            position = self.start
+            while position < self.size or inflight:
+                while position < self.size and len(inflight) < self.window:
+                    data = f.read(min(self.chunk_bytes, self.size - position))
+                    user = (*self.naming, *chunk_properties(position, data, self.size))
+                    future = self.rpc.submit(self.topic, data, self.parse, self.policy, user=user)
+                    inflight.append((future, len(data)))
+                    position += len(data)
+                future, length = inflight.popleft()
+                try:
+                    self.confirm(future)
+                except BaseException:
+                    for rest, _ in inflight:
+                        rest.cancel()
+                    raise
+                sent += length
+                self.progress(position - self.start - sum(n for _, n in inflight))
+        return sent
 
 
 def _drain(sink: Sink, timeout: float) -> list[tuple[int, Outcome]]:

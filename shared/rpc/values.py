@@ -8,8 +8,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
-import paho.mqtt.client as paho
-
+from cellwatch.shared.mqtt import Message
 from cellwatch.shared.rpc.errors import RpcError
 
 T = TypeVar("T")
@@ -71,13 +70,8 @@ class RpcStats:
     in_flight: int = 0
 
 
-Parse = Callable[[paho.MQTTMessage], T]
+Parse = Callable[[Message], T]
+"""Reads an answer: its value, RemoteError for an error answer, ValueError if malformed."""
 Outcome = Reply[Any] | RpcError
 Sink = queue.SimpleQueue[tuple[object, Outcome]]
 """Where `Rpc.send` puts each outcome, tagged with the caller's tag."""
-
-
-def correlation_of(msg: paho.MQTTMessage) -> bytes | None:
-    props = msg.properties
-    corr = getattr(props, "CorrelationData", None) if props is not None else None
-    return bytes(corr) if corr is not None else None

@@ -24,11 +24,12 @@ from cellwatch.client import (
     Timeout,
 )
 from cellwatch.shared.limits import BROKER_MAX_PACKET_BYTES
+from cellwatch.shared.mqtt import PublishProps, packet_size
 from cellwatch.shared.schemas import Result, utcnow
 from tests import images
 from tests.broker import Broker
 from tests.client.conftest import ClientFactory
-from tests.harness import wait_for
+from tests.harness import T, wait_for
 from tests.node.conftest import NodeFactory
 from tests.responder import Responder, Seen
 
@@ -96,10 +97,32 @@ def test_payload_too_large_is_refused_before_sending(
         client.classify(huge)
     answers = list(client.classify_many([huge, images.jpeg()]))
     assert sorted(a.status for a in answers) == ["ok", "payload_too_large"]
-    assert client.stats().sent == 1  # the big one never left
+    # the big one never left, nor became a request (the client's own check, before
+    # the MQTT layer would refuse the publish)
+    assert (client.stats().requests, client.stats().sent) == (1, 1)
     assert client.classify(images.jpeg()).ok  # still connected
     wait_for(lambda: node.stats.processed >= 2, what="both small images acknowledged")
     assert node.stats.processed == 2
+
+
+def test_an_image_that_fits_once_but_not_with_its_retries_is_refused(
+    node_factory: NodeFactory, client_factory: ClientFactory
+) -> None:
+    """The first publish would fit the broker's Maximum Packet Size exactly; a retry
+    (user property attempt=12) would not: refused before sending, not answered
+    payload_too_large by the node after one attempt."""
+    node_factory()
+    client = client_factory()
+    topic = T.lab_images(client.settings.mqtt.username or "client", client.settings.source)
+    first = PublishProps(
+        response_topic=client.reply_topic, correlation_data=bytes(16), message_expiry_s=120
+    )
+    guess = BROKER_MAX_PACKET_BYTES - 1000
+    n = guess + BROKER_MAX_PACKET_BYTES - packet_size(topic, bytes(guess), 1, first)
+    assert packet_size(topic, bytes(n), 1, first) == BROKER_MAX_PACKET_BYTES
+    with pytest.raises(PayloadTooLarge, match="maximum packet size"):
+        client.classify(b"\xff\xd8" + bytes(n - 2))
+    assert client.stats().requests == 0
 
 
 def test_timeout_is_raised_close_to_timeout_s(

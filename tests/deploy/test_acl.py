@@ -10,9 +10,9 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-import paho.mqtt.client as paho
 import pytest
 
+from cellwatch.shared.mqtt import Message
 from cellwatch.shared.topics import Topics
 from tests.broker import Broker, Inbox
 
@@ -170,8 +170,8 @@ def test_share_group_delivers_each_image_to_one_node(broker: Broker) -> None:
     everything = Inbox()
     per_node = {node: Inbox() for node in ("node-1", "node-2")}
 
-    def handler(inbox: Inbox) -> Callable[[paho.MQTTMessage], None]:
-        def handle(msg: paho.MQTTMessage) -> None:
+    def handler(inbox: Inbox) -> Callable[[Message], None]:
+        def handle(msg: Message) -> None:
             inbox(msg)
             everything(msg)
 

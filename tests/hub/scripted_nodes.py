@@ -16,12 +16,10 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
-import paho.mqtt.client as paho
-
 from cellwatch.node.fetcher import Fetcher, FetchError
 from cellwatch.shared.codes import UpdateErrorCode
 from cellwatch.shared.manifest import MANIFEST_FILE, SIGNATURE_FILE
-from cellwatch.shared.mqtt import MqttClient, Will, user_properties
+from cellwatch.shared.mqtt import Message, MqttClient, Will
 from cellwatch.shared.rpc import Policy, RequestTimeout
 from cellwatch.shared.schemas import (
     DesiredModel,
@@ -49,8 +47,8 @@ class FetchFailed(Exception):
     pass
 
 
-def raw_reply(msg: paho.MQTTMessage) -> Reply:
-    return Reply(bytes(msg.payload), user_properties(msg))
+def raw_reply(msg: Message) -> Reply:
+    return Reply(msg.payload, dict(msg.user))
 
 
 class FakeNode:
@@ -147,7 +145,7 @@ class FakeNode:
         self.fetcher.close()
 
     # -- messages ------------------------------------------------------------------------
-    def _on_message(self, msg: paho.MQTTMessage) -> None:
+    def _on_message(self, msg: Message) -> None:
         if msg.topic == T.desired(self.node_id):
             if not msg.payload:
                 return
@@ -157,7 +155,7 @@ class FakeNode:
                 self._work.append(d)
                 self._cond.notify_all()
             return
-        self.fetcher.on_reply(msg)
+        self.fetcher.rpc.on_message(msg)
 
     def report(
         self,

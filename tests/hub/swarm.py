@@ -22,9 +22,7 @@ import uuid
 from collections import deque
 from collections.abc import Callable, Sequence
 
-import paho.mqtt.client as paho
-
-from cellwatch.shared.mqtt import MqttClient, Will
+from cellwatch.shared.mqtt import Message, MqttClient, Will
 from cellwatch.shared.schemas import (
     DesiredModel,
     ModelRef,
@@ -82,7 +80,7 @@ class _Conn:
         self.thread = threading.Thread(target=self._run, name=f"swarm-{index}", daemon=True)
         self.thread.start()
 
-    def _on_message(self, msg: paho.MQTTMessage) -> None:  # network thread: hand over
+    def _on_message(self, msg: Message) -> None:  # network thread: hand over
         if not msg.payload:
             return
         node_id = T.node_id_of(msg.topic)

@@ -6,20 +6,20 @@ serving everyone else."""
 from __future__ import annotations
 
 import json
-import queue
 import time
-
-import paho.mqtt.client as paho
 
 from cellwatch.hub.client import HubClient
 from cellwatch.hub.config import HubLimits
 from cellwatch.hub.counters import DropReason, HubCounters
-from cellwatch.hub.handover import Handover
 from cellwatch.hub.intake import Incoming, Intake, Item
 from cellwatch.hub.service import HubService
+from cellwatch.shared.handoff import Handoff
 from cellwatch.shared.limits import MiB
+from cellwatch.shared.mqtt import Message
+from cellwatch.shared.rpc import Rejected, deliver
 from cellwatch.shared.schemas import ApiRequest, NodeStatus, utcnow
 from tests.broker import Broker
+from tests.edge import Recorder
 from tests.harness import T, quiet_telemetry, wait_for
 from tests.hub.conftest import HubFactory, NodeMaker
 
@@ -95,46 +95,49 @@ def test_no_more_node_ids_than_max_nodes(
     assert sorted(n.node_id for n in operator.nodes().nodes) == ["node-1", "node-2"]
 
 
-def _message(topic: str, payload: bytes, mid: int) -> paho.MQTTMessage:
-    msg = paho.MQTTMessage(mid, topic.encode())
-    msg.payload, msg.qos = payload, 1
-    return msg
+class Unused:
+    """Handlers the control thread would run (not in these unit tests)."""
+
+    def _never(self, *args: object) -> bool:
+        raise AssertionError("the control thread does not run here")
+
+    on_status = on_telemetry = on_update = on_api = on_upload = _never
+
+    def refuse_api(self, rejected: Rejected) -> None:
+        raise AssertionError("no API request here")
 
 
 def test_statuses_coalesce_only_within_one_valid_process() -> None:
-    """Unit level (no broker): which statuses replace which in the control queue."""
-    control: Handover[Item] = Handover()
+    """Unit level (no broker): which statuses replace which in the control queue, and
+    which are dropped at the edge."""
+    control: Handoff[Item] = Handoff()
     acked: list[int] = []
     counters = HubCounters()
-    intake = Intake(
-        T,
-        HubLimits(),
-        counters,
-        control,
-        queue.Queue(),
-        ack=lambda msg, generation: acked.append(msg.mid),
-        generation=lambda: 1,
-    )
+    intake = Intake(T, HubLimits(), counters, control, Unused())
+    (route,) = [r for r in intake.routes() if r.filter == T.node_filter("status")]
     since = utcnow()
 
-    def status(boot: str, tag: str, node_id: str = "node-1") -> bytes:
-        return NodeStatus(
-            node_id=node_id, state="online", boot_id=boot * 16, since=since, tags=[tag]
+    def status(n: int, boot: str, node_id: str = "node-1", payload: bytes | None = None) -> None:
+        body = NodeStatus(
+            node_id=node_id, state="online", boot_id=boot * 16, since=since, tags=[str(n)]
         ).to_json()
+        message = Message(T.status("node-1"), payload or body, ack=lambda: acked.append(n))
+        deliver(route, message, Recorder())
 
-    topic = T.status("node-1")
-    intake.on_message(_message(topic, status("a", "1"), 1))
-    intake.on_message(_message(topic, status("a", "2"), 2))  # same process: replaces 1
-    intake.on_message(_message(topic, b"{not json", 3))  # queued on its own
-    intake.on_message(_message(topic, status("a", "4", node_id="node-2"), 4))  # wrong node
-    intake.on_message(_message(topic, status("a", "5"), 5))  # replaces 2, in 1's place
-    intake.on_message(_message(topic, status("b", "6"), 6))  # another process: queued
-    assert acked == [1, 2] and counters.dropped_by_reason()["superseded"] == 2
+    status(1, "a")
+    status(2, "a")  # same process: replaces 1
+    status(3, "a", payload=b"{not json")  # dropped at the edge: counted malformed
+    status(4, "a", node_id="node-2")  # names another node: counted wrong_node
+    status(5, "a")  # replaces 2, in 1's place
+    status(6, "b")  # another process: queued
+    dropped = counters.dropped_by_reason()
+    assert acked == [1, 3, 4, 2]
+    assert (dropped["superseded"], dropped["malformed"], dropped["wrong_node"]) == (2, 1, 1)
     taken = []
     while len(control):
         item = control.get(0)
         assert isinstance(item, Incoming)
-        taken.append(intake.take(item)[0].mid)
-    assert taken == [5, 3, 4, 6]
-    intake.on_message(_message(topic, status("b", "7"), 7))  # 6 was taken: a new entry
-    assert len(control) == 1 and acked == [1, 2]
+        taken.append(intake.take(item).body.tags[0])
+    assert taken == ["5", "6"]
+    status(7, "b")  # 6 was taken: a new entry
+    assert len(control) == 1 and acked == [1, 3, 4, 2]

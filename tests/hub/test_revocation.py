@@ -152,7 +152,7 @@ def test_revoked_and_unknown_models_are_refused(
     watch.close()
     late = Collector(broker.settings("node-2"), T.hub_revoked(), name="late")  # retained
     wait_for(lambda: bool(late.messages), what="the retained revocation list")
-    assert late.messages[0].retain
+    assert late.messages[0].retained
     late.close()
 
     page = get(hub, "/").text

@@ -11,7 +11,7 @@ import time
 import psutil
 import pytest
 
-from cellwatch.node.faults import Faults
+from cellwatch.node.faults import FaultPoint, Faults
 from cellwatch.shared.errors import ConfigError
 from cellwatch.shared.mqtt import PublishProps
 from cellwatch.shared.schemas import NodeStatus, Result
@@ -122,6 +122,43 @@ def test_a_hung_device_keeps_the_connection_and_answers_everything(
     assert "exceeded timeout" not in broker.log_text()
 
 
+def test_a_slow_disk_stalls_no_image_and_no_keepalive(
+    broker: Broker, node_factory: NodeFactory, requester: Requester
+) -> None:
+    """The journal's compaction syncs to a disk that does not answer for longer than
+    1.5 x keepalive (a fault hook at its fsync): images keep being answered and
+    acknowledged, and the connection stays (paho's thread never waits on the journal,
+    node/journal.py)."""
+    armed, entered, disk_back = threading.Event(), threading.Event(), threading.Event()
+
+    def slow_disk(n: int | None, key: str | None) -> bool:
+        if armed.is_set():
+            entered.set()
+            disk_back.wait(60)
+        return False
+
+    node = node_factory(
+        mqtt={"keepalive_s": 5}, faults=Faults(hooks={FaultPoint.JOURNAL_SYNC: slow_disk})
+    )
+    generation = node.mqtt.generation
+    assert requester.request(images.jpeg()).status == "ok"
+    armed.set()
+    node.journal.compact_bytes = 0  # the periodic thread compacts at once
+    try:
+        assert entered.wait(30), "no compaction started"
+        stalled = time.monotonic()
+        answered = 0
+        while time.monotonic() - stalled < 9.0:  # 1.8 x keepalive, the disk still stuck
+            assert requester.result(requester.send(images.jpeg()), timeout=8.0).status == "ok"
+            answered += 1
+        assert not disk_back.is_set() and answered > 5
+    finally:
+        disk_back.set()
+    wait_for(lambda: node.stats.inflight == 0, what="every image acknowledged")
+    assert node.mqtt.generation == generation, "the connection was dropped meanwhile"
+    assert "exceeded timeout" not in broker.log_text()
+
+
 def test_twenty_swaps_under_load_do_not_leak(
     node_factory: NodeFactory, requester: Requester
 ) -> None:
@@ -145,7 +182,7 @@ def test_twenty_swaps_under_load_do_not_leak(
         before = process.memory_info().rss
         for _ in range(20):
             node.load_bundle(bundle)
-        wait_for(lambda: not node._retired, what="retired models released")
+        wait_for(lambda: not node.slot.retired, what="retired models released")
         gc.collect()
         grown = process.memory_info().rss - before
     finally:

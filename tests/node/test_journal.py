@@ -3,6 +3,7 @@ process tests (test_crashes.py) show the same with real crashes."""
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 
 from cellwatch.node.journal import COMPACT_BYTES, Journal, read_crashes
@@ -14,6 +15,7 @@ def test_an_image_open_at_a_crash_counts_one_crash_per_boot(tmp_path: Path) -> N
         first.started("same-id")
     first.started("done-id")
     first.finished("done-id")
+    first.flush()  # (its writer thread writes the line at once)
     # the process dies here: nothing more is written
     second = Journal(tmp_path)
     assert second.crashes("same-id") == 1  # one crash, not five
@@ -22,6 +24,7 @@ def test_an_image_open_at_a_crash_counts_one_crash_per_boot(tmp_path: Path) -> N
     third = Journal(tmp_path)
     assert third.crashes("same-id") == 2
     third.finished("same-id")  # answered (poison_image): no longer a suspect
+    third.flush()  # (its writer thread writes the line at once)
     assert third.crashes("same-id") == 0
     third.close()
     assert Journal(tmp_path).crashes("same-id") == 0
@@ -45,6 +48,25 @@ def test_compaction_keeps_the_counts_and_what_is_in_progress(tmp_path: Path) -> 
     j.compact()
     assert j.path.stat().st_size < 1000
     assert read_crashes(j.path.read_text()) == {"crashed": 1, "running": 1}
+
+
+def test_finishing_an_image_never_waits_for_the_journal(tmp_path: Path) -> None:
+    """`finished` runs on paho's network thread: while a write or a compaction holds
+    the journal, it returns at once; the line is written when the journal is free."""
+    j = Journal(tmp_path)
+    j.started("a")
+    returned = threading.Event()
+
+    def finish() -> None:
+        j.finished("a")
+        returned.set()
+
+    with j._lock:  # what a slow write holds
+        threading.Thread(target=finish, daemon=True).start()
+        assert returned.wait(10), "finished() waited for the journal's lock"
+    j.flush()
+    j.close()
+    assert "D a" in j.path.read_text()
 
 
 def test_a_torn_last_line_is_ignored() -> None:

@@ -162,14 +162,14 @@ def test_status_online_then_offline_by_will_and_by_stop(
         wait_for(lambda: len(watch.on(T.status("node-1"))) >= 4, what="offline on stop")
         last = NodeStatus.model_validate_json(watch.on(T.status("node-1"))[-1].payload)
         assert last.state == "offline" and last.boot_id == second.boot_id
-        assert watch.on(T.status("node-1"))[-1].retain is False  # live delivery
+        assert watch.on(T.status("node-1"))[-1].retained is False  # live delivery
     finally:
         watch.close()
     retained = Collector(broker.settings("hub"), T.status("node-1"))
     try:
         wait_for(lambda: bool(retained.on(T.status("node-1"))), what="retained status")
         msg = retained.on(T.status("node-1"))[0]
-        assert msg.retain and NodeStatus.model_validate_json(msg.payload).state == "offline"
+        assert msg.retained and NodeStatus.model_validate_json(msg.payload).state == "offline"
     finally:
         retained.close()
 
@@ -228,8 +228,12 @@ def test_a_flood_is_bounded_and_loses_nothing(
     corrs = [requester.send(slow) for _ in range(30)]
     for c in corrs:
         assert requester.result(c).status == "ok"
-    # queue (max_inflight) + the one the network thread holds + decoding + inferring
-    assert 3 <= node.stats.peak_unanswered <= 3 + 1 + 1 + 1
+    # Mosquitto sends far more than the Receive Maximum once acknowledgements flow; at
+    # max_inflight waiting the node stops reading (shared/mqttloop.py), so at most:
+    # the queue + decoding + inferring + the rest of one read pass (paho reads every
+    # complete packet it has, up to one per own publish awaiting its PUBACK: a Result
+    # or two). Without the hold, 15 waited here.
+    assert 3 <= node.stats.peak_unanswered <= 3 + 1 + 1 + 3
 
 
 def test_shared_subscription_spreads_work(node_factory: NodeFactory, requester: Requester) -> None:

@@ -10,10 +10,10 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import Future
 from typing import Any
 
-import paho.mqtt.client as paho
 import pytest
 
 from cellwatch.shared.limits import BROKER_MAX_PACKET_BYTES
+from cellwatch.shared.mqtt import Message
 from cellwatch.shared.rpc import (
     PacketTooLarge,
     Policy,
@@ -31,7 +31,7 @@ TOPIC = T.lab_images("client", "scope-1")
 QUICK = Policy(timeout_s=30.0)
 
 
-def parse(msg: paho.MQTTMessage) -> Any:
+def parse(msg: Message) -> Any:
     return json.loads(msg.payload)
 
 

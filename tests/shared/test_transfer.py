@@ -11,10 +11,9 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import paho.mqtt.client as paho
 import pytest
 
-from cellwatch.shared.mqtt import PublishProps
+from cellwatch.shared.mqtt import Message, PublishProps
 from cellwatch.shared.rpc import Policy, Rpc
 from cellwatch.shared.rpc.transfer import Download, TransferCancelled, TransferError
 from cellwatch.shared.schemas import FetchRequest
@@ -37,9 +36,9 @@ class Server:
     asked: list[tuple[int, int]] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
-    def answer(self, msg: paho.MQTTMessage) -> tuple[bytes, PublishProps] | None:
+    def answer(self, msg: Message) -> tuple[bytes, PublishProps] | None:
         req = FetchRequest.model_validate_json(msg.payload)
-        corr = bytes(msg.properties.CorrelationData)  # type: ignore[union-attr]
+        corr = msg.correlation
         with self.lock:
             self.asked.append((req.offset, req.length))
         if self.silent:
@@ -61,7 +60,7 @@ class Server:
 def server(broker: Broker) -> Iterator[Server]:
     srv = Server()
 
-    def on_request(msg: paho.MQTTMessage) -> None:
+    def on_request(msg: Message) -> None:
         out = srv.answer(msg)
         if out is not None:
             hub.publish(T.fetch_reply("node-1"), out[0], qos=1, props=out[1])
