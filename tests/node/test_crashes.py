@@ -8,6 +8,7 @@ import subprocess
 import time
 from pathlib import Path
 
+from cellwatch.node.config import LimitSettings
 from cellwatch.node.faults import ENV_VAR
 from cellwatch.node.service import EXIT_DEVICE_FAILED, EXIT_NODE_ID_CONFLICT
 from cellwatch.shared.schemas import NodeStatus
@@ -15,6 +16,8 @@ from tests import images
 from tests.broker import Broker
 from tests.harness import Collector, Requester, T, wait_for
 from tests.node.test_node_process import start_node, wait_online, write_config
+
+NODE_MAX_INFLIGHT: int = LimitSettings.model_fields["max_inflight"].default
 
 
 def statuses(watch: Collector) -> list[NodeStatus]:
@@ -45,7 +48,11 @@ def test_a_poison_image_is_answered_after_one_retry_and_the_rest_are_ok(
                 assert crashes <= 2, "the poison image was processed a third time"
                 proc = start_node(cfg, logs[crashes], env)
             time.sleep(0.05)
-        assert requester.stats().duplicates == 0  # exactly one answer each
+        # Each image's first Result decides. A Result the killed process published just
+        # before SIGKILL may come again from its successor (the image's ack had not
+        # reached the broker: at-least-once, DESIGN.md); the lab client drops such a
+        # duplicate. Only images in flight at a crash can be answered twice.
+        assert requester.stats().duplicates <= 2 * NODE_MAX_INFLIGHT
         for image_id, corr in corrs.items():
             r = requester.result(corr)
             if image_id == "poison-1":
