@@ -19,18 +19,18 @@ from cellwatch.node.store import BundleStore
 from cellwatch.node.updater import UpdateAgent
 from cellwatch.shared.bundle import load_bundle
 from cellwatch.shared.mqtt import MqttClient
+from cellwatch.shared.revocations import sign_revocation
 from cellwatch.shared.rpc import deliver
 from cellwatch.shared.schemas import (
     DesiredModel,
     ModelError,
     ModelRef,
-    Revocation,
     RevocationList,
     UpdateReport,
     utcnow,
 )
 from cellwatch.shared.settings import MqttSettings
-from cellwatch.shared.signing import TrustedKeys
+from cellwatch.shared.signing import TrustedKeys, load_private_key
 from cellwatch.shared.states import UpdateState
 from tests.edge import Acks, Recorder, message
 from tests.harness import T, wait_for
@@ -58,6 +58,7 @@ class Rig:
     out: Recorder
     served: Served
     ref: ModelRef
+    keys: Path
 
     def reports(self) -> list[UpdateReport]:
         return [UpdateReport.model_validate_json(p.payload) for p in self.out.on(T.update(NODE))]
@@ -90,7 +91,7 @@ def rig(toy_bundle: tuple[Path, Path], tmp_path: Path) -> Iterator[Rig]:
         deactivate=served.deactivate,
     )
     agent.start()
-    yield Rig(agent, out, served, verified.ref)
+    yield Rig(agent, out, served, verified.ref, keys)
     agent.stop(timeout=30)
 
 
@@ -120,17 +121,9 @@ def test_a_desired_bundle_in_the_store_is_verified_compiled_and_served(rig: Rig)
 
 def test_a_revoked_bundle_is_refused_and_bad_messages_are_dropped(rig: Rig) -> None:
     desired_route, revoked_route = rig.agent.routes()
+    release_key = load_private_key(rig.keys / "test.key")  # the key the toy bundle trusts
     revocations = RevocationList(
-        revoked=[
-            Revocation(
-                name=rig.ref.name,
-                version=rig.ref.version,
-                manifest_sha256=rig.ref.manifest_sha256,
-                reason="test",
-                revoked_at=utcnow(),
-            )
-        ],
-        issued_at=utcnow(),
+        revoked=[sign_revocation(release_key, rig.ref, "test")], issued_at=utcnow()
     )
     deliver(revoked_route, message(T.hub_revoked(), revocations.to_json()), rig.out)
     wait_for(lambda: rig.ref.manifest_sha256 in rig.agent.revoked, what="the revocation")
