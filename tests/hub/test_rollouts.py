@@ -11,7 +11,7 @@ from cellwatch.hub.errors import ApiFailure
 from cellwatch.hub.service import HubService
 from cellwatch.shared.hubapi import RolloutInfo, RolloutStartArgs
 from cellwatch.shared.schemas import ModelRef
-from cellwatch.shared.states import UpdateState
+from cellwatch.shared.states import NodeState, UpdateState
 from tests.harness import wait_for
 from tests.hub.conftest import Bundles, HubFactory, NodeMaker
 from tests.hub.scripted_nodes import FakeNode
@@ -160,7 +160,7 @@ def test_an_offline_node_converges_when_it_returns(
     hub_factory()
     gone = fake_nodes("node-3", model=ref(bundles))
     wait_for(lambda: len(operator.nodes().nodes) == 1, what="node-3 seen")
-    gone.publish_status("offline")
+    gone.publish_status(NodeState.OFFLINE)
     gone.close()
     wait_for(lambda: operator.nodes().nodes[0].state == "offline", what="offline")
     operator.push(bundles.v2)

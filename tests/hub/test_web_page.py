@@ -220,14 +220,15 @@ def test_models_show_metrics_with_intervals_and_provenance_badges(
 
 
 def test_node_state_at_read_time() -> None:
-    rec = NodeRecord("n", state="online", last_seen=1000.0)
+    rec = NodeRecord("n", state=NodeState.ONLINE, last_seen=1000.0)
     assert node_state(rec, 1030.0) is NodeState.ONLINE  # 3 x the default 10 s
     assert node_state(rec, 1030.5) is NodeState.STALE
     rec.telemetry = {"window_s": 0.5}
     assert node_state(rec, 1001.5) is NodeState.ONLINE
     assert node_state(rec, 1001.6) is NodeState.STALE
-    assert node_state(NodeRecord("n", state="offline", last_seen=0.0), 1e9) is NodeState.OFFLINE
-    conflict = NodeRecord("n", state="conflict", last_seen=0.0)
+    offline = NodeRecord("n", state=NodeState.OFFLINE, last_seen=0.0)
+    assert node_state(offline, 1e9) is NodeState.OFFLINE
+    conflict = NodeRecord("n", state=NodeState.CONFLICT, last_seen=0.0)
     assert node_state(conflict, 1e9) is NodeState.CONFLICT
 
 
@@ -245,14 +246,14 @@ def test_a_silent_node_turns_stale_and_back(
 
 
 def test_a_conflict_record_is_rendered_with_its_explanation(hub: HubService) -> None:
-    hub.db.save_node(NodeRecord("node-7", state="conflict", last_seen=time.time()))
+    hub.db.save_node(NodeRecord("node-7", state=NodeState.CONFLICT, last_seen=time.time()))
     page = get(hub, "/")
     assert rows(page) == {"node-7": "conflict"}
     row = page.text[page.text.index('data-node="node-7"') :]
     row = row[: row.index("</tr>")]
-    assert '<span class="badge conflict">conflict</span>' in row
+    assert '<span class="badge alarm">conflict</span>' in row
     assert "two processes use this node id" in row
-    assert '<span class="chip conflict">1 conflict</span>' in page.text
+    assert '<span class="chip alarm">1 conflict</span>' in page.text
     node_page = get(hub, "/nodes/node-7")
     assert 'data-state="conflict"' in node_page.text and "two processes use this" in node_page.text
     assert json.loads(get(hub, "/api/nodes").text)["nodes"][0]["state"] == "conflict"
@@ -342,7 +343,7 @@ def test_huge_but_valid_figures_render_and_export(hub: HubService, fake_nodes: N
 def test_a_thousand_nodes_render(hub: HubService) -> None:
     now = time.time()
     for i in range(1000):
-        rec = NodeRecord(f"n{i:04d}", state="online", last_seen=now, device="CPU")
+        rec = NodeRecord(f"n{i:04d}", state=NodeState.ONLINE, last_seen=now, device="CPU")
         rec.telemetry = telemetry(rec.node_id).model_dump(mode="json", by_alias=True)
         hub.db.save_node(rec)
         for k in range(5):
