@@ -22,11 +22,11 @@ from cellwatch.shared.states import NodeState, UpdateState
 from tests import images
 from tests.broker import Broker
 from tests.harness import Collector, Requester, T, wait_for
+from tests.helpers.fleetpage import send_telemetry, stored_telemetry, telemetry
+from tests.helpers.nodes import node_settings
+from tests.helpers.rollouts import fleet_on_v1, ref, seen_by_hub, until
 from tests.hub.conftest import Bundles, NodeMaker
-from tests.hub.test_rollouts import fleet_on_v1, ref, seen_by_hub, until
-from tests.hub.test_web_page import send_telemetry, stored_telemetry, telemetry
 from tests.hub.web import Samples, get, sample, scrape
-from tests.node.conftest import node_settings
 
 REPO = Path(__file__).resolve().parents[2]
 

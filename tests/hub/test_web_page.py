@@ -16,50 +16,21 @@ from cellwatch.hub.fleet import node_state
 from cellwatch.hub.service import HubService
 from cellwatch.shared.codes import UpdateErrorCode
 from cellwatch.shared.hubapi import RolloutStartArgs
-from cellwatch.shared.schemas import Latency, Telemetry, UpdateError, utcnow
+from cellwatch.shared.schemas import UpdateError
 from cellwatch.shared.states import NodeState, UpdateState
 from tests.broker import Broker
 from tests.harness import T, wait_for
+from tests.helpers.fleetpage import HOSTILE, send_telemetry, stored_telemetry, telemetry
+from tests.helpers.hubcli import cli
+from tests.helpers.rollouts import fleet_on_v1, seen_by_hub, until
 from tests.hub.conftest import Bundles, NodeMaker
-from tests.hub.scripted_nodes import FakeNode
-from tests.hub.test_cli import cli
-from tests.hub.test_rollouts import fleet_on_v1, seen_by_hub, until
 from tests.hub.web import Reply, get
 from tests.models import write_test_bundle
-
-HOSTILE = '<script>window.pwned=1</script><img src=x onerror="window.pwned=1">'
 
 
 def rows(page: Reply) -> dict[str, str]:
     """node id -> state, from the fleet page's node rows."""
     return dict(re.findall(r'<tr data-node="([^"]*)" data-state="([^"]*)"', page.text))
-
-
-def telemetry(node_id: str, **changes: object) -> Telemetry:
-    values: dict[str, object] = {
-        "node_id": node_id,
-        "ts": utcnow(),
-        "window_s": 10.0,
-        "processed": 120,
-        "errors": 3,
-        "errors_by_code": {"undecodable_image": 2, "expired": 1},
-        "throughput_ips": 12.5,
-        "latency_ms": Latency(p50=41.0, p95=77.5, p99=90.25),
-        "inflight": 4,
-        "model_version": "1.0.0",
-        "rss_mb": 512.5,
-    }
-    values.update(changes)
-    return Telemetry.model_validate(values)
-
-
-def send_telemetry(node: FakeNode, payload: bytes) -> None:
-    assert node.mqtt.publish_wait(T.telemetry(node.node_id), payload, qos=1)
-
-
-def stored_telemetry(hub: HubService, node_id: str) -> dict[str, object] | None:
-    rec = hub.db.node(node_id)
-    return rec.telemetry if rec is not None else None
 
 
 # -- the pages ----------------------------------------------------------------------------
