@@ -11,13 +11,13 @@ from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 
 from cellwatch.shared.mqtt import Message, MqttClient
-from cellwatch.shared.rpc import Policy, Reply, Rpc, RpcStats
+from cellwatch.shared.rpc import Reply, RequestPolicy, Rpc, RpcStats
 from cellwatch.shared.schemas import Latency, Result, Telemetry, utcnow
 from cellwatch.shared.settings import MqttSettings
 from cellwatch.shared.topics import Topics
 
 T = Topics()
-PROBE = Policy(timeout_s=600.0)
+PROBE = RequestPolicy(timeout_s=600.0)
 """One attempt; the tests bound each wait themselves."""
 Sent = Future[Reply[Result]]
 

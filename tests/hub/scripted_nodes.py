@@ -20,7 +20,7 @@ from cellwatch.node.fetcher import Fetcher, FetchError
 from cellwatch.shared.codes import UpdateErrorCode
 from cellwatch.shared.manifest import MANIFEST_FILE, SIGNATURE_FILE
 from cellwatch.shared.mqtt import Message, MqttClient, Will
-from cellwatch.shared.rpc import Policy, RequestTimeout
+from cellwatch.shared.rpc import RequestPolicy, RequestTimeout
 from cellwatch.shared.schemas import (
     DesiredModel,
     FetchRequest,
@@ -190,7 +190,7 @@ class FakeNode:
             topic or T.hub_fetch(self.node_id),
             payload,
             raw_reply,
-            Policy(timeout_s=timeout),
+            RequestPolicy(timeout_s=timeout),
             response_topic=response_topic,
             correlation=correlation,
         )
