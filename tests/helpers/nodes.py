@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -39,25 +40,35 @@ def node_settings(
 
 
 def write_config(
-    tmp: Path, broker: Broker, bundle: Path, keys: Path, extra: str = "", node_id: str = "node-1"
+    tmp: Path,
+    broker: Broker,
+    bundle: Path,
+    keys: Path,
+    extra: str = "",
+    node_id: str = "node-1",
+    *,
+    telemetry_interval_s: float = 1.0,
+    mqtt: Mapping[str, object] | None = None,
 ) -> Path:
-    """node.toml for a node process; extra is TOML appended at the end (sections)."""
+    """node.toml for a node process; `mqtt`: more [mqtt] keys (TOML values); `extra`:
+    TOML appended at the end (sections)."""
     pw = tmp / f"{node_id}.password"
     pw.write_text(broker.password(node_id))
     lines = [
         f'node_id = "{node_id}"',
-        "telemetry_interval_s = 1.0",
+        f"telemetry_interval_s = {telemetry_interval_s}",
         f'state_dir = "{tmp / "state" / node_id}"',
         "[mqtt]",
         f'host = "{broker.host}"',
         f"port = {broker.port}",
         f'password_file = "{pw}"',
+        *(f"{k} = {v}" for k, v in (mqtt or {}).items()),
         "[model]",
         f'bundle = "{bundle}"',
         f'trusted_keys = "{keys}"',
+        extra,
     ]
     cfg = tmp / f"{node_id}.toml"
-    lines.append(extra)
     cfg.write_text("\n".join(lines) + "\n")
     return cfg
 

@@ -73,10 +73,7 @@ def test_a_duplicate_node_id_backs_off_and_gives_up(
 ) -> None:
     """Two processes with one node id: they do not take the session from each other
     every second forever; each backs off, and the node exits non-zero."""
-    cfg = write_config(tmp_path, broker, *toy_bundle, extra="[mqtt]\nreconnect_max_s = 2.0")
-    # the [mqtt] section above would repeat the one write_config made: merge by hand
-    text = cfg.read_text().replace("[mqtt]\nreconnect_max_s = 2.0", "")
-    cfg.write_text(text.replace("[mqtt]\n", "[mqtt]\nreconnect_max_s = 2.0\n", 1))
+    cfg = write_config(tmp_path, broker, *toy_bundle, mqtt={"reconnect_max_s": 2.0})
     watch = Collector(broker.settings("hub"), T.status("node-1"))
     first = start_node(cfg, tmp_path / "first.log")
     second: subprocess.Popen[bytes] | None = None
