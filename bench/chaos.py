@@ -48,6 +48,7 @@ from cellwatch.node.faults import ENV_VAR as FAULTS_ENV
 from cellwatch.node.service import EXIT_NODE_ID_CONFLICT
 from cellwatch.shared.mqtt import MqttClient, PublishProps
 from cellwatch.shared.schemas import NodeStatus, Result
+from cellwatch.shared.states import NodeState
 from cellwatch.shared.topics import Topics
 from tests.broker import Broker, free_port
 from tests.models import write_test_bundle
@@ -184,7 +185,7 @@ class Fleet:
             ok = self._cond.wait_for(
                 lambda: (
                     (s := self.statuses.get(node_id)) is not None
-                    and s.state == "online"
+                    and s.state is NodeState.ONLINE
                     and s.boot_id != other_than
                 ),
                 timeout,

@@ -32,14 +32,15 @@ from cellwatch.hub.counters import HubCounters
 from cellwatch.hub.db import Database, ModelRecord, NodeRecord
 from cellwatch.hub.fetch import FetchServer
 from cellwatch.hub.history import SLOT_S, SLOTS, TelemetryHistory
-from cellwatch.hub.rollout import NodeView, Policy, Rollout
+from cellwatch.hub.rollout import NodeView, Rollout
 from cellwatch.hub.served import ServedTotals
 from cellwatch.hub.store import BundleStore
 from cellwatch.hub.web.reader import HubSources
 from cellwatch.hub.web.server import HttpServer
 from cellwatch.shared.codes import UpdateErrorCode
+from cellwatch.shared.hubapi import RolloutPolicy
 from cellwatch.shared.schemas import Latency, ModelRef, Telemetry
-from cellwatch.shared.states import RolloutState, TargetState
+from cellwatch.shared.states import NodeState, RolloutState, UpdateState
 from cellwatch.shared.topics import Topics
 
 MODELS = [
@@ -101,7 +102,7 @@ def fill(db: Database, history: TelemetryHistory, nodes: int, now: float) -> Non
     for i, node_id in enumerate(ids):
         rec = NodeRecord(
             node_id,
-            state="online" if i % 50 else "offline",
+            state=NodeState.ONLINE if i % 50 else NodeState.OFFLINE,
             boot_id=f"{i:032x}",
             since=now - 7200,
             last_seen=now - (i % 9),
@@ -115,22 +116,15 @@ def fill(db: Database, history: TelemetryHistory, nodes: int, now: float) -> Non
         for k in range(SLOTS):  # a full hour: every slot filled
             history.add(telemetry(node_id, i, k), now - 3600 + (k + 0.5) * SLOT_S)
     views = {n: NodeView(online=True, model=MODELS[0], model_at=now - 5000) for n in ids}
-    policy = Policy(
-        waves="1,25%,100%",
-        counts=(1, (nodes + 3) // 4, nodes),
-        advance_at=1.0,
-        max_failures="5%",
-        min_executed=1,
-        node_timeout_s=900.0,
-    )
+    policy = RolloutPolicy(waves="1,25%,100%", max_failures="5%")
     for r in range(6):
         rollout = Rollout.create(
             db.next_rollout_id(), MODELS[r % 3], "all", ids, views, policy, now - 600 + r
         )
         for t in rollout.targets[: nodes - (nodes // 3 if r == 5 else 0)]:
-            t.state = TargetState.ACTIVE if t.node_id[-1] != "7" else TargetState.FAILED
+            t.state = UpdateState.ACTIVE if t.node_id[-1] != "7" else UpdateState.FAILED
             t.progress = 1.0
-            if t.state is TargetState.FAILED:
+            if t.state is UpdateState.FAILED:
                 t.error_code = UpdateErrorCode.SELF_TEST_FAILED
                 t.error_message = "golden mismatch 0.31"
         if r < 5:

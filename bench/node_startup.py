@@ -27,6 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.chaos import cpu_name
 from cellwatch.shared.mqtt import MqttClient
 from cellwatch.shared.schemas import NodeStatus
+from cellwatch.shared.states import NodeState
 from cellwatch.shared.topics import Topics
 from tests.broker import Broker
 from tests.models import write_test_bundle
@@ -52,7 +53,7 @@ def measure(work: Path, broker: Broker, bundle: Path, keys: Path, runs: int) -> 
         payload = getattr(msg, "payload", b"")
         if payload:
             s = NodeStatus.model_validate_json(payload)
-            if s.state == "online" and s.boot_id not in boots:
+            if s.state is NodeState.ONLINE and s.boot_id not in boots:
                 boots.add(s.boot_id)
                 online.set()
 

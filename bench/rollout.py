@@ -59,7 +59,7 @@ from cellwatch.shared.manifest import MANIFEST_FILE, SIGNATURE_FILE, Manifest
 from cellwatch.shared.mqtt import Message, MqttClient
 from cellwatch.shared.schemas import DesiredModel, ModelRef, NodeStatus, UpdateReport, utcnow
 from cellwatch.shared.signing import generate_keypair, load_private_key
-from cellwatch.shared.states import RolloutState, UpdateState
+from cellwatch.shared.states import NodeState, RolloutState, UpdateState
 from cellwatch.shared.topics import Topics
 from tests.hub.swarm import Swarm, add_swarm_user
 
@@ -122,7 +122,7 @@ class SimNode:
     def status(self) -> None:
         s = NodeStatus(
             node_id=self.node_id,
-            state="online",
+            state=NodeState.ONLINE,
             boot_id=uuid.uuid4().hex,
             since=utcnow(),
             model=self.model,
@@ -269,7 +269,7 @@ def wait_completed(db_path: Path, rid: str, hub: HubProcess, peak: list[float]) 
 def online(db_path: Path) -> int:
     db = Database(db_path, readonly=True)
     try:
-        return sum(1 for n in db.nodes() if n.state == "online")
+        return sum(1 for n in db.nodes() if n.state is NodeState.ONLINE)
     finally:
         db.close()
 

@@ -41,9 +41,9 @@ from cellwatch.shared.rpc import (
     ATTEMPT_PROPERTY,
     Outcome,
     PacketTooLarge,
-    Policy,
     PublishRefused,
     Reply,
+    RequestPolicy,
     RequestTimeout,
     Rpc,
     RpcError,
@@ -139,7 +139,7 @@ class Core:
         # so another lab must not be able to guess it (deploy/PRODUCTION.md, threat model).
         self.client_id = mqtt.client_id or f"cellwatch-client-{uuid.uuid4().hex}"
         self.reply_topic = self.topics.replies(self.username, reply_token(self.client_id))
-        self.policy = Policy(
+        self.policy = RequestPolicy(
             timeout_s=settings.timeout_s,
             retry_after_s=settings.retry_after_s,
             max_attempts=settings.max_attempts,
@@ -260,11 +260,11 @@ class Core:
                 f"size ({limit} bytes for the whole message); not sent"
             )
 
-    def _policy(self, timeout: float | None) -> Policy:
+    def _policy(self, timeout: float | None) -> RequestPolicy:
         policy = self.policy
         if timeout is None:
             return policy
-        return Policy(
+        return RequestPolicy(
             timeout_s=timeout,
             retry_after_s=min(policy.retry_after_s or timeout, timeout),
             max_attempts=policy.max_attempts,

@@ -27,12 +27,10 @@ from cellwatch.hub.queries import as_json as json_text
 from cellwatch.hub.service import HubService
 from cellwatch.shared.cli import friendly_errors, run_until_signalled, setup_logging
 from cellwatch.shared.hubapi import RolloutInfo, RolloutStartArgs
-from cellwatch.shared.states import ACTIVE_ROLLOUT_STATES, TARGET_FAILURES, RolloutState
+from cellwatch.shared.states import FINISHED_ROLLOUT_STATES, TARGET_FAILURES, RolloutState
 
 P = ParamSpec("P")
 R = TypeVar("R")
-TERMINAL = frozenset(RolloutState) - ACTIVE_ROLLOUT_STATES
-"""A rollout in these states is over (`rollout status --watch` stops)."""
 CONNECTION_HELP = """
 Operator commands connect to the broker from, in rising precedence: --config FILE
 (an [mqtt] section as in hub.toml; default $CELLWATCH_HUB_CLIENT_CONFIG), the
@@ -356,12 +354,12 @@ def _watch(client: HubClient, info: RolloutInfo, interval: float, as_json: bool)
             if key != last:
                 click.echo(line)
                 last = key
-            if info.state in TERMINAL:
+            if info.state in FINISHED_ROLLOUT_STATES:
                 return info
             time.sleep(interval)
             info = client.rollout_status(info.rollout_id)
     with Live(render.rollout_view(info), console=_console(), auto_refresh=False) as live:
-        while info.state not in TERMINAL:
+        while info.state not in FINISHED_ROLLOUT_STATES:
             time.sleep(interval)
             info = client.rollout_status(info.rollout_id)
             live.update(render.rollout_view(info), refresh=True)

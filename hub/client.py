@@ -48,10 +48,10 @@ from cellwatch.shared.manifest import MANIFEST_FILE, SIGNATURE_FILE
 from cellwatch.shared.mqtt import Message, MqttClient
 from cellwatch.shared.revocations import sign_revocation
 from cellwatch.shared.rpc import (
-    Policy,
     PublishRefused,
     RemoteError,
     Reply,
+    RequestPolicy,
     RequestTimeout,
     Rpc,
     RpcError,
@@ -98,7 +98,7 @@ class HubClient:
         self.settings = settings
         self.username = settings.username or "operator"
         self.timeout_s = timeout_s
-        self.policy = Policy(timeout_s=timeout_s)
+        self.policy = RequestPolicy(timeout_s=timeout_s)
         """One attempt each: an upload chunk must not arrive twice, and the hub's
         persistent session keeps a request while it restarts."""
         self.topics = Topics(settings.topic_prefix)

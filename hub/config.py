@@ -25,44 +25,9 @@ from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from cellwatch.hub.waves import parse_threshold, parse_waves
+from cellwatch.shared.hubapi import RolloutPolicy
 from cellwatch.shared.limits import FETCH_CHUNK_BYTES, MAX_FETCH_CHUNK_BYTES
 from cellwatch.shared.settings import CellwatchSettings, MqttSettings, Section
-
-DEFAULT_WAVES = "1,25%,100%"
-
-
-class RolloutDefaults(Section):
-    """What `rollout start` uses for each option the operator leaves out."""
-
-    waves: str = Field(
-        DEFAULT_WAVES, description="cumulative waves: counts or percentages of the targets"
-    )
-    advance_at: float = Field(
-        1.0, gt=0.0, le=1.0, description="share of a wave that must be active to go on"
-    )
-    max_failures: str = Field(
-        "0", description="abort when failed + timed_out exceed this count or percentage"
-    )
-    min_executed: int = Field(
-        1, ge=1, le=100_000, description="finished nodes needed before the abort rule applies"
-    )
-    node_timeout_s: float = Field(
-        900.0, gt=0, le=7 * 24 * 3600, description="seconds a node has to reach active"
-    )
-
-    @field_validator("waves")
-    @classmethod
-    def _waves(cls, value: str) -> str:
-        parse_waves(value)
-        return value
-
-    @field_validator("max_failures")
-    @classmethod
-    def _threshold(cls, value: str) -> str:
-        parse_threshold(value)
-        return value
-
 
 DEFAULT_HTTP_LISTEN = "127.0.0.1:8321"
 
@@ -186,7 +151,10 @@ class HubSettings(CellwatchSettings):
         description="largest chunk the hub sends per fetch request (longer requests clamped)",
     )
     fetch_workers: int = Field(2, ge=1, le=32, description="threads serving bundle chunks")
-    rollout: RolloutDefaults = Field(default_factory=RolloutDefaults)
+    rollout: RolloutPolicy = Field(
+        default_factory=RolloutPolicy,
+        description="what `rollout start` uses for each option the operator leaves out",
+    )
     http: HttpSettings = Field(default_factory=HttpSettings)
     limits: HubLimits = Field(default_factory=HubLimits)
     tick_s: float = Field(

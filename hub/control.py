@@ -34,6 +34,7 @@ from cellwatch.shared.handoff import Handoff
 from cellwatch.shared.rpc import Delivery, Inbound, Rejected, RemoteError
 from cellwatch.shared.rpc.transfer import read_chunk
 from cellwatch.shared.schemas import ApiReply, ApiRequest, NodeStatus, Telemetry, UpdateReport
+from cellwatch.shared.states import NodeState
 from cellwatch.shared.topics import Topics
 
 log = logging.getLogger(__name__)
@@ -146,7 +147,7 @@ class Control:
         if outcome is None:
             self.counters.dropped(DropReason.TOO_MANY_NODES)
             return False
-        if outcome and not inbound.message.retained and status.state == "online":
+        if outcome and not inbound.message.retained and status.state is NodeState.ONLINE:
             # A node that (re)connected: the broker may have lost its retained desired
             # (a broker restart within its autosave interval): say it again.
             self.orchestrator.reassert(status.node_id)

@@ -19,10 +19,17 @@ from pathlib import Path
 from typing import Any
 
 from cellwatch.hub.errors import HubError
-from cellwatch.hub.rollout import Policy, Rollout, Target
+from cellwatch.hub.rollout import Rollout, Target
 from cellwatch.shared.codes import UpdateErrorCode
+from cellwatch.shared.hubapi import RolloutPolicy
 from cellwatch.shared.schemas import ModelRef, Revocation
-from cellwatch.shared.states import ACTIVE_ROLLOUT_STATES, RolloutState, TargetState
+from cellwatch.shared.states import (
+    ACTIVE_ROLLOUT_STATES,
+    NodeState,
+    RolloutState,
+    TargetPhase,
+    UpdateState,
+)
 
 SCHEMA_VERSION = 5
 REPLY_RETENTION_S = 7 * 24 * 3600
@@ -146,7 +153,8 @@ MIGRATIONS = {
 @dataclass
 class NodeRecord:
     node_id: str
-    state: str = "offline"
+    state: NodeState = NodeState.OFFLINE
+    """What its last status said (online, offline); hub/fleet.py tells stale and conflict."""
     boot_id: str | None = None
     since: float | None = None
     last_seen: float | None = None
@@ -200,8 +208,8 @@ class TargetRecord:
 
     rollout_id: str
     model: ModelRef
-    phase: str
-    state: TargetState
+    phase: TargetPhase
+    state: UpdateState
     progress: float
     error_code: UpdateErrorCode | None
     error_message: str | None
@@ -361,7 +369,7 @@ class Database:
                 "INSERT OR REPLACE INTO nodes VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     n.node_id,
-                    n.state,
+                    n.state.value,
                     n.boot_id,
                     n.since,
                     n.last_seen,
@@ -403,7 +411,7 @@ class Database:
                     r.model.manifest_sha256,
                     r.target,
                     p.waves,
-                    json.dumps(list(p.counts)),
+                    json.dumps(list(r.plan)),
                     p.advance_at,
                     p.max_failures,
                     p.min_executed,
@@ -430,7 +438,7 @@ class Database:
                         prev.name if prev else None,
                         prev.version if prev else None,
                         prev.manifest_sha256 if prev else None,
-                        t.phase,
+                        t.phase.value,
                         t.state.value,
                         t.progress,
                         t.error_code,
@@ -472,8 +480,8 @@ class Database:
             TargetRecord(
                 rollout_id=t["rollout_id"],
                 model=_ref(t["model_name"], t["model_version"], t["model_sha256"]),
-                phase=t["phase"],
-                state=TargetState(t["state"]),
+                phase=TargetPhase(t["phase"]),
+                state=UpdateState(t["state"]),
                 progress=t["progress"],
                 error_code=_code(t["error_code"]),
                 error_message=t["error_message"],
@@ -493,7 +501,8 @@ class Database:
         )
         out: dict[str, tuple[str, str]] = {}
         for row in rows:  # the newest rollout last: it wins
-            sha = row["prev_sha256"] if row["phase"] == "rollback" else row["model_sha256"]
+            rollback = row["phase"] == TargetPhase.ROLLBACK
+            sha = row["prev_sha256"] if rollback else row["model_sha256"]
             if sha is not None:
                 out[row["node_id"]] = (row["rollout_id"], sha)
         return out
@@ -519,8 +528,8 @@ class Database:
                 previous=_ref(t["prev_name"], t["prev_version"], t["prev_sha256"])
                 if t["prev_sha256"]
                 else None,
-                phase=t["phase"],
-                state=TargetState(t["state"]),
+                phase=TargetPhase(t["phase"]),
+                state=UpdateState(t["state"]),
                 progress=t["progress"],
                 error_code=_code(t["error_code"]),
                 error_message=t["error_message"],
@@ -540,14 +549,8 @@ class Database:
             rollout_id=row["rollout_id"],
             model=_ref(row["model_name"], row["model_version"], row["model_sha256"]),
             target=row["target"],
-            policy=Policy(
-                waves=row["waves"],
-                counts=tuple(json.loads(row["counts"])),
-                advance_at=row["advance_at"],
-                max_failures=row["max_failures"],
-                min_executed=row["min_executed"],
-                node_timeout_s=row["node_timeout_s"],
-            ),
+            policy=RolloutPolicy.model_validate({k: row[k] for k in RolloutPolicy.model_fields}),
+            plan=tuple(json.loads(row["counts"])),
             targets=targets,
             created_at=row["created_at"],
             state=RolloutState(row["state"]),
@@ -616,7 +619,7 @@ def _model(r: sqlite3.Row) -> ModelRecord:
 def _node(r: sqlite3.Row) -> NodeRecord:
     return NodeRecord(
         node_id=r["node_id"],
-        state=r["state"],
+        state=NodeState(r["state"]),
         boot_id=r["boot_id"],
         since=r["since"],
         last_seen=r["last_seen"],

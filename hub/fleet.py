@@ -67,9 +67,9 @@ def telemetry_interval(rec: NodeRecord) -> float:
 
 def node_state(rec: NodeRecord, now: float) -> NodeState:
     """What the hub says of the node at `now` (see the module docstring)."""
-    if rec.state == NodeState.CONFLICT:
+    if rec.state is NodeState.CONFLICT:
         return NodeState.CONFLICT
-    if rec.state != NodeState.ONLINE:
+    if rec.state is not NodeState.ONLINE:
         return NodeState.OFFLINE
     if rec.conflict_at is not None and now - rec.conflict_at < CONFLICT_HOLD_S:
         return NodeState.CONFLICT
@@ -98,7 +98,7 @@ class Fleet:
             self._records = {n.node_id: n for n in self.db.nodes()}
         return self._records
 
-    def _record(self, node_id: str, state: str = "offline") -> NodeRecord | None:
+    def _record(self, node_id: str, state: NodeState = NodeState.OFFLINE) -> NodeRecord | None:
         """node_id's record (a new one if unknown); None when max_nodes are tracked."""
         rec = self._all().get(node_id)
         if rec is not None:
@@ -130,7 +130,7 @@ class Fleet:
         rec = replace(found, boots=list(found.boots))
         since = status.since.timestamp()
         if status.boot_id != rec.boot_id and status.boot_id in rec.boots:
-            if status.state == "online":
+            if status.state is NodeState.ONLINE:
                 rec.conflict_at = rec.last_seen = now
                 self._save(rec)
                 log.warning(
@@ -154,11 +154,11 @@ class Fleet:
         rec.state, rec.boot_id, rec.since, rec.last_seen = status.state, status.boot_id, since, now
         rec.tags = list(status.tags)
         rec.device = status.device or rec.device
-        if status.state == "online":  # a Will (offline) was written before any error
+        if status.state is NodeState.ONLINE:  # a Will (offline) was written before any error
             rec.model_error = (
                 status.model_error.model_dump(mode="json") if status.model_error else None
             )
-        if status.state == "online" or status.model is not None:
+        if status.state is NodeState.ONLINE or status.model is not None:
             rec.model = status.model
             rec.model_at = now
         self._save(rec)
@@ -173,7 +173,7 @@ class Fleet:
 
     def on_telemetry(self, t: Telemetry, now: float) -> bool:
         """Record telemetry; False if the node is one too many (max_nodes)."""
-        found = self._record(t.node_id, state="online")
+        found = self._record(t.node_id, state=NodeState.ONLINE)
         if found is None:
             return False
         rec = replace(found, telemetry=t.model_dump(mode="json", by_alias=True), last_seen=now)
@@ -183,7 +183,7 @@ class Fleet:
 
     def on_update(self, node_id: str, report: UpdateReport, now: float) -> bool:
         """Record what a report says of the node; False if it is one too many."""
-        found = self._record(node_id, state="online")
+        found = self._record(node_id, state=NodeState.ONLINE)
         if found is None:
             return False
         rec = replace(found, last_seen=now)
@@ -194,7 +194,9 @@ class Fleet:
 
     def views(self) -> dict[str, NodeView]:
         return {
-            n.node_id: NodeView(online=n.state == "online", model=n.model, model_at=n.model_at)
+            n.node_id: NodeView(
+                online=n.state is NodeState.ONLINE, model=n.model, model_at=n.model_at
+            )
             for n in self._all().values()
         }
 

@@ -18,26 +18,25 @@ from collections import Counter, OrderedDict
 from collections.abc import Callable
 from datetime import UTC, datetime
 
-from cellwatch.hub.config import RolloutDefaults
 from cellwatch.hub.db import Database
 from cellwatch.hub.errors import ApiFailure
 from cellwatch.hub.fleet import Fleet
 from cellwatch.hub.registry import Registry
-from cellwatch.hub.rollout import Desired, Policy, Rollout
-from cellwatch.hub.waves import WaveSpecError, parse_threshold, parse_waves, plan_waves
+from cellwatch.hub.rollout import Desired, Rollout
 from cellwatch.shared.codes import ApiErrorCode
-from cellwatch.shared.hubapi import Policy as PolicyInfo
 from cellwatch.shared.hubapi import (
     RevokeArgs,
     RevokeReply,
     RolloutInfo,
     RolloutList,
+    RolloutPolicy,
     RolloutStartArgs,
     TargetInfo,
     WaveInfo,
 )
 from cellwatch.shared.schemas import ModelRef, UpdateError, UpdateReport
 from cellwatch.shared.states import RolloutState
+from cellwatch.shared.waves import WaveSpecError
 
 log = logging.getLogger(__name__)
 
@@ -56,10 +55,9 @@ def describe(
     r: Rollout, *, existing: bool = False, model_flags: list[str] | None = None
 ) -> RolloutInfo:
     """The API's view of a rollout."""
-    p = r.policy
     previous = 0
     waves = []
-    for index, count in enumerate(p.counts):
+    for index, count in enumerate(r.plan):
         members = r.wave_targets(index)
         waves.append(
             WaveInfo(
@@ -76,13 +74,7 @@ def describe(
         target=r.target,
         state=r.state,
         reason=r.reason,
-        policy=PolicyInfo(
-            waves=p.waves,
-            advance_at=p.advance_at,
-            max_failures=p.max_failures,
-            min_executed=p.min_executed,
-            node_timeout_s=p.node_timeout_s,
-        ),
+        policy=r.policy,
         wave=r.wave,
         waves=waves,
         counts=dict(r.counts()),
@@ -90,7 +82,7 @@ def describe(
             TargetInfo(
                 node_id=t.node_id,
                 wave=t.wave,
-                phase="rollback" if t.phase == "rollback" else "rollout",
+                phase=t.phase,
                 state=t.state,
                 progress=t.progress,
                 error=UpdateError(code=t.error_code, message=t.error_message or "")
@@ -116,7 +108,7 @@ class Orchestrator:
         db: Database,
         fleet: Fleet,
         registry: Registry,
-        defaults: RolloutDefaults,
+        defaults: RolloutPolicy,
         write_desired: WriteDesired,
         publish_revocations: Callable[[float], None] = lambda now: None,
         clock: Callable[[], float] = time.monotonic,
@@ -162,7 +154,7 @@ class Orchestrator:
                 r.rollout_id,
                 r.state,
                 r.wave + 1,
-                len(r.policy.counts),
+                len(r.plan),
                 len(again),
             )
             for d in again:
@@ -199,7 +191,10 @@ class Orchestrator:
                 f"{', '.join(overlap)} already in rollout {r.rollout_id} ({r.model}, {r.state}): "
                 "abort or finish it first",
             )
-        policy = self._policy(args, len(ids))
+        try:
+            policy = args.policy(self.defaults)
+        except WaveSpecError as exc:
+            raise ApiFailure(ApiErrorCode.BAD_REQUEST, str(exc)) from exc
         rollout = Rollout.create(
             self.db.next_rollout_id(),
             model,
@@ -215,31 +210,11 @@ class Orchestrator:
             model,
             rollout.target,
             len(ids),
-            list(policy.counts),
+            list(rollout.plan),
         )
         desired = rollout.tick(self.fleet.views(), now, self.clock())
         self._apply(rollout, desired)  # stored first: a failed store leaves no trace
         return self._describe(rollout)
-
-    def _policy(self, args: RolloutStartArgs, total: int) -> Policy:
-        d = self.defaults
-        waves = args.waves or d.waves
-        max_failures = args.max_failures or d.max_failures
-        try:
-            counts = plan_waves(total, parse_waves(waves))
-            parse_threshold(max_failures)
-        except WaveSpecError as exc:
-            raise ApiFailure(ApiErrorCode.BAD_REQUEST, str(exc)) from exc
-        return Policy(
-            waves=waves,
-            counts=tuple(counts),
-            advance_at=args.advance_at if args.advance_at is not None else d.advance_at,
-            max_failures=max_failures,
-            min_executed=args.min_executed if args.min_executed is not None else d.min_executed,
-            node_timeout_s=args.node_timeout_s
-            if args.node_timeout_s is not None
-            else d.node_timeout_s,
-        )
 
     def get(self, rollout_id: str) -> Rollout:
         rid = rollout_id if rollout_id.startswith("r") else f"r{rollout_id}"

@@ -11,28 +11,23 @@ from rich.text import Text
 
 from cellwatch.shared.hubapi import ModelInfo, NodeInfo, RevokeReply, RolloutInfo, StatsReply
 from cellwatch.shared.states import (
-    TARGET_FAILURES,
-    NodeState,
-    RolloutState,
-    TargetState,
+    TargetPhase,
+    Tone,
+    UpdateState,
+    rolling_back,
+    tone,
 )
 
-STATE_STYLES: dict[str, str] = {
-    TargetState.ACTIVE: "green",
-    TargetState.ROLLED_BACK: "cyan",
-    TargetState.FAILED: "red",
-    TargetState.TIMED_OUT: "red",
-    TargetState.WAITING: "dim",
-    RolloutState.COMPLETED: "green",
-    RolloutState.ABORTED: "red",
-    RolloutState.PAUSED: "yellow",
-    RolloutState.ROLLING_BACK: "yellow",
-    NodeState.ONLINE: "green",
-    NodeState.STALE: "yellow",
-    NodeState.CONFLICT: "bold red",
-    NodeState.OFFLINE: "dim",
+TONE_STYLES: dict[Tone, str] = {
+    Tone.GOOD: "green",
+    Tone.BUSY: "",
+    Tone.BACK: "cyan",
+    Tone.WARN: "yellow",
+    Tone.BAD: "red",
+    Tone.ALARM: "bold red",
+    Tone.OFF: "dim",
 }
-"""Colour of a state in the tables (target, rollout and node states; others plain)."""
+"""How the tables colour each tone (shared/states.py gives every state its tone)."""
 
 
 def _when(value: datetime | None) -> str:
@@ -58,12 +53,12 @@ def _size(n: int) -> str:
 
 
 def _state(value: str) -> Text:
-    return Text(value, style=STATE_STYLES.get(value, ""))
+    return Text(value, style=TONE_STYLES[tone(value)])
 
 
-def _target_state(state: str, phase: str) -> Text:
-    if phase == "rollback" and state != TargetState.ROLLED_BACK and state not in TARGET_FAILURES:
-        return Text(f"{state} (rolling back)", style="yellow")
+def _target_state(state: UpdateState, phase: TargetPhase) -> Text:
+    if rolling_back(phase, state):
+        return Text(f"{state} (rolling back)", style=TONE_STYLES[Tone.WARN])
     return _state(state)
 
 
@@ -202,7 +197,7 @@ def rollout_view(r: RolloutInfo) -> RenderableType:
         parts.append(Text(f"  {r.reason}", style="dim"))
     waves = _table("WAVE", "NODES", "ISSUED", "PROGRESS")
     for w in r.waves:
-        counts = ", ".join(f"{w.counts[s]} {s}" for s in TargetState if w.counts.get(s))
+        counts = ", ".join(f"{w.counts[s]} {s}" for s in UpdateState if w.counts.get(s))
         waves.add_row(str(w.index + 1), str(w.size), "yes" if w.issued else "no", counts)
     parts += [Text(""), waves, Text("")]
     targets = _table("NODE", "WAVE", "STATE", "PROGRESS", "PREVIOUS", "ERROR")
@@ -231,7 +226,7 @@ def rollouts_table(rollouts: list[RolloutInfo]) -> RenderableType:
             r.target,
             _state(r.state),
             f"{max(r.wave + 1, 0)}/{len(r.waves)}",
-            f"{r.counts.get(TargetState.ACTIVE, 0)}/{len(r.targets)}",
+            f"{r.counts.get(UpdateState.ACTIVE, 0)}/{len(r.targets)}",
             _when(r.created_at),
         )
     return table

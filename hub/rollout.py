@@ -37,26 +37,22 @@ from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 
 from cellwatch.hub.errors import RolloutError
-from cellwatch.hub.waves import parse_threshold, wave_of
 from cellwatch.shared.codes import UpdateErrorCode
+from cellwatch.shared.hubapi import RolloutPolicy
 from cellwatch.shared.schemas import ModelRef
 from cellwatch.shared.states import (
     ACTIVE_ROLLOUT_STATES,
     TARGET_FAILURES,
     TARGET_FINISHED,
+    UPDATE_IN_PROGRESS,
     RolloutState,
-    TargetState,
+    TargetPhase,
     UpdateState,
 )
+from cellwatch.shared.waves import parse_threshold, parse_waves, plan_waves, wave_of
 
 EVENT_NODES = 20
 """A wave's event names at most this many of its nodes (then "and N more")."""
-_IN_PROGRESS = {
-    UpdateState.PENDING: TargetState.PENDING,
-    UpdateState.DOWNLOADING: TargetState.DOWNLOADING,
-    UpdateState.VERIFYING: TargetState.VERIFYING,
-    UpdateState.ACTIVATING: TargetState.ACTIVATING,
-}
 
 
 @dataclass(frozen=True)
@@ -82,24 +78,13 @@ class Desired:
     node already working on it ignores."""
 
 
-@dataclass(frozen=True)
-class Policy:
-    waves: str
-    counts: tuple[int, ...]
-    """Cumulative targets per wave (see waves.plan_waves)."""
-    advance_at: float
-    max_failures: str
-    min_executed: int
-    node_timeout_s: float
-
-
 @dataclass
 class Target:
     node_id: str
     wave: int
     previous: ModelRef | None
-    phase: str = "rollout"
-    state: TargetState = TargetState.WAITING
+    phase: TargetPhase = TargetPhase.ROLLOUT
+    state: UpdateState = UpdateState.WAITING
     progress: float = 0.0
     error_code: UpdateErrorCode | None = None
     error_message: str | None = None
@@ -136,7 +121,9 @@ class Rollout:
     rollout_id: str
     model: ModelRef
     target: str
-    policy: Policy
+    policy: RolloutPolicy
+    plan: tuple[int, ...]
+    """Cumulative targets per wave: the policy's waves for these targets (plan_waves)."""
     targets: list[Target]
     created_at: float
     state: RolloutState = RolloutState.RUNNING
@@ -160,26 +147,25 @@ class Rollout:
         target: str,
         node_ids: list[str],
         fleet: Mapping[str, NodeView],
-        policy: Policy,
+        policy: RolloutPolicy,
         now: float,
     ) -> Rollout:
         ids = sorted(set(node_ids))
         if not ids:
             raise RolloutError("the rollout has no target nodes")
-        if not policy.counts or policy.counts[-1] != len(ids):
-            raise ValueError(f"wave counts {policy.counts} do not cover {len(ids)} targets")
+        plan = tuple(plan_waves(len(ids), parse_waves(policy.waves)))
         targets = []
         for position, node_id in enumerate(ids):
             view = fleet.get(node_id)
             targets.append(
                 Target(
                     node_id=node_id,
-                    wave=wave_of(position, list(policy.counts)),
+                    wave=wave_of(position, list(plan)),
                     previous=view.model if view is not None else None,
                     updated_at=now,
                 )
             )
-        return cls(rollout_id, model, target, policy, targets, now, updated_at=now)
+        return cls(rollout_id, model, target, policy, plan, targets, now, updated_at=now)
 
     # -- queries -----------------------------------------------------------------------
     @property
@@ -194,16 +180,18 @@ class Rollout:
 
     def expected(self, t: Target) -> ModelRef | None:
         """The model the target's current phase asks for."""
-        return self.model if t.phase == "rollout" else t.previous
+        return self.model if t.phase is TargetPhase.ROLLOUT else t.previous
 
-    def counts(self) -> Counter[str]:
-        return Counter(t.state.value for t in self.targets)
+    def counts(self) -> Counter[UpdateState]:
+        return Counter(t.state for t in self.targets)
 
     def failures(self) -> int:
-        return sum(1 for t in self.targets if t.phase == "rollout" and t.state in TARGET_FAILURES)
+        return sum(
+            1 for t in self.targets if t.phase is TargetPhase.ROLLOUT and t.state in TARGET_FAILURES
+        )
 
     def executed(self) -> int:
-        return sum(1 for t in self.targets if t.phase == "rollout" and t.finished)
+        return sum(1 for t in self.targets if t.phase is TargetPhase.ROLLOUT and t.finished)
 
     def unconfirmed(self) -> list[Desired]:
         """Desired models issued but not acknowledged by the broker (write them again)."""
@@ -231,7 +219,7 @@ class Rollout:
 
     def _stale_phase(self, t: Target) -> bool:
         return self.state in (RolloutState.ROLLING_BACK, RolloutState.ROLLED_BACK) and (
-            t.phase == "rollout"
+            t.phase is TargetPhase.ROLLOUT
         )
 
     # -- inputs ----------------------------------------------------------------------
@@ -257,20 +245,20 @@ class Rollout:
         if t.clock_from is None:
             self._start_clock(t, now, now if mono is None else mono)
         if state is UpdateState.ACTIVE:
-            if t.state in (TargetState.ACTIVE, TargetState.ROLLED_BACK):
+            if t.state in (UpdateState.ACTIVE, UpdateState.ROLLED_BACK):
                 return False
             self._succeed(t, now)
         elif state is UpdateState.FAILED:
-            if t.finished and t.state is not TargetState.FAILED:
+            if t.finished and t.state is not UpdateState.FAILED:
                 return False
-            t.state = TargetState.FAILED
+            t.state = UpdateState.FAILED
             t.error_code, t.error_message = error or (UpdateErrorCode.INTERNAL, "no error given")
             t.finished_at = now
             self._event(f"node {node_id} failed ({t.error_code}): {t.error_message}")
-        elif state in _IN_PROGRESS:
+        elif state in UPDATE_IN_PROGRESS:
             if t.finished:
                 return False  # e.g. a node retrying after a restart: keep the outcome
-            t.state = _IN_PROGRESS[state]
+            t.state = state
             t.progress = progress
         else:
             return False
@@ -297,9 +285,9 @@ class Rollout:
         mono = now if mono is None else mono
         self._watch_nodes(fleet, now, mono)
         if self.state is RolloutState.ROLLING_BACK:
-            back = [t for t in self.targets if t.phase == "rollback"]
+            back = [t for t in self.targets if t.phase is TargetPhase.ROLLBACK]
             if all(t.finished for t in back):
-                done = sum(1 for t in back if t.state is TargetState.ROLLED_BACK)
+                done = sum(1 for t in back if t.state is UpdateState.ROLLED_BACK)
                 self._finish(
                     RolloutState.ROLLED_BACK, f"{done} of {len(back)} nodes rolled back", now
                 )
@@ -312,9 +300,9 @@ class Rollout:
                 out += self._issue(0, fleet, now, mono)
                 continue
             current = self.wave_targets(self.wave)
-            active = sum(1 for t in current if t.state is TargetState.ACTIVE)
+            active = sum(1 for t in current if t.state is UpdateState.ACTIVE)
             if active >= self.policy.advance_at * len(current) - 1e-9:
-                if self.wave + 1 < len(self.policy.counts):
+                if self.wave + 1 < len(self.plan):
                     out += self._issue(self.wave + 1, fleet, now, mono)
                     continue
                 if all(t.finished for t in self.targets):
@@ -376,12 +364,12 @@ class Rollout:
         out = []
         for t in self.rollback_targets():
             assert t.previous is not None
-            if only is not None and (t.node_id not in only or t.phase != "rollout"):
+            if only is not None and (t.node_id not in only or t.phase is not TargetPhase.ROLLOUT):
                 continue
             if t.previous.manifest_sha256 in avoid:
                 continue
             view = fleet.get(t.node_id)
-            t.phase, t.state, t.progress = "rollback", TargetState.PENDING, 0.0
+            t.phase, t.state, t.progress = TargetPhase.ROLLBACK, UpdateState.PENDING, 0.0
             t.error_code = t.error_message = None
             t.issued_at, t.finished_at, t.updated_at, t.confirmed = now, None, now, False
             online = view is not None and view.online
@@ -418,7 +406,7 @@ class Rollout:
             view = fleet.get(t.node_id)
             t.issued_at, t.updated_at, t.confirmed = now, now, False
             self._start_clock(t, now, mono, view is not None and view.online)
-            t.state = TargetState.PENDING
+            t.state = UpdateState.PENDING
             if view is not None and view.model is not None and view.model == self.model:
                 self._succeed(t, now)
             out.append(self._desired(t, self.model))
@@ -426,9 +414,7 @@ class Rollout:
         ids = [t.node_id for t in self.wave_targets(index)]
         more = f" and {len(ids) - EVENT_NODES} more" if len(ids) > EVENT_NODES else ""
         self._event(
-            f"wave {index + 1}/{len(self.policy.counts)} issued: "
-            + ", ".join(ids[:EVENT_NODES])
-            + more
+            f"wave {index + 1}/{len(self.plan)} issued: " + ", ".join(ids[:EVENT_NODES]) + more
         )
         return out
 
@@ -467,13 +453,13 @@ class Rollout:
                 )
             deadline = self._deadline(t, now, mono)
             if deadline is not None and mono > deadline:
-                t.state, t.finished_at, t.updated_at = TargetState.TIMED_OUT, now, now
+                t.state, t.finished_at, t.updated_at = UpdateState.TIMED_OUT, now, now
                 t.error_code = UpdateErrorCode.TIMED_OUT
                 t.error_message = f"not active within {self.policy.node_timeout_s:g} s"
                 self._event(f"node {t.node_id} timed out ({t.phase})")
 
     def _succeed(self, t: Target, now: float) -> None:
-        t.state = TargetState.ACTIVE if t.phase == "rollout" else TargetState.ROLLED_BACK
+        t.state = UpdateState.ACTIVE if t.phase is TargetPhase.ROLLOUT else UpdateState.ROLLED_BACK
         t.progress, t.finished_at, t.updated_at = 1.0, now, now
         t.error_code = t.error_message = None
         self._event(f"node {t.node_id} {t.state} ({self.expected(t)})")
@@ -495,8 +481,8 @@ class Rollout:
 
     def _summary(self) -> str:
         c = self.counts()
-        failed = c[TargetState.FAILED.value] + c[TargetState.TIMED_OUT.value]
-        return f"{c[TargetState.ACTIVE.value]} of {len(self.targets)} nodes active" + (
+        failed = sum(c[s] for s in TARGET_FAILURES)
+        return f"{c[UpdateState.ACTIVE]} of {len(self.targets)} nodes active" + (
             f", {failed} failed" if failed else ""
         )
 

@@ -21,6 +21,7 @@ from cellwatch.shared.limits import MAX_NODE_MESSAGE_BYTES
 from cellwatch.shared.mqtt import SESSION_TAKEN_OVER
 from cellwatch.shared.rpc import Inbound, Rejected, Route
 from cellwatch.shared.schemas import NodeStatus
+from cellwatch.shared.states import NodeState
 from cellwatch.shared.topics import Topics
 
 log = logging.getLogger(__name__)
@@ -86,7 +87,7 @@ class Identity:
         status = inbound.body
         if not inbound.message.retained:
             return
-        if status.boot_id != self.boot_id and status.state == "online":
+        if status.boot_id != self.boot_id and status.state is NodeState.ONLINE:
             self._taken_over(f"process {status.boot_id[:8]} says it is node {self.node_id}")
 
     def _taken_over(self, evidence: str) -> None:

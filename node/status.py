@@ -13,6 +13,7 @@ from cellwatch.node.engine import available_devices
 from cellwatch.node.slot import ModelSlot
 from cellwatch.node.stats import Stats
 from cellwatch.shared.schemas import NodeStatus, Telemetry, utcnow
+from cellwatch.shared.states import NodeState
 
 
 def software_versions() -> dict[str, str]:
@@ -49,7 +50,7 @@ class Reporter:
         model = self.slot.current()
         return NodeStatus(
             node_id=self.node_id,
-            state="online" if online else "offline",
+            state=NodeState.ONLINE if online else NodeState.OFFLINE,
             boot_id=self.boot_id,
             since=self.started_at,
             model=model.bundle.ref if model is not None else None,

@@ -9,9 +9,9 @@ The bundle upload between `push.begin` and `push.commit` is raw bytes on
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from cellwatch.shared.base import Strict
 from cellwatch.shared.schemas import (
@@ -25,7 +25,8 @@ from cellwatch.shared.schemas import (
     UpdateError,
     Version,
 )
-from cellwatch.shared.states import NodeState, RolloutState, TargetState
+from cellwatch.shared.states import NodeState, RolloutState, TargetPhase, UpdateState
+from cellwatch.shared.waves import DEFAULT_WAVES, parse_threshold, parse_waves
 
 UPLOAD_VERB = "upload"
 """Raw chunk upload: a chunk of the one chunk format (shared.rpc.transfer: the bytes,
@@ -151,6 +152,52 @@ class StatsReply(Strict):
 
 # -- rollouts -------------------------------------------------------------------------
 
+Waves = Annotated[
+    str,
+    Field(max_length=256, description="cumulative waves: counts or percentages of the targets"),
+]
+AdvanceAt = Annotated[
+    float, Field(gt=0.0, le=1.0, description="share of a wave that must be active to go on")
+]
+MaxFailures = Annotated[
+    str,
+    Field(
+        max_length=16,
+        description="abort when failed + timed_out exceed this count or percentage",
+    ),
+]
+MinExecuted = Annotated[
+    int,
+    Field(ge=1, le=100_000, description="finished nodes needed before the abort rule applies"),
+]
+NodeTimeout = Annotated[
+    float, Field(gt=0, le=7 * 24 * 3600, description="seconds a node has to reach active")
+]
+
+
+class RolloutPolicy(Strict):
+    """How a rollout proceeds (DESIGN.md, Rollout; the wave and threshold grammar is
+    shared/waves.py). The hub's `[rollout]` settings are the defaults, `rollout start`
+    may override each field, and a rollout keeps the policy it began with."""
+
+    waves: Waves = DEFAULT_WAVES
+    advance_at: AdvanceAt = 1.0
+    max_failures: MaxFailures = "0"
+    min_executed: MinExecuted = 1
+    node_timeout_s: NodeTimeout = 900.0
+
+    @field_validator("waves")
+    @classmethod
+    def _waves(cls, value: str) -> str:
+        parse_waves(value)
+        return value
+
+    @field_validator("max_failures")
+    @classmethod
+    def _threshold(cls, value: str) -> str:
+        parse_threshold(value)
+        return value
+
 
 class RolloutStartArgs(Strict):
     name: ModelName
@@ -158,16 +205,29 @@ class RolloutStartArgs(Strict):
     target: str = Field(
         "all", min_length=1, max_length=4096, description="all | group:G | node:ID,ID"
     )
-    waves: str | None = Field(None, max_length=256, description="e.g. 1,25%,100%")
-    advance_at: float | None = Field(None, gt=0.0, le=1.0)
-    max_failures: str | None = Field(None, max_length=16, description="count or percentage")
-    min_executed: int | None = Field(None, ge=1, le=100_000)
-    node_timeout_s: float | None = Field(None, gt=0, le=7 * 24 * 3600)
+    waves: Waves | None = Field(None, description="e.g. 1,25%,100% (None: the hub's default)")
+    advance_at: AdvanceAt | None = None
+    max_failures: MaxFailures | None = Field(None, description="count or percentage")
+    min_executed: MinExecuted | None = None
+    node_timeout_s: NodeTimeout | None = None
     yes_untrained: bool = Field(
         False,
         description="confirm rolling out a model flagged untrained or synthetic "
         "(refused with error code untrained_model otherwise)",
     )
+
+    def policy(self, defaults: RolloutPolicy) -> RolloutPolicy:
+        """The defaults with the fields this request sets (None, or an empty text: the
+        default); WaveSpecError if its waves or max_failures do not parse."""
+        given = {
+            name: value
+            for name in RolloutPolicy.model_fields
+            if (value := getattr(self, name)) not in (None, "")
+        }
+        policy = defaults.model_copy(update=given)  # bounds: checked by the same types
+        parse_waves(policy.waves)
+        parse_threshold(policy.max_failures)
+        return policy
 
 
 class RolloutIdArgs(Strict):
@@ -178,19 +238,11 @@ class RolloutStatusArgs(Strict):
     rollout_id: str | None = Field(None, min_length=1, max_length=64)
 
 
-class Policy(Strict):
-    waves: str
-    advance_at: float
-    max_failures: str
-    min_executed: int
-    node_timeout_s: float
-
-
 class TargetInfo(Strict):
     node_id: Name
     wave: int = Field(ge=0, description="0-based wave index")
-    phase: Literal["rollout", "rollback"]
-    state: TargetState
+    phase: TargetPhase
+    state: UpdateState
     progress: float
     error: UpdateError | None
     previous: ModelRef | None = Field(description="the model it ran when the rollout began")
@@ -202,7 +254,7 @@ class WaveInfo(Strict):
     index: int
     size: int = Field(description="nodes this wave adds")
     issued: bool
-    counts: dict[TargetState, int] = Field(description="nodes of this wave per state")
+    counts: dict[UpdateState, int] = Field(description="nodes of this wave per state")
 
 
 class RolloutInfo(Strict):
@@ -211,10 +263,10 @@ class RolloutInfo(Strict):
     target: str
     state: RolloutState
     reason: str | None
-    policy: Policy
+    policy: RolloutPolicy
     wave: int = Field(description="index of the last issued wave (-1: none yet)")
     waves: list[WaveInfo]
-    counts: dict[TargetState, int]
+    counts: dict[UpdateState, int]
     targets: list[TargetInfo]
     created_at: datetime
     updated_at: datetime

@@ -8,16 +8,19 @@ from __future__ import annotations
 
 import json
 from datetime import UTC, datetime
+from enum import StrEnum
 from typing import Annotated, Any, Literal
 
 from pydantic import (
     AliasChoices,
     AwareDatetime,
+    BeforeValidator,
     ConfigDict,
     Field,
     PlainSerializer,
     StringConstraints,
 )
+from pydantic_core import PydanticCustomError
 
 from cellwatch.shared.base import Strict
 from cellwatch.shared.codes import ApiErrorCode, ErrorCode, ModelErrorCode, UpdateErrorCode
@@ -29,7 +32,7 @@ from cellwatch.shared.limits import (
     MAX_TELEMETRY_RATE,
     MAX_TELEMETRY_RSS_MB,
 )
-from cellwatch.shared.states import UpdateState
+from cellwatch.shared.states import NODE_REPORTS, NODE_SAYS, NodeState, UpdateState
 from cellwatch.shared.topics import NAME_PATTERN
 
 Name = Annotated[str, StringConstraints(pattern=rf"^{NAME_PATTERN}$")]
@@ -44,6 +47,21 @@ Probability = Annotated[float, Field(ge=0.0, le=1.0)]
 
 def utcnow() -> datetime:
     return datetime.now(UTC)
+
+
+def _only(*allowed: StrEnum) -> BeforeValidator:
+    """Accept only these members of the field's enum: a message that carries some of a
+    state machine's states (refused with the words pydantic uses for an enum)."""
+    values = [a.value for a in allowed]
+    quoted = [repr(v) for v in values]
+    expected = " or ".join([", ".join(quoted[:-1]), quoted[-1]] if len(quoted) > 1 else quoted)
+
+    def check(value: Any) -> Any:
+        if value not in values:
+            raise PydanticCustomError("enum", "Input should be {expected}", {"expected": expected})
+        return value
+
+    return BeforeValidator(check)
 
 
 class Message(Strict):
@@ -129,7 +147,7 @@ class ModelError(Message):
 class NodeStatus(Message):
     schema_: Literal["cellwatch.status/1"] = Field("cellwatch.status/1", alias="schema")
     node_id: Name
-    state: Literal["online", "offline"]
+    state: Annotated[NodeState, _only(*NODE_SAYS)]
     boot_id: str = Field(min_length=8, max_length=64)
     since: datetime
     model: ShortModelRef | None = None
@@ -220,7 +238,7 @@ class UpdateReport(Message):
     schema_: Literal["cellwatch.update/1"] = Field("cellwatch.update/1", alias="schema")
     rollout_id: str = Field(min_length=1, max_length=64)
     model: ModelRef
-    state: UpdateState
+    state: Annotated[UpdateState, _only(*NODE_REPORTS)]
     progress: float = Field(ge=0.0, le=1.0)
     error: UpdateError | None = None
     ts: datetime

@@ -1,34 +1,30 @@
-"""Every state machine's states, one enum each (DESIGN.md, Rollout). The hub's
-database, CLI tables and web page derive their lists and orders from these.
+"""Every state machine's states, one enum each (DESIGN.md, Rollout), and how each
+state is shown. The hub's database, CLI tables and fleet page derive their lists,
+orders, colours and labels from here.
 
-- `UpdateState`: a node's progress on one desired model (`UpdateReport.state`).
-- `TargetState`: one node's part in a rollout, as the hub sees it: `waiting` for
-  its wave, then the node's update states.
+- `UpdateState`: one node's work on one desired model. A node reports it
+  (`UpdateReport.state`, any of `NODE_REPORTS`); the hub follows each target of a
+  rollout through it, with states of its own: `waiting` (its wave is not issued),
+  `timed_out` and `rolled_back`.
+- `TargetPhase`: which model a rollout target is sent to: the rollout's, or (after a
+  rollback) the one it ran before.
 - `RolloutState`: a rollout.
-- `NodeState`: a node, as the hub sees it.
+- `NodeState`: a node. A node says `online` or `offline` of itself (`NodeStatus.state`,
+  `NODE_SAYS`); the hub adds `stale` and `conflict` (hub/fleet.py).
+- `Tone`: how a state is shown, the same in the CLI's tables and on the fleet page.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from enum import StrEnum
 
 
 class UpdateState(StrEnum):
-    PENDING = "pending"
-    DOWNLOADING = "downloading"
-    VERIFYING = "verifying"
-    ACTIVATING = "activating"
-    ACTIVE = "active"
-    FAILED = "failed"
-    TIMED_OUT = "timed_out"
-    ROLLED_BACK = "rolled_back"
-
-
-class TargetState(StrEnum):
     """In display order (the CLI and the page count nodes per state in this order)."""
 
     WAITING = "waiting"
-    """Its wave has not been issued (yet)."""
+    """Hub-side: the target's wave has not been issued (yet). No node reports it."""
     PENDING = "pending"
     DOWNLOADING = "downloading"
     VERIFYING = "verifying"
@@ -36,13 +32,36 @@ class TargetState(StrEnum):
     ACTIVE = "active"
     FAILED = "failed"
     TIMED_OUT = "timed_out"
+    """Hub-side: not active within node_timeout_s."""
     ROLLED_BACK = "rolled_back"
+    """Hub-side: back on the model it ran before (active in the rollback phase)."""
 
 
-TARGET_FINISHED = frozenset(
-    {TargetState.ACTIVE, TargetState.FAILED, TargetState.TIMED_OUT, TargetState.ROLLED_BACK}
+NODE_REPORTS = tuple(s for s in UpdateState if s is not UpdateState.WAITING)
+"""The states an UpdateReport may carry (the hub acts on the working ones, `active` and
+`failed`)."""
+UPDATE_IN_PROGRESS = frozenset(
+    {UpdateState.PENDING, UpdateState.DOWNLOADING, UpdateState.VERIFYING, UpdateState.ACTIVATING}
 )
-TARGET_FAILURES = frozenset({TargetState.FAILED, TargetState.TIMED_OUT})
+"""A node at work on its desired model."""
+TARGET_FINISHED = frozenset(
+    {UpdateState.ACTIVE, UpdateState.FAILED, UpdateState.TIMED_OUT, UpdateState.ROLLED_BACK}
+)
+"""A rollout target in these states is done (its outcome is kept)."""
+TARGET_FAILURES = frozenset({UpdateState.FAILED, UpdateState.TIMED_OUT})
+"""The finished states that count against a rollout's max_failures."""
+
+
+class TargetPhase(StrEnum):
+    ROLLOUT = "rollout"
+    """Sent to the rollout's model."""
+    ROLLBACK = "rollback"
+    """Sent back to the model it ran when the rollout began."""
+
+
+def rolling_back(phase: TargetPhase, state: UpdateState) -> bool:
+    """A target on its way back (shown as `rolling back` beside its state)."""
+    return phase is TargetPhase.ROLLBACK and state not in TARGET_FINISHED
 
 
 class RolloutState(StrEnum):
@@ -58,6 +77,8 @@ ACTIVE_ROLLOUT_STATES = frozenset(
     {RolloutState.RUNNING, RolloutState.PAUSED, RolloutState.ROLLING_BACK}
 )
 """A rollout in these states holds its nodes: no second rollout may target them."""
+FINISHED_ROLLOUT_STATES = frozenset(RolloutState) - ACTIVE_ROLLOUT_STATES
+"""A rollout in these states is over (`rollout status --watch` stops)."""
 
 
 class NodeState(StrEnum):
@@ -70,3 +91,54 @@ class NodeState(StrEnum):
     telemetry intervals (shared/limits.py)."""
     CONFLICT = "conflict"
     """Two processes claim this node id."""
+
+
+NODE_SAYS = (NodeState.ONLINE, NodeState.OFFLINE)
+"""The states a node's own NodeStatus may carry (its Will says offline)."""
+
+
+# -- display ----------------------------------------------------------------------------
+
+
+class Tone(StrEnum):
+    """How a state is shown: its colour in the CLI's tables (hub/render.py) and its CSS
+    class on the fleet page (hub/web/static/fleet.css). In the order of a wave's bar."""
+
+    GOOD = "good"
+    """Where it was sent: green."""
+    BUSY = "busy"
+    """Under way: blue on the page, plain in the tables."""
+    BACK = "back"
+    """Back on an earlier model: teal."""
+    WARN = "warn"
+    """Held, or needs a look: yellow."""
+    BAD = "bad"
+    """Failed: red."""
+    ALARM = "alarm"
+    """Two processes claim one node id: red, bold in the tables."""
+    OFF = "off"
+    """Not in play (yet): grey."""
+
+
+TONE_GROUPS: tuple[tuple[Tone, tuple[StrEnum, ...]], ...] = (
+    (Tone.GOOD, (UpdateState.ACTIVE, RolloutState.COMPLETED, NodeState.ONLINE)),
+    (Tone.BUSY, (*UPDATE_IN_PROGRESS, RolloutState.RUNNING)),
+    (Tone.BACK, (UpdateState.ROLLED_BACK, RolloutState.ROLLED_BACK)),
+    (Tone.WARN, (RolloutState.PAUSED, RolloutState.ROLLING_BACK, NodeState.STALE)),
+    (Tone.BAD, (*TARGET_FAILURES, RolloutState.ABORTED)),
+    (Tone.ALARM, (NodeState.CONFLICT,)),
+    (Tone.OFF, (UpdateState.WAITING, NodeState.OFFLINE)),
+)
+"""Every state of the enums above under its tone (each state once: tested)."""
+TONES: Mapping[str, Tone] = {state.value: tone for tone, states in TONE_GROUPS for state in states}
+"""The tone of every state of the enums above, by value (`rolled_back` is a target's and
+a rollout's state, with one tone)."""
+
+
+def tone(state: str) -> Tone:
+    return TONES[state]
+
+
+def label(state: str) -> str:
+    """A state as the fleet page writes it (the CLI and --json print the value)."""
+    return state.replace("_", " ")

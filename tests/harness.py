@@ -11,13 +11,13 @@ from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 
 from cellwatch.shared.mqtt import Message, MqttClient
-from cellwatch.shared.rpc import Policy, Reply, Rpc, RpcStats
+from cellwatch.shared.rpc import Reply, RequestPolicy, Rpc, RpcStats
 from cellwatch.shared.schemas import Latency, Result, Telemetry, utcnow
 from cellwatch.shared.settings import MqttSettings
 from cellwatch.shared.topics import Topics
 
 T = Topics()
-PROBE = Policy(timeout_s=600.0)
+PROBE = RequestPolicy(timeout_s=600.0)
 """One attempt; the tests bound each wait themselves."""
 Sent = Future[Reply[Result]]
 
@@ -41,14 +41,16 @@ def parse_result(msg: Message) -> Result:
     return Result.model_validate_json(msg.payload)
 
 
-def wait_for(cond: Callable[[], bool], timeout: float = 30.0, what: str = "condition") -> None:
-    """Poll cond until true; AssertionError naming `what` after timeout (never a timing
-    assertion: the timeout only bounds a hang)."""
+def wait_for(
+    cond: Callable[[], bool], timeout: float = 30.0, what: str = "condition", every: float = 0.02
+) -> None:
+    """Poll cond every `every` s until true; AssertionError naming `what` after timeout
+    (never a timing assertion: the timeout only bounds a hang)."""
     deadline = time.monotonic() + timeout
     while not cond():
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.02)
+        time.sleep(every)
 
 
 class Collector:

@@ -30,6 +30,7 @@ from cellwatch.hub.queries import as_json
 from cellwatch.hub.web import views
 from cellwatch.hub.web.metrics import make_registry
 from cellwatch.hub.web.reader import FleetReader
+from cellwatch.shared import states
 from cellwatch.shared.base import first_problem
 from cellwatch.shared.codes import ApiErrorCode
 from cellwatch.shared.hubapi import ModelsArgs
@@ -68,6 +69,9 @@ def _environment() -> Environment:
         num=views.num, ago=views.ago, clock=views.clock, size=views.size, short=views.short
     )
     env.filters["path"] = lambda value: quote(str(value), safe="")
+    env.filters["tone"] = states.tone
+    env.filters["label"] = states.label
+    env.globals["rolling_back"] = states.rolling_back
     return env
 
 

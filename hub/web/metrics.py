@@ -148,8 +148,8 @@ class FleetCollector(Collector):
         for r in db.rollouts(active_only=True, limit=1000):
             per: dict[tuple[str, str], int] = {}
             for t in r.targets:
-                phase = "rollback" if t.phase == "rollback" else "rollout"
-                per[(phase, t.state.value)] = per.get((phase, t.state.value), 0) + 1
+                key = (t.phase.value, t.state.value)
+                per[key] = per.get(key, 0) + 1
             for (phase, target_state), count in sorted(per.items()):
                 targets.add_metric([r.rollout_id, phase, target_state], float(count))
         yield targets

@@ -15,7 +15,7 @@ import numpy as np
 from cellwatch.hub.db import RolloutEvent, TargetRecord
 from cellwatch.hub.history import HISTORY_S, Samples
 from cellwatch.shared.hubapi import ModelInfo, NodeInfo, RolloutInfo, WaveInfo
-from cellwatch.shared.states import TARGET_FAILURES, NodeState, TargetState
+from cellwatch.shared.states import NodeState, TargetPhase, Tone, UpdateState, tone
 
 SPARK_POINTS = 60
 """Most points of one sparkline (the hour in up to 60 time bins)."""
@@ -25,23 +25,10 @@ GENERIC_METRICS_MAX = 16
 """Most leaves of a bundle's metrics shown when they are not in the agreed shape."""
 TEXT_MAX = 120
 
-# Target states grouped as the wave bars colour them.
-BAR_GROUPS: tuple[tuple[str, tuple[TargetState, ...]], ...] = (
-    ("active", (TargetState.ACTIVE,)),
-    (
-        "progress",
-        (
-            TargetState.PENDING,
-            TargetState.DOWNLOADING,
-            TargetState.VERIFYING,
-            TargetState.ACTIVATING,
-        ),
-    ),
-    ("rolled-back", (TargetState.ROLLED_BACK,)),
-    ("failed", tuple(TARGET_FAILURES)),
-    ("waiting", (TargetState.WAITING,)),
+BAR_GROUPS: tuple[tuple[Tone, tuple[UpdateState, ...]], ...] = tuple(
+    (t, members) for t in Tone if (members := tuple(s for s in UpdateState if tone(s) is t))
 )
-"""The segments of a wave's bar: every TargetState is in exactly one (tested)."""
+"""The segments of a wave's bar: the target states of each tone, in Tone order."""
 
 
 # -- formatting (also the templates' filters) -----------------------------------------
@@ -190,8 +177,8 @@ def node_series(s: Samples, now: float) -> list[NodeSeries]:
 class NodeTargetRow:
     rollout_id: str
     model: str
-    phase: str
-    state: str
+    phase: TargetPhase
+    state: UpdateState
     progress: float
     error: str | None
     updated_at: float
@@ -317,7 +304,7 @@ def model_rows(models: list[ModelInfo], nodes: list[NodeInfo]) -> list[ModelRow]
 # -- rollouts -------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Segment:
-    kind: str
+    kind: Tone
     x: float
     width: float
     count: int
@@ -341,7 +328,7 @@ def wave_bar(w: WaveInfo) -> WaveBar:
             width = count / total * 100.0
             segments.append(Segment(kind, x, width, count))
             x += width
-    parts = [f"{w.counts[s]} {s}" for s in TargetState if w.counts.get(s)]
+    parts = [f"{w.counts[s]} {s}" for s in UpdateState if w.counts.get(s)]
     return WaveBar(w.index, w.size, w.issued, segments, ", ".join(parts) or "no nodes")
 
 
@@ -360,13 +347,13 @@ def rollout_row(r: RolloutInfo) -> RolloutRow:
     failures += [
         (t.node_id, "timed_out", f"not active within {r.policy.node_timeout_s:g} s")
         for t in r.targets
-        if t.state == TargetState.TIMED_OUT and t.error is None
+        if t.state is UpdateState.TIMED_OUT and t.error is None
     ]
     return RolloutRow(
         r,
         [wave_bar(w) for w in r.waves],
         len(r.targets),
-        r.counts.get(TargetState.ACTIVE, 0),
+        r.counts.get(UpdateState.ACTIVE, 0),
         failures,
     )
 

@@ -9,7 +9,7 @@ A request is published (QoS 1) with a Response Topic and fresh Correlation Data
 (16 random bytes); the peer answers on the Response Topic with the Correlation
 Data echoed. `Rpc` matches answers to requests and adds, for every caller:
 
-- a per-request deadline (`Policy.timeout_s`), after which the request fails with
+- a per-request deadline (`RequestPolicy.timeout_s`), after which the request fails with
   RequestTimeout;
 - retry: without an answer after `retry_after_s` the same payload is published
   again with new Correlation Data and the user property `attempt=N` (N >= 2), up to
@@ -33,7 +33,7 @@ put into their queue directly, without the hop through the dispatcher. While the
 connection is down, retries wait: paho resends the queued publish itself after
 reconnecting.
 
-Modules: `edge` (the responder half), `core` (Rpc), `errors`, `values` (Policy,
+Modules: `edge` (the responder half), `core` (Rpc), `errors`, `values` (RequestPolicy,
 Reply, RpcStats), `transfer` (the one chunk wire format, its windowed download and
 upload on top of Rpc).
 """
@@ -68,8 +68,8 @@ from cellwatch.shared.rpc.values import (
     ATTEMPT_PROPERTY,
     Outcome,
     Parse,
-    Policy,
     Reply,
+    RequestPolicy,
     RpcStats,
     Sink,
 )
@@ -84,7 +84,6 @@ __all__ = [
     "Outcome",
     "PacketTooLarge",
     "Parse",
-    "Policy",
     "Problem",
     "PublishRefused",
     "Publisher",
@@ -93,6 +92,7 @@ __all__ = [
     "Reply",
     "ReplyPolicy",
     "ReplyTo",
+    "RequestPolicy",
     "RequestTimeout",
     "Route",
     "Rpc",

@@ -30,8 +30,8 @@ from cellwatch.shared.rpc.errors import (
 from cellwatch.shared.rpc.values import (
     ATTEMPT_PROPERTY,
     Parse,
-    Policy,
     Reply,
+    RequestPolicy,
     RpcStats,
     Sink,
 )
@@ -49,7 +49,7 @@ class _Request:
     topic: str
     payload: bytes
     props: PublishProps
-    policy: Policy
+    policy: RequestPolicy
     parse: Parse[Any]
     future: Future[Reply[Any]] | None
     sink: tuple[Sink, object] | None
@@ -155,7 +155,7 @@ class Rpc:
         topic: str,
         payload: bytes,
         parse: Parse[T],
-        policy: Policy,
+        policy: RequestPolicy,
         *,
         user: Sequence[tuple[str, str]] = (),
         content_type: str | None = None,
@@ -192,7 +192,7 @@ class Rpc:
         topic: str,
         payload: bytes,
         parse: Parse[T],
-        policy: Policy,
+        policy: RequestPolicy,
         *,
         sink: Sink,
         tag: object,
@@ -213,7 +213,7 @@ class Rpc:
         topic: str,
         payload: bytes,
         parse: Parse[Any],
-        policy: Policy,
+        policy: RequestPolicy,
         *,
         user: Sequence[tuple[str, str]],
         content_type: str | None,
@@ -266,7 +266,7 @@ class Rpc:
         topic: str,
         payload: bytes,
         parse: Parse[T],
-        policy: Policy,
+        policy: RequestPolicy,
         *,
         user: Sequence[tuple[str, str]] = (),
         content_type: str | None = None,

@@ -38,9 +38,9 @@ from cellwatch.shared.mqtt import Message
 from cellwatch.shared.rpc import (
     Outcome,
     Parse,
-    Policy,
     RemoteError,
     Reply,
+    RequestPolicy,
     Rpc,
     RpcError,
     Sink,
@@ -171,7 +171,7 @@ class Download:
     dest: Path
     chunk_bytes: int
     window: int
-    policy: Policy
+    policy: RequestPolicy
     """Per chunk request: re-ask after retry_after_s; give up after timeout_s."""
     expected_size: int | None = None
     max_size: int | None = None
@@ -285,7 +285,7 @@ class Upload(Generic[A]):
     chunk_bytes: int
     window: int
     parse: Parse[A]
-    policy: Policy
+    policy: RequestPolicy
     """Per chunk (one attempt: a chunk must not arrive twice out of order)."""
     confirm: Callable[[Future[Reply[A]]], object]
     """Waits for one answer; raises the caller's error for a refusal or no answer."""
@@ -331,7 +331,9 @@ def _drain(sink: Sink, timeout: float) -> list[tuple[int, Outcome]]:
             return [(cast(int, tag), outcome) for tag, outcome in got]
 
 
-def chunk_policy(retry_after_s: float, stall_timeout_s: float) -> Policy:
+def chunk_policy(retry_after_s: float, stall_timeout_s: float) -> RequestPolicy:
     """Re-ask for a chunk every retry_after_s; give up after stall_timeout_s."""
     attempts = max(1, int(stall_timeout_s // retry_after_s))
-    return Policy(timeout_s=stall_timeout_s, retry_after_s=retry_after_s, max_attempts=attempts)
+    return RequestPolicy(
+        timeout_s=stall_timeout_s, retry_after_s=retry_after_s, max_attempts=attempts
+    )

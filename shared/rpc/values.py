@@ -1,4 +1,4 @@
-"""The request layer's values: a request's Policy, its Reply, the counters, and the
+"""The request layer's values: a request's RequestPolicy, its Reply, the counters, and the
 types a batch caller uses (Sink, Outcome)."""
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ first publish goes without it."""
 
 
 @dataclass(frozen=True)
-class Policy:
+class RequestPolicy:
     """How long one request may take and how often it is sent."""
 
     timeout_s: float

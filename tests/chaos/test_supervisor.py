@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from bench.supervisor import Cause, Child, Supervisor
+from tests.harness import wait_for
 
 ROUNDS = 300
 
@@ -42,9 +43,7 @@ def alive(child: Child) -> int:
 
 def settle(child: Child, timeout: float = 10.0) -> None:
     """Until the supervisor has restarted whatever it is due to restart."""
-    deadline = time.monotonic() + timeout
-    while not child.running and time.monotonic() < deadline:
-        time.sleep(0.001)
+    wait_for(lambda: child.running, timeout, f"{child.name} running again")
 
 
 def test_a_scenario_restarting_a_node_never_races_the_supervisor_into_two(
@@ -80,9 +79,8 @@ def test_the_supervisor_restarts_a_signalled_child_once_and_counts_causes(
     for _ in range(50):
         before = len(child.history)
         child.signal(signal.SIGKILL)
-        deadline = time.monotonic() + 10
-        while len(child.history) == before and time.monotonic() < deadline:
-            time.sleep(0.001)
+        # (the lambda runs within this round: B023's late binding cannot bite)
+        wait_for(lambda: len(child.history) > before, 10, "the restart")  # noqa: B023
         settle(child)
         assert alive(child) == 1
     assert child.restarts == 50  # each restart follows a non-zero exit (-9)

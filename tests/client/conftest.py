@@ -15,6 +15,7 @@ import pytest
 
 from cellwatch.client import Client, ClientSettings
 from tests.broker import Broker
+from tests.helpers.nodes import write_config
 from tests.node.conftest import node_factory, toy_bundle
 
 __all__ = ["node_factory", "toy_bundle"]
@@ -73,24 +74,12 @@ def node_toml(
     broker: Broker, toy: tuple[Path, Path], tmp: Path, node_id: str, **mqtt: object
 ) -> Path:
     """A `cellwatch-node run` config for node_id with the toy bundle."""
-    bundle, keys = toy
-    secret = tmp / f"{node_id}.password"
-    secret.write_text(broker.password(node_id))
-    lines = [
-        f'node_id = "{node_id}"',
-        "telemetry_interval_s = 5.0",
-        f'state_dir = "{tmp / "state" / node_id}"',
-        "[mqtt]",
-        f'host = "{broker.host}"',
-        f"port = {broker.port}",
-        f'password_file = "{secret}"',
-        *(f"{k} = {v}" for k, v in mqtt.items()),
-        "[model]",
-        f'bundle = "{bundle}"',
-        f'trusted_keys = "{keys}"',
-        "[limits]",
-        "decode_workers = 1",
-    ]
-    path = tmp / f"{node_id}.toml"
-    path.write_text("\n".join(lines) + "\n")
-    return path
+    return write_config(
+        tmp,
+        broker,
+        *toy,
+        "[limits]\ndecode_workers = 1",
+        node_id,
+        telemetry_interval_s=5.0,
+        mqtt=mqtt,
+    )

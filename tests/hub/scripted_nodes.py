@@ -20,7 +20,7 @@ from cellwatch.node.fetcher import Fetcher, FetchError
 from cellwatch.shared.codes import UpdateErrorCode
 from cellwatch.shared.manifest import MANIFEST_FILE, SIGNATURE_FILE
 from cellwatch.shared.mqtt import Message, MqttClient, Will
-from cellwatch.shared.rpc import Policy, RequestTimeout
+from cellwatch.shared.rpc import RequestPolicy, RequestTimeout
 from cellwatch.shared.schemas import (
     DesiredModel,
     FetchRequest,
@@ -31,7 +31,7 @@ from cellwatch.shared.schemas import (
     utcnow,
 )
 from cellwatch.shared.settings import MqttSettings
-from cellwatch.shared.states import UpdateState
+from cellwatch.shared.states import NodeState, UpdateState
 from cellwatch.shared.topics import Topics
 
 T = Topics()
@@ -89,7 +89,7 @@ class FakeNode:
             settings,
             client_id=f"fake-{node_id}-{self.boot_id[:6]}",
             clean_start=True,
-            will=Will(T.status(node_id), self.status("offline").to_json()),
+            will=Will(T.status(node_id), self.status(NodeState.OFFLINE).to_json()),
             subscriptions=[(T.desired(node_id), 1), (T.fetch_reply(node_id), 1)],
         )
         self.fetcher = Fetcher(
@@ -110,10 +110,10 @@ class FakeNode:
         self.mqtt.connect()
         self.publish_status()
 
-    def status(self, state: str = "online") -> NodeStatus:
+    def status(self, state: NodeState = NodeState.ONLINE) -> NodeStatus:
         return NodeStatus(
             node_id=self.node_id,
-            state="online" if state == "online" else "offline",
+            state=state,
             boot_id=self.boot_id,
             since=self.since,
             model=self.model,
@@ -121,7 +121,7 @@ class FakeNode:
             device="CPU",
         )
 
-    def publish_status(self, state: str = "online") -> None:
+    def publish_status(self, state: NodeState = NodeState.ONLINE) -> None:
         ok = self.mqtt.publish_wait(
             T.status(self.node_id), self.status(state).to_json(), qos=1, retain=True
         )
@@ -190,7 +190,7 @@ class FakeNode:
             topic or T.hub_fetch(self.node_id),
             payload,
             raw_reply,
-            Policy(timeout_s=timeout),
+            RequestPolicy(timeout_s=timeout),
             response_topic=response_topic,
             correlation=correlation,
         )

@@ -30,7 +30,7 @@ from cellwatch.shared.schemas import (
     UpdateReport,
     utcnow,
 )
-from cellwatch.shared.states import UpdateState
+from cellwatch.shared.states import NodeState, UpdateState
 from tests.broker import Broker, sync
 from tests.harness import T, quiet_telemetry, wait_for
 
@@ -159,17 +159,17 @@ class Swarm:
             conn.mqtt.disconnect()
 
     # -- what the nodes say ------------------------------------------------------------
-    def status(self, node_id: str, state: str = "online") -> NodeStatus:
+    def status(self, node_id: str, state: NodeState = NodeState.ONLINE) -> NodeStatus:
         return NodeStatus(
             node_id=node_id,
-            state="online" if state == "online" else "offline",
+            state=state,
             boot_id=self.boot[node_id],
             since=self.since,
             model=self.models[node_id],
             device="CPU",
         )
 
-    def publish_status(self, node_id: str, state: str = "online") -> None:
+    def publish_status(self, node_id: str, state: NodeState = NodeState.ONLINE) -> None:
         self._owner[node_id].mqtt.publish(
             T.status(node_id), self.status(node_id, state).to_json(), qos=1, retain=True
         )

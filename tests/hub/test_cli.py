@@ -6,7 +6,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -14,39 +13,9 @@ import pytest
 from cellwatch.shared.states import UpdateState
 from tests.broker import Broker, free_port
 from tests.harness import wait_for
+from tests.helpers.hubcli import HUB, cli, one_line_error
+from tests.helpers.rollouts import fleet_on_v1
 from tests.hub.conftest import Bundles, NodeMaker
-from tests.hub.test_rollouts import fleet_on_v1
-
-HUB = str(Path(sys.executable).parent / "cellwatch-hub")
-
-
-def cli(
-    broker: Broker, *args: str, user: str = "operator", timeout: float = 5
-) -> subprocess.CompletedProcess[str]:
-    conn = [
-        "--host",
-        broker.host,
-        "--port",
-        str(broker.port),
-        "--user",
-        user,
-        "--password-file",
-        str(broker.dir / "secrets" / f"{user}.password"),
-        "--timeout",
-        str(timeout),
-    ]
-    return subprocess.run(
-        [HUB, *args, *conn], capture_output=True, text=True, timeout=120, check=False
-    )
-
-
-def one_line_error(proc: subprocess.CompletedProcess[str], *fragments: str) -> None:
-    assert proc.returncode == 2, proc
-    assert "Traceback" not in proc.stderr
-    lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
-    for f in fragments:
-        assert f in lines[0], (f, lines[0])
 
 
 @pytest.mark.usefixtures("hub")

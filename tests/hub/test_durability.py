@@ -20,8 +20,8 @@ from cellwatch.shared.hubapi import RolloutStartArgs
 from cellwatch.shared.states import UpdateState
 from tests.broker import Broker
 from tests.harness import wait_for
+from tests.helpers.rollouts import fleet_on_v1, ref, seen_by_hub, states, until
 from tests.hub.conftest import Bundles, HubFactory, NodeMaker
-from tests.hub.test_rollouts import fleet_on_v1, ref, seen_by_hub, states, until
 
 
 class FailingSaves:

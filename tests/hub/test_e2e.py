@@ -17,15 +17,15 @@ from cellwatch.hub.client import HubClient
 from cellwatch.hub.fetch import by_node
 from cellwatch.node.service import NodeService
 from cellwatch.shared.hubapi import RolloutInfo, RolloutStartArgs
-from cellwatch.shared.schemas import ModelRef, Result
+from cellwatch.shared.schemas import Result
 from cellwatch.shared.signing import generate_keypair
 from tests import images
 from tests.broker import Broker
 from tests.harness import Requester, Sent, wait_for
+from tests.helpers.nodes import node_settings
+from tests.helpers.rollouts import hub_sees, states, until
 from tests.hub.conftest import Bundles, HubFactory
-from tests.hub.test_rollouts import states, until
 from tests.models import write_test_bundle
-from tests.node.conftest import node_settings
 
 
 @dataclass(frozen=True)
@@ -90,22 +90,6 @@ def real_nodes(
 def serving(node: NodeService) -> str:
     assert node.model is not None
     return node.model.bundle.manifest.version
-
-
-FAKE = ModelRef(name="none", version="none", manifest_sha256="0" * 64)
-
-
-def hub_sees(operator: HubClient, ids: list[str], version: str = "1.0.0") -> None:
-    def ok() -> bool:
-        nodes = {n.node_id: n for n in operator.nodes().nodes}
-        return all(
-            i in nodes
-            and nodes[i].state == "online"
-            and (nodes[i].model or FAKE).version == version
-            for i in ids
-        )
-
-    wait_for(ok, 30, f"hub sees {ids} online on {version}")
 
 
 class Traffic:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from cellwatch.hub.client import HubClient
 from cellwatch.hub.service import HubService
 from cellwatch.shared.schemas import ModelRef, NodeStatus
+from cellwatch.shared.states import NodeState
 from tests.broker import Broker
 from tests.harness import Collector, T, quiet_telemetry, wait_for
 from tests.hub.conftest import NodeMaker
@@ -46,7 +47,7 @@ def test_status_tags_and_a_stale_will_is_ignored(
     assert new.mqtt.publish_wait(T.telemetry("node-1"), marker.to_json(), qos=1)
     wait_for(lambda: (hub.db.node("node-1") or before).telemetry is not None, what="marker")
     assert node_state(operator, "node-1") == ("online", new.boot_id)
-    new.publish_status("offline")  # the current boot going offline does count
+    new.publish_status(NodeState.OFFLINE)  # the current boot going offline does count
     wait_for(lambda: node_state(operator, "node-1") == ("offline", new.boot_id), what="offline")
     assert operator.nodes().nodes[0].model == V1  # the model last known is kept
 
@@ -78,9 +79,9 @@ def test_conflict_clears_after_the_hold_time() -> None:
     from cellwatch.hub.fleet import node_state as state_of
     from cellwatch.shared.limits import CONFLICT_HOLD_S
 
-    rec = NodeRecord("node-1", state="online", last_seen=1000.0, conflict_at=1000.0)
+    rec = NodeRecord("node-1", state=NodeState.ONLINE, last_seen=1000.0, conflict_at=1000.0)
     assert state_of(rec, 1001.0) == "conflict"
     rec.last_seen = 1000.0 + CONFLICT_HOLD_S
     assert state_of(rec, 1001.0 + CONFLICT_HOLD_S) == "online"
-    rec.state = "offline"
+    rec.state = NodeState.OFFLINE
     assert state_of(rec, 1001.0) == "offline"  # both stopped: offline wins

@@ -13,9 +13,9 @@ from cellwatch.hub.errors import ApiFailure
 from cellwatch.hub.service import HubService
 from cellwatch.shared.hubapi import RolloutStartArgs
 from tests.broker import Broker
+from tests.helpers.hubcli import cli, one_line_error
+from tests.helpers.rollouts import seen_by_hub
 from tests.hub.conftest import Bundles, NodeMaker
-from tests.hub.test_cli import cli, one_line_error
-from tests.hub.test_rollouts import seen_by_hub
 from tests.models import write_test_bundle
 
 UNTRAINED: dict[str, object] = {"synthetic": True, "base_checkpoint": None}

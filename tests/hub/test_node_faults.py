@@ -25,10 +25,10 @@ from cellwatch.shared.schemas import DesiredModel, NodeStatus
 from tests import images
 from tests.broker import Broker
 from tests.harness import Collector, Requester, T, wait_for
+from tests.helpers.nodes import node_settings
+from tests.helpers.rollouts import until
 from tests.hub.conftest import Bundles, HubFactory
-from tests.hub.test_rollouts import until
 from tests.hub.web import get, sample, scrape
-from tests.node.conftest import node_settings
 
 Nodes = Callable[..., NodeService]
 

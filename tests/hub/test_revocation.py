@@ -35,11 +35,11 @@ from cellwatch.shared.signing import generate_keypair, key_id, load_private_key
 from tests import images
 from tests.broker import Broker
 from tests.harness import Collector, Requester, T, wait_for
+from tests.helpers.hubcli import cli
+from tests.helpers.nodes import node_settings
+from tests.helpers.rollouts import ref, states, until
 from tests.hub.conftest import Bundles, HubFactory, NodeMaker
-from tests.hub.test_cli import cli
-from tests.hub.test_rollouts import ref, states, until
 from tests.hub.web import get, sample, scrape
-from tests.node.conftest import node_settings
 
 Nodes = Callable[..., NodeService]
 

@@ -8,11 +8,12 @@ import pytest
 
 from cellwatch.hub.db import Database
 from cellwatch.hub.errors import RolloutError
-from cellwatch.hub.rollout import Desired, NodeView, Policy, Rollout, Target
-from cellwatch.hub.waves import WaveSpecError, parse_threshold, parse_waves, plan_waves
+from cellwatch.hub.rollout import Desired, NodeView, Rollout, Target
 from cellwatch.shared.codes import UpdateErrorCode
+from cellwatch.shared.hubapi import RolloutPolicy, RolloutStartArgs
 from cellwatch.shared.schemas import ModelRef
 from cellwatch.shared.states import RolloutState, UpdateState
+from cellwatch.shared.waves import WaveSpecError, parse_threshold, parse_waves, plan_waves
 
 OLD = ModelRef(name="toy", version="1.0.0", manifest_sha256="a" * 64)
 NEW = ModelRef(name="toy", version="2.0.0", manifest_sha256="b" * 64)
@@ -48,6 +49,20 @@ def test_thresholds() -> None:
     assert parse_threshold("10%").of(20) == 2
 
 
+def test_a_start_request_overrides_the_hub_policy_field_by_field() -> None:
+    defaults = RolloutPolicy(waves="1,100%", node_timeout_s=60)
+    args = RolloutStartArgs(
+        name="toy", version="2.0.0", waves="", max_failures="10%", min_executed=3
+    )
+    assert args.policy(defaults) == RolloutPolicy(
+        waves="1,100%", max_failures="10%", min_executed=3, node_timeout_s=60
+    )  # an empty text, like a field left out, keeps the default
+    with pytest.raises(WaveSpecError, match="neither a node count"):
+        RolloutStartArgs(name="toy", version="2.0.0", waves="1,x").policy(defaults)
+    with pytest.raises(WaveSpecError, match="neither a node count"):
+        RolloutStartArgs(name="toy", version="2.0.0", max_failures="few").policy(defaults)
+
+
 def fleet(*ids: str, online: bool = True, model: ModelRef | None = OLD) -> dict[str, NodeView]:
     return {i: NodeView(online=online, model=model, model_at=T0 - 100) for i in ids}
 
@@ -64,9 +79,8 @@ def make(
 ) -> tuple[Rollout, dict[str, NodeView]]:
     ids = [f"node-{i}" for i in range(1, n + 1)]
     views = views if views is not None else fleet(*ids)
-    policy = Policy(
+    policy = RolloutPolicy(
         waves=waves,
-        counts=tuple(plan_waves(n, parse_waves(waves))),
         advance_at=advance_at,
         max_failures=max_failures,
         min_executed=min_executed,

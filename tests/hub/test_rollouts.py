@@ -2,54 +2,19 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import threading
+import time
 
 import pytest
 
 from cellwatch.hub.client import HubClient
 from cellwatch.hub.errors import ApiFailure
 from cellwatch.hub.service import HubService
-from cellwatch.shared.hubapi import RolloutInfo, RolloutStartArgs
-from cellwatch.shared.schemas import ModelRef
-from cellwatch.shared.states import UpdateState
+from cellwatch.shared.hubapi import RolloutStartArgs
+from cellwatch.shared.states import NodeState, UpdateState
 from tests.harness import wait_for
+from tests.helpers.rollouts import fleet_on_v1, ref, seen_by_hub, states, until
 from tests.hub.conftest import Bundles, HubFactory, NodeMaker
-from tests.hub.scripted_nodes import FakeNode
-
-
-def ref(bundles: Bundles, version: str = "1.0.0") -> ModelRef:
-    path = {"1.0.0": bundles.v1, "2.0.0": bundles.v2, "3.0.0": bundles.v3}[version]
-    return ModelRef(name="toy", version=version, manifest_sha256=bundles.sha(path))
-
-
-def until(
-    operator: HubClient, rid: str, cond: Callable[[RolloutInfo], bool], timeout: float = 30
-) -> RolloutInfo:
-    seen: list[RolloutInfo] = []
-
-    def check() -> bool:
-        seen.append(operator.rollout_status(rid))
-        return cond(seen[-1])
-
-    wait_for(check, timeout, f"rollout {rid}: {seen[-1] if seen else ''}")
-    return seen[-1]
-
-
-def states(info: RolloutInfo) -> dict[str, str]:
-    return {t.node_id: t.state for t in info.targets}
-
-
-def fleet_on_v1(bundles: Bundles, fake_nodes: NodeMaker, **kwargs: object) -> list[FakeNode]:
-    nodes = []
-    for i in (1, 2, 3):
-        node = fake_nodes(f"node-{i}", model=ref(bundles), **kwargs)
-        node.have.add(ref(bundles).manifest_sha256)
-        nodes.append(node)
-    return nodes
-
-
-def seen_by_hub(operator: HubClient, count: int) -> None:
-    wait_for(lambda: len(operator.nodes().nodes) == count, what=f"{count} nodes")
 
 
 def test_waves_issue_one_after_the_other(
@@ -150,6 +115,27 @@ def test_pause_resume_abort_over_the_api(
     assert n3.desired == []
 
 
+class SteppedClock:
+    """The rollout timers' monotonic clock (Orchestrator.clock) plus whatever the test
+    adds: an hour passes for the timers without the test waiting for it."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._offset = 0.0
+        self.read = threading.Event()
+        """Set when the hub read the clock since the last step."""
+
+    def __call__(self) -> float:
+        with self._lock:
+            self.read.set()
+            return time.monotonic() + self._offset
+
+    def step(self, seconds: float) -> None:
+        with self._lock:
+            self._offset += seconds
+            self.read.clear()
+
+
 def test_an_offline_node_converges_when_it_returns(
     broker: object,
     hub_factory: HubFactory,
@@ -157,19 +143,20 @@ def test_an_offline_node_converges_when_it_returns(
     bundles: Bundles,
     fake_nodes: NodeMaker,
 ) -> None:
-    hub_factory()
+    hub = hub_factory()
+    clock = hub.orchestrator.clock = SteppedClock()
     gone = fake_nodes("node-3", model=ref(bundles))
     wait_for(lambda: len(operator.nodes().nodes) == 1, what="node-3 seen")
-    gone.publish_status("offline")
+    gone.publish_status(NodeState.OFFLINE)
     gone.close()
     wait_for(lambda: operator.nodes().nodes[0].state == "offline", what="offline")
     operator.push(bundles.v2)
     rid = operator.rollout_start(
-        RolloutStartArgs(name="toy", version="2.0.0", target="node:node-3", node_timeout_s=1.5)
+        RolloutStartArgs(name="toy", version="2.0.0", target="node:node-3", node_timeout_s=60)
     ).rollout_id
-    import time
-
-    time.sleep(2.5)  # longer than the node timeout: an offline node does not time out
+    clock.step(3600)  # far beyond the node timeout: an offline node does not time out
+    assert clock.read.wait(30), "the hub did not tick"
+    # The control thread answers this request after the tick that read the clock.
     assert states(operator.rollout_status(rid)) == {"node-3": "pending"}
     back = fake_nodes("node-3", model=ref(bundles))  # a new boot; desired is retained
     info = until(operator, rid, lambda i: i.state == "completed")

@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 
 from cellwatch.hub.api import Api
-from cellwatch.hub.config import HubLimits, RolloutDefaults
+from cellwatch.hub.config import HubLimits
 from cellwatch.hub.control import Control
 from cellwatch.hub.counters import HubCounters
 from cellwatch.hub.db import Database
@@ -28,7 +28,13 @@ from cellwatch.hub.registry import Registry
 from cellwatch.hub.served import ServedTotals
 from cellwatch.hub.store import BundleStore
 from cellwatch.shared.handoff import Handoff
-from cellwatch.shared.hubapi import PushBeginArgs, PushBeginReply, PushCommitArgs, UploadAck
+from cellwatch.shared.hubapi import (
+    PushBeginArgs,
+    PushBeginReply,
+    PushCommitArgs,
+    RolloutPolicy,
+    UploadAck,
+)
 from cellwatch.shared.manifest import MANIFEST_FILE, SIGNATURE_FILE
 from cellwatch.shared.mqtt import Message
 from cellwatch.shared.rpc import Route, deliver
@@ -87,7 +93,7 @@ def hub(bundles: Bundles, tmp_path: Path) -> Iterator[Hub]:
     store = BundleStore(tmp_path / "store")
     registry = Registry(db, store, TrustedKeys.load(bundles.keys), allow_unsigned=False)
     fleet = Fleet(db)
-    orchestrator = Orchestrator(db, fleet, registry, RolloutDefaults(), lambda desired: None)
+    orchestrator = Orchestrator(db, fleet, registry, RolloutPolicy(), lambda desired: None)
     counters = HubCounters()
     fetch = FetchServer(store, T, 4096, counters)
     served = ServedTotals(fetch, db)

@@ -20,12 +20,11 @@ from cellwatch.shared.states import UpdateState
 from tests import images
 from tests.broker import Broker, free_port
 from tests.harness import Requester, wait_for
+from tests.helpers.fleetpage import HOSTILE, send_telemetry, telemetry
+from tests.helpers.nodes import node_settings
+from tests.helpers.rollouts import hub_sees, ref
 from tests.hub.browser import start_chromium, wait_until
 from tests.hub.conftest import Bundles, HubFactory, NodeMaker
-from tests.hub.test_e2e import hub_sees
-from tests.hub.test_rollouts import ref
-from tests.hub.test_web_page import HOSTILE, send_telemetry, telemetry
-from tests.node.conftest import node_settings
 
 MARKER = "window.__cellwatchMarker"
 

@@ -18,15 +18,15 @@ from cellwatch.hub.web.metrics import __doc__ as METRICS_DOC
 from cellwatch.node.service import NodeService
 from cellwatch.shared.hubapi import RolloutStartArgs
 from cellwatch.shared.schemas import Telemetry
-from cellwatch.shared.states import UpdateState
+from cellwatch.shared.states import NodeState, UpdateState
 from tests import images
 from tests.broker import Broker
 from tests.harness import Collector, Requester, T, wait_for
+from tests.helpers.fleetpage import send_telemetry, stored_telemetry, telemetry
+from tests.helpers.nodes import node_settings
+from tests.helpers.rollouts import fleet_on_v1, ref, seen_by_hub, until
 from tests.hub.conftest import Bundles, NodeMaker
-from tests.hub.test_rollouts import fleet_on_v1, ref, seen_by_hub, until
-from tests.hub.test_web_page import send_telemetry, stored_telemetry, telemetry
 from tests.hub.web import Samples, get, sample, scrape
-from tests.node.conftest import node_settings
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -87,7 +87,7 @@ def test_node_figures_are_what_the_node_sent(
     )
     assert sample(s, "cellwatch_hub_nodes", state="online") == 3.0
     assert sample(s, "cellwatch_hub_nodes", state="conflict") == 0.0
-    n2.publish_status("offline")
+    n2.publish_status(NodeState.OFFLINE)
     wait_for(
         lambda: (
             sample(scrape(hub), "cellwatch_node_up", node_id="node-2", model_version="1.0.0") == 0.0

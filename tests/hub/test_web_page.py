@@ -16,50 +16,21 @@ from cellwatch.hub.fleet import node_state
 from cellwatch.hub.service import HubService
 from cellwatch.shared.codes import UpdateErrorCode
 from cellwatch.shared.hubapi import RolloutStartArgs
-from cellwatch.shared.schemas import Latency, Telemetry, UpdateError, utcnow
+from cellwatch.shared.schemas import UpdateError
 from cellwatch.shared.states import NodeState, UpdateState
 from tests.broker import Broker
 from tests.harness import T, wait_for
+from tests.helpers.fleetpage import HOSTILE, send_telemetry, stored_telemetry, telemetry
+from tests.helpers.hubcli import cli
+from tests.helpers.rollouts import fleet_on_v1, seen_by_hub, until
 from tests.hub.conftest import Bundles, NodeMaker
-from tests.hub.scripted_nodes import FakeNode
-from tests.hub.test_cli import cli
-from tests.hub.test_rollouts import fleet_on_v1, seen_by_hub, until
 from tests.hub.web import Reply, get
 from tests.models import write_test_bundle
-
-HOSTILE = '<script>window.pwned=1</script><img src=x onerror="window.pwned=1">'
 
 
 def rows(page: Reply) -> dict[str, str]:
     """node id -> state, from the fleet page's node rows."""
     return dict(re.findall(r'<tr data-node="([^"]*)" data-state="([^"]*)"', page.text))
-
-
-def telemetry(node_id: str, **changes: object) -> Telemetry:
-    values: dict[str, object] = {
-        "node_id": node_id,
-        "ts": utcnow(),
-        "window_s": 10.0,
-        "processed": 120,
-        "errors": 3,
-        "errors_by_code": {"undecodable_image": 2, "expired": 1},
-        "throughput_ips": 12.5,
-        "latency_ms": Latency(p50=41.0, p95=77.5, p99=90.25),
-        "inflight": 4,
-        "model_version": "1.0.0",
-        "rss_mb": 512.5,
-    }
-    values.update(changes)
-    return Telemetry.model_validate(values)
-
-
-def send_telemetry(node: FakeNode, payload: bytes) -> None:
-    assert node.mqtt.publish_wait(T.telemetry(node.node_id), payload, qos=1)
-
-
-def stored_telemetry(hub: HubService, node_id: str) -> dict[str, object] | None:
-    rec = hub.db.node(node_id)
-    return rec.telemetry if rec is not None else None
 
 
 # -- the pages ----------------------------------------------------------------------------
@@ -220,14 +191,15 @@ def test_models_show_metrics_with_intervals_and_provenance_badges(
 
 
 def test_node_state_at_read_time() -> None:
-    rec = NodeRecord("n", state="online", last_seen=1000.0)
+    rec = NodeRecord("n", state=NodeState.ONLINE, last_seen=1000.0)
     assert node_state(rec, 1030.0) is NodeState.ONLINE  # 3 x the default 10 s
     assert node_state(rec, 1030.5) is NodeState.STALE
     rec.telemetry = {"window_s": 0.5}
     assert node_state(rec, 1001.5) is NodeState.ONLINE
     assert node_state(rec, 1001.6) is NodeState.STALE
-    assert node_state(NodeRecord("n", state="offline", last_seen=0.0), 1e9) is NodeState.OFFLINE
-    conflict = NodeRecord("n", state="conflict", last_seen=0.0)
+    offline = NodeRecord("n", state=NodeState.OFFLINE, last_seen=0.0)
+    assert node_state(offline, 1e9) is NodeState.OFFLINE
+    conflict = NodeRecord("n", state=NodeState.CONFLICT, last_seen=0.0)
     assert node_state(conflict, 1e9) is NodeState.CONFLICT
 
 
@@ -245,14 +217,14 @@ def test_a_silent_node_turns_stale_and_back(
 
 
 def test_a_conflict_record_is_rendered_with_its_explanation(hub: HubService) -> None:
-    hub.db.save_node(NodeRecord("node-7", state="conflict", last_seen=time.time()))
+    hub.db.save_node(NodeRecord("node-7", state=NodeState.CONFLICT, last_seen=time.time()))
     page = get(hub, "/")
     assert rows(page) == {"node-7": "conflict"}
     row = page.text[page.text.index('data-node="node-7"') :]
     row = row[: row.index("</tr>")]
-    assert '<span class="badge conflict">conflict</span>' in row
+    assert '<span class="badge alarm">conflict</span>' in row
     assert "two processes use this node id" in row
-    assert '<span class="chip conflict">1 conflict</span>' in page.text
+    assert '<span class="chip alarm">1 conflict</span>' in page.text
     node_page = get(hub, "/nodes/node-7")
     assert 'data-state="conflict"' in node_page.text and "two processes use this" in node_page.text
     assert json.loads(get(hub, "/api/nodes").text)["nodes"][0]["state"] == "conflict"
@@ -342,7 +314,7 @@ def test_huge_but_valid_figures_render_and_export(hub: HubService, fake_nodes: N
 def test_a_thousand_nodes_render(hub: HubService) -> None:
     now = time.time()
     for i in range(1000):
-        rec = NodeRecord(f"n{i:04d}", state="online", last_seen=now, device="CPU")
+        rec = NodeRecord(f"n{i:04d}", state=NodeState.ONLINE, last_seen=now, device="CPU")
         rec.telemetry = telemetry(rec.node_id).model_dump(mode="json", by_alias=True)
         hub.db.save_node(rec)
         for k in range(5):

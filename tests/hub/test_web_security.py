@@ -13,8 +13,8 @@ from cellwatch.hub.config import HubSettings
 from cellwatch.hub.errors import HubError
 from cellwatch.shared.errors import ConfigError
 from tests.broker import Broker
+from tests.helpers.hubcli import HUB
 from tests.hub.conftest import Bundles, HubFactory
-from tests.hub.test_cli import HUB
 from tests.hub.web import get
 
 TOKEN = "0123456789abcdef0123456789abcdef"

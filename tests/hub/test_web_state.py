@@ -17,8 +17,8 @@ from cellwatch.hub.store import BundleStore
 from cellwatch.hub.web.views import SPARK_H, SPARK_POINTS, spark
 from cellwatch.shared.bundle import load_bundle
 from cellwatch.shared.signing import TrustedKeys
+from tests.helpers.fleetpage import telemetry
 from tests.hub.conftest import Bundles
-from tests.hub.test_web_page import telemetry
 from tests.models import write_test_bundle
 
 

@@ -6,11 +6,11 @@ from typing import Any
 
 import pytest
 
-from cellwatch.node.config import NodeSettings
 from cellwatch.node.faults import Faults
 from cellwatch.node.service import NodeService
 from tests.broker import Broker
 from tests.harness import Requester
+from tests.helpers.nodes import node_settings
 from tests.models import write_test_bundle
 
 
@@ -22,26 +22,6 @@ def toy_bundle(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
 
 
 NodeFactory = Callable[..., NodeService]
-
-
-def node_settings(
-    broker: Broker, toy_bundle: tuple[Path, Path], node_id: str = "node-1", **overrides: Any
-) -> NodeSettings:
-    bundle, keys = toy_bundle
-    data: dict[str, Any] = {
-        "node_id": node_id,
-        "mqtt": broker.settings(node_id).model_dump(),
-        "model": {"bundle": bundle, "trusted_keys": keys},
-        "telemetry_interval_s": 0.5,
-        # per test and node id, so that a restarted node finds its own journal
-        "state_dir": broker.dir.parent / "node-state" / node_id,
-    }
-    for key, value in overrides.items():
-        if isinstance(value, dict) and isinstance(data.get(key), dict):
-            data[key] = {**data[key], **value}
-        else:
-            data[key] = value
-    return NodeSettings(**data)
 
 
 @pytest.fixture

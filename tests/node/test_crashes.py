@@ -15,7 +15,7 @@ from cellwatch.shared.schemas import NodeStatus
 from tests import images
 from tests.broker import Broker
 from tests.harness import Collector, Requester, T, wait_for
-from tests.node.test_node_process import start_node, wait_online, write_config
+from tests.helpers.nodes import start_node, wait_online, write_config
 
 NODE_MAX_INFLIGHT: int = LimitSettings.model_fields["max_inflight"].default
 
@@ -73,20 +73,18 @@ def test_a_duplicate_node_id_backs_off_and_gives_up(
 ) -> None:
     """Two processes with one node id: they do not take the session from each other
     every second forever; each backs off, and the node exits non-zero."""
-    cfg = write_config(tmp_path, broker, *toy_bundle, extra="[mqtt]\nreconnect_max_s = 2.0")
-    # the [mqtt] section above would repeat the one write_config made: merge by hand
-    text = cfg.read_text().replace("[mqtt]\nreconnect_max_s = 2.0", "")
-    cfg.write_text(text.replace("[mqtt]\n", "[mqtt]\nreconnect_max_s = 2.0\n", 1))
+    cfg = write_config(tmp_path, broker, *toy_bundle, mqtt={"reconnect_max_s": 2.0})
     watch = Collector(broker.settings("hub"), T.status("node-1"))
     first = start_node(cfg, tmp_path / "first.log")
     second: subprocess.Popen[bytes] | None = None
     try:
         wait_online(watch, 1)
-        second = start_node(cfg, tmp_path / "second.log")
-        deadline = time.monotonic() + 120
-        while first.poll() is None and second.poll() is None:
-            assert time.monotonic() < deadline, "neither node gave up"
-            time.sleep(0.1)
+        second = other = start_node(cfg, tmp_path / "second.log")
+        wait_for(
+            lambda: first.poll() is not None or other.poll() is not None,
+            120,
+            "one of the two nodes to give up",
+        )
         quitter, log = (first, "first") if first.poll() is not None else (second, "second")
         text = (tmp_path / f"{log}.log").read_text()
         assert quitter.returncode == EXIT_NODE_ID_CONFLICT, text

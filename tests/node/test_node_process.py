@@ -6,58 +6,13 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 from pathlib import Path
 
 from cellwatch.shared.schemas import NodeStatus, Result
 from tests import images
 from tests.broker import Broker
 from tests.harness import Collector, Requester, T, wait_for
-
-NODE = str(Path(sys.executable).with_name("cellwatch-node"))
-
-
-def write_config(
-    tmp: Path, broker: Broker, bundle: Path, keys: Path, extra: str = "", node_id: str = "node-1"
-) -> Path:
-    """node.toml for a node process; extra is TOML appended at the end (sections)."""
-    pw = tmp / f"{node_id}.password"
-    pw.write_text(broker.password(node_id))
-    lines = [
-        f'node_id = "{node_id}"',
-        "telemetry_interval_s = 1.0",
-        f'state_dir = "{tmp / "state" / node_id}"',
-        "[mqtt]",
-        f'host = "{broker.host}"',
-        f"port = {broker.port}",
-        f'password_file = "{pw}"',
-        "[model]",
-        f'bundle = "{bundle}"',
-        f'trusted_keys = "{keys}"',
-    ]
-    cfg = tmp / f"{node_id}.toml"
-    lines.append(extra)
-    cfg.write_text("\n".join(lines) + "\n")
-    return cfg
-
-
-def start_node(cfg: Path, log: Path, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
-    return subprocess.Popen(
-        [NODE, "run", "--config", str(cfg)],
-        stdout=log.open("wb"),
-        stderr=subprocess.STDOUT,
-        env={**os.environ, **(env or {})},
-    )
-
-
-def wait_online(watch: Collector, count: int) -> None:
-    def online() -> int:
-        return sum(
-            NodeStatus.model_validate_json(m.payload).state == "online"
-            for m in watch.on(T.status("node-1"))
-        )
-
-    wait_for(lambda: online() >= count, 60, "node online")
+from tests.helpers.nodes import NODE, start_node, wait_online, write_config
 
 
 def test_sigterm_finishes_in_flight_and_exits_zero(

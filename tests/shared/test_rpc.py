@@ -16,9 +16,9 @@ from cellwatch.shared.limits import BROKER_MAX_PACKET_BYTES
 from cellwatch.shared.mqtt import Message
 from cellwatch.shared.rpc import (
     PacketTooLarge,
-    Policy,
     PublishRefused,
     Reply,
+    RequestPolicy,
     RequestTimeout,
     Rpc,
     RpcClosed,
@@ -28,7 +28,7 @@ from tests.harness import T, wait_for
 from tests.responder import Responder, Seen
 
 TOPIC = T.lab_images("client", "scope-1")
-QUICK = Policy(timeout_s=30.0)
+QUICK = RequestPolicy(timeout_s=30.0)
 
 
 def parse(msg: Message) -> Any:
@@ -86,7 +86,7 @@ def test_retry_sends_the_same_payload_with_attempt_and_shorter_expiry(
     responder = Responder(broker, second_only)
     rpc = rpc_factory()
     reply = rpc.call(
-        TOPIC, body(7), parse, Policy(timeout_s=20.0, retry_after_s=0.3, max_attempts=3)
+        TOPIC, body(7), parse, RequestPolicy(timeout_s=20.0, retry_after_s=0.3, max_attempts=3)
     )
     assert reply.value == {"n": 7} and reply.attempt == 2 and reply.attempts == 2
     first, second = responder.seen
@@ -114,7 +114,7 @@ def test_a_late_answer_to_the_first_attempt_still_completes_the_request(
     responder = Responder(broker, first_late)
     rpc = rpc_factory()
     reply = rpc.call(
-        TOPIC, body(1), parse, Policy(timeout_s=20.0, retry_after_s=0.2, max_attempts=5)
+        TOPIC, body(1), parse, RequestPolicy(timeout_s=20.0, retry_after_s=0.2, max_attempts=5)
     )
     assert retried.is_set()
     assert reply.attempt == 1 and reply.attempts >= 2
@@ -150,7 +150,7 @@ def test_no_answer_times_out_after_the_allowed_attempts(
 ) -> None:
     responder = Responder(broker, lambda seen, r: None)
     rpc = rpc_factory()
-    policy = Policy(timeout_s=2.0, retry_after_s=0.2, max_attempts=2)
+    policy = RequestPolicy(timeout_s=2.0, retry_after_s=0.2, max_attempts=2)
     future = rpc.submit(TOPIC, body(0), parse, policy)
     with pytest.raises(RequestTimeout) as err:
         future.result(30)

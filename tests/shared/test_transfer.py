@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from cellwatch.shared.mqtt import Message, PublishProps
-from cellwatch.shared.rpc import Policy, Rpc
+from cellwatch.shared.rpc import RequestPolicy, Rpc
 from cellwatch.shared.rpc.transfer import Download, TransferCancelled, TransferError
 from cellwatch.shared.schemas import FetchRequest
 from tests.broker import Broker
@@ -85,7 +85,7 @@ def download(broker: Broker, tmp_path: Path) -> Iterator[Callable[..., Download]
             "dest": tmp_path / "model.bin",
             "chunk_bytes": 16384,
             "window": 4,
-            "policy": Policy(timeout_s=20.0, retry_after_s=0.5, max_attempts=40),
+            "policy": RequestPolicy(timeout_s=20.0, retry_after_s=0.5, max_attempts=40),
         }
         values.update(kwargs)
         return Download(**values)  # type: ignore[arg-type]
@@ -144,7 +144,7 @@ def test_an_error_answer_or_no_progress_fails(
         download().run()
     server.error = None
     server.silent = True
-    stall = Policy(timeout_s=1.0, retry_after_s=0.3, max_attempts=3)
+    stall = RequestPolicy(timeout_s=1.0, retry_after_s=0.3, max_attempts=3)
     with pytest.raises(TransferError, match="no answer within 1 s"):
         download(policy=stall).run()
     assert len(server.asked) >= 2  # asked again before giving up

@@ -13,7 +13,6 @@ import pytest
 from click.testing import CliRunner
 from pydantic import BaseModel, ValidationError
 
-from cellwatch.hub import cli as hub_cli
 from cellwatch.hub import render
 from cellwatch.hub.web.views import BAR_GROUPS
 from cellwatch.shared import hubapi, manifest, schemas
@@ -34,9 +33,12 @@ from cellwatch.shared.schemas import (
 )
 from cellwatch.shared.states import (
     ACTIVE_ROLLOUT_STATES,
+    FINISHED_ROLLOUT_STATES,
+    TONE_GROUPS,
+    TONES,
     NodeState,
     RolloutState,
-    TargetState,
+    Tone,
     UpdateState,
 )
 from cellwatch.training.errors import GateError
@@ -56,7 +58,9 @@ def test_results_and_statuses_write_the_hash_as_sha256_and_read_it_back() -> Non
         received_at=NOW,
         completed_at=NOW,
     )
-    status = NodeStatus(node_id="node-1", state="online", boot_id="b" * 8, since=NOW, model=REF)
+    status = NodeStatus(
+        node_id="node-1", state=NodeState.ONLINE, boot_id="b" * 8, since=NOW, model=REF
+    )
     for message, kind in ((result, Result), (status, NodeStatus)):
         wire = json.loads(message.to_json())
         assert wire["model"] == {"name": "toy", "version": "1.0.0", "sha256": SHA}
@@ -135,17 +139,35 @@ def test_telemetry_keeps_refusing_nan_on_top_of_the_strict_base() -> None:
 
 def test_the_wave_bar_shows_every_target_state_exactly_once() -> None:
     shown = [s for _, states in BAR_GROUPS for s in states]
-    assert sorted(shown) == sorted(TargetState)
+    assert sorted(shown) == sorted(UpdateState)
 
 
-def test_state_colours_name_only_real_states() -> None:
-    known = {*TargetState, *RolloutState, *NodeState}
-    assert set(render.STATE_STYLES) <= known
+def test_every_state_has_one_tone_and_every_tone_a_colour() -> None:
+    listed = [s.value for _, states in TONE_GROUPS for s in states]
+    shared = {s.value for s in UpdateState} & {s.value for s in RolloutState}
+    assert shared == {"rolled_back"}  # a target's and a rollout's: one tone
+    assert len(listed) == len(set(listed)) + 1 and listed.count("rolled_back") == 2
+    assert set(TONES) == {s.value for s in (*UpdateState, *RolloutState, *NodeState)}
+    assert set(render.TONE_STYLES) == set(Tone)
 
 
 def test_a_rollout_is_either_active_or_over() -> None:
-    assert frozenset(RolloutState) == hub_cli.TERMINAL | ACTIVE_ROLLOUT_STATES
-    assert not hub_cli.TERMINAL & ACTIVE_ROLLOUT_STATES
+    assert frozenset(RolloutState) == FINISHED_ROLLOUT_STATES | ACTIVE_ROLLOUT_STATES
+    assert not FINISHED_ROLLOUT_STATES & ACTIVE_ROLLOUT_STATES
+
+
+def test_messages_carry_only_the_states_their_sender_may_say() -> None:
+    """One enum per state machine; a node's status and report carry some of its states,
+    refused in the words of before (when the wire had a list of its own)."""
+    status = {"node_id": "node-1", "boot_id": "b" * 8, "since": NOW.isoformat()}
+    assert NodeStatus.model_validate({**status, "state": "offline"}).state is NodeState.OFFLINE
+    for said in ("stale", "conflict", "bogus"):
+        with pytest.raises(ValidationError, match="Input should be 'online' or 'offline'"):
+            NodeStatus.model_validate({**status, "state": said})
+    report = {"rollout_id": "r1", "model": REF, "progress": 0.0, "ts": NOW}
+    assert UpdateReport.model_validate({**report, "state": "pending"}).state is UpdateState.PENDING
+    with pytest.raises(ValidationError, match=r"Input should be 'pending', .* or 'rolled_back'"):
+        UpdateReport.model_validate({**report, "state": "waiting"})
 
 
 def test_friendly_errors_use_the_error_class_exit_code() -> None:

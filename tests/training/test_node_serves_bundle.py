@@ -22,7 +22,7 @@ from cellwatch.shared.signing import TrustedKeys
 from cellwatch.training.split import load_split
 from tests.broker import Broker
 from tests.harness import Requester
-from tests.node.conftest import node_settings
+from tests.helpers.nodes import node_settings
 
 pytestmark = pytest.mark.slow
 

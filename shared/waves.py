@@ -14,6 +14,8 @@ import math
 import re
 from dataclasses import dataclass
 
+DEFAULT_WAVES = "1,25%,100%"
+"""The canary, a quarter, everyone."""
 MAX_WAVES = 20
 _COUNT_RE = re.compile(r"^\d{1,6}$")
 _PERCENT_RE = re.compile(r"^\d{1,3}(\.\d{1,3})?%$")
