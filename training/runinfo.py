@@ -26,7 +26,7 @@ from pydantic import BaseModel, Field, ValidationError
 
 from cellwatch.shared.base import Strict
 from cellwatch.training.errors import RunError
-from cellwatch.training.split import SplitFile, SplitName, load_split
+from cellwatch.training.split import SplitFile, SplitName, load_split, verify_files
 
 RUN_FILE = "run.json"
 LOG_FILE = "training_log.csv"
@@ -68,6 +68,13 @@ class FitConfig(Strict):
         description="cosine: decays to 0 over the epochs; step: /10 at 50% and 75%; constant",
     )
     fold: int | None = Field(None, ge=0, description="cross-validation fold trained (--fold)")
+    depth_multiplier: float = Field(
+        1.0,
+        gt=0.0,
+        le=1.0,
+        description="TF-Slim's Inception V3 depth multiplier: 1.0 is the published network "
+        "(and its ImageNet checkpoint); smaller is the same network narrower, for tests",
+    )
 
     def learning_rate_at(self, epoch: int) -> float:
         """The rate for epoch (1-based) under lr_schedule."""
@@ -153,8 +160,13 @@ def load_run(run: Path) -> RunInfo:
 
 
 def load_run_split(run: Path, info: RunInfo) -> SplitFile:
-    """The split the run was trained on (its fold's view); RunError if it changed since fit."""
+    """The split the run was trained on (its fold's view); RunError if it changed since fit.
+
+    The fingerprints compared are recomputed from split.json's entries (load_split) and
+    every image is hashed again (verify_files): neither split.json's own fingerprints
+    nor its hashes are taken on trust."""
     split = load_split(Path(info.split_dir)).for_fold(info.config.fold)
+    verify_files(split)
     changed = [
         name
         for name in ("train", "val", "test")
