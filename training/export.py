@@ -1,15 +1,15 @@
 """`export`: a run -> calibrated frozen.pb -> OpenVINO IR -> gates -> signed, verified bundle.
 
-The stages, cheapest checks first (each a function below):
+The stages, cheapest checks first (each one function, here or in the module named):
 1. plan: the options; the run must still match its split (each image's fingerprint
    recomputed), have a base checkpoint (or --allow-untrained) whose hash is the
    published file's (or --base-is), and a non-empty test split (or --allow-no-test,
    which measures on the validation split and says so everywhere).
-2. calibrate on the validation split (calibration.py: temperature only under its
-   rule; decision threshold and low-confidence band for the target sensitivity),
-   written to RUN/calibration/ with a reliability diagram.
+2. calibrate on the validation split (calibrated.calibrate_run, under calibration.py's
+   rule: temperature only with evidence; decision threshold and low-confidence band
+   for the target sensitivity), written to RUN/calibration/ with a reliability diagram.
 3. freeze the eval graph with the temperature folded into the final convolution
-   (RUN/frozen.pb).
+   (calibrated.freeze: RUN/frozen.pb).
 4. inputs: every image preprocessed, and frozen.pb's probabilities of them
    (measure.py).
 5. quality floor (quality.py) on the eval split: evidence of skill, or QualityError
@@ -27,7 +27,6 @@ The stages, cheapest checks first (each a function below):
 from __future__ import annotations
 
 import logging
-import subprocess
 import time
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
@@ -48,24 +47,19 @@ from cellwatch.shared.manifest import (
     GoldenSpec,
     Manifest,
 )
-from cellwatch.shared.provenance import Attempt, Provenance, QualityFloor, Quantization
+from cellwatch.shared.provenance import Provenance, QualityFloor
 from cellwatch.shared.schemas import ModelName, Version
 from cellwatch.shared.signing import TrustedKeys, key_id, load_private_key
-from cellwatch.training import LABELS, ir, plots, probes
+from cellwatch.training import LABELS, ir, probes
 from cellwatch.training.base import BaseCheck, check_base
+from cellwatch.training.calibrated import calibrate_run, freeze
 from cellwatch.training.calibration import (
     DEFAULT_BAND_HALF_WIDTH,
     DEFAULT_TARGET_SENSITIVITY,
-    calibrate,
     check,
-    choose_decision,
-    reliability,
-    softmax,
 )
 from cellwatch.training.dataset import ImageEntry
 from cellwatch.training.errors import ExportError, GateError, QualityError
-from cellwatch.training.evalgraph import EvalGraph
-from cellwatch.training.evaluate import predict_logits
 from cellwatch.training.gate import (
     DEFAULT_MAX_PROB_DIFF,
     DEFAULT_MAX_SENSITIVITY_DROP,
@@ -83,19 +77,18 @@ from cellwatch.training.measure import (
     load_inputs,
     meets_on_validation,
 )
+from cellwatch.training.measure import quantization as measured_quantization
 from cellwatch.training.modelcard import CardFacts, render
 from cellwatch.training.outdir import check_target, staged_dir
 from cellwatch.training.quality import assess
 from cellwatch.training.runinfo import (
-    FROZEN_FILE,
     RunInfo,
+    code_commit,
     load_run,
     load_run_split,
     record_test_read,
-    write_json,
 )
 from cellwatch.training.split import SplitFile, SplitName
-from cellwatch.training.stats import metric_set
 from cellwatch.training.tfcompat import versions
 
 log = logging.getLogger(__name__)
@@ -111,8 +104,6 @@ FP32_MAX_DIFF = 1e-4
 PROBE_STABILITY = LOW_PRECISION_TOLERANCE / 2
 """Golden probes must reproduce within this at the CPU's default inference precision:
 half the node's self-test tolerance for such devices, a margin for other CPUs."""
-CALIBRATION_DIR = "calibration"
-CALIBRATION_FILE = "calibration.json"
 Int8Method = Literal["auto", "ptq", "accuracy-control"]
 
 
@@ -179,8 +170,15 @@ class Plan:
 def export(run: Path, out: Path, options: ExportOptions) -> Bundle:
     """Export run as a signed bundle in out; returns the bundle as load_bundle verified it."""
     plan = _plan(run, out, options)
-    calibration, decision, val_probs = _calibrate(run, plan.info, plan.split, options)
-    frozen = _freeze(run, plan.info, calibration)
+    calibration, decision, val_probs = calibrate_run(
+        run,
+        plan.info,
+        plan.split,
+        target_sensitivity=options.target_sensitivity,
+        band_half_width=options.band_half_width,
+        threshold=options.threshold,
+    )
+    frozen = freeze(run, plan.info, calibration)
     inputs = load_inputs(
         plan.split,
         plan.eval_split,
@@ -210,7 +208,14 @@ def export(run: Path, out: Path, options: ExportOptions) -> Bundle:
             groups=plan.unit_groups,
         )
         golden = _golden(tmp, decision, options.precision)
-        quantization = _quantization(plan, inputs, decision, options, tried)
+        quantization = measured_quantization(
+            tried,
+            inputs,
+            plan.y_eval,
+            decision.threshold,
+            options.limits,
+            options.int8_method if options.precision == "int8" else None,
+        )
         provenance = _provenance(plan, frozen, len(inputs.calibration_set), options)
         provenance = provenance.model_copy(
             update={"gate": gate, "quality": quality, "quantization": quantization}
@@ -450,128 +455,6 @@ def _check_options(options: ExportOptions) -> None:
             raise ExportError(f"{flag} must be between 0 and 1, not {value:g}")
     if not 0.0 <= options.band_half_width < 0.5:
         raise ExportError(f"--band-half-width must be in [0, 0.5), not {options.band_half_width:g}")
-
-
-def _calibrate(
-    run: Path, info: RunInfo, split: SplitFile, options: ExportOptions
-) -> tuple[Calibration, Decision, np.ndarray]:
-    """Temperature, decision rule and calibrated validation probabilities; RUN/calibration/."""
-    val = split.entries("val")
-    y = np.array([e.label for e in val], np.int64)
-    logits = (
-        predict_logits(run, info, val, "validation logits")
-        if val
-        else np.zeros((0, len(LABELS)), np.float32)
-    )
-    calibration = calibrate(logits, y)
-    if calibration.note:
-        log.warning("calibration: %s", calibration.note)
-    scale = 1.0 / calibration.temperature if calibration.applied else 1.0
-    probs = softmax(logits * scale) if len(val) else np.zeros((0, len(LABELS)))
-    decision = choose_decision(
-        probs[:, 1],
-        y,
-        positive_label=LABELS[1],
-        target_sensitivity=options.target_sensitivity,
-        half_width=options.band_half_width,
-        threshold=options.threshold,
-    )
-    log.info(
-        "calibration on %d validation images: T %.3g (%s), ECE %s -> %s; threshold %.3f, "
-        "low-confidence band [%.3f, %.3f]",
-        len(val),
-        calibration.temperature,
-        "applied" if calibration.applied else "NOT applied",
-        _num(calibration.ece_before),
-        _num(calibration.ece_after),
-        decision.threshold,
-        *decision.low_confidence,
-    )
-    out = run / CALIBRATION_DIR
-    with staged_dir(out, marker=CALIBRATION_FILE, force=True, what="calibration") as tmp:
-        write_json(tmp / CALIBRATION_FILE, calibration)
-        (tmp / "decision.json").write_text(decision.model_dump_json(indent=2) + "\n")
-        if len(val):
-            raw = softmax(logits)[:, 1]
-            plots.reliability(
-                reliability(raw, y),
-                reliability(softmax(logits / calibration.temperature)[:, 1], y),
-                tmp / "reliability.png",
-                title=f"validation split, n={len(val)}",
-                synthetic=info.synthetic,
-                after_label=f"T={calibration.temperature:.3g}"
-                + ("" if calibration.applied else " (worse: NOT applied)"),
-            )
-    return calibration, decision, probs
-
-
-def _num(value: float | None) -> str:
-    return "n/a" if value is None else f"{value:.3f}"
-
-
-def _freeze(run: Path, info: RunInfo, calibration: Calibration) -> Path:
-    with EvalGraph(
-        run / info.checkpoint, batch=1, depth_multiplier=info.config.depth_multiplier
-    ) as graph:
-        if calibration.applied:
-            graph.scale_logits(1.0 / calibration.temperature)
-        graph_def = graph.freeze()
-    path = run / FROZEN_FILE
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_bytes(graph_def.SerializeToString(deterministic=True))  # reproducible bytes
-    tmp.replace(path)
-    log.info("froze %s into %s (%d nodes)", info.checkpoint, path, len(graph_def.node))
-    return path
-
-
-def _quantization(
-    plan: Plan, inputs: Inputs, decision: Decision, options: ExportOptions, tried: list[Candidate]
-) -> Quantization:
-    if options.precision != "int8":
-        return Quantization(method=None)
-    attempts = []
-    for c in tried:
-        g = gate_of(c, inputs, plan.y_eval, decision.threshold, options.limits)
-        attempts.append(
-            Attempt(
-                method=c.method,
-                split="all",
-                agreement=g.agreement,
-                agreement_k=round((g.agreement or 0.0) * (g.agreement_n or 0)),
-                n=g.agreement_n,
-                sensitivity_drop=g.sensitivity_drop,
-                max_prob_diff=g.max_prob_diff,
-                deployed=metric_set(
-                    plan.y_eval, c.deployed[: inputs.n_eval, 1], decision.threshold
-                ),
-                passed=g.passed,
-                seconds=round(c.seconds, 1),
-            )
-        )
-    return Quantization(method=tried[-1].method, int8_method=options.int8_method, attempts=attempts)
-
-
-def code_commit() -> str | None:
-    """The git commit of the training code (with `+dirty` for local changes), or None."""
-    here = Path(__file__).resolve().parent
-    try:
-        head = subprocess.run(
-            ["git", "-C", str(here), "rev-parse", "HEAD"],
-            capture_output=True,
-            text=True,
-            timeout=10,
-            check=True,
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "-C", str(here), "status", "--porcelain", "--untracked-files=no", "."],
-            capture_output=True,
-            text=True,
-            timeout=10,
-            check=True,
-        ).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return head + ("+dirty" if dirty else "") if head else None
 
 
 def _provenance(plan: Plan, frozen: Path, calibration: int, options: ExportOptions) -> Provenance:

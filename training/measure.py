@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from cellwatch.shared.figures import UnitFigures
+from cellwatch.shared.provenance import Attempt, Quantization
 from cellwatch.training import IMAGE_SIZE, ir
 from cellwatch.training.bundle_metrics import (
     BundleMetrics,
@@ -234,3 +235,35 @@ def figures(
         ),
         units=units,
     )
+
+
+def quantization(
+    tried: list[Candidate],
+    inputs: Inputs,
+    y_eval: np.ndarray,
+    threshold: float,
+    limits: Limits,
+    int8_method: str | None,
+) -> Quantization:
+    """provenance.quantization: every int8 candidate tried, with its gate figures (None
+    int8_method: not quantised)."""
+    if int8_method is None:
+        return Quantization(method=None)
+    attempts = []
+    for c in tried:
+        g = gate_of(c, inputs, y_eval, threshold, limits)
+        attempts.append(
+            Attempt(
+                method=c.method,
+                split="all",
+                agreement=g.agreement,
+                agreement_k=round((g.agreement or 0.0) * (g.agreement_n or 0)),
+                n=g.agreement_n,
+                sensitivity_drop=g.sensitivity_drop,
+                max_prob_diff=g.max_prob_diff,
+                deployed=metric_set(y_eval, c.deployed[: inputs.n_eval, 1], threshold),
+                passed=g.passed,
+                seconds=round(c.seconds, 1),
+            )
+        )
+    return Quantization(method=tried[-1].method, int8_method=int8_method, attempts=attempts)

@@ -18,6 +18,7 @@ number of looks behind it.
 from __future__ import annotations
 
 import math
+import subprocess
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Literal
@@ -199,3 +200,27 @@ def write_json(path: Path, model: BaseModel) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(model.model_dump_json(by_alias=True, indent=2) + "\n")
     tmp.replace(path)
+
+
+def code_commit() -> str | None:
+    """The git commit of the code (`+dirty` when a tracked Python file differs from it),
+    or None outside a git checkout."""
+    here = Path(__file__).resolve().parent
+    try:
+        head = subprocess.run(
+            ["git", "-C", str(here), "rev-parse", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "-C", str(here), "status", "--porcelain", "--untracked-files=no", ":/*.py"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return head + ("+dirty" if dirty else "") if head else None

@@ -43,6 +43,17 @@ def test_a_head_that_ranks_but_stays_at_one_half_is_refused() -> None:
     ]
 
 
+def test_a_brier_gain_that_rests_on_luck_is_refused() -> None:
+    """Ranks perfectly and is 44% better than the prior on average, but misses 3 of 10
+    blasts with p(ALL) 0.05: resampled, the improvement's interval reaches below 0."""
+    p = np.where(Y == 1, 0.9, 0.01)
+    p[np.nonzero(Y == 1)[0][:3]] = 0.05
+    floor = assess(Y[:20], p[:20], prior=0.5, split="test")
+    assert floor.auc_ci_low == 1.0 and floor.brier_gain_ci95 is not None
+    assert floor.brier_gain_ci95[0] < 0 < 0.44 < 1 - (floor.brier or 1) / 0.25
+    assert floor.passed is False and len(floor.reasons) == 1 and "Brier" in floor.reasons[0]
+
+
 def test_a_worse_than_chance_ranking_is_refused() -> None:
     """A fine-tune from random weights measured ROC AUC 0.22."""
     floor = assess(Y, np.where(Y == 1, 0.3, 0.7), prior=0.5, split="test")
