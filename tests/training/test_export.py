@@ -207,6 +207,19 @@ def test_bundle_is_complete_signed_and_traceable(
         str(imagenet_ckpt.resolve()),
         "tensorflow 2.",
         "SYNTHETIC",
+        # issue 18, point 8: what a reviewer expects
+        "cropped around a single white cell (ALL-IDB2 style",
+        "Intended users:",
+        "Contraindications (do not use):",
+        "PPV and NPV depend on how common ALL is",
+        "at the test split's prevalence 50.0%",
+        "No external validation",
+        "No subgroup results",
+        "split seed 3, fractions val 0.15 / test 0.15",
+        f"git commit `{prov.code_commit}`",
+        "**UNVERIFIED base**",
+        "**NO evidence of skill**",
+        "Quality floor (evidence of skill)",
     ):
         assert fragment in card, fragment
 

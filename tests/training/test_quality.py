@@ -10,6 +10,7 @@ import pytest
 
 from cellwatch.training.errors import QualityError
 from cellwatch.training.export import ExportOptions, export
+from cellwatch.training.measure import Candidate, Inputs, Limits, meets_on_validation
 from cellwatch.training.quality import assess
 from tests.training.sizes import TEST_BASE
 from tests.training.test_cli import assert_one_line_error, train
@@ -104,3 +105,16 @@ def test_export_refuses_the_unskilled_tiny_run(
     )
     assert_one_line_error(result, "--allow-no-skill", exit_code=3)
     assert not (tmp_path / "b").exists()
+
+
+def test_int8_is_judged_on_validation_never_test() -> None:
+    """Issue 18, point 2: `--int8-method auto` decides on the validation rows only. Here
+    the candidate moves test decisions (rows 0-1) and keeps validation's (rows 2-3)."""
+    reference = np.array([[0.4, 0.6], [0.6, 0.4], [0.2, 0.8], [0.9, 0.1], [0.5, 0.5]])
+    moved = reference.copy()
+    moved[:2] = moved[:2, ::-1]  # both test decisions flip
+    inputs = Inputs(np.zeros((5, 1)), reference, n_eval=2, val=slice(2, 4), calibration_set=[])
+    c = Candidate("ptq", moved, moved, "f32", 0.0)
+    assert meets_on_validation(c, inputs, 0.5, Limits(0.98, 0.02, 0.1)) is True
+    c_val = Candidate("ptq", reference[:, ::-1].copy(), reference, "f32", 0.0)
+    assert meets_on_validation(c_val, inputs, 0.5, Limits(0.98, 0.02, 0.1)) is False
