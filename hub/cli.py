@@ -277,7 +277,8 @@ def rollout() -> None:
 @click.option(
     "--yes-untrained",
     is_flag=True,
-    help="roll out a model flagged UNTRAINED or SYNTHETIC (refused without it)",
+    help="roll out a model with a flag: SYNTHETIC, UNTRAINED, UNVERIFIED-BASE, NO-SKILL or "
+    "DEGRADED (refused without it)",
 )
 @connection
 @friendly_errors
@@ -298,8 +299,8 @@ def rollout_start(
 ) -> None:
     """Roll model NAME VERSION out to the target nodes in waves.
 
-    A model trained from random weights or on synthetic data (see `cellwatch-hub
-    models`, FLAGS) needs --yes-untrained."""
+    A model with a flag (see `cellwatch-hub models`, FLAGS: synthetic data, random
+    or unverified base, no evidence of skill, degraded) needs --yes-untrained."""
     args = RolloutStartArgs(
         name=name,
         version=version,

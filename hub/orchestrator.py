@@ -34,6 +34,7 @@ from cellwatch.shared.hubapi import (
     TargetInfo,
     WaveInfo,
 )
+from cellwatch.shared.provenance import MODEL_FLAGS, ModelFlag
 from cellwatch.shared.schemas import ModelRef, UpdateError, UpdateReport
 from cellwatch.shared.states import RolloutState
 from cellwatch.shared.waves import WaveSpecError
@@ -41,8 +42,9 @@ from cellwatch.shared.waves import WaveSpecError
 log = logging.getLogger(__name__)
 
 WriteDesired = Callable[[Desired], None]
-CONFIRM_FLAGS = ("synthetic", "untrained")
-"""Model flags that `rollout.start` refuses without `yes_untrained`."""
+CONFIRM_FLAGS: tuple[ModelFlag, ...] = MODEL_FLAGS
+"""Model flags that `rollout.start` refuses without `yes_untrained`: all of them
+(synthetic, untrained, unverified-base, no-skill, degraded)."""
 FINISHED_KEPT = 8
 """Finished rollouts kept in memory for their late reports."""
 

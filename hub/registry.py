@@ -70,7 +70,7 @@ def provenance_badges(provenance: dict[str, Any]) -> dict[str, bool]:
     """ModelInfo's synthetic / untrained / degraded from the manifest's provenance
     (shared.manifest.model_flags: the one rule)."""
     flags = model_flags(provenance)
-    return {flag: flag in flags for flag in MODEL_FLAGS}
+    return {flag.replace("-", "_"): flag in flags for flag in MODEL_FLAGS}
 
 
 def model_info(m: ModelRecord) -> ModelInfo:
@@ -124,8 +124,8 @@ class Registry:
             except (BundleError, OSError) as exc:
                 log.warning("registry: %s %s: cannot read its manifest: %s", m.name, m.version, exc)
                 continue
-            if manifest.provenance:
-                self.db.set_provenance(m.manifest_sha256, manifest.provenance)
+            if manifest.provenance_json():
+                self.db.set_provenance(m.manifest_sha256, manifest.provenance_json())
 
     # -- queries -------------------------------------------------------------------------
     def models(self, name: str | None = None) -> list[ModelInfo]:
@@ -350,10 +350,10 @@ class Registry:
             size=sum(p.stat().st_size for p in path.iterdir()),
             precision=bundle.manifest.precision,
             signer=bundle.signer,
-            metrics=bundle.manifest.metrics,
+            metrics=bundle.manifest.metrics_json(),
             created_at=bundle.manifest.created_at.isoformat(),
             pushed_at=now,
-            provenance=bundle.manifest.provenance,
+            provenance=bundle.manifest.provenance_json(),
         )
         self.db.add_model(record)
         log.info("push: %s stored (signer %s)", bundle, bundle.signer or "none")

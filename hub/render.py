@@ -10,6 +10,7 @@ from rich.table import Table
 from rich.text import Text
 
 from cellwatch.shared.hubapi import ModelInfo, NodeInfo, RevokeReply, RolloutInfo, StatsReply
+from cellwatch.shared.provenance import MODEL_FLAGS
 from cellwatch.shared.states import (
     TargetPhase,
     Tone,
@@ -71,15 +72,7 @@ def _table(*columns: str) -> Table:
 
 def model_flags(m: ModelInfo) -> list[str]:
     """ModelInfo's warnings, in shared.manifest.MODEL_FLAGS order."""
-    return [
-        f
-        for f, on in (
-            ("synthetic", m.synthetic),
-            ("untrained", m.untrained),
-            ("degraded", m.degraded),
-        )
-        if on
-    ]
+    return [f for f in MODEL_FLAGS if getattr(m, f.replace("-", "_"))]
 
 
 def _flags(flags: list[str]) -> Text:

@@ -81,6 +81,7 @@ class Classifier:
             timings_ms=self._timings(req, infer_ms),
             received_at=req.received_at,
             completed_at=utcnow(),
+            flags=model.flags,
         )
 
     def error_result(

@@ -73,7 +73,7 @@ class ApiErrorCode(StrEnum):
     TOO_LARGE = "too_large"
     BAD_OFFSET = "bad_offset"
     UNTRAINED_MODEL = "untrained_model"
-    """rollout.start of a model flagged untrained or synthetic without yes_untrained."""
+    """rollout.start of a model with any flag (synthetic, untrained, ...) without yes_untrained."""
     REVOKED = "revoked"
     """rollout.start of a revoked model."""
     UNKNOWN_BUNDLE = "unknown_bundle"

@@ -59,6 +59,12 @@ class ModelInfo(ModelRef):
     pushed_at: datetime
     synthetic: bool = Field(False, description="trained on SYNTHETIC data (provenance)")
     untrained: bool = Field(False, description="trained from random weights, no checkpoint")
+    unverified_base: bool = Field(
+        False, description="base checkpoint's hash is not the published file's (--base-is)"
+    )
+    no_skill: bool = Field(
+        False, description="no evidence of skill on the test split (--allow-no-skill)"
+    )
     degraded: bool = Field(False, description="exported although it failed the export gate")
     revoked_at: datetime | None = Field(
         None, description="when `models revoke` revoked it (never rolled out again)"
@@ -212,8 +218,8 @@ class RolloutStartArgs(Strict):
     node_timeout_s: NodeTimeout | None = None
     yes_untrained: bool = Field(
         False,
-        description="confirm rolling out a model flagged untrained or synthetic "
-        "(refused with error code untrained_model otherwise)",
+        description="confirm rolling out a model with any flag: synthetic, untrained, "
+        "unverified-base, no-skill, degraded (refused with error code untrained_model otherwise)",
     )
 
     def policy(self, defaults: RolloutPolicy) -> RolloutPolicy:
@@ -273,7 +279,7 @@ class RolloutInfo(Strict):
     finished_at: datetime | None
     existing: bool = Field(False, description="start: an identical rollout was already running")
     model_flags: list[str] = Field(
-        default_factory=list, description="the model's warnings: synthetic, untrained, degraded"
+        default_factory=list, description="the model's flags (shared.provenance.MODEL_FLAGS)"
     )
 
 

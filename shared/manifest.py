@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from datetime import datetime
 from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
 from cellwatch.shared.base import Strict
+from cellwatch.shared.figures import BundleMetrics
+from cellwatch.shared.provenance import MODEL_FLAGS, ModelFlag, Provenance, model_flags
 from cellwatch.shared.schemas import ModelName, Sha256, Version
 
 MANIFEST_FILE = "manifest.json"
@@ -17,11 +18,7 @@ MODEL_CARD_FILE = "MODEL_CARD.md"
 PAYLOAD_FILES = ("model.xml", "model.bin", "golden.npz", MODEL_CARD_FILE)
 """The only files a manifest may list; a bundle is these plus manifest and signature."""
 BUNDLE_FILES = (MANIFEST_FILE, SIGNATURE_FILE, *PAYLOAD_FILES)
-ModelFlag = Literal["synthetic", "untrained", "degraded"]
-MODEL_FLAGS: tuple[ModelFlag, ...] = ("synthetic", "untrained", "degraded")
-"""What a model's provenance may warn about (`model_flags`): trained on SYNTHETIC data;
-trained from a random initialisation (no base checkpoint); exported although its
-deployed precision failed the quantisation gate (`--allow-degraded`)."""
+__all__ = ["MODEL_FLAGS", "ModelFlag", "model_flags"]  # shared/provenance.py: the one rule
 
 
 class InputSpec(Strict):
@@ -61,8 +58,27 @@ class GoldenSpec(Strict):
     )
 
 
+class CalibrationCheck(Strict):
+    """The shipped probabilities on the held-out eval split (test), beside the
+    uncalibrated ones: calibration is judged where it was not fitted."""
+
+    split: str = "test"
+    n: int = Field(ge=0)
+    ece: float = Field(ge=0.0, le=1.0, description="of the shipped probabilities")
+    nll: float = Field(ge=0.0)
+    brier: float = Field(ge=0.0, le=1.0)
+    ece_uncalibrated: float = Field(ge=0.0, le=1.0)
+    nll_uncalibrated: float = Field(ge=0.0)
+    brier_uncalibrated: float = Field(ge=0.0, le=1.0)
+    errors: int = Field(ge=0, description="wrong decisions at the bundle's threshold")
+    errors_in_band: int = Field(ge=0, description="of them, inside the low-confidence band")
+    errors_more_confident: int = Field(
+        0, ge=0, description="errors whose shipped p is further from the threshold than T=1's"
+    )
+
+
 class Calibration(Strict):
-    """Temperature scaling fit on the validation split (training/calibration.py)."""
+    """Temperature scaling chosen on the validation split (training/calibration.py)."""
 
     temperature: float = Field(gt=0.0, description="logits are divided by it when applied")
     applied: bool = Field(description="false: kept the uncalibrated logits (see note)")
@@ -71,9 +87,19 @@ class Calibration(Strict):
     brier: float | None = Field(
         None, ge=0.0, le=1.0, description="validation Brier score of the shipped logits"
     )
+    nll_before: float | None = Field(None, ge=0.0, description="validation NLL, T = 1")
+    nll_after: float | None = Field(None, ge=0.0, description="validation NLL, fitted T")
+    cv_nll_before: float | None = Field(
+        None, ge=0.0, description="cross-validated NLL on validation, T = 1"
+    )
+    cv_nll_after: float | None = Field(
+        None, ge=0.0, description="cross-validated NLL on validation, T refit per fold"
+    )
+    rule: str | None = Field(None, max_length=500, description="when a temperature is applied")
     split: str = "val"
     n: int = Field(0, ge=0, description="images the temperature was fit on")
     note: str | None = None
+    test: CalibrationCheck | None = None
 
 
 class Decision(Strict):
@@ -101,24 +127,6 @@ class Decision(Strict):
         return self
 
 
-def model_flags(provenance: Mapping[str, Any]) -> list[ModelFlag]:
-    """The warnings a manifest's provenance carries, in MODEL_FLAGS order.
-
-    Bundles that do not say (made by other tools: no `synthetic`, `base_checkpoint`
-    or `gate` keys) get no flag; `base_checkpoint` null (or the legacy "random-init")
-    means trained from random weights.
-    """
-    flags: list[ModelFlag] = []
-    if provenance.get("synthetic") is True:
-        flags.append("synthetic")
-    if "base_checkpoint" in provenance and provenance["base_checkpoint"] in (None, "random-init"):
-        flags.append("untrained")
-    gate = provenance.get("gate")
-    if isinstance(gate, Mapping) and (gate.get("passed") is False or gate.get("overridden")):
-        flags.append("degraded")
-    return flags
-
-
 class Manifest(Strict):
     schema_: Literal["cellwatch.bundle/1"] = Field("cellwatch.bundle/1", alias="schema")
     name: ModelName
@@ -131,8 +139,11 @@ class Manifest(Strict):
     precision: Literal["fp32", "fp16", "int8"]
     low_confidence_threshold: float = Field(0.6, ge=0.0, le=1.0)
     files: dict[str, FileEntry]
-    metrics: dict[str, Any] = Field(default_factory=dict)
-    provenance: dict[str, Any] = Field(default_factory=dict)
+    metrics: BundleMetrics | dict[str, Any] = Field(
+        default_factory=dict,
+        description="BundleMetrics (cellwatch-train); other tools' figures stay a mapping",
+    )
+    provenance: Provenance = Field(default_factory=Provenance)
     golden: GoldenSpec | None = None
     calibration: Calibration | None = None
     decision: Decision | None = Field(
@@ -143,7 +154,23 @@ class Manifest(Strict):
 
     @property
     def flags(self) -> list[ModelFlag]:
-        return model_flags(self.provenance)
+        return self.provenance.flags
+
+    @property
+    def figures(self) -> BundleMetrics | None:
+        """The deployed model's figures, when the bundle carries them in cellwatch's shape."""
+        return self.metrics if isinstance(self.metrics, BundleMetrics) else None
+
+    def metrics_json(self) -> dict[str, Any]:
+        """metrics as JSON-ready data (how a database stores them)."""
+        if isinstance(self.metrics, BundleMetrics):
+            return self.metrics.model_dump(mode="json")
+        return dict(self.metrics)
+
+    def provenance_json(self) -> dict[str, Any]:
+        """provenance as JSON-ready data, with only the fields the bundle carries."""
+        data: dict[str, Any] = self.provenance.model_dump(mode="json", by_alias=True)
+        return data
 
     @field_validator("files")
     @classmethod

@@ -134,6 +134,17 @@ class Result(Message):
     received_at: datetime
     completed_at: datetime
     error: ErrorInfo | None = None
+    flags: list[str] = Field(
+        default_factory=list,
+        max_length=16,
+        description="the model's flags: synthetic, untrained, unverified-base, no-skill, "
+        "degraded (shared.provenance.MODEL_FLAGS); additive, absent when there is none",
+    )
+
+    def to_json(self) -> bytes:
+        # Without flags the message is exactly a Result of before the field.
+        exclude = None if self.flags else {"flags"}
+        return self.model_dump_json(by_alias=True, exclude=exclude).encode()
 
 
 # -- node status and telemetry ---------------------------------------------

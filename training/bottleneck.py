@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from cellwatch.training import IMAGE_SIZE
 from cellwatch.training.dataset import ImageEntry, load_rgb
 from cellwatch.training.network import BOTTLENECK_DIM
 from cellwatch.training.preprocess import SPEC, Preprocessor
@@ -62,8 +63,9 @@ def cache_key(base_digest: str, libraries: dict[str, str] | None = None) -> str:
 class BottleneckCache:
     """Bottleneck vectors on disk for one base network."""
 
-    def __init__(self, root: Path, base_digest: str) -> None:
+    def __init__(self, root: Path, base_digest: str, dim: int = BOTTLENECK_DIM) -> None:
         self.dir = root / cache_key(base_digest)
+        self.dim = dim
         self.hits = 0
         self.misses = 0
 
@@ -79,7 +81,7 @@ class BottleneckCache:
         except (OSError, ValueError) as exc:
             log.warning("recomputing damaged bottleneck %s: %s", path, exc)
             return None
-        if value.shape != (BOTTLENECK_DIM,) or value.dtype != np.float32:
+        if value.shape != (self.dim,) or value.dtype != np.float32:
             log.warning("recomputing bottleneck %s with unexpected shape %s", path, value.shape)
             return None
         return np.asarray(value)
@@ -102,22 +104,24 @@ class FeatureExtractor:
         self._prelogits = prelogits
         self._root = root
         self._pre = Preprocessor()
+        self.dim = int(prelogits.shape[-1])
+        """2048 for the full-width network (fewer at a smaller depth multiplier)."""
 
     def compute(self, entries: Sequence[ImageEntry]) -> np.ndarray:
         """[N, 2048] float32, forward pass for every entry (no cache)."""
-        out = np.empty((len(entries), BOTTLENECK_DIM), np.float32)
+        out = np.empty((len(entries), self.dim), np.float32)
         for start in range(0, len(entries), FEATURE_BATCH):
             batch = entries[start : start + FEATURE_BATCH]
             inputs = np.stack([self._pre.eval(load_rgb(self._root, e)) for e in batch])
             feats = self._session.run(self._prelogits, {self._images: inputs})
-            out[start : start + len(batch)] = np.reshape(feats, (len(batch), BOTTLENECK_DIM))
+            out[start : start + len(batch)] = np.reshape(feats, (len(batch), self.dim))
         return out
 
     def features(
         self, entries: Sequence[ImageEntry], cache: BottleneckCache | None, what: str = "images"
     ) -> np.ndarray:
         """[N, 2048]: from the cache where present, computed (and cached) otherwise."""
-        out = np.empty((len(entries), BOTTLENECK_DIM), np.float32)
+        out = np.empty((len(entries), self.dim), np.float32)
         todo: list[int] = []
         for i, entry in enumerate(entries):
             hit = cache.get(entry.sha256) if cache is not None else None
@@ -146,3 +150,43 @@ class FeatureExtractor:
 
     def close(self) -> None:
         self._pre.close()
+
+
+def base_features(
+    root: Path,
+    entries: Sequence[ImageEntry],
+    checkpoint: Path,
+    depth_multiplier: float,
+    cache_root: Path,
+) -> np.ndarray:
+    """[N, dim] bottlenecks of entries by the base network restored from checkpoint (head
+    scopes left out), through the cache `fit` uses in bottleneck mode: same key (the
+    restored base weights' digest), so `prepare --checkpoint` computes what `fit` reuses."""
+    from cellwatch.training import network
+    from cellwatch.training.checkpoint import resolve, restore
+    from cellwatch.training.tfcompat import new_session, seed_everything, tf, tf1
+
+    prefix = resolve(checkpoint)
+    graph = tf.Graph()
+    with graph.as_default():
+        seed_everything(0)
+        images = tf1.placeholder(tf.float32, [None, IMAGE_SIZE, IMAGE_SIZE, 3], name="input")
+        net = network.build(images, is_training=False, depth_multiplier=depth_multiplier)
+        variables = network.model_variables(graph)
+        init = tf1.global_variables_initializer()
+    session = new_session(graph)
+    try:
+        session.run(init)
+        with graph.as_default():
+            restore(session, prefix, variables, exclude=network.HEAD_SCOPES)
+        digest = network.weights_digest(
+            session, network.not_in_scopes(variables, network.HEAD_SCOPES)
+        )
+        cache = BottleneckCache(cache_root, digest, network.bottleneck_dim(depth_multiplier))
+        extractor = FeatureExtractor(session, images, net.prelogits, root)
+        try:
+            return extractor.features(entries, cache, "near-duplicate check")
+        finally:
+            extractor.close()
+    finally:
+        session.close()

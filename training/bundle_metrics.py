@@ -1,4 +1,6 @@
-"""`manifest.metrics`: the figures of the model a bundle actually ships.
+"""`manifest.metrics` (types in shared/figures.py) and the machine they were measured on.
+
+The figures of the model a bundle actually ships:
 
     {"split": "test", "n": 32, "split_fingerprint": "<sha>",
      "deployed": {"precision": "int8", "device": "CPU", "inference_precision": "bf16",
@@ -20,40 +22,9 @@ from __future__ import annotations
 import platform
 from pathlib import Path
 
-from pydantic import Field
+from cellwatch.shared.figures import BundleMetrics, Deployed, Parity, Reference, UnitFigures
 
-from cellwatch.shared.base import Strict
-from cellwatch.training.ir import Precision
-from cellwatch.training.split import SplitName
-from cellwatch.training.stats import MetricSet, Proportion
-
-
-class Deployed(Strict):
-    precision: Precision
-    device: str
-    inference_precision: str
-    machine: str = Field(description="the CPU the figures were measured on")
-    metrics: MetricSet
-
-
-class Reference(Strict):
-    metrics: MetricSet
-
-
-class Parity(Strict):
-    max_abs_diff_f32: float = Field(ge=0.0, description="max |p_IR(f32) - p_TensorFlow|")
-    max_abs_diff_deployed: float = Field(ge=0.0, description="max |p_IR(deployed) - p_TF|")
-
-
-class BundleMetrics(Strict):
-    split: SplitName
-    n: int = Field(ge=0)
-    split_fingerprint: str
-    deployed: Deployed
-    f32: Reference
-    tensorflow: Reference
-    agreement: Proportion
-    parity: Parity
+__all__ = ["BundleMetrics", "Deployed", "Parity", "Reference", "UnitFigures", "machine_name"]
 
 
 def machine_name() -> str:

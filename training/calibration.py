@@ -2,14 +2,25 @@
 
 Temperature scaling: one scalar T > 0 divides the logits, fit by minimising the
 validation negative log-likelihood (Guo et al. 2017). It never changes which class
-has the larger logit, only how confident the probabilities are. The fit is bounded
-(T in [TEMPERATURE_MIN, TEMPERATURE_MAX]): a validation split the model separates
-perfectly has no finite optimum, and a few dozen images should not make a model
-certain. Export folds 1/T into the final 1x1 convolution, so the shipped network is
-still plain Inception V3 and its softmax is the calibrated one.
+has the larger logit, only how confident the probabilities are. Export folds 1/T into
+the final 1x1 convolution, so the shipped network is still plain Inception V3.
 
-It is kept only if it does not make the validation ECE worse; otherwise the
-uncalibrated logits ship and the manifest says so (`applied: false`, `note`).
+When a temperature is applied (the rule, `RULE`), and why:
+- at least MIN_CALIBRATION_IMAGES (30) validation images with both classes: below
+  that a single image moves the fitted T a long way (the first review's run fitted
+  T = 0.25 on 16 images and made a missed blast's p(ALL) 0.0004);
+- the fit is inside its bounds [TEMPERATURE_MIN, TEMPERATURE_MAX]: at a bound the
+  optimum lies beyond it and the fitted value is an artefact of the bound;
+- cross-validated on the validation split: T is refit on K-1 folds and scored by NLL
+  on the held-out fold (K = 5, stratified); the cross-validated NLL must be lower
+  than T = 1's. Judging T on the images it was fit on (as the first version did with
+  ECE) always flatters it;
+- T < 1 sharpens every probability, errors included, so it needs more: at least
+  MIN_SHARPEN_IMAGES (100) validation images and T < 1 in every fold.
+Otherwise the uncalibrated logits ship, and the manifest and the model card say why
+(`applied: false`, `note`). Export also reports ECE, NLL and Brier on the test split
+for both the shipped and the uncalibrated probabilities, and how many test errors
+fall inside the low-confidence band (`Calibration.test`, `check`).
 
 ECE and the reliability diagram are computed on p(ALL) in BINS equal-width bins
 (binary calibration: predicted probability of ALL against the observed share of
@@ -33,11 +44,20 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from cellwatch.shared.manifest import Calibration, Decision
+from cellwatch.shared.manifest import Calibration, CalibrationCheck, Decision
 
 BINS = 10
 TEMPERATURE_MIN = 0.25
 TEMPERATURE_MAX = 8.0
+MIN_CALIBRATION_IMAGES = 30
+MIN_SHARPEN_IMAGES = 100
+CV_FOLDS = 5
+RULE = (
+    f"applied only with >= {MIN_CALIBRATION_IMAGES} validation images of both classes, "
+    f"T inside [{TEMPERATURE_MIN:g}, {TEMPERATURE_MAX:g}], a {CV_FOLDS}-fold cross-validated "
+    f"NLL below T = 1's, and for T < 1 (sharper) >= {MIN_SHARPEN_IMAGES} images and T < 1 "
+    "in every fold"
+)
 DEFAULT_TARGET_SENSITIVITY = 0.95
 DEFAULT_BAND_HALF_WIDTH = 0.1
 _GOLDEN = (math.sqrt(5) - 1) / 2
@@ -115,49 +135,133 @@ def brier(p_pos: np.ndarray, y: np.ndarray) -> float:
 
 
 def calibrate(logits: np.ndarray, y: np.ndarray) -> Calibration:
-    """Fit T on validation logits [N, 2] and labels y; keep it only if ECE does not worsen."""
+    """Fit T on validation logits [N, 2] and labels y; apply it only under RULE."""
     y = np.asarray(y, dtype=np.int64)
+    logits = np.asarray(logits, dtype=np.float64)
     if len(y) == 0:
-        return Calibration(temperature=1.0, applied=False, n=0, note="no validation images")
+        return Calibration(
+            temperature=1.0, applied=False, n=0, rule=RULE, note="no validation images"
+        )
+    p_raw = softmax(logits)[:, 1]
+    before = {
+        "ece_before": ece(p_raw, y),
+        "nll_before": nll(logits, y, 1.0),
+        "n": len(y),
+        "rule": RULE,
+    }
     if len(set(y.tolist())) < 2:
-        p = softmax(logits)[:, 1]
         return Calibration(
             temperature=1.0,
             applied=False,
-            ece_before=ece(p, y),
-            ece_after=ece(p, y),
-            brier=brier(p, y),
-            n=len(y),
+            brier=brier(p_raw, y),
             note="validation split has one class only: not calibrated",
+            **before,
         )
     t = fit_temperature(logits, y)
-    before, after = softmax(logits)[:, 1], softmax(np.asarray(logits) / t)[:, 1]
-    ece_before, ece_after = ece(before, y), ece(after, y)
-    notes = []
+    p_fit = softmax(logits / t)[:, 1]
+    fitted = {"ece_after": ece(p_fit, y), "nll_after": nll(logits, y, t)}
+    cv_before, cv_after, fold_ts = cross_validated_nll(logits, y)
+    reasons = []
+    if len(y) < MIN_CALIBRATION_IMAGES:
+        reasons.append(
+            f"too few validation images to calibrate on ({len(y)} < {MIN_CALIBRATION_IMAGES}): "
+            f"the fitted T {t:.3g} would rest on a handful of them"
+        )
     if t <= TEMPERATURE_MIN * 1.001:
-        notes.append(
-            f"temperature at its lower bound {t:.3g}: the model separates the validation "
-            "split perfectly, which is too easy or too small to calibrate on"
+        reasons.append(
+            f"T at its lower bound {t:.3g}: the validation NLL keeps falling as the logits are "
+            "sharpened, so its optimum lies beyond the bound (the logits are small on this "
+            "split: an under-confident model, or a split too small to show its errors); "
+            "sharpening that much would make errors confident"
         )
     elif t >= TEMPERATURE_MAX * 0.999:
-        notes.append(
-            f"temperature at its upper bound {t:.3g}: the model is near chance on the "
-            "validation split"
+        reasons.append(
+            f"T at its upper bound {t:.3g}: the model is near chance on the validation split"
         )
-    applied = ece_after <= ece_before
-    if not applied:
-        notes.append(
-            f"temperature {t:.3g} made validation ECE worse ({ece_before:.3f} -> "
-            f"{ece_after:.3f}): kept the uncalibrated logits"
+    if cv_after is not None and cv_before is not None and cv_after >= cv_before:
+        reasons.append(
+            f"cross-validated NLL with T refit per fold {cv_after:.3f} is not below T = 1's "
+            f"{cv_before:.3f}: no evidence that T helps on images it was not fit on"
         )
+    if t < 1.0 and not reasons:
+        if len(y) < MIN_SHARPEN_IMAGES:
+            reasons.append(
+                f"T {t:.3g} < 1 would sharpen every probability, errors included; that needs "
+                f">= {MIN_SHARPEN_IMAGES} validation images (have {len(y)})"
+            )
+        elif any(ft >= 1.0 for ft in fold_ts):
+            reasons.append(f"T {t:.3g} < 1 but not in every fold ({_ts(fold_ts)})")
+    applied = not reasons
     return Calibration(
         temperature=t,
         applied=applied,
-        ece_before=ece_before,
-        ece_after=ece_after,
-        brier=brier(after if applied else before, y),
+        brier=brier(p_fit if applied else p_raw, y),
+        cv_nll_before=cv_before,
+        cv_nll_after=cv_after,
+        note=("not applied: " + "; ".join(reasons)) if reasons else None,
+        **before,
+        **fitted,
+    )
+
+
+def _ts(values: list[float]) -> str:
+    return ", ".join(f"{v:.3g}" for v in values)
+
+
+def cross_validated_nll(
+    logits: np.ndarray, y: np.ndarray, folds: int = CV_FOLDS
+) -> tuple[float | None, float | None, list[float]]:
+    """(NLL at T = 1, NLL with T refit on the other folds, each fold's T): stratified
+    folds, each image held out once; (None, None, []) with fewer than 2 per class."""
+    y = np.asarray(y, np.int64)
+    counts = np.bincount(y, minlength=2)
+    k = int(min(folds, counts.min()))
+    if k < 2:
+        return None, None, []
+    fold_of = np.empty(len(y), np.int64)
+    for label in (0, 1):
+        idx = np.nonzero(y == label)[0]
+        fold_of[idx] = np.arange(len(idx)) % k
+    losses_after = np.empty(len(y))
+    fold_ts = []
+    for f in range(k):
+        held = fold_of == f
+        t = fit_temperature(logits[~held], y[~held])
+        fold_ts.append(t)
+        z = np.asarray(logits[held], np.float64) / t
+        z = z - z.max(axis=1, keepdims=True)
+        losses_after[held] = np.log(np.exp(z).sum(axis=1)) - z[np.arange(held.sum()), y[held]]
+    return nll(logits, y, 1.0), float(losses_after.mean()), fold_ts
+
+
+def check(
+    shipped: np.ndarray, temperature: float, applied: bool, y: np.ndarray, decision: Decision
+) -> CalibrationCheck:
+    """The shipped probabilities of ALL on a held-out split (test) beside the
+    uncalibrated ones (recovered exactly: the shipped logits are the raw ones / T)."""
+    y = np.asarray(y, np.int64)
+    p = np.clip(np.asarray(shipped, np.float64), 1e-300, 1.0)
+    log_odds = np.log(p) - np.log(np.clip(1.0 - p, 1e-300, 1.0))
+    raw_logits = np.stack(
+        [np.zeros_like(log_odds), log_odds * (temperature if applied else 1.0)], 1
+    )
+    p_raw = softmax(raw_logits)[:, 1]
+    shipped_logits = np.stack([np.zeros_like(log_odds), log_odds], 1)
+    wrong = (p >= decision.threshold) != y.astype(bool)
+    lo, hi = decision.low_confidence
+    in_band = wrong & (p >= lo) & (p <= hi)
+    sharper = wrong & (np.abs(p - decision.threshold) > np.abs(p_raw - decision.threshold) + 1e-12)
+    return CalibrationCheck(
         n=len(y),
-        note="; ".join(notes) or None,
+        ece=ece(p, y),
+        nll=nll(shipped_logits, y, 1.0),
+        brier=brier(p, y),
+        ece_uncalibrated=ece(p_raw, y),
+        nll_uncalibrated=nll(raw_logits, y, 1.0),
+        brier_uncalibrated=brier(p_raw, y),
+        errors=int(wrong.sum()),
+        errors_in_band=int(in_band.sum()),
+        errors_more_confident=int(sharper.sum()),
     )
 
 

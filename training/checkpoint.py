@@ -98,6 +98,11 @@ def restorable(
         raise CheckpointError(
             f"checkpoint {prefix} does not match the network: {len(missing)} variables missing, "
             f"{len(mismatched)} with other shapes (e.g. {'; '.join(problems)})"
+            + (
+                "; a base checkpoint must be saved at the run's --depth-multiplier"
+                if mismatched
+                else ""
+            )
         )
     return {variable_name(v): v for v in wanted}
 
@@ -126,9 +131,10 @@ def _first_line(exc: BaseException) -> str:
     return str(text).strip().splitlines()[0] if str(text).strip() else type(exc).__name__
 
 
-def write_random_base(path: Path, seed: int = 1) -> Path:
+def write_random_base(path: Path, seed: int = 1, depth_multiplier: float = 1.0) -> Path:
     """A 1001-class TF-Slim Inception V3 checkpoint with random weights, in the public
-    `inception_v3.ckpt`'s V1 single-file format and variable names.
+    `inception_v3.ckpt`'s V1 single-file format and variable names (at depth_multiplier
+    1.0 also its shapes; a narrower one restores only into runs of that multiplier).
 
     For tests and benchmarks that need "a checkpoint" without downloading one: it
     restores exactly like the ImageNet file, but its features are random, so models
@@ -141,7 +147,9 @@ def write_random_base(path: Path, seed: int = 1) -> Path:
     with graph.as_default():
         seed_everything(seed)
         images = tf1.placeholder(tf.float32, [1, 299, 299, 3])
-        network.build(images, num_classes=1001, is_training=False)
+        network.build(
+            images, num_classes=1001, is_training=False, depth_multiplier=depth_multiplier
+        )
         saver = tf1.train.Saver(network.model_variables(graph), write_version=tf1.train.SaverDef.V1)
         init = tf1.global_variables_initializer()
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -1,4 +1,4 @@
-"""`cellwatch-train`: synth, prepare, fit, evaluate, export, keygen, sign.
+"""`cellwatch-train`: synth, groups, prepare, fit, evaluate, export, keygen, sign.
 
 Only argument parsing and printing; the work is in the library modules, imported
 inside each command so `--help` does not load TensorFlow. Every CellwatchError
@@ -91,7 +91,30 @@ def synth(out: Path, count: int, seed: int, size: int, image_format: str, force:
     type=click.IntRange(0, 20),
     help="K-fold cross-validation instead of a validation split (fit --fold i)",
 )
-@click.option("--strict", is_flag=True, help="refuse near-duplicate images in different splits")
+@click.option(
+    "--checkpoint",
+    type=_PATH,
+    default=None,
+    help="base checkpoint: near-duplicates are also found by the cosine of its bottleneck "
+    "features (cached for fit); without it, by perceptual hash only",
+)
+@click.option(
+    "--depth-multiplier",
+    default=1.0,
+    show_default=True,
+    type=click.FloatRange(0, 1, min_open=True),
+    help="the --checkpoint's Inception V3 width (as fit's)",
+)
+@click.option(
+    "--allow-near-duplicates",
+    is_flag=True,
+    help="do not merge near-duplicates into one group; only warn about pairs across splits",
+)
+@click.option(
+    "--strict",
+    is_flag=True,
+    help="with --allow-near-duplicates: refuse near-duplicate images in different splits",
+)
 @click.option("--force", is_flag=True, help="replace an existing split directory")
 @friendly_errors
 def prepare(
@@ -102,10 +125,14 @@ def prepare(
     seed: int,
     groups_file: Path | None,
     folds: int,
+    checkpoint: Path | None,
+    depth_multiplier: float,
+    allow_near_duplicates: bool,
     strict: bool,
     force: bool,
 ) -> None:
-    """Check DATA's images and split them by group (file, or --groups), stratified, into --out."""
+    """Check DATA's images, merge near-duplicates into one group, and split them by group
+    (file, or --groups), stratified, into --out."""
     from cellwatch.training.split import LEAK_WARNING, SPLIT_NAMES
     from cellwatch.training.split import prepare as run_prepare
 
@@ -119,11 +146,22 @@ def prepare(
         groups_file=groups_file,
         folds=folds,
         strict=strict,
+        allow_near_duplicates=allow_near_duplicates,
+        checkpoint=checkpoint,
+        depth_multiplier=depth_multiplier,
     )
     tag = " SYNTHETIC" if split.synthetic else ""
     click.echo(f"{split.layout}{tag} data in {split.data_root}; split written to {out}")
     if split.grouping == "file" and not split.synthetic:
         click.echo(f"  warning: {LEAK_WARNING}")
+    if split.merged:
+        by = {kind: sum(m.by == kind for m in split.merged) for kind in ("phash", "features")}
+        click.echo(
+            f"  merged {len(split.merged)} near-duplicate pairs into one group each "
+            f"({by['phash']} by perceptual hash, {by['features']} by bottleneck features; "
+            "listed in split.json and above)"
+        )
+    click.echo(f"  near-duplicates looked for by: {split.leakage_check}")
     if split.near_duplicates:
         click.echo(
             f"  warning: {len(split.near_duplicates)} near-duplicate pairs in different splits "
@@ -141,6 +179,33 @@ def prepare(
         click.echo(f"  {name:<5} {total:>5} images: {shares}")
     if split.skipped:
         click.echo(f"  skipped {len(split.skipped)} unreadable images (see the warnings)")
+
+
+@main.command()
+@click.argument("idb1", type=_PATH)
+@click.argument("idb2", type=_PATH)
+@click.option("--out", type=_PATH, required=True, help="groups CSV to write (path,group)")
+@click.option("--force", is_flag=True, help="replace an existing groups file")
+@friendly_errors
+def groups(idb1: Path, idb2: Path, out: Path, force: bool) -> None:
+    """Find the ALL-IDB1 smear (IDB1: whole fields) each ALL-IDB2 crop (IDB2) was cut
+    from, by template matching, and write a groups file for `prepare --groups`."""
+    from cellwatch.training.smears import write_groups
+
+    found = write_groups(idb1, idb2, out, force=force)
+    matched = len(found.matches) - len(found.unmatched)
+    smears = len({m.smear for m in found.matches if m.smear is not None})
+    click.echo(
+        f"{matched} of {len(found.matches)} crops matched to {smears} smears; groups "
+        f"written to {out}"
+    )
+    for m in found.unmatched:
+        click.echo(f"  unmatched: {m.crop} (best score {m.score:.2f}; a group of its own)")
+    for m in found.ambiguous:
+        click.echo(
+            f"  ambiguous: {m.crop} matches {m.smear} ({m.score:.3f}) and {m.runner_up} "
+            f"({m.runner_up_score:.3f}); put in {m.smear}"
+        )
 
 
 @main.command()
@@ -211,6 +276,14 @@ def prepare(
     default=None,
     help="cross-validation: train fold i of a `prepare --folds K` split (it is the val split)",
 )
+@click.option(
+    "--depth-multiplier",
+    default=1.0,
+    show_default=True,
+    type=click.FloatRange(0, 1, min_open=True),
+    help="TF-Slim's Inception V3 width: 1.0 is the published network (and the only width "
+    "of its ImageNet checkpoint); smaller is the same network narrower, for tests",
+)
 @click.option("--force", is_flag=True, help="replace an existing run directory")
 @friendly_errors
 def fit(
@@ -229,6 +302,7 @@ def fit(
     patience: int,
     lr_schedule: str,
     fold: int | None,
+    depth_multiplier: float,
     force: bool,
 ) -> None:
     """Train on SPLIT (from `prepare`) into the run directory --out; keeps the epoch with the
@@ -251,6 +325,7 @@ def fit(
             "patience": patience,
             "lr_schedule": lr_schedule,
             "fold": fold,
+            "depth_multiplier": depth_multiplier,
             **extra,
         }
     )
@@ -295,6 +370,10 @@ def evaluate(runs: tuple[Path, ...], split_name: str | None) -> None:
                 f"sensitivity {fmt(m.sensitivity)}, specificity {fmt(m.specificity)}"
             )
         click.echo(
+            "each fold trained a fixed number of epochs chosen beforehand (its held-out "
+            "fold scores it and never chose its epoch)"
+        )
+        click.echo(
             f"over {len(summary.folds)} of {summary.total_folds} folds"
             f"{', SYNTHETIC data' if summary.per_fold[0].synthetic else ''} (mean ± sd):"
         )
@@ -322,6 +401,12 @@ def evaluate(runs: tuple[Path, ...], split_name: str | None) -> None:
     ):
         click.echo(f"  {label:<12} {fmt(est)}")
     click.echo(f"confusion (rows true {'/'.join(m.labels)}): {m.confusion}")
+    if m.units is not None:
+        u = m.units.metrics
+        click.echo(
+            f"per patient/smear ({m.units.units} units): accuracy {fmt(u.accuracy)}, "
+            f"sensitivity {fmt(u.sensitivity)}, specificity {fmt(u.specificity)}"
+        )
     if m.split == "test" and m.test_reads > 1:
         click.echo(
             f"note: this run has now read its test split {m.test_reads} times; choices made "
@@ -351,14 +436,24 @@ def evaluate(runs: tuple[Path, ...], split_name: str | None) -> None:
     default=0.98,
     show_default=True,
     type=_FRACTION,
-    help="gate: share of test decisions the deployed IR must share with TensorFlow",
+    help="gate: share of decisions (every image of train, val and test) the deployed IR "
+    "must share with TensorFlow",
 )
 @click.option(
+    "--max-sensitivity-drop",
     "--max-drop",
+    "max_sensitivity_drop",
     default=0.02,
     show_default=True,
     type=_FRACTION,
-    help="gate: largest sensitivity loss of the deployed IR against TensorFlow",
+    help="gate: largest sensitivity drop of the deployed IR against TensorFlow (test split)",
+)
+@click.option(
+    "--max-prob-diff",
+    default=0.1,
+    show_default=True,
+    type=_FRACTION,
+    help="gate: largest |p(deployed) - p(TensorFlow)| on any image, every precision",
 )
 @click.option(
     "--allow-degraded",
@@ -371,6 +466,25 @@ def evaluate(runs: tuple[Path, ...], split_name: str | None) -> None:
     help="export a run trained from random weights (no --checkpoint; labelled untrained)",
 )
 @click.option(
+    "--allow-no-skill",
+    is_flag=True,
+    help="export a model without evidence of skill on the test split (ROC AUC interval "
+    "reaching 0.5, or Brier not better than the prior's; labelled no-skill)",
+)
+@click.option(
+    "--base-is",
+    default=None,
+    metavar="DESCRIPTION",
+    help="what the base checkpoint is when its hash is not the published TF-Slim file's "
+    "(recorded; labelled unverified-base); without it such a base is refused",
+)
+@click.option(
+    "--prevalence",
+    default=None,
+    type=click.FloatRange(0, 1, min_open=True, max_open=True),
+    help="also give PPV and NPV at this prevalence of ALL in the model card",
+)
+@click.option(
     "--allow-no-test",
     is_flag=True,
     help="with an empty test split, measure on the validation split (recorded)",
@@ -381,7 +495,8 @@ def evaluate(runs: tuple[Path, ...], split_name: str | None) -> None:
     default="auto",
     show_default=True,
     help="auto: NNCF accuracy-aware quantisation only when plain post-training "
-    "quantisation misses the gate; ptq: plain only; accuracy-control: always",
+    "quantisation misses the gate on the validation split; ptq: plain only; "
+    "accuracy-control: always",
 )
 @click.option(
     "--threshold",
@@ -415,9 +530,13 @@ def export(
     sign_key: Path,
     calibration_size: int,
     min_agreement: float,
-    max_drop: float,
+    max_sensitivity_drop: float,
+    max_prob_diff: float,
     allow_degraded: bool,
     allow_untrained: bool,
+    allow_no_skill: bool,
+    base_is: str | None,
+    prevalence: float | None,
     allow_no_test: bool,
     int8_method: str,
     threshold: float | None,
@@ -425,12 +544,13 @@ def export(
     band_half_width: float,
     force: bool,
 ) -> None:
-    """Freeze RUN, calibrate, convert to OpenVINO IR, measure the IR itself, gate, and write a
-    signed bundle to --out. Exit code 3: the deployed model fails the gate."""
+    """Calibrate, freeze RUN, check its skill, convert to OpenVINO IR, measure the IR
+    itself, gate, and write a signed bundle to --out. Exit code 3: the model shows no
+    skill, or the deployed model fails the fidelity gate."""
     from cellwatch.training.export import ExportOptions, Int8Method
     from cellwatch.training.export import export as run_export
     from cellwatch.training.ir import Precision
-    from cellwatch.training.stats import MetricSet, Proportion, fmt
+    from cellwatch.training.stats import fmt
 
     prec = cast(Precision, precision)  # click.Choice guarantees it
     bundle = run_export(
@@ -444,9 +564,13 @@ def export(
             force=force,
             calibration_size=calibration_size,
             min_agreement=min_agreement,
-            max_drop=max_drop,
+            max_sensitivity_drop=max_sensitivity_drop,
+            max_prob_diff=max_prob_diff,
             allow_degraded=allow_degraded,
             allow_untrained=allow_untrained,
+            allow_no_skill=allow_no_skill,
+            base_is=base_is,
+            prevalence=prevalence,
             allow_no_test=allow_no_test,
             int8_method=cast(Int8Method, int8_method),
             threshold=threshold,
@@ -455,17 +579,17 @@ def export(
         ),
     )
     m = bundle.manifest
-    metrics = m.metrics
-    dep = metrics["deployed"]
+    figures, p = m.figures, m.provenance
     flags = ", ".join(f.upper() for f in m.flags)
     click.echo(f"bundle {bundle} ({prec}) written to {out}{f' [{flags}]' if flags else ''}")
-    threshold = dep["metrics"]["threshold"]
+    if figures is None:  # pragma: no cover - export always writes them
+        return
+    dep, tf = figures.deployed, figures.tensorflow.metrics
     click.echo(
-        f"deployed {prec} IR on {dep['device']} ({dep['inference_precision']}, "
-        f"{dep['machine']}), {metrics['split']} split n={metrics['n']}, threshold "
-        f"{threshold:.3f}, 95% intervals:"
+        f"deployed {prec} IR on {dep.device} ({dep.inference_precision}, {dep.machine}), "
+        f"{figures.split} split n={figures.n}, threshold {dep.metrics.threshold:.3f}, "
+        "95% intervals:"
     )
-    ms = {k: MetricSet.model_validate(metrics[k]["metrics"]) for k in ("deployed", "tensorflow")}
     for label, key in (
         ("accuracy", "accuracy"),
         ("sensitivity", "sensitivity"),
@@ -473,24 +597,47 @@ def export(
         ("ROC AUC", "roc_auc"),
     ):
         click.echo(
-            f"  {label:<12} {fmt(getattr(ms['deployed'], key))}   "
-            f"(TensorFlow {fmt(getattr(ms['tensorflow'], key), counts=False)})"
+            f"  {label:<12} {fmt(getattr(dep.metrics, key))}   "
+            f"(TensorFlow {fmt(getattr(tf, key), counts=False)})"
         )
-    agree = Proportion.model_validate(metrics["agreement"])
-    gate = m.provenance["gate"]
-    click.echo(
-        f"  agreement with TensorFlow {fmt(agree, 3)}; gate "
-        f"{'passed' if gate['passed'] else 'FAILED (overridden: --allow-degraded)'}"
-    )
+    if figures.units is not None:
+        u = figures.units
+        click.echo(
+            f"  per patient/smear ({u.units} units): sensitivity {fmt(u.metrics.sensitivity)}, "
+            f"specificity {fmt(u.metrics.specificity)}"
+        )
+    gate, quality = p.gate, p.quality
+    if figures.agreement_all is not None:
+        click.echo(f"  agreement with TensorFlow, every image: {fmt(figures.agreement_all, 3)}")
+    if gate is not None:
+        drop = "n/a" if gate.sensitivity_drop is None else f"{gate.sensitivity_drop:.3f}"
+        click.echo(
+            f"  fidelity gate: sensitivity drop {drop}, max |p difference| "
+            f"{gate.max_prob_diff or 0.0:.3g}: "
+            + ("passed" if gate.passed else "FAILED (overridden: --allow-degraded)")
+        )
+    if quality is not None:
+        click.echo(
+            "  quality floor: ROC AUC lower bound "
+            + ("n/a" if quality.auc_ci_low is None else f"{quality.auc_ci_low:.2f}")
+            + ", Brier "
+            f"{quality.brier:.3f} vs prior {quality.prior_brier:.3f}: "
+            + ("passed" if quality.passed else "FAILED (overridden: --allow-no-skill)")
+        )
     if m.calibration is not None:
         c = m.calibration
         click.echo(
-            f"  calibration: T {c.temperature:.3g} "
-            f"{'applied' if c.applied else 'NOT applied'}, validation ECE "
-            f"{c.ece_before if c.ece_before is None else round(c.ece_before, 3)} -> "
-            f"{c.ece_after if c.ece_after is None else round(c.ece_after, 3)}"
+            f"  calibration: T {c.temperature:.3g} {'applied' if c.applied else 'NOT applied'}"
             f"{f' ({c.note})' if c.note else ''}"
         )
+        if c.test is not None:
+            t = c.test
+            click.echo(
+                f"  on the {t.split} split: NLL {t.nll:.3f} "
+                f"(uncalibrated {t.nll_uncalibrated:.3f}), "
+                f"ECE {t.ece:.3f}, Brier {t.brier:.3f}; {t.errors_in_band} of {t.errors} "
+                "errors inside the low-confidence band"
+            )
 
 
 @main.command()

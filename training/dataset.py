@@ -30,6 +30,7 @@ from cellwatch.training.layout import (
     class_folder_label,
     group_key,
     is_image,
+    is_synthetic_file,
 )
 from cellwatch.training.progress import track
 
@@ -143,15 +144,22 @@ def relative(scan: Scan, cand: Candidate) -> str:
     return cand.path.relative_to(scan.root).as_posix()
 
 
-def inspect(
-    scan: Scan, groups: dict[str, str] | None = None
-) -> tuple[list[ImageEntry], list[Skipped]]:
+@dataclass(frozen=True)
+class Inspected:
+    entries: list[ImageEntry]
+    skipped: list[Skipped]
+    synthetic: list[str]
+    """Paths of the files that carry the synthetic tag (layout.SYNTHETIC_TAG)."""
+
+
+def inspect(scan: Scan, groups: dict[str, str] | None = None) -> Inspected:
     """Hash and test-decode every candidate; undecodable files are skipped with a warning.
 
     groups (path -> group id, from a groups file) replaces the default file groups.
     """
     entries: list[ImageEntry] = []
     skipped: list[Skipped] = []
+    synthetic: list[str] = []
     for cand in track(scan.candidates, "checking images"):
         rel = relative(scan, cand)
         try:
@@ -161,6 +169,8 @@ def inspect(
             log.warning("skipping %s: %s", rel, exc)
             skipped.append(Skipped(path=rel, reason=str(exc)))
             continue
+        if is_synthetic_file(data):
+            synthetic.append(rel)
         entries.append(
             ImageEntry(
                 path=rel,
@@ -177,7 +187,7 @@ def inspect(
             len(skipped),
             len(scan.candidates),
         )
-    return entries, skipped
+    return Inspected(entries, skipped, synthetic)
 
 
 def load_rgb(root: Path, entry: ImageEntry) -> np.ndarray:

@@ -1,7 +1,7 @@
 """The training package's exceptions (one tree under CellwatchError).
 
 `cellwatch-train` turns every TrainingError into one line on stderr and exit code 2
-(3 for GateError): they describe a user's mistake (bad data folder, wrong
+(3 for GateError and QualityError): they describe a user's mistake (bad data folder, wrong
 checkpoint, existing output) or a check that failed, never a bug.
 """
 
@@ -37,3 +37,13 @@ class GateError(ExportError):
     is not good enough to ship from a mistake."""
 
     exit_code = 3
+
+
+class QualityError(GateError):
+    """The model shows no evidence of skill (quality.py) and --allow-no-skill was not
+    given. Exit code 3, like a failed fidelity gate: the model is not fit to ship."""
+
+
+class BaseError(ExportError):
+    """The run's base checkpoint is not the published TF-Slim file (its SHA-256 is
+    unknown) and no --base-is says what it is (base.py)."""

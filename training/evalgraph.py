@@ -21,9 +21,12 @@ FROZEN_INPUT_SHAPE = (1, IMAGE_SIZE, IMAGE_SIZE, 3)
 
 
 class EvalGraph:
-    """A restored eval graph; `batch` fixes the input's batch size (None: any)."""
+    """A restored eval graph; `batch` fixes the input's batch size (None: any);
+    depth_multiplier: the run's (FitConfig.depth_multiplier)."""
 
-    def __init__(self, checkpoint: Path, *, batch: int | None = None) -> None:
+    def __init__(
+        self, checkpoint: Path, *, batch: int | None = None, depth_multiplier: float = 1.0
+    ) -> None:
         self.graph = tf.Graph()
         with self.graph.as_default():
             seed_everything(0)  # deterministic kernels need seeded initialisers, even if restored
@@ -32,7 +35,7 @@ class EvalGraph:
                 [batch, IMAGE_SIZE, IMAGE_SIZE, 3],
                 name=network.INPUT_NAME,
             )
-            net = network.build(self.input, is_training=False)
+            net = network.build(self.input, is_training=False, depth_multiplier=depth_multiplier)
             self.logits = net.logits
             self.output = tf.identity(net.probabilities, name=network.OUTPUT_NAME)
             variables = network.model_variables(self.graph)

@@ -2,7 +2,9 @@
 
 Positive class is ALL (index 1): sensitivity = TP / (TP + FN), specificity = TN / (TN
 + FP), at the argmax threshold 0.5 (the calibrated threshold is chosen and applied by
-`export`, whose manifest carries the deployed model's own figures). Every proportion
+`export`, whose manifest carries the deployed model's own figures). With `prepare
+--groups` the ROC AUC's bootstrap resamples patients/smears, and `units` gives the
+figures per patient/smear. Every proportion
 has its Wilson 95% interval and counts, ROC AUC a bootstrap interval (stats.py).
 Writes RUN/eval-<split>/ with metrics.json, predictions.csv, confusion.png and
 roc.png; metrics.json carries the split's fingerprint so the numbers can be traced
@@ -28,6 +30,7 @@ import numpy as np
 from pydantic import Field, ValidationError
 from sklearn.metrics import roc_curve
 
+from cellwatch.shared.figures import UnitFigures
 from cellwatch.training import LABELS, plots
 from cellwatch.training.dataset import ImageEntry, load_rgb
 from cellwatch.training.errors import DataError, RunError
@@ -43,7 +46,7 @@ from cellwatch.training.runinfo import (
     write_json,
 )
 from cellwatch.training.split import SplitName
-from cellwatch.training.stats import MetricSet, fmt, metric_set
+from cellwatch.training.stats import MetricSet, fmt, metric_set, unit_figures
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +66,9 @@ class Metrics(MetricSet):
     fold: int | None = None
     synthetic: bool
     test_reads: int = Field(0, ge=0, description="reads of the test split by this run so far")
+    units: UnitFigures | None = Field(
+        None, description="patient/smear-level figures (prepare --groups); null without groups"
+    )
     created_at: datetime
 
 
@@ -89,9 +95,15 @@ def evaluate(run: Path, split_name: SplitName = "test") -> Metrics:
     probs = predict(run, info, entries, f"evaluating ({split_name})")
     info = record_test_read(run, "evaluate", split_name, len(entries))
     y_true = np.array([e.label for e in entries], np.int64)
+    groups = [e.group for e in entries] if split.grouping == "groups-file" else None
+    units = None
+    if groups is not None:
+        count, unit_set = unit_figures(y_true, probs[:, 1], groups, 0.5)
+        units = UnitFigures(units=count, metrics=unit_set)
     metrics = Metrics.model_validate(
         {
-            **metric_set(y_true, probs[:, 1]).model_dump(),
+            **metric_set(y_true, probs[:, 1], groups=groups).model_dump(),
+            "units": units,
             "split": split_name,
             "labels": list(LABELS),
             "fingerprint": split.fingerprints[split_name],
@@ -147,7 +159,8 @@ def _run_graph(
 ) -> np.ndarray:
     root = Path(info.data_root)
     out = []
-    with EvalGraph(run / info.checkpoint) as graph, Preprocessor() as pre:
+    depth = info.config.depth_multiplier
+    with EvalGraph(run / info.checkpoint, depth_multiplier=depth) as graph, Preprocessor() as pre:
         for x in batches(root, entries, pre, what):
             out.append(graph.predict_logits(x) if logits else graph.predict(x))
     return np.concatenate(out) if out else np.zeros((0, len(LABELS)), np.float32)

@@ -1,22 +1,25 @@
-"""`export`: a run -> calibrated frozen.pb -> OpenVINO IR -> gate -> signed, verified bundle.
+"""`export`: a run -> calibrated frozen.pb -> OpenVINO IR -> gates -> signed, verified bundle.
 
-Steps, cheapest checks first:
-1. The run must still match its split (fingerprints), must have a base checkpoint
-   (or --allow-untrained), and the test split must not be empty (or --allow-no-test,
+The stages, cheapest checks first (each one function, here or in the module named):
+1. plan: the options; the run must still match its split (each image's fingerprint
+   recomputed), have a base checkpoint (or --allow-untrained) whose hash is the
+   published file's (or --base-is), and a non-empty test split (or --allow-no-test,
    which measures on the validation split and says so everywhere).
-2. Calibration on the validation split (calibration.py): temperature fit, kept only if
-   it does not worsen ECE; decision threshold and low-confidence band chosen for the
-   target sensitivity. Written to RUN/calibration/ with a reliability diagram.
-3. Freeze the eval graph with the temperature folded into the final convolution
-   (RUN/frozen.pb); convert it with OpenVINO; fp16 compresses the weights; int8 is NNCF
-   post-training quantisation on training images, and, if that misses the gate,
-   accuracy-aware quantisation validated on the validation split.
-4. Run the IR itself on the test split with OpenVINO, at the device's default inference
-   precision ("deployed") and forced to f32, and frozen.pb in TensorFlow; all three
-   sets of figures, with intervals, go into the manifest (bundle_metrics.py).
-5. The gate (gate.py): decisions that agree with TensorFlow's and no sensitivity lost;
-   otherwise GateError (exit code 3) unless --allow-degraded, which is recorded.
-6. Golden probes (probes.py: noise and synthetic smears, no patient data), the model
+2. calibrate on the validation split (calibrated.calibrate_run, under calibration.py's
+   rule: temperature only with evidence; decision threshold and low-confidence band
+   for the target sensitivity), written to RUN/calibration/ with a reliability diagram.
+3. freeze the eval graph with the temperature folded into the final convolution
+   (calibrated.freeze: RUN/frozen.pb).
+4. inputs: every image preprocessed, and frozen.pb's probabilities of them
+   (measure.py).
+5. quality floor (quality.py) on the eval split: evidence of skill, or QualityError
+   (exit code 3) unless --allow-no-skill; calibration checked on the eval split.
+6. convert with OpenVINO; fp16 compresses the weights; int8 is NNCF post-training
+   quantisation on training images and, when that misses the gate on the
+   validation split (auto), accuracy-aware quantisation validated there.
+7. the fidelity gate (gate.py) on every image; GateError (exit code 3) unless
+   --allow-degraded, which is recorded.
+8. golden probes (probes.py: noise and synthetic smears, no patient data), the model
    card, the manifest and its signature; `load_bundle` verifies the bundle as a node
    would before it is renamed into place.
 """
@@ -25,8 +28,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
@@ -36,6 +38,7 @@ from pydantic import TypeAdapter, ValidationError
 
 from cellwatch.node.engine import LOW_PRECISION_TOLERANCE
 from cellwatch.shared.bundle import Bundle, hash_files, load_bundle, sha256_file, write_manifest
+from cellwatch.shared.figures import BundleMetrics
 from cellwatch.shared.manifest import (
     MANIFEST_FILE,
     MODEL_CARD_FILE,
@@ -44,42 +47,48 @@ from cellwatch.shared.manifest import (
     GoldenSpec,
     Manifest,
 )
+from cellwatch.shared.provenance import Provenance, QualityFloor
 from cellwatch.shared.schemas import ModelName, Version
 from cellwatch.shared.signing import TrustedKeys, key_id, load_private_key
-from cellwatch.training import LABELS, ir, plots, probes
-from cellwatch.training.bundle_metrics import (
-    BundleMetrics,
-    Deployed,
-    Parity,
-    Reference,
-    machine_name,
-)
+from cellwatch.training import LABELS, ir, probes
+from cellwatch.training.base import BaseCheck, check_base
+from cellwatch.training.calibrated import calibrate_run, freeze
 from cellwatch.training.calibration import (
     DEFAULT_BAND_HALF_WIDTH,
     DEFAULT_TARGET_SENSITIVITY,
-    calibrate,
-    choose_decision,
-    reliability,
-    softmax,
+    check,
 )
 from cellwatch.training.dataset import ImageEntry
-from cellwatch.training.errors import ExportError
-from cellwatch.training.evalgraph import EvalGraph, FrozenGraph
-from cellwatch.training.evaluate import batches, predict_logits
-from cellwatch.training.gate import DEFAULT_MAX_DROP, DEFAULT_MIN_AGREEMENT, Gate, GateError, judge
+from cellwatch.training.errors import ExportError, GateError, QualityError
+from cellwatch.training.gate import (
+    DEFAULT_MAX_PROB_DIFF,
+    DEFAULT_MAX_SENSITIVITY_DROP,
+    DEFAULT_MIN_AGREEMENT,
+    Gate,
+)
+from cellwatch.training.measure import (
+    Candidate,
+    Inputs,
+    Limits,
+    agreement_metric,
+    candidate,
+    figures,
+    gate_of,
+    load_inputs,
+    meets_on_validation,
+)
+from cellwatch.training.measure import quantization as measured_quantization
 from cellwatch.training.modelcard import CardFacts, render
 from cellwatch.training.outdir import check_target, staged_dir
-from cellwatch.training.preprocess import Preprocessor
+from cellwatch.training.quality import assess
 from cellwatch.training.runinfo import (
-    FROZEN_FILE,
     RunInfo,
+    code_commit,
     load_run,
     load_run_split,
     record_test_read,
-    write_json,
 )
 from cellwatch.training.split import SplitFile, SplitName
-from cellwatch.training.stats import MetricSet, agreement, fmt, metric_set
 from cellwatch.training.tfcompat import versions
 
 log = logging.getLogger(__name__)
@@ -95,8 +104,6 @@ FP32_MAX_DIFF = 1e-4
 PROBE_STABILITY = LOW_PRECISION_TOLERANCE / 2
 """Golden probes must reproduce within this at the CPU's default inference precision:
 half the node's self-test tolerance for such devices, a margin for other CPUs."""
-CALIBRATION_DIR = "calibration"
-CALIBRATION_FILE = "calibration.json"
 Int8Method = Literal["auto", "ptq", "accuracy-control"]
 
 
@@ -109,38 +116,139 @@ class ExportOptions:
     force: bool = False
     calibration_size: int = 300
     min_agreement: float = DEFAULT_MIN_AGREEMENT
-    max_drop: float = DEFAULT_MAX_DROP
+    max_sensitivity_drop: float = DEFAULT_MAX_SENSITIVITY_DROP
+    max_prob_diff: float = DEFAULT_MAX_PROB_DIFF
     allow_degraded: bool = False
     allow_untrained: bool = False
     allow_no_test: bool = False
+    allow_no_skill: bool = False
+    base_is: str | None = None
+    """What the base checkpoint is, in the user's words, when its hash is not the
+    published file's (--base-is); recorded, and the bundle is flagged unverified-base."""
     target_sensitivity: float = DEFAULT_TARGET_SENSITIVITY
     band_half_width: float = DEFAULT_BAND_HALF_WIDTH
     threshold: float | None = None
     """A fixed decision threshold instead of one chosen on validation."""
+    prevalence: float | None = None
+    """A prevalence of ALL at which the model card also gives PPV and NPV (--prevalence)."""
     int8_method: Int8Method = "auto"
-    """auto: accuracy control only when plain quantisation misses the gate; ptq: plain
-    post-training quantisation only; accuracy-control: always (plain quantisation is
-    still measured, for the record)."""
+    """auto: accuracy control only when plain quantisation misses the gate on the
+    validation split; ptq: plain post-training quantisation only; accuracy-control:
+    always (plain quantisation is still measured, for the record)."""
+
+    @property
+    def limits(self) -> Limits:
+        return Limits(self.min_agreement, self.max_sensitivity_drop, self.max_prob_diff)
 
 
-@dataclass
-class Candidate:
-    """One converted model, measured on the eval split."""
+@dataclass(frozen=True)
+class Plan:
+    """What export works on, after the cheap checks (stage 1)."""
 
-    method: str
-    model: Any
-    xml: Path
-    deployed: np.ndarray
-    f32: np.ndarray
-    inference_precision: str
-    metrics: MetricSet
-    agreement_k: int
-    gate: Gate
-    seconds: float
+    run: Path
+    info: RunInfo
+    split: SplitFile
+    eval_split: SplitName
+    base: BaseCheck
+    trusted: TrustedKeys
+    key: Any
+
+    @property
+    def entries(self) -> list[ImageEntry]:
+        return self.split.entries(self.eval_split)
+
+    @property
+    def y_eval(self) -> np.ndarray:
+        return np.array([e.label for e in self.entries], np.int64)
+
+    @property
+    def unit_groups(self) -> list[str] | None:
+        """The eval images' patients/smears when a groups file gave them, else None."""
+        return [e.group for e in self.entries] if self.split.grouping == "groups-file" else None
 
 
 def export(run: Path, out: Path, options: ExportOptions) -> Bundle:
     """Export run as a signed bundle in out; returns the bundle as load_bundle verified it."""
+    plan = _plan(run, out, options)
+    calibration, decision, val_probs = calibrate_run(
+        run,
+        plan.info,
+        plan.split,
+        target_sensitivity=options.target_sensitivity,
+        band_half_width=options.band_half_width,
+        threshold=options.threshold,
+    )
+    frozen = freeze(run, plan.info, calibration)
+    inputs = load_inputs(
+        plan.split,
+        plan.eval_split,
+        frozen,
+        options.calibration_size,
+        plan.info.config.seed,
+        int8=options.precision == "int8",
+    )
+    plan = replace(plan, info=record_test_read(run, "export", plan.eval_split, len(plan.entries)))
+    quality = _quality(plan, inputs.eval_reference[:, 1], options)
+    p_eval = inputs.eval_reference[:, 1]
+    checked = check(p_eval, calibration.temperature, calibration.applied, plan.y_eval, decision)
+    calibration = calibration.model_copy(update={"test": checked})
+    with staged_dir(out, marker=MANIFEST_FILE, force=options.force, what="bundle") as tmp:
+        tried = _convert(frozen, inputs, val_probs, decision, options, tmp / "model.xml")
+        chosen = tried[-1]
+        gate = _gate(_verdict(plan, inputs, chosen, decision, options), options)
+        _check_fp32(chosen, inputs, options)
+        metrics = figures(
+            chosen,
+            inputs,
+            plan.y_eval,
+            decision.threshold,
+            split=plan.eval_split,
+            fingerprint=plan.split.fingerprints[plan.eval_split],
+            precision=options.precision,
+            groups=plan.unit_groups,
+        )
+        golden = _golden(tmp, decision, options.precision)
+        quantization = measured_quantization(
+            tried,
+            inputs,
+            plan.y_eval,
+            decision.threshold,
+            options.limits,
+            options.int8_method if options.precision == "int8" else None,
+        )
+        provenance = _provenance(plan, frozen, len(inputs.calibration_set), options)
+        provenance = provenance.model_copy(
+            update={"gate": gate, "quality": quality, "quantization": quantization}
+        )
+        card = CardFacts(
+            name=options.name,
+            version=options.version,
+            labels=list(LABELS),
+            metrics=metrics,
+            calibration=calibration,
+            decision=decision,
+            gate=gate,
+            quality=quality,
+            provenance=provenance,
+            split=plan.split,
+            golden=probes.DESCRIPTION,
+            prevalence=options.prevalence,
+        )
+        (tmp / MODEL_CARD_FILE).write_text(render(card))
+        _sign(tmp, plan, options, metrics, provenance, calibration, decision, golden)
+    log.info(
+        "bundle %s %s (%s) written to %s%s",
+        options.name,
+        options.version,
+        options.precision,
+        out,
+        " from SYNTHETIC data" if plan.info.synthetic else "",
+    )
+    return load_bundle(out, plan.trusted)
+
+
+def _plan(run: Path, out: Path, options: ExportOptions) -> Plan:
+    """Stage 1: options, run and split, base, output, key (no TensorFlow yet)."""
     _check_options(options)
     info = load_run(run)
     split = load_run_split(run, info)
@@ -151,6 +259,7 @@ def export(run: Path, out: Path, options: ExportOptions) -> Bundle:
             "--allow-untrained to export it anyway (it is then labelled untrained)"
         )
     check_target(out, marker=MANIFEST_FILE, force=options.force, what="bundle")
+    base = check_base(info, options.base_is)
     key = load_private_key(options.sign_key)
     trusted = TrustedKeys({key_id(key.public_key()): key.public_key()})
     eval_split: SplitName = "test"
@@ -165,194 +274,162 @@ def export(run: Path, out: Path, options: ExportOptions) -> Bundle:
             raise ExportError("the test and validation splits are both empty: nothing to measure")
         log.warning("the test split is empty: measuring on the VALIDATION split (--allow-no-test)")
         eval_split = "val"
-    entries = split.entries(eval_split)
-    y_eval = np.array([e.label for e in entries], np.int64)
+    return Plan(run, info, split, eval_split, base, trusted, key)
 
-    calibration, decision, val_probs = _calibrate(run, info, split, options)
-    frozen = _freeze(run, info, calibration)
-    with Preprocessor() as pre:
-        inputs = np.concatenate(list(batches(split.root, entries, pre, "eval inputs")))
-        val_inputs = _inputs(split, split.entries("val"), pre, "validation inputs")
-        calibration_set = (
-            _calibration_set(split, pre, options.calibration_size, info.config.seed)
-            if options.precision == "int8"
-            else []
-        )
-    with FrozenGraph(frozen) as graph:
-        reference = graph.predict(inputs)
-    info = record_test_read(run, "export", eval_split, len(entries))
-    threshold = decision.threshold
-    tf_metrics = metric_set(y_eval, reference[:, 1], threshold)
 
-    def measure(method: str, model: Any, xml: Path, started: float) -> Candidate:
-        ir.save(model, xml, options.precision)
-        deployed_ir = ir.CompiledIR(xml, ir.DEVICE_DEFAULT)
-        deployed = deployed_ir.predict(inputs)
-        f32 = ir.CompiledIR(xml).predict(inputs)
-        metrics = metric_set(y_eval, deployed[:, 1], threshold)
-        agree = agreement(deployed[:, 1] >= threshold, reference[:, 1] >= threshold)
-        gate = judge(
-            agree,
-            tf_metrics,
-            metrics,
-            min_agreement=options.min_agreement,
-            max_drop=options.max_drop,
+def _quality(plan: Plan, p_eval: np.ndarray, options: ExportOptions) -> QualityFloor:
+    """Stage 5: the quality floor on the eval split (TensorFlow's probabilities)."""
+    train = plan.split.entries("train")
+    prior = float(np.mean([e.label for e in train])) if train else 0.5
+    floor = assess(plan.y_eval, p_eval, prior, split=plan.eval_split, groups=plan.unit_groups)
+    if floor.passed:
+        return floor
+    reasons = "; ".join(floor.reasons)
+    if not options.allow_no_skill:
+        raise QualityError(
+            f"no evidence of skill on {floor.n} {plan.eval_split} images: {reasons}; nothing "
+            "was written (train longer or on more data, or --allow-no-skill to ship it "
+            "labelled no-skill)"
         )
-        seconds = time.perf_counter() - started
-        log.info(
-            "%s %s IR on %d %s images (%s): agreement with TensorFlow %s, sensitivity %s, "
-            "gate %s (%.1f s)",
-            options.precision,
-            method,
-            len(entries),
-            eval_split,
-            deployed_ir.inference_precision,
-            fmt(agree),
-            fmt(metrics.sensitivity),
-            "passed" if gate.passed else "FAILED: " + "; ".join(gate.failures()),
-            seconds,
-        )
-        return Candidate(
-            method,
-            model,
-            xml,
-            deployed,
-            f32,
-            deployed_ir.inference_precision,
-            metrics,
-            agree.k,
-            gate,
-            seconds,
-        )
+    log.warning("exporting a model with NO evidence of skill (--allow-no-skill): %s", reasons)
+    return floor.model_copy(update={"overridden": True})
 
-    with staged_dir(out, marker=MANIFEST_FILE, force=options.force, what="bundle") as tmp:
-        started = time.perf_counter()
-        model = ir.convert(frozen)
-        tried: list[Candidate] = []
-        if options.precision == "int8":
-            model = ir.quantize(model, calibration_set)
-            method = "post-training quantisation (NNCF)"
-        else:
-            method = "conversion"
-        chosen = measure(method, model, tmp / "model.xml", started)
-        tried.append(chosen)
-        wants_control = options.int8_method == "accuracy-control" or (
-            options.int8_method == "auto" and not chosen.gate.passed
-        )
-        if options.precision == "int8" and wants_control:
-            if val_inputs is None:
-                log.warning("no validation split: accuracy-aware quantisation is not possible")
-            else:
-                started = time.perf_counter()
-                controlled = ir.quantize_with_accuracy_control(
-                    ir.convert(frozen),
-                    calibration_set,
-                    [x[np.newaxis] for x in val_inputs],
-                    _agreement_metric(val_probs[:, 1], threshold),
-                    max_drop=1.0 - options.min_agreement,
-                )
-                chosen = measure(
-                    "accuracy-aware quantisation (NNCF)", controlled, tmp / "model.xml", started
-                )
-                tried.append(chosen)
-        gate = chosen.gate
-        if not gate.passed:
-            figures = "; ".join(gate.failures())
-            if not options.allow_degraded:
-                raise GateError(
-                    f"the {options.precision} model fails the export gate on {len(entries)} "
-                    f"{eval_split} images: {figures}; nothing was written (try another "
-                    "--precision, or --allow-degraded to ship it labelled degraded)"
-                )
-            log.warning("exporting a DEGRADED model (--allow-degraded): %s", figures)
-            gate = gate.model_copy(update={"overridden": True})
-        if options.precision == "fp32":
-            worst = float(np.abs(chosen.f32 - reference).max())
-            if worst > FP32_MAX_DIFF:
-                raise ExportError(
-                    f"fp32 IR differs from frozen.pb by {worst:.3g} (> {FP32_MAX_DIFF:g}): "
-                    "the conversion is wrong"
-                )
-        bundle_metrics = BundleMetrics(
-            split=eval_split,
-            n=len(entries),
-            split_fingerprint=split.fingerprints[eval_split],
-            deployed=Deployed(
-                precision=options.precision,
-                device=ir.CompiledIR.device,
-                inference_precision=chosen.inference_precision,
-                machine=machine_name(),
-                metrics=chosen.metrics,
-            ),
-            f32=Reference(metrics=metric_set(y_eval, chosen.f32[:, 1], threshold)),
-            tensorflow=Reference(metrics=tf_metrics),
-            agreement=agreement(chosen.deployed[:, 1] >= threshold, reference[:, 1] >= threshold),
-            parity=Parity(
-                max_abs_diff_f32=float(np.abs(chosen.f32 - reference).max()),
-                max_abs_diff_deployed=float(np.abs(chosen.deployed - reference).max()),
-            ),
-        )
-        golden_ir = ir.CompiledIR(tmp / "model.xml")
-        deployed_ir = ir.CompiledIR(tmp / "model.xml", ir.DEVICE_DEFAULT)
-        probe_inputs, _ = probes.golden_probes(
-            golden_ir.predict,
-            probes.stability(golden_ir.predict, deployed_ir.predict, PROBE_STABILITY),
-            threshold=threshold,
-            positive=LABELS.index(decision.positive_label),
-        )
-        np.savez_compressed(
-            tmp / "golden.npz", inputs=probe_inputs, probabilities=golden_ir.predict(probe_inputs)
-        )
-        provenance = _provenance(run, info, split, frozen, len(calibration_set), options)
-        provenance["gate"] = gate.model_dump(mode="json")
-        provenance["quantization"] = _quantization(options, tried)
-        (tmp / MODEL_CARD_FILE).write_text(
-            render(
-                CardFacts(
-                    name=options.name,
-                    version=options.version,
-                    labels=list(LABELS),
-                    metrics=bundle_metrics,
-                    calibration=calibration,
-                    decision=decision,
-                    gate=gate,
-                    provenance=provenance,
-                    split=split,
-                    golden=probes.DESCRIPTION,
-                )
-            )
-        )
-        lo, hi = decision.low_confidence
-        manifest = Manifest(
-            name=options.name,
-            version=options.version,
-            created_at=datetime.now(UTC),
-            labels=list(LABELS),
-            output=golden_ir.output_name,
-            precision=options.precision,
-            low_confidence_threshold=max(hi, 1.0 - lo),
-            files=hash_files(tmp),
-            metrics=bundle_metrics.model_dump(mode="json"),
-            provenance=provenance,
-            golden=GoldenSpec(
-                tolerance=GOLDEN_TOLERANCE[options.precision], inputs=probes.DESCRIPTION
-            ),
-            calibration=calibration,
-            decision=decision,
-        )
-        if golden_ir.input_name != manifest.input.name:  # pragma: no cover - set by ir.convert
-            raise ExportError(f"IR input is named {golden_ir.input_name!r}, not 'input'")
-        write_manifest(tmp, manifest, key)
-        load_bundle(tmp, trusted)  # as a node would, before the bundle appears
-    log.info(
-        "bundle %s %s (%s) written to %s%s",
-        options.name,
-        options.version,
-        options.precision,
-        out,
-        " from SYNTHETIC data" if info.synthetic else "",
+
+def _convert(
+    frozen: Path,
+    inputs: Inputs,
+    val_probs: np.ndarray,
+    decision: Decision,
+    options: ExportOptions,
+    xml: Path,
+) -> list[Candidate]:
+    """Stage 6: the IR at the asked precision, run on every image; the last candidate is
+    the one saved at xml. int8's method is chosen on the validation split, never test."""
+    started = time.perf_counter()
+    model = ir.convert(frozen)
+    if options.precision != "int8":
+        return [candidate("conversion", model, xml, inputs, options.precision, started)]
+    model = ir.quantize(model, inputs.calibration_set)
+    ptq = candidate(
+        "post-training quantisation (NNCF)", model, xml, inputs, options.precision, started
     )
-    return load_bundle(out, trusted)
+    meets = meets_on_validation(ptq, inputs, decision.threshold, options.limits)
+    wants_control = options.int8_method == "accuracy-control" or (
+        options.int8_method == "auto" and not meets
+    )
+    if not wants_control:
+        return [ptq]
+    if inputs.val is None:
+        log.warning("no validation split: accuracy-aware quantisation is not possible")
+        return [ptq]
+    started = time.perf_counter()
+    controlled = ir.quantize_with_accuracy_control(
+        ir.convert(frozen),
+        inputs.calibration_set,
+        [x[np.newaxis] for x in inputs.every[inputs.val]],
+        agreement_metric(val_probs[:, 1], decision.threshold),
+        max_drop=1.0 - options.min_agreement,
+    )
+    method = "accuracy-aware quantisation (NNCF)"
+    return [ptq, candidate(method, controlled, xml, inputs, options.precision, started)]
+
+
+def _verdict(
+    plan: Plan, inputs: Inputs, c: Candidate, decision: Decision, options: ExportOptions
+) -> Gate:
+    gate = gate_of(c, inputs, plan.y_eval, decision.threshold, options.limits)
+    log.info(
+        "%s %s IR (%s): agreement with TensorFlow %.3f on %d images, sensitivity drop %s, "
+        "max |p difference| %.3g: gate %s (%.1f s)",
+        options.precision,
+        c.method,
+        c.inference_precision,
+        gate.agreement or 0.0,
+        gate.agreement_n or 0,
+        "n/a" if gate.sensitivity_drop is None else f"{gate.sensitivity_drop:.3f}",
+        gate.max_prob_diff or 0.0,
+        "passed" if gate.passed else "FAILED: " + "; ".join(gate.failures()),
+        c.seconds,
+    )
+    return gate
+
+
+def _gate(gate: Gate, options: ExportOptions) -> Gate:
+    """Stage 7: GateError for a failed fidelity gate, unless --allow-degraded."""
+    if gate.passed:
+        return gate
+    figures_text = "; ".join(gate.failures())
+    if not options.allow_degraded:
+        raise GateError(
+            f"the {options.precision} model fails the export gate on {gate.agreement_n} "
+            f"images: {figures_text}; nothing was written (try another --precision, or "
+            "--allow-degraded to ship it labelled degraded)"
+        )
+    log.warning("exporting a DEGRADED model (--allow-degraded): %s", figures_text)
+    return gate.model_copy(update={"overridden": True})
+
+
+def _check_fp32(c: Candidate, inputs: Inputs, options: ExportOptions) -> None:
+    if options.precision != "fp32":
+        return
+    worst = float(np.abs(c.f32 - inputs.reference).max())
+    if worst > FP32_MAX_DIFF:
+        raise ExportError(
+            f"fp32 IR differs from frozen.pb by {worst:.3g} (> {FP32_MAX_DIFF:g}): "
+            "the conversion is wrong"
+        )
+
+
+def _golden(tmp: Path, decision: Decision, precision: ir.Precision) -> GoldenSpec:
+    """Stage 8a: golden probes of the saved IR, stable at the CPU's default precision."""
+    golden_ir = ir.CompiledIR(tmp / "model.xml")
+    deployed_ir = ir.CompiledIR(tmp / "model.xml", ir.DEVICE_DEFAULT)
+    probe_inputs, _ = probes.golden_probes(
+        golden_ir.predict,
+        probes.stability(golden_ir.predict, deployed_ir.predict, PROBE_STABILITY),
+        threshold=decision.threshold,
+        positive=LABELS.index(decision.positive_label),
+    )
+    np.savez_compressed(
+        tmp / "golden.npz", inputs=probe_inputs, probabilities=golden_ir.predict(probe_inputs)
+    )
+    if golden_ir.input_name != "input" or golden_ir.output_name != "probabilities":
+        raise ExportError(  # pragma: no cover - set by ir.convert
+            f"IR names {golden_ir.input_name!r} -> {golden_ir.output_name!r}, not "
+            "'input' -> 'probabilities'"
+        )
+    return GoldenSpec(tolerance=GOLDEN_TOLERANCE[precision], inputs=probes.DESCRIPTION)
+
+
+def _sign(
+    tmp: Path,
+    plan: Plan,
+    options: ExportOptions,
+    metrics: BundleMetrics,
+    provenance: Provenance,
+    calibration: Calibration,
+    decision: Decision,
+    golden: GoldenSpec,
+) -> None:
+    """Stage 8b: the manifest, signed, and the bundle verified as a node would."""
+    lo, hi = decision.low_confidence
+    manifest = Manifest(
+        name=options.name,
+        version=options.version,
+        created_at=datetime.now(UTC),
+        labels=list(LABELS),
+        output="probabilities",
+        precision=options.precision,
+        low_confidence_threshold=max(hi, 1.0 - lo),
+        files=hash_files(tmp),
+        metrics=metrics,
+        provenance=provenance,
+        golden=golden,
+        calibration=calibration,
+        decision=decision,
+    )
+    write_manifest(tmp, manifest, plan.key)
+    load_bundle(tmp, plan.trusted)  # as a node would, before the bundle appears
 
 
 def _check_options(options: ExportOptions) -> None:
@@ -368,7 +445,9 @@ def _check_options(options: ExportOptions) -> None:
         raise ExportError("--calibration-size must be at least 1")
     for flag, value in (
         ("--min-agreement", options.min_agreement),
-        ("--max-drop", options.max_drop),
+        ("--max-sensitivity-drop", options.max_sensitivity_drop),
+        ("--max-prob-diff", options.max_prob_diff),
+        ("--prevalence", 0.5 if options.prevalence is None else options.prevalence),
         ("--target-sensitivity", options.target_sensitivity),
         ("--threshold", 0.5 if options.threshold is None else options.threshold),
     ):
@@ -378,161 +457,47 @@ def _check_options(options: ExportOptions) -> None:
         raise ExportError(f"--band-half-width must be in [0, 0.5), not {options.band_half_width:g}")
 
 
-def _calibrate(
-    run: Path, info: RunInfo, split: SplitFile, options: ExportOptions
-) -> tuple[Calibration, Decision, np.ndarray]:
-    """Temperature, decision rule and calibrated validation probabilities; RUN/calibration/."""
-    val = split.entries("val")
-    y = np.array([e.label for e in val], np.int64)
-    logits = (
-        predict_logits(run, info, val, "validation logits")
-        if val
-        else np.zeros((0, len(LABELS)), np.float32)
-    )
-    calibration = calibrate(logits, y)
-    if calibration.note:
-        log.warning("calibration: %s", calibration.note)
-    scale = 1.0 / calibration.temperature if calibration.applied else 1.0
-    probs = softmax(logits * scale) if len(val) else np.zeros((0, len(LABELS)))
-    decision = choose_decision(
-        probs[:, 1],
-        y,
-        positive_label=LABELS[1],
-        target_sensitivity=options.target_sensitivity,
-        half_width=options.band_half_width,
-        threshold=options.threshold,
-    )
-    log.info(
-        "calibration on %d validation images: T %.3g (%s), ECE %s -> %s; threshold %.3f, "
-        "low-confidence band [%.3f, %.3f]",
-        len(val),
-        calibration.temperature,
-        "applied" if calibration.applied else "NOT applied",
-        _num(calibration.ece_before),
-        _num(calibration.ece_after),
-        decision.threshold,
-        *decision.low_confidence,
-    )
-    out = run / CALIBRATION_DIR
-    with staged_dir(out, marker=CALIBRATION_FILE, force=True, what="calibration") as tmp:
-        write_json(tmp / CALIBRATION_FILE, calibration)
-        (tmp / "decision.json").write_text(decision.model_dump_json(indent=2) + "\n")
-        if len(val):
-            raw = softmax(logits)[:, 1]
-            plots.reliability(
-                reliability(raw, y),
-                reliability(softmax(logits / calibration.temperature)[:, 1], y),
-                tmp / "reliability.png",
-                title=f"validation split, n={len(val)}",
-                synthetic=info.synthetic,
-                after_label=f"T={calibration.temperature:.3g}"
-                + ("" if calibration.applied else " (worse: NOT applied)"),
-            )
-    return calibration, decision, probs
-
-
-def _num(value: float | None) -> str:
-    return "n/a" if value is None else f"{value:.3f}"
-
-
-def _freeze(run: Path, info: RunInfo, calibration: Calibration) -> Path:
-    with EvalGraph(run / info.checkpoint, batch=1) as graph:
-        if calibration.applied:
-            graph.scale_logits(1.0 / calibration.temperature)
-        graph_def = graph.freeze()
-    path = run / FROZEN_FILE
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_bytes(graph_def.SerializeToString(deterministic=True))  # reproducible bytes
-    tmp.replace(path)
-    log.info("froze %s into %s (%d nodes)", info.checkpoint, path, len(graph_def.node))
-    return path
-
-
-def _inputs(
-    split: SplitFile, entries: list[ImageEntry], pre: Preprocessor, what: str
-) -> np.ndarray | None:
-    if not entries:
-        return None
-    return np.concatenate(list(batches(split.root, entries, pre, what)))
-
-
-def _calibration_set(split: SplitFile, pre: Preprocessor, size: int, seed: int) -> list[np.ndarray]:
-    train = split.entries("train")
-    order = np.random.default_rng([seed, 0xCA1]).permutation(len(train))[:size]
-    chosen = [train[i] for i in sorted(order)]
-    return [x[np.newaxis] for b in batches(split.root, chosen, pre, "calibration") for x in b]
-
-
-def _agreement_metric(reference: np.ndarray, threshold: float) -> Callable[[np.ndarray], float]:
-    """NNCF's validation metric: the share of validation decisions equal to TensorFlow's
-    (reference: TensorFlow's p(ALL) on the validation split)."""
-
-    def metric(probs: np.ndarray) -> float:
-        return float(np.mean((probs[:, 1] >= threshold) == (reference >= threshold)))
-
-    return metric
-
-
-def _quantization(options: ExportOptions, tried: list[Candidate]) -> dict[str, Any]:
-    if options.precision != "int8":
-        return {"method": None}
-    return {
-        "method": tried[-1].method,
-        "int8_method": options.int8_method,
-        "attempts": [
-            {
-                "method": c.method,
-                "agreement": c.gate.agreement,
-                "agreement_k": c.agreement_k,
-                "n": c.metrics.n,
-                "sensitivity_drop": c.gate.sensitivity_drop,
-                "deployed": c.metrics.model_dump(mode="json"),
-                "passed": c.gate.passed,
-                "seconds": round(c.seconds, 1),
-            }
-            for c in tried
-        ],
-    }
-
-
-def _provenance(
-    run: Path,
-    info: RunInfo,
-    split: SplitFile,
-    frozen: Path,
-    calibration: int,
-    options: ExportOptions,
-) -> dict[str, Any]:
+def _provenance(plan: Plan, frozen: Path, calibration: int, options: ExportOptions) -> Provenance:
+    info, split = plan.info, plan.split
     base = info.base_checkpoint
-    return {
-        "synthetic": info.synthetic,
-        "base_checkpoint": base.path if base else None,
-        "base_checkpoint_sha256": base.sha256 if base else None,
-        "allow_untrained": options.allow_untrained,
-        "allow_no_test": options.allow_no_test,
-        "data_fingerprint": split.fingerprints["all"],
-        "split_fingerprints": split.fingerprints,
-        "data_layout": split.layout,
-        "grouping": split.grouping,
-        "near_duplicates": len(split.near_duplicates),
-        "fold": info.config.fold,
-        "mode": info.config.mode,
-        "trainable_scopes": info.config.trainable_scopes
+    return Provenance(
+        synthetic=info.synthetic,
+        base_checkpoint=base.path if base else None,
+        base_checkpoint_sha256=base.sha256 if base else None,
+        base_verified=plan.base.verified,
+        base_published=plan.base.published,
+        base_claim=plan.base.claim,
+        depth_multiplier=info.config.depth_multiplier,
+        allow_untrained=options.allow_untrained,
+        allow_no_test=options.allow_no_test,
+        allow_no_skill=options.allow_no_skill,
+        data_fingerprint=split.fingerprints["all"],
+        split_fingerprints=split.fingerprints,
+        data_layout=split.layout,
+        grouping=split.grouping,
+        near_duplicates=len(split.near_duplicates),
+        split_seed=split.seed,
+        val_fraction=split.val_fraction,
+        test_fraction=split.test_fraction,
+        fold=info.config.fold,
+        mode=info.config.mode,
+        trainable_scopes=info.config.trainable_scopes
         if info.config.mode == "finetune"
         else ["InceptionV3/Logits"],
-        "epochs": info.config.epochs,
-        "selected_epoch": info.selected_epoch,
-        "selection": info.selection,
-        "steps": info.steps,
-        "seed": info.config.seed,
-        "batch_size": info.config.batch_size,
-        "learning_rate": info.config.learning_rate,
-        "lr_schedule": info.config.lr_schedule,
-        "checkpoint": info.checkpoint,
-        "frozen_pb_sha256": sha256_file(frozen),
-        "calibration_images": calibration,
-        "test_reads": len(info.test_reads),
-        "training_versions": info.versions,
-        "export_versions": versions(),
-        "run": str(run.resolve()),
-    }
+        epochs=info.config.epochs,
+        selected_epoch=info.selected_epoch,
+        selection=info.selection,
+        steps=info.steps,
+        seed=info.config.seed,
+        batch_size=info.config.batch_size,
+        learning_rate=info.config.learning_rate,
+        lr_schedule=info.config.lr_schedule,
+        checkpoint=info.checkpoint,
+        frozen_pb_sha256=sha256_file(frozen),
+        calibration_images=calibration,
+        test_reads=len(info.test_reads),
+        code_commit=code_commit(),
+        training_versions=info.versions,
+        export_versions=versions(),
+        run=str(plan.run.resolve()),
+    )

@@ -9,7 +9,10 @@ the lowest one is what the run keeps (its trainable state is held in memory and
 restored before the checkpoint is written), and training stops early once
 `patience` epochs in a row brought no improvement. run.json says which epoch was
 kept and why (`selected_epoch`, `selection`). Without a validation split the last
-epoch is kept.
+epoch is kept. A cross-validation fold (`--fold i`) trains a fixed number of epochs
+chosen beforehand (`--epochs`) and keeps the last: its validation split is the
+held-out fold that scores it, which must not also choose its epoch (its loss is still
+logged per epoch).
 """
 
 from __future__ import annotations
@@ -136,7 +139,7 @@ def _train(trainer: Trainer, config: FitConfig, directory: Path) -> tuple[list[E
         start = time.perf_counter()
         loss, acc = trainer.train_epoch(epoch)
         val = trainer.validate()
-        if val is not None:
+        if val is not None and config.fold is None:
             if best is None or val[0] < best[0] - MIN_IMPROVEMENT:
                 best = (val[0], epoch, trainer.steps, trainer.snapshot())
                 since_best = 0
@@ -166,7 +169,8 @@ def _train(trainer: Trainer, config: FitConfig, directory: Path) -> tuple[list[E
         every = config.checkpoint_every
         if every and epoch % every == 0 and epoch < config.epochs:
             trainer.save(directory)
-        if config.patience and since_best >= config.patience and epoch < config.epochs:
+        early = config.patience and config.fold is None
+        if early and since_best >= config.patience and epoch < config.epochs:
             stopped = (
                 f"; stopped early after epoch {epoch}: no lower validation loss for "
                 f"{config.patience} epochs"
@@ -175,6 +179,12 @@ def _train(trainer: Trainer, config: FitConfig, directory: Path) -> tuple[list[E
             break
     if best is None:
         last = history[-1]
+        if config.fold is not None:
+            reason = (
+                f"fixed {config.epochs} epochs chosen beforehand (cross-validation: the "
+                f"held-out fold {config.fold} only scores the model, it never chooses the epoch)"
+            )
+            return history, Chosen(last.epoch, last.steps, reason)
         return history, Chosen(last.epoch, last.steps, "last epoch (no validation split)")
     val_loss, epoch, steps, state = best
     trainer.restore(state)

@@ -135,8 +135,8 @@ def near_duplicates(
             b_items = [(p, h) for p, h in splits[name_b] if h]
             if not a_items or not b_items:
                 continue
-            a_hashes = _to_bytes([h for _, h in a_items])  # [A, 8, 32]
-            b_hashes = _to_bytes([h[:1] for _, h in b_items])[:, 0]  # [B, 32]
+            a_hashes = hash_bytes([h for _, h in a_items])  # [A, 8, 32]
+            b_hashes = hash_bytes([h[:1] for _, h in b_items])[:, 0]  # [B, 32]
             for start in range(0, len(a_hashes), _CHUNK):
                 chunk = a_hashes[start : start + _CHUNK]
                 xor = chunk[:, :, None, :] ^ b_hashes[None, None, :, :]  # [a, 8, B, 32]
@@ -154,7 +154,8 @@ def near_duplicates(
     return found
 
 
-def _to_bytes(hashes: Iterable[Sequence[str]]) -> np.ndarray:
+def hash_bytes(hashes: Iterable[Sequence[str]]) -> np.ndarray:
+    """Hex hashes [N][8] as bytes [N, 8, 32]."""
     return np.array(
         [[np.frombuffer(bytes.fromhex(h), np.uint8) for h in row] for row in hashes],
         dtype=np.uint8,

@@ -21,6 +21,15 @@ ALLIDB_SUBFOLDERS = ("im", "img")
 """ALL-IDB downloads keep the images in `im/` or `img/` (IDB1's blast coordinates in `xyc/`)."""
 SYNTHETIC_MARKER = "SYNTHETIC.json"
 """Written by `cellwatch-train synth`; marks a data folder (and all that derives from it)."""
+SYNTHETIC_TAG = b"cellwatch SYNTHETIC image: not real data, not for diagnosis"
+"""Written into every file `synth` makes (a TIFF ImageDescription tag, a JPEG comment),
+so `prepare` knows a synthetic image wherever it is copied, marker file or not."""
+
+
+def is_synthetic_file(data: bytes) -> bool:
+    """Whether image bytes carry the synthetic tag (in a TIFF tag or JPEG comment)."""
+    return SYNTHETIC_TAG in data
+
 
 CLASS_FOLDER_ALIASES: dict[str, int] = {
     "normal": 0,

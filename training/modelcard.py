@@ -7,15 +7,13 @@ model's own, with its interval and counts.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
 
+from cellwatch.shared.figures import BundleMetrics, MetricSet
 from cellwatch.shared.manifest import Calibration, Decision
-from cellwatch.training.bundle_metrics import BundleMetrics
-from cellwatch.training.gate import Gate
+from cellwatch.shared.provenance import Gate, Provenance, QualityFloor
 from cellwatch.training.split import SPLIT_NAMES, SplitFile
-from cellwatch.training.stats import MetricSet, fmt
+from cellwatch.training.stats import fmt
 
 ROWS = (
     ("accuracy", "accuracy"),
@@ -36,9 +34,22 @@ class CardFacts:
     calibration: Calibration
     decision: Decision
     gate: Gate
-    provenance: Mapping[str, Any]
+    quality: QualityFloor
+    provenance: Provenance
     split: SplitFile
     golden: str
+    prevalence: float | None = None
+    """A user-given prevalence of ALL for PPV and NPV (--prevalence)."""
+
+
+INTENDED_USE = {
+    "ALL-IDB2": "one microscope image of a stained peripheral blood smear cropped around "
+    "a single white cell (ALL-IDB2 style, about 257 px per crop)",
+    "ALL-IDB1": "one whole-field microscope image of a stained peripheral blood smear "
+    "(ALL-IDB1 style: many cells, several possibly blasts); the answer is about the field "
+    "as a whole, not about any one cell",
+}
+"""What one input is, per data layout the model was trained on."""
 
 
 def _figure(m: MetricSet, key: str) -> str:
@@ -57,15 +68,26 @@ def render(f: CardFacts) -> str:
         "",
     ]
     warnings = []
-    if p.get("synthetic"):
+    if p.synthetic:
         warnings.append(
             "trained and tested on **SYNTHETIC** images: the figures measure the pipeline, "
             "not performance on blood smears"
         )
-    if p.get("base_checkpoint") is None:
+    if p.base_checkpoint is None:
         warnings.append(
             "**UNTRAINED base**: Inception V3 started from random weights (no ImageNet "
             "checkpoint), exported with --allow-untrained"
+        )
+    if p.base_verified is False:
+        warnings.append(
+            "**UNVERIFIED base**: the base checkpoint's SHA-256 is not the published TF-Slim "
+            f"file's; the exporter says it is: {p.base_claim!r} (--base-is)"
+        )
+    if f.quality.overridden:
+        warnings.append(
+            "**NO evidence of skill** on the test split ("
+            + "; ".join(f.quality.reasons)
+            + "), exported with --allow-no-skill"
         )
     if f.gate.overridden:
         warnings.append(
@@ -80,25 +102,45 @@ def render(f: CardFacts) -> str:
         )
     if warnings:
         lines += ["## Warnings", "", *(f"- {w}" for w in warnings), ""]
+    use = INTENDED_USE.get(
+        s.layout,
+        "one microscope image of a stained peripheral blood smear, framed as the training "
+        f"images were ({s.layout} layout)",
+    )
     lines += [
         "## Intended use",
         "",
-        f"Classifies one microscope image of a stained peripheral blood smear, centred on a "
-        f"white cell, as `{f.labels[0]}` or `{f.labels[1]}` (acute lymphoblastic leukaemia "
-        "blast), for research on edge devices (cellwatch nodes). Not for diagnosis, "
-        "screening or any clinical decision.",
+        f"Input: {use}. Output: `{f.labels[0]}` or `{f.labels[1]}` (acute lymphoblastic "
+        "leukaemia blast) with p(ALL), on edge devices (cellwatch nodes).",
+        "",
+        "- Intended users: researchers and laboratory engineers evaluating image "
+        "classification of blood smears; not clinicians making decisions about patients.",
+        "- Setting: research laboratories, on images from the same kind of microscope, "
+        "stain and magnification as the training data, after local validation.",
+        "- Not for diagnosis, screening, triage or any clinical decision.",
+        "- Contraindications (do not use): images of other specimens (bone marrow, tissue), "
+        "other stains or magnifications, other cell types or leukaemias, paediatric or adult "
+        "populations unlike the training data's, images of poor focus or exposure, and "
+        f"framings other than the one above{_framing(s.layout)}.",
         "",
         "## Model",
         "",
-        f"- TF-Slim Inception V3, 2-class head; mode {p.get('mode')}, trained scopes "
-        f"{', '.join(p.get('trainable_scopes') or [])}",
-        f"- base checkpoint: {p.get('base_checkpoint') or 'none (random initialisation)'}"
-        + (f" (SHA-256 {p['base_checkpoint_sha256']})" if p.get("base_checkpoint_sha256") else ""),
-        f"- kept epoch {p.get('selected_epoch')} of {p.get('epochs')}: {p.get('selection')}",
+        f"- TF-Slim Inception V3 (depth multiplier {p.depth_multiplier or 1.0:g}), 2-class "
+        f"head; mode {p.mode}, trained scopes {', '.join(p.trainable_scopes or [])}",
+        f"- base checkpoint: {p.base_checkpoint or 'none (random initialisation)'}"
+        + (f" (SHA-256 {p.base_checkpoint_sha256})" if p.base_checkpoint_sha256 else "")
+        + (
+            f"; verified: the published {p.base_published}"
+            if p.base_verified
+            else "; NOT verified: not the published file's hash"
+            if p.base_verified is False
+            else ""
+        ),
+        f"- kept epoch {p.selected_epoch} of {p.epochs}: {p.selection}",
         f"- precision {dep.precision}; "
         + (
-            f"int8 by {p['quantization']['method']}"
-            if p.get("quantization", {}).get("method")
+            f"int8 by {p.quantization.method}"
+            if p.quantization is not None and p.quantization.method
             else "no quantisation"
         ),
         "",
@@ -107,7 +149,10 @@ def render(f: CardFacts) -> str:
         f"- layout {s.layout}{', SYNTHETIC' if s.synthetic else ''}; data fingerprint "
         f"`{s.fingerprints['all']}`",
         f"- grouping: {_grouping(s)}",
-        f"- near-duplicate pairs across splits (perceptual hash): {len(s.near_duplicates)}",
+        f"- near-duplicates merged into one group before the split: {len(s.merged)} pairs "
+        f"(looked for by {s.leakage_check}); pairs across splits: {len(s.near_duplicates)}",
+        f"- split seed {s.seed}, fractions val {s.val_fraction:g} / test {s.test_fraction:g}"
+        + (f", {s.folds} cross-validation folds" if s.folds else ""),
         "",
         "| split | images | " + " | ".join(f.labels) + " | fingerprint |",
         "|---|---|" + "---|" * len(f.labels) + "---|",
@@ -121,7 +166,8 @@ def render(f: CardFacts) -> str:
         )
     lines += [
         "",
-        f"The test split was read {p.get('test_reads', '?')} time(s) by this run "
+        f"The test split was read {p.test_reads if p.test_reads is not None else '?'} "
+        "time(s) by this run "
         "(every `evaluate` and `export`); each look that informs a choice makes its "
         "figures more optimistic.",
         "",
@@ -147,11 +193,20 @@ def render(f: CardFacts) -> str:
         f"{f.labels[1]}): {cm}.",
         f"Decisions identical to TensorFlow's: {fmt(m.agreement, 3)}; max |p difference| "
         f"{m.parity.max_abs_diff_deployed:.2g} (f32: {m.parity.max_abs_diff_f32:.2g}).",
-        f"Export gate: agreement >= {f.gate.min_agreement:g} and sensitivity drop <= "
-        f"{f.gate.max_drop:g}: {'passed' if f.gate.passed else 'FAILED'}"
+        f"Fidelity gate: agreement with TensorFlow >= {f.gate.min_agreement:g} on every image"
+        + (f" ({fmt(m.agreement_all, 3)})" if m.agreement_all is not None else "")
+        + f", sensitivity drop <= {f.gate.max_sensitivity_drop:g}, max |p difference| <= "
+        f"{f.gate.max_prob_diff_limit:g}: {'passed' if f.gate.passed else 'FAILED'}"
         + (" (overridden)" if f.gate.overridden else "")
         + ".",
+        f"Quality floor (evidence of skill): ROC AUC lower 95% bound "
+        f"{_num(f.quality.auc_ci_low)} > 0.5, Brier {_num(f.quality.brier)} better than the "
+        f"prior's {_num(f.quality.prior_brier)}: {'passed' if f.quality.passed else 'FAILED'}"
+        + (" (overridden)" if f.quality.overridden else "")
+        + ".",
         "",
+        *_units(m),
+        *_prevalence(dep.metrics, f.prevalence),
         "## Calibration and decision",
         "",
     ]
@@ -169,6 +224,18 @@ def render(f: CardFacts) -> str:
         )
     if c.note:
         lines.append(f"Note: {c.note}.")
+    if c.rule:
+        lines.append(f"Rule: {c.rule}.")
+    if c.test is not None:
+        t = c.test
+        lines += [
+            "",
+            f"On the {t.split} split (n = {t.n}), shipped vs uncalibrated: ECE {t.ece:.3f} vs "
+            f"{t.ece_uncalibrated:.3f}, NLL {t.nll:.3f} vs {t.nll_uncalibrated:.3f}, Brier "
+            f"{t.brier:.3f} vs {t.brier_uncalibrated:.3f}; {t.errors_in_band} of {t.errors} "
+            f"errors fall inside the low-confidence band; {t.errors_more_confident} errors "
+            "are more confident than uncalibrated.",
+        ]
     lo, hi = f.decision.low_confidence
     lines += [
         "",
@@ -182,12 +249,16 @@ def render(f: CardFacts) -> str:
         "- Trained on one data source: other microscopes, magnifications, cameras, staining "
         "protocols (May-Grünwald-Giemsa vs. Wright) and smear preparations change the "
         "images and the figures; validate locally before any use.",
-        "- Expects a crop centred on one white cell at roughly the training data's "
-        "magnification (ALL-IDB2: about 257 px per cell crop); whole-field images, other "
+        f"- Expects {use}, at roughly the training data's magnification; other framings, "
         "cell types and artefacts are out of scope and get a confident-looking answer anyway.",
         "- Two classes only: other leukaemias, reactive lymphocytes and blasts of other "
         "lineages are not modelled.",
         f"- Grouping: {_grouping(s)}.",
+        "- No external validation: every figure is on held-out images of the same data "
+        "source; no field evaluation on another site's images exists yet.",
+        "- No subgroup results (by patient age, sex, leukaemia subtype, stain batch or "
+        "microscope): the data carry no such labels, so performance may differ between "
+        "subgroups unseen.",
         "",
         "## Golden self-test",
         "",
@@ -196,15 +267,80 @@ def render(f: CardFacts) -> str:
         "## Software",
         "",
     ]
-    versions: Mapping[str, str] = p.get("export_versions") or {}
+    versions = p.export_versions or {}
     lines += [f"- {name} {version}" for name, version in sorted(versions.items())]
     lines += [
         "",
-        f"Data fingerprint `{s.fingerprints['all']}`; frozen.pb SHA-256 "
-        f"`{p.get('frozen_pb_sha256', '')}`.",
+        f"Code: git commit `{p.code_commit or 'unknown'}`. Data fingerprint "
+        f"`{s.fingerprints['all']}`; frozen.pb SHA-256 `{p.frozen_pb_sha256 or ''}`.",
         "",
     ]
     return "\n".join(lines)
+
+
+def _framing(layout: str) -> str:
+    if layout == "ALL-IDB2":
+        return " (whole-field images for this single-cell model)"
+    if layout == "ALL-IDB1":
+        return " (single-cell crops for this whole-field model)"
+    return ""
+
+
+def _units(m: BundleMetrics) -> list[str]:
+    if m.units is None:
+        return [
+            "Figures are per image; no patient/smear-level figures (no --groups file).",
+            "",
+        ]
+    u = m.units.metrics
+    return [
+        f"Per patient/smear ({m.units.units} units; a unit is ALL if any image is, scored "
+        f"by its highest p(ALL)): sensitivity {fmt(u.sensitivity)}, specificity "
+        f"{fmt(u.specificity)}, ROC AUC {fmt(u.roc_auc)}. Image-level intervals above "
+        "resample whole patients/smears.",
+        "",
+    ]
+
+
+def predictive_values(
+    sensitivity: float, specificity: float, prevalence: float
+) -> tuple[float | None, float | None]:
+    """PPV and NPV at a prevalence of ALL (Bayes' rule); None where undefined."""
+    tp, fp = sensitivity * prevalence, (1 - specificity) * (1 - prevalence)
+    tn, fn = specificity * (1 - prevalence), (1 - sensitivity) * prevalence
+    ppv = tp / (tp + fp) if tp + fp > 0 else None
+    npv = tn / (tn + fn) if tn + fn > 0 else None
+    return ppv, npv
+
+
+def _prevalence(d: MetricSet, prevalence: float | None) -> list[str]:
+    sens, spec = d.sensitivity.value, d.specificity.value
+    positives = d.confusion[1][0] + d.confusion[1][1]
+    here = positives / d.n if d.n else None
+    lines = [
+        "PPV and NPV depend on how common ALL is among the images a node sees: the figures "
+        "above hold at the test split's prevalence"
+        + (f" ({here:.0%})" if here is not None else "")
+        + ", which the split's construction set, not any clinical population.",
+    ]
+    if sens is None or spec is None:
+        return [*lines, ""]
+    for label, pi in (("the test split's", here), ("the given (--prevalence)", prevalence)):
+        if pi is None:
+            continue
+        ppv, npv = predictive_values(sens, spec, pi)
+        lines.append(
+            f"- at {label} prevalence {pi:.1%}: PPV {_num(ppv)}, NPV {_num(npv)} (from the "
+            "deployed sensitivity and specificity)"
+        )
+    if prevalence is None:
+        lines.append(
+            "- at 1% prevalence: PPV "
+            f"{_num(predictive_values(sens, spec, 0.01)[0])}, NPV "
+            f"{_num(predictive_values(sens, spec, 0.01)[1])} (illustration; give yours with "
+            "--prevalence)"
+        )
+    return [*lines, ""]
 
 
 def _grouping(s: SplitFile) -> str:

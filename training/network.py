@@ -33,6 +33,10 @@ HEAD_SCOPES: tuple[str, ...] = (LOGITS_SCOPE, AUX_LOGITS_SCOPE)
 HEAD_CONV_SCOPE = "InceptionV3/Logits/Conv2d_1c_1x1"
 """The final 1x1 convolution (2048 -> classes): the only layer bottleneck mode trains."""
 BOTTLENECK_DIM = 2048
+"""The pooled feature size of the full-width network (depth_multiplier 1.0)."""
+FULL_WIDTH = 1.0
+MIN_DEPTH = 16
+"""TF-Slim's min_depth: no layer narrower than this, whatever the depth multiplier."""
 INPUT_NAME = "input"
 OUTPUT_NAME = "probabilities"
 """Graph names of the exported model's input and softmax output (frozen.pb and the IR)."""
@@ -71,6 +75,7 @@ def build(
     reuse: bool | None = None,
     create_aux_logits: bool = True,
     batch_norm_scopes: Sequence[str] | None = None,
+    depth_multiplier: float = FULL_WIDTH,
 ) -> Net:
     """Inception V3 on images ([B, 299, 299, 3] float in [-1, 1]) in the current graph.
 
@@ -79,6 +84,11 @@ def build(
     statistics, moving averages updated in place) only inside those scopes and in
     inference mode everywhere else, while dropout still follows is_training: that is
     how fine-tuning keeps frozen scopes frozen, statistics included.
+
+    depth_multiplier is TF-Slim's own: every layer's channels times it (at least
+    MIN_DEPTH). 1.0 is the published network; smaller ones are the same architecture,
+    narrower, for tests and benchmarks that need a real Inception V3 but not its cost.
+    A base checkpoint must have been saved at the same multiplier (shapes differ).
     """
     with slim.arg_scope(arg_scope()), _scoped_batch_norm(is_training, batch_norm_scopes):
         logits, end_points = inception_v3.inception_v3(
@@ -88,6 +98,8 @@ def build(
             dropout_keep_prob=DROPOUT_KEEP_PROB,
             reuse=reuse,
             create_aux_logits=create_aux_logits,
+            min_depth=MIN_DEPTH,
+            depth_multiplier=depth_multiplier,
             scope=SCOPE,
         )
     return Net(
@@ -97,6 +109,15 @@ def build(
         aux_logits=end_points.get("AuxLogits"),
         end_points=dict(end_points),
     )
+
+
+def bottleneck_dim(depth_multiplier: float = FULL_WIDTH) -> int:
+    """The pooled feature size (Mixed_7c's channels) at a depth multiplier: 2048 at 1.0."""
+
+    def depth(d: int) -> int:
+        return max(int(d * depth_multiplier), MIN_DEPTH)
+
+    return depth(320) + 4 * depth(384) + depth(192)
 
 
 def _scoped_batch_norm(is_training: bool, scopes: Sequence[str] | None) -> Any:

@@ -18,6 +18,7 @@ number of looks behind it.
 from __future__ import annotations
 
 import math
+import subprocess
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Literal
@@ -26,7 +27,7 @@ from pydantic import BaseModel, Field, ValidationError
 
 from cellwatch.shared.base import Strict
 from cellwatch.training.errors import RunError
-from cellwatch.training.split import SplitFile, SplitName, load_split
+from cellwatch.training.split import SplitFile, SplitName, load_split, verify_files
 
 RUN_FILE = "run.json"
 LOG_FILE = "training_log.csv"
@@ -68,6 +69,13 @@ class FitConfig(Strict):
         description="cosine: decays to 0 over the epochs; step: /10 at 50% and 75%; constant",
     )
     fold: int | None = Field(None, ge=0, description="cross-validation fold trained (--fold)")
+    depth_multiplier: float = Field(
+        1.0,
+        gt=0.0,
+        le=1.0,
+        description="TF-Slim's Inception V3 depth multiplier: 1.0 is the published network "
+        "(and its ImageNet checkpoint); smaller is the same network narrower, for tests",
+    )
 
     def learning_rate_at(self, epoch: int) -> float:
         """The rate for epoch (1-based) under lr_schedule."""
@@ -153,8 +161,13 @@ def load_run(run: Path) -> RunInfo:
 
 
 def load_run_split(run: Path, info: RunInfo) -> SplitFile:
-    """The split the run was trained on (its fold's view); RunError if it changed since fit."""
+    """The split the run was trained on (its fold's view); RunError if it changed since fit.
+
+    The fingerprints compared are recomputed from split.json's entries (load_split) and
+    every image is hashed again (verify_files): neither split.json's own fingerprints
+    nor its hashes are taken on trust."""
     split = load_split(Path(info.split_dir)).for_fold(info.config.fold)
+    verify_files(split)
     changed = [
         name
         for name in ("train", "val", "test")
@@ -187,3 +200,27 @@ def write_json(path: Path, model: BaseModel) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(model.model_dump_json(by_alias=True, indent=2) + "\n")
     tmp.replace(path)
+
+
+def code_commit() -> str | None:
+    """The git commit of the code (`+dirty` when a tracked Python file differs from it),
+    or None outside a git checkout."""
+    here = Path(__file__).resolve().parent
+    try:
+        head = subprocess.run(
+            ["git", "-C", str(here), "rev-parse", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "-C", str(here), "status", "--porcelain", "--untracked-files=no", ":/*.py"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return head + ("+dirty" if dirty else "") if head else None

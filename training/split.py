@@ -37,6 +37,7 @@ from cellwatch.training.dataset import (
 )
 from cellwatch.training.errors import DataError
 from cellwatch.training.groups import NearDuplicate, near_duplicates, read_groups
+from cellwatch.training.leakage import Merge, feature_pairs, merged_groups, phash_pairs
 from cellwatch.training.outdir import staged_dir
 
 log = logging.getLogger(__name__)
@@ -74,6 +75,13 @@ class SplitFile(Strict):
     groups_file_sha256: str | None = None
     near_duplicates: list[NearDuplicate] = Field(
         default_factory=list, description="pHash near-duplicates in different splits"
+    )
+    merged: list[Merge] = Field(
+        default_factory=list,
+        description="near-duplicate pairs merged into one group before the split (leakage.py)",
+    )
+    leakage_check: str = Field(
+        "none", description="how near-duplicates were looked for before the split"
     )
     folds: int = Field(0, ge=0, le=MAX_FOLDS, description="K of K-fold cross-validation, or 0")
     fold: int | None = Field(None, ge=0, description="set on the view of one fold (for_fold)")
@@ -241,8 +249,13 @@ def prepare(
     groups_file: Path | None = None,
     folds: int = 0,
     strict: bool = False,
+    allow_near_duplicates: bool = False,
+    checkpoint: Path | None = None,
+    depth_multiplier: float = 1.0,
 ) -> SplitFile:
-    """Scan data, check every image, split, and write out/split.json (all or nothing)."""
+    """Scan data, check every image, merge near-duplicates into groups (unless
+    allow_near_duplicates; by bottleneck features too with a base checkpoint), split,
+    and write out/split.json (all or nothing)."""
     if folds == 1 or not 0 <= folds <= MAX_FOLDS:
         raise DataError(f"--folds must be 0 (no cross-validation) or 2..{MAX_FOLDS}, not {folds}")
     if folds and val:
@@ -265,9 +278,25 @@ def prepare(
     if groups is None and not scan.synthetic:
         log.warning("%s", LEAK_WARNING)
     with staged_dir(out, marker=SPLIT_FILE, force=force, what="split") as tmp:
-        entries, skipped = inspect(scan, groups)
+        found = inspect(scan, groups)
+        entries, skipped = found.entries, found.skipped
+        synthetic = scan.synthetic or bool(found.synthetic)
+        if found.synthetic and not scan.synthetic:
+            log.warning(
+                "%d of %d images carry the SYNTHETIC tag of `cellwatch-train synth` "
+                "(e.g. %s): the split is flagged synthetic",
+                len(found.synthetic),
+                len(entries),
+                found.synthetic[0],
+            )
         if not entries:
             raise DataError(f"no image in {data} could be decoded ({len(skipped)} skipped)")
+        merges: list[Merge] = []
+        check = "none (--allow-near-duplicates)"
+        if not allow_near_duplicates:
+            entries, merges, check = _merge_near_duplicates(
+                scan.root, entries, checkpoint, depth_multiplier, tmp
+            )
         splits = stratified_split(entries, val, test, seed)
         if folds:
             splits["train"] = sorted(
@@ -283,7 +312,7 @@ def prepare(
             created_at=datetime.now(UTC),
             data_root=str(scan.root),
             layout=scan.layout,
-            synthetic=scan.synthetic,
+            synthetic=synthetic,
             seed=seed,
             val_fraction=val,
             test_fraction=test,
@@ -293,12 +322,54 @@ def prepare(
             grouping="groups-file" if groups is not None else "file",
             groups_file_sha256=sha256_hex(groups_file.read_bytes()) if groups_file else None,
             near_duplicates=duplicates,
+            merged=merges,
+            leakage_check=check,
             folds=folds,
         )
         (tmp / SPLIT_FILE).write_text(split.model_dump_json(by_alias=True, indent=2) + "\n")
     for name in SPLIT_NAMES:
         log.info("%-5s %s", name, split.class_counts(name))
     return split
+
+
+def _merge_near_duplicates(
+    root: Path,
+    entries: list[ImageEntry],
+    checkpoint: Path | None,
+    depth_multiplier: float,
+    out: Path,
+) -> tuple[list[ImageEntry], list[Merge], str]:
+    """Entries with near-duplicates in one group, the merges, and what was checked."""
+    paths = [e.path for e in entries]
+    merges = phash_pairs(paths, [e.phash for e in entries])
+    check = "perceptual hash"
+    if checkpoint is not None:
+        from cellwatch.training.bottleneck import base_features
+        from cellwatch.training.fit import BOTTLENECK_CACHE_DIR
+
+        features = base_features(
+            root, entries, checkpoint, depth_multiplier, out / BOTTLENECK_CACHE_DIR
+        )
+        merges += feature_pairs(paths, features)
+        check = f"perceptual hash and bottleneck features of {checkpoint.name}"
+    else:
+        log.warning(
+            "near-duplicates checked by perceptual hash only: crops, small rotations, shifts "
+            "and equalised copies are found by the network's features (prepare --checkpoint)"
+        )
+    if not merges:
+        return entries, [], check
+    groups = merged_groups({e.path: e.group for e in entries}, merges)
+    for m in merges:
+        log.warning(
+            "near-duplicates put into one group: %s and %s (%s %s)",
+            m.a,
+            m.b,
+            m.by,
+            f"{m.distance:.0f} bits apart" if m.by == "phash" else f"cosine {m.distance:.3f}",
+        )
+    merged = [e.model_copy(update={"group": groups[e.path]}) for e in entries]
+    return merged, merges, check
 
 
 def _report_duplicates(duplicates: list[NearDuplicate], strict: bool) -> None:
@@ -328,6 +399,38 @@ def load_split(path: Path) -> SplitFile:
             f"{path} is not a split made by `cellwatch-train prepare` (no {SPLIT_FILE})"
         )
     try:
-        return SplitFile.model_validate_json(file.read_bytes())
+        split = SplitFile.model_validate_json(file.read_bytes())
     except ValidationError as exc:
         raise DataError(f"{file} is not a valid split file: {exc.errors()[0]['msg']}") from exc
+    recomputed = recompute_fingerprints(split)
+    changed = [k for k, v in recomputed.items() if split.fingerprints.get(k) != v]
+    if changed:
+        raise DataError(
+            f"{file} was changed after `prepare`: the {', '.join(changed)} fingerprint no longer "
+            "matches its images (an image moved between splits, or a label changed); run "
+            "prepare again"
+        )
+    return split
+
+
+def recompute_fingerprints(split: SplitFile) -> dict[str, str]:
+    """Each split's fingerprint (and `all`'s) from its entries, not from what split.json says."""
+    prints: dict[str, str] = {name: fingerprint(split.entries(name)) for name in SPLIT_NAMES}
+    prints["all"] = fingerprint([e for name in SPLIT_NAMES for e in split.entries(name)])
+    return prints
+
+
+def verify_files(split: SplitFile) -> None:
+    """Hash every image again: DataError naming the first file whose bytes changed."""
+    for name in SPLIT_NAMES:
+        for e in split.entries(name):
+            path = split.root / e.path
+            try:
+                digest = sha256_hex(path.read_bytes())
+            except OSError as exc:
+                raise DataError(f"cannot read {path}: {exc.strerror}") from exc
+            if digest != e.sha256:
+                raise DataError(
+                    f"{path} changed since `prepare` (SHA-256 differs): the split no longer "
+                    "describes its images; run prepare again"
+                )

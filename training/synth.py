@@ -8,31 +8,39 @@ with a round, dark nucleus of coarse chromatin clumps. Sizes, colours, stain,
 position, blur and noise vary so that the classes overlap and are learnable but not
 trivially. Output is a deterministic function of (seed, index).
 
-These are not real smears: the folder carries a SYNTHETIC.json marker, and splits,
-runs, metrics and bundles made from it are flagged `synthetic`.
+These are not real smears: every file carries a SYNTHETIC tag (a TIFF ImageDescription,
+a JPEG comment) and the folder a SYNTHETIC.json marker; `prepare` flags a split
+synthetic when either is found, so copies moved elsewhere stay flagged, and runs,
+metrics and bundles made from it are flagged `synthetic`.
 """
 
 from __future__ import annotations
 
+import io
 import logging
+import struct
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Literal
 
 import cv2
 import numpy as np
+from PIL import Image
 from pydantic import Field
 
 from cellwatch.shared.base import Strict
 from cellwatch.training import LABELS
 from cellwatch.training.errors import DataError
-from cellwatch.training.layout import SYNTHETIC_MARKER, allidb_name
+from cellwatch.training.layout import SYNTHETIC_MARKER, SYNTHETIC_TAG, allidb_name
 from cellwatch.training.outdir import staged_dir
 from cellwatch.training.progress import track
 
 log = logging.getLogger(__name__)
 
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2
+"""2: every file carries SYNTHETIC_TAG (layout.py)."""
+_IMAGE_DESCRIPTION = 270
+_JPEG_PARAMS = [cv2.IMWRITE_JPEG_QUALITY, 92]
 ImageFormat = Literal["tif", "jpg"]
 _SUFFIX: dict[str, str] = {"tif": ".tif", "jpg": ".jpg"}
 
@@ -141,17 +149,30 @@ def write_dataset(
     info = SynthInfo(
         seed=seed, count=count, size=size, format=image_format, created_at=datetime.now(UTC)
     )
-    params = [cv2.IMWRITE_JPEG_QUALITY, 92] if image_format == "jpg" else []
     with staged_dir(out, marker=SYNTHETIC_MARKER, force=force, what="synthetic data folder") as tmp:
         labels = labels_for(count, seed)
         for i, label in track(enumerate(labels, start=1), "synthesising", total=count):
             rgb = smear(label, seed, i, size)
             path = tmp / allidb_name(i, label, _SUFFIX[image_format])
-            if not cv2.imwrite(str(path), cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR), params):
-                raise DataError(f"cannot write {path}")
+            path.write_bytes(encode(rgb, image_format))
         (tmp / SYNTHETIC_MARKER).write_text(info.model_dump_json(by_alias=True, indent=2) + "\n")
     log.info("wrote %d SYNTHETIC images to %s (seed %d)", count, out, seed)
     return info
+
+
+def encode(rgb: np.ndarray, image_format: ImageFormat) -> bytes:
+    """The image file's bytes, carrying SYNTHETIC_TAG: in a TIFF's ImageDescription tag,
+    or in a JPEG comment segment right after its start marker (pixels untouched)."""
+    if image_format == "tif":
+        out = io.BytesIO()
+        Image.fromarray(rgb).save(out, format="TIFF", tiffinfo={_IMAGE_DESCRIPTION: SYNTHETIC_TAG})
+        return out.getvalue()
+    ok, jpeg = cv2.imencode(".jpg", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR), _JPEG_PARAMS)
+    if not ok:  # pragma: no cover - OpenCV encodes any uint8 RGB image
+        raise DataError("OpenCV could not encode a synthetic JPEG")
+    data = jpeg.tobytes()
+    comment = b"\xff\xfe" + struct.pack(">H", len(SYNTHETIC_TAG) + 2) + SYNTHETIC_TAG
+    return data[:2] + comment + data[2:]  # after SOI (FF D8)
 
 
 def _disc(

@@ -177,8 +177,9 @@ class BottleneckTrainer(Trainer):
     """
 
     def _build(self) -> None:
-        self.net = network.build(self.images, is_training=False)
-        dim = network.BOTTLENECK_DIM
+        depth = self.config.depth_multiplier
+        self.net = network.build(self.images, is_training=False, depth_multiplier=depth)
+        dim = network.bottleneck_dim(depth)
         self.features = tf1.placeholder(tf.float32, [None, dim], name="bottlenecks")
         with tf1.variable_scope("BottleneckHead"):
             zeros = tf1.zeros_initializer()
@@ -204,7 +205,8 @@ class BottleneckTrainer(Trainer):
         return tf.matmul(z, self.weights) + self.biases
 
     def prepare(self, cache_root: Path | None) -> None:
-        self.cache = BottleneckCache(cache_root, self.base_digest) if cache_root else None
+        dim = network.bottleneck_dim(self.config.depth_multiplier)
+        self.cache = BottleneckCache(cache_root, self.base_digest, dim) if cache_root else None
         extractor = FeatureExtractor(self.session, self.images, self.net.prelogits, self.split.root)
         try:
             train, val = self.split.entries("train"), self.split.entries("val")
@@ -278,8 +280,11 @@ class FinetuneTrainer(Trainer):
             self.train_images,
             is_training=True,
             batch_norm_scopes=cfg.trainable_scopes if cfg.train_batch_norm else (),
+            depth_multiplier=cfg.depth_multiplier,
         )
-        eval_net = network.build(self.images, is_training=False, reuse=True)
+        eval_net = network.build(
+            self.images, is_training=False, reuse=True, depth_multiplier=cfg.depth_multiplier
+        )
         self.logits_for_eval = eval_net.logits
         self.trainable = network.in_scopes(tf1.trainable_variables(), cfg.trainable_scopes)
         if not self.trainable:

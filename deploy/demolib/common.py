@@ -63,6 +63,9 @@ class Profile:
     misses the gate is replaced by fp16 (and the demo says so). NNCF's accuracy-aware
     quantisation takes 2-6 minutes on a fast 2-core CPU and over 5 on a slow one, so
     only `make demo INT8=accurate` (`--int8 accurate`) runs it, for v1."""
+    allow_no_skill: bool = False
+    """Export even without evidence of skill (a quick run has too few test images to
+    show any); the bundle is labelled no-skill."""
 
 
 FULL = Profile(
@@ -80,6 +83,7 @@ QUICK = Profile(
     swap_rate=6.0,
     after_swap_s=3.0,
     int8_methods=("ptq", "ptq"),
+    allow_no_skill=True,
 )
 
 

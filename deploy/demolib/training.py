@@ -5,15 +5,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from rich.markup import escape
 from rich.table import Table
 
+from cellwatch.shared.figures import BundleMetrics, MetricSet, Proportion
 from cellwatch.shared.manifest import Manifest
 from cellwatch.training.errors import GateError
-from cellwatch.training.stats import MetricSet, Proportion, fmt, wilson
-from demolib.common import MODEL_NAME, Layout, Profile, console, doing, done, shown
+from cellwatch.training.stats import fmt, wilson
+from demolib.common import MODEL_NAME, DemoError, Layout, Profile, console, doing, done, shown
 from demolib.processes import Command, ProcessGroup, tail
 from demolib.services import cw
 from demolib.summary import TrainedInfo
@@ -43,24 +43,26 @@ class Trained:
     fallback: str | None = None
     """Why the demo shipped another precision than the profile's, if it did."""
 
-    def _metrics(self, *keys: str) -> Any:
-        value: Any = self.manifest.metrics
-        for key in keys:
-            value = value[key]
-        return value
+    @property
+    def figures(self) -> BundleMetrics:
+        """The bundle's figures, as `cellwatch-train export` writes them."""
+        figures = self.manifest.figures
+        if figures is None:
+            raise DemoError(f"{shown(self.bundle)}: its manifest has no cellwatch figures")
+        return figures
 
     @property
     def deployed(self) -> MetricSet:
         """The figures of the model the nodes run (its own, on the test split)."""
-        return MetricSet.model_validate(self._metrics("deployed", "metrics"))
+        return self.figures.deployed.metrics
 
     @property
     def tensorflow(self) -> MetricSet:
-        return MetricSet.model_validate(self._metrics("tensorflow", "metrics"))
+        return self.figures.tensorflow.metrics
 
     @property
     def agreement(self) -> Proportion:
-        return Proportion.model_validate(self._metrics("agreement"))
+        return self.figures.agreement
 
     @property
     def flags(self) -> list[str]:
@@ -72,7 +74,7 @@ class Trained:
             precision=self.precision,
             fallback=self.fallback,
             flags=self.flags,
-            metrics=self.manifest.metrics,
+            metrics=self.figures.model_dump(mode="json"),
         )
 
 
@@ -148,6 +150,20 @@ class Training:
                 "--allow-untrained: without CHECKPOINT the base network is random, so export "
                 "would refuse it; the bundle is labelled UNTRAINED wherever it goes"
             )
+        else:
+            untrained = ["--base-is", f"the checkpoint given as CHECKPOINT ({self.checkpoint})"]
+            doing(
+                "--base-is: export checks the checkpoint's SHA-256 against the published "
+                "TF-Slim file's; one it cannot verify is exported only with what you say it "
+                "is, and labelled UNVERIFIED-BASE wherever it goes"
+            )
+        if self.profile.allow_no_skill:
+            untrained.append("--allow-no-skill")
+            doing(
+                f"--allow-no-skill: {self.profile.images} images leave too few test images "
+                "to show skill, so export would refuse the model; the bundle is labelled "
+                "NO-SKILL wherever it goes"
+            )
         if precision == "int8":
             if int8_method == "auto":
                 doing(
@@ -198,7 +214,7 @@ def report(t: Trained) -> None:
         f"{shown(t.bundle)}, model card {shown(t.bundle / 'MODEL_CARD.md')}"
     )
     table = Table(
-        title=f"{MODEL_NAME} {t.version} on {m.metrics['n']} held-out test images "
+        title=f"{MODEL_NAME} {t.version} on {t.figures.n} held-out test images "
         f"(SYNTHETIC; threshold p(ALL) >= {dep.threshold:.3f}; 95% intervals)"
     )
     for col in ("figure", f"deployed {t.precision} IR (what the nodes run)", "TensorFlow"):
@@ -211,28 +227,50 @@ def report(t: Trained) -> None:
     ):
         table.add_row(label, fmt(getattr(dep, key)), fmt(getattr(tf, key)))
     console.print(table)
-    gate = m.provenance["gate"]
-    deployed = m.metrics["deployed"]
-    done(
-        f"deployed decisions equal TensorFlow's on {fmt(t.agreement, 3)}; export gate "
-        f"(agreement >= {gate['min_agreement']:g}, sensitivity drop <= {gate['max_drop']:g}) "
-        f"{'passed' if gate['passed'] else 'FAILED'}; measured on "
-        f"{deployed['device']} at {deployed['inference_precision']}"
-    )
-    for attempt in m.provenance.get("quantization", {}).get("attempts", []):
-        shown_agreement = fmt(wilson(attempt["agreement_k"], attempt["n"]))
+    figures, gate = t.figures, m.provenance.gate
+    if gate is not None:
+        every = figures.agreement_all
         done(
-            f"int8 by {attempt['method']} ({attempt['seconds']:.0f} s): decisions equal "
-            f"TensorFlow's on {shown_agreement}: "
-            + ("passes the gate" if attempt["passed"] else "refused by the gate")
+            f"deployed decisions equal TensorFlow's on {fmt(t.agreement, 3)} of the test images"
+            + (f" and {fmt(every, 3)} of every image" if every is not None else "")
+            + f"; export gate (agreement >= {num(gate.min_agreement)}, sensitivity drop <= "
+            f"{num(gate.max_sensitivity_drop)}, |p difference| <= "
+            f"{num(gate.max_prob_diff_limit)}) {'passed' if gate.passed else 'FAILED'}; "
+            f"measured on {figures.deployed.device} at {figures.deployed.inference_precision}"
+        )
+    quantization = m.provenance.quantization
+    for attempt in quantization.attempts if quantization is not None else []:
+        if attempt.agreement_k is None or attempt.n is None:
+            continue
+        done(
+            f"int8 by {attempt.method} ({attempt.seconds or 0:.0f} s): decisions equal "
+            f"TensorFlow's on {fmt(wilson(attempt.agreement_k, attempt.n))}: "
+            + ("passes the gate" if attempt.passed else "refused by the gate")
+        )
+    quality = m.provenance.quality
+    if quality is not None:
+        verdict = "shown" if quality.passed else "NOT shown (exported with --allow-no-skill)"
+        done(
+            f"evidence of skill on {quality.n} test images (ROC AUC's lower bound "
+            f"{num(quality.auc_ci_low)} > 0.5, Brier {num(quality.brier)} better than the "
+            f"prior's {num(quality.prior_brier)}): {verdict}"
         )
     c, d = m.calibration, m.decision
     if c is not None and d is not None:
-        before = f"{c.ece_before:.3f}" if c.ece_before is not None else "?"
-        after = f"{c.ece_after:.3f}" if c.ece_after is not None else "?"
+        applied = f"temperature {c.temperature:.3g} applied" if c.applied else "not applied"
         done(
-            f"calibration on {c.n} validation images: temperature {c.temperature:.3g} "
-            f"{'applied' if c.applied else 'not applied'} (ECE {before} -> {after}); "
-            f"low-confidence band p(ALL) in [{d.low_confidence[0]:.2f}, "
+            f"calibration on {c.n} validation images: {applied}"
+            + (f" ({c.note})" if c.note and not c.applied else "")
+            + f"; low-confidence band p(ALL) in [{d.low_confidence[0]:.2f}, "
             f"{d.low_confidence[1]:.2f}]"
         )
+        if c.test is not None:
+            done(
+                f"on the {c.test.n} test images: ECE {c.test.ece:.3f}, NLL {c.test.nll:.3f}, "
+                f"Brier {c.test.brier:.3f}; {c.test.errors_in_band} of its {c.test.errors} "
+                "errors fall inside the low-confidence band"
+            )
+
+
+def num(value: float | None) -> str:
+    return f"{value:.3g}" if value is not None else "?"

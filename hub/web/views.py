@@ -11,9 +11,11 @@ from datetime import UTC, datetime
 from typing import Any
 
 import numpy as np
+from pydantic import ValidationError
 
 from cellwatch.hub.db import RolloutEvent, TargetRecord
 from cellwatch.hub.history import HISTORY_S, Samples
+from cellwatch.shared.figures import Auc, BundleMetrics, Proportion
 from cellwatch.shared.hubapi import ModelInfo, NodeInfo, RolloutInfo, WaveInfo
 from cellwatch.shared.states import NodeState, TargetPhase, Tone, UpdateState, tone
 
@@ -224,7 +226,26 @@ def _number(value: Any) -> float | None:
     return float(value) if math.isfinite(value) else None
 
 
+def _typed(metrics: dict[str, Any]) -> tuple[list[MetricCell], int | None] | None:
+    """cellwatch-train's metrics (shared.figures.BundleMetrics), read by attribute."""
+    try:
+        figures = BundleMetrics.model_validate(metrics)
+    except ValidationError:
+        return None
+    deployed = figures.deployed.metrics
+    cells = []
+    for name in DEPLOYED_METRICS:
+        figure: Proportion | Auc = getattr(deployed, name)
+        interval = None
+        if figure.ci95 is not None:
+            interval = f"95% CI {figure.ci95[0]:.3f}–{figure.ci95[1]:.3f}"
+        value = "–" if figure.value is None else f"{figure.value:.3f}"
+        cells.append(MetricCell(name, value, interval))
+    return cells, figures.n
+
+
 def _deployed(metrics: dict[str, Any]) -> tuple[list[MetricCell], int | None] | None:
+    """The agreed `deployed.metrics` in a partial or older shape (other tools)."""
     deployed = metrics.get("deployed")
     if not isinstance(deployed, dict) or not isinstance(deployed.get("metrics"), dict):
         return None
@@ -291,7 +312,7 @@ def model_rows(models: list[ModelInfo], nodes: list[NodeInfo]) -> list[ModelRow]
     )
     rows = []
     for m in models:
-        deployed = _deployed(m.metrics)
+        deployed = _typed(m.metrics) or _deployed(m.metrics)
         if deployed is not None:
             cells, n = deployed
             rows.append(ModelRow(m, running.get(m.manifest_sha256, 0), cells, n, True))

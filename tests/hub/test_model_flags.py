@@ -69,8 +69,14 @@ def test_flags_are_listed_and_untrained_rollouts_need_confirmation(
     assert operator.rollout_status(info.rollout_id).model_flags == ["synthetic", "untrained"]
     operator.rollout_verb("abort", info.rollout_id)
 
-    # degraded is shown but needs no confirmation
-    degraded = operator.rollout_start(RolloutStartArgs(name="toy", version="8.0.0"))
+    # degraded needs the confirmation too (issue 18, point 7)
+    with pytest.raises(ApiFailure) as refused_degraded:
+        operator.rollout_start(RolloutStartArgs(name="toy", version="8.0.0"))
+    assert refused_degraded.value.code == "untrained_model"
+    assert "DEGRADED" in refused_degraded.value.message
+    degraded = operator.rollout_start(
+        RolloutStartArgs(name="toy", version="8.0.0", yes_untrained=True)
+    )
     assert degraded.model_flags == ["degraded"]
 
 

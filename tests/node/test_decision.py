@@ -79,6 +79,7 @@ def test_node_results_follow_the_rule_and_status_shows_flags(
         assert borderline.label == "ALL" and borderline.class_index == 1
         assert borderline.confidence == pytest.approx(borderline.probabilities["ALL"])
         assert borderline.low_confidence is True
+        assert borderline.flags == ["synthetic", "untrained"]  # every Result carries them
         clear = requester.request(tinted(100))
         assert clear.label == "normal" and clear.low_confidence is False
         wait_for(lambda: bool(watch.on(T.status("node-1"))), what="status")
@@ -92,3 +93,5 @@ def test_old_bundles_keep_argmax(node_factory: NodeFactory, requester: Requester
     node_factory()  # the toy bundle has no decision rule
     r = requester.request(tinted(120))
     assert r.label == "normal" and r.low_confidence is False  # p(normal) 0.62 >= 0.6
+    assert r.flags == []  # an unflagged model: no flags, and none on the wire
+    assert b'"flags"' not in r.to_json()

@@ -72,10 +72,44 @@ def test_decision_needs_its_label_and_two_classes() -> None:
             {"synthetic": True, "base_checkpoint": None, "gate": {"passed": False}},
             ["synthetic", "untrained", "degraded"],
         ),
+        ({"base_checkpoint": "/c/own.ckpt", "base_verified": False}, ["unverified-base"]),
+        ({"base_checkpoint": "/c/inception_v3.ckpt", "base_verified": True}, []),
+        ({"quality": {"passed": False, "overridden": True}}, ["no-skill"]),
+        ({"gate": {"max_drop": 0.02, "passed": False}}, ["degraded"]),  # the older name
     ],
 )
 def test_model_flags(provenance: dict[str, Any], flags: list[str]) -> None:
     assert model_flags(provenance) == flags
+
+
+def test_older_and_foreign_manifests_stay_readable() -> None:
+    """Issue 16: metrics and provenance are typed; bundles of the first training pass and
+    of other tools still parse, keep what they say, and are written back unchanged."""
+    old_gate = {
+        "min_agreement": 0.98,
+        "max_drop": 0.02,
+        "agreement": 1.0,
+        "sensitivity_drop": 0.0,
+        "passed": True,
+        "overridden": False,
+    }
+    foreign = Manifest.model_validate(
+        manifest(
+            metrics={"evaluation": {"accuracy": 0.75, "n": 40}},
+            provenance={"builder": "other-tool", "gate": old_gate},
+        )
+    )
+    assert foreign.figures is None and foreign.metrics_json() == {
+        "evaluation": {"accuracy": 0.75, "n": 40}
+    }
+    gate = foreign.provenance.gate
+    assert gate is not None and gate.max_sensitivity_drop == 0.02 and gate.failures() == []
+    assert foreign.provenance_json() == {"builder": "other-tool", "gate": old_gate}
+    assert json.loads(foreign.to_json())["provenance"] == {
+        "builder": "other-tool",
+        "gate": old_gate,
+    }
+    assert foreign.flags == []  # nothing it did not say: no base_checkpoint key, no flag
 
 
 def test_model_card_is_listed_hashed_and_verified(tmp_path: Path) -> None:

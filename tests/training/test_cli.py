@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.training.sizes import TEST_BASE
 from tests.training.test_dataset import allidb, write_images
 
 BIN = Path(sys.executable).parent
@@ -30,8 +31,10 @@ def train(*args: str | Path, cwd: Path | None = None) -> subprocess.CompletedPro
     )
 
 
-def assert_one_line_error(result: subprocess.CompletedProcess[str], fragment: str) -> None:
-    assert result.returncode == 2, result.stderr
+def assert_one_line_error(
+    result: subprocess.CompletedProcess[str], fragment: str, exit_code: int = 2
+) -> None:
+    assert result.returncode == exit_code, result.stderr
     lines = result.stderr.strip().splitlines()
     assert "Traceback" not in result.stderr
     assert lines[-1].startswith("error: ") and fragment in lines[-1], result.stderr
@@ -127,7 +130,11 @@ def test_keygen(tmp_path: Path) -> None:
 
 
 def test_gate_settings_out_of_range_are_usage_errors(tmp_path: Path) -> None:
-    for flag, value in (("--min-agreement", "1.5"), ("--max-drop", "-0.1")):
+    for flag, value in (
+        ("--min-agreement", "1.5"),
+        ("--max-sensitivity-drop", "-0.1"),
+        ("--max-prob-diff", "2"),
+    ):
         result = train(
             *("export", tmp_path, "--out", tmp_path / "b", "--name", "x", "--version", "1"),
             *("--sign-key", tmp_path / "k", flag, value),
@@ -147,6 +154,7 @@ def test_export_gate_failure_exits_3_naming_the_figure(
     result = train(
         *("export", trained_run, "--out", tmp_path / "b", "--name", "x", "--version", "1"),
         *("--precision", "fp16", "--sign-key", signing_key, "--threshold", f"{threshold!r}"),
+        *("--base-is", TEST_BASE, "--allow-no-skill"),
     )
     assert result.returncode == 3, result.stderr
     last = result.stderr.strip().splitlines()[-1]

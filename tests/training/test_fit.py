@@ -19,6 +19,7 @@ from cellwatch.training.runinfo import LOG_FILE, RUN_FILE, FitConfig, RunInfo
 from cellwatch.training.split import load_split
 from cellwatch.training.tfcompat import tf1
 from cellwatch.training.trainer import BottleneckTrainer
+from tests.training.sizes import TEST_DEPTH
 
 pytestmark = pytest.mark.slow
 
@@ -40,7 +41,9 @@ def test_bottleneck_base_is_restored_and_frozen_head_trains(
 ) -> None:
     base = read_ckpt(imagenet_ckpt)
     trainer = BottleneckTrainer(
-        FitConfig(epochs=1, batch_size=8, seed=5), load_split(split_dir), imagenet_ckpt
+        FitConfig(depth_multiplier=TEST_DEPTH, epochs=1, batch_size=8, seed=5),
+        load_split(split_dir),
+        imagenet_ckpt,
     )
     try:
         names = [network.variable_name(v) for v in trainer.base_vars]
@@ -65,7 +68,7 @@ def test_bottleneck_base_is_restored_and_frozen_head_trains(
 
         # folding is exact: the network's own 1x1 conv reproduces the standardised head
         x = trainer.val_x
-        folded = x @ head_after[0].reshape(network.BOTTLENECK_DIM, 2) + head_after[1]
+        folded = x @ head_after[0].reshape(network.bottleneck_dim(TEST_DEPTH), 2) + head_after[1]
         trained = trainer.session.run(trainer.logits_for_eval, {trainer.features: x})
         np.testing.assert_allclose(folded, trained, rtol=1e-4, atol=1e-4)
     finally:
@@ -77,7 +80,7 @@ def test_bottleneck_base_is_restored_and_frozen_head_trains(
     for name, value in saved.items():
         if not is_head(name):
             np.testing.assert_array_equal(value, base[name], err_msg=name)
-    assert saved[HEAD_W].shape == (1, 1, 2048, 2)
+    assert saved[HEAD_W].shape == (1, 1, network.bottleneck_dim(TEST_DEPTH), 2)
 
 
 def test_run_directory_contents(trained_run: Path, imagenet_ckpt: Path, split_dir: Path) -> None:
@@ -101,9 +104,11 @@ def test_cache_is_reused_and_matches_a_fresh_forward_pass(
     cached = list(cache_root.rglob("*.npy"))
     assert len(cached) == 34  # train + val; the test split is never touched by fit
     split = load_split(split_dir)
-    trainer = BottleneckTrainer(FitConfig(seed=5), split, imagenet_ckpt)
+    trainer = BottleneckTrainer(
+        FitConfig(depth_multiplier=TEST_DEPTH, seed=5), split, imagenet_ckpt
+    )
     try:
-        cache = BottleneckCache(cache_root, trainer.base_digest)
+        cache = BottleneckCache(cache_root, trainer.base_digest, network.bottleneck_dim(TEST_DEPTH))
         entries = split.entries("val")[:3]
         extractor = FeatureExtractor(
             trainer.session, trainer.images, trainer.net.prelogits, split.root
@@ -126,7 +131,7 @@ def test_same_seed_same_model(
     info = fit(
         split_dir,
         tmp_path / "again",
-        FitConfig(epochs=2, batch_size=8, seed=5),
+        FitConfig(depth_multiplier=TEST_DEPTH, epochs=2, batch_size=8, seed=5),
         base_checkpoint=imagenet_ckpt,
     )
     first = RunInfo.model_validate_json((trained_run / RUN_FILE).read_bytes())
@@ -140,6 +145,7 @@ def test_finetune_trains_only_the_chosen_scopes(
     split_dir: Path, imagenet_ckpt: Path, tmp_path: Path
 ) -> None:
     config = FitConfig(
+        depth_multiplier=TEST_DEPTH,
         mode="finetune",
         epochs=1,
         batch_size=7,
@@ -161,18 +167,31 @@ def test_finetune_trains_only_the_chosen_scopes(
 def test_bad_checkpoints_and_options_write_nothing(split_dir: Path, tmp_path: Path) -> None:
     out = tmp_path / "run"
     with pytest.raises(CheckpointError, match="does not exist"):
-        fit(split_dir, out, FitConfig(), base_checkpoint=tmp_path / "inception_v3.ckpt")
+        fit(
+            split_dir,
+            out,
+            FitConfig(depth_multiplier=TEST_DEPTH),
+            base_checkpoint=tmp_path / "inception_v3.ckpt",
+        )
     junk = tmp_path / "inception_v3.ckpt"
     junk.write_bytes(json.dumps({"not": "a checkpoint"}).encode())
     with pytest.raises(CheckpointError, match="cannot read checkpoint"):
-        fit(split_dir, out, FitConfig(epochs=1), base_checkpoint=junk)
+        fit(split_dir, out, FitConfig(depth_multiplier=TEST_DEPTH, epochs=1), base_checkpoint=junk)
     with pytest.raises(TrainingError, match="applies to --mode finetune"):
-        fit(split_dir, out, FitConfig(trainable_scopes=["InceptionV3/Mixed_7c"]))
+        fit(
+            split_dir,
+            out,
+            FitConfig(depth_multiplier=TEST_DEPTH, trainable_scopes=["InceptionV3/Mixed_7c"]),
+        )
     with pytest.raises(TrainingError, match="match no variable"):
-        fit(split_dir, out, FitConfig(mode="finetune", trainable_scopes=["Mixed_7c"]))
+        fit(
+            split_dir,
+            out,
+            FitConfig(depth_multiplier=TEST_DEPTH, mode="finetune", trainable_scopes=["Mixed_7c"]),
+        )
     assert not out.exists() and not list(tmp_path.glob(".run.*"))
 
 
 def test_existing_run_needs_force(split_dir: Path, trained_run: Path) -> None:
     with pytest.raises(TrainingError, match="already exists"):
-        fit(split_dir, trained_run, FitConfig(epochs=1))
+        fit(split_dir, trained_run, FitConfig(depth_multiplier=TEST_DEPTH, epochs=1))

@@ -12,6 +12,7 @@ from cellwatch.training.export import ExportOptions, export
 from cellwatch.training.fit import BOTTLENECK_CACHE_DIR, fit
 from cellwatch.training.runinfo import FitConfig
 from cellwatch.training.split import prepare
+from tests.training.sizes import TEST_BASE, TEST_DEPTH
 from tests.training.test_cli import train
 
 pytestmark = pytest.mark.slow
@@ -23,13 +24,21 @@ def test_folds_are_trained_and_summarised(
     folds = prepare(synth_data, tmp_path / "split", val=0.0, test=0.15, seed=3, folds=2)
     cache = split_dir / BOTTLENECK_CACHE_DIR  # same images, same base: reuse the features
     with pytest.raises(DataError, match="pass --fold"):
-        fit(tmp_path / "split", tmp_path / "nofold", FitConfig(epochs=1), cache_dir=cache)
+        fit(
+            tmp_path / "split",
+            tmp_path / "nofold",
+            FitConfig(depth_multiplier=TEST_DEPTH, epochs=1),
+            cache_dir=cache,
+        )
     runs = []
     for fold in (0, 1):
         run = tmp_path / f"run{fold}"
-        config = FitConfig(epochs=2, batch_size=8, seed=5, fold=fold)
+        config = FitConfig(depth_multiplier=TEST_DEPTH, epochs=2, batch_size=8, seed=5, fold=fold)
         info = fit(tmp_path / "split", run, config, base_checkpoint=imagenet_ckpt, cache_dir=cache)
         assert info.config.fold == fold
+        # the held-out fold scores the run, so it must not choose its epoch (issue 18, 5)
+        assert info.selected_epoch == 2 and info.selection is not None
+        assert info.selection.startswith("fixed 2 epochs chosen beforehand")
         assert info.fingerprints["val"] == folds.for_fold(fold).fingerprints["val"]
         runs.append(run)
     summary = cross_validate(runs)
@@ -47,6 +56,7 @@ def test_folds_are_trained_and_summarised(
     assert out.returncode == 0, out.stderr
     assert "over 2 of 2 folds, SYNTHETIC data (mean ± sd):" in out.stdout
     assert "accuracy" in out.stdout and " ± " in out.stdout
+    assert "fixed number of epochs chosen beforehand" in out.stdout
 
 
 def test_an_empty_test_split_needs_allow_no_test(
@@ -56,11 +66,18 @@ def test_an_empty_test_split_needs_allow_no_test(
     fit(
         tmp_path / "split",
         tmp_path / "run",
-        FitConfig(epochs=2, batch_size=8, seed=5),
+        FitConfig(depth_multiplier=TEST_DEPTH, epochs=2, batch_size=8, seed=5),
         base_checkpoint=imagenet_ckpt,
         cache_dir=split_dir / BOTTLENECK_CACHE_DIR,
     )
-    options = ExportOptions(name="notest", version="1", precision="fp16", sign_key=signing_key)
+    options = ExportOptions(
+        name="notest",
+        version="1",
+        precision="fp16",
+        sign_key=signing_key,
+        base_is=TEST_BASE,
+        allow_no_skill=True,
+    )
     with pytest.raises(ExportError, match=r"the test split of .* is empty"):
         export(tmp_path / "run", tmp_path / "bundle", options)
     assert not (tmp_path / "bundle").exists()
@@ -70,6 +87,6 @@ def test_an_empty_test_split_needs_allow_no_test(
         ExportOptions(**{**options.__dict__, "allow_no_test": True}),
     )
     m = bundle.manifest
-    assert m.metrics["split"] == "val" and m.metrics["n"] == 8
-    assert m.provenance["allow_no_test"] is True
+    assert m.figures is not None and m.figures.split == "val" and m.figures.n == 8
+    assert m.provenance.allow_no_test is True
     assert "**no test split**" in (tmp_path / "bundle" / "MODEL_CARD.md").read_text()

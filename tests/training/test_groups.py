@@ -107,6 +107,7 @@ def test_idb1_and_idb2_files_of_one_number_are_not_one_source(tmp_path: Path) ->
 def test_near_duplicates_across_splits_warn_and_strict_refuses(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
+    """With --allow-near-duplicates (the behaviour before merging): warned, or refused."""
     data = tmp_path / "data"
     names = allidb(8)
     write_smears(data, names)
@@ -119,7 +120,14 @@ def test_near_duplicates_across_splits_warn_and_strict_refuses(
     found = None
     for seed in range(20):  # a seed that puts the two in different splits
         with caplog.at_level(logging.WARNING):
-            split = prepare(data, tmp_path / f"s{seed}", val=0.2, test=0.2, seed=seed)
+            split = prepare(
+                data,
+                tmp_path / f"s{seed}",
+                val=0.2,
+                test=0.2,
+                seed=seed,
+                allow_near_duplicates=True,
+            )
         if split.near_duplicates:
             found = seed
             break
@@ -130,8 +138,26 @@ def test_near_duplicates_across_splits_warn_and_strict_refuses(
     assert {pair.a, pair.b} == {"Im003_1.tif", "Im103_1.jpg"} and pair.distance <= 8
     assert "near-duplicate images in different splits" in caplog.text
     with pytest.raises(DataError, match="1 near-duplicate pairs straddle splits"):
-        prepare(data, tmp_path / "strict", val=0.2, test=0.2, seed=found, strict=True)
+        prepare(
+            data,
+            tmp_path / "strict",
+            val=0.2,
+            test=0.2,
+            seed=found,
+            strict=True,
+            allow_near_duplicates=True,
+        )
     assert nothing_written(tmp_path, tmp_path / "strict")
+
+    # by default the pair is one group, so no seed can split it (issue 18, point 4)
+    merged = prepare(data, tmp_path / "merged", val=0.2, test=0.2, seed=found)
+    assert merged.near_duplicates == []
+    assert [(m.a, m.b, m.by) for m in merged.merged] == [("Im003_1.tif", "Im103_1.jpg", "phash")]
+    where = {e.path: n for n in ("train", "val", "test") for e in merged.entries(n)}
+    assert where["Im003_1.tif"] == where["Im103_1.jpg"]
+    group = {e.path: e.group for n in ("train", "val", "test") for e in merged.entries(n)}
+    assert group["Im003_1.tif"] == group["Im103_1.jpg"]
+    assert merged.leakage_check == "perceptual hash"
 
 
 def test_synthetic_split_has_no_false_near_duplicates(split_dir: Path) -> None:

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from cellwatch.training import checkpoint, network
+from cellwatch.training.checkpoint import write_random_base
 from cellwatch.training.errors import CheckpointError
 from cellwatch.training.tfcompat import new_session, seed_everything, tf, tf1
 
@@ -69,7 +70,15 @@ def test_two_class_head_differs_only_in_head_scopes() -> None:
     assert small_shapes["InceptionV3/Logits/Conv2d_1c_1x1/weights"] == (1, 1, 2048, 2)
 
 
-def test_imagenet_checkpoint_restores_into_two_class_net(imagenet_ckpt: Path) -> None:
+@pytest.fixture(scope="module")
+def full_width_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A full-width (depth multiplier 1.0) 1001-class checkpoint: the public file's 388
+    variables with their names and shapes (the other tests use TEST_DEPTH's)."""
+    return write_random_base(tmp_path_factory.mktemp("full") / "inception_v3.ckpt", 1, 1.0)
+
+
+def test_imagenet_checkpoint_restores_into_two_class_net(full_width_ckpt: Path) -> None:
+    imagenet_ckpt = full_width_ckpt
     graph, variables = _graph(2)
     with graph.as_default():
         init = tf1.global_variables_initializer()
@@ -85,10 +94,17 @@ def test_imagenet_checkpoint_restores_into_two_class_net(imagenet_ckpt: Path) ->
     session.close()
 
 
-def test_restoring_the_head_of_another_class_count_is_refused(imagenet_ckpt: Path) -> None:
+def test_restoring_the_head_of_another_class_count_is_refused(full_width_ckpt: Path) -> None:
     _, variables = _graph(2)
     with pytest.raises(CheckpointError, match=r"does not match the network.*shape"):
-        checkpoint.restorable(imagenet_ckpt, variables, exclude=())
+        checkpoint.restorable(full_width_ckpt, variables, exclude=())
+
+
+def test_a_base_of_another_width_is_refused(imagenet_ckpt: Path) -> None:
+    """The tests' base is TEST_DEPTH wide: it does not restore into the full network."""
+    _, variables = _graph(2)
+    with pytest.raises(CheckpointError, match="saved at the run's --depth-multiplier"):
+        checkpoint.restorable(imagenet_ckpt, variables, exclude=network.HEAD_SCOPES)
 
 
 def test_missing_and_foreign_checkpoints_are_refused(tmp_path: Path) -> None:

@@ -16,24 +16,27 @@ from cellwatch.training.errors import TrainingError
 from cellwatch.training.fit import MIN_IMPROVEMENT, fit
 from cellwatch.training.runinfo import FitConfig, load_run
 from cellwatch.training.split import load_split
+from tests.training.sizes import TEST_DEPTH
 from tests.training.test_fit import is_head, read_ckpt
 
 SCOPES = ["InceptionV3/Logits", "InceptionV3/Mixed_7c"]
 
 
 def test_learning_rate_schedules() -> None:
-    cosine = FitConfig(epochs=4, learning_rate=0.1)
+    cosine = FitConfig(depth_multiplier=TEST_DEPTH, epochs=4, learning_rate=0.1)
     assert [round(cosine.learning_rate_at(e), 6) for e in (1, 2, 3, 4)] == [
         0.1,
         pytest.approx(0.085355, abs=1e-6),
         0.05,
         pytest.approx(0.014645, abs=1e-6),
     ]
-    step = FitConfig(epochs=8, learning_rate=0.1, lr_schedule="step")
+    step = FitConfig(depth_multiplier=TEST_DEPTH, epochs=8, learning_rate=0.1, lr_schedule="step")
     assert [step.learning_rate_at(e) for e in (1, 4, 5, 6, 7, 8)] == pytest.approx(
         [0.1, 0.1, 0.01, 0.01, 0.001, 0.001]
     )
-    assert FitConfig(lr_schedule="constant").learning_rate_at(30) == 1e-3
+    assert (
+        FitConfig(depth_multiplier=TEST_DEPTH, lr_schedule="constant").learning_rate_at(30) == 1e-3
+    )
 
 
 def test_cache_key_covers_the_software() -> None:
@@ -64,7 +67,13 @@ def test_the_epoch_with_the_lowest_validation_loss_is_kept(
     split_dir: Path, imagenet_ckpt: Path, trained_run: Path, tmp_path: Path
 ) -> None:
     config = FitConfig(
-        epochs=30, batch_size=8, seed=5, patience=3, learning_rate=3e-4, lr_schedule="constant"
+        depth_multiplier=TEST_DEPTH,
+        epochs=30,
+        batch_size=8,
+        seed=5,
+        patience=3,
+        learning_rate=3e-4,
+        lr_schedule="constant",
     )
     info = fit(split_dir, tmp_path / "run", config, base_checkpoint=imagenet_ckpt)
     losses = [h.val_loss for h in info.history]
@@ -95,6 +104,7 @@ def test_finetune_changes_only_trainable_scopes_deterministically(
     split_dir: Path, imagenet_ckpt: Path, tmp_path: Path
 ) -> None:
     config = FitConfig(
+        depth_multiplier=TEST_DEPTH,
         mode="finetune",
         epochs=1,
         batch_size=7,
@@ -124,7 +134,9 @@ def test_finetune_runs_dropout_and_needs_the_head(split_dir: Path, imagenet_ckpt
 
     split = load_split(split_dir)
     trainer = FinetuneTrainer(
-        FitConfig(mode="finetune", seed=3, trainable_scopes=SCOPES), split, imagenet_ckpt
+        FitConfig(depth_multiplier=TEST_DEPTH, mode="finetune", seed=3, trainable_scopes=SCOPES),
+        split,
+        imagenet_ckpt,
     )
     try:
         trainer.prepare(None)
@@ -142,7 +154,11 @@ def test_finetune_runs_dropout_and_needs_the_head(split_dir: Path, imagenet_ckpt
         trainer.close()
     with pytest.raises(TrainingError, match="must include InceptionV3/Logits"):
         FinetuneTrainer(
-            FitConfig(mode="finetune", trainable_scopes=["InceptionV3/Mixed_7c"]),
+            FitConfig(
+                depth_multiplier=TEST_DEPTH,
+                mode="finetune",
+                trainable_scopes=["InceptionV3/Mixed_7c"],
+            ),
             split,
             imagenet_ckpt,
         )

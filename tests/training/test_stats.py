@@ -5,17 +5,27 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from cellwatch.shared.manifest import Decision
 from cellwatch.training.calibration import (
     TEMPERATURE_MIN,
     brier,
     calibrate,
+    check,
     choose_decision,
     ece,
     fit_temperature,
     softmax,
 )
 from cellwatch.training.gate import judge
-from cellwatch.training.stats import agreement, auc_value, bootstrap_auc, fmt, metric_set, wilson
+from cellwatch.training.stats import (
+    agreement,
+    auc_value,
+    bootstrap_auc,
+    fmt,
+    metric_set,
+    unit_figures,
+    wilson,
+)
 
 
 def test_wilson_intervals() -> None:
@@ -76,18 +86,68 @@ def test_temperature_recovers_an_overconfident_model() -> None:
     assert c.brier == pytest.approx(brier(p, y)) and c.ece_after == pytest.approx(ece(p, y))
 
 
-def test_a_calibration_that_worsens_ece_is_not_applied() -> None:
-    """Six validation images whose NLL-optimal temperature (0.63) doubles the binned ECE
-    (0.15 -> 0.33): the uncalibrated logits are kept and the manifest says so."""
-    margin = np.array([-0.5, 1.3, -0.7, 2.6, 0.3, -0.6])
-    logits = np.stack([np.zeros(6), margin], axis=1)
-    y = np.array([1, 1, 0, 1, 0, 0])
+def scaled(n: int, scale: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """n validation logits of a model calibrated at T = 1, multiplied by scale (so the
+    NLL-optimal T is about scale), and their labels."""
+    rng = np.random.default_rng(seed)
+    margin = rng.normal(0, 2.0, n)
+    y = (rng.random(n) < 1 / (1 + np.exp(-margin))).astype(np.int64)
+    return np.stack([np.zeros(n), margin * scale], axis=1), y
+
+
+def test_the_first_reviews_case_no_longer_sharpens_errors() -> None:
+    """Issue 18, point 1: 16 validation images of an under-confident model drove T to its
+    lower bound 0.25 (logits x 4) and a missed blast went from p(ALL) 0.13 to 0.0004.
+    Now T is fitted but not applied, and the test errors keep their confidence."""
+    margin = np.array([-0.6, -0.5, -0.45, -0.4, -0.35, -0.3, -0.25, -0.2])
+    val = np.stack([np.zeros(16), np.concatenate([margin, -margin[::-1]])], axis=1)
+    y_val = np.array([0] * 8 + [1] * 8)
+    c = calibrate(val, y_val)
+    assert c.temperature == pytest.approx(TEMPERATURE_MIN, rel=1e-3)
+    assert not c.applied and c.note is not None
+    assert "too few validation images" in c.note and "under-confident" in c.note
+    assert "separates the validation split perfectly" not in c.note  # the old diagnosis
+    # the shipped probabilities are the uncalibrated ones: the missed blast stays at 0.13
+    missed = np.log(0.13 / 0.87)
+    shipped = softmax(np.array([[0.0, missed]]) / (c.temperature if c.applied else 1.0))
+    assert shipped[0, 1] == pytest.approx(0.13)
+    rule = Decision(positive_label="ALL", threshold=0.5, low_confidence=(0.1, 0.6), target="t")
+    checked = check(np.array([0.13, 0.9, 0.2]), c.temperature, c.applied, np.array([1, 1, 0]), rule)
+    assert checked.errors == 1 and checked.errors_in_band == 1
+    assert checked.errors_more_confident == 0
+    assert checked.nll == pytest.approx(checked.nll_uncalibrated)
+
+
+def test_check_recovers_the_uncalibrated_probabilities() -> None:
+    logits, y = scaled(200, 1.0, seed=4)
+    t = 0.5
+    shipped = softmax(logits / t)[:, 1]
+    rule = Decision(positive_label="ALL", threshold=0.5, low_confidence=(0.4, 0.6), target="t")
+    checked = check(shipped, t, True, y, rule)
+    assert checked.ece_uncalibrated == pytest.approx(ece(softmax(logits)[:, 1], y), abs=1e-9)
+    assert checked.brier_uncalibrated == pytest.approx(brier(softmax(logits)[:, 1], y))
+    assert checked.errors_more_confident == checked.errors > 0  # T < 1 sharpens every error
+
+
+@pytest.mark.parametrize(
+    ("n", "scale", "seed", "applied", "why"),
+    [
+        (20, 3.0, 20, False, "too few validation images"),  # overconfident, but 20 < 30
+        (60, 3.0, 60, True, None),  # enough images, cross-validated: softened
+        (60, 1.0, 60, False, "cross-validated NLL"),  # already calibrated: T does not help
+        (60, 0.4, 61, False, "needs >= 100"),  # under-confident: sharpening needs more images
+        (400, 0.4, 400, True, None),  # ... and is applied with them
+    ],
+)
+def test_temperature_rule(n: int, scale: float, seed: int, applied: bool, why: str | None) -> None:
+    logits, y = scaled(n, scale, seed)
     c = calibrate(logits, y)
-    assert c.temperature == pytest.approx(0.63, abs=0.01)
-    assert c.ece_before is not None and c.ece_after is not None
-    assert c.ece_after > c.ece_before
-    assert not c.applied and c.note is not None and "kept the uncalibrated logits" in c.note
-    assert c.brier == pytest.approx(brier(softmax(logits)[:, 1], y))  # of what ships
+    assert c.applied is applied, c.note
+    assert c.rule is not None and c.cv_nll_before is not None and c.cv_nll_after is not None
+    if why is not None:
+        assert c.note is not None and why in c.note
+    else:
+        assert c.note is None and c.cv_nll_after < c.cv_nll_before
 
 
 def test_separable_validation_hits_the_bound() -> None:
@@ -120,12 +180,47 @@ def test_gate_verdicts() -> None:
     tf = metric_set(y, np.array([0.1, 0.2, 0.8, 0.9, 0.7]))
     same = metric_set(y, np.array([0.1, 0.3, 0.8, 0.9, 0.7]))
     lost = metric_set(y, np.array([0.1, 0.2, 0.8, 0.9, 0.4]))
-    ok = judge(agreement(np.ones(50), np.ones(50)), tf, same, min_agreement=0.98, max_drop=0.02)
+    same_agreement = agreement(np.ones(50), np.ones(50))
+    ok = judge(same_agreement, tf, same, 0.1, min_agreement=0.98, max_sensitivity_drop=0.02)
     assert ok.passed and ok.sensitivity_drop == 0.0 and not ok.failures()
     flips = np.array([1] * 49 + [0])
-    bad = judge(agreement(flips, np.ones(50)), tf, lost, min_agreement=0.99, max_drop=0.02)
+    bad = judge(
+        agreement(flips, np.ones(50)), tf, lost, 0.3, min_agreement=0.99, max_sensitivity_drop=0.02
+    )
     assert not bad.passed
     assert bad.failures() == [
         "top-1 agreement with TensorFlow 0.980 < --min-agreement 0.99",
-        "sensitivity drop 0.333 > --max-drop 0.02",
+        "sensitivity drop 0.333 > --max-sensitivity-drop 0.02",
+        "max |p difference| 0.3 > --max-prob-diff 0.1",
     ]
+    # |p difference| is gated whatever the precision: 0.111 (an int8 bundle of the
+    # first review) fails alone, with every decision kept
+    moved = judge(same_agreement, tf, same, 0.111, min_agreement=0.98, max_sensitivity_drop=0.02)
+    assert not moved.passed
+    assert moved.failures() == ["max |p difference| 0.111 > --max-prob-diff 0.1"]
+
+
+def test_bootstrap_by_group_resamples_patients() -> None:
+    """Issue 18, point 5: with groups, the unit is the patient. 6 patients of 8 images,
+    each patient one class, scores shifted per patient: resampling images treats 48
+    images as 48 cases and gives a narrower interval than resampling the 6 patients."""
+    rng = np.random.default_rng(5)
+    patient = np.arange(48) // 8
+    y = patient % 2
+    score = y * 0.6 + rng.normal(0, 0.35, 6)[patient] + rng.normal(0, 0.05, 48)
+    groups = [f"p{g}" for g in patient]
+    by_image = bootstrap_auc(y, score)
+    by_patient = bootstrap_auc(y, score, groups=groups)
+    assert by_patient.value == by_image.value and by_patient.units == 6
+    assert by_image.units is None
+    assert by_image.ci95 is not None and by_patient.ci95 is not None
+    assert by_patient.ci95[1] - by_patient.ci95[0] > by_image.ci95[1] - by_image.ci95[0]
+
+
+def test_unit_figures_count_patients() -> None:
+    y = np.array([1, 0, 0, 0, 0, 1])
+    p = np.array([0.2, 0.1, 0.3, 0.2, 0.9, 0.8])
+    units, figures = unit_figures(y, p, ["a", "a", "b", "b", "c", "c"], 0.5)
+    # a: ALL (one blast), scored 0.2 -> missed; b: normal, 0.3 -> kept; c: ALL, 0.9 -> found
+    assert units == 3 and figures.n == 3
+    assert figures.confusion == [[1, 0], [1, 1]]

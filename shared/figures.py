@@ -1,0 +1,110 @@
+"""The figures a bundle's manifest carries about its model (`manifest.metrics`), as types.
+
+Training writes them (training/stats.py computes them, training/export.py measures
+the deployed IR); the hub's page and CLI, the training CLI and the demo read them by
+attribute. Every proportion carries its counts and Wilson 95% interval, ROC AUC a
+bootstrap interval, so a reader can tell 32/32 (0.89-1.00) from 320/320 (0.99-1.00).
+
+    {"split": "test", "n": 32, "split_fingerprint": "<sha>",
+     "deployed": {"precision", "device", "inference_precision", "machine", "metrics": METRICSET},
+     "f32": {"metrics": METRICSET}, "tensorflow": {"metrics": METRICSET},
+     "agreement": PROPORTION,            # deployed decisions vs TensorFlow's, eval split
+     "agreement_all": PROPORTION,        # the same on every image of train, val and test
+     "parity": {"max_abs_diff_f32", "max_abs_diff_deployed"},
+     "units": UNITS}                     # patient/smear-level figures (groups given)
+
+Bundles of the first training pass lack the newer fields (`agreement_all`, `units`):
+they read as None. Bundles made by other tools carry other shapes; `Manifest.metrics`
+keeps those as a plain mapping (shared/manifest.py).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+
+from cellwatch.shared.base import Strict
+
+SplitName = Literal["train", "val", "test"]
+Precision = Literal["fp32", "fp16", "int8"]
+
+
+class Proportion(Strict):
+    """k of n, with its Wilson 95% interval; value and interval null when n is 0."""
+
+    value: float | None
+    ci95: tuple[float, float] | None
+    k: int = Field(ge=0)
+    n: int = Field(ge=0)
+
+
+class Auc(Strict):
+    """ROC AUC with a stratified percentile-bootstrap 95% interval (null with one class)."""
+
+    value: float | None
+    ci95: tuple[float, float] | None
+    n: int = Field(ge=0)
+    resamples: int = Field(ge=0)
+    units: int | None = Field(
+        None, description="groups (patients/smears) resampled; null: images were resampled"
+    )
+
+
+class MetricSet(Strict):
+    """One model's figures on one split at one decision threshold (ALL positive)."""
+
+    accuracy: Proportion
+    sensitivity: Proportion = Field(description="TP / (TP + FN): blasts found")
+    specificity: Proportion = Field(description="TN / (TN + FP); null with no negatives")
+    precision: Proportion = Field(description="TP / (TP + FP): positive predictive value")
+    npv: Proportion = Field(description="TN / (TN + FN): negative predictive value")
+    roc_auc: Auc
+    n: int = Field(ge=0)
+    threshold: float = Field(ge=0.0, le=1.0, description="ALL when p_ALL >= threshold")
+    confusion: list[list[int]] = Field(description="[[TN, FP], [FN, TP]]: rows true")
+
+
+class Deployed(Strict):
+    precision: Precision
+    device: str
+    inference_precision: str
+    machine: str = Field(description="the CPU the figures were measured on")
+    metrics: MetricSet
+
+
+class Reference(Strict):
+    metrics: MetricSet
+
+
+class Parity(Strict):
+    max_abs_diff_f32: float = Field(ge=0.0, description="max |p_IR(f32) - p_TensorFlow|")
+    max_abs_diff_deployed: float = Field(ge=0.0, description="max |p_IR(deployed) - p_TF|")
+
+
+class UnitFigures(Strict):
+    """The deployed model's figures with the patient or smear as the unit.
+
+    A unit is positive when any of its images is ALL, and its score is the highest
+    p(ALL) among its images (a smear with one blast found is a smear flagged)."""
+
+    unit: Literal["group"] = "group"
+    units: int = Field(ge=0, description="patients/smears in the split")
+    metrics: MetricSet
+
+
+class BundleMetrics(Strict):
+    split: SplitName
+    n: int = Field(ge=0)
+    split_fingerprint: str
+    deployed: Deployed
+    f32: Reference
+    tensorflow: Reference
+    agreement: Proportion
+    agreement_all: Proportion | None = Field(
+        None, description="deployed vs TensorFlow decisions on every image (train, val, test)"
+    )
+    parity: Parity
+    units: UnitFigures | None = Field(
+        None, description="patient/smear-level figures; null when each file is its own group"
+    )
