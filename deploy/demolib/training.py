@@ -249,18 +249,24 @@ def report(t: Trained) -> None:
         )
     quality = m.provenance.quality
     if quality is not None:
-        verdict = "shown" if quality.passed else "NOT shown (exported with --allow-no-skill)"
-        done(
-            f"evidence of skill on {quality.n} test images (ROC AUC's lower bound "
-            f"{num(quality.auc_ci_low)} > 0.5, Brier {num(quality.brier)} better than the "
-            f"prior's {num(quality.prior_brier)}): {verdict}"
+        figures_text = (
+            f"ROC AUC's lower bound {num(quality.auc_ci_low)}, Brier {num(quality.brier)} "
+            f"against the prior's {num(quality.prior_brier)}"
         )
+        if quality.passed:
+            done(f"evidence of skill on {quality.n} test images: {figures_text}")
+        else:
+            console.print(
+                f"  [yellow]![/yellow] NO evidence of skill on {quality.n} test images "
+                f"({escape(figures_text)}): exported only because of --allow-no-skill"
+            )
     c, d = m.calibration, m.decision
     if c is not None and d is not None:
         applied = f"temperature {c.temperature:.3g} applied" if c.applied else "not applied"
+        note = (c.note or "").removeprefix("not applied: ")
         done(
             f"calibration on {c.n} validation images: {applied}"
-            + (f" ({c.note})" if c.note and not c.applied else "")
+            + (f" ({note})" if note and not c.applied else "")
             + f"; low-confidence band p(ALL) in [{d.low_confidence[0]:.2f}, "
             f"{d.low_confidence[1]:.2f}]"
         )
