@@ -151,7 +151,7 @@ class Core:
             subscriptions=[(self.reply_topic, 1)],
         )
         self.rpc = Rpc(self.mqtt, self.reply_topic, window=MAX_IN_FLIGHT, name="client").attach()
-        self._topic_of: dict[str | None, str] = {}
+        self._topic_of: dict[tuple[str | None, str | None], str] = {}
 
     # -- connection -------------------------------------------------------------------
     def connect(self) -> None:
@@ -225,17 +225,20 @@ class Core:
         return prepared
 
     def _topic(self, source: str | None, node: str | None = None) -> str:
-        """The images topic of this account and scope (source), or node's direct topic
-        (TopicError if a name is not valid). A lab publishes only under its own name
-        (the broker's ACL): `images/{username}[/{source}]`."""
+        """The images topic of this account and scope (source), for every node or only
+        `node` (TopicError if a name is not valid). A lab publishes only under its own
+        name (the broker's ACL): `images/{username}[/{source}]`, or
+        `nodes/{node}/images/{username}[/{source}]`."""
         node = node or self.settings.node
-        if node is not None:
-            return self.topics.node_images(check_name(node, "node"))
         src = source or self.settings.source
-        topic = self._topic_of.get(src)
+        topic = self._topic_of.get((src, node))
         if topic is None:
             scope = check_name(src, "source") if src is not None else None
-            topic = self._topic_of[src] = self.topics.lab_images(self.username, scope)
+            if node is None:
+                topic = self.topics.lab_images(self.username, scope)
+            else:
+                topic = self.topics.node_lab_images(check_name(node, "node"), self.username, scope)
+            self._topic_of[(src, node)] = topic
         return topic
 
     def _check_size(self, p: Prepared) -> None:

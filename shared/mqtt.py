@@ -325,15 +325,17 @@ class MqttClient:
             self._client.subscribe(topic, qos=qos)
             self._loop.wake()
 
-    def unsubscribe(self, topic: str, timeout: float = 5.0) -> bool:
-        """Stop subscribing to topic (also after reconnects); True once the broker
-        confirmed it (UNSUBACK), False if not connected or no answer in time."""
-        self._subscriptions = [(t, q) for t, q in self._subscriptions if t != topic]
-        if self._closing:
+    def unsubscribe(self, *topics: str, timeout: float = 5.0) -> bool:
+        """Stop subscribing to topics (one UNSUBSCRIBE; also after reconnects); True
+        once the broker confirmed it (UNSUBACK), False if not connected or no answer
+        in time."""
+        gone = set(topics)
+        self._subscriptions = [(t, q) for t, q in self._subscriptions if t not in gone]
+        if self._closing or not topics:
             return False
         # Never call paho while holding our lock: without its network thread, paho runs
         # our callbacks (which take the lock) inside this very call.
-        rc, mid = self._client.unsubscribe(topic)
+        rc, mid = self._client.unsubscribe(list(topics))
         if rc != paho.MQTT_ERR_SUCCESS or mid is None:
             return False
         self._loop.wake()
