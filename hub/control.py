@@ -1,13 +1,13 @@
 """The hub's control thread: everything that changes state, in order.
 
 It takes the items the routes (hub/intake.py) and the broker's acknowledgements hand
-over: node statuses, telemetry and update reports, API calls and upload chunks,
-confirmed desired models, and tasks. It ticks the rollout engine every `tick_s`, and
-as soon as it has caught up with the fleet's news. A message is acknowledged to the
-broker only after it was handled; handling that fails for a database or disk error
-is tried again after each of RETRY_DELAYS_S first (persistent session, so reports
-sent while the hub was down arrive when it is back), then acknowledged and counted
-`handling_failed`.
+over: node statuses, telemetry and update reports, API calls and upload chunks, the
+retained revocation list, confirmed desired models, and tasks. It ticks the rollout
+engine every `tick_s`, and as soon as it has caught up with the fleet's news. A
+message is acknowledged to the broker only after it was handled; handling that fails
+for a database or disk error is tried again after each of RETRY_DELAYS_S first
+(persistent session, so reports sent while the hub was down arrive when it is back),
+then acknowledged and counted `handling_failed`.
 """
 
 from __future__ import annotations
@@ -31,9 +31,17 @@ from cellwatch.hub.served import ServedTotals
 from cellwatch.shared.codes import ApiErrorCode
 from cellwatch.shared.errors import MqttError
 from cellwatch.shared.handoff import Handoff
+from cellwatch.shared.hubapi import RevokeArgs
 from cellwatch.shared.rpc import Delivery, Inbound, Rejected, RemoteError
 from cellwatch.shared.rpc.transfer import read_chunk
-from cellwatch.shared.schemas import ApiReply, ApiRequest, NodeStatus, Telemetry, UpdateReport
+from cellwatch.shared.schemas import (
+    ApiReply,
+    ApiRequest,
+    NodeStatus,
+    RevocationList,
+    Telemetry,
+    UpdateReport,
+)
 from cellwatch.shared.topics import Topics
 
 log = logging.getLogger(__name__)
@@ -164,6 +172,28 @@ class Control:
             return False
         self.orchestrator.on_report(node_id, inbound.body, now)
         return True
+
+    def on_revocations(self, inbound: Inbound[RevocationList], node_id: str) -> bool:
+        """The retained revocation list on the broker: learn each signed revocation this
+        hub does not know (hub/intake.py). Of a model it stores, as `models revoke`
+        does (its rollouts aborted, desired models moved off it, the list published);
+        of another, the registry keeps it (no push or rollout of it, no file served)."""
+        now = time.time()
+        learnt = 0
+        for rev in inbound.body.revoked:
+            if self.registry.knows(rev):
+                continue
+            stored = self.db.model(rev.name, rev.version)
+            try:
+                if stored is not None and stored.manifest_sha256 == rev.manifest_sha256:
+                    self.orchestrator.revoke(RevokeArgs(revocation=rev), now)
+                else:
+                    learnt += self.registry.add_revocation(rev, now)
+            except ApiFailure as exc:
+                log.error("hub: %s: a revocation no trusted key signed: %s", inbound.topic, exc)
+        if learnt:
+            self.orchestrator.publish_revocations(now)
+        return False
 
     # -- the operator's ------------------------------------------------------------------
     def on_api(self, inbound: Inbound[ApiRequest], node_id: str) -> bool:

@@ -20,6 +20,11 @@ workers (hub/fetch.py), never waiting.
   its status costs one queue entry. Statuses of different processes (a restart, a
   late Will, two processes with one node id) are all queued, for the fleet's rules
   to see in order.
+- The revocation list (`hub/revoked`, retained; only the hub may write it, so it is
+  an earlier hub's list, or this one's): handed to the control thread, which learns
+  each signed revocation it does not know (`Handlers.on_revocations`). At start it
+  arrives before the hub publishes its own list, so a hub restored from an older
+  backup re-learns what was revoked since, instead of publishing a list without it.
 - QoS 1 messages are otherwise never dropped: the hub's Receive Maximum bounds how
   many the broker sends before the hub acknowledges them (after handling them).
 
@@ -44,9 +49,19 @@ from cellwatch.shared.codes import ApiErrorCode
 from cellwatch.shared.errors import TopicError
 from cellwatch.shared.handoff import Handoff
 from cellwatch.shared.hubapi import UPLOAD_VERB
-from cellwatch.shared.limits import MAX_API_REQUEST_BYTES, MAX_NODE_MESSAGE_BYTES
+from cellwatch.shared.limits import (
+    MAX_API_REQUEST_BYTES,
+    MAX_NODE_MESSAGE_BYTES,
+    MAX_REVOCATION_BYTES,
+)
 from cellwatch.shared.rpc import Acks, Inbound, Problem, Rejected, Route, raw, response_topic
-from cellwatch.shared.schemas import ApiRequest, NodeStatus, Telemetry, UpdateReport
+from cellwatch.shared.schemas import (
+    ApiRequest,
+    NodeStatus,
+    RevocationList,
+    Telemetry,
+    UpdateReport,
+)
 from cellwatch.shared.topics import Topics
 
 log = logging.getLogger(__name__)
@@ -87,6 +102,7 @@ class Handlers(Protocol):
     def on_update(self, inbound: Inbound[UpdateReport], node_id: str) -> bool: ...
     def on_api(self, inbound: Inbound[ApiRequest], node_id: str) -> bool: ...
     def on_upload(self, inbound: Inbound[bytes], node_id: str) -> bool: ...
+    def on_revocations(self, inbound: Inbound[RevocationList], node_id: str) -> bool: ...
     def refuse_api(self, rejected: Rejected) -> None: ...
 
 
@@ -181,6 +197,15 @@ class Intake:
             ),
             operator_route(
                 t.hub_api(UPLOAD_VERB), raw, h.on_upload, MAX_UPLOAD_CHUNK_BYTES, "upload chunk"
+            ),
+            Route(
+                t.hub_revoked(),
+                RevocationList.model_validate_json,
+                lambda inbound: self.control.put(Incoming(h.on_revocations, inbound)),
+                max_bytes=MAX_REVOCATION_BYTES,
+                acks=Acks.HANDLER,
+                empty_clears=True,
+                name="revocation list",
             ),
         ]
 
