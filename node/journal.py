@@ -15,9 +15,13 @@ different image of the same name is never taken for a poison image):
 A boot whose images are still open (started, not done) when the next boot begins
 (or at the end of the file) ended in a crash while they were in progress: each such
 key counts one crash, however many copies of it were in flight (a batch of
-identical payloads from one account shares one key). The node retries an image with one crash
-once, alone (no other suspect in flight, so a second crash points at it), and answers
-it with a `poison_image` error the next time. An answer clears the key.
+identical payloads from one account shares one key). The node retries an image with
+one crash once, alone (no other suspect in flight, so a second crash points at it),
+and answers it with a `poison_image` error the next time. Any other answer clears the
+key; a poison image's count stays (node/pipeline.py): every later copy of it, a lab
+client's retry included, is answered `poison_image` at once, across restarts. Only
+the same content from the same account: deleting this file in the state directory
+(node stopped) gives every image another try, e.g. after a fix.
 
 Threads. `crashes` and `started` run on a decode worker (which hashed the payload),
 and `started` writes its line before the decode begins (a crash in the decoder must

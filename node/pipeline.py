@@ -368,7 +368,10 @@ class ImagePipeline:
             )
 
     def _release(self, job: Job) -> None:
-        if job.journaled or job.crashes:
+        # An answer clears the image's crash count, except poison_image's: the same
+        # content from the same account would crash the node again (node/journal.py).
+        poisoned = job.crashes >= POISON_AFTER_CRASHES and not job.journaled
+        if job.journaled or (job.crashes and not poisoned):
             self.journal.finished(job.key)
         release, job.release = job.release, None
         if release is not None:

@@ -52,5 +52,11 @@ def test_another_labs_image_of_the_same_name_is_never_poison(
     assert (theirs.image_id, theirs.status, theirs.label) == (NAME, "ok", "ALL"), theirs.error
     (again,) = [Result.model_validate_json(m.payload) for m in lab_a.messages]
     assert again.error is not None and again.error.code == "poison_image"
+    # And it stays so (a lab client's retry, a resend): the node is not tried again.
+    assert attacker.publish_wait(T.lab_images("client-labA"), poison, props=named)
+    wait_for(lambda: len(lab_a.messages) == 2, 60, "the second answer")
+    last = Result.model_validate_json(lab_a.messages[1].payload)
+    assert last.error is not None and last.error.code == "poison_image"
+    assert node.running
     for c in (boots, lab_a, lab_b):
         c.close()
