@@ -283,10 +283,14 @@ class Control:
         return True
 
     def on_revocations(self, inbound: Inbound[RevocationList], node_id: str) -> bool:
-        """The retained revocation list on the broker: learn each signed revocation this
-        hub does not know (hub/intake.py). Of a model it stores, as `models revoke`
-        does (its rollouts aborted, desired models moved off it, the list published);
-        of another, the registry keeps it (no push or rollout of it, no file served)."""
+        """The revocation list on the broker (retained; only the hub's account may write
+        it): learn each signed revocation this hub does not know (hub/intake.py). Of a
+        model it stores, as `models revoke` does (its rollouts aborted, desired models
+        moved off it, the list published); of another, the registry keeps it (no push
+        or rollout of it, no file served). A list that leaves out one this hub knows
+        (written by an impostor with the hub's password, or by a hub restored from an
+        older backup) is replaced by this hub's at once, so nodes that start later
+        read them all."""
         now = time.time()
         learnt = 0
         for rev in inbound.body.revoked:
@@ -300,7 +304,15 @@ class Control:
                     learnt += self.registry.add_revocation(rev, now)
             except ApiFailure as exc:
                 log.error("hub: %s: a revocation no trusted key signed: %s", inbound.topic, exc)
-        if learnt:
+        missing = self.registry.revocations(now).shas() - inbound.body.shas()
+        if missing:
+            log.warning(
+                "hub: the revocation list on %s leaves out %d this hub knows: publishing "
+                "them again",
+                inbound.topic,
+                len(missing),
+            )
+        if learnt or missing:
             self.orchestrator.publish_revocations(now)
         return False
 
