@@ -19,18 +19,18 @@ from cellwatch.node.store import BundleStore
 from cellwatch.node.updater import UpdateAgent
 from cellwatch.shared.bundle import load_bundle
 from cellwatch.shared.mqtt import MqttClient
+from cellwatch.shared.revocations import sign_revocation
 from cellwatch.shared.rpc import deliver
 from cellwatch.shared.schemas import (
     DesiredModel,
     ModelError,
     ModelRef,
-    Revocation,
     RevocationList,
     UpdateReport,
     utcnow,
 )
 from cellwatch.shared.settings import MqttSettings
-from cellwatch.shared.signing import TrustedKeys
+from cellwatch.shared.signing import TrustedKeys, load_private_key
 from cellwatch.shared.states import UpdateState
 from tests.edge import Acks, Recorder, message
 from tests.harness import T, wait_for
@@ -118,19 +118,13 @@ def test_a_desired_bundle_in_the_store_is_verified_compiled_and_served(rig: Rig)
     assert rig.reports()[-1].rollout_id == "r2" and rig.states()[-1] is UpdateState.ACTIVE
 
 
-def test_a_revoked_bundle_is_refused_and_bad_messages_are_dropped(rig: Rig) -> None:
+def test_a_revoked_bundle_is_refused_and_bad_messages_are_dropped(
+    rig: Rig, toy_bundle: tuple[Path, Path]
+) -> None:
     desired_route, revoked_route = rig.agent.routes()
+    key = load_private_key(toy_bundle[1] / "test.key")  # its signer's: a trusted key
     revocations = RevocationList(
-        revoked=[
-            Revocation(
-                name=rig.ref.name,
-                version=rig.ref.version,
-                manifest_sha256=rig.ref.manifest_sha256,
-                reason="test",
-                revoked_at=utcnow(),
-            )
-        ],
-        issued_at=utcnow(),
+        revoked=[sign_revocation(key, rig.ref, "test")], issued_at=utcnow()
     )
     deliver(revoked_route, message(T.hub_revoked(), revocations.to_json()), rig.out)
     wait_for(lambda: rig.ref.manifest_sha256 in rig.agent.revoked, what="the revocation")
