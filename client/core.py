@@ -15,12 +15,10 @@ from __future__ import annotations
 import hashlib
 import logging
 import queue
-import socket
 import threading
 import uuid
-from collections.abc import Generator, Iterable, Iterator
+from collections.abc import Generator, Iterable
 from concurrent.futures import Future
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import cast
@@ -57,9 +55,6 @@ from cellwatch.shared.topics import Topics, check_name
 log = logging.getLogger(__name__)
 
 REPLY_TOKEN_HEX = 24
-MQTT_LOGGER = "cellwatch.shared.mqtt"
-"""The MQTT wrapper's logger: its lines about a failed first connection are dropped
-(the caller gets the exception instead)."""
 MAX_IN_FLIGHT = 1024
 """Requests in flight per client, over all callers (each holds its image in memory)."""
 
@@ -74,29 +69,6 @@ CONTENT_TYPES = {
     ".tif": "image/tiff",
     ".tiff": "image/tiff",
 }
-
-
-class _Silence(logging.Filter):
-    def __init__(self, client_id: str) -> None:
-        super().__init__()
-        self.client_id = client_id
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not (
-            record.args and isinstance(record.args, tuple) and record.args[0] == self.client_id
-        )
-
-
-@contextmanager
-def _silenced(logger: str, client_id: str) -> Iterator[None]:
-    """Drop `logger`'s records about client_id (its first argument) meanwhile."""
-    silence = _Silence(client_id)
-    target = logging.getLogger(logger)
-    target.addFilter(silence)
-    try:
-        yield
-    finally:
-        target.removeFilter(silence)
 
 
 def reply_token(client_id: str) -> str:
@@ -151,44 +123,22 @@ class Core:
             subscriptions=[(self.reply_topic, 1)],
         )
         self.rpc = Rpc(self.mqtt, self.reply_topic, window=MAX_IN_FLIGHT, name="client").attach()
-        self._topic_of: dict[str | None, str] = {}
+        self._topic_of: dict[tuple[str | None, str | None], str] = {}
 
     # -- connection -------------------------------------------------------------------
     def connect(self) -> None:
-        """Connect; NotAuthorized (a wrong user or password) or BrokerUnavailable."""
-        s = self.settings.mqtt
-        self._probe()
-        # A failed first connection reaches the caller as one exception: the MQTT
-        # wrapper's own log lines about it ("refused", "reconnecting") would say it
-        # twice, and wrongly (nothing reconnects).
-        with _silenced(MQTT_LOGGER, self.client_id):
-            try:
-                self.mqtt.connect()
-            except ConnectRefused as exc:
-                raise NotAuthorized(f"{exc} (user {self.username!r}: check the password)") from exc
-            except MqttError as exc:
-                raise BrokerUnavailable(str(exc)) from exc
-        log.info(
-            "client %s: Results on %s (%s:%s)", self.client_id, self.reply_topic, s.host, s.port
-        )
-
-    def _probe(self) -> None:
-        """BrokerUnavailable at once when nothing listens on the broker's port or its
-        name does not resolve: paho would try again and again until connect_timeout_s
-        and then only say that the broker did not answer."""
+        """Connect; NotAuthorized (a wrong user or password) or BrokerUnavailable (at
+        once for a closed port or an unknown host name)."""
         s = self.settings.mqtt
         try:
-            with socket.create_connection((s.host, s.port), timeout=s.connect_timeout_s):
-                pass
-        except ConnectionRefusedError as exc:
-            raise BrokerUnavailable(
-                f"connection refused by {s.host}:{s.port}: is the broker running, and is "
-                "this its port?"
-            ) from exc
-        except socket.gaierror as exc:
-            raise BrokerUnavailable(f"cannot resolve the broker's name {s.host!r}: {exc}") from exc
-        except OSError:
-            pass  # unreachable, timed out: the MQTT connection tries and says what happened
+            self.mqtt.connect()
+        except ConnectRefused as exc:
+            raise NotAuthorized(f"{exc} (user {self.username!r}: check the password)") from exc
+        except MqttError as exc:
+            raise BrokerUnavailable(str(exc)) from exc
+        log.info(
+            "client %s: Results on %s (%s:%s)", self.mqtt.log_name, self.reply_topic, s.host, s.port
+        )
 
     def close(self) -> None:
         """Disconnect and drop the reply session (nothing will ask for its Results)."""
@@ -225,17 +175,20 @@ class Core:
         return prepared
 
     def _topic(self, source: str | None, node: str | None = None) -> str:
-        """The images topic of this account and scope (source), or node's direct topic
-        (TopicError if a name is not valid). A lab publishes only under its own name
-        (the broker's ACL): `images/{username}[/{source}]`."""
+        """The images topic of this account and scope (source), for every node or only
+        `node` (TopicError if a name is not valid). A lab publishes only under its own
+        name (the broker's ACL): `images/{username}[/{source}]`, or
+        `nodes/{node}/images/{username}[/{source}]`."""
         node = node or self.settings.node
-        if node is not None:
-            return self.topics.node_images(check_name(node, "node"))
         src = source or self.settings.source
-        topic = self._topic_of.get(src)
+        topic = self._topic_of.get((src, node))
         if topic is None:
             scope = check_name(src, "source") if src is not None else None
-            topic = self._topic_of[src] = self.topics.lab_images(self.username, scope)
+            if node is None:
+                topic = self.topics.lab_images(self.username, scope)
+            else:
+                topic = self.topics.node_lab_images(check_name(node, "node"), self.username, scope)
+            self._topic_of[(src, node)] = topic
         return topic
 
     def _check_size(self, p: Prepared) -> None:

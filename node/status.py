@@ -77,4 +77,5 @@ class Reporter:
             inflight=max(0, inflight),
             model_version=model.bundle.manifest.version if model is not None else None,
             rss_mb=round(self.stats.rss_mb(), 1),
+            retained_images=self.stats.retained_images,
         )

@@ -14,6 +14,8 @@ per node, labels node_id, model_version ("" when unknown); from its last Telemet
   cellwatch_node_inflight_images
   cellwatch_node_resident_memory_bytes
   cellwatch_node_model_error{code}               1 while the node reports a model error
+  cellwatch_node_retained_images_total           retained images the broker replayed to
+                                                 the node (stored there until cleared)
 hub:
   cellwatch_hub_nodes{state}                     nodes per state
   cellwatch_hub_models                           models in the registry
@@ -88,6 +90,11 @@ class FleetCollector(Collector):
             "1 while the node serves an earlier bundle than it should, or none (code: why)",
             ["code"],
         )
+        retained = counter(
+            "cellwatch_node_retained_images",
+            "retained images the broker replayed to the node since it started: each is "
+            "stored in the broker until the operator clears it (deploy/README.md)",
+        )
         by_state = GaugeMetricFamily("cellwatch_hub_nodes", "nodes per state", labels=["state"])
         counts = dict.fromkeys(NodeState, 0)
         for n in nodes:
@@ -120,9 +127,11 @@ class FleetCollector(Collector):
                 latency.add_metric([*labels, q], getattr(t.latency_ms, attr) / 1000.0)
             inflight.add_metric(labels, float(t.inflight))
             rss.add_metric(labels, t.rss_mb * MiB)
+            retained.add_metric(labels, float(t.retained_images))
         for state, count in counts.items():
             by_state.add_metric([state.value], float(count))
         yield from (up, stale, seen, processed, errors, rate, latency, inflight, rss, model_error)
+        yield retained
         yield by_state
 
     def _hub(self) -> Iterator[Metric]:
