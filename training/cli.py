@@ -133,8 +133,9 @@ def prepare(
 ) -> None:
     """Check DATA's images, merge near-duplicates into one group, and split them by group
     (file, or --groups), stratified, into --out."""
-    from cellwatch.training.split import LEAK_WARNING, SPLIT_NAMES
+    from cellwatch.training.split import LEAK_WARNING
     from cellwatch.training.split import prepare as run_prepare
+    from cellwatch.training.stratify import SPLIT_NAMES
 
     split = run_prepare(
         data,
@@ -359,8 +360,8 @@ def evaluate(runs: tuple[Path, ...], split_name: str | None) -> None:
     """
     from cellwatch.training.evaluate import cross_validate, eval_dir
     from cellwatch.training.evaluate import evaluate as run_evaluate
-    from cellwatch.training.split import SplitName
     from cellwatch.training.stats import fmt
+    from cellwatch.training.stratify import SplitName
 
     if len(runs) > 1:
         summary = cross_validate(list(runs), cast("SplitName", split_name or "val"))

@@ -88,7 +88,8 @@ from cellwatch.training.runinfo import (
     load_run_split,
     record_test_read,
 )
-from cellwatch.training.split import SplitFile, SplitName
+from cellwatch.training.split import SplitFile
+from cellwatch.training.stratify import SplitName
 from cellwatch.training.tfcompat import versions
 
 log = logging.getLogger(__name__)

@@ -12,8 +12,9 @@ from dataclasses import dataclass
 from cellwatch.shared.figures import BundleMetrics, MetricSet
 from cellwatch.shared.manifest import Calibration, Decision
 from cellwatch.shared.provenance import Gate, Provenance, QualityFloor
-from cellwatch.training.split import SPLIT_NAMES, SplitFile
+from cellwatch.training.split import SplitFile
 from cellwatch.training.stats import fmt
+from cellwatch.training.stratify import SPLIT_NAMES
 
 ROWS = (
     ("accuracy", "accuracy"),
