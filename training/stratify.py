@@ -14,6 +14,7 @@ import numpy as np
 from cellwatch.training import LABELS
 from cellwatch.training.dataset import ImageEntry
 from cellwatch.training.errors import DataError
+from cellwatch.training.unionfind import DisjointSets
 
 SplitName = Literal["train", "val", "test"]
 SPLIT_NAMES: tuple[SplitName, ...] = ("train", "val", "test")
@@ -98,24 +99,16 @@ def group_label(members: list[ImageEntry]) -> int:
 
 def _groups(entries: list[ImageEntry]) -> dict[str, list[ImageEntry]]:
     """Union of same-group and same-bytes entries; DataError if one image has two labels."""
-    parent: dict[str, str] = {}
-
-    def find(x: str) -> str:
-        while parent.setdefault(x, x) != x:
-            parent[x] = parent[parent[x]]
-            x = parent[x]
-        return x
-
+    sets = DisjointSets()
     by_hash: dict[str, str] = {}
     for e in entries:
-        find(e.group)
         if e.sha256 in by_hash:
-            parent[find(e.group)] = find(by_hash[e.sha256])
+            sets.join(e.group, by_hash[e.sha256])
         else:
             by_hash[e.sha256] = e.group
     groups: dict[str, list[ImageEntry]] = {}
     for e in entries:
-        groups.setdefault(find(e.group), []).append(e)
+        groups.setdefault(sets.find(e.group), []).append(e)
     labels_of: dict[str, set[int]] = {}
     for e in entries:
         labels_of.setdefault(e.sha256, set()).add(e.label)
