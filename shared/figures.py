@@ -20,11 +20,13 @@ keeps those as a plain mapping (shared/manifest.py).
 
 from __future__ import annotations
 
+from datetime import datetime
 from typing import Literal
 
 from pydantic import Field
 
 from cellwatch.shared.base import Strict
+from cellwatch.shared.samples import SampleReason
 
 SplitName = Literal["train", "val", "test"]
 Precision = Literal["fp32", "fp16", "int8"]
@@ -93,6 +95,33 @@ class UnitFigures(Strict):
     metrics: MetricSet
 
 
+class FieldFigures(Strict):
+    """A model's figures on one set of labelled field samples (shared/samples.py)."""
+
+    n: int = Field(ge=0)
+    sources: int = Field(ge=0, description="distinct sources among the samples")
+    first: datetime | None = Field(None, description="earliest collected_at")
+    last: datetime | None = Field(None, description="latest collected_at")
+    metrics: MetricSet | None = Field(None, description="null when n is 0: no figures")
+
+
+class FieldEvaluation(Strict):
+    """`evaluate RUN --field DIR`: figures per reason and for all samples together. Only
+    the `random` samples estimate field accuracy without bias (`note`)."""
+
+    model: str = Field(description="what was evaluated, e.g. the run's TensorFlow checkpoint")
+    directories: list[str] = Field(description="the field directories read")
+    threshold: float = Field(ge=0.0, le=1.0, description="ALL when p_ALL >= threshold")
+    per_reason: dict[SampleReason, FieldFigures]
+    all: FieldFigures
+    excluded: int = Field(
+        0, ge=0, description="samples left out: (near-)copies of the run's train/val images"
+    )
+    note: str
+    synthetic: bool = False
+    created_at: datetime
+
+
 class BundleMetrics(Strict):
     split: SplitName
     n: int = Field(ge=0)
@@ -107,4 +136,7 @@ class BundleMetrics(Strict):
     parity: Parity
     units: UnitFigures | None = Field(
         None, description="patient/smear-level figures; null when each file is its own group"
+    )
+    field: FieldEvaluation | None = Field(
+        None, description="figures on labelled field samples (export --field); null: none run"
     )
