@@ -216,7 +216,7 @@ def read_samples(
             row_problems.append(f"line {line}: unknown predicted label {row.predicted!r}")
         if row.label is None:
             if require_labels:
-                row_problems.append(f"line {line}: no label (label it {known})")
+                row_problems.append(f"line {line}: no label (label it {' or '.join(labels)})")
         elif row.label not in labels:
             row_problems.append(f"line {line}: unknown label {row.label!r} (known: {known})")
         if row.id in lines:
