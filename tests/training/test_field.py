@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from cellwatch.shared.samples import SAMPLES_CSV, sample_file_name
+from cellwatch.shared.samples import COLUMNS, SAMPLES_CSV, sample_file_name
 from cellwatch.training.layout import allidb_label
 from tests.training.helpers import assert_one_line_error, nothing_written, train, write_field
 
@@ -155,7 +155,12 @@ def _change_image(folder: Path) -> None:
     path.write_bytes(path.read_bytes() + b"\0")
 
 
-BAD_FIELDS: list[tuple[str, Callable[[Path], None], str]] = [
+def _make_file(folder: Path) -> None:
+    shutil.rmtree(folder)
+    folder.write_text("x")
+
+
+BAD_FIELDS: list[tuple[str, Callable[[Path], object], str]] = [
     (
         "unknown label",
         lambda d: _edit_csv(d, lambda r: _set_label(r, 3, "blast")),
@@ -173,18 +178,16 @@ BAD_FIELDS: list[tuple[str, Callable[[Path], None], str]] = [
     ("empty CSV", lambda d: (d / SAMPLES_CSV).write_text(""), "samples.csv: 1 problem: empty"),
     (
         "header only",
-        lambda d: (d / SAMPLES_CSV).write_text(
-            "id,source,node,model,p_all,predicted,reason,collected_at,label\n"
-        ),
+        lambda d: (d / SAMPLES_CSV).write_text(",".join(COLUMNS) + "\n"),
         "no rows (only a header)",
     ),
-    ("not a directory", lambda d: (shutil.rmtree(d), d.write_text("x")), "not a directory"),
+    ("not a directory", _make_file, "not a directory"),
 ]
 
 
 @pytest.mark.parametrize(("case", "spoil", "fragment"), BAD_FIELDS, ids=[c[0] for c in BAD_FIELDS])
 def test_prepare_refuses_bad_field_directories(
-    synth_data: Path, tmp_path: Path, case: str, spoil: Callable[[Path], None], fragment: str
+    synth_data: Path, tmp_path: Path, case: str, spoil: Callable[[Path], object], fragment: str
 ) -> None:
     images = _images(synth_data)[:3]
     write_field(tmp_path / "field", [(p, _label(p), "random", "lab-a") for p in images])
