@@ -10,12 +10,15 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any, ParamSpec, TypeVar, cast
+from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar, cast
 
 import click
 
 from cellwatch.shared.cli import friendly_errors, setup_logging
 from cellwatch.training.progress import NOISY_LOGGERS, log_handler
+
+if TYPE_CHECKING:
+    from cellwatch.shared.figures import FieldEvaluation
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -457,37 +460,9 @@ def evaluate(runs: tuple[Path, ...], split_name: str | None, field_dirs: tuple[P
 
 
 def _evaluate_field(run: Path, field_dirs: tuple[Path, ...]) -> None:
-    from cellwatch.shared.samples import UNBIASED_REASON, SampleReason
     from cellwatch.training.field import FIELD_EVAL_DIR, evaluate_field
-    from cellwatch.training.stats import fmt
 
-    ev = evaluate_field(run, field_dirs)
-    click.echo(
-        f"field samples (n={ev.all.n}{', SYNTHETIC-trained model' if ev.synthetic else ''}), "
-        f"TensorFlow, threshold {ev.threshold:g}, 95% intervals:"
-    )
-    reasons = sorted(SampleReason, key=lambda r: r != UNBIASED_REASON)  # random first
-    for name, fig in [*((r.value, ev.per_reason[r]) for r in reasons), ("all", ev.all)]:
-        what = {UNBIASED_REASON.value: " (unbiased)", "all": " (together)"}.get(name, " (hard)")
-        if fig.metrics is None:
-            click.echo(f"  {name}{what}: n=0, no samples, no figures")
-            continue
-        m = fig.metrics
-        dates = f"{fig.first:%Y-%m-%d} to {fig.last:%Y-%m-%d}" if fig.first and fig.last else ""
-        click.echo(f"  {name}{what}: n={fig.n} ({fig.sources} sources, collected {dates})")
-        for label, est in (
-            ("accuracy", m.accuracy),
-            ("sensitivity", m.sensitivity),
-            ("specificity", m.specificity),
-            ("ROC AUC", m.roc_auc),
-        ):
-            click.echo(f"    {label:<12} {fmt(est)}")
-    if ev.excluded:
-        click.echo(
-            f"left out {ev.excluded} samples: (near-)copies of images this run trained or "
-            "validated on"
-        )
-    click.echo(f"note: {ev.note}")
+    _print_field(evaluate_field(run, field_dirs))
     click.echo(f"written to {run / FIELD_EVAL_DIR}")
 
 
@@ -595,6 +570,15 @@ def _evaluate_field(run: Path, field_dirs: tuple[Path, ...]) -> None:
     type=click.FloatRange(0, 0.5, max_open=True),
     help="low-confidence band: at least this far either side of the threshold",
 )
+@click.option(
+    "--field",
+    "field_dirs",
+    type=_PATH,
+    multiple=True,
+    metavar="DIR",
+    help="also measure the deployed model on the labelled field samples of DIR, per reason; "
+    "recorded in the manifest and the model card (repeatable)",
+)
 @click.option("--force", is_flag=True, help="replace an existing bundle directory")
 @friendly_errors
 def export(
@@ -618,6 +602,7 @@ def export(
     threshold: float | None,
     target_sensitivity: float,
     band_half_width: float,
+    field_dirs: tuple[Path, ...],
     force: bool,
 ) -> None:
     """Calibrate, freeze RUN, check its skill, convert to OpenVINO IR, measure the IR
@@ -652,6 +637,7 @@ def export(
             threshold=threshold,
             target_sensitivity=target_sensitivity,
             band_half_width=band_half_width,
+            field=field_dirs,
         ),
     )
     m = bundle.manifest
@@ -714,6 +700,41 @@ def export(
                 f"ECE {t.ece:.3f}, Brier {t.brier:.3f}; {t.errors_in_band} of {t.errors} "
                 "errors inside the low-confidence band"
             )
+    if figures.field is not None:
+        _print_field(figures.field, "  ")
+
+
+def _print_field(ev: FieldEvaluation, indent: str = "") -> None:
+    """Field figures per reason (the unbiased `random` first), then all together."""
+    from cellwatch.shared.samples import UNBIASED_REASON, SampleReason
+    from cellwatch.training.stats import fmt
+
+    click.echo(
+        f"{indent}field samples (n={ev.all.n}{', SYNTHETIC-trained model' if ev.synthetic else ''}"
+        f"), {ev.model}, threshold {ev.threshold:.3g}, 95% intervals:"
+    )
+    reasons = sorted(SampleReason, key=lambda r: r != UNBIASED_REASON)  # random first
+    for name, fig in [*((r.value, ev.per_reason[r]) for r in reasons), ("all", ev.all)]:
+        what = {UNBIASED_REASON.value: " (unbiased)", "all": " (together)"}.get(name, " (hard)")
+        if fig.metrics is None:
+            click.echo(f"{indent}  {name}{what}: n=0, no samples, no figures")
+            continue
+        m = fig.metrics
+        dates = f"{fig.first:%Y-%m-%d} to {fig.last:%Y-%m-%d}" if fig.first and fig.last else ""
+        click.echo(f"{indent}  {name}{what}: n={fig.n} ({fig.sources} sources, collected {dates})")
+        for label, est in (
+            ("accuracy", m.accuracy),
+            ("sensitivity", m.sensitivity),
+            ("specificity", m.specificity),
+            ("ROC AUC", m.roc_auc),
+        ):
+            click.echo(f"{indent}    {label:<12} {fmt(est)}")
+    if ev.excluded:
+        click.echo(
+            f"{indent}left out {ev.excluded} samples: (near-)copies of images this run trained "
+            "or validated on"
+        )
+    click.echo(f"{indent}note: {ev.note}")
 
 
 @main.command()

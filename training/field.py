@@ -30,10 +30,10 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
-from pydantic import Field, ValidationError
+from pydantic import Field
 
 from cellwatch.node.decode import ImageError, decode_image
-from cellwatch.shared.base import Strict, first_problem
+from cellwatch.shared.base import Strict
 from cellwatch.shared.figures import FieldEvaluation, FieldFigures
 from cellwatch.shared.samples import (
     SAMPLES_CSV,
@@ -149,18 +149,42 @@ def seen_by_run(field: FieldSamples, seen: Sequence[ImageEntry]) -> dict[str, st
     return out
 
 
+@dataclass(frozen=True)
+class Unseen:
+    """The field samples a model is measured on: those it has not trained or validated on."""
+
+    directories: list[str]
+    rows: list[SampleRow]
+    entries: list[ImageEntry]
+    excluded: int
+
+
+def unseen_samples(field: FieldSamples, seen: Sequence[ImageEntry]) -> Unseen:
+    """field without the samples that are (near-)copies of seen (logged); DataError when
+    none is left."""
+    left_out = seen_by_run(field, seen)
+    for sample, why in left_out.items():
+        log.warning("field sample %s left out: %s", sample[:12], why)
+    keep = [i for i, r in enumerate(field.rows) if r.id not in left_out]
+    if not keep:
+        raise DataError(
+            f"every one of the {len(field.rows)} field samples is (a near-copy of) an image "
+            "this run trained or validated on: nothing left to evaluate"
+        )
+    return Unseen(
+        directories=[str(s.directory) for s in field.sets],
+        rows=[field.rows[i] for i in keep],
+        entries=[field.entries[i] for i in keep],
+        excluded=len(left_out),
+    )
+
+
 def field_figures(
-    rows: Sequence[SampleRow],
-    p_all: Sequence[float],
-    threshold: float,
-    *,
-    model: str,
-    directories: Sequence[str],
-    excluded: int = 0,
-    synthetic: bool = False,
+    unseen: Unseen, p_all: Sequence[float], threshold: float, *, model: str, synthetic: bool
 ) -> FieldEvaluation:
-    """Figures per reason and for all rows (stats.metric_set; a reason with no samples has
-    n = 0 and no figures)."""
+    """Figures per reason and for all samples (stats.metric_set; a reason with no samples
+    has n = 0 and no figures)."""
+    rows = unseen.rows
     y = np.array([LABELS.index(r.label or "") for r in rows], np.int64)
     p = np.asarray(p_all, np.float64)
 
@@ -177,14 +201,14 @@ def field_figures(
 
     return FieldEvaluation(
         model=model,
-        directories=list(directories),
+        directories=unseen.directories,
         threshold=threshold,
         per_reason={
             reason: figures(np.array([r.reason == reason for r in rows], bool))
             for reason in SampleReason
         },
         all=figures(np.ones(len(rows), bool)),
-        excluded=excluded,
+        excluded=unseen.excluded,
         note=UNBIASED_NOTE,
         synthetic=synthetic,
         created_at=datetime.now(UTC),
@@ -199,43 +223,19 @@ def evaluate_field(run: Path, directories: Sequence[Path]) -> FieldEvaluation:
 
     info = load_run(run)
     split = load_run_split(run, info)
-    field = load_field(directories)
-    left_out = seen_by_run(field, split.entries("train") + split.entries("val"))
-    for sample, why in left_out.items():
-        log.warning("field sample %s left out: %s", sample[:12], why)
-    keep = [i for i, r in enumerate(field.rows) if r.id not in left_out]
-    if not keep:
-        raise DataError(
-            f"every one of the {len(field.rows)} field samples is (a near-copy of) an image "
-            "this run trained or validated on: nothing left to evaluate"
-        )
-    rows = [field.rows[i] for i in keep]
-    entries = [field.entries[i] for i in keep]
-    probs = predict(run, info, entries, "evaluating (field)")
+    unseen = unseen_samples(load_field(directories), split.entries("train") + split.entries("val"))
+    p_all = [float(p) for p in predict(run, info, unseen.entries, "evaluating (field)")[:, 1]]
     result = field_figures(
-        rows,
-        [float(p) for p in probs[:, 1]],
+        unseen,
+        p_all,
         EVAL_THRESHOLD,
         model=f"run {run.resolve()} ({info.checkpoint}, TensorFlow)",
-        directories=[str(s.directory) for s in field.sets],
-        excluded=len(left_out),
         synthetic=info.synthetic,
     )
     with staged_dir(run / FIELD_EVAL_DIR, marker=FIELD_FILE, force=True, what="evaluation") as tmp:
         write_json(tmp / FIELD_FILE, result)
-        write_predictions(tmp / "predictions.csv", rows, [float(p) for p in probs[:, 1]])
+        write_predictions(tmp / "predictions.csv", unseen.rows, p_all)
     return result
-
-
-def load_field_evaluation(path: Path) -> FieldEvaluation:
-    """A field.json (or a directory holding one) written by `evaluate --field`."""
-    file = path / FIELD_FILE if path.is_dir() else path
-    try:
-        return FieldEvaluation.model_validate_json(file.read_bytes())
-    except OSError as exc:
-        raise DataError(f"cannot read field evaluation {file}: {exc.strerror}") from exc
-    except ValidationError as exc:
-        raise DataError(f"{file} is not a field evaluation: {first_problem(exc)}") from exc
 
 
 def write_predictions(path: Path, rows: Sequence[SampleRow], p_all: Sequence[float]) -> None:
@@ -244,3 +244,25 @@ def write_predictions(path: Path, rows: Sequence[SampleRow], p_all: Sequence[flo
         writer.writerow(["id", "source", "reason", "label", "p_ALL", "p_ALL_node"])
         for r, p in zip(rows, p_all, strict=True):
             writer.writerow([r.id, r.source, r.reason.value, r.label, f"{p:.6f}", f"{r.p_all:.6f}"])
+
+
+def measure_deployed(
+    xml: Path, unseen: Unseen, threshold: float, precision: str, synthetic: bool
+) -> FieldEvaluation:
+    """The bundle's IR, run by OpenVINO at the CPU's default inference precision as the
+    deployed figures are (export.py), on the unseen field samples at the bundle's threshold."""
+    from cellwatch.training import ir
+    from cellwatch.training.evaluate import batches
+    from cellwatch.training.preprocess import Preprocessor
+
+    compiled = ir.CompiledIR(xml, ir.DEVICE_DEFAULT)
+    with Preprocessor() as pre:
+        x = np.concatenate(list(batches(Path("/"), unseen.entries, pre, "field inputs")))
+    p_all = [float(p) for p in compiled.predict(x)[:, 1]]
+    return field_figures(
+        unseen,
+        p_all,
+        threshold,
+        model=f"deployed {precision} IR (OpenVINO CPU, {compiled.inference_precision})",
+        synthetic=synthetic,
+    )
