@@ -17,6 +17,7 @@ import pytest
 from cellwatch.shared.samples import COLUMNS, SAMPLES_CSV, sample_file_name
 from cellwatch.training.layout import allidb_label
 from tests.training.helpers import assert_one_line_error, nothing_written, train, write_field
+from tests.training.sizes import TEST_BASE
 
 LABEL_NAMES = ("normal", "ALL")
 
@@ -215,3 +216,44 @@ def test_evaluate_refuses_unlabelled_samples_and_writes_nothing(
 
 def _files(folder: Path) -> dict[str, int]:
     return {str(p.relative_to(folder)): p.stat().st_mtime_ns for p in folder.rglob("*")}
+
+
+@pytest.mark.slow
+def test_export_field_puts_the_deployed_figures_in_manifest_and_card(
+    trained_run: Path, signing_key: Path, other_smears: list[Path], tmp_path: Path
+) -> None:
+    from cellwatch.shared.bundle import load_bundle
+    from cellwatch.shared.samples import SampleReason
+    from cellwatch.shared.signing import TrustedKeys
+
+    reasons = ["random"] * 3 + ["disagreement"] * 2
+    write_field(
+        tmp_path / "field",
+        [(p, _label(p), r, "lab-a") for p, r in zip(other_smears, reasons, strict=False)],
+    )
+    result = train(
+        *("export", trained_run, "--out", tmp_path / "b", "--name", "x", "--version", "1"),
+        *("--precision", "fp32", "--sign-key", signing_key, "--calibration-size", "4"),
+        *("--base-is", TEST_BASE, "--allow-no-skill", "--allow-degraded"),
+        *("--field", tmp_path / "field"),
+    )
+    assert result.returncode == 0, result.stderr
+    assert "field samples (n=5" in result.stdout and "random (unbiased): n=3" in result.stdout
+    keys = TrustedKeys.load(signing_key.parent)
+    figures = load_bundle(tmp_path / "b", keys).manifest.figures
+    assert figures is not None and figures.field is not None
+    field = figures.field
+    assert field.model.startswith("deployed fp32 IR")
+    assert field.threshold == figures.deployed.metrics.threshold  # the bundle's own decision
+    counts = {r: field.per_reason[r].n for r in SampleReason}
+    assert counts == {"random": 3, "disagreement": 2, "low_confidence": 0}
+    assert field.per_reason[SampleReason.LOW_CONFIDENCE].metrics is None
+    assert (
+        field.all.first is not None and field.all.first.isoformat() == "2026-11-02T09:00:00+00:00"
+    )
+    card = (tmp_path / "b" / "MODEL_CARD.md").read_text()
+    assert "## Field evaluation (labelled field samples, n = 5)" in card
+    assert "| random | 3 | 1 | 2026-11-02 to 2026-11-02 |" in card
+    assert "| low_confidence | 0 | 0 | - | no samples |" in card
+    assert "Only `random` samples give an unbiased estimate" in card
+    assert "External validation is limited to 5 labelled field samples (3 `random`" in card
