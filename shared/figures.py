@@ -11,10 +11,11 @@ bootstrap interval, so a reader can tell 32/32 (0.89-1.00) from 320/320 (0.99-1.
      "agreement": PROPORTION,            # deployed decisions vs TensorFlow's, eval split
      "agreement_all": PROPORTION,        # the same on every image of train, val and test
      "parity": {"max_abs_diff_f32", "max_abs_diff_deployed"},
-     "units": UNITS}                     # patient/smear-level figures (groups given)
+     "units": UNITS,                     # patient/smear-level figures (groups given)
+     "field": FIELD}                     # labelled field samples per reason (export --field)
 
-Bundles of the first training pass lack the newer fields (`agreement_all`, `units`):
-they read as None. Bundles made by other tools carry other shapes; `Manifest.metrics`
+Bundles of the first training pass lack the newer fields (`agreement_all`, `units`,
+`field`): they read as None. Bundles made by other tools carry other shapes; `Manifest.metrics`
 keeps those as a plain mapping (shared/manifest.py).
 """
 

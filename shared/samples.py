@@ -31,7 +31,6 @@ import hashlib
 import io
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from datetime import datetime
 from enum import StrEnum
 from pathlib import Path
 from typing import Annotated
@@ -132,11 +131,6 @@ class SampleSet:
 
     def path(self, row: SampleRow) -> Path:
         return self.directory / row.file_name
-
-    def dates(self) -> tuple[datetime, datetime] | None:
-        """The first and last collected_at, or None without rows."""
-        times = [r.collected_at for r in self.rows]
-        return (min(times), max(times)) if times else None
 
 
 def sample_id(data: bytes) -> str:
