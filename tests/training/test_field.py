@@ -58,6 +58,8 @@ def test_prepare_keeps_sources_and_near_copies_in_one_split(
         tmp_path / "field-lab",
         [(p, _label(p), "low_confidence", "lab-a") for p in other_smears[:6]],
     )
+    # a labeller's spreadsheet: columns reordered, a notes column added
+    _edit_csv(tmp_path / "field-lab", _reorder_and_annotate)
     result = train(
         "prepare",
         synth_data,
@@ -137,6 +139,10 @@ def _edit_csv(folder: Path, change: Callable[[list[list[str]]], None]) -> None:
     change(rows)
     with path.open("w", newline="") as f:
         csv.writer(f, lineterminator="\n").writerows(rows)
+
+
+def _reorder_and_annotate(rows: list[list[str]]) -> None:
+    rows[:] = [["notes" if i == 0 else "looked twice", *reversed(r)] for i, r in enumerate(rows)]
 
 
 def _set_label(rows: list[list[str]], line: int, label: str) -> None:
