@@ -17,6 +17,7 @@ the validation split, the other folds the training split.
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Literal
@@ -35,6 +36,7 @@ from cellwatch.training.dataset import (
     sha256_hex,
 )
 from cellwatch.training.errors import DataError
+from cellwatch.training.field import FieldSource, load_field
 from cellwatch.training.groups import NearDuplicate, near_duplicates, read_groups
 from cellwatch.training.leakage import Merge, feature_pairs, merged_groups, phash_pairs
 from cellwatch.training.outdir import staged_dir
@@ -87,6 +89,11 @@ class SplitFile(Strict):
         "none", description="how near-duplicates were looked for before the split"
     )
     folds: int = Field(0, ge=0, le=MAX_FOLDS, description="K of K-fold cross-validation, or 0")
+    field: list[FieldSource] = Field(
+        default_factory=list,
+        description="labelled field directories whose samples joined (prepare --field; "
+        "their entries' paths are absolute, their groups field:{source})",
+    )
     fold: int | None = Field(None, ge=0, description="set on the view of one fold (for_fold)")
 
     @property
@@ -147,8 +154,10 @@ def prepare(
     allow_near_duplicates: bool = False,
     checkpoint: Path | None = None,
     depth_multiplier: float = 1.0,
+    field: Sequence[Path] = (),
 ) -> SplitFile:
-    """Scan data, check every image, merge near-duplicates into groups (unless
+    """Scan data, check every image, add the labelled samples of the field directories
+    (field.py: one group per source), merge near-duplicates into groups (unless
     allow_near_duplicates; by bottleneck features too with a base checkpoint), split,
     and write out/split.json (all or nothing)."""
     if folds == 1 or not 0 <= folds <= MAX_FOLDS:
@@ -160,6 +169,7 @@ def prepare(
     if len(named) < len(LABELS):
         have = ", ".join(LABELS[i] for i in sorted(named))
         raise DataError(f"{data} holds one class only ({have}); both normal and ALL are needed")
+    samples = load_field(field) if field else None
     groups = None
     if groups_file is not None:
         groups = read_groups(groups_file, [relative(scan, c) for c in scan.candidates])
@@ -186,6 +196,13 @@ def prepare(
             )
         if not entries:
             raise DataError(f"no image in {data} could be decoded ({len(skipped)} skipped)")
+        if samples is not None:
+            entries = entries + samples.entries
+            log.info(
+                "%d labelled field samples from %d sources joined the data set",
+                len(samples.entries),
+                len({e.group for e in samples.entries}),
+            )
         merges: list[Merge] = []
         check = "none (--allow-near-duplicates)"
         if not allow_near_duplicates:
@@ -220,6 +237,7 @@ def prepare(
             merged=merges,
             leakage_check=check,
             folds=folds,
+            field=samples.sources() if samples is not None else [],
         )
         (tmp / SPLIT_FILE).write_text(split.model_dump_json(by_alias=True, indent=2) + "\n")
     for name in SPLIT_NAMES:
