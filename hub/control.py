@@ -47,8 +47,9 @@ from cellwatch.hub.intake import (
 from cellwatch.hub.orchestrator import Orchestrator
 from cellwatch.hub.registry import Registry
 from cellwatch.hub.served import ServedTotals
+from cellwatch.hub.sites import LINK_DOWN, LINK_UP
 from cellwatch.shared.codes import ApiErrorCode
-from cellwatch.shared.errors import MqttError
+from cellwatch.shared.errors import MqttError, TopicError
 from cellwatch.shared.handoff import Handoff
 from cellwatch.shared.hubapi import RevokeArgs
 from cellwatch.shared.rpc import Delivery, Inbound, Rejected, RemoteError
@@ -316,6 +317,20 @@ class Control:
         if learnt or missing:
             self.orchestrator.publish_revocations(now)
         return False
+
+    def on_site_link(self, inbound: Inbound[bytes], node_id: str) -> bool:
+        """A site's bridge link changed (hub/sites.py): its nodes are unreachable while
+        it is down; the rollout engine ticks to stop or restart their clocks."""
+        try:
+            site = self.topics.site_of_link(inbound.topic)
+        except TopicError as exc:
+            log.warning("hub: %s", exc)
+            return False
+        payload = inbound.message.payload
+        if payload not in (LINK_UP, LINK_DOWN):
+            log.warning("hub: %s: %r is not a bridge notification (0 or 1)", inbound.topic, payload)
+            return False
+        return self.fleet.sites.on_link(site, payload == LINK_UP, time.time())
 
     # -- the operator's ------------------------------------------------------------------
     def on_api(self, inbound: Inbound[ApiRequest], node_id: str) -> bool:

@@ -14,8 +14,10 @@ written before a model is loaded).
 
 A node is shown `stale` when its last status said online but nothing came from it
 (status, telemetry, update report) for STALE_AFTER_INTERVALS of its telemetry
-intervals: computed when asked, from last_seen, with no timer. Telemetry also
-feeds the in-memory history of the fleet page's sparklines (hub/history.py).
+intervals: computed when asked, from last_seen, with no timer. A node whose status
+names a site whose link to the central broker is down is shown `unreachable`, and the
+rollout engine sees it as not online (hub/sites.py). Telemetry also feeds the
+in-memory history of the fleet page's sparklines (hub/history.py).
 
 The control thread's Fleet keeps every node's record in memory as well (written
 through to the database), so the rollout engine's view of 2,000 nodes costs no query;
@@ -33,6 +35,7 @@ from cellwatch.hub.db import Database, NodeRecord
 from cellwatch.hub.errors import ApiFailure
 from cellwatch.hub.history import TelemetryHistory
 from cellwatch.hub.rollout import NodeView
+from cellwatch.hub.sites import Sites
 from cellwatch.shared.codes import ApiErrorCode
 from cellwatch.shared.hubapi import NodeInfo
 from cellwatch.shared.limits import (
@@ -86,10 +89,12 @@ class Fleet:
         history: TelemetryHistory | None = None,
         *,
         max_nodes: int | None = None,
+        sites: Sites | None = None,
     ) -> None:
         self.db = db
         self.history = history if history is not None else TelemetryHistory()
         self.max_nodes = max_nodes
+        self.sites = sites if sites is not None else Sites()
         self._records: dict[str, NodeRecord] | None = None
 
     # -- the control thread's records -------------------------------------------------
@@ -152,6 +157,7 @@ class Fleet:
         if rec.boot_id is not None and status.boot_id != rec.boot_id:
             rec.boots = [*rec.boots, rec.boot_id][-KEPT_BOOTS:]
         rec.state, rec.boot_id, rec.since, rec.last_seen = status.state, status.boot_id, since, now
+        self.sites.on_node(status.node_id, status.site)
         rec.tags = list(status.tags)
         rec.device = status.device or rec.device
         if status.state is NodeState.ONLINE:  # a Will (offline) was written before any error
@@ -193,12 +199,16 @@ class Fleet:
         return True
 
     def views(self) -> dict[str, NodeView]:
-        return {
-            n.node_id: NodeView(
-                online=n.state is NodeState.ONLINE, model=n.model, model_at=n.model_at
+        out = {}
+        for n in self._all().values():
+            reachable = self.sites.reachable(n.node_id)
+            out[n.node_id] = NodeView(
+                online=n.state is NodeState.ONLINE and reachable,
+                model=n.model,
+                model_at=n.model_at,
+                reachable=reachable,
             )
-            for n in self._all().values()
-        }
+        return out
 
     def resolve(self, target: str) -> list[str]:
         """Node ids for `all`, `group:G` or `node:ID,ID` (sorted); ApiFailure if none."""
@@ -236,7 +246,10 @@ class Fleet:
         return [
             NodeInfo(
                 node_id=n.node_id,
-                state=node_state(n, now),
+                state=node_state(n, now)
+                if self.sites.reachable(n.node_id)
+                else NodeState.UNREACHABLE,
+                site=self.sites.site_of(n.node_id),
                 boot_id=n.boot_id,
                 since=_ts(n.since),
                 last_seen=_ts(n.last_seen),

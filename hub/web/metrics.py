@@ -16,8 +16,11 @@ per node, labels node_id, model_version ("" when unknown); from its last Telemet
   cellwatch_node_model_error{code}               1 while the node reports a model error
   cellwatch_node_retained_images_total           retained images the broker replayed to
                                                  the node (stored there until cleared)
+per site, label site (sites: a lab's broker bridged to the hub's, hub/sites.py):
+  cellwatch_site_link_up                         1 while its bridge is connected, 0 down
 hub:
-  cellwatch_hub_nodes{state}                     nodes per state
+  cellwatch_hub_nodes{state}                     nodes per state (`unreachable`: at a
+                                                 site whose link is down)
   cellwatch_hub_models                           models in the registry
   cellwatch_hub_models_revoked                   of which revoked
   cellwatch_rollouts{state}                      rollouts per state
@@ -62,7 +65,17 @@ class FleetCollector(Collector):
         yield from self._hub()
 
     def _nodes(self, now: float) -> Iterator[Metric]:
-        nodes = self.reader.queries.nodes(now).nodes
+        reply = self.reader.queries.nodes(now)
+        nodes = reply.nodes
+        link = GaugeMetricFamily(
+            "cellwatch_site_link_up",
+            "1 while the site's bridge to the central broker is up",
+            labels=["site"],
+        )
+        for s in reply.sites:
+            if s.link_up is not None:
+                link.add_metric([s.site], 1.0 if s.link_up else 0.0)
+        yield link
 
         def gauge(name: str, doc: str, extra: list[str] | None = None) -> GaugeMetricFamily:
             return GaugeMetricFamily(name, doc, labels=NODE_LABELS + (extra or []))
