@@ -249,6 +249,8 @@ class Database:
         except sqlite3.Error as exc:
             raise HubError(f"cannot open the hub database {path}: {exc}") from exc
         self._lock = threading.RLock()
+        self.commits = 0
+        """Write transactions committed since start (/metrics: the hub's write rate)."""
 
     def _migrate(self, version: int) -> None:
         if version:  # an existing database: bring it up to date first
@@ -271,6 +273,7 @@ class Database:
                 self._conn.execute("ROLLBACK")
                 raise
             self._conn.execute("COMMIT")
+            self.commits += 1
 
     def _rows(self, sql: str, *args: Any) -> list[sqlite3.Row]:
         with self._lock:

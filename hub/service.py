@@ -172,6 +172,7 @@ class HubService(Daemon):
             control_peak=lambda: self._control.peak,
             started_at=self.api.started_at,
             sites=self.sites,
+            db_commits=lambda: self.db.commits,
         )
         self.http = HttpServer(self.settings.http, sources)
         self.http.start()

@@ -30,6 +30,7 @@ hub:
   cellwatch_hub_control_queue_depth              messages waiting for the control thread
   cellwatch_hub_control_queue_peak               the most that ever waited (since start)
   cellwatch_hub_messages_dropped_total{reason}   incoming messages dropped (hub/counters.py)
+  cellwatch_hub_database_commits_total           write transactions of the hub's database
   cellwatch_hub_start_time_seconds
 """
 
@@ -209,6 +210,11 @@ class FleetCollector(Collector):
         for reason, count in sorted(src.counters.dropped_by_reason().items()):
             dropped.add_metric([reason], float(count))
         yield dropped
+        yield CounterMetricFamily(
+            "cellwatch_hub_database_commits",
+            "write transactions the hub committed to its database since start",
+            float(src.db_commits()),
+        )
         yield GaugeMetricFamily(
             "cellwatch_hub_start_time_seconds",
             "when this hub process started (seconds since the epoch)",

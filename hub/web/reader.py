@@ -32,6 +32,7 @@ class HubSources:
     control_peak: Callable[[], int]
     started_at: datetime
     sites: Sites = field(default_factory=Sites)
+    db_commits: Callable[[], int] = lambda: 0
 
 
 class FleetReader:
