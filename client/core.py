@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import queue
-import threading
 import uuid
 from collections.abc import Generator, Iterable
 from concurrent.futures import Future
@@ -32,6 +30,7 @@ from cellwatch.client.errors import (
     PayloadTooLarge,
     Timeout,
 )
+from cellwatch.client.feed import End, Feed
 from cellwatch.client.inputs import image_id_for, read
 from cellwatch.shared.errors import MqttError
 from cellwatch.shared.mqtt import ConnectRefused, Message, MqttClient, PublishProps, packet_size
@@ -318,120 +317,16 @@ class Core:
         limit = concurrency or self.settings.concurrency
         if limit < 1:
             raise ValueError("concurrency must be >= 1")
-        feed = _Feed(self, images, limit, source=source, timeout=timeout, node=node)
+        feed = Feed(self, images, limit, source=source, timeout=timeout, node=node)
         feed.start()
         try:
             while True:
                 item = feed.sink.get()
                 tag, outcome = item
-                if isinstance(tag, _End):
+                if isinstance(tag, End):
                     if tag.error is not None:
                         raise tag.error
                     return
                 yield feed.answer(cast(int, tag), cast(Outcome | ClientError, outcome))
         finally:
             feed.close()
-
-
-@dataclass(frozen=True)
-class _End:
-    """The feeder's last word: every input was sent and answered, or the iterable failed."""
-
-    error: BaseException | None = None
-
-
-class _Feed:
-    """The feeder thread of `Core.many`: takes inputs while a slot is free, prepares
-    and sends each (outcomes go into `sink`), and puts `_End` after the last answer."""
-
-    def __init__(
-        self,
-        core: Core,
-        images: Iterable[Image],
-        limit: int,
-        *,
-        source: str | None,
-        timeout: float | None,
-        node: str | None,
-    ) -> None:
-        self.core = core
-        self.images = images
-        self.options = (source, timeout, node)
-        self.sink: queue.SimpleQueue[tuple[object, object]] = queue.SimpleQueue()
-        """(index, Outcome or ClientError) per input, then (_End, None)."""
-        self._slots = threading.Semaphore(limit)
-        self._lock = threading.Lock()
-        self._outstanding: dict[int, tuple[Prepared | str, Ticket | None]] = {}
-        """index -> (the prepared image, or the input's name for an input error; its
-        ticket once sent)."""
-        self._fed: int | None = None
-        """How many inputs there were, once the iterable is exhausted."""
-        self._answered = 0
-        self._closed = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="client-feed", daemon=True)
-
-    def start(self) -> None:
-        self._thread.start()
-
-    def close(self) -> None:
-        """The caller stopped (or finished): cancel what is still in flight."""
-        self._closed.set()
-        with self._lock:
-            tickets = [t for _, t in self._outstanding.values() if t is not None]
-            self._outstanding.clear()
-        for ticket in tickets:
-            ticket.cancel()
-
-    def answer(self, index: int, outcome: Outcome | ClientError) -> Answer:
-        with self._lock:
-            entry, _ = self._outstanding.pop(index)
-            self._answered += 1
-            last = self._fed is not None and self._answered == self._fed
-        self._slots.release()
-        if last:
-            self.sink.put((_End(), None))
-        if isinstance(outcome, ClientError):
-            assert isinstance(entry, str)
-            return Answer(entry, "", error=outcome)
-        assert isinstance(entry, Prepared)
-        return self.core.answer_of(entry, outcome)
-
-    def _take_slot(self) -> bool:
-        while not self._slots.acquire(timeout=0.1):
-            if self._closed.is_set():
-                return False
-        return not self._closed.is_set()
-
-    def _run(self) -> None:
-        source, timeout, node = self.options
-        index = -1
-        try:
-            for index, image in enumerate(self.images):
-                if not self._take_slot():
-                    return
-                try:
-                    p = self.core.prepare(image, index=index, source=source, node=node)
-                except ClientError as exc:
-                    name = f"bytes#{index}" if isinstance(image, bytes) else str(image)
-                    with self._lock:
-                        self._outstanding[index] = (name, None)
-                    self.sink.put((index, exc))
-                    continue
-                with self._lock:  # before sending: its answer may come at once
-                    self._outstanding[index] = (p, None)
-                try:
-                    ticket = self.core.send(p, cast(Sink, self.sink), index, timeout)
-                except ClientError as exc:
-                    self.sink.put((index, exc))
-                    continue
-                with self._lock:
-                    if index in self._outstanding:
-                        self._outstanding[index] = (p, ticket)
-        except BaseException as exc:  # the iterable failed: the caller raises it
-            self.sink.put((_End(exc), None))
-            return
-        with self._lock:
-            self._fed = index + 1
-            done = self._answered == self._fed
-        if done:
-            self.sink.put((_End(), None))

@@ -3,7 +3,7 @@
 `RateLimiter`: token buckets per node id (a rate per second and a burst). `FloodLog`:
 what a node sent beyond its rate, logged as one warning per node per interval (a
 node flooding 20,000 statuses is one line a minute, not 20,000). Both keep at most
-`max_keys` nodes (the most recent), and are called from paho's network thread and the
+`max_keys` nodes (the most recent), and are called from the MQTT network thread and the
 control thread: each call holds a lock for a few dict operations, never waits.
 """
 
