@@ -15,7 +15,6 @@ image or Result reached the central broker.
 from __future__ import annotations
 
 import hashlib
-import os
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -25,12 +24,11 @@ import pytest
 
 from cellwatch.client import Client, ClientSettings
 from cellwatch.hub.client import HubClient
-from cellwatch.hub.errors import HubUnavailable
 from cellwatch.hub.fetch import fetch_replies
-from cellwatch.node.fetcher import Fetcher, FetchError
+from cellwatch.node.fetcher import FetchError
 from cellwatch.shared.codes import ApiErrorCode, UpdateErrorCode
 from cellwatch.shared.hubapi import RolloutInfo, RolloutStartArgs
-from cellwatch.shared.manifest import MANIFEST_FILE, SIGNATURE_FILE, Manifest
+from cellwatch.shared.manifest import MANIFEST_FILE, Manifest
 from cellwatch.shared.mqtt import MqttClient
 from cellwatch.shared.rpc import Inbound, Route
 from cellwatch.shared.rpc.edge import Edge
@@ -43,7 +41,7 @@ from tests.harness import Collector, T, wait_for
 from tests.helpers.rollouts import until
 from tests.models import write_test_bundle
 from tests.security.stack import Process
-from tests.sites.topology import World, central_broker, make_site, spy
+from tests.sites.topology import World, central_broker, fetch_bundle, make_site, spy, wait_hub
 
 SIMS = ("node-a2", "node-a3", "node-a4", "node-a5")
 """Simulated nodes at site-a: the node's own Fetcher, in the test process."""
@@ -146,24 +144,6 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
         central.stop()
 
 
-def wait_hub(central: Broker) -> None:
-    """Until the hub answers (a request sent before it subscribed is never answered)."""
-    probe = HubClient(central.settings("operator"), timeout_s=1.0)
-    probe.connect()
-
-    def answers() -> bool:
-        try:
-            probe.stats()
-        except HubUnavailable:
-            return False
-        return True
-
-    try:
-        wait_for(answers, 60, "the hub to answer")
-    finally:
-        probe.close()
-
-
 def completed(info: RolloutInfo) -> bool:
     return info.state is RolloutState.COMPLETED
 
@@ -184,32 +164,7 @@ def classify(broker: Broker, count: int, seed: int) -> tuple[int, int, int]:
 def sim_fetch(env: Env, node_id: str, version: str, dest: Path, **kwargs: float) -> int:
     """A node at site-a fetches a whole bundle with the node's own Fetcher (through the
     relay); checks every file against the manifest; the bytes received."""
-    mqtt = MqttClient(
-        env.a.settings(node_id), client_id=f"sim-{node_id}-{os.urandom(4).hex()}", clean_start=True
-    )
-    fetcher = Fetcher(
-        mqtt,
-        T,
-        node_id,
-        timeout_s=kwargs.get("timeout_s", 2.0),
-        stall_timeout_s=kwargs.get("stall_timeout_s", 30.0),
-    )
-    Edge(mqtt).add(fetcher.route())
-    mqtt.connect()
-    try:
-        ref = env.ref(version)
-        dest.mkdir(parents=True, exist_ok=True)
-        for name in (MANIFEST_FILE, SIGNATURE_FILE):
-            fetcher.fetch(ref.manifest_sha256, name, dest / name)
-        assert sha((dest / MANIFEST_FILE).read_bytes()) == ref.manifest_sha256
-        manifest = Manifest.model_validate_json((dest / MANIFEST_FILE).read_bytes())
-        for name, entry in manifest.files.items():
-            fetcher.fetch(ref.manifest_sha256, name, dest / name, expected_size=entry.size)
-            assert sha((dest / name).read_bytes()) == entry.sha256, name
-        return fetcher.bytes_received
-    finally:
-        fetcher.close()
-        mqtt.disconnect()
+    return fetch_bundle(env.a, node_id, env.ref(version).manifest_sha256, dest, **kwargs)
 
 
 def crossed(env: Env, site: str) -> int:

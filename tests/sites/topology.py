@@ -11,6 +11,8 @@ never sees did not leave the site.
 
 from __future__ import annotations
 
+import hashlib
+import os
 import subprocess
 import sys
 import uuid
@@ -18,8 +20,14 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from cellwatch.hub.client import HubClient
+from cellwatch.hub.errors import HubUnavailable
+from cellwatch.node.fetcher import Fetcher
+from cellwatch.shared.manifest import MANIFEST_FILE, SIGNATURE_FILE, Manifest
+from cellwatch.shared.mqtt import MqttClient
+from cellwatch.shared.rpc.edge import Edge
 from tests.broker import DEPLOY, Broker, run_script
-from tests.harness import Collector
+from tests.harness import Collector, T, wait_for
 from tests.security.stack import BIN, Process
 
 if str(DEPLOY) not in sys.path:
@@ -32,7 +40,18 @@ HOST = "127.0.0.1"
 BRIDGE_RESTART_S = (1, 2)
 """Tests reconnect bridges within 1-2 s of the link's return (production: 2-30 s)."""
 SPY = "spy"
-__all__ = ["SPY", "Site", "World", "central_broker", "make_site", "site_conf", "sitelink", "spy"]
+__all__ = [
+    "SPY",
+    "Site",
+    "World",
+    "central_broker",
+    "fetch_bundle",
+    "make_site",
+    "site_conf",
+    "sitelink",
+    "spy",
+    "wait_hub",
+]
 
 
 def central_broker(dir: Path, sites: dict[str, Sequence[str]]) -> Broker:
@@ -185,3 +204,58 @@ class World:
     def stop(self) -> None:
         for p in reversed(self.processes):
             p.stop()
+
+
+def wait_hub(central: Broker) -> None:
+    """Until the hub answers (a request sent before it subscribed is never answered)."""
+    probe = HubClient(central.settings("operator"), timeout_s=1.0)
+    probe.connect()
+
+    def answers() -> bool:
+        try:
+            probe.stats()
+        except HubUnavailable:
+            return False
+        return True
+
+    try:
+        wait_for(answers, 60, "the hub to answer")
+    finally:
+        probe.close()
+
+
+def fetch_bundle(
+    broker: Broker,
+    node_id: str,
+    manifest_sha256: str,
+    dest: Path,
+    *,
+    timeout_s: float = 2.0,
+    stall_timeout_s: float = 30.0,
+) -> int:
+    """A simulated node on a site's broker fetches a whole bundle with the node's own
+    Fetcher (from the site's relay, or from the hub through the bridge); checks every
+    file against the manifest; the bytes received."""
+    mqtt = MqttClient(
+        broker.settings(node_id), client_id=f"sim-{node_id}-{os.urandom(4).hex()}", clean_start=True
+    )
+    fetcher = Fetcher(mqtt, T, node_id, timeout_s=timeout_s, stall_timeout_s=stall_timeout_s)
+    Edge(mqtt).add(fetcher.route())
+    mqtt.connect()
+    try:
+        dest.mkdir(parents=True, exist_ok=True)
+        for name in (MANIFEST_FILE, SIGNATURE_FILE):
+            fetcher.fetch(manifest_sha256, name, dest / name)
+        assert _sha(dest / MANIFEST_FILE) == manifest_sha256
+        manifest = Manifest.model_validate_json((dest / MANIFEST_FILE).read_bytes())
+        for name, entry in manifest.files.items():
+            fetcher.fetch(manifest_sha256, name, dest / name, expected_size=entry.size)
+            assert _sha(dest / name) == entry.sha256, name
+        return fetcher.bytes_received
+    finally:
+        fetcher.close()
+        mqtt.disconnect()
+
+
+def _sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
