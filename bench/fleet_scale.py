@@ -14,6 +14,7 @@ retained status, then for `--duration` seconds: every node's Telemetry every
 
 - the hub process's CPU seconds per second (sampled each second: mean, p95, max) and
   its peak RSS;
+- the broker's CPU seconds per second (mean);
 - its control queue's depth and peak, and the messages it dropped, by reason
   (/metrics);
 - its database's write transactions per second (`cellwatch_hub_database_commits_total`);
@@ -44,10 +45,13 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import psutil
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.common import cpu_name
 from bench.hubproc import BIN, HubProcess
 from cellwatch.hub.db import Database
+from cellwatch.shared.limits import DEFAULT_TELEMETRY_INTERVAL_S
 from cellwatch.shared.schemas import ModelRef
 from cellwatch.shared.states import NodeState
 from tests.broker import Broker
@@ -67,6 +71,8 @@ class Samples:
     fragment_s: list[float] = field(default_factory=list)
     metrics_s: list[float] = field(default_factory=list)
     depth: list[float] = field(default_factory=list)
+    broker_cpu: float = 0.0
+    """The broker's CPU seconds per second over the run."""
 
 
 def known(db_path: Path) -> int:
@@ -148,6 +154,9 @@ def steady(args: argparse.Namespace, broker: Broker, hub: HubProcess, swarm: Swa
     own0 = resource.getrusage(resource.RUSAGE_SELF)
     start = time.monotonic()
     cpu_then, tick = hub.cpu_s(), start
+    assert broker.pid is not None
+    mosquitto = psutil.Process(broker.pid)
+    broker0 = sum(mosquitto.cpu_times()[:2])
     sent = restarts = 0
     restart_credit = 0.0
     next_probe = start + args.probe_every
@@ -179,6 +188,7 @@ def steady(args: argparse.Namespace, broker: Broker, hub: HubProcess, swarm: Swa
             next_probe = now + args.probe_every
         time.sleep(0.01)
     elapsed = time.monotonic() - start
+    s.broker_cpu = (sum(mosquitto.cpu_times()[:2]) - broker0) / elapsed
     after = hub.metrics()
     own1 = resource.getrusage(resource.RUSAGE_SELF)
     nodes_table = operator_command(broker, "nodes")
@@ -219,6 +229,7 @@ def report(
             f"{statistics.fmean(cpu):.2f} / {cpu[int(0.95 * (len(cpu) - 1))]:.2f} / {cpu[-1]:.2f}",
         ),
         ("hub peak RSS", f"{s.rss_peak_mb:.0f} MB"),
+        ("Mosquitto CPU s per s (mean)", f"{s.broker_cpu:.3f}"),
         (
             "control queue: peak (since start) / median depth",
             f"{after.get('cellwatch_hub_control_queue_peak', 0):.0f} / "
@@ -244,7 +255,12 @@ def main() -> None:
     )
     parser.add_argument("--nodes", type=int, default=10_000)
     parser.add_argument("--duration", type=float, default=600.0, help="seconds of steady state")
-    parser.add_argument("--interval", type=float, default=10.0, help="telemetry period, s")
+    parser.add_argument(
+        "--interval",
+        type=float,
+        default=DEFAULT_TELEMETRY_INTERVAL_S,
+        help="telemetry period, s (the node's default)",
+    )
     parser.add_argument("--restarts-per-min", type=float, default=100.0)
     parser.add_argument("--connections", type=int, default=8, help="swarm connections")
     parser.add_argument("--probe-every", type=float, default=30.0, help="page/metrics probes")

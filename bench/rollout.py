@@ -299,7 +299,9 @@ def rounds(
     return rows
 
 
-def run(counts: list[int], downloaders: int, size_mb: float, inception: bool) -> None:
+def run(
+    counts: list[int], downloaders: int, size_mb: float, inception: bool, hub_extra: str = ""
+) -> None:
     work = Path(tempfile.mkdtemp(prefix="cellwatch-bench-rollout-"))
     keys = work / "keys"
     if inception:
@@ -321,7 +323,7 @@ def run(counts: list[int], downloaders: int, size_mb: float, inception: bool) ->
     nodes = [f"node-{i}" for i in range(1, min(max(counts), downloaders) + 1)]
     broker = Broker.create(work / "broker", nodes=nodes)
     add_swarm_user(broker)
-    hub = HubProcess(work, broker, keys)
+    hub = HubProcess(work, broker, keys, extra=hub_extra)
     try:  # whatever happens, no hub or broker process outlives the benchmark
         hub.wait_ready(broker)
         rows = rounds(work, broker, hub, target, size, counts, nodes, downloaders)
@@ -374,12 +376,19 @@ def main() -> None:
     )
     parser.add_argument("--size-mb", type=float, default=46.0, help="synthetic model.bin size")
     parser.add_argument("--inception", action="store_true", help="real fp16 Inception V3 bundle")
+    parser.add_argument(
+        "--hub-extra",
+        default="",
+        help="lines added to hub.toml, e.g. $'[limits]\\nreceive_maximum = 65535\\n' (the "
+        "hub's receive_maximum should be 5 x the fleet: the default 16384 is below it "
+        "at 10,000 nodes)",
+    )
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     # The swarm's "subscriptions are live" probe is a publish the broker refuses.
     logging.getLogger("cellwatch.shared.mqtt").setLevel(logging.ERROR)
     counts = sorted(int(x) for x in args.nodes.split(","))
-    run(counts, args.downloaders, args.size_mb, args.inception)
+    run(counts, args.downloaders, args.size_mb, args.inception, args.hub_extra)
 
 
 if __name__ == "__main__":

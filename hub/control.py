@@ -15,9 +15,10 @@ messages are not handled but kept, each as its kind says (`intake.Outage`): a no
 statuses wait in its slot (newer ones still replace older ones), update reports and
 the revocation list wait in order, telemetry is dropped (counted `database`), API
 calls are answered (a read works; a write fails with `internal`), and the rollout
-engine does not tick. It tries again after RETRY_FIRST_S, then twice as long each
-time up to RETRY_MAX_S; once a write works, what waited is applied, in order, and
-acknowledged. Nothing is lost, and the latest status of each node is applied.
+engine does not tick (nor are the nodes' figures written, hub/fleet.py). It tries
+again after RETRY_FIRST_S, then twice as long each time up to RETRY_MAX_S; once a
+write works, what waited is applied, in order, and acknowledged. Nothing is lost, and
+the latest status of each node is applied.
 """
 
 from __future__ import annotations
@@ -127,6 +128,7 @@ class Control:
             except queue.Empty:
                 item = _nothing  # just tick
             if item is None:
+                self._flush()
                 return
             try:
                 tick_wanted = self.handle(item) or tick_wanted
@@ -147,10 +149,18 @@ class Control:
             return
         self.intake.release(time.monotonic())
         try:
+            self.fleet.flush()
             self.orchestrator.tick(time.time())
             self.served.store(self.db)
         except UNWRITABLE as exc:
             self._failed(exc, "the rollout engine's tick")
+
+    def _flush(self) -> None:
+        """The telemetry not yet written, at the end (hub/fleet.py)."""
+        try:
+            self.fleet.flush()
+        except UNWRITABLE as exc:
+            log.error("hub: the last telemetry could not be written: %s", exc)
 
     def handle(self, item: Item) -> bool:
         """Do one item of the control queue; True when the rollout engine should tick."""
