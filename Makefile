@@ -8,12 +8,14 @@ STAMP := $(VENV)/.cellwatch-installed
 SRC_DIRS := node hub training shared client
 PYTEST_ARGS ?=
 DEMO_DIR ?= demo-work
+SITES_DIR ?= sites-work
 
 .PHONY: help demo up down test lint typecheck pytest venv mosquitto chromium clean
 
 help:
 	@echo "make demo   - set up and run the whole system end to end (deploy/demo.py; CHECKPOINT=path optional)"
 	@echo "make up     - start broker, hub and one node with the demo configuration (make down stops them)"
+	@echo "make up SITES=2 - a central broker and hub, two site brokers bridged to it, a node each (make down SITES=2)"
 	@echo "make test   - set up (venv, Mosquitto, Chromium) and run ruff, mypy and pytest"
 	@echo "make lint / make typecheck / make pytest - the parts of make test"
 	@echo "make clean  - remove the virtualenv and caches"
@@ -65,7 +67,7 @@ lint: venv
 
 typecheck: venv .typecheck/cellwatch
 	$(BIN)/mypy -p cellwatch
-	$(BIN)/mypy tests bench deploy/demo.py deploy/demolib
+	$(BIN)/mypy tests bench deploy/demo.py deploy/sites.py deploy/demolib
 
 pytest: venv mosquitto chromium
 	$(BIN)/pytest -q $(PYTEST_ARGS)
@@ -78,12 +80,19 @@ demo: venv mosquitto
 
 # Broker (ports 1883/8883), hub and one node with the demo's configuration, left
 # running for the README's examples; `make down` stops them.
+# With SITES=N: a central broker with the hub and N sites, each its own broker bridged
+# to the centre with one node, site 1 with a relay (deploy/sites.py, in $(SITES_DIR)/).
 up: venv mosquitto
+ifdef SITES
+	$(BIN)/python deploy/sites.py up --sites $(SITES) --workdir $(SITES_DIR)
+else
 	$(BIN)/python deploy/demo.py up --workdir $(DEMO_DIR)
+endif
 
 down:
-	@if [ -x $(BIN)/python ]; then $(BIN)/python deploy/demo.py down --workdir $(DEMO_DIR); \
-	else echo "nothing to stop: there is no $(VENV)"; fi
+	@if [ ! -x $(BIN)/python ]; then echo "nothing to stop: there is no $(VENV)"; \
+	elif [ -n "$(SITES)" ]; then $(BIN)/python deploy/sites.py down --workdir $(SITES_DIR); \
+	else $(BIN)/python deploy/demo.py down --workdir $(DEMO_DIR); fi
 
 clean:
 	rm -rf $(VENV) .typecheck .mypy_cache .ruff_cache .pytest_cache

@@ -34,7 +34,6 @@ import argparse
 import hashlib
 import logging
 import shutil
-import subprocess
 import sys
 import tempfile
 import threading
@@ -48,10 +47,10 @@ import numpy as np
 import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.common import BIN, Broker, cpu_name, inception_bundle
+from bench.common import Broker, cpu_name, inception_bundle
+from bench.hubproc import MB, HubProcess
 from cellwatch.hub.client import HubClient
 from cellwatch.hub.db import Database
-from cellwatch.hub.errors import HubUnavailable
 from cellwatch.node.fetcher import Fetcher
 from cellwatch.shared.bundle import hash_files, write_manifest
 from cellwatch.shared.hubapi import RolloutStartArgs
@@ -66,7 +65,6 @@ from tests.hub.swarm import Swarm, add_swarm_user
 T = Topics()
 CHUNK = 256 * 1024
 WINDOW = 4
-MB = 1e6
 
 
 def synthetic_bundle(out: Path, keys: Path, size_mb: float, version: str) -> Path:
@@ -181,55 +179,6 @@ class SimNode:
     def close(self) -> None:
         self.mqtt.disconnect()
         self.fetcher.close()
-
-
-class HubProcess:
-    """`cellwatch-hub serve` in a process of its own, so that its memory and CPU are
-    its own; sampled every 0.1 s while a rollout runs."""
-
-    def __init__(self, work: Path, broker: Broker, keys: Path) -> None:
-        self.config = work / "hub.toml"
-        self.data = work / "hub"
-        self.config.write_text(
-            f'data_dir = "{self.data}"\ntrusted_keys = "{keys}"\nlog_level = "WARNING"\n'
-            f'[mqtt]\nhost = "{broker.host}"\nport = {broker.port}\n'
-            f'password_file = "{broker.dir / "secrets" / "hub.password"}"\n'
-            "[http]\nenabled = false\n"
-        )
-        self.log = (work / "hub.log").open("wb")
-        self.proc = subprocess.Popen(
-            [str(BIN / "cellwatch-hub"), "serve", "--config", str(self.config)],
-            stdout=self.log,
-            stderr=subprocess.STDOUT,
-        )
-        self.ps = psutil.Process(self.proc.pid)
-
-    def wait_ready(self, broker: Broker) -> None:
-        probe = HubClient(broker.settings("operator"), timeout_s=1.0)
-        probe.connect()
-        try:
-            deadline = time.monotonic() + 60
-            while True:  # a request sent before the hub subscribed is never answered
-                try:
-                    probe.stats()
-                    break
-                except HubUnavailable:
-                    assert self.proc.poll() is None, f"the hub exited: see {self.log.name}"
-                    assert time.monotonic() < deadline, "the hub did not start"
-        finally:
-            probe.close()
-
-    def cpu_s(self) -> float:
-        t = self.ps.cpu_times()
-        return float(t.user + t.system)
-
-    def rss_mb(self) -> float:
-        return float(self.ps.memory_info().rss) / MB
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        self.proc.wait(60)
-        self.log.close()
 
 
 @dataclass
@@ -350,7 +299,9 @@ def rounds(
     return rows
 
 
-def run(counts: list[int], downloaders: int, size_mb: float, inception: bool) -> None:
+def run(
+    counts: list[int], downloaders: int, size_mb: float, inception: bool, hub_extra: str = ""
+) -> None:
     work = Path(tempfile.mkdtemp(prefix="cellwatch-bench-rollout-"))
     keys = work / "keys"
     if inception:
@@ -372,7 +323,7 @@ def run(counts: list[int], downloaders: int, size_mb: float, inception: bool) ->
     nodes = [f"node-{i}" for i in range(1, min(max(counts), downloaders) + 1)]
     broker = Broker.create(work / "broker", nodes=nodes)
     add_swarm_user(broker)
-    hub = HubProcess(work, broker, keys)
+    hub = HubProcess(work, broker, keys, extra=hub_extra)
     try:  # whatever happens, no hub or broker process outlives the benchmark
         hub.wait_ready(broker)
         rows = rounds(work, broker, hub, target, size, counts, nodes, downloaders)
@@ -425,12 +376,19 @@ def main() -> None:
     )
     parser.add_argument("--size-mb", type=float, default=46.0, help="synthetic model.bin size")
     parser.add_argument("--inception", action="store_true", help="real fp16 Inception V3 bundle")
+    parser.add_argument(
+        "--hub-extra",
+        default="",
+        help="lines added to hub.toml, e.g. $'[limits]\\nreceive_maximum = 65535\\n' (the "
+        "hub's receive_maximum should be 5 x the fleet: the default 16384 is below it "
+        "at 10,000 nodes)",
+    )
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     # The swarm's "subscriptions are live" probe is a publish the broker refuses.
     logging.getLogger("cellwatch.shared.mqtt").setLevel(logging.ERROR)
     counts = sorted(int(x) for x in args.nodes.split(","))
-    run(counts, args.downloaders, args.size_mb, args.inception)
+    run(counts, args.downloaders, args.size_mb, args.inception, args.hub_extra)
 
 
 if __name__ == "__main__":

@@ -7,15 +7,17 @@ export LC_ALL=C
 
 usage() {
     cat <<'EOF'
-Usage: deploy/mkacl.sh [--prefix PREFIX] [--replace] [--client NAME]... DIR [NODE_ID...]
+Usage: deploy/mkacl.sh [--prefix PREFIX] [--replace] [--client NAME]...
+                       [--bridge SITE=ID[,ID...]]... [--relay ID]... DIR [NODE_ID...]
 
 Writes DIR/acl, the Mosquitto ACL for cellwatch's roles (DESIGN.md, Topics and
 Security):
 
   hub       reads node status/telemetry/update, every node's fetch requests
-            (PREFIX/hub/fetch/+), API requests and the list of revoked bundles;
-            writes desired models, bundle chunks, API replies and the list of
-            revoked bundles (PREFIX/hub/revoked: no one else may write it)
+            (PREFIX/hub/fetch/+), API requests, the list of revoked bundles and
+            the sites' bridge links (PREFIX/sites/+/bridge); writes desired models,
+            bundle chunks, API replies and the list of revoked bundles
+            (PREFIX/hub/revoked: no one else may write it)
   operator  writes API requests, reads its API replies and node status;
             may also publish test images (any images topic, PREFIX/images/# and
             PREFIX/nodes/+/images/#: also to clear an image a lab published
@@ -33,15 +35,29 @@ Security):
             topics, its own status and the revoked bundles; writes only its own
             status/telemetry/update, fetch
             requests (PREFIX/hub/fetch/NODE_ID), results and replies
+  bridge-SITE  (central broker) one block per --bridge SITE=ID,...: the account of
+            a site's bridge (deploy/site_conf.py) writes only what a site forwards
+            out, for the site's own node and relay ids (status, telemetry, update
+            and shadow reports, fetch requests) and its link
+            (PREFIX/sites/SITE/bridge); reads only what it forwards in for them
+            (desired models, shadow orders, fetch replies) and the revoked bundles
+  ID        (a site's broker) one block per --relay ID: a site relay reads the
+            site's fetch requests (PREFIX/hub/fetch/+) and answers them on any node's
+            PREFIX/nodes/+/fetch; fetches from the hub on its own PREFIX/hub/fetch/ID
+            and PREFIX/nodes/ID/fetch; reads the revoked bundles
   everyone  reads only its own replies: PREFIX/replies/USER/#
 
-The nodes and lab clients already in DIR/acl are kept, so re-running with a new
-one adds it (--replace: write exactly the ones given). The file is replaced in one step; a
+The nodes, lab clients, bridges and relays already in DIR/acl are kept, so
+re-running with a new one adds it (a --bridge SITE given again replaces that site's
+ids; --replace: write exactly the ones given). The file is replaced in one step; a
 running broker picks it up on SIGHUP (or `systemctl reload mosquitto`).
 
   --prefix PREFIX  topic prefix (default: cellwatch)
   --replace        forget the nodes and lab clients already in DIR/acl
   --client NAME    add a lab client user (repeatable; create it with mkusers.sh --client)
+  --bridge SITE=ID,...  add site SITE's bridge account bridge-SITE for the node and
+                   relay ids at that site (repeatable; mkusers.sh --bridge SITE)
+  --relay ID       add a site relay user (repeatable; mkusers.sh --relay ID)
 EOF
 }
 
@@ -53,6 +69,8 @@ die() {
 prefix=cellwatch
 replace=false
 clients=()
+bridge_args=()
+relay_args=()
 while [[ $# -gt 0 ]]; do
     case $1 in
         -h | --help) usage; exit 0 ;;
@@ -65,6 +83,16 @@ while [[ $# -gt 0 ]]; do
         --client)
             [[ $# -ge 2 ]] || die "--client needs a name"
             clients+=("$2")
+            shift 2
+            ;;
+        --bridge)
+            [[ $# -ge 2 ]] || die "--bridge needs SITE=ID[,ID...]"
+            bridge_args+=("$2")
+            shift 2
+            ;;
+        --relay)
+            [[ $# -ge 2 ]] || die "--relay needs an id"
+            relay_args+=("$2")
             shift 2
             ;;
         --) shift; break ;;
@@ -81,6 +109,8 @@ shift
 acl=$dir/acl
 marker='# node '
 client_marker='# client '
+bridge_marker='# bridge '
+relay_marker='# relay '
 
 valid_name() {
     [[ $1 =~ ^[A-Za-z0-9_-]{1,64}$ && $1 != hub && $1 != operator && $1 != client ]]
@@ -88,11 +118,41 @@ valid_name() {
 
 nodes=()
 known_clients=()
+declare -A site_ids=()
+known_relays=()
 if [[ $replace == false && -f $acl ]]; then
     while IFS= read -r line; do
         [[ $line == "$marker"* ]] && nodes+=("${line#"$marker"}")
         [[ $line == "$client_marker"* ]] && known_clients+=("${line#"$client_marker"}")
+        if [[ $line == "$bridge_marker"* ]]; then
+            entry=${line#"$bridge_marker"}
+            site_ids[${entry%%=*}]=${entry#*=}
+        fi
+        [[ $line == "$relay_marker"* ]] && known_relays+=("${line#"$relay_marker"}")
     done <"$acl"
+fi
+for arg in ${bridge_args[@]+"${bridge_args[@]}"}; do
+    [[ $arg == *=* ]] || die "--bridge $arg: use SITE=ID[,ID...] (the node and relay ids at the site)"
+    site=${arg%%=*}
+    ids=${arg#*=}
+    [[ $site =~ ^[A-Za-z0-9_-]{1,64}$ ]] \
+        || die "invalid site name '$site': use 1-64 characters from A-Z a-z 0-9 _ -"
+    [[ -n $ids ]] || die "--bridge $arg: name the node and relay ids at site $site"
+    IFS=, read -r -a list <<<"$ids"
+    for id in "${list[@]}"; do
+        valid_name "$id" \
+            || die "invalid id '$id' at site $site: use 1-64 characters from A-Z a-z 0-9 _ - (not hub, operator, client)"
+    done
+    site_ids[$site]=$ids
+done
+for relay in ${relay_args[@]+"${relay_args[@]}"}; do
+    valid_name "$relay" \
+        || die "invalid relay id '$relay': use 1-64 characters from A-Z a-z 0-9 _ - (not hub, operator, client)"
+    known_relays+=("$relay")
+done
+relays=()
+if [[ ${#known_relays[@]} -gt 0 ]]; then
+    mapfile -t relays < <(printf '%s\n' "${known_relays[@]}" | sort -u)
 fi
 for node in "$@"; do
     valid_name "$node" \
@@ -143,6 +203,7 @@ write_acl() {
 pattern read $p/replies/%u/#
 
 user hub
+topic read $p/sites/+/bridge
 topic read $p/nodes/+/status
 topic read $p/nodes/+/telemetry
 topic read $p/nodes/+/update
@@ -189,6 +250,41 @@ topic write $p/results/+
 topic write $p/replies/#
 EOF
     done
+    local site id
+    for site in $(printf '%s\n' "${!site_ids[@]}" | sort); do
+        cat <<EOF
+
+$bridge_marker$site=${site_ids[$site]}
+user bridge-$site
+topic write $p/sites/$site/bridge
+topic read $p/hub/revoked
+EOF
+        IFS=, read -r -a list <<<"${site_ids[$site]}"
+        for id in "${list[@]}"; do
+            cat <<EOF
+topic write $p/nodes/$id/status
+topic write $p/nodes/$id/telemetry
+topic write $p/nodes/$id/update
+topic write $p/nodes/$id/shadow-report
+topic write $p/hub/fetch/$id
+topic read $p/nodes/$id/desired
+topic read $p/nodes/$id/shadow
+topic read $p/nodes/$id/fetch
+EOF
+        done
+    done
+    for id in ${relays[@]+"${relays[@]}"}; do
+        cat <<EOF
+
+$relay_marker$id
+user $id
+topic read $p/hub/fetch/+
+topic write $p/nodes/+/fetch
+topic write $p/hub/fetch/$id
+topic read $p/nodes/$id/fetch
+topic read $p/hub/revoked
+EOF
+    done
 }
 
 mkdir -p "$dir"
@@ -201,4 +297,4 @@ if [[ $(id -u) -eq 0 ]] && getent group mosquitto >/dev/null; then
 fi
 mv "$tmp" "$acl"
 trap - EXIT
-echo "mkacl.sh: wrote $acl (${#nodes[@]} nodes, ${#clients[@]} lab clients)"
+echo "mkacl.sh: wrote $acl (${#nodes[@]} nodes, ${#clients[@]} lab clients, ${#site_ids[@]} bridges, ${#relays[@]} relays)"

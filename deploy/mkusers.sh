@@ -1,27 +1,30 @@
 #!/usr/bin/env bash
 # Create or extend the broker's password file: users hub, operator, client, one user
-# per lab client (--client) and one user per node (user name = node id). See --help.
+# per lab client (--client), per site bridge (--bridge), per site relay (--relay) and
+# one user per node (user name = node id). See --help.
 set -euo pipefail
 # Byte-wise character ranges in the name checks, whatever the user's locale.
 export LC_ALL=C
 
 usage() {
     cat <<'EOF'
-Usage: deploy/mkusers.sh [--client NAME]... DIR [NODE_ID...]
+Usage: deploy/mkusers.sh [--client NAME]... [--bridge SITE]... [--relay ID]... DIR [NODE_ID...]
 
 Creates (or extends) DIR/passwd, the Mosquitto password file, with the users
 hub, operator, client (a lab client shared by everyone who has its password),
 one user per --client NAME (a lab of its own, e.g. client-labA: mkacl.sh lets it
-read only its own replies and results) and one user per NODE_ID (a node logs in
-as its node id).
+read only its own replies and results), one user bridge-SITE per --bridge SITE (on
+the central broker: the account of that site's bridge, deploy/site_conf.py), one
+user per --relay ID (on a site's broker: a bundle relay, `cellwatch-hub relay`) and
+one user per NODE_ID (a node logs in as its node id).
 
 Each new user gets a random password, stored in DIR/secrets/USER.password
 (mode 0600): hand that file to the hub, the operator's CLI, the lab clients or
 the node (settings: mqtt.password_file). Re-running is safe: users already in
 DIR/passwd keep their password, only missing users are added.
 
-NAME and NODE_ID must match [A-Za-z0-9_-]{1,64} and must not be hub, operator
-or client.
+NAME, SITE, ID and NODE_ID must match [A-Za-z0-9_-]{1,64} and must not be hub,
+operator or client.
 
 Needs mosquitto_passwd (package mosquitto) and openssl. When run as root and a
 "mosquitto" group exists, DIR/passwd is made root:mosquitto mode 0640, because
@@ -36,12 +39,24 @@ die() {
 
 roles=(hub operator client)
 clients=()
+bridges=()
+relays=()
 while [[ $# -gt 0 ]]; do
     case $1 in
         -h | --help) usage; exit 0 ;;
         --client)
             [[ $# -ge 2 ]] || die "--client needs a name"
             clients+=("$2")
+            shift 2
+            ;;
+        --bridge)
+            [[ $# -ge 2 ]] || die "--bridge needs a site name"
+            bridges+=("$2")
+            shift 2
+            ;;
+        --relay)
+            [[ $# -ge 2 ]] || die "--relay needs an id"
+            relays+=("$2")
             shift 2
             ;;
         --) shift; break ;;
@@ -65,8 +80,18 @@ check_name() {
 for name in ${clients[@]+"${clients[@]}"}; do
     check_name "client name" "$name"
 done
+for site in ${bridges[@]+"${bridges[@]}"}; do
+    check_name "site name" "$site"
+done
+for relay in ${relays[@]+"${relays[@]}"}; do
+    check_name "relay id" "$relay"
+done
 for node in "$@"; do
     check_name "node id" "$node"
+done
+bridge_users=()
+for site in ${bridges[@]+"${bridges[@]}"}; do
+    bridge_users+=("bridge-$site")
 done
 
 passwd_cmd=$(command -v mosquitto_passwd || echo /usr/bin/mosquitto_passwd)
@@ -91,7 +116,8 @@ trap 'rm -rf "$work"' EXIT
 plain=$work/new
 
 added=()
-for user in "${roles[@]}" ${clients[@]+"${clients[@]}"} "$@"; do
+for user in "${roles[@]}" ${clients[@]+"${clients[@]}"} ${bridge_users[@]+"${bridge_users[@]}"} \
+    ${relays[@]+"${relays[@]}"} "$@"; do
     if has_user "$user"; then
         [[ -e $dir/secrets/$user.password ]] \
             || echo "mkusers.sh: note: $user is in $passwd but has no secrets file; its password is left as it is" >&2

@@ -22,7 +22,7 @@ from rich.progress import BarColumn, DownloadColumn, Progress, TransferSpeedColu
 
 from cellwatch.hub import render
 from cellwatch.hub.client import HubClient
-from cellwatch.hub.config import HubSettings, OperatorSettings
+from cellwatch.hub.config import HubSettings, OperatorSettings, RelaySettings
 from cellwatch.hub.queries import as_json as json_text
 from cellwatch.hub.service import HubService
 from cellwatch.shared.cli import friendly_errors, run_until_signalled, setup_logging
@@ -143,6 +143,25 @@ def serve(config_path: Path | None) -> None:
 
 
 @main.command()
+@click.option(
+    "--config",
+    "config_path",
+    type=click.Path(path_type=Path),
+    help="relay.toml (CELLWATCH_* environment variables override it)",
+)
+@friendly_errors
+def relay(config_path: Path | None) -> None:
+    """Run a site relay until SIGTERM/SIGINT: it answers its site's bundle fetch
+    requests from its cache and fetches each bundle from the hub once
+    (deploy/relay.example.toml)."""
+    from cellwatch.hub.relay import Relay  # the relay's imports only where it runs
+
+    settings = RelaySettings.load(config_path)
+    setup_logging(settings.log_level)
+    run_until_signalled(Relay(settings))
+
+
+@main.command()
 @click.argument("bundle", type=click.Path(exists=True, path_type=Path))
 @connection
 @friendly_errors
@@ -246,7 +265,7 @@ def models_revoke(
 def nodes(client: HubClient, as_json: bool) -> None:
     """List the nodes the hub has seen, what they run and bytes fetched."""
     reply = client.nodes()
-    emit(as_json, reply, render.nodes_table(reply.nodes))
+    emit(as_json, reply, render.nodes_table(reply.nodes, reply.sites))
 
 
 @main.command()

@@ -27,6 +27,7 @@ from pydantic import Field, field_validator, model_validator
 
 from cellwatch.shared.hubapi import RolloutPolicy
 from cellwatch.shared.limits import FETCH_CHUNK_BYTES, MAX_FETCH_CHUNK_BYTES
+from cellwatch.shared.schemas import Name
 from cellwatch.shared.settings import CellwatchSettings, MqttSettings, Section
 
 DEFAULT_HTTP_LISTEN = "127.0.0.1:8321"
@@ -205,3 +206,84 @@ class OperatorSettings(CellwatchSettings):
         if self.mqtt.username is None:
             self.mqtt = self.mqtt.model_copy(update={"username": "operator"})
         return self
+
+
+class RelayMqttSettings(MqttSettings):
+    """The relay's [mqtt] section (its site's broker): no session kept while it is down,
+    so that the site's other relay, if any, takes all the fetch requests at once."""
+
+    session_expiry_s: int = Field(
+        0, ge=0, le=2**32 - 1, description="how long the broker keeps the relay's session"
+    )
+
+
+class RelayFetchSettings(Section):
+    """How the relay fetches a bundle from the hub (the node's fetch: node/fetcher.py)."""
+
+    window: int = Field(4, ge=1, le=64, description="chunk requests in flight")
+    chunk_bytes: int = Field(
+        FETCH_CHUNK_BYTES, ge=1024, le=MAX_FETCH_CHUNK_BYTES, description="bytes asked per request"
+    )
+    timeout_s: float = Field(10.0, gt=0, le=600, description="ask for a chunk again after this")
+    stall_timeout_s: float = Field(
+        60.0, gt=0, le=3600, description="a chunk without an answer this long fails the fetch"
+    )
+    retry_s: float = Field(
+        10.0,
+        gt=0,
+        le=3600,
+        description="after a failed fetch (e.g. the link is down), try again this much later; "
+        "the nodes' requests wait meanwhile",
+    )
+
+
+class RelaySettings(CellwatchSettings):
+    """A site relay (`cellwatch-hub relay`, hub/relay.py): its site broker, its cache."""
+
+    relay_id: Name = Field(
+        description="the relay's MQTT user name at its site (deploy/mkusers.sh --relay), "
+        "and the id it fetches from the hub with"
+    )
+    mqtt: RelayMqttSettings = Field(default_factory=RelayMqttSettings)
+    cache_dir: Path = Field(
+        Path("relay-cache"), description="the content-addressed cache of bundles"
+    )
+    max_cache_bytes: int = Field(
+        8 * 1024**3,
+        ge=1024 * 1024,
+        description="the cache's size; the bundles used least recently are removed to make "
+        "room, and a bundle that does not fit is answered `unavailable`",
+    )
+    trusted_keys: Path | None = Field(
+        None, description="directory of *.pub keys: a bundle's signature is checked too"
+    )
+    allow_unsigned: bool = Field(
+        False, description="DEVELOPMENT ONLY: cache bundles without a trusted signature"
+    )
+    max_chunk_bytes: int = Field(
+        FETCH_CHUNK_BYTES,
+        ge=1024,
+        le=MAX_FETCH_CHUNK_BYTES,
+        description="largest chunk sent per request (longer requests clamped)",
+    )
+    hold_s: float = Field(
+        5.0,
+        gt=0,
+        le=60,
+        description="a request for a file still on its way from the hub waits this long, "
+        "then is answered `not_ready` and asked again (keep it below the nodes' "
+        "fetch timeout_s)",
+    )
+    workers: int = Field(2, ge=1, le=32, description="threads answering the site's requests")
+    fetch: RelayFetchSettings = Field(default_factory=RelayFetchSettings)
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+
+    @model_validator(mode="after")
+    def _username_is_relay_id(self) -> RelaySettings:
+        if self.mqtt.username is None:
+            self.mqtt = self.mqtt.model_copy(update={"username": self.relay_id})
+        return self
+
+    @property
+    def client_id(self) -> str:
+        return self.mqtt.session_client_id(f"cellwatch-relay-{self.relay_id}")

@@ -15,9 +15,10 @@ messages are not handled but kept, each as its kind says (`intake.Outage`): a no
 statuses wait in its slot (newer ones still replace older ones), update reports and
 the revocation list wait in order, telemetry is dropped (counted `database`), API
 calls are answered (a read works; a write fails with `internal`), and the rollout
-engine does not tick. It tries again after RETRY_FIRST_S, then twice as long each
-time up to RETRY_MAX_S; once a write works, what waited is applied, in order, and
-acknowledged. Nothing is lost, and the latest status of each node is applied.
+engine does not tick (nor are the nodes' figures written, hub/fleet.py). It tries
+again after RETRY_FIRST_S, then twice as long each time up to RETRY_MAX_S; once a
+write works, what waited is applied, in order, and acknowledged. Nothing is lost, and
+the latest status of each node is applied.
 """
 
 from __future__ import annotations
@@ -47,8 +48,9 @@ from cellwatch.hub.intake import (
 from cellwatch.hub.orchestrator import Orchestrator
 from cellwatch.hub.registry import Registry
 from cellwatch.hub.served import ServedTotals
+from cellwatch.hub.sites import LINK_DOWN, LINK_UP
 from cellwatch.shared.codes import ApiErrorCode
-from cellwatch.shared.errors import MqttError
+from cellwatch.shared.errors import MqttError, TopicError
 from cellwatch.shared.handoff import Handoff
 from cellwatch.shared.hubapi import RevokeArgs
 from cellwatch.shared.rpc import Delivery, Inbound, Rejected, RemoteError
@@ -126,6 +128,7 @@ class Control:
             except queue.Empty:
                 item = _nothing  # just tick
             if item is None:
+                self._flush()
                 return
             try:
                 tick_wanted = self.handle(item) or tick_wanted
@@ -146,10 +149,18 @@ class Control:
             return
         self.intake.release(time.monotonic())
         try:
+            self.fleet.flush()
             self.orchestrator.tick(time.time())
             self.served.store(self.db)
         except UNWRITABLE as exc:
             self._failed(exc, "the rollout engine's tick")
+
+    def _flush(self) -> None:
+        """The telemetry not yet written, at the end (hub/fleet.py)."""
+        try:
+            self.fleet.flush()
+        except UNWRITABLE as exc:
+            log.error("hub: the last telemetry could not be written: %s", exc)
 
     def handle(self, item: Item) -> bool:
         """Do one item of the control queue; True when the rollout engine should tick."""
@@ -316,6 +327,20 @@ class Control:
         if learnt or missing:
             self.orchestrator.publish_revocations(now)
         return False
+
+    def on_site_link(self, inbound: Inbound[bytes], node_id: str) -> bool:
+        """A site's bridge link changed (hub/sites.py): its nodes are unreachable while
+        it is down; the rollout engine ticks to stop or restart their clocks."""
+        try:
+            site = self.topics.site_of_link(inbound.topic)
+        except TopicError as exc:
+            log.warning("hub: %s", exc)
+            return False
+        payload = inbound.message.payload
+        if payload not in (LINK_UP, LINK_DOWN):
+            log.warning("hub: %s: %r is not a bridge notification (0 or 1)", inbound.topic, payload)
+            return False
+        return self.fleet.sites.on_link(site, payload == LINK_UP, time.time())
 
     # -- the operator's ------------------------------------------------------------------
     def on_api(self, inbound: Inbound[ApiRequest], node_id: str) -> bool:

@@ -249,6 +249,8 @@ class Database:
         except sqlite3.Error as exc:
             raise HubError(f"cannot open the hub database {path}: {exc}") from exc
         self._lock = threading.RLock()
+        self.commits = 0
+        """Write transactions committed since start (/metrics: the hub's write rate)."""
 
     def _migrate(self, version: int) -> None:
         if version:  # an existing database: bring it up to date first
@@ -271,6 +273,7 @@ class Database:
                 self._conn.execute("ROLLBACK")
                 raise
             self._conn.execute("COMMIT")
+            self.commits += 1
 
     def _rows(self, sql: str, *args: Any) -> list[sqlite3.Row]:
         with self._lock:
@@ -368,27 +371,14 @@ class Database:
         return [_node(r) for r in self._rows("SELECT * FROM nodes ORDER BY node_id")]
 
     def save_node(self, n: NodeRecord) -> None:
-        m = n.model
+        self.save_nodes([n])
+
+    def save_nodes(self, nodes: list[NodeRecord]) -> None:
+        """Store these node records in one transaction."""
         with self._tx() as c:
-            c.execute(
+            c.executemany(
                 "INSERT OR REPLACE INTO nodes VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (
-                    n.node_id,
-                    n.state.value,
-                    n.boot_id,
-                    n.since,
-                    n.last_seen,
-                    json.dumps(n.tags),
-                    m.name if m else None,
-                    m.version if m else None,
-                    m.manifest_sha256 if m else None,
-                    n.model_at,
-                    n.device,
-                    json.dumps(n.telemetry) if n.telemetry is not None else None,
-                    n.conflict_at,
-                    json.dumps(n.model_error) if n.model_error is not None else None,
-                    json.dumps(n.boots),
-                ),
+                [_node_row(n) for n in nodes],
             )
 
     # -- rollouts ----------------------------------------------------------------------
@@ -638,4 +628,25 @@ def _node(r: sqlite3.Row) -> NodeRecord:
         conflict_at=r["conflict_at"],
         model_error=json.loads(r["model_error"]) if r["model_error"] else None,
         boots=json.loads(r["boots"]),
+    )
+
+
+def _node_row(n: NodeRecord) -> tuple[Any, ...]:
+    m = n.model
+    return (
+        n.node_id,
+        n.state.value,
+        n.boot_id,
+        n.since,
+        n.last_seen,
+        json.dumps(n.tags),
+        m.name if m else None,
+        m.version if m else None,
+        m.manifest_sha256 if m else None,
+        n.model_at,
+        n.device,
+        json.dumps(n.telemetry) if n.telemetry is not None else None,
+        n.conflict_at,
+        json.dumps(n.model_error) if n.model_error is not None else None,
+        json.dumps(n.boots),
     )

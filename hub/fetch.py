@@ -21,6 +21,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections import defaultdict
+from pathlib import Path
 
 from cellwatch.hub.counters import DropReason, HubCounters
 from cellwatch.hub.store import BundleStore
@@ -167,45 +168,61 @@ class FetchServer:
                 f"bundle {sha[:12]} has no file {req.file!r}",
             )
             return
-        length = min(req.length, self.max_chunk_bytes)
-        try:
-            with path.open("rb") as f:
-                total = f.seek(0, 2)
-                if req.offset > total:
-                    self._error(
-                        inbound,
-                        ApiErrorCode.BAD_OFFSET,
-                        f"offset {req.offset} is past the end ({total})",
-                    )
-                    return
-                f.seek(req.offset)
-                data = f.read(length)
-        except OSError as exc:
-            log.error("fetch: cannot read %s of %s: %s", req.file, sha[:12], exc)
-            self._error(inbound, ApiErrorCode.UNKNOWN_FILE, f"cannot read {req.file}")
-            return
-        self._count(error=False)
-        try:
-            inbound.reply(data, user=chunk_properties(req.offset, data, total))
-        except MqttError as exc:
-            log.error("fetch: node %s: cannot send chunk: %s", node, exc)
-            return
-        with self._lock:
-            self._served[node][sha] += len(data)
-        log.debug(
-            "fetch: node %s: %s of %s at %d: %d bytes",
-            node,
-            req.file,
-            sha[:12],
-            req.offset,
-            len(data),
-        )
+        sent = send_chunk(inbound, path, self.max_chunk_bytes)
+        self._count(error=sent is None)
+        if sent is not None:
+            with self._lock:
+                self._served[node][sha] += sent
 
     def _error(self, delivery: Delivery, code: ApiErrorCode, message: str) -> None:
         if not isinstance(delivery, Rejected):
             self._count(error=True)
-        log.warning("fetch: %s on %s: %s", code, delivery.reply_to.topic, message)
-        try:
-            delivery.reply(b"", user=error_properties(code, message))
-        except MqttError as exc:
-            log.error("fetch: cannot send the error reply to %s: %s", delivery.reply_to.topic, exc)
+        send_error(delivery, code, message)
+
+
+def send_chunk(inbound: Inbound[FetchRequest], path: Path, max_chunk_bytes: int) -> int | None:
+    """Answer a FetchRequest from the file at path (at most max_chunk_bytes): the bytes
+    sent, or None when it was answered with an error (an offset past the end, a file
+    that cannot be read) or the chunk could not be sent."""
+    req = inbound.body
+    sha = req.manifest_sha256
+    try:
+        with path.open("rb") as f:
+            total = f.seek(0, 2)
+            if req.offset > total:
+                send_error(
+                    inbound,
+                    ApiErrorCode.BAD_OFFSET,
+                    f"offset {req.offset} is past the end ({total})",
+                )
+                return None
+            f.seek(req.offset)
+            data = f.read(min(req.length, max_chunk_bytes))
+    except OSError as exc:
+        log.error("fetch: cannot read %s of %s: %s", req.file, sha[:12], exc)
+        send_error(inbound, ApiErrorCode.UNKNOWN_FILE, f"cannot read {req.file}")
+        return None
+    try:
+        inbound.reply(data, user=chunk_properties(req.offset, data, total))
+    except MqttError as exc:
+        log.error("fetch: %s: cannot send chunk: %s", inbound.topic, exc)
+        return None
+    log.debug(
+        "fetch: %s: %s of %s at %d: %d bytes",
+        inbound.topic,
+        req.file,
+        sha[:12],
+        req.offset,
+        len(data),
+    )
+    return len(data)
+
+
+def send_error(delivery: Delivery, code: ApiErrorCode, message: str) -> None:
+    """An error answer to a fetch request (its payload is empty)."""
+    level = logging.DEBUG if code is ApiErrorCode.NOT_READY else logging.WARNING
+    log.log(level, "fetch: %s on %s: %s", code, delivery.reply_to.topic, message)
+    try:
+        delivery.reply(b"", user=error_properties(code, message))
+    except MqttError as exc:
+        log.error("fetch: cannot send the error reply to %s: %s", delivery.reply_to.topic, exc)

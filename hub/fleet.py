@@ -14,13 +14,20 @@ written before a model is loaded).
 
 A node is shown `stale` when its last status said online but nothing came from it
 (status, telemetry, update report) for STALE_AFTER_INTERVALS of its telemetry
-intervals: computed when asked, from last_seen, with no timer. Telemetry also
-feeds the in-memory history of the fleet page's sparklines (hub/history.py).
+intervals: computed when asked, from last_seen, with no timer. A node whose status
+names a site whose link to the central broker is down is shown `unreachable`, and the
+rollout engine sees it as not online (hub/sites.py). Telemetry also feeds the
+in-memory history of the fleet page's sparklines (hub/history.py).
 
 The control thread's Fleet keeps every node's record in memory as well (written
 through to the database), so the rollout engine's view of 2,000 nodes costs no query;
 it tracks at most `max_nodes` node ids (the messages of others are refused). A
-reader's Fleet (the HTTP server) only queries the database.
+reader's Fleet (the HTTP server) only queries the database. Telemetry alone (a known
+node's figures and last_seen) is not written through: `flush`, each control tick
+(`tick_s`), writes every record it changed in one transaction, so 10,000 nodes'
+telemetry costs one commit a second, not one per message; a reader sees it at most
+a tick late, and a hub killed loses at most a tick of it (QoS 0: the next comes
+within `telemetry_interval_s`).
 """
 
 from __future__ import annotations
@@ -33,6 +40,7 @@ from cellwatch.hub.db import Database, NodeRecord
 from cellwatch.hub.errors import ApiFailure
 from cellwatch.hub.history import TelemetryHistory
 from cellwatch.hub.rollout import NodeView
+from cellwatch.hub.sites import Sites
 from cellwatch.shared.codes import ApiErrorCode
 from cellwatch.shared.hubapi import NodeInfo
 from cellwatch.shared.limits import (
@@ -86,11 +94,16 @@ class Fleet:
         history: TelemetryHistory | None = None,
         *,
         max_nodes: int | None = None,
+        sites: Sites | None = None,
     ) -> None:
         self.db = db
         self.history = history if history is not None else TelemetryHistory()
         self.max_nodes = max_nodes
+        self.sites = sites if sites is not None else Sites()
         self._records: dict[str, NodeRecord] | None = None
+        self._unsaved: dict[str, NodeRecord] = {}
+        """Records only telemetry changed since the last `flush` (the control thread's
+        tick writes them in one transaction)."""
 
     # -- the control thread's records -------------------------------------------------
     def _all(self) -> dict[str, NodeRecord]:
@@ -116,6 +129,17 @@ class Fleet:
         """Store rec, then keep it (a failed store changes nothing in memory)."""
         self.db.save_node(rec)
         self._all()[rec.node_id] = rec
+        self._unsaved.pop(rec.node_id, None)
+
+    def flush(self) -> int:
+        """Write the records telemetry changed since the last flush, in one transaction;
+        how many. Raises the database's error (the records stay to be written)."""
+        if not self._unsaved:
+            return 0
+        records = list(self._unsaved.values())
+        self.db.save_nodes(records)
+        self._unsaved.clear()
+        return len(records)
 
     def model_of(self, node_id: str) -> ModelRef | None:
         rec = self._all().get(node_id)
@@ -152,6 +176,7 @@ class Fleet:
         if rec.boot_id is not None and status.boot_id != rec.boot_id:
             rec.boots = [*rec.boots, rec.boot_id][-KEPT_BOOTS:]
         rec.state, rec.boot_id, rec.since, rec.last_seen = status.state, status.boot_id, since, now
+        self.sites.on_node(status.node_id, status.site)
         rec.tags = list(status.tags)
         rec.device = status.device or rec.device
         if status.state is NodeState.ONLINE:  # a Will (offline) was written before any error
@@ -177,7 +202,11 @@ class Fleet:
         if found is None:
             return False
         rec = replace(found, telemetry=t.model_dump(mode="json", by_alias=True), last_seen=now)
-        self._save(rec)
+        if t.node_id in self._all():  # kept in memory, written at the next flush
+            self._all()[t.node_id] = rec
+            self._unsaved[t.node_id] = rec
+        else:  # a node the hub hears of first by its telemetry
+            self._save(rec)
         self.history.add(t, now)
         return True
 
@@ -193,12 +222,16 @@ class Fleet:
         return True
 
     def views(self) -> dict[str, NodeView]:
-        return {
-            n.node_id: NodeView(
-                online=n.state is NodeState.ONLINE, model=n.model, model_at=n.model_at
+        out = {}
+        for n in self._all().values():
+            reachable = self.sites.reachable(n.node_id)
+            out[n.node_id] = NodeView(
+                online=n.state is NodeState.ONLINE and reachable,
+                model=n.model,
+                model_at=n.model_at,
+                reachable=reachable,
             )
-            for n in self._all().values()
-        }
+        return out
 
     def resolve(self, target: str) -> list[str]:
         """Node ids for `all`, `group:G` or `node:ID,ID` (sorted); ApiFailure if none."""
@@ -236,7 +269,10 @@ class Fleet:
         return [
             NodeInfo(
                 node_id=n.node_id,
-                state=node_state(n, now),
+                state=node_state(n, now)
+                if self.sites.reachable(n.node_id)
+                else NodeState.UNREACHABLE,
+                site=self.sites.site_of(n.node_id),
                 boot_id=n.boot_id,
                 since=_ts(n.since),
                 last_seen=_ts(n.last_seen),

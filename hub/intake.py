@@ -31,6 +31,9 @@ workers (hub/fetch.py), never waiting.
   each signed revocation it does not know (`Handlers.on_revocations`). At start it
   arrives before the hub publishes its own list, so a hub restored from an older
   backup re-learns what was revoked since, instead of publishing a list without it.
+- A site's bridge link (`sites/{site}/bridge`, retained `1` / its Will's `0`; only
+  that site's bridge account may write it): handed to the control thread
+  (`Handlers.on_site_link`, hub/sites.py).
 - QoS 1 messages are otherwise never dropped: the hub's Receive Maximum bounds how
   many the broker sends before the hub acknowledges them (after handling them).
 - `Outage` says what the control thread does with each kind of message while the
@@ -77,6 +80,9 @@ from cellwatch.shared.schemas import (
 from cellwatch.shared.topics import Topics
 
 log = logging.getLogger(__name__)
+
+MAX_SITE_LINK_BYTES = 16
+"""A bridge notification is `0` or `1`."""
 
 Handle = Callable[[Inbound[Any], str], bool]
 """A control-thread handler: (the message, its node id or ""); True when the rollout
@@ -163,6 +169,7 @@ class Handlers(Protocol):
     def on_api(self, inbound: Inbound[ApiRequest], node_id: str) -> bool: ...
     def on_upload(self, inbound: Inbound[bytes], node_id: str) -> bool: ...
     def on_revocations(self, inbound: Inbound[RevocationList], node_id: str) -> bool: ...
+    def on_site_link(self, inbound: Inbound[bytes], node_id: str) -> bool: ...
     def refuse_api(self, rejected: Rejected) -> None: ...
 
 
@@ -253,6 +260,15 @@ class Intake:
                 acks=Acks.HANDLER,
                 empty_clears=True,
                 name="revocation list",
+            ),
+            Route(
+                t.site_link_filter(),
+                raw,
+                lambda inbound: self.control.put(Incoming(h.on_site_link, inbound)),
+                max_bytes=MAX_SITE_LINK_BYTES,
+                acks=Acks.HANDLER,
+                empty_clears=True,
+                name="site link",
             ),
         ]
 

@@ -39,7 +39,10 @@ class Queries:
         return ModelsReply(models=[model_info(m) for m in self.db.models(name)])
 
     def nodes(self, now: float) -> NodesReply:
-        return NodesReply(nodes=self.fleet.infos(self.served.served_by_node(), now))
+        return NodesReply(
+            nodes=self.fleet.infos(self.served.served_by_node(), now),
+            sites=self.fleet.sites.infos(),
+        )
 
     def stats(self) -> StatsReply:
         by_node = self.served.served_by_node()

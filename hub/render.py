@@ -9,7 +9,14 @@ from rich.console import Group, RenderableType
 from rich.table import Table
 from rich.text import Text
 
-from cellwatch.shared.hubapi import ModelInfo, NodeInfo, RevokeReply, RolloutInfo, StatsReply
+from cellwatch.shared.hubapi import (
+    ModelInfo,
+    NodeInfo,
+    RevokeReply,
+    RolloutInfo,
+    SiteInfo,
+    StatsReply,
+)
 from cellwatch.shared.provenance import MODEL_FLAGS
 from cellwatch.shared.states import (
     TargetPhase,
@@ -138,7 +145,22 @@ def revoke_view(r: RevokeReply) -> RenderableType:
     return Group(*lines)
 
 
-def nodes_table(nodes: list[NodeInfo]) -> RenderableType:
+def sites_lines(sites: list[SiteInfo]) -> list[Text]:
+    """One line per site: its bridge's link and its nodes."""
+    out = []
+    for s in sites:
+        if s.link_up is None:
+            link = Text("no bridge heard", style="dim")
+        elif s.link_up:
+            link = Text("link up", style="green")
+        else:
+            link = Text("link DOWN: its nodes are unreachable (not failed)", style="yellow")
+        when = f" since {_when(s.since)}" if s.since is not None else ""
+        out.append(Text.assemble((f"site {s.site}: ", "bold"), link, f"{when}, {s.nodes} nodes"))
+    return out
+
+
+def nodes_table(nodes: list[NodeInfo], sites: list[SiteInfo] | None = None) -> RenderableType:
     if not nodes:
         return Text("no nodes seen yet")
     table = _table("NODE", "STATE", "MODEL", "VERSION", "TAGS", "DEVICE", "LAST SEEN", "FETCHED")
@@ -151,7 +173,7 @@ def nodes_table(nodes: list[NodeInfo]) -> RenderableType:
             Text(n.model.version + " !", style="yellow")
             if n.model and n.model_error
             else Text(n.model.version if n.model else "-", style="red" if n.model_error else ""),
-            ",".join(n.tags) or "-",
+            ",".join([*n.tags, *([f"@{n.site}"] if n.site else [])]) or "-",
             n.device or "-",
             _when(n.last_seen),
             _size(n.bytes_served),
@@ -164,9 +186,12 @@ def nodes_table(nodes: list[NodeInfo]) -> RenderableType:
                     f": {n.model_error.message}",
                 )
             )
-    if not problems:
-        return table
-    return Group(table, Text(""), Text("model errors:", style="bold"), *problems)
+    parts: list[RenderableType] = [table]
+    if problems:
+        parts += [Text(""), Text("model errors:", style="bold"), *problems]
+    if sites:
+        parts += [Text(""), *sites_lines(sites)]
+    return parts[0] if len(parts) == 1 else Group(*parts)
 
 
 def rollout_view(r: RolloutInfo) -> RenderableType:

@@ -23,7 +23,9 @@ Rules:
 - A node not `active` within `node_timeout_s` is `timed_out`. The clock starts when
   its desired is written, or when the node is next seen online if it was offline
   then (offline nodes converge when they return; they do not fail meanwhile). A
-  late `active` still counts.
+  late `active` still counts. A node whose site's link goes down (DESIGN.md, Sites)
+  has its clock stopped, and started again in full when it is back online: a
+  rollout that includes the site waits for it.
 - pause: no new waves (nodes already told go on). resume. abort: no new waves; nodes
   already switched stay. rollback: every node that was told to switch and ran
   another model at the start is told to go back to it (same rollout id); a node
@@ -60,9 +62,12 @@ class NodeView:
     """What the fleet tracker knows about a node."""
 
     online: bool
+    """Online and reachable (a node whose site's link is down is not online here)."""
     model: ModelRef | None
     model_at: float = 0.0
     """When the hub last learnt the node's model (status or report), epoch seconds."""
+    reachable: bool = True
+    """False while the link of the node's site is down (hub/sites.py)."""
 
 
 @dataclass(frozen=True)
@@ -446,6 +451,9 @@ class Rollout:
             ):
                 self._succeed(t, now)  # its status says so (the report may be lost)
                 continue
+            if t.clock_from is not None and view is not None and not view.reachable:
+                t.clock_from = t.deadline = None
+                self._event(f"node {t.node_id}: its site is unreachable: its clock stops")
             if t.clock_from is None and view is not None and view.online:
                 self._start_clock(t, now, mono)
                 self._event(

@@ -34,6 +34,7 @@ from cellwatch.hub.orchestrator import Orchestrator
 from cellwatch.hub.registry import Registry
 from cellwatch.hub.rollout import Desired
 from cellwatch.hub.served import ServedTotals
+from cellwatch.hub.sites import Sites
 from cellwatch.hub.store import BundleStore
 from cellwatch.shared.daemon import Daemon
 from cellwatch.shared.errors import MqttError
@@ -66,7 +67,8 @@ class HubService(Daemon):
             self.db, self.store, trusted, allow_unsigned=settings.allow_unsigned
         )
         self.counters = HubCounters()
-        self.fleet = Fleet(self.db, max_nodes=settings.limits.max_nodes)
+        self.sites = Sites()
+        self.fleet = Fleet(self.db, max_nodes=settings.limits.max_nodes, sites=self.sites)
         self.mqtt = MqttClient(
             settings.mqtt,
             client_id=settings.client_id,
@@ -169,6 +171,8 @@ class HubService(Daemon):
             control_depth=self._control.__len__,
             control_peak=lambda: self._control.peak,
             started_at=self.api.started_at,
+            sites=self.sites,
+            db_commits=lambda: self.db.commits,
         )
         self.http = HttpServer(self.settings.http, sources)
         self.http.start()

@@ -151,6 +151,12 @@ class LimitSettings(Section):
 class NodeSettings(CellwatchSettings):
     node_id: Name = Field(description="this node's id; also its MQTT user name")
     tags: list[Name] = Field(default_factory=list, description="groups for targeted rollouts")
+    site: Name | None = Field(
+        None,
+        description="the site this node is at, when its broker is a site broker bridged to "
+        "the hub's (DESIGN.md, Sites): the hub then shows it unreachable, not failed, "
+        "while the site's link is down",
+    )
     mqtt: NodeMqttSettings = Field(default_factory=NodeMqttSettings)
     model: ModelSettings = Field(default_factory=ModelSettings)
     inference: InferenceSettings = Field(default_factory=InferenceSettings)

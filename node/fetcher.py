@@ -14,7 +14,10 @@ request/response layer (`cellwatch.shared.rpc`, `cellwatch.shared.rpc.transfer`)
 - a file's size must equal the manifest's (`expected_size`);
 - a chunk without an answer is asked for again after `timeout_s`; when a chunk has
   had no answer for `stall_timeout_s`, the download fails with FetchError (the
-  update agent reports `fetch_failed`).
+  update agent reports `fetch_failed`);
+- at a site with a relay (`cellwatch-hub relay`), the relay answers instead of the
+  hub, the same way; while it still fetches a file it answers `not_ready`, and the
+  range is asked for again (shared/rpc/transfer.py).
 """
 
 from __future__ import annotations
@@ -28,7 +31,13 @@ from cellwatch.shared.codes import ApiErrorCode
 from cellwatch.shared.limits import FETCH_CHUNK_BYTES
 from cellwatch.shared.mqtt import MqttClient
 from cellwatch.shared.rpc import RemoteError, Route, Rpc
-from cellwatch.shared.rpc.transfer import Download, TransferCancelled, TransferError, chunk_policy
+from cellwatch.shared.rpc.transfer import (
+    Download,
+    TransferCancelled,
+    TransferError,
+    UserProperties,
+    chunk_policy,
+)
 from cellwatch.shared.schemas import FetchRequest
 from cellwatch.shared.topics import Topics
 
@@ -38,10 +47,12 @@ log = logging.getLogger(__name__)
 class FetchError(NodeError):
     """The hub refused a request, contradicted the manifest, or stopped answering."""
 
-    def __init__(self, message: str, *, revoked: bool = False) -> None:
+    def __init__(self, message: str, *, revoked: bool = False, code: str | None = None) -> None:
         super().__init__(message)
         self.revoked = revoked
         """The hub refused it because the bundle was revoked."""
+        self.code = code
+        """The error code of the hub's refusal (None: no answer, or a bad one)."""
 
 
 class FetchCancelled(NodeError):
@@ -59,8 +70,11 @@ class Fetcher:
         chunk_bytes: int = FETCH_CHUNK_BYTES,
         timeout_s: float = 10.0,
         stall_timeout_s: float = 60.0,
+        user: UserProperties = (),
     ) -> None:
         self.topics = topics
+        self.user = user
+        """User properties of every request (a site relay marks its own: hub/relay.py)."""
         self.node_id = node_id
         self.window = window
         self.chunk_bytes = chunk_bytes
@@ -120,6 +134,7 @@ class Fetcher:
             max_size=max_size,
             cancelled=cancelled,
             progress=progress,
+            user=self.user,
         )
         self._current = download
         try:
@@ -128,8 +143,10 @@ class Fetcher:
             raise FetchCancelled(f"download of {sha[:12]} superseded") from exc
         except TransferError as exc:
             refusal = exc.__cause__
-            revoked = isinstance(refusal, RemoteError) and refusal.code == ApiErrorCode.REVOKED
-            raise FetchError(f"{sha[:12]}: {exc}", revoked=revoked) from exc
+            code = refusal.code if isinstance(refusal, RemoteError) else None
+            raise FetchError(
+                f"{sha[:12]}: {exc}", revoked=code == ApiErrorCode.REVOKED, code=code
+            ) from exc
         finally:
             self._received_before += download.received
             self._current = None

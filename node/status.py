@@ -60,6 +60,7 @@ class Reporter:
             tags=list(self.settings.tags),
             software=self._software,
             model_flags=model.flags if model is not None else [],
+            site=self.settings.site,
         )
 
     def telemetry(self) -> Telemetry:

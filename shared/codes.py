@@ -82,4 +82,9 @@ class ApiErrorCode(StrEnum):
     """A fetch request for a file the bundle does not have."""
     BAD_SIGNATURE = "bad_signature"
     """A revocation not signed by a key the hub trusts."""
+    NOT_READY = "not_ready"
+    """A fetch request a site relay cannot answer yet (the file is still on its way to
+    it): the downloader asks again at once (shared/rpc/transfer.py)."""
+    UNAVAILABLE = "unavailable"
+    """A fetch request a site relay cannot serve (e.g. its disk is full)."""
     INTERNAL = "internal"

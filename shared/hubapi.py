@@ -140,10 +140,24 @@ class NodeInfo(Strict):
     model_error: ModelError | None = Field(
         None, description="why it serves an earlier bundle than it should, or none"
     )
+    site: Name | None = Field(None, description="its site (NodeStatus.site), or none")
+
+
+class SiteInfo(Strict):
+    """A site as the hub knows it: its bridge's link, from the site's notification topic."""
+
+    site: Name
+    link_up: bool | None = Field(
+        description="whether its bridge is connected to the central broker (None: the hub "
+        "has not heard of its bridge, only of nodes that name it)"
+    )
+    since: datetime | None = Field(description="when the hub heard the link's state change")
+    nodes: int = Field(ge=0, description="nodes whose status names this site")
 
 
 class NodesReply(Strict):
     nodes: list[NodeInfo]
+    sites: list[SiteInfo] = Field(default_factory=list)
 
 
 class StatsReply(Strict):

@@ -185,11 +185,17 @@ class NodeStatus(Message):
         description="why the node serves an earlier bundle than its active one, or none "
         "(model null): the bundle it should serve failed to load, or was revoked",
     )
+    site: Name | None = Field(
+        None,
+        description="the site (a lab's own broker, bridged to the hub's) the node is at, "
+        "or none on a single broker (DESIGN.md, Sites)",
+    )
 
     def to_json(self) -> bytes:
-        # Without a model error the message is exactly a status of before the field.
-        exclude = {"model_error"} if self.model_error is None else None
-        return self.model_dump_json(by_alias=True, exclude=exclude).encode()
+        # Without a model error or a site the message is exactly a status of before the
+        # fields (a hub of before them takes it).
+        exclude = {k for k in ("model_error", "site") if getattr(self, k) is None}
+        return self.model_dump_json(by_alias=True, exclude=exclude or None).encode()
 
 
 class Latency(Message):

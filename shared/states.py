@@ -10,7 +10,7 @@ orders, colours and labels from here.
   rollback) the one it ran before.
 - `RolloutState`: a rollout.
 - `NodeState`: a node. A node says `online` or `offline` of itself (`NodeStatus.state`,
-  `NODE_SAYS`); the hub adds `stale` and `conflict` (hub/fleet.py).
+  `NODE_SAYS`); the hub adds `stale`, `conflict` and `unreachable` (hub/fleet.py).
 - `Tone`: how a state is shown, the same in the CLI's tables and on the fleet page.
 """
 
@@ -91,6 +91,9 @@ class NodeState(StrEnum):
     telemetry intervals (shared/limits.py)."""
     CONFLICT = "conflict"
     """Two processes claim this node id."""
+    UNREACHABLE = "unreachable"
+    """Its site's bridge to the central broker is down: what it last said is not known
+    to be current, and it is not counted as failed (DESIGN.md, Sites)."""
 
 
 NODE_SAYS = (NodeState.ONLINE, NodeState.OFFLINE)
@@ -124,7 +127,10 @@ TONE_GROUPS: tuple[tuple[Tone, tuple[StrEnum, ...]], ...] = (
     (Tone.GOOD, (UpdateState.ACTIVE, RolloutState.COMPLETED, NodeState.ONLINE)),
     (Tone.BUSY, (*UPDATE_IN_PROGRESS, RolloutState.RUNNING)),
     (Tone.BACK, (UpdateState.ROLLED_BACK, RolloutState.ROLLED_BACK)),
-    (Tone.WARN, (RolloutState.PAUSED, RolloutState.ROLLING_BACK, NodeState.STALE)),
+    (
+        Tone.WARN,
+        (RolloutState.PAUSED, RolloutState.ROLLING_BACK, NodeState.STALE, NodeState.UNREACHABLE),
+    ),
     (Tone.BAD, (*TARGET_FAILURES, RolloutState.ABORTED)),
     (Tone.ALARM, (NodeState.CONFLICT,)),
     (Tone.OFF, (UpdateState.WAITING, NodeState.OFFLINE)),

@@ -12,6 +12,8 @@ from cellwatch.shared.errors import TopicError
 
 DEFAULT_PREFIX = "cellwatch"
 SHARE_GROUP = "cellwatch-nodes"
+RELAY_SHARE_GROUP = "cellwatch-relays"
+"""A site's relays share its fetch requests (each request goes to one of them)."""
 NAME_PATTERN = r"[A-Za-z0-9_-]{1,64}"
 _NAME_RE = re.compile(rf"^{NAME_PATTERN}$")
 HUB_API_VERBS_PATTERN = r"[a-z][a-z0-9_.-]{0,31}"
@@ -167,6 +169,10 @@ class Topics:
     def hub_fetch_filter(self) -> str:
         return f"{self.prefix}/hub/fetch/+"
 
+    def hub_fetch_relay_subscription(self) -> str:
+        """hub_fetch_filter() in the site relays' shared subscription."""
+        return f"$share/{RELAY_SHARE_GROUP}/{self.hub_fetch_filter()}"
+
     def fetch_node_of(self, topic: str) -> str:
         """The `{node_id}` of a `{prefix}/hub/fetch/{node_id}` topic."""
         head = f"{self.prefix}/hub/fetch/"
@@ -200,6 +206,24 @@ class Topics:
     def hub_replies_filter(self) -> str:
         """Where the hub may answer an API request (`response_topic_allowed`)."""
         return f"{self.prefix}/hub/replies/+/#"
+
+    # -- sites ----------------------------------------------------------------
+    def site_link(self, site: str) -> str:
+        """`{prefix}/sites/{site}/bridge`: the state of a site's bridge to the central
+        broker, as Mosquitto's bridge notifications write it (`1` retained while up,
+        `0` by the bridge's Will when the link drops; deploy/site_conf.py). Only that
+        site's bridge account may write it (deploy/mkacl.sh --bridge)."""
+        return f"{self.prefix}/sites/{check_name(site, 'site')}/bridge"
+
+    def site_link_filter(self) -> str:
+        return f"{self.prefix}/sites/+/bridge"
+
+    def site_of_link(self, topic: str) -> str:
+        """The `{site}` of a `{prefix}/sites/{site}/bridge` topic."""
+        head, tail = f"{self.prefix}/sites/", "/bridge"
+        if not (topic.startswith(head) and topic.endswith(tail)):
+            raise TopicError(f"not a site link topic: {topic!r}")
+        return check_name(topic[len(head) : -len(tail)], "site")
 
 
 def response_topic_allowed(topic: str, allowed: str) -> bool:

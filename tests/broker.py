@@ -150,6 +150,8 @@ class Broker:
     tls_port: int
     nodes: list[str]
     host: str = HOST
+    extra_config: str = ""
+    """Appended to the rendered mosquitto.conf (a site broker's bridge: tests/sites/)."""
     executable: str = field(default_factory=mosquitto_executable)
     _proc: subprocess.Popen[bytes] | None = field(default=None, init=False, repr=False)
     _log: IO[bytes] | None = field(default=None, init=False, repr=False)
@@ -158,7 +160,11 @@ class Broker:
     # -- creation ------------------------------------------------------------
     @classmethod
     def create(
-        cls, dir: Path, nodes: Sequence[str] = DEFAULT_NODES, clients: Sequence[str] = ()
+        cls,
+        dir: Path,
+        nodes: Sequence[str] = DEFAULT_NODES,
+        clients: Sequence[str] = (),
+        extra_config: str = "",
     ) -> Broker:
         """Users, ACL, certificates, config in dir; a started broker on free ports.
         clients: lab client users of their own (mkusers.sh/mkacl.sh --client)."""
@@ -166,7 +172,13 @@ class Broker:
         _broker_conf.make_files(dir, nodes, clients)
         attempts = 3
         for attempt in range(1, attempts + 1):
-            broker = cls(dir=dir, port=free_port(), tls_port=free_port(), nodes=list(nodes))
+            broker = cls(
+                dir=dir,
+                port=free_port(),
+                tls_port=free_port(),
+                nodes=list(nodes),
+                extra_config=extra_config,
+            )
             broker.write_config()
             broker.log_file.unlink(missing_ok=True)
             try:
@@ -182,6 +194,7 @@ class Broker:
         text = render_config(
             MOSQUITTO_CONF.read_text(), self.dir, self.port, self.tls_port, user=_run_as()
         )
+        text += self.extra_config
         (self.dir / "data").mkdir(exist_ok=True)
         self.conf_file.write_text(text)
         return self.conf_file

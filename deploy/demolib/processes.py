@@ -73,7 +73,7 @@ def read_pidfile(path: Path) -> list[PidRecord]:
     return records
 
 
-def _signal(pid: int, sig: int) -> None:
+def signal_process(pid: int, sig: int) -> None:
     """Signal pid's process group if it leads one (our children do), else pid."""
     with contextlib.suppress(ProcessLookupError, PermissionError):
         if os.getpgid(pid) == pid:
@@ -84,8 +84,8 @@ def _signal(pid: int, sig: int) -> None:
 
 def stop_tier(name: str) -> int:
     """Stop order: commands and nodes first (their `offline` status reaches the hub),
-    then the hub, the broker last."""
-    return {"hub": 1, "mosquitto": 2}.get(name, 0)
+    then the hub, the brokers (`mosquitto`, deploy/sites.py's `mosquitto-SITE`) last."""
+    return 2 if name.startswith("mosquitto") else {"hub": 1}.get(name, 0)
 
 
 def stop_recorded(layout: Layout, *, quiet: bool = False) -> list[str]:
@@ -96,12 +96,12 @@ def stop_recorded(layout: Layout, *, quiet: bool = False) -> list[str]:
     for r in records:
         if not quiet:
             doing(f"stopping {r.name} (pid {r.pid}) left from an earlier run")
-        _signal(r.pid, signal.SIGTERM)
+        signal_process(r.pid, signal.SIGTERM)
         deadline = time.monotonic() + STOP_TIMEOUT_S
         while r.alive() and time.monotonic() < deadline:
             time.sleep(0.1)
         if r.alive():
-            _signal(r.pid, signal.SIGKILL)
+            signal_process(r.pid, signal.SIGKILL)
     layout.pidfile.unlink(missing_ok=True)
     return [r.name for r in records]
 
@@ -269,7 +269,7 @@ class ProcessGroup:
         graceful shutdown while Python restores default handlers on exit."""
         if child.proc.poll() is None and not child.terminated:
             child.terminated = True
-            _signal(child.proc.pid, signal.SIGTERM)
+            signal_process(child.proc.pid, signal.SIGTERM)
 
     def _stop(self, child: Child) -> None:
         if child.proc.poll() is None:
@@ -278,7 +278,7 @@ class ProcessGroup:
                 child.proc.wait(STOP_TIMEOUT_S)
             except subprocess.TimeoutExpired:
                 log.warning("%s did not stop within %s s: SIGKILL", child.name, STOP_TIMEOUT_S)
-                _signal(child.proc.pid, signal.SIGKILL)
+                signal_process(child.proc.pid, signal.SIGKILL)
                 child.proc.wait(STOP_TIMEOUT_S)
         child.exit_code = child.proc.returncode
 

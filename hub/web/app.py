@@ -106,7 +106,8 @@ class Pages:
     def fleet(self, request: Request) -> Response:
         now = time.time()
         q = self.reader.queries
-        nodes = q.nodes(now).nodes
+        reply = q.nodes(now)
+        nodes = reply.nodes
         active, recent = q.active_and_recent(RECENT_ROLLOUTS)
         rows = views.node_rows(nodes, self.reader.history.all_samples(now), now)
         online = [r for r in rows if r.state == NodeState.ONLINE]
@@ -115,6 +116,7 @@ class Pages:
             request,
             "fleet.html",
             nodes=rows,
+            sites=reply.sites,
             counts=views.state_counts(nodes),
             fleet_ips=sum(float(r.telemetry.get("throughput_ips") or 0.0) for r in online),
             models=views.model_rows(q.models().models, nodes),

@@ -16,8 +16,11 @@ per node, labels node_id, model_version ("" when unknown); from its last Telemet
   cellwatch_node_model_error{code}               1 while the node reports a model error
   cellwatch_node_retained_images_total           retained images the broker replayed to
                                                  the node (stored there until cleared)
+per site, label site (sites: a lab's broker bridged to the hub's, hub/sites.py):
+  cellwatch_site_link_up                         1 while its bridge is connected, 0 down
 hub:
-  cellwatch_hub_nodes{state}                     nodes per state
+  cellwatch_hub_nodes{state}                     nodes per state (`unreachable`: at a
+                                                 site whose link is down)
   cellwatch_hub_models                           models in the registry
   cellwatch_hub_models_revoked                   of which revoked
   cellwatch_rollouts{state}                      rollouts per state
@@ -27,6 +30,7 @@ hub:
   cellwatch_hub_control_queue_depth              messages waiting for the control thread
   cellwatch_hub_control_queue_peak               the most that ever waited (since start)
   cellwatch_hub_messages_dropped_total{reason}   incoming messages dropped (hub/counters.py)
+  cellwatch_hub_database_commits_total           write transactions of the hub's database
   cellwatch_hub_start_time_seconds
 """
 
@@ -62,7 +66,17 @@ class FleetCollector(Collector):
         yield from self._hub()
 
     def _nodes(self, now: float) -> Iterator[Metric]:
-        nodes = self.reader.queries.nodes(now).nodes
+        reply = self.reader.queries.nodes(now)
+        nodes = reply.nodes
+        link = GaugeMetricFamily(
+            "cellwatch_site_link_up",
+            "1 while the site's bridge to the central broker is up",
+            labels=["site"],
+        )
+        for s in reply.sites:
+            if s.link_up is not None:
+                link.add_metric([s.site], 1.0 if s.link_up else 0.0)
+        yield link
 
         def gauge(name: str, doc: str, extra: list[str] | None = None) -> GaugeMetricFamily:
             return GaugeMetricFamily(name, doc, labels=NODE_LABELS + (extra or []))
@@ -196,6 +210,11 @@ class FleetCollector(Collector):
         for reason, count in sorted(src.counters.dropped_by_reason().items()):
             dropped.add_metric([reason], float(count))
         yield dropped
+        yield CounterMetricFamily(
+            "cellwatch_hub_database_commits",
+            "write transactions the hub committed to its database since start",
+            float(src.db_commits()),
+        )
         yield GaugeMetricFamily(
             "cellwatch_hub_start_time_seconds",
             "when this hub process started (seconds since the epoch)",

@@ -7,7 +7,7 @@ served, drop counters, control-queue depth). Nothing here changes the hub.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 
@@ -17,6 +17,7 @@ from cellwatch.hub.fleet import Fleet
 from cellwatch.hub.history import TelemetryHistory
 from cellwatch.hub.queries import Queries
 from cellwatch.hub.served import ServedTotals
+from cellwatch.hub.sites import Sites
 
 
 @dataclass(frozen=True)
@@ -30,6 +31,8 @@ class HubSources:
     control_depth: Callable[[], int]
     control_peak: Callable[[], int]
     started_at: datetime
+    sites: Sites = field(default_factory=Sites)
+    db_commits: Callable[[], int] = lambda: 0
 
 
 class FleetReader:
@@ -37,7 +40,10 @@ class FleetReader:
         self.sources = sources
         self.db = Database(sources.db_path, readonly=True)
         self.queries = Queries(
-            self.db, Fleet(self.db, sources.history), sources.served, sources.started_at
+            self.db,
+            Fleet(self.db, sources.history, sites=sources.sites),
+            sources.served,
+            sources.started_at,
         )
 
     @property

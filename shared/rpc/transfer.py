@@ -14,7 +14,11 @@ size is always the last good offset and an interrupted transfer resumes there.
   its `max_chunk_bytes`): the downloader advances by what it received, asks for the
   rest, and asks for chunks of the size it learned from then on. Chunks are appended
   in order (later ones wait in memory). When the expected size is known (from the
-  manifest), the server's `total` must equal it.
+  manifest), the server's `total` must equal it. An error answer `not_ready` (a site
+  relay that is still fetching the file: it holds a request a few seconds first)
+  is no failure: the range is asked for again NOT_READY_AGAIN_S later, for as long
+  as the server says so (the caller's `cancelled`, and the hub's rollout timeout,
+  bound the wait).
 - Upload (`Upload`, the operator's bundle push; any peer's upload): the sender sends
   chunks from its resume offset, up to `window` in flight, each with the receiver's
   naming properties (which file); the receiver appends each to its PartFile and
@@ -26,6 +30,7 @@ from __future__ import annotations
 import hashlib
 import os
 import queue
+import time
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future
@@ -33,6 +38,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Generic, TypeVar, cast
 
+from cellwatch.shared.codes import ApiErrorCode
 from cellwatch.shared.errors import CellwatchError
 from cellwatch.shared.mqtt import Message
 from cellwatch.shared.rpc import (
@@ -49,6 +55,9 @@ from cellwatch.shared.rpc import (
 
 POLL_S = 0.25
 """How often a waiting download checks whether it was cancelled."""
+NOT_READY_AGAIN_S = 0.5
+"""A range the server answered `not_ready` is asked for again this much later (the
+server held the request before answering; this only bounds a server that does not)."""
 OFFSET, TOTAL, SHA256 = "offset", "total", "sha256"
 ERROR, MESSAGE = "error", "message"
 UserProperties = tuple[tuple[str, str], ...]
@@ -177,6 +186,8 @@ class Download:
     max_size: int | None = None
     cancelled: Callable[[], bool] = lambda: False
     progress: Callable[[int, int], None] = lambda done, total: None
+    user: UserProperties = ()
+    """User properties of every request (a site relay marks its own)."""
     received: int = 0
     """Bytes that arrived (hash-checked), including any later discarded."""
 
@@ -191,6 +202,7 @@ class Download:
         chunk = self.chunk_bytes
         next_offset = done
         gaps: deque[tuple[int, int]] = deque()  # ranges asked for but only partly answered
+        later: list[tuple[float, int, int]] = []  # (when, offset, length): not ready yet
         sink: Sink = queue.SimpleQueue()
         pending: dict[int, tuple[int, Ticket]] = {}  # offset -> (length, ticket)
         ready: dict[int, bytes] = {}
@@ -198,13 +210,17 @@ class Download:
             while total is None or done < total:
                 if self.cancelled():
                     raise TransferCancelled(f"download of {self.dest.name} cancelled")
+                now = time.monotonic()
+                for again in [x for x in later if x[0] <= now]:
+                    later.remove(again)
+                    gaps.appendleft((again[1], again[2]))
                 while len(pending) < self.window:
                     if gaps:
                         offset, length = gaps.popleft()
                         if length > chunk:
                             gaps.appendleft((offset + chunk, length - chunk))
                             length = chunk
-                    elif total is None and pending:
+                    elif total is None and (pending or later):
                         break  # learn the size from the first answer before fanning out
                     elif total is not None and next_offset >= total:
                         break
@@ -214,11 +230,20 @@ class Download:
                         next_offset += length
                     topic, payload = self.request_for(offset, length)
                     ticket = self.rpc.send(
-                        topic, payload, read_sized_chunk, self.policy, sink=sink, tag=offset
+                        topic,
+                        payload,
+                        read_sized_chunk,
+                        self.policy,
+                        sink=sink,
+                        tag=offset,
+                        user=self.user,
                     )
                     pending[offset] = (length, ticket)
                 for offset, outcome in _drain(sink, POLL_S):
                     length, _ = pending.pop(offset)
+                    if isinstance(outcome, RemoteError) and outcome.code == ApiErrorCode.NOT_READY:
+                        later.append((time.monotonic() + NOT_READY_AGAIN_S, offset, length))
+                        continue
                     got, size = self._chunk(outcome, offset, length, total)
                     if total is None:
                         total = file.total = self._check_size(size)

@@ -265,7 +265,8 @@ def test_interrupted_demo_stops_everything(tmp_path: Path) -> None:
 
 
 def test_make_targets_run_the_demo_script() -> None:
-    """`make demo` / `make up` / `make down` are thin wrappers of deploy/demo.py."""
+    """`make demo` / `make up` / `make down` are thin wrappers of deploy/demo.py (and,
+    with SITES=N, of deploy/sites.py)."""
     make = shutil.which("make")
     assert make is not None, "make is needed (apt-get install make)"
 
@@ -283,3 +284,6 @@ def test_make_targets_run_the_demo_script() -> None:
     assert "--checkpoint" not in dry_run("demo")
     assert "deploy/demo.py up --workdir demo-work" in dry_run("up")
     assert "deploy/demo.py down --workdir demo-work" in dry_run("down")
+    # `make up SITES=N`: a centre and N sites (deploy/sites.py)
+    assert "deploy/sites.py up --sites 2 --workdir sites-work" in dry_run("up", "SITES=2")
+    assert "deploy/sites.py up" not in dry_run("up")

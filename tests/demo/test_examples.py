@@ -54,3 +54,24 @@ def test_client_example_config_loads_and_documents_every_setting() -> None:
     text = example.read_text()
     for name in sorted(missing - {"mqtt.password"}):
         assert f"# {name.rsplit('.', 1)[-1]} = " in text, f"{name} is not even mentioned"
+
+
+def test_relay_example_config_loads_and_documents_every_setting() -> None:
+    from cellwatch.hub.config import RelaySettings
+
+    example = DEPLOY / "relay.example.toml"
+    settings = RelaySettings.load(example)
+    assert settings.mqtt.username == settings.relay_id == "relay-lab-a"
+    defaults = RelaySettings(relay_id="r")
+    for key in ("max_cache_bytes", "max_chunk_bytes", "hold_s", "workers", "fetch"):
+        assert getattr(settings, key) == getattr(defaults, key), key  # shows the defaults
+    assert settings.mqtt.session_expiry_s == defaults.mqtt.session_expiry_s == 0
+    documented = toml_paths(tomllib.loads(example.read_text()))
+    missing = leaf_paths(RelaySettings) - documented
+    assert missing <= {
+        "mqtt.username",
+        "mqtt.password",
+        "mqtt.client_id",
+        "mqtt.tls.cert_file",
+        "mqtt.tls.key_file",
+    }, missing

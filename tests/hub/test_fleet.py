@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from cellwatch.hub.client import HubClient
+from cellwatch.hub.db import Database
+from cellwatch.hub.fleet import Fleet
 from cellwatch.hub.service import HubService
-from cellwatch.shared.schemas import ModelRef, NodeStatus
+from cellwatch.shared.schemas import ModelRef, NodeStatus, utcnow
 from cellwatch.shared.states import NodeState
 from tests.broker import Broker
 from tests.harness import Collector, T, quiet_telemetry, wait_for
@@ -85,3 +89,33 @@ def test_conflict_clears_after_the_hold_time() -> None:
     assert state_of(rec, 1001.0 + CONFLICT_HOLD_S) == "online"
     rec.state = NodeState.OFFLINE
     assert state_of(rec, 1001.0) == "offline"  # both stopped: offline wins
+
+
+def test_telemetry_is_written_in_one_transaction_per_flush(tmp_path: Path) -> None:
+    """A known node's telemetry reaches the database at the next flush (each control
+    tick): one commit for the whole fleet's, not one per message."""
+    db = Database(tmp_path / "hub.db")
+    fleet = Fleet(db)
+    ids = [f"node-{i}" for i in range(20)]
+    for node_id in ids:
+        status = NodeStatus(
+            node_id=node_id, state=NodeState.ONLINE, boot_id="boot-0001", since=utcnow(), model=V1
+        )
+        assert fleet.on_status(status, now=100.0)
+    commits = db.commits
+    for i in range(3):  # three rounds of the fleet's telemetry
+        for node_id in ids:
+            assert fleet.on_telemetry(quiet_telemetry(node_id, rss_mb=10.0 + i), now=200.0 + i)
+    assert db.commits == commits  # nothing written yet
+    stored = db.node("node-3")
+    assert stored is not None and stored.telemetry is None and stored.last_seen == 100.0
+    assert fleet.flush() == 20
+    assert db.commits == commits + 1
+    stored = db.node("node-3")
+    assert stored is not None and stored.telemetry is not None
+    assert (stored.telemetry["rss_mb"], stored.last_seen) == (12.0, 202.0)
+    assert fleet.flush() == 0 and db.commits == commits + 1
+    # A node the hub hears of first by its telemetry is written at once.
+    assert fleet.on_telemetry(quiet_telemetry("node-new"), now=300.0)
+    assert db.node("node-new") is not None
+    db.close()

@@ -347,3 +347,19 @@ def test_deadlines_survive_a_restart_of_the_hub(tmp_path: Path) -> None:
     back.tick(views, T0 - DAY, mono=61.0)
     assert {t.state for t in back.targets} == {"timed_out"}
     db.close()
+
+
+def test_a_node_whose_site_is_unreachable_does_not_time_out_until_it_is_back() -> None:
+    r, views = make(1, "100%", timeout=60)
+    r.tick(views, T0)  # issued to an online node: its clock runs
+    r.tick(views, T0 + 50)
+    away = {"node-1": NodeView(online=False, model=OLD, model_at=T0 - 100, reachable=False)}
+    r.tick(away, T0 + 55)  # its site's link dropped: the clock stops
+    r.tick(away, T0 + 10_000)
+    assert target(r, "node-1").state == "pending" and state(r) is RolloutState.RUNNING
+    back = fleet("node-1")
+    r.tick(back, T0 + 10_001)  # back online: a full timeout from now
+    r.tick(back, T0 + 10_060)
+    assert target(r, "node-1").state == "pending"
+    r.tick(back, T0 + 10_062)
+    assert target(r, "node-1").state == "timed_out"

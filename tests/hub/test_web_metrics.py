@@ -125,6 +125,8 @@ def test_hub_figures_rollouts_bytes_queue_and_drops(
     assert sample(s, "cellwatch_hub_fetch_requests_total") == hub.fetch.requests > 0
     assert sample(s, "cellwatch_hub_control_queue_depth") == 0.0
     assert sample(s, "cellwatch_hub_models") == 1.0
+    committed = sample(s, "cellwatch_hub_database_commits_total")
+    assert committed == hub.db.commits > 0  # the push, the rollout, the nodes' statuses
     assert sample(s, "cellwatch_hub_messages_dropped_total", reason="malformed") == 0.0
     send_telemetry(n2, b'{"schema": "cellwatch.telemetry/1", "node_id": "node-2"}')
     send_telemetry(n3, telemetry("node-1").to_json())  # names another node than its topic

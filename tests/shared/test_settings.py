@@ -76,6 +76,7 @@ def test_node_example_config_documents_every_setting() -> None:
         "mqtt.tls.cert_file",
         "mqtt.tls.key_file",
         "inference.cache_dir",
+        "site",  # only at a site (commented in the example)
     }, missing
 
 
