@@ -25,7 +25,7 @@ from cellwatch.hub.db import Database
 from cellwatch.hub.errors import ApiFailure
 from cellwatch.hub.fleet import Fleet
 from cellwatch.hub.intake import Confirmed, Incoming, Intake, Item, api_error
-from cellwatch.hub.orchestrator import Orchestrator
+from cellwatch.hub.orchestrator import Orchestrator, ShadowOutcome
 from cellwatch.hub.registry import Registry
 from cellwatch.hub.served import ServedTotals
 from cellwatch.shared.codes import ApiErrorCode
@@ -33,7 +33,14 @@ from cellwatch.shared.errors import MqttError
 from cellwatch.shared.handoff import Handoff
 from cellwatch.shared.rpc import Delivery, Inbound, Rejected, RemoteError
 from cellwatch.shared.rpc.transfer import read_chunk
-from cellwatch.shared.schemas import ApiReply, ApiRequest, NodeStatus, Telemetry, UpdateReport
+from cellwatch.shared.schemas import (
+    ApiReply,
+    ApiRequest,
+    NodeStatus,
+    ShadowReport,
+    Telemetry,
+    UpdateReport,
+)
 from cellwatch.shared.states import NodeState
 from cellwatch.shared.topics import Topics
 
@@ -165,6 +172,15 @@ class Control:
             return False
         self.orchestrator.on_report(node_id, inbound.body, now)
         return True
+
+    def on_shadow(self, inbound: Inbound[ShadowReport], node_id: str) -> bool:
+        now = time.time()
+        outcome = self.orchestrator.on_shadow_report(node_id, inbound.body, now)
+        if outcome is not ShadowOutcome.TAKEN:
+            self.counters.dropped(DropReason(outcome.value))
+        return outcome is not ShadowOutcome.UNKNOWN_ROLLOUT and outcome is not (
+            ShadowOutcome.NOT_A_TARGET
+        )
 
     # -- the operator's ------------------------------------------------------------------
     def on_api(self, inbound: Inbound[ApiRequest], node_id: str) -> bool:

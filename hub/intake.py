@@ -3,14 +3,16 @@ operator, on paho's network thread. Each is checked against its route's byte cap
 payload model there, then handed to the control thread (hub/control.py) or the fetch
 workers (hub/fetch.py), never waiting.
 
-- Caps: node status, telemetry and update reports MAX_NODE_MESSAGE_BYTES each (a real
-  one is under 2 KB), API requests MAX_API_REQUEST_BYTES, bundle upload chunks
-  MAX_UPLOAD_CHUNK_BYTES, fetch requests MAX_FETCH_REQUEST_BYTES. A node message over
-  its cap, or one that does not validate, or one naming another node than its topic,
-  is acknowledged, counted (`too_large`, `malformed`, `wrong_node`), logged and
-  dropped; an API request over its cap or malformed is answered `too_large` /
-  `bad_request` (without its payload being queued); a fetch request, `bad_request`.
-  An empty status, telemetry or report clears a retained message: ignored.
+- Caps: node status, telemetry, update and shadow reports MAX_NODE_MESSAGE_BYTES each
+  (a real one is under 2 KB; a shadow window naming 16 disagreements, under 8 KB), API
+  requests MAX_API_REQUEST_BYTES, bundle upload chunks MAX_UPLOAD_CHUNK_BYTES, fetch
+  requests MAX_FETCH_REQUEST_BYTES. A node message over its cap, or one that does not
+  validate, or one naming another node than its topic, is acknowledged, counted
+  (`too_large`, `malformed`, `wrong_node`), logged and dropped; an API request over its
+  cap or malformed is answered `too_large` / `bad_request` (without its payload being
+  queued); a fetch request, `bad_request`. An empty status, telemetry or report clears
+  a retained message: ignored. A shadow report the rollouts refuse is counted
+  (`unknown_rollout`, `not_a_target`; a window stored before, `duplicate_window`).
 - Telemetry (QoS 0): at most `telemetry_per_s` per node on average (bursts of
   `telemetry_burst`), and none while the control queue is deeper than
   `telemetry_high_water` (counted `rate_limited` / `backlog`).
@@ -46,7 +48,7 @@ from cellwatch.shared.handoff import Handoff
 from cellwatch.shared.hubapi import UPLOAD_VERB
 from cellwatch.shared.limits import MAX_API_REQUEST_BYTES, MAX_NODE_MESSAGE_BYTES
 from cellwatch.shared.rpc import Acks, Inbound, Problem, Rejected, Route, raw, response_topic
-from cellwatch.shared.schemas import ApiRequest, NodeStatus, Telemetry, UpdateReport
+from cellwatch.shared.schemas import ApiRequest, NodeStatus, ShadowReport, Telemetry, UpdateReport
 from cellwatch.shared.topics import Topics
 
 log = logging.getLogger(__name__)
@@ -85,6 +87,7 @@ class Handlers(Protocol):
     def on_status(self, inbound: Inbound[NodeStatus], node_id: str) -> bool: ...
     def on_telemetry(self, inbound: Inbound[Telemetry], node_id: str) -> bool: ...
     def on_update(self, inbound: Inbound[UpdateReport], node_id: str) -> bool: ...
+    def on_shadow(self, inbound: Inbound[ShadowReport], node_id: str) -> bool: ...
     def on_api(self, inbound: Inbound[ApiRequest], node_id: str) -> bool: ...
     def on_upload(self, inbound: Inbound[bytes], node_id: str) -> bool: ...
     def refuse_api(self, rejected: Rejected) -> None: ...
@@ -172,6 +175,7 @@ class Intake:
             node_route("status", NodeStatus, self._on_status),
             node_route("telemetry", Telemetry, self._on_telemetry, qos=0),
             node_route("update", UpdateReport, self._on_update),
+            node_route("shadow-report", ShadowReport, self._on_shadow),
             operator_route(
                 t.hub_api_filter(),
                 ApiRequest.model_validate_json,
@@ -211,6 +215,11 @@ class Intake:
         node_id = self._node_of(inbound, None)
         if node_id is not None:
             self.control.put(Incoming(self.handlers.on_update, inbound, node_id))
+
+    def _on_shadow(self, inbound: Inbound[ShadowReport]) -> None:
+        node_id = self._node_of(inbound, None)
+        if node_id is not None:
+            self.control.put(Incoming(self.handlers.on_shadow, inbound, node_id))
 
     def _on_telemetry(self, inbound: Inbound[Telemetry]) -> None:
         node_id = self._node_of(inbound, inbound.body.node_id)

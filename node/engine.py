@@ -71,6 +71,9 @@ class EngineConfig:
     cache_dir: str | None = None
     infer_timeout_s: float = 30.0
     """An inference not finished this long after it started is given up (a device error)."""
+    threads: int = 0
+    """CPU threads one inference may use; 0 = OpenVINO's choice (the shadow candidate
+    takes 1, so it leaves the other cores to the serving model)."""
 
 
 def available_devices(core: ov.Core) -> list[str]:
@@ -137,6 +140,8 @@ class ServingModel:
             self._props["INFERENCE_PRECISION_HINT"] = "f32"
         if config.cache_dir:
             self._props["CACHE_DIR"] = config.cache_dir
+        if config.threads:
+            self._props["INFERENCE_NUM_THREADS"] = config.threads
         model = self._read_ir()
         self._check_io(model)
         self.compiled = self._compile(with_pixel_input(model))

@@ -21,6 +21,8 @@ T = Topics()
 WRITES: dict[str, list[tuple[str, bool]]] = {
     "hub": [
         (T.desired("node-1"), True),
+        (T.shadow("node-1"), True),
+        (T.shadow_report("node-1"), False),
         (T.fetch_reply("node-1"), True),
         (T.hub_replies("operator", "1"), True),
         (T.hub_revoked(), True),
@@ -34,6 +36,7 @@ WRITES: dict[str, list[tuple[str, bool]]] = {
         (T.hub_api("list"), True),
         (T.lab_images("client", "scope-1"), True),  # any lab's: to clear a retained image
         (T.desired("node-1"), False),
+        (T.shadow("node-1"), False),
         (T.node_images("node-1"), False),
         (T.replies("client", "1"), False),
         (T.hub_replies("operator", "1"), False),
@@ -62,6 +65,9 @@ WRITES: dict[str, list[tuple[str, bool]]] = {
         (T.status("node-1"), True),
         (T.telemetry("node-1"), True),
         (T.update("node-1"), True),
+        (T.shadow_report("node-1"), True),
+        (T.shadow_report("node-2"), False),
+        (T.shadow("node-1"), False),
         (T.hub_fetch("node-1"), True),
         (T.hub_fetch("node-2"), False),
         ("cellwatch/hub/fetch", False),
@@ -107,6 +113,9 @@ READS: list[tuple[str, str, set[str]]] = [
     (T.status("node-2"), "node-2", {"hub", "operator", "client"}),
     (T.telemetry("node-1"), "node-1", {"hub"}),
     (T.update("node-1"), "node-1", {"hub"}),
+    (T.shadow_report("node-1"), "node-1", {"hub"}),
+    (T.shadow("node-1"), "hub", {"node-1"}),
+    (T.shadow("node-2"), "hub", set()),
     (T.hub_fetch("node-1"), "node-1", {"hub"}),
     (T.hub_fetch("node-2"), "node-2", {"hub"}),
     (T.desired("node-1"), "hub", {"node-1"}),
