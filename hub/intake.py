@@ -12,7 +12,8 @@ workers (hub/fetch.py), never waiting.
   cap or malformed is answered `too_large` / `bad_request` (without its payload being
   queued); a fetch request, `bad_request`. An empty status, telemetry or report clears
   a retained message: ignored. A shadow report the rollouts refuse is counted
-  (`unknown_rollout`, `not_a_target`; a window stored before, `duplicate_window`).
+  (`unknown_rollout`, `not_a_target`; a window after its phase, `phase_over`; a window
+  stored before, `duplicate_window`).
 - Telemetry (QoS 0): at most `telemetry_per_s` per node on average (bursts of
   `telemetry_burst`), and none while the control queue is deeper than
   `telemetry_high_water` (counted `rate_limited` / `backlog`).

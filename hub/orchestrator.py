@@ -58,6 +58,9 @@ class ShadowOutcome(StrEnum):
     """No such rollout, or one without a shadow phase."""
     NOT_A_TARGET = "not_a_target"
     """The node is not a target of the rollout, or names another model."""
+    PHASE_OVER = "phase_over"
+    """Its window came after the phase ended (promoted, aborted): not counted, so the
+    evidence is what the decision saw (its state is taken)."""
 
 
 CONFIRM_FLAGS: tuple[ModelFlag, ...] = MODEL_FLAGS
@@ -431,7 +434,9 @@ class Orchestrator:
         outcome = ShadowOutcome.TAKEN
         facts = None
         if report.window is not None:
-            if self.db.add_shadow_window(r.rollout_id, node_id, report.window, now):
+            if not r.in_shadow:
+                outcome = ShadowOutcome.PHASE_OVER
+            elif self.db.add_shadow_window(r.rollout_id, node_id, report.window, now):
                 facts = window_facts(report.window, now)
             else:
                 outcome = ShadowOutcome.DUPLICATE_WINDOW

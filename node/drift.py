@@ -13,8 +13,8 @@ The statistic, per signal, is two numbers:
   that much movement could be chance, given how many images each side has.
 
 The state needs both (`state_of`):
-- `alert`: PSI >= 0.25 and p < 0.01;
-- `watch`: PSI >= 0.10 and p < 0.05;
+- `alert`: PSI >= 0.25 and p < 0.001;
+- `watch`: PSI >= 0.10 and p < 0.01;
 - `ok` otherwise; `collecting` under `drift.min_images` live images; `no_reference`
   for a bundle without one.
 PSI's 0.10 / 0.25 are the bands credit-risk models have long used for "some" and
@@ -23,6 +23,10 @@ its expected value is about (bins - 1) x (1/n_live + 1/n_ref), 0.13 for four bin
 live images and a 24-image reference, already past `watch`. The chi-square p-value is
 that correction: a small reference or window cannot raise an alarm by noise alone,
 and a huge one cannot turn a trivial shift into one, because the PSI bound still holds.
+The p-value bounds are strict because the node looks again at every telemetry, on a
+window that changes a few images at a time, and at six signals: `alert` is meant to be
+rare without drift. `color` is the channel that moved most, its p-value multiplied by
+three (Bonferroni: three channels were looked at).
 
 The accuracy estimate without labels (confidence-based performance estimation) is
 the mean calibrated probability of the label each image was given, with the interval
@@ -63,8 +67,8 @@ from cellwatch.shared.states import DRIFT_SEVERITY, DriftState
 
 PSI_WATCH = 0.10
 PSI_ALERT = 0.25
-P_WATCH = 0.05
-P_ALERT = 0.01
+P_WATCH = 0.01
+P_ALERT = 0.001
 CALIBRATION_MIN_N = 100
 """Held-out images the bundle's calibration check needs for the accuracy estimate: with
 fewer, the ECE's own noise is about as large as CALIBRATION_MAX_ECE."""
@@ -248,14 +252,15 @@ class DriftMonitor:
         stats = np.array([s.stats for s in seen], np.float64)
         mp = np.array([s.megapixels for s in seen], np.float64)
 
-        def signal(ref_counts: Sequence[int], live: Sequence[int]) -> SignalDrift:
+        def signal(ref_counts: Sequence[int], live: Sequence[int], tests: int = 1) -> SignalDrift:
             psi, p = compare(ref_counts, live)
+            p = min(1.0, p * tests)
             return SignalDrift(state=state_of(psi, p), psi=round(psi, 6), p_value=p)
 
-        def binned(b: Bins, values: np.ndarray) -> SignalDrift:
-            return signal(b.counts, histogram(b.cuts, values))
+        def binned(b: Bins, values: np.ndarray, tests: int = 1) -> SignalDrift:
+            return signal(b.counts, histogram(b.cuts, values), tests)
 
-        colors = [binned(ref.color[i], stats[:, i]) for i in range(3)]
+        colors = [binned(ref.color[i], stats[:, i], tests=3) for i in range(3)]
         return {
             DriftSignal.CONFIDENCE: signal(ref.confidence.counts, conf),
             DriftSignal.LABELS: signal(

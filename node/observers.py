@@ -79,9 +79,14 @@ class Observers:
         self._queue: Handoff[Observation] = Handoff(capacity, name=f"node {node_id}: observers")
         self.missed = 0
 
-    def add(self, observer: Observer) -> None:
-        """Register an observer (before the thread starts)."""
-        self._observers.append(observer)
+    def add(self, observer: Observer, *, first: bool = False) -> None:
+        """Register an observer (before the thread starts); `first`: ahead of the others
+        (the shadow scorer, whose skip rule looks at the live images waiting right after
+        the answer, not after the other observers' work)."""
+        if first:
+            self._observers.insert(0, observer)
+        else:
+            self._observers.append(observer)
 
     def offer(self, obs: Observation) -> None:
         """Hand an answered image over; never waits (see the module docstring)."""

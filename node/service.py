@@ -199,7 +199,7 @@ class NodeService(Daemon):
             window_s=sh.window_s,
             max_live=sh.max_live,
         )
-        self.observers.add(self.shadow)
+        self.observers.add(self.shadow, first=True)
         self.updater = UpdateAgent(
             publisher=self.mqtt,
             topics=self.topics,

@@ -34,9 +34,10 @@ from cellwatch.shared.states import DriftState
 CONFIDENCE_CUTS: tuple[float, ...] = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 """Interior edges of the confidence histogram: ten bins of 0.1 (a bin holds p with
 cuts[i-1] <= p < cuts[i])."""
-MIN_PER_BIN = 5
-"""Reference images per bin of an input figure at least (the chi-square test's usual
-rule for expected counts); at most MAX_BINS bins, at least 2."""
+MIN_PER_BIN = 10
+"""Reference images per bin of an input figure at least (twice the chi-square test's
+usual 5 expected counts: the cuts are the reference's own quantiles, whose noise
+grows as bins shrink); at most MAX_BINS bins, at least 2."""
 MAX_BINS = 10
 SHARPNESS_STRIDE = 2
 """input_statistics reads every second pixel of each row and column: a quarter of the

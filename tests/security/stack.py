@@ -26,13 +26,21 @@ class Process:
     argv: list[str]
     log: Path
     proc: subprocess.Popen[bytes] | None = None
+    env: dict[str, str] = field(default_factory=dict)
+    """Set in the process's environment besides ours (e.g. CELLWATCH_TEST_FAULTS)."""
 
     def start(self) -> None:
         assert self.proc is None or self.proc.poll() is not None, f"{self.name} runs already"
         with self.log.open("ab") as out:
             self.proc = subprocess.Popen(
-                self.argv, stdout=out, stderr=subprocess.STDOUT, env=dict(os.environ)
+                self.argv, stdout=out, stderr=subprocess.STDOUT, env={**os.environ, **self.env}
             )
+
+    def kill(self) -> None:
+        """SIGKILL, as a crash would."""
+        assert self.proc is not None
+        self.proc.kill()
+        self.proc.wait()
 
     @property
     def running(self) -> bool:
@@ -64,6 +72,8 @@ class Stack:
     bundle: Path
     keys: Path
     processes: list[Process] = field(default_factory=list)
+    http_port: int = 0
+    """The last hub's fleet page and /metrics port."""
 
     def secret(self, user: str) -> Path:
         path = self.work / "secrets" / f"{user}.password"
@@ -81,25 +91,37 @@ class Stack:
     def hub(self, data_dir: Path, name: str = "hub") -> Process:
         """A hub process (not started) on data_dir."""
         cfg = self.work / f"{name}.toml"
+        self.http_port = free_port()
         cfg.write_text(
             f'data_dir = "{data_dir}"\ntrusted_keys = "{self.keys}"\ntick_s = 0.2\n'
-            f'[http]\nlisten = "127.0.0.1:{free_port()}"\n' + self.mqtt_section("hub")
+            f'[http]\nlisten = "127.0.0.1:{self.http_port}"\n' + self.mqtt_section("hub")
         )
         return self._process(name, [str(BIN / "cellwatch-hub"), "serve", "--config", str(cfg)])
 
-    def node(self, node_id: str, store_dir: Path | None = None) -> Process:
-        """A node process (not started) serving the stack's bundle; with store_dir it
-        takes part in rollouts."""
+    def node(
+        self,
+        node_id: str,
+        store_dir: Path | None = None,
+        *,
+        extra: str = "",
+        env: dict[str, str] | None = None,
+        bundle: Path | None = None,
+    ) -> Process:
+        """A node process (not started) serving the stack's bundle (or `bundle`); with
+        store_dir it takes part in rollouts; `extra`: TOML sections appended."""
         cfg = self.work / f"{node_id}.toml"
         updates = f'[updates]\nstore_dir = "{store_dir}"\n' if store_dir is not None else ""
         cfg.write_text(
             f'node_id = "{node_id}"\ntelemetry_interval_s = 1.0\n'
             f'state_dir = "{self.work / "state" / node_id}"\n'
             + self.mqtt_section(node_id)
-            + f'[model]\nbundle = "{self.bundle}"\ntrusted_keys = "{self.keys}"\n'
+            + f'[model]\nbundle = "{bundle or self.bundle}"\ntrusted_keys = "{self.keys}"\n'
             + updates
+            + extra
         )
-        return self._process(node_id, [str(BIN / "cellwatch-node"), "run", "--config", str(cfg)])
+        p = self._process(node_id, [str(BIN / "cellwatch-node"), "run", "--config", str(cfg)])
+        p.env.update(env or {})
+        return p
 
     def operator_config(self) -> Path:
         """An operator.toml, as CELLWATCH_HUB_CLIENT_CONFIG names it."""

@@ -150,9 +150,7 @@ def test_every_state_has_one_tone_and_every_tone_a_colour() -> None:
     enums = (UpdateState, RolloutState, NodeState, ShadowState, DriftState)
     assert len(listed) == len(set(listed))  # each member once
     assert set(listed) == {(e, s.value) for e in enums for s in e}
-    tones = {
-        v: {t for t, group in TONE_GROUPS for s in group if s.value == v} for _, v in listed
-    }
+    tones = {v: {t for t, group in TONE_GROUPS for s in group if s.value == v} for _, v in listed}
     assert all(len(t) == 1 for t in tones.values())  # a value two enums share: one tone
     assert {v for v in tones if sum(value == v for _, value in listed) > 1} == {
         "rolled_back",
