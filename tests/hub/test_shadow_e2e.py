@@ -211,8 +211,7 @@ def test_a_disagreeing_candidate_aborts_and_an_agreeing_one_promotes_itself(
     scored = {
         dict(labels)["node_id"]: value
         for (name, labels), value in metrics.items()
-        if name == "cellwatch_shadow_images_total"
-        and dict(labels)["rollout_id"] == good.rollout_id
+        if name == "cellwatch_shadow_images_total" and dict(labels)["rollout_id"] == good.rollout_id
     }
     assert sum(scored.values()) == a.n and set(scored) <= set(NODES)
     drift = {n.node_id: n.drift for n in f.operator.nodes().nodes}
