@@ -233,7 +233,7 @@ def rollout_view(r: RolloutInfo) -> RenderableType:
     if r.reason:
         parts.append(Text(f"  {r.reason}", style="dim"))
     if r.shadow is not None:
-        parts += [Text(""), shadow_view(r.rollout_id, r.shadow)]
+        parts += [Text(""), shadow_view(r.rollout_id, r.shadow, r.reason)]
     waves = _table("WAVE", "NODES", "ISSUED", "PROGRESS")
     for w in r.waves:
         counts = ", ".join(f"{w.counts[s]} {s}" for s in UpdateState if w.counts.get(s))
@@ -255,7 +255,7 @@ def rollout_view(r: RolloutInfo) -> RenderableType:
 
 def proportion(p: Proportion) -> str:
     if p.value is None or p.ci95 is None:
-        return "- (n 0)"
+        return "-"
     return f"{p.value:.3f} (95% CI {p.ci95[0]:.3f}-{p.ci95[1]:.3f}, {p.k}/{p.n})"
 
 
@@ -265,7 +265,7 @@ def _ms(value: float | None, signed: bool = False) -> str:
     return f"{value:+.1f}" if signed else f"{value:.1f}"
 
 
-def shadow_view(rollout_id: str, s: ShadowInfo) -> RenderableType:
+def shadow_view(rollout_id: str, s: ShadowInfo, reason: str | None = None) -> RenderableType:
     """A rollout's shadow phase: settings, the pooled evidence, per node."""
     length = f", for up to {duration_text(s.shadow_for_s)}" if s.shadow_for_s else ""
     rule = f"promote when {s.promote_when}" if s.promote_when else "promoted by the operator"
@@ -277,8 +277,13 @@ def shadow_view(rollout_id: str, s: ShadowInfo) -> RenderableType:
     need = f" of {s.n_required} needed" if s.n_required else ""
     lines: list[RenderableType] = [
         head,
-        Text(f"  agreement {proportion(s.agreement)}{need}; skipped {s.skipped}"),
-        Text(f"  {s.verdict}", style="dim"),
+        # once over, its outcome (unless the rollout's reason above says it already)
+        *([Text(f"  {s.verdict}")] if s.open or s.verdict != reason else []),
+        Text(
+            f"  {s.agreement.n} images scored{need}; {s.skipped} skipped (live images waiting)"
+            + (f"; {s.failed} node(s) could not load it" if s.failed else ""),
+            style="dim",
+        ),
     ]
     if s.open and s.ends_at is not None:
         lines.append(Text(f"  pauses for the operator {_until(s.ends_at)}", style="dim"))

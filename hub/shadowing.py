@@ -178,7 +178,7 @@ class ShadowPhase:
             return Verdict("wait", f"{figure}; no promotion rule: promote with `rollout promote`")
         need = max(rule.n, 1)
         if total.n < need:
-            return Verdict("wait", f"{figure}; {total.n} of {need} images scored")
+            return Verdict("wait", f"{figure}; the rule waits for {need} images")
         assert a.ci95 is not None
         lo, hi = a.ci95
         if lo >= rule.threshold:
@@ -193,7 +193,7 @@ class ShadowPhase:
                 f"{hi:.3f} below {rule.threshold:g}",
             )
         return Verdict(
-            "wait", f"{figure}: the interval holds {rule.threshold:g}, scoring more images"
+            "wait", f"{figure}: the interval holds {rule.threshold:g}; scoring more images"
         )
 
     def end(self, now: float, outcome: str) -> None:

@@ -1,5 +1,6 @@
-"""The shadow phase of a rollout without I/O (issue 19): the rule on the Wilson interval,
---shadow-for, the operator's verbs, failed targets, and the windows stored once."""
+"""The shadow phase of a rollout (issue 19): without I/O, the rule on the Wilson interval,
+--shadow-for, the operator's verbs, failed targets, and the windows stored once; with
+a hub and scripted nodes of before the phase, that they go on as ever."""
 
 from __future__ import annotations
 
@@ -8,10 +9,12 @@ from pathlib import Path
 
 import pytest
 
+from cellwatch.hub.client import HubClient
 from cellwatch.hub.db import Database, window_facts
-from cellwatch.hub.errors import RolloutError
+from cellwatch.hub.errors import ApiFailure, RolloutError
 from cellwatch.hub.orchestrator import describe
 from cellwatch.hub.rollout import NodeView, Rollout
+from cellwatch.hub.service import HubService
 from cellwatch.shared.codes import UpdateErrorCode
 from cellwatch.shared.figures import wilson
 from cellwatch.shared.hubapi import RolloutPolicy, RolloutStartArgs, ShadowPolicy
@@ -23,6 +26,13 @@ from cellwatch.shared.promotion import (
 )
 from cellwatch.shared.schemas import Disagreement, ModelRef, ShadowWindow
 from cellwatch.shared.states import RolloutState, ShadowState
+from cellwatch.shared.topics import Topics
+from tests.broker import Broker
+from tests.harness import quiet_telemetry
+from tests.helpers.rollouts import fleet_on_v1, ref, seen_by_hub, until
+from tests.hub.conftest import Bundles, NodeMaker
+
+T = Topics()
 
 OLD = ModelRef(name="toy", version="1.0.0", manifest_sha256="a" * 64)
 NEW = ModelRef(name="toy", version="2.0.0", manifest_sha256="b" * 64)
@@ -194,7 +204,7 @@ def test_the_status_pools_evidence_with_its_interval(tmp_path: Path) -> None:
     assert s.progress == 0.5 and s.n_required == 100 and s.threshold == 0.9
     assert s.mean_abs_dp == pytest.approx(0.1) and s.max_abs_dp == 0.5
     assert [d.image_sha256 for d in s.disagreements] == ["c" * 64]
-    assert "50 of 100 images scored" in s.verdict
+    assert "(95% CI 0.865-0.989, 48/50); the rule waits for 100 images" in s.verdict
 
 
 def test_a_window_is_stored_once_and_the_evidence_survives_a_restart(tmp_path: Path) -> None:
@@ -245,3 +255,33 @@ def test_promotion_rules_and_durations() -> None:
         RolloutStartArgs(name="toy", version="2.0.0", promote_when="agreement>=0.9").shadow_policy()
     args = RolloutStartArgs(name="toy", version="2.0.0", shadow="20%", shadow_for_s=60)
     assert args.shadow_policy() == ShadowPolicy(rate=0.2, shadow_for_s=60)
+
+
+def test_nodes_without_shadow_support_go_on_with_a_hub_that_has_it(
+    hub: HubService,
+    operator: HubClient,
+    bundles: Bundles,
+    fake_nodes: NodeMaker,
+    broker: Broker,
+) -> None:
+    """Scripted nodes of before the shadow phase (they never read a shadow order, and
+    send telemetry without drift figures): the phase gathers nothing from them, the
+    operator promotes, and they update as ever."""
+    nodes = fleet_on_v1(bundles, fake_nodes)
+    seen_by_hub(operator, 3)
+    operator.push(bundles.v2)
+    plain = broker.connect("node-1")
+    assert plain.publish_wait(T.telemetry("node-1"), quiet_telemetry("node-1").to_json())
+    args = RolloutStartArgs(name="toy", version="2.0.0", shadow="20%", shadow_for_s=3600)
+    info = operator.rollout_start(args)
+    assert info.state is RolloutState.SHADOWING and info.shadow is not None
+    assert {n.state for n in info.shadow.nodes} == {None}  # no node has said a word
+    assert all(n.desired == [] for n in nodes)
+    promoted = operator.rollout_verb("promote", info.rollout_id)
+    assert promoted.state is RolloutState.RUNNING
+    done = until(operator, info.rollout_id, lambda i: i.state is RolloutState.COMPLETED)
+    assert done.shadow is not None and done.shadow.outcome is not None
+    assert done.shadow.outcome.startswith("promoted by the operator (no image scored yet)")
+    assert all(n.model == ref(bundles, "2.0.0") for n in nodes)
+    with pytest.raises(ApiFailure, match="past its shadow phase"):
+        operator.rollout_verb("promote", info.rollout_id)
