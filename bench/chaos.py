@@ -233,10 +233,12 @@ class Fleet:
 
 
 def smear(i: int) -> bytes:
+    """Image i: each its own content (a node counts crashes per content and account, so
+    copies of the poison image's bytes would be taken for it)."""
     from tests import images
 
     colour = images.RED if i % 2 else images.BLUE
-    return images.jpeg(colour, 240, 320)
+    return images.jpeg(colour, 240 + (i // 64) % 64, 320 + i % 64)
 
 
 @contextmanager
@@ -388,7 +390,8 @@ def poison(fleet: Fleet, count: int) -> Row:
     poisoned: list[Answer] = []
 
     def send_poison() -> None:
-        poisoned.append(client.classify(smear(0), image_id=POISON, node="node-1"))
+        # Content of its own (smear(-1): no load image has it).
+        poisoned.append(client.classify(smear(-1), image_id=POISON, node="node-1"))
 
     run_load(fleet, row, count, send_poison)
     tally(row, poisoned)
@@ -470,7 +473,8 @@ def response_topic(fleet: Fleet, count: int) -> Row:
     spy.connect()
     try:
         sender = fleet.broker.connect("client")
-        bad = (T.results("otherlab"), T.status("node-1"))
+        # another lab's results, a node's status, another lab's replies
+        bad = (T.results("otherlab"), T.status("node-1"), T.replies("otherlab", "x"))
 
         def foreign() -> None:
             for i, rt in enumerate(bad):
@@ -484,7 +488,11 @@ def response_topic(fleet: Fleet, count: int) -> Row:
         while seen.count(T.results("client")) < len(bad) and time.monotonic() < deadline:
             time.sleep(0.05)
         answered = seen.count(T.results("client"))
-        check(row, answered == len(bad), f"{answered} invalid_request on results/client (2)")
+        check(
+            row,
+            answered == len(bad),
+            f"{answered} invalid_request on results/client ({len(bad)})",
+        )
         check(row, T.results("otherlab") not in seen, "nothing written to results/otherlab")
         statuses = seen.count(T.status("node-1"))
         check(row, statuses <= 1, f"node-1's status topic got {statuses} message(s) (its own)")

@@ -65,7 +65,7 @@ def main() -> int:
                 broker.settings("node-1"),
                 client_id="bench-retained-node",
                 clean_start=True,
-                subscriptions=[(T.images_shared_filter(), 1)],
+                subscriptions=[(f, 1) for f in T.lab_images_shared_filters()],
             )
             node.set_message_handler(lambda msg: got.release())
             node.connect()

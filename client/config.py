@@ -52,8 +52,9 @@ class ClientSettings(CellwatchSettings):
     )
     node: Name | None = Field(
         None,
-        description="send to this node's direct topic (cellwatch/nodes/{node}/images) "
-        "instead of sharing the images among all nodes",
+        description="send to this node only, on its direct topic "
+        "(cellwatch/nodes/{node}/images/{user}[/{source}]), instead of sharing the images "
+        "among all nodes",
     )
     timeout_s: float = Field(
         120.0, gt=0, le=3600, description="give up on an image after this long (every attempt)"

@@ -14,13 +14,9 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import queue
-import socket
-import threading
 import uuid
-from collections.abc import Generator, Iterable, Iterator
+from collections.abc import Generator, Iterable
 from concurrent.futures import Future
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import cast
@@ -34,6 +30,7 @@ from cellwatch.client.errors import (
     PayloadTooLarge,
     Timeout,
 )
+from cellwatch.client.feed import End, Feed
 from cellwatch.client.inputs import image_id_for, read
 from cellwatch.shared.errors import MqttError
 from cellwatch.shared.mqtt import ConnectRefused, Message, MqttClient, PublishProps, packet_size
@@ -57,9 +54,6 @@ from cellwatch.shared.topics import Topics, check_name
 log = logging.getLogger(__name__)
 
 REPLY_TOKEN_HEX = 24
-MQTT_LOGGER = "cellwatch.shared.mqtt"
-"""The MQTT wrapper's logger: its lines about a failed first connection are dropped
-(the caller gets the exception instead)."""
 MAX_IN_FLIGHT = 1024
 """Requests in flight per client, over all callers (each holds its image in memory)."""
 
@@ -74,29 +68,6 @@ CONTENT_TYPES = {
     ".tif": "image/tiff",
     ".tiff": "image/tiff",
 }
-
-
-class _Silence(logging.Filter):
-    def __init__(self, client_id: str) -> None:
-        super().__init__()
-        self.client_id = client_id
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not (
-            record.args and isinstance(record.args, tuple) and record.args[0] == self.client_id
-        )
-
-
-@contextmanager
-def _silenced(logger: str, client_id: str) -> Iterator[None]:
-    """Drop `logger`'s records about client_id (its first argument) meanwhile."""
-    silence = _Silence(client_id)
-    target = logging.getLogger(logger)
-    target.addFilter(silence)
-    try:
-        yield
-    finally:
-        target.removeFilter(silence)
 
 
 def reply_token(client_id: str) -> str:
@@ -151,44 +122,22 @@ class Core:
             subscriptions=[(self.reply_topic, 1)],
         )
         self.rpc = Rpc(self.mqtt, self.reply_topic, window=MAX_IN_FLIGHT, name="client").attach()
-        self._topic_of: dict[str | None, str] = {}
+        self._topic_of: dict[tuple[str | None, str | None], str] = {}
 
     # -- connection -------------------------------------------------------------------
     def connect(self) -> None:
-        """Connect; NotAuthorized (a wrong user or password) or BrokerUnavailable."""
-        s = self.settings.mqtt
-        self._probe()
-        # A failed first connection reaches the caller as one exception: the MQTT
-        # wrapper's own log lines about it ("refused", "reconnecting") would say it
-        # twice, and wrongly (nothing reconnects).
-        with _silenced(MQTT_LOGGER, self.client_id):
-            try:
-                self.mqtt.connect()
-            except ConnectRefused as exc:
-                raise NotAuthorized(f"{exc} (user {self.username!r}: check the password)") from exc
-            except MqttError as exc:
-                raise BrokerUnavailable(str(exc)) from exc
-        log.info(
-            "client %s: Results on %s (%s:%s)", self.client_id, self.reply_topic, s.host, s.port
-        )
-
-    def _probe(self) -> None:
-        """BrokerUnavailable at once when nothing listens on the broker's port or its
-        name does not resolve: paho would try again and again until connect_timeout_s
-        and then only say that the broker did not answer."""
+        """Connect; NotAuthorized (a wrong user or password) or BrokerUnavailable (at
+        once for a closed port or an unknown host name)."""
         s = self.settings.mqtt
         try:
-            with socket.create_connection((s.host, s.port), timeout=s.connect_timeout_s):
-                pass
-        except ConnectionRefusedError as exc:
-            raise BrokerUnavailable(
-                f"connection refused by {s.host}:{s.port}: is the broker running, and is "
-                "this its port?"
-            ) from exc
-        except socket.gaierror as exc:
-            raise BrokerUnavailable(f"cannot resolve the broker's name {s.host!r}: {exc}") from exc
-        except OSError:
-            pass  # unreachable, timed out: the MQTT connection tries and says what happened
+            self.mqtt.connect()
+        except ConnectRefused as exc:
+            raise NotAuthorized(f"{exc} (user {self.username!r}: check the password)") from exc
+        except MqttError as exc:
+            raise BrokerUnavailable(str(exc)) from exc
+        log.info(
+            "client %s: Results on %s (%s:%s)", self.mqtt.log_name, self.reply_topic, s.host, s.port
+        )
 
     def close(self) -> None:
         """Disconnect and drop the reply session (nothing will ask for its Results)."""
@@ -225,17 +174,20 @@ class Core:
         return prepared
 
     def _topic(self, source: str | None, node: str | None = None) -> str:
-        """The images topic of this account and scope (source), or node's direct topic
-        (TopicError if a name is not valid). A lab publishes only under its own name
-        (the broker's ACL): `images/{username}[/{source}]`."""
+        """The images topic of this account and scope (source), for every node or only
+        `node` (TopicError if a name is not valid). A lab publishes only under its own
+        name (the broker's ACL): `images/{username}[/{source}]`, or
+        `nodes/{node}/images/{username}[/{source}]`."""
         node = node or self.settings.node
-        if node is not None:
-            return self.topics.node_images(check_name(node, "node"))
         src = source or self.settings.source
-        topic = self._topic_of.get(src)
+        topic = self._topic_of.get((src, node))
         if topic is None:
             scope = check_name(src, "source") if src is not None else None
-            topic = self._topic_of[src] = self.topics.lab_images(self.username, scope)
+            if node is None:
+                topic = self.topics.lab_images(self.username, scope)
+            else:
+                topic = self.topics.node_lab_images(check_name(node, "node"), self.username, scope)
+            self._topic_of[(src, node)] = topic
         return topic
 
     def _check_size(self, p: Prepared) -> None:
@@ -365,120 +317,16 @@ class Core:
         limit = concurrency or self.settings.concurrency
         if limit < 1:
             raise ValueError("concurrency must be >= 1")
-        feed = _Feed(self, images, limit, source=source, timeout=timeout, node=node)
+        feed = Feed(self, images, limit, source=source, timeout=timeout, node=node)
         feed.start()
         try:
             while True:
                 item = feed.sink.get()
                 tag, outcome = item
-                if isinstance(tag, _End):
+                if isinstance(tag, End):
                     if tag.error is not None:
                         raise tag.error
                     return
                 yield feed.answer(cast(int, tag), cast(Outcome | ClientError, outcome))
         finally:
             feed.close()
-
-
-@dataclass(frozen=True)
-class _End:
-    """The feeder's last word: every input was sent and answered, or the iterable failed."""
-
-    error: BaseException | None = None
-
-
-class _Feed:
-    """The feeder thread of `Core.many`: takes inputs while a slot is free, prepares
-    and sends each (outcomes go into `sink`), and puts `_End` after the last answer."""
-
-    def __init__(
-        self,
-        core: Core,
-        images: Iterable[Image],
-        limit: int,
-        *,
-        source: str | None,
-        timeout: float | None,
-        node: str | None,
-    ) -> None:
-        self.core = core
-        self.images = images
-        self.options = (source, timeout, node)
-        self.sink: queue.SimpleQueue[tuple[object, object]] = queue.SimpleQueue()
-        """(index, Outcome or ClientError) per input, then (_End, None)."""
-        self._slots = threading.Semaphore(limit)
-        self._lock = threading.Lock()
-        self._outstanding: dict[int, tuple[Prepared | str, Ticket | None]] = {}
-        """index -> (the prepared image, or the input's name for an input error; its
-        ticket once sent)."""
-        self._fed: int | None = None
-        """How many inputs there were, once the iterable is exhausted."""
-        self._answered = 0
-        self._closed = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="client-feed", daemon=True)
-
-    def start(self) -> None:
-        self._thread.start()
-
-    def close(self) -> None:
-        """The caller stopped (or finished): cancel what is still in flight."""
-        self._closed.set()
-        with self._lock:
-            tickets = [t for _, t in self._outstanding.values() if t is not None]
-            self._outstanding.clear()
-        for ticket in tickets:
-            ticket.cancel()
-
-    def answer(self, index: int, outcome: Outcome | ClientError) -> Answer:
-        with self._lock:
-            entry, _ = self._outstanding.pop(index)
-            self._answered += 1
-            last = self._fed is not None and self._answered == self._fed
-        self._slots.release()
-        if last:
-            self.sink.put((_End(), None))
-        if isinstance(outcome, ClientError):
-            assert isinstance(entry, str)
-            return Answer(entry, "", error=outcome)
-        assert isinstance(entry, Prepared)
-        return self.core.answer_of(entry, outcome)
-
-    def _take_slot(self) -> bool:
-        while not self._slots.acquire(timeout=0.1):
-            if self._closed.is_set():
-                return False
-        return not self._closed.is_set()
-
-    def _run(self) -> None:
-        source, timeout, node = self.options
-        index = -1
-        try:
-            for index, image in enumerate(self.images):
-                if not self._take_slot():
-                    return
-                try:
-                    p = self.core.prepare(image, index=index, source=source, node=node)
-                except ClientError as exc:
-                    name = f"bytes#{index}" if isinstance(image, bytes) else str(image)
-                    with self._lock:
-                        self._outstanding[index] = (name, None)
-                    self.sink.put((index, exc))
-                    continue
-                with self._lock:  # before sending: its answer may come at once
-                    self._outstanding[index] = (p, None)
-                try:
-                    ticket = self.core.send(p, cast(Sink, self.sink), index, timeout)
-                except ClientError as exc:
-                    self.sink.put((index, exc))
-                    continue
-                with self._lock:
-                    if index in self._outstanding:
-                        self._outstanding[index] = (p, ticket)
-        except BaseException as exc:  # the iterable failed: the caller raises it
-            self.sink.put((_End(exc), None))
-            return
-        with self._lock:
-            self._fed = index + 1
-            done = self._answered == self._fed
-        if done:
-            self.sink.put((_End(), None))

@@ -246,7 +246,7 @@ curl -s {url}api/nodes
 # the same by hand (MQTT v5 request/response)
 mosquitto_sub -V mqttv5 -p {broker.port} -u client -P {pw} -t 'cellwatch/replies/client/#' -C 1 &
 mosquitto_pub -V mqttv5 -p {broker.port} -u client -P {pw} -q 1 \\
-  -t cellwatch/images/scope-1 -f {image} \\
+  -t cellwatch/images/client/scope-1 -f {image} \\
   -D publish response-topic cellwatch/replies/client/me -D publish correlation-data req-1
 
 # the operator's view (user operator; connection in {w}/hub/operator.toml)

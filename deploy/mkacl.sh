@@ -18,8 +18,9 @@ Security):
             and the list of revoked bundles (PREFIX/hub/revoked: no one else may
             write it)
   operator  writes API requests, reads its API replies and node status;
-            may also publish test images (any images topic: also to clear an
-            image a lab published retained) and read results
+            may also publish test images (any images topic, PREFIX/images/# and
+            PREFIX/nodes/+/images/#: also to clear an image a lab published
+            retained) and read results
   client    the demo's lab account, shared by everyone who has its password: the
             same rules as a lab of its own, under the name client
   NAME      one block per --client NAME (a lab of its own, e.g. client-labA):
@@ -27,8 +28,10 @@ Security):
             PREFIX/images/NAME/SCOPE; to one node PREFIX/nodes/N/images/NAME[/SCOPE]),
             reads node status, its own results (PREFIX/results/NAME) and its own
             replies; nothing of another lab's
-  NODE_ID   one block per node: reads images, its own desired/shadow/fetch topics,
-            its own status and the revoked bundles; writes only its own
+  NODE_ID   one block per node: reads every lab's images (PREFIX/images/ACCOUNT
+            and PREFIX/images/ACCOUNT/SCOPE) and its own
+            (PREFIX/nodes/NODE_ID/images/ACCOUNT[/SCOPE]), its own desired/shadow/
+            fetch topics, its own status and the revoked bundles; writes only its own
             status/telemetry/update/shadow-report, fetch
             requests (PREFIX/hub/fetch/NODE_ID), results and replies
   everyone  reads only its own replies: PREFIX/replies/USER/#
@@ -119,8 +122,6 @@ done
 p=$prefix
 # A lab account writes images only under a topic naming itself, so a node knows
 # which account sent an image and answers only that account (DESIGN.md, Trust).
-# `nodes/+/images` (the direct topic without an account) stays until the nodes
-# subscribe to `nodes/N/images/ACCOUNT[/SCOPE]` (issue 17, phase 2).
 lab_block() {
     cat <<EOF
 user $1
@@ -128,7 +129,6 @@ topic write $p/images/$1
 topic write $p/images/$1/+
 topic write $p/nodes/+/images/$1
 topic write $p/nodes/+/images/$1/+
-topic write $p/nodes/+/images
 topic read $p/results/$1
 topic read $p/nodes/+/status
 
@@ -163,6 +163,7 @@ topic read $p/hub/replies/operator/#
 topic read $p/nodes/+/status
 topic read $p/results/#
 topic write $p/images/#
+topic write $p/nodes/+/images/#
 
 EOF
     local c
@@ -176,9 +177,10 @@ EOF
 
 $marker$n
 user $n
-topic read $p/images/#
-topic read $p/nodes/$n/images
-topic read $p/nodes/$n/images/#
+topic read $p/images/+
+topic read $p/images/+/+
+topic read $p/nodes/$n/images/+
+topic read $p/nodes/$n/images/+/+
 topic read $p/nodes/$n/desired
 topic read $p/nodes/$n/shadow
 topic read $p/nodes/$n/fetch

@@ -116,6 +116,16 @@ class HubLimits(Section):
         le=1_000_000,
         description="node ids the hub tracks; messages of further nodes are dropped",
     )
+    status_per_s: float = Field(
+        2.0,
+        gt=0,
+        le=1000,
+        description="times per second a node's statuses are handled on average; the ones "
+        "beyond wait, coalesced (the latest is always applied)",
+    )
+    status_burst: int = Field(
+        10, ge=1, le=10_000, description="times a node's statuses may be handled at once"
+    )
     telemetry_per_s: float = Field(
         2.0,
         gt=0,

@@ -1,13 +1,23 @@
 """The hub's control thread: everything that changes state, in order.
 
 It takes the items the routes (hub/intake.py) and the broker's acknowledgements hand
-over: node statuses, telemetry and update reports, API calls and upload chunks,
-confirmed desired models, and tasks. It ticks the rollout engine every `tick_s`, and
-as soon as it has caught up with the fleet's news. A message is acknowledged to the
-broker only after it was handled; handling that fails for a database or disk error
-is tried again after each of RETRY_DELAYS_S first (persistent session, so reports
-sent while the hub was down arrive when it is back), then acknowledged and counted
-`handling_failed`.
+over: node statuses (a slot per node), telemetry and update reports, API calls and
+upload chunks, the retained revocation list, confirmed desired models, and tasks. It
+ticks the rollout engine every `tick_s`, and as soon as it has caught up with the
+fleet's news; each tick also queues the statuses a node's rate held back. A message
+is acknowledged to the broker only after it was handled (persistent session, so
+reports sent while the hub was down arrive when it is back).
+
+A database that cannot be written (another process holds a lock on it, a full disk)
+stalls the thread for one busy timeout (hub/db.py, BUSY_TIMEOUT_S), not once per
+message: from the first such error on, the database is taken for unwritable, and
+messages are not handled but kept, each as its kind says (`intake.Outage`): a node's
+statuses wait in its slot (newer ones still replace older ones), update reports and
+the revocation list wait in order, telemetry is dropped (counted `database`), API
+calls are answered (a read works; a write fails with `internal`), and the rollout
+engine does not tick. It tries again after RETRY_FIRST_S, then twice as long each
+time up to RETRY_MAX_S; once a write works, what waited is applied, in order, and
+acknowledged. Nothing is lost, and the latest status of each node is applied.
 """
 
 from __future__ import annotations
@@ -17,6 +27,7 @@ import queue
 import sqlite3
 import threading
 import time
+from collections import deque
 from typing import Any
 
 from cellwatch.hub.api import Api, error_reply
@@ -24,19 +35,29 @@ from cellwatch.hub.counters import DropReason, HubCounters
 from cellwatch.hub.db import Database
 from cellwatch.hub.errors import ApiFailure
 from cellwatch.hub.fleet import Fleet
-from cellwatch.hub.intake import Confirmed, Incoming, Intake, Item, api_error
+from cellwatch.hub.intake import (
+    Confirmed,
+    Incoming,
+    Intake,
+    Item,
+    Outage,
+    StatusSlot,
+    api_error,
+)
 from cellwatch.hub.orchestrator import Orchestrator, ShadowOutcome
 from cellwatch.hub.registry import Registry
 from cellwatch.hub.served import ServedTotals
 from cellwatch.shared.codes import ApiErrorCode
 from cellwatch.shared.errors import MqttError
 from cellwatch.shared.handoff import Handoff
+from cellwatch.shared.hubapi import RevokeArgs
 from cellwatch.shared.rpc import Delivery, Inbound, Rejected, RemoteError
 from cellwatch.shared.rpc.transfer import read_chunk
 from cellwatch.shared.schemas import (
     ApiReply,
     ApiRequest,
     NodeStatus,
+    RevocationList,
     ShadowReport,
     Telemetry,
     UpdateReport,
@@ -46,10 +67,12 @@ from cellwatch.shared.topics import Topics
 
 log = logging.getLogger(__name__)
 
-RETRY_DELAYS_S = (0.1, 0.5, 2.0)
-"""Handling a message that failed with a database or disk error is tried again after
-each of these delays; then the message is acknowledged and counted `handling_failed`."""
-RETRYABLE = (sqlite3.Error, OSError)
+RETRY_FIRST_S = 1.0
+"""After the database could not be written, the first try again comes this much later;
+each that fails doubles the wait, up to RETRY_MAX_S."""
+RETRY_MAX_S = 30.0
+UNWRITABLE = (sqlite3.Error, OSError)
+"""What a database (or disk) that cannot be written raises."""
 
 
 def _nothing() -> None:
@@ -85,6 +108,13 @@ class Control:
         self._stop = stop
         self.intake: Intake | None = None
         """Set by the service (the intake hands its items here)."""
+        self._waiting: deque[Incoming] = deque()
+        """Messages that wait for the database to be writable again, in order."""
+        self._retry_at: float | None = None
+        """After the database could not be written: when to try again (monotonic)."""
+        self._retry_s = RETRY_FIRST_S
+        self._down_since: float | None = None
+        """When the database could first not be written (None: it can)."""
 
     # -- the loop ------------------------------------------------------------------------
     def run(self) -> None:
@@ -105,47 +135,128 @@ class Control:
                 if time.monotonic() >= next_tick or (tick_wanted and not len(self.queue)):
                     tick_wanted = False
                     next_tick = time.monotonic() + self.tick_s
-                    self.orchestrator.tick(time.time())
-                    self.served.store(self.db)
+                    self.tick()
             except Exception:  # one bad step must not stop the rollouts
                 log.exception("hub: control step failed")
 
+    def tick(self) -> None:
+        """Apply what waited for the database once it is time to try again; queue the
+        statuses held back; tick the rollout engine and store the bytes served."""
+        assert self.intake is not None
+        if self.unwritable or not self._replay():
+            return
+        self.intake.release(time.monotonic())
+        try:
+            self.orchestrator.tick(time.time())
+            self.served.store(self.db)
+        except UNWRITABLE as exc:
+            self._failed(exc, "the rollout engine's tick")
+
     def handle(self, item: Item) -> bool:
         """Do one item of the control queue; True when the rollout engine should tick."""
+        if isinstance(item, StatusSlot):
+            return self._statuses(item)
         if isinstance(item, Incoming):
             assert self.intake is not None
             inbound = self.intake.take(item)
-            try:
-                return self._with_retry(item, inbound)
-            finally:
-                inbound.ack()
+            if item.outage is not Outage.TRY and (self.unwritable or self._waiting):
+                self._keep(item)  # (after the ones waiting: in order)
+                return False
+            outcome = self._attempt(item, inbound)
+            if outcome is None and item.outage is not Outage.TRY:
+                self._keep(item)
+                return False
+            inbound.ack()
+            return bool(outcome)
         if isinstance(item, Confirmed):
             self.orchestrator.on_confirmed(item.desired)
         elif item is not None:
             item()
         return False
 
-    def _with_retry(self, item: Incoming, inbound: Inbound[Any]) -> bool:
-        """Handle a message; a database or disk error is retried after RETRY_DELAYS_S.
-        The caller acknowledges the message afterwards, whatever happened."""
-        topic = inbound.topic
-        for attempt, delay in enumerate((*RETRY_DELAYS_S, None), start=1):
-            try:
-                return item.handle(inbound, item.node_id)
-            except RETRYABLE as exc:
-                if delay is None or self._stop.is_set():
-                    self.counters.dropped(DropReason.HANDLING_FAILED)
-                    log.error("hub: giving up on %s after %d attempts: %s", topic, attempt, exc)
-                    return False
-                log.warning(
-                    "hub: handling %s failed (%s); trying again in %.1f s", topic, exc, delay
-                )
-                self._stop.wait(delay)
-            except Exception:  # a bug: trying again would fail again
-                self.counters.dropped(DropReason.HANDLING_FAILED)
-                log.exception("hub: handling %s failed", topic)
+    def _statuses(self, slot: StatusSlot) -> bool:
+        """A node's statuses, in order; those the database does not take wait in its
+        slot (given back to the intake)."""
+        assert self.intake is not None
+        statuses = self.intake.take_statuses(slot)
+        tick = False
+        for i, inbound in enumerate(statuses):
+            outcome = None
+            if not self.unwritable:
+                status = Incoming(self.on_status, inbound, slot.node_id, Outage.WAIT)
+                outcome = self._attempt(status, inbound)
+            if outcome is None:
+                self.intake.give_back(slot.node_id, statuses[i:])
+                break
+            inbound.ack()
+            tick = tick or outcome
+        return tick
+
+    def _attempt(self, item: Incoming, inbound: Inbound[Any]) -> bool | None:
+        """Handle a message once: whether the rollout engine should tick, or None when
+        the database could not be written."""
+        try:
+            outcome = item.handle(inbound, item.node_id)
+        except UNWRITABLE as exc:
+            self._failed(exc, inbound.topic)
+            return None
+        except Exception:  # a bug: trying again would fail again
+            self.counters.dropped(DropReason.HANDLING_FAILED)
+            log.exception("hub: handling %s failed", inbound.topic)
+            return False
+        if self._down_since is not None and item.outage is not Outage.TRY:
+            self._recovered()
+        return outcome
+
+    def _keep(self, item: Incoming) -> None:
+        """A message that came (or failed) while the database is unwritable."""
+        if item.outage is Outage.WAIT:
+            self._waiting.append(item)
+        else:
+            self.counters.dropped(DropReason.DATABASE)
+            item.inbound.ack()
+
+    # -- an unwritable database ----------------------------------------------------------
+    @property
+    def unwritable(self) -> bool:
+        """The database could not be written, and it is not yet time to try again."""
+        return self._retry_at is not None and time.monotonic() < self._retry_at
+
+    def _failed(self, exc: BaseException, what: str) -> None:
+        now = time.monotonic()
+        if self._down_since is None:
+            self._retry_s, self._down_since = RETRY_FIRST_S, now
+            log.error(
+                "hub: cannot write the database (%s, handling %s): node statuses, update "
+                "reports and revocations wait (unacknowledged), telemetry is dropped; "
+                "trying again in %.0f s",
+                exc,
+                what,
+                self._retry_s,
+            )
+        else:
+            self._retry_s = min(self._retry_s * 2, RETRY_MAX_S)
+            log.debug("hub: the database is still not writable (%s)", exc)
+        self._retry_at = now + self._retry_s
+
+    def _recovered(self) -> None:
+        assert self._down_since is not None
+        log.warning(
+            "hub: the database is writable again after %.0f s: what waited is applied",
+            time.monotonic() - self._down_since,
+        )
+        self._down_since = self._retry_at = None
+
+    def _replay(self) -> bool:
+        """Apply what waited for the database, in order; False if it still cannot be
+        written."""
+        while self._waiting:
+            item = self._waiting[0]
+            if self._attempt(item, item.inbound) is None:
                 return False
-        return False
+            self._waiting.popleft()
+            item.inbound.ack()
+        return True
 
     # -- the fleet's messages ------------------------------------------------------------
     def on_status(self, inbound: Inbound[NodeStatus], node_id: str) -> bool:
@@ -181,6 +292,40 @@ class Control:
         return outcome is not ShadowOutcome.UNKNOWN_ROLLOUT and outcome is not (
             ShadowOutcome.NOT_A_TARGET
         )
+
+    def on_revocations(self, inbound: Inbound[RevocationList], node_id: str) -> bool:
+        """The revocation list on the broker (retained; only the hub's account may write
+        it): learn each signed revocation this hub does not know (hub/intake.py). Of a
+        model it stores, as `models revoke` does (its rollouts aborted, desired models
+        moved off it, the list published); of another, the registry keeps it (no push
+        or rollout of it, no file served). A list that leaves out one this hub knows
+        (written by an impostor with the hub's password, or by a hub restored from an
+        older backup) is replaced by this hub's at once, so nodes that start later
+        read them all."""
+        now = time.time()
+        learnt = 0
+        for rev in inbound.body.revoked:
+            if self.registry.knows(rev):
+                continue
+            stored = self.db.model(rev.name, rev.version)
+            try:
+                if stored is not None and stored.manifest_sha256 == rev.manifest_sha256:
+                    self.orchestrator.revoke(RevokeArgs(revocation=rev), now)
+                else:
+                    learnt += self.registry.add_revocation(rev, now)
+            except ApiFailure as exc:
+                log.error("hub: %s: a revocation no trusted key signed: %s", inbound.topic, exc)
+        missing = self.registry.revocations(now).shas() - inbound.body.shas()
+        if missing:
+            log.warning(
+                "hub: the revocation list on %s leaves out %d this hub knows: publishing "
+                "them again",
+                inbound.topic,
+                len(missing),
+            )
+        if learnt or missing:
+            self.orchestrator.publish_revocations(now)
+        return False
 
     # -- the operator's ------------------------------------------------------------------
     def on_api(self, inbound: Inbound[ApiRequest], node_id: str) -> bool:

@@ -22,11 +22,15 @@ class DropReason(StrEnum):
     TOO_LARGE = "too_large"
     """A message over its topic's size cap (hub/intake.py), dropped unread."""
     RATE_LIMITED = "rate_limited"
-    """Telemetry of a node sending more than `limits.telemetry_per_s`."""
+    """Telemetry of a node sending more than `limits.telemetry_per_s` (dropped), or a
+    status beyond `limits.status_per_s` (held back: the latest is applied later)."""
     BACKLOG = "backlog"
     """Telemetry arriving while the control queue is above `limits.telemetry_high_water`."""
     SUPERSEDED = "superseded"
-    """A node status replaced by a newer one of the same node before it was handled."""
+    """A node status or telemetry replaced by a newer one of the same node before it
+    was handled."""
+    DATABASE = "database"
+    """Telemetry that came while the database was not writable (hub/control.py)."""
     TOO_MANY_NODES = "too_many_nodes"
     """A message of a node id beyond `limits.max_nodes`."""
     HANDLING_FAILED = "handling_failed"

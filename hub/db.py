@@ -36,6 +36,9 @@ from cellwatch.shared.states import (
 
 SCHEMA_VERSION = 6
 REPLY_RETENTION_S = 7 * 24 * 3600
+BUSY_TIMEOUT_S = 2.0
+"""How long a write waits for a lock another connection holds before it fails (the
+control thread then takes the database for unwritable for a while: hub/control.py)."""
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -255,7 +258,9 @@ class Database:
                 self._conn.execute("PRAGMA query_only=ON")
             else:
                 path.parent.mkdir(parents=True, exist_ok=True)
-                self._conn = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+                self._conn = sqlite3.connect(
+                    path, timeout=BUSY_TIMEOUT_S, check_same_thread=False, isolation_level=None
+                )
                 self._conn.execute("PRAGMA journal_mode=WAL")
                 self._conn.execute("PRAGMA synchronous=NORMAL")
                 self._conn.execute("PRAGMA foreign_keys=ON")

@@ -10,7 +10,8 @@ any other is logged and dropped. Reply (QoS 1): a chunk in the one chunk format
 file's size) and `sha256`), Correlation Data echoed. Lengths are clamped to
 `max_chunk_bytes` (the node learns the limit from the chunks it gets); offset ==
 total gives an empty chunk. Errors: an empty payload with user properties `error`
-(bad_request, unknown_bundle, unknown_file, bad_offset) and `message`. The network
+(bad_request, revoked: none of a revoked bundle's files is handed out, unknown_bundle,
+unknown_file, bad_offset) and `message`. The network
 thread only checks and queues (`take`, at most FETCH_QUEUE waiting; beyond that a
 request is dropped and counted: the node asks again); `fetch-N` workers `serve`.
 """
@@ -152,6 +153,9 @@ class FetchServer:
         node = self.topics.fetch_node_of(inbound.topic)  # valid: the policy checked it
         req = inbound.body
         sha = req.manifest_sha256
+        if self.store.refused(sha):
+            self._error(inbound, ApiErrorCode.REVOKED, f"bundle {sha[:12]} was revoked")
+            return
         if not self.store.has(sha):
             self._error(inbound, ApiErrorCode.UNKNOWN_BUNDLE, f"no bundle {sha[:12]} on this hub")
             return

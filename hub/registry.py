@@ -207,10 +207,19 @@ class Registry:
         assert revoked is not None
         return revoked
 
+    def knows(self, rev: Revocation) -> bool:
+        """Whether the bundle rev names is revoked here already."""
+        sha = rev.manifest_sha256
+        return any(r.manifest_sha256 == sha for r in self.db.revocations()) or any(
+            m.manifest_sha256 == sha for m in self.db.revoked_models()
+        )
+
     def add_revocation(self, rev: Revocation, now: float) -> bool:
-        """Take a signed revocation learnt elsewhere (a node's list, the retained one
-        of an earlier hub), also of a bundle this hub never stored; True if it is new.
-        ApiFailure (bad_signature) if no trusted key signed it."""
+        """Take a signed revocation learnt elsewhere (the retained list an earlier hub
+        published: hub/control.py), also of a bundle this hub never stored; True if it
+        is new. ApiFailure (bad_signature) if it is new and no trusted key signed it."""
+        if self.knows(rev):
+            return False
         self._verify(rev)
         if not self.db.add_revocation(rev, now):
             return False

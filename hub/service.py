@@ -131,6 +131,9 @@ class HubService(Daemon):
         # acknowledged, our subscriptions are active (no request is missed at start).
         if not self.mqtt.publish_wait(self.topics.hub_replies("hub", "started"), b"", qos=1):
             log.warning("hub: the broker did not acknowledge the start marker")
+        # After the retained revocation list the broker sent us on subscribing (queued
+        # before the marker's acknowledgement): what an earlier hub revoked is learnt
+        # first, then published with ours (hub/intake.py).
         self._control.put(lambda: self._publish_revocations(time.time()))
         self._control.put(self.orchestrator.rewrite_unconfirmed)
         log.info(

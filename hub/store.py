@@ -46,6 +46,10 @@ class BundleStore:
         """Never hand out a file of bundle sha again (it was revoked)."""
         self._refused.add(sha)
 
+    def refused(self, sha: str) -> bool:
+        """Whether bundle sha was revoked (file() hands out none of its files)."""
+        return sha in self._refused
+
     def file(self, sha: str, name: str) -> Path | None:
         """The stored file `name` of bundle `sha`, or None if there is no such file or
         the bundle was revoked."""

@@ -14,7 +14,7 @@ from cellwatch.node.config import NodeSettings
 from cellwatch.node.decode import ImageError, ImageLimits
 from cellwatch.node.engine import EngineConfig, check_device, load_serving_model
 from cellwatch.node.faults import Faults
-from cellwatch.node.requests import IMAGE_ID_RE, ImageRequest, derive_image_id
+from cellwatch.node.requests import IMAGE_ID_RE, ImageRequest
 from cellwatch.node.service import NodeService
 from cellwatch.shared.bundle import load_bundle
 from cellwatch.shared.cli import friendly_errors, run_until_signalled, setup_logging
@@ -89,8 +89,8 @@ def classify(
             failed += 1
             continue
         req = ImageRequest(
-            payload=payload,
-            image_id=path.stem if IMAGE_ID_RE.match(path.stem) else derive_image_id(payload),
+            payload,
+            image_id=path.stem if IMAGE_ID_RE.match(path.stem) else None,
             source=None,
             received_at=utcnow(),
             received_mono=time.monotonic(),

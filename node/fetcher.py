@@ -24,9 +24,10 @@ from collections.abc import Callable
 from pathlib import Path
 
 from cellwatch.node.errors import NodeError
+from cellwatch.shared.codes import ApiErrorCode
 from cellwatch.shared.limits import FETCH_CHUNK_BYTES
 from cellwatch.shared.mqtt import MqttClient
-from cellwatch.shared.rpc import Route, Rpc
+from cellwatch.shared.rpc import RemoteError, Route, Rpc
 from cellwatch.shared.rpc.transfer import Download, TransferCancelled, TransferError, chunk_policy
 from cellwatch.shared.schemas import FetchRequest
 from cellwatch.shared.topics import Topics
@@ -36,6 +37,11 @@ log = logging.getLogger(__name__)
 
 class FetchError(NodeError):
     """The hub refused a request, contradicted the manifest, or stopped answering."""
+
+    def __init__(self, message: str, *, revoked: bool = False) -> None:
+        super().__init__(message)
+        self.revoked = revoked
+        """The hub refused it because the bundle was revoked."""
 
 
 class FetchCancelled(NodeError):
@@ -121,7 +127,9 @@ class Fetcher:
         except TransferCancelled as exc:
             raise FetchCancelled(f"download of {sha[:12]} superseded") from exc
         except TransferError as exc:
-            raise FetchError(f"{sha[:12]}: {exc}") from exc
+            refusal = exc.__cause__
+            revoked = isinstance(refusal, RemoteError) and refusal.code == ApiErrorCode.REVOKED
+            raise FetchError(f"{sha[:12]}: {exc}", revoked=revoked) from exc
         finally:
             self._received_before += download.received
             self._current = None

@@ -21,6 +21,7 @@ from cellwatch.shared.limits import MAX_NODE_MESSAGE_BYTES
 from cellwatch.shared.mqtt import SESSION_TAKEN_OVER
 from cellwatch.shared.rpc import Inbound, Rejected, Route
 from cellwatch.shared.schemas import NodeStatus
+from cellwatch.shared.settings import client_log_name
 from cellwatch.shared.states import NodeState
 from cellwatch.shared.topics import Topics
 
@@ -52,7 +53,7 @@ class Identity:
         give_up: Callable[[int], None],
     ) -> None:
         self.node_id = node_id
-        self.client_id = client_id
+        self.log_name = client_log_name(client_id)
         self.boot_id = boot_id
         self.reconnect_max_s = reconnect_max_s
         self._backoff = backoff
@@ -106,7 +107,7 @@ class Identity:
                 count,
                 TAKEOVER_WINDOW_S,
                 self.node_id,
-                self.client_id,
+                self.log_name,
                 EXIT_NODE_ID_CONFLICT,
             )
             self._give_up(EXIT_NODE_ID_CONFLICT)
@@ -116,7 +117,7 @@ class Identity:
             "node %s: another process connected with our client id %s and took our session "
             "(%s; %d of %d); reconnecting after %.0f s instead of taking it back at once",
             self.node_id,
-            self.client_id,
+            self.log_name,
             evidence,
             count,
             TAKEOVERS_BEFORE_EXIT,

@@ -3,7 +3,9 @@
 An image that crashes the node (a decoder bug, an OOM kill) is not acknowledged, so
 the broker delivers it again after the restart, and it would crash the node again,
 forever. The journal breaks the loop. It is an append-only text file of image keys
-(`requests.journal_key`):
+(`requests.journal_key`: the account that sent the image and the SHA-256 of its
+content, `account:sha256`, never the image id its sender chose, so that another lab's
+different image of the same name is never taken for a poison image):
 
     B                a node process opened the journal (a boot)
     S <key>          decoding started
@@ -13,12 +15,17 @@ forever. The journal breaks the loop. It is an append-only text file of image ke
 A boot whose images are still open (started, not done) when the next boot begins
 (or at the end of the file) ended in a crash while they were in progress: each such
 key counts one crash, however many copies of it were in flight (a batch of
-identical payloads shares one derived id). The node retries an image with one crash
-once, alone (no other suspect in flight, so a second crash points at it), and answers
-it with a `poison_image` error the next time. An answer clears the key.
+identical payloads from one account shares one key). The node retries an image with
+one crash once, alone (no other suspect in flight, so a second crash points at it),
+and answers it with a `poison_image` error the next time. Any other answer clears the
+key; a poison image's count stays (node/pipeline.py): every later copy of it, a lab
+client's retry included, is answered `poison_image` at once, across restarts. Only
+the same content from the same account: deleting this file in the state directory
+(node stopped) gives every image another try, e.g. after a fix.
 
-Threads. `started` runs on a decode worker and writes its line before the decode
-begins (a crash in the decoder must find it). `finished` runs where a Result's
+Threads. `crashes` and `started` run on a decode worker (which hashed the payload),
+and `started` writes its line before the decode begins (a crash in the decoder must
+find it). `finished` runs where a Result's
 publish completes, often paho's network thread: it never waits, it only notes the
 key and wakes the journal's own writer thread, which writes the `D` lines (as does
 the next `started`); `crashes` reads without a lock. Compaction writes and syncs the
@@ -111,7 +118,7 @@ class Journal:
     # -- images --------------------------------------------------------------------------
     def crashes(self, key: str) -> int:
         """How many abnormal stops this image was in progress for. Any thread; no
-        lock (a dict read is atomic), so paho's network thread may ask."""
+        lock (a dict read is atomic)."""
         return self._crashes.get(key, 0)
 
     def started(self, key: str) -> None:

@@ -2,14 +2,17 @@
 
 An image crosses four threads, and never waits on paho's network thread:
 1. the edge (paho's network thread) checks it against the image route (byte cap,
-   where its Result may go); `on_image` reads the request (node/requests.py), looks
-   its crash count up (node/journal.py, without a lock) and puts it in the backlog,
-   which never waits (shared/handoff.py). Back-pressure: while `max_inflight`
-   images wait, the connection reads nothing more from the broker (`on_full` and
-   `on_room` hold and release it, shared/mqttloop.py), so TCP stops the broker while
-   Results, acks and keepalive still go out;
-2. one of `decode_workers` threads notes it in the crash journal, decodes and
-   preprocesses it, and starts the inference on the current model's AsyncInferQueue;
+   where its Result may go: `requests.image_replies`, the sending account's own
+   replies or results); `on_image` reads the request (node/requests.py: topic and
+   properties, nothing hashed) and puts it in the backlog, which never waits
+   (shared/handoff.py). Back-pressure: while `max_inflight` images wait, the
+   connection reads nothing more from the broker (`on_full` and `on_room` hold and
+   release it, shared/mqttloop.py), so TCP stops the broker while Results, acks and
+   keepalive still go out;
+2. one of `decode_workers` threads hashes it and looks its crash count up in the
+   crash journal (node/journal.py, keyed on the sender and the content:
+   `requests.journal_key`), notes it there, decodes and preprocesses it, and starts
+   the inference on the current model's AsyncInferQueue;
 3. OpenVINO's completion callback builds the Result and replies with it (the
    watchdog, node/health.py, answers inferences the device never finished with
    `device_error`);
@@ -24,6 +27,12 @@ Every path ends in `_answer` and then `_done`, once per image: ok, an error code
 (at a stop) handed back unanswered for the broker to deliver again. Images that were
 in progress when the node crashed (node/journal.py) are retried alone, once; the next
 time they are answered `poison_image`.
+
+An empty payload without a Response Topic on an images topic (how the operator clears
+a retained image) is acknowledged without a Result. A retained image the broker
+replays on (re)subscribe is acknowledged without a Result too (it was answered when
+it was published), logged with the operator's remedy, and counted in the node's
+telemetry (`retained_images`), which the hub shows (its page and /metrics).
 """
 
 from __future__ import annotations
@@ -71,12 +80,11 @@ class Job:
     req: ImageRequest
     invalid: Invalid | None
     """Why the request is answered with an error without being classified."""
-    key: str
-    """The journal key (requests.journal_key)."""
-    crashes: int
+    key: str = ""
+    """The journal key (requests.journal_key), set by the decode worker."""
+    crashes: int = 0
     """Abnormal stops of this node while this image was in progress (node/journal.py),
-    as the journal said when it arrived: copies that arrive before an answer to a
-    poison image are answered poison_image too."""
+    as the journal said when a decode worker took it."""
     answered: bool = False
     journaled: bool = False
     release: Callable[[], None] | None = None
@@ -128,26 +136,30 @@ class ImagePipeline:
         """Consecutive device errors (reset by any inference that succeeds)."""
 
     def routes(self) -> list[Route[bytes]]:
-        """The image route: the shared images topic (through the shared subscription)
-        and this node's direct topic; raw bytes up to `max_image_bytes`, Results where
-        `requests.image_replies` says; acknowledged once the Result is safe."""
-        policy = image_replies(self.topics, self.node_id)
-        cap = self.classifier.limits.max_bytes
-        shared = Route(
-            self.topics.images_filter(),
+        """The image routes: every lab's images topics `images/{account}[/{scope}]`
+        (through the shared subscription) and this node's own
+        `nodes/{node_id}/images/{account}[/{scope}]`; raw bytes up to
+        `max_image_bytes`, Results where `requests.image_replies` says; acknowledged
+        once the Result is safe."""
+        t = self.topics
+        image = Route(
+            "",
             raw,
             self.on_image,
-            max_bytes=cap,
-            reply=policy,
+            max_bytes=self.classifier.limits.max_bytes,
+            reply=image_replies(t, self.node_id),
             on_rejected=self.on_rejected,
             acks=Acks.HANDLER,
-            subscription=self.topics.images_shared_filter(),
             name="image",
         )
-        return [
-            shared,
-            replace(shared, filter=self.topics.node_images(self.node_id), subscription=None),
+        shared = zip(t.lab_images_filters(), self.shared_subscriptions(), strict=True)
+        return [replace(image, filter=f, subscription=s) for f, s in shared] + [
+            replace(image, filter=f) for f in t.node_lab_images_filters(self.node_id)
         ]
+
+    def shared_subscriptions(self) -> tuple[str, ...]:
+        """What a stopping node leaves first (so nothing more is routed to it)."""
+        return self.topics.lab_images_shared_filters()
 
     # -- intake (network thread) -----------------------------------------------------
     def accept(self, on: bool) -> None:
@@ -167,15 +179,25 @@ class ImagePipeline:
         self._take(rejected, rejected.reason)
 
     def _take(self, delivery: Delivery, too_large: str | None) -> None:
+        if not delivery.message.payload and delivery.message.response_topic is None:
+            # How the operator clears a retained image (`mosquitto_pub -r -n`): nobody
+            # waits for an answer. (A client's empty image has a Response Topic: it is
+            # answered `undecodable_image` like any other image that is not one.)
+            delivery.ack()
+            return
         if delivery.message.retained:
             # A replay of a retained image on (re)subscribe: answering it would answer
             # it again on every reconnect. It was answered when it was first published.
+            # The broker keeps it (and its memory) until someone clears it.
             log.warning(
-                "node %s: ignoring a retained image on %s (replayed on subscribe)",
+                "node %s: a retained image on %s (replayed on subscribe) is stored in the "
+                "broker: acknowledged without a Result. Clear it: mosquitto_pub -u operator "
+                "... -t %s -r -n",
                 self.node_id,
                 delivery.topic,
+                delivery.topic,
             )
-            self.stats.retained_ignored += 1
+            self.stats.retained()
             delivery.ack()
             return
         if not self._accepting.is_set():
@@ -185,11 +207,10 @@ class ImagePipeline:
         req, invalid = read_request(message, self.topics, self.node_id, utcnow(), time.monotonic())
         refused = delivery.reply_to.refused
         if refused is not None:
-            invalid = refused_response_topic(refused, self.topics)
+            invalid = refused_response_topic(refused, self.topics, req.source)
         elif invalid is None and too_large is not None:
             invalid = (ErrorCode.PAYLOAD_TOO_LARGE, too_large)
-        key = journal_key(req)
-        self.backlog.put(Job(delivery, req, invalid, key, self.journal.crashes(key)))
+        self.backlog.put(Job(delivery, req, invalid))
 
     # -- decode workers -------------------------------------------------------------------
     def worker_loop(self) -> None:
@@ -202,6 +223,8 @@ class ImagePipeline:
 
     def _handle(self, job: Job) -> None:
         req = job.req
+        job.key = journal_key(req)  # hashes the payload: here, not on the network thread
+        job.crashes = self.journal.crashes(job.key)
         if job.invalid is not None:
             self._answer_error(job, *job.invalid)
             return
@@ -370,7 +393,10 @@ class ImagePipeline:
         self.observers.offer(Observation(result, pixels, job.req.payload, width, height, model))
 
     def _release(self, job: Job) -> None:
-        if job.journaled or job.crashes:
+        # An answer clears the image's crash count, except poison_image's: the same
+        # content from the same account would crash the node again (node/journal.py).
+        poisoned = job.crashes >= POISON_AFTER_CRASHES and not job.journaled
+        if job.journaled or (job.crashes and not poisoned):
             self.journal.finished(job.key)
         release, job.release = job.release, None
         if release is not None:

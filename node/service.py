@@ -288,12 +288,13 @@ class NodeService(Daemon):
         def left(reserve: float = OFFLINE_RESERVE_S) -> float:
             return max(0.1, deadline - reserve - time.monotonic())
 
-        # 1. Leave the shared subscription: the broker routes no more images to us and
+        # 1. Leave the shared subscriptions: the broker routes no more images to us and
         # nothing is stranded in our session (images it had already sent arrive before
         # its UNSUBACK and are answered below).
-        if not self.mqtt.unsubscribe(self.topics.images_shared_filter(), timeout=min(5, left())):
-            log.warning("node %s: could not leave the shared subscription", self.node_id)
-        # Images for our direct topic from now on wait in our session for the next start.
+        shared = self.pipeline.shared_subscriptions()
+        if not self.mqtt.unsubscribe(*shared, timeout=min(5, left())):
+            log.warning("node %s: could not leave the shared subscriptions", self.node_id)
+        # Images for our direct topics from now on wait in our session for the next start.
         self.pipeline.accept(False)
         if self.updater is not None:
             self.updater.stop(timeout=min(10.0, left()))

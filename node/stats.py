@@ -27,7 +27,7 @@ class Stats:
         self.unanswered = 0
         """Received, Result not yet handed to MQTT (inflight also counts unacked ones)."""
         self.peak_unanswered = 0
-        self.retained_ignored = 0
+        self.retained_images = 0
         """Retained images replayed on subscribe and acknowledged without a Result."""
         self._process = psutil.Process()
 
@@ -37,6 +37,10 @@ class Stats:
             self.peak_inflight = max(self.peak_inflight, self.inflight)
             self.unanswered += 1
             self.peak_unanswered = max(self.peak_unanswered, self.unanswered)
+
+    def retained(self) -> None:
+        with self._lock:
+            self.retained_images += 1
 
     def answered(self) -> None:
         with self._lock:

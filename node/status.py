@@ -81,4 +81,5 @@ class Reporter:
             model_version=model.bundle.manifest.version if model is not None else None,
             rss_mb=round(self.stats.rss_mb(), 1),
             drift=self.drift.figures() if self.drift is not None else None,
+            retained_images=self.stats.retained_images,
         )

@@ -443,7 +443,8 @@ class UpdateAgent:
                     )
                 have_done[0] += entry.size
         except FetchError as exc:
-            raise UpdateFailed(UpdateErrorCode.FETCH_FAILED, str(exc)) from exc
+            code = UpdateErrorCode.REVOKED if exc.revoked else UpdateErrorCode.FETCH_FAILED
+            raise UpdateFailed(code, str(exc)) from exc
         except SignatureError as exc:
             self.store.discard_staging(sha)
             raise UpdateFailed(UpdateErrorCode.BAD_SIGNATURE, str(exc)) from exc

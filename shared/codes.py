@@ -82,7 +82,7 @@ class ApiErrorCode(StrEnum):
     UNTRAINED_MODEL = "untrained_model"
     """rollout.start of a model with any flag (synthetic, untrained, ...) without yes_untrained."""
     REVOKED = "revoked"
-    """rollout.start of a revoked model."""
+    """rollout.start of a revoked model, or a fetch request for one of its files."""
     UNKNOWN_BUNDLE = "unknown_bundle"
     """A fetch request for a bundle the hub does not have."""
     UNKNOWN_FILE = "unknown_file"

@@ -6,22 +6,27 @@ persistent session (clean start off, session expiry from settings), sets a Will,
 re-subscribes on every connect, and calls back when each QoS>0 publish is
 acknowledged by the broker (so callers can ack their input only then).
 
-Received messages leave this module as `Message` values (`received()` is the one place
-that reads their properties, Correlation Data included): no paho type reaches the code
-above it. Callbacks run on paho's network thread: handlers must be short and never
-block.
+The first connection either succeeds or fails once, with one exception and no log
+line: `BrokerUnreachable` at once for a closed port or a name that does not resolve,
+`ConnectRefused` for a refused CONNECT (a wrong password), MqttError after
+connect_timeout_s of silence; it is not tried again. Once connected, a lost
+connection is tried again with backoff, and logged.
+
+Received messages leave this module as `Message` values (shared/packets.py, which
+holds the values this client takes and gives, re-exported here; `received()` is the
+one place that reads their properties, Correlation Data included): no paho type
+reaches the code above it. Callbacks run on paho's network thread: handlers must be
+short and never block. Log lines name the client by `log_name`, its client id
+without the secret part (settings.client_log_name).
 """
 
 from __future__ import annotations
 
-import copy
 import logging
 import socket
 import ssl
 import threading
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
-from types import MappingProxyType
+from collections.abc import Callable, Sequence
 
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion
@@ -31,80 +36,46 @@ from paho.mqtt.reasoncodes import ReasonCode
 
 from cellwatch.shared.errors import MqttError
 from cellwatch.shared.mqttloop import NetworkLoop
-from cellwatch.shared.settings import MqttSettings
+from cellwatch.shared.packets import (
+    AckToken,
+    BrokerUnreachable,
+    ConnectRefused,
+    Message,
+    MessageHandler,
+    PacketTooLargeError,
+    PublishCallback,
+    PublishProps,
+    Will,
+    blank_properties,
+    no_ack,
+    packet_size,
+    publish_packet_size,
+    received,
+    topic_matches,
+)
+from cellwatch.shared.settings import MqttSettings, client_log_name
+
+__all__ = [
+    "SESSION_TAKEN_OVER",
+    "AckToken",
+    "BrokerUnreachable",
+    "ConnectRefused",
+    "Message",
+    "MessageHandler",
+    "MqttClient",
+    "PacketTooLargeError",
+    "PublishCallback",
+    "PublishProps",
+    "Will",
+    "no_ack",
+    "packet_size",
+    "publish_packet_size",
+    "received",
+    "topic_matches",
+]
 
 log = logging.getLogger(__name__)
 
-AckToken = Callable[[], None]
-"""Acknowledges one received message (once its work is done). Bound to the connection
-it arrived on: after a reconnect it does nothing, because the broker delivers the
-message again on the new connection."""
-
-
-def no_ack() -> None:
-    """The ack token of a message that needs none (QoS 0, automatic acks, tests)."""
-
-
-_NO_USER: Mapping[str, str] = MappingProxyType({})
-
-
-@dataclass(slots=True, eq=False)
-class Message:
-    """A received message as cellwatch sees it (built by `received()`)."""
-
-    topic: str
-    payload: bytes
-    qos: int = 1
-    retained: bool = False
-    correlation: bytes | None = None
-    """Correlation Data, echoed on a reply."""
-    response_topic: str | None = None
-    expiry_s: int | None = None
-    """Message Expiry Interval left when the broker delivered it."""
-    user: Mapping[str, str] = field(default_factory=lambda: _NO_USER)
-    """User properties (the last value of a repeated key wins)."""
-    ack: AckToken = no_ack
-
-
-def received(msg: paho.MQTTMessage, ack: AckToken = no_ack) -> Message:
-    """The Message of a paho message: the one function that reads a received message's
-    properties (Response Topic, Correlation Data, Message Expiry, user properties)."""
-    payload = msg.payload
-    if not isinstance(payload, bytes):  # paho slices its receive bytearray
-        payload = bytes(payload)
-    props = msg.properties
-    if props is None:
-        return Message(msg.topic, payload, msg.qos, bool(msg.retain), ack=ack)
-    rt = getattr(props, "ResponseTopic", None)
-    corr = getattr(props, "CorrelationData", None)
-    expiry = getattr(props, "MessageExpiryInterval", None)
-    pairs = getattr(props, "UserProperty", None)
-    return Message(
-        msg.topic,
-        payload,
-        msg.qos,
-        bool(msg.retain),
-        bytes(corr) if corr is not None else None,
-        str(rt) if rt else None,
-        int(expiry) if expiry is not None else None,
-        {str(k): str(v) for k, v in pairs} if pairs else _NO_USER,
-        ack,
-    )
-
-
-MessageHandler = Callable[[Message], None]
-
-
-def topic_matches(topic_filter: str, topic: str) -> bool:
-    """Whether topic (or a filter, taken level by level) falls under topic_filter."""
-    return bool(paho.topic_matches_sub(topic_filter, topic))
-
-
-PublishCallback = Callable[[bool], None]
-"""Called with True once the broker acknowledged a publish, False if it refused it (or,
-for QoS 0, if the connection dropped before it was sent). It runs on paho's network
-thread, or on the publishing thread when the acknowledgement beat `publish()` back:
-it must never block."""
 DisconnectListener = Callable[[ReasonCode | None], None]
 
 HOLD_MAX_S = 5.0
@@ -113,93 +84,11 @@ SESSION_TAKEN_OVER = 0x8E
 """DISCONNECT reason: another connection logged in with our client id."""
 
 
-@dataclass(frozen=True)
-class Will:
-    topic: str
-    payload: bytes
-    qos: int = 1
-    retain: bool = True
-
-
-@dataclass(frozen=True)
-class PublishProps:
-    """MQTT v5 publish properties cellwatch uses."""
-
-    response_topic: str | None = None
-    correlation_data: bytes | None = None
-    message_expiry_s: int | None = None
-    content_type: str | None = None
-    user: Sequence[tuple[str, str]] = field(default_factory=tuple)
-
-    def size_bound(self) -> int:
-        """An upper bound of the packed properties' size, without packing them."""
-        size = 4 + 5  # property length (varint) + Message Expiry Interval
-        for value in (self.response_topic, self.content_type):
-            if value is not None:
-                size += 3 + len(value.encode())
-        if self.correlation_data is not None:
-            size += 3 + len(self.correlation_data)
-        for key, value in self.user:
-            size += 5 + len(key.encode()) + len(value.encode())
-        return size
-
-    def to_paho(self) -> Properties | None:
-        props = _properties(PacketTypes.PUBLISH)
-        used = False
-        if self.response_topic is not None:
-            props.ResponseTopic, used = self.response_topic, True
-        if self.correlation_data is not None:
-            props.CorrelationData, used = self.correlation_data, True
-        if self.message_expiry_s is not None:
-            props.MessageExpiryInterval, used = self.message_expiry_s, True
-        if self.content_type is not None:
-            props.ContentType, used = self.content_type, True
-        if self.user:
-            props.UserProperty, used = list(self.user), True
-        return props if used else None
-
-
-class PacketTooLargeError(MqttError):
-    """A publish larger than the broker's Maximum Packet Size (not sent)."""
-
-
-class ConnectRefused(MqttError):
-    """The broker answered CONNECT with a failure (e.g. not authorized)."""
-
-
 def _no_delay(client: paho.Client, userdata: object, sock: object) -> None:
     """Disable Nagle's algorithm: small packets (PUBACKs, Results) must not wait for
     the peer's delayed ACK (~40 ms per round trip otherwise)."""
     if isinstance(sock, socket.socket):
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-
-
-_BLANK: dict[int, Properties] = {}
-
-
-def _properties(packet_type: int) -> Properties:
-    """An empty Properties: a shallow copy of a blank one (paho builds its lookup
-    tables in every __init__, which cost more than the rest of a publish's props;
-    the copies share those tables, which paho only reads)."""
-    blank = _BLANK.get(packet_type)
-    if blank is None:
-        blank = _BLANK[packet_type] = Properties(packet_type)  # type: ignore[no-untyped-call]
-    return copy.copy(blank)
-
-
-def packet_size(topic: str, payload: bytes, qos: int, props: PublishProps | None) -> int:
-    """Size in bytes of the MQTT v5 PUBLISH packet paho sends for these arguments."""
-    return publish_packet_size(topic, payload, qos, props.to_paho() if props else None)
-
-
-def publish_packet_size(topic: str, payload: bytes, qos: int, props: Properties | None) -> int:
-    """packet_size, for paho's Properties."""
-    packed_props: bytes = props.pack() if props is not None else b"\x00"  # type: ignore[no-untyped-call]
-    remaining = 2 + len(topic.encode()) + (2 if qos > 0 else 0) + len(packed_props) + len(payload)
-    length_bytes = 1
-    while remaining >= 128**length_bytes:
-        length_bytes += 1
-    return 1 + length_bytes + remaining
 
 
 class MqttClient:
@@ -218,6 +107,8 @@ class MqttClient:
     ) -> None:
         self.settings = settings
         self.client_id = client_id
+        self.log_name = client_log_name(client_id)
+        """client_id without its secret part, for log lines (settings.client_log_name)."""
         self._clean_start = clean_start
         self._receive_maximum = receive_maximum
         self._manual_ack = manual_ack
@@ -232,7 +123,8 @@ class MqttClient:
         self._unsubacks: dict[int, threading.Event] = {}
         self._early_unsubacks: set[int] = set()
         self._connected = threading.Event()
-        self._first_result: tuple[bool, str] | None = None
+        self._first_error: MqttError | None = None
+        """Why the first connection failed (None: it has not, or not yet)."""
         self._first_done = threading.Event()
         self._suback_pending: set[int] = set()
         self._generation = 0
@@ -269,9 +161,10 @@ class MqttClient:
         self._client = c
         self._loop = NetworkLoop(
             c,
-            name=f"mqtt-{client_id}",
+            name=f"mqtt-{self.log_name}",
             max_hold_s=min(HOLD_MAX_S, settings.keepalive_s / 4),
             backoff=lambda: (self._min_delay, self._max_delay),
+            on_connect_error=self._on_connect_error,
         )
 
     # -- public API ----------------------------------------------------------
@@ -314,7 +207,7 @@ class MqttClient:
             try:
                 handler(self._received(msg))
             except Exception:  # an exception here would end paho's network loop
-                log.exception("%s: handler for %s failed", self.client_id, msg.topic)
+                log.exception("%s: handler for %s failed", self.log_name, msg.topic)
 
         self._client.message_callback_add(topic_filter, call)
 
@@ -325,15 +218,17 @@ class MqttClient:
             self._client.subscribe(topic, qos=qos)
             self._loop.wake()
 
-    def unsubscribe(self, topic: str, timeout: float = 5.0) -> bool:
-        """Stop subscribing to topic (also after reconnects); True once the broker
-        confirmed it (UNSUBACK), False if not connected or no answer in time."""
-        self._subscriptions = [(t, q) for t, q in self._subscriptions if t != topic]
-        if self._closing:
+    def unsubscribe(self, *topics: str, timeout: float = 5.0) -> bool:
+        """Stop subscribing to topics (one UNSUBSCRIBE; also after reconnects); True
+        once the broker confirmed it (UNSUBACK), False if not connected or no answer
+        in time."""
+        gone = set(topics)
+        self._subscriptions = [(t, q) for t, q in self._subscriptions if t not in gone]
+        if self._closing or not topics:
             return False
         # Never call paho while holding our lock: without its network thread, paho runs
         # our callbacks (which take the lock) inside this very call.
-        rc, mid = self._client.unsubscribe(topic)
+        rc, mid = self._client.unsubscribe(list(topics))
         if rc != paho.MQTT_ERR_SUCCESS or mid is None:
             return False
         self._loop.wake()
@@ -363,8 +258,12 @@ class MqttClient:
         self._loop.release()
 
     def connect(self) -> None:
-        """Connect and start the network thread; MqttError if refused or unreachable."""
-        props = _properties(PacketTypes.CONNECT)
+        """Connect and start the network thread. BrokerUnreachable at once when the
+        broker's port refuses the connection or its name does not resolve,
+        ConnectRefused when the broker refuses our CONNECT (a wrong password), MqttError
+        when it does not answer within connect_timeout_s. A first connection that fails
+        is not tried again, and the caller's exception is all that says so."""
+        props = blank_properties(PacketTypes.CONNECT)
         props.SessionExpiryInterval = self.settings.session_expiry_s
         if self._receive_maximum is not None:
             props.ReceiveMaximum = self._receive_maximum
@@ -381,15 +280,40 @@ class MqttClient:
             raise MqttError(f"cannot connect to {s.host}:{s.port}: {exc}") from exc
         self._loop.start()
         if not self._first_done.wait(s.connect_timeout_s):
+            self._closing = True
             self._stop_loop()
             raise MqttError(
                 f"broker {s.host}:{s.port} did not answer within {s.connect_timeout_s:g} s"
             )
-        assert self._first_result is not None
-        ok, reason = self._first_result
-        if not ok:
+        if self._first_error is not None:
             self._stop_loop()
-            raise ConnectRefused(f"broker {s.host}:{s.port} refused the connection: {reason}")
+            raise self._first_error
+
+    def _first_failed(self, error: MqttError) -> None:
+        """The first connection failed: nothing reconnects, connect() raises error."""
+        self._closing = True
+        self._first_error = error
+        self._first_done.set()
+
+    def _on_connect_error(self, exc: OSError) -> bool:
+        """The network thread could not open a connection; True: stop trying. Before
+        the first connection succeeded, a refused port or an unknown name ends it at
+        once (paho would try again until connect_timeout_s, and then only say that the
+        broker did not answer); anything else (a timeout, no route) is tried again."""
+        if self._first_done.is_set():
+            return self._closing
+        s = self.settings
+        if isinstance(exc, ConnectionRefusedError):
+            reason = (
+                f"connection refused by {s.host}:{s.port}: is the broker running, and is "
+                "this its port?"
+            )
+        elif isinstance(exc, socket.gaierror):
+            reason = f"cannot resolve the broker's name {s.host!r}: {exc}"
+        else:
+            return False
+        self._first_failed(BrokerUnreachable(reason))
+        return True
 
     def wait_connected(self, timeout: float) -> bool:
         return self._connected.wait(timeout)
@@ -486,7 +410,7 @@ class MqttClient:
         if self.connected:  # without a connection there is nothing to say
             props = None
             if session_expiry_s is not None and self.settings.session_expiry_s > 0:
-                props = _properties(PacketTypes.DISCONNECT)
+                props = blank_properties(PacketTypes.DISCONNECT)
                 props.SessionExpiryInterval = session_expiry_s
             self._client.disconnect(properties=props)
         self._stop_loop()
@@ -511,11 +435,14 @@ class MqttClient:
         properties: Properties | None,
     ) -> None:
         if reason_code.is_failure:
-            log.error("%s: broker refused connection: %s", self.client_id, reason_code)
-            if not self._first_done.is_set():
-                self._first_result = (False, str(reason_code))
-                self._first_done.set()
-                client.disconnect()
+            if not self._first_done.is_set():  # connect() raises it: nothing to log
+                s = self.settings
+                refused = f"broker {s.host}:{s.port} refused the connection: {reason_code}"
+                self._first_failed(ConnectRefused(refused))
+                self._loop.connected_then_closing()
+            else:
+                log.error("%s: broker refused connection: %s", self.log_name, reason_code)
+            client.disconnect()
             return
         self._generation += 1
         self._loop.reset_backoff()
@@ -524,7 +451,7 @@ class MqttClient:
         self._connected.set()
         log.info(
             "%s: connected to %s:%s (session present: %s)",
-            self.client_id,
+            self.log_name,
             self.settings.host,
             self.settings.port,
             flags.session_present,
@@ -542,9 +469,7 @@ class MqttClient:
     def _first_connect_done(self) -> None:
         """connect() returns once the broker confirmed our subscriptions: a message
         published right after it cannot miss us."""
-        if not self._first_done.is_set():
-            self._first_result = (True, "ok")
-            self._first_done.set()
+        self._first_done.set()
 
     def _on_disconnect(
         self,
@@ -563,29 +488,31 @@ class MqttClient:
         for _, cb in dropped:
             if cb is not None:
                 self._call(cb, False)
-        if self._closing:
-            log.info("%s: disconnected", self.client_id)
+        if self._first_error is not None:
+            pass  # the first connection failed: connect() says why
+        elif self._closing:
+            log.info("%s: disconnected", self.log_name)
         elif reason_code is not None and reason_code.value == SESSION_TAKEN_OVER:
             log.error(
                 "%s: the broker closed our session because another connection logged in "
                 "with the same client id (Session taken over)",
-                self.client_id,
+                self.log_name,
             )
         else:
             log.warning(
-                "%s: connection lost (%s); reconnecting with backoff", self.client_id, reason_code
+                "%s: connection lost (%s); reconnecting with backoff", self.log_name, reason_code
             )
         for listener in self._disconnect_listeners:
             try:
                 listener(None if self._closing else reason_code)
             except Exception:
-                log.exception("%s: disconnect listener failed", self.client_id)
+                log.exception("%s: disconnect listener failed", self.log_name)
 
     def _call(self, cb: PublishCallback, ok: bool) -> None:
         try:
             cb(ok)
         except Exception:
-            log.exception("%s: publish callback failed", self.client_id)
+            log.exception("%s: publish callback failed", self.log_name)
 
     def _on_subscribe(
         self,
@@ -597,7 +524,7 @@ class MqttClient:
     ) -> None:
         for rc in reason_codes:
             if rc.is_failure:
-                log.error("%s: subscription refused: %s", self.client_id, rc)
+                log.error("%s: subscription refused: %s", self.log_name, rc)
         self._suback_pending.discard(mid)
         if not self._suback_pending:
             self._first_connect_done()
@@ -609,7 +536,7 @@ class MqttClient:
         try:
             handler(self._received(msg))
         except Exception:  # an exception here would end paho's network loop
-            log.exception("%s: message handler failed on %s", self.client_id, msg.topic)
+            log.exception("%s: message handler failed on %s", self.log_name, msg.topic)
 
     def _on_publish(
         self,
@@ -621,7 +548,7 @@ class MqttClient:
     ) -> None:
         ok = not reason_code.is_failure
         if not ok:
-            log.warning("%s: broker refused publish mid %d: %s", self.client_id, mid, reason_code)
+            log.warning("%s: broker refused publish mid %d: %s", self.log_name, mid, reason_code)
         with self._lock:
             if mid in self._pending:
                 cb, _ = self._pending.pop(mid)

@@ -9,7 +9,9 @@ a callback stopped the reading, but it also stopped every write: Results, acks a
 keepalive pings waited with it.
 
 This thread drives paho through its external-loop API (`loop_read`, `loop_write`,
-`loop_misc`) instead, and reconnects with backoff as paho's loop does. `hold()` stops
+`loop_misc`) instead, and reconnects with backoff as paho's loop does (its owner hears
+of each connection that cannot be opened, and may end the thread: a first connection
+to a closed port is not tried again). `hold()` stops
 the reading while writes, acknowledgements and keepalive go on; a hold is honoured
 for at most `max_hold_s` at a time (then one read pass happens, so that the broker's
 PINGRESP is read before paho's keepalive check gives up on the connection), and
@@ -47,12 +49,16 @@ class NetworkLoop:
         name: str,
         max_hold_s: float,
         backoff: Callable[[], tuple[float, float]],
+        on_connect_error: Callable[[OSError], bool] = lambda exc: False,
     ) -> None:
         self._client = client
         self._name = name
         self.max_hold_s = max_hold_s
         self._backoff = backoff
         """(first, most) reconnect delay, read at every reconnect."""
+        self._on_connect_error = on_connect_error
+        """Told why a connection could not be opened; True: stop trying (the thread
+        ends)."""
         self._delay: float | None = None
         self._halt = threading.Event()
         self._closing = False
@@ -144,6 +150,8 @@ class NetworkLoop:
                     try:
                         c.reconnect()
                     except OSError as exc:
+                        if self._on_connect_error(exc):
+                            return
                         log.debug("%s: cannot connect: %s", self._name, exc)
                     continue
                 self._pump()

@@ -123,7 +123,16 @@ class Result(Message):
     schema_: Literal["cellwatch.result/1"] = Field("cellwatch.result/1", alias="schema")
     status: Literal["ok", "error"]
     image_id: ImageId
-    source: Name | None = Field(description="{source} of the images topic; null if direct")
+    source: Name | None = Field(
+        description="the account that sent the image (its images topic names it); null for "
+        "a local file"
+    )
+    scope: Name | None = Field(
+        None,
+        description="the scope (microscope) the images topic names, if any; left out when "
+        "there is none (an additive field: a Result without it reads as before)",
+        exclude_if=lambda v: v is None,
+    )
     node_id: Name
     model: ShortModelRef | None = None
     label: str | None = None
@@ -220,16 +229,20 @@ class Telemetry(Message):
     inflight: int = Field(ge=0, le=MAX_TELEMETRY_INFLIGHT)
     model_version: str | None = Field(None, max_length=64)
     rss_mb: float = Field(ge=0, le=MAX_TELEMETRY_RSS_MB)
+    retained_images: Count = Field(
+        0,
+        description="retained images the broker replayed to this node since start: "
+        "acknowledged without a Result, but stored in the broker until the operator "
+        "clears them (additive: left out while 0)",
+        exclude_if=lambda v: v == 0,
+    )
     drift: DriftFigures | None = Field(
         None,
         description="the live images' figures against the bundle's drift reference "
-        "(shared/drift.py); absent from nodes that do not compute them",
+        "(shared/drift.py); absent from nodes that do not compute them (additive: left "
+        "out when none)",
+        exclude_if=lambda v: v is None,
     )
-
-    def to_json(self) -> bytes:
-        # Without drift figures the message is exactly a Telemetry of before the field.
-        exclude = {"drift"} if self.drift is None else None
-        return self.model_dump_json(by_alias=True, exclude=exclude).encode()
 
 
 # -- model rollout ---------------------------------------------------------

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import re
 import tomllib
 from contextvars import ContextVar
 from pathlib import Path
@@ -29,6 +30,9 @@ from cellwatch.shared.topics import DEFAULT_PREFIX
 ENV_PREFIX = "CELLWATCH_"
 CLIENT_ID_SECRET_HEX = 32
 """Hex digits (128 bits) of the secret part of a derived client id."""
+CLIENT_ID_SHOWN_HEX = 4
+"""Of those, how many a log line shows (enough to tell two clients apart)."""
+_SECRET_TAIL = re.compile(rf"^(.*-)([0-9a-f]{{{CLIENT_ID_SECRET_HEX}}})$")
 _toml_path: ContextVar[Path | None] = ContextVar("cellwatch_toml_path", default=None)
 
 
@@ -108,6 +112,15 @@ class MqttSettings(Section):
         message = f"cellwatch client id\0{self.username or ''}\0{base}".encode()
         secret = hmac.new(password.encode(), message, hashlib.sha256).hexdigest()
         return f"{base}-{secret[:CLIENT_ID_SECRET_HEX]}"
+
+
+def client_log_name(client_id: str) -> str:
+    """client_id as log lines show it: a secret part (session_client_id's, or the 128
+    random bits of a lab client's or operator command's id) cut to its first
+    CLIENT_ID_SHOWN_HEX digits, `cellwatch-hub-3f2a...`. Whoever reads a log (or the
+    broker's) could otherwise take the session over by logging in with the id."""
+    m = _SECRET_TAIL.match(client_id)
+    return f"{m[1]}{m[2][:CLIENT_ID_SHOWN_HEX]}..." if m else client_id
 
 
 class CellwatchSettings(BaseSettings):

@@ -53,7 +53,9 @@ class Topics:
     # `{prefix}/images/{account}[/{scope}]` (scope: the microscope's name), or
     # `{prefix}/nodes/{node_id}/images/{account}[/{scope}]` for one node. The broker's
     # ACL (deploy/mkacl.sh) enforces it, so the topic authenticates the account that a
-    # node answers (DESIGN.md, Trust).
+    # node answers, on `replies/{account}/...` or `results/{account}` only (DESIGN.md,
+    # Trust). Nodes subscribe to these exact shapes: an images topic that names no
+    # account (`{prefix}/nodes/{node_id}/images`) or goes deeper reaches none.
     def lab_images(self, account: str, scope: str | None = None) -> str:
         """Where `account` publishes images for every node (the shared subscription)."""
         topic = f"{self.prefix}/images/{check_name(account, 'account')}"
@@ -74,6 +76,7 @@ class Topics:
         return topic if scope is None else f"{topic}/{check_name(scope, 'scope')}"
 
     def node_lab_images_filters(self, node_id: str) -> tuple[str, str]:
+        """lab_images_filters() of node_id's own images."""
         base = self.node_images(node_id)
         return (f"{base}/+", f"{base}/+/+")
 
@@ -81,6 +84,18 @@ class Topics:
         """The account and scope of a lab images topic: `{prefix}/images/...`, or with
         node_id also `{prefix}/nodes/{node_id}/images/...`. TopicError for any other
         topic or an invalid name."""
+        levels = self._image_levels(topic, node_id)
+        account = check_name(levels[0], "account")
+        scope = check_name(levels[1], "scope") if len(levels) == 2 else None
+        return ImageOrigin(account, scope)
+
+    def account_of(self, topic: str, node_id: str | None = None) -> str:
+        """The account of a lab images topic (as origin_of, whatever its scope level
+        says: the ACL lets only that account write under its name)."""
+        return check_name(self._image_levels(topic, node_id)[0], "account")
+
+    def _image_levels(self, topic: str, node_id: str | None) -> list[str]:
+        """[account] or [account, scope] of an images topic (not checked yet)."""
         for head in (f"{self.prefix}/images/",) + (
             (f"{self.node_images(node_id)}/",) if node_id is not None else ()
         ):
@@ -88,32 +103,17 @@ class Topics:
                 levels = topic[len(head) :].split("/")
                 if len(levels) > 2:
                     raise TopicError(f"too many topic levels in {topic!r}: account[/scope]")
-                account = check_name(levels[0], "account")
-                scope = check_name(levels[1], "scope") if len(levels) == 2 else None
-                return ImageOrigin(account, scope)
+                return levels
         raise TopicError(f"not a lab images topic: {topic!r}")
 
-    # The first node-side helpers, kept until the node subscribes to the exact filters
-    # above (issue 17, phase 2): they accept the account-naming topics too, and take
-    # the account as the `{source}` a Result is sent back to (`results/{account}`).
-    def images(self, source: str) -> str:
-        """`{prefix}/images/{source}`: lab_images(source) without a scope."""
-        return self.lab_images(source)
-
-    def images_shared_filter(self) -> str:
-        """The shared subscription every node joins so the broker spreads images:
-        `images/#` takes both `images/{account}` and `images/{account}/{scope}` (the
-        ACL lets no one publish deeper; origin_of refuses it)."""
-        return f"$share/{SHARE_GROUP}/{self.prefix}/images/#"
-
-    def images_filter(self) -> str:
-        return f"{self.prefix}/images/#"
-
     def node_images(self, node_id: str) -> str:
+        """`{prefix}/nodes/{node_id}/images`: the base of node_lab_images. No one
+        publishes on it itself (it names no account: the ACL allows it to no one)."""
         return f"{self.prefix}/nodes/{check_name(node_id, 'node_id')}/images"
 
-    def results(self, source: str) -> str:
-        return f"{self.prefix}/results/{check_name(source, 'source')}"
+    def results(self, account: str) -> str:
+        """Where a node answers `account`'s image that has no (allowed) Response Topic."""
+        return f"{self.prefix}/results/{check_name(account, 'account')}"
 
     def results_filter(self) -> str:
         return f"{self.prefix}/results/+"
@@ -122,31 +122,10 @@ class Topics:
         """A Response Topic a client may use: `{prefix}/replies/{username}/{suffix}`."""
         return f"{self.prefix}/replies/{check_name(username, 'username')}/{suffix}"
 
-    def is_reply_topic(self, topic: str, account: str | None = None) -> bool:
-        """True for a topic a node may answer on: `{prefix}/replies/{username}/...`
-        with a valid user name and no wildcards, and with account given, only under
-        that account's replies. Anything else (another lab's results, a node's own
-        status) is refused as a Response Topic."""
-        head = f"{self.prefix}/replies/"
-        if not topic.startswith(head) or any(c in topic for c in "+#\x00"):
-            return False
-        user, sep, rest = topic[len(head) :].partition("/")
-        if account is not None and user != account:
-            return False
-        return bool(sep) and bool(rest) and is_valid_name(user)
-
-    def replies_filter(self) -> str:
-        """Where a node may answer an image: a Response Topic must match this filter
-        (checked by `response_topic_allowed`)."""
-        return f"{self.prefix}/replies/+/#"
-
-    def source_of(self, topic: str) -> str:
-        """The `{source}` of an images topic: its account (origin_of); TopicError if
-        the topic is not one or a name is invalid."""
-        return self.origin_of(topic).account
-
-    def is_node_images(self, topic: str, node_id: str) -> bool:
-        return topic == self.node_images(node_id)
+    def replies_filter(self, account: str) -> str:
+        """The filter a Response Topic must match for a node to answer `account` on it
+        (`response_topic_allowed`): `{prefix}/replies/{account}/#`."""
+        return f"{self.prefix}/replies/{check_name(account, 'account')}/#"
 
     # -- per-node topics ----------------------------------------------------
     def _node(self, node_id: str, leaf: str) -> str:
@@ -227,7 +206,7 @@ class Topics:
         return f"{self.prefix}/hub/replies/{check_name(username, 'username')}/{suffix}"
 
     def hub_replies_filter(self) -> str:
-        """Where the hub may answer an API request (see `replies_filter`)."""
+        """Where the hub may answer an API request (`response_topic_allowed`)."""
         return f"{self.prefix}/hub/replies/+/#"
 
 

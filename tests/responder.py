@@ -44,7 +44,9 @@ class Responder:
         self._lock = threading.Lock()
         self._queue: queue.SimpleQueue[Seen | None] = queue.SimpleQueue()
         self.mqtt: MqttClient = broker.connect(
-            user, subscriptions=[(T.images_filter(), 1)], handler=self._on_message
+            user,
+            subscriptions=[(f, 1) for f in T.lab_images_filters()],
+            handler=self._on_message,
         )
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()

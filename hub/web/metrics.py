@@ -14,6 +14,8 @@ per node, labels node_id, model_version ("" when unknown); from its last Telemet
   cellwatch_node_inflight_images
   cellwatch_node_resident_memory_bytes
   cellwatch_node_model_error{code}               1 while the node reports a model error
+  cellwatch_node_retained_images_total           retained images the broker replayed to
+                                                 the node (stored there until cleared)
   cellwatch_node_confidence                      histogram of calibrated p(ALL) (the bundle's
                                                  positive label) since the node started
   cellwatch_node_predictions_total{label}        images per predicted label since start
@@ -130,6 +132,11 @@ class FleetCollector(Collector):
             "accuracy estimated without labels from calibrated probabilities (drift window)",
             ["supported"],
         )
+        retained = counter(
+            "cellwatch_node_retained_images",
+            "retained images the broker replayed to the node since it started: each is "
+            "stored in the broker until the operator clears it (deploy/README.md)",
+        )
         by_state = GaugeMetricFamily("cellwatch_hub_nodes", "nodes per state", labels=["state"])
         counts = dict.fromkeys(NodeState, 0)
         for n in nodes:
@@ -162,6 +169,7 @@ class FleetCollector(Collector):
                 latency.add_metric([*labels, q], getattr(t.latency_ms, attr) / 1000.0)
             inflight.add_metric(labels, float(t.inflight))
             rss.add_metric(labels, t.rss_mb * MiB)
+            retained.add_metric(labels, float(t.retained_images))
             d = t.drift
             if d is None:
                 continue
@@ -184,6 +192,7 @@ class FleetCollector(Collector):
             by_state.add_metric([state.value], float(count))
         yield from (up, stale, seen, processed, errors, rate, latency, inflight, rss, model_error)
         yield from (confidence, predictions, drift, psi, accuracy)
+        yield retained
         yield by_state
 
     def _shadow(self) -> Iterator[Metric]:

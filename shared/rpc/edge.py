@@ -271,12 +271,12 @@ class Edge:
         self.mqtt.subscribe(subscription, route.qos)
 
     def _deliverer(self, route: Route[B], wildcard: bool) -> Callable[[Message], None]:
-        exact, publisher, client_id = self._exact, self.mqtt, self.mqtt.client_id
+        exact, publisher, name = self._exact, self.mqtt, self.mqtt.log_name
 
         def on_message(message: Message) -> None:
             if wildcard and message.topic in exact:
                 return  # the exact route has it
-            deliver(route, message, publisher, client_id)
+            deliver(route, message, publisher, name)
 
         return on_message
 

@@ -266,9 +266,10 @@ def test_node_sends_every_image_to_one_node(
     answers = list(client.classify_many([images.jpeg()] * 12, node="node-2", concurrency=4))
     assert all(a.ok for a in answers) and len(answers) == 12
     assert {a.result.node_id for a in answers if a.result} == {"node-2"}
-    one = client.classify(images.jpeg(), node="node-1")
+    one = client.classify(images.jpeg(), node="node-1", source="scope-2")
     assert one.result is not None and one.result.node_id == "node-1"
-    assert one.result.source is None  # a direct image has no {source}
+    # a direct image names its account too (nodes/N/images/{user}[/{source}])
+    assert (one.result.source, one.result.scope) == ("client", "scope-2")
 
 
 def test_classify_many_yields_each_answer_while_the_input_waits(

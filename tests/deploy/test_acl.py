@@ -29,15 +29,16 @@ WRITES: dict[str, list[tuple[str, bool]]] = {
         (T.status("node-1"), False),
         (T.lab_images("client"), False),
         (T.hub_api("list"), False),
-        (T.results("scope-1"), False),
+        (T.results("client"), False),
         (T.replies("client", "1"), False),
     ],
     "operator": [
         (T.hub_api("list"), True),
-        (T.lab_images("client", "scope-1"), True),  # any lab's: to clear a retained image
+        # any lab's images, for every node or one: to clear a retained image
+        (T.lab_images("client", "scope-1"), True),
+        (T.node_lab_images("node-1", "client-labB", "scope-1"), True),
         (T.desired("node-1"), False),
         (T.shadow("node-1"), False),
-        (T.node_images("node-1"), False),
         (T.replies("client", "1"), False),
         (T.hub_replies("operator", "1"), False),
         (T.hub_revoked(), False),
@@ -52,10 +53,11 @@ WRITES: dict[str, list[tuple[str, bool]]] = {
         (T.lab_images("client-labB", "scope-1"), False),
         (T.node_lab_images("node-1", "client", "scope-1"), True),
         (T.node_lab_images("node-1", "client-labB"), False),
-        (T.node_images("node-1"), True),  # until the nodes subscribe per account
+        (T.node_images("node-1"), False),  # the direct topic must name the account
+        (T.node_lab_images("node-1", "client", "scope-1") + "/deeper", False),
         (T.desired("node-1"), False),
         (T.hub_api("x"), False),
-        (T.results("scope-1"), False),
+        (T.results("client"), False),
         (T.status("node-1"), False),
         (T.replies("client", "1"), False),
         (T.hub_fetch("node-1"), False),
@@ -71,7 +73,7 @@ WRITES: dict[str, list[tuple[str, bool]]] = {
         (T.hub_fetch("node-1"), True),
         (T.hub_fetch("node-2"), False),
         ("cellwatch/hub/fetch", False),
-        (T.results("scope-1"), True),
+        (T.results("client"), True),
         (T.replies("client", "req-1"), True),
         (T.status("node-2"), False),
         (T.telemetry("node-2"), False),
@@ -102,9 +104,13 @@ def test_who_may_write_what(broker: Broker, user: str) -> None:
 READS: list[tuple[str, str, set[str]]] = [
     (T.lab_images("client"), "client", {"node-1"}),
     (T.lab_images("client", "scope-1"), "client", {"node-1"}),
-    (T.node_images("node-1"), "client", {"node-1"}),
+    (T.node_lab_images("node-1", "client"), "client", {"node-1"}),
     (T.node_lab_images("node-1", "client", "scope-1"), "client", {"node-1"}),
-    (T.node_images("node-2"), "client", set()),
+    (T.node_lab_images("node-2", "client"), "client", set()),
+    # what nodes never read: no account named, or deeper than account/scope
+    (T.node_images("node-1"), "operator", set()),
+    (T.node_lab_images("node-1", "client", "s") + "/deeper", "operator", set()),
+    (T.lab_images("client", "s") + "/deeper", "operator", set()),
     (T.results("client"), "node-1", {"operator", "client"}),
     (T.results("client-labB"), "node-1", {"operator"}),
     (T.replies("operator", "x"), "node-1", {"operator"}),
@@ -168,7 +174,8 @@ def test_node_cannot_publish_another_nodes_status(broker: Broker) -> None:
 
 def test_node_receives_images_through_the_shared_subscription(broker: Broker) -> None:
     inbox = Inbox()
-    broker.connect("node-1", subscriptions=[(T.images_shared_filter(), 1)], handler=inbox)
+    subscriptions = [(f, 1) for f in T.lab_images_shared_filters()]
+    broker.connect("node-1", subscriptions=subscriptions, handler=inbox)
     client = broker.connect("client")
     assert client.publish_wait(T.lab_images("client", "scope-1"), b"image bytes")
     assert inbox.wait_topic(T.lab_images("client", "scope-1"))
@@ -187,7 +194,8 @@ def test_share_group_delivers_each_image_to_one_node(broker: Broker) -> None:
         return handle
 
     for node, inbox in per_node.items():
-        broker.connect(node, subscriptions=[(T.images_shared_filter(), 1)], handler=handler(inbox))
+        subscriptions = [(f, 1) for f in T.lab_images_shared_filters()]
+        broker.connect(node, subscriptions=subscriptions, handler=handler(inbox))
     client = broker.connect("client")
     sent = [f"image-{i}".encode() for i in range(10)]
     for payload in sent:

@@ -75,7 +75,12 @@ def test_right_password_is_accepted(broker: Broker) -> None:
 
 def test_tls_listener_with_the_ca(broker: Broker) -> None:
     inbox = Inbox()
-    broker.connect("node-1", tls=True, subscriptions=[(T.images_shared_filter(), 1)], handler=inbox)
+    broker.connect(
+        "node-1",
+        tls=True,
+        subscriptions=[(f, 1) for f in T.lab_images_shared_filters()],
+        handler=inbox,
+    )
     client = broker.connect("client", tls=True)
     assert client.settings.port == broker.tls_port
     assert client.publish_wait(T.lab_images("client", "scope-1"), b"over tls")

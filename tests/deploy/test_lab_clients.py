@@ -34,7 +34,6 @@ def test_each_lab_reads_only_its_own_replies_and_results(tmp_path: Path) -> None
         lab_a = broker.connect("client-labA")
         assert lab_a.publish_wait(T.lab_images("client-labA"), b"img")
         assert lab_a.publish_wait(T.lab_images("client-labA", "scope-1"), b"img")
-        assert lab_a.publish_wait(T.node_images("node-1"), b"img")
         assert lab_a.publish_wait(T.node_lab_images("node-1", "client-labA"), b"img")
         assert not lab_a.publish_wait(T.results("client-labB"), b"forged")
         assert not lab_a.publish_wait(T.replies("client-labB", "x"), b"forged")
@@ -42,6 +41,7 @@ def test_each_lab_reads_only_its_own_replies_and_results(tmp_path: Path) -> None
         assert not lab_a.publish_wait(T.lab_images("client-labB", "scope-1"), b"img")
         assert not lab_a.publish_wait(T.node_lab_images("node-1", "client-labB"), b"img")
         assert not lab_a.publish_wait(T.lab_images("client-labA", "a") + "/b", b"img")
+        assert not lab_a.publish_wait(T.node_images("node-1"), b"img")  # names no account
     finally:
         broker.close_clients()
         broker.stop()

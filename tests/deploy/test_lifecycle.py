@@ -17,12 +17,12 @@ def test_restart_keeps_retained_messages_and_queued_images(broker: Broker) -> No
         "node-1",
         client_id="node-1",
         clean_start=False,
-        subscriptions=[(T.node_images("node-1"), 1)],
+        subscriptions=[(T.node_lab_images_filters("node-1")[0], 1)],
     )
     node.disconnect()
     client = broker.connect("client")
     for i in range(3):
-        assert client.publish_wait(T.node_images("node-1"), f"image-{i}".encode())
+        assert client.publish_wait(T.node_lab_images("node-1", "client"), f"image-{i}".encode())
     broker.close_clients()
 
     broker.restart()

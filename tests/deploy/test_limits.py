@@ -22,7 +22,9 @@ T = Topics()
 
 def test_largest_image_with_request_properties_is_delivered(broker: Broker) -> None:
     inbox = Inbox()
-    broker.connect("node-1", subscriptions=[(T.images_shared_filter(), 1)], handler=inbox)
+    broker.connect(
+        "node-1", subscriptions=[(f, 1) for f in T.lab_images_shared_filters()], handler=inbox
+    )
     client = broker.connect("client")
     props = PublishProps(
         response_topic=T.replies("client", "a" * 64),
@@ -39,7 +41,9 @@ def test_largest_image_with_request_properties_is_delivered(broker: Broker) -> N
 
 def test_oversize_packet_is_not_delivered(broker: Broker) -> None:
     inbox = Inbox()
-    broker.connect("node-1", subscriptions=[(T.images_shared_filter(), 1)], handler=inbox)
+    broker.connect(
+        "node-1", subscriptions=[(f, 1) for f in T.lab_images_shared_filters()], handler=inbox
+    )
 
     # A raw client that ignores the broker's Maximum Packet Size (as an MQTT 3.1.1
     # client, which is never told it, would).

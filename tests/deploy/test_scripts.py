@@ -144,7 +144,7 @@ def test_mkacl_prefix(tmp_path: Path) -> None:
         for line in (tmp_path / "acl").read_text().splitlines()
         if line and not line.startswith("#")
     ]
-    assert "topic read lab/cw/images/#" in rules
+    assert "topic read lab/cw/images/+/+" in rules
     assert "topic write lab/cw/images/client/+" in rules
     assert all(line.split()[-1].startswith("lab/cw/") for line in rules if "/" in line)
 

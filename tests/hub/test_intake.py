@@ -7,16 +7,17 @@ from __future__ import annotations
 
 import json
 import time
+from typing import Any
 
 from cellwatch.hub.client import HubClient
 from cellwatch.hub.config import HubLimits
 from cellwatch.hub.counters import DropReason, HubCounters
-from cellwatch.hub.intake import Incoming, Intake, Item
+from cellwatch.hub.intake import Intake, Item, StatusSlot
 from cellwatch.hub.service import HubService
 from cellwatch.shared.handoff import Handoff
 from cellwatch.shared.limits import MiB
 from cellwatch.shared.mqtt import Message
-from cellwatch.shared.rpc import Rejected, deliver
+from cellwatch.shared.rpc import Inbound, Rejected, deliver
 from cellwatch.shared.schemas import ApiRequest, NodeStatus, utcnow
 from tests.broker import Broker
 from tests.edge import Recorder
@@ -102,18 +103,20 @@ class Unused:
         raise AssertionError("the control thread does not run here")
 
     on_status = on_telemetry = on_update = on_shadow = on_api = on_upload = _never
+    on_revocations = _never
 
     def refuse_api(self, rejected: Rejected) -> None:
         raise AssertionError("no API request here")
 
 
-def test_statuses_coalesce_only_within_one_valid_process() -> None:
-    """Unit level (no broker): which statuses replace which in the control queue, and
-    which are dropped at the edge."""
+def rig(limits: HubLimits) -> tuple[Intake, Handoff[Item], HubCounters, list[int], Any]:
+    """An intake without a broker or control thread: its queue, counters, the ids of
+    the statuses acknowledged, and `status(n, boot, node_id=, payload=)` delivering one
+    through the status route."""
     control: Handoff[Item] = Handoff()
     acked: list[int] = []
     counters = HubCounters()
-    intake = Intake(T, HubLimits(), counters, control, Unused())
+    intake = Intake(T, limits, counters, control, Unused())
     (route,) = [r for r in intake.routes() if r.filter == T.node_filter("status")]
     since = utcnow()
 
@@ -124,20 +127,55 @@ def test_statuses_coalesce_only_within_one_valid_process() -> None:
         message = Message(T.status("node-1"), payload or body, ack=lambda: acked.append(n))
         deliver(route, message, Recorder())
 
+    return intake, control, counters, acked, status
+
+
+def tags(statuses: list[Inbound[NodeStatus]]) -> list[str]:
+    return [s.body.tags[0] for s in statuses]
+
+
+def test_statuses_coalesce_per_node_whatever_the_process() -> None:
+    """Unit level (no broker): one queue entry per node, the newest status of each of
+    its last few processes in it, in the order the hub heard of them."""
+    intake, control, counters, acked, status = rig(HubLimits())
     status(1, "a")
     status(2, "a")  # same process: replaces 1
     status(3, "a", payload=b"{not json")  # dropped at the edge: counted malformed
     status(4, "a", node_id="node-2")  # names another node: counted wrong_node
-    status(5, "a")  # replaces 2, in 1's place
-    status(6, "b")  # another process: queued
+    status(5, "b")  # another process: in the same entry, after a's
+    status(6, "c")
+    status(7, "d")  # a fourth: the oldest process's (a: 2) leaves
     dropped = counters.dropped_by_reason()
     assert acked == [1, 3, 4, 2]
     assert (dropped["superseded"], dropped["malformed"], dropped["wrong_node"]) == (2, 1, 1)
-    taken = []
-    while len(control):
-        item = control.get(0)
-        assert isinstance(item, Incoming)
-        taken.append(intake.take(item).body.tags[0])
-    assert taken == ["5", "6"]
-    status(7, "b")  # 6 was taken: a new entry
-    assert len(control) == 1 and acked == [1, 3, 4, 2]
+    assert len(control) == 1
+    slot = control.get(0)
+    assert isinstance(slot, StatusSlot)
+    taken = intake.take_statuses(slot)
+    assert tags(taken) == ["5", "6", "7"]
+    status(8, "d")  # taken: a new entry
+    assert len(control) == 1
+    # Given back (the database could not take them): they wait before the newer one,
+    # which replaces theirs of the same process.
+    intake.give_back("node-1", taken)
+    assert acked == [1, 3, 4, 2, 7]
+    slot = control.get(0)
+    assert isinstance(slot, StatusSlot) and tags(intake.take_statuses(slot)) == ["5", "6", "8"]
+
+
+def test_a_nodes_statuses_beyond_its_rate_wait_and_the_latest_is_applied() -> None:
+    intake, control, counters, acked, status = rig(HubLimits(status_per_s=1.0, status_burst=2))
+    for n, boot in enumerate("ab"):  # the burst: each queued at once
+        status(n, boot)
+        slot = control.get(0)
+        assert isinstance(slot, StatusSlot)
+        intake.take_statuses(slot)
+    status(2, "c")  # beyond: held back, not queued
+    status(3, "c")
+    status(4, "d")
+    assert len(control) == 0 and counters.dropped_by_reason()["rate_limited"] == 3
+    assert acked == [2]  # 3 replaced it
+    assert intake.release(time.monotonic()) == 0  # not yet
+    assert intake.release(time.monotonic() + 1.0) == 1
+    slot = control.get(0)
+    assert isinstance(slot, StatusSlot) and tags(intake.take_statuses(slot)) == ["3", "4"]

@@ -131,7 +131,7 @@ def test_revoked_and_unknown_models_are_refused(
     assert reply.model.revoke_reason == "trained on the wrong labels"
     assert reply.model.revoked_at is not None and reply.nodes == [] and reply.aborted == []
     # The fetch server hands out no file of it (a node that lost its list cannot get it).
-    assert fake.fetch(sha, "manifest.json").props.get("error") == "unknown_file"
+    assert fake.fetch(sha, "manifest.json").props.get("error") == "revoked"
     with pytest.raises(ApiFailure) as err:  # a revoked model
         operator.rollout_start(RolloutStartArgs(name="toy", version="2.0.0"))
     assert err.value.code == "revoked" and "wrong labels" in err.value.message

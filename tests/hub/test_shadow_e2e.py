@@ -68,7 +68,7 @@ class Fleet:
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.stack.http_port}/"
+        return f"http://127.0.0.1:{self.hub.http_port}/"
 
 
 @pytest.fixture

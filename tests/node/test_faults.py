@@ -43,7 +43,7 @@ def test_a_retained_image_is_answered_once_not_on_every_subscribe(
         wait_for(lambda: len(inbox.on(replies)) == 1, what="the live delivery's answer")
         node.join()
         again = node_factory()  # subscribing replays the retained image to the new session
-        wait_for(lambda: again.stats.retained_ignored == 1, what="the replay to be ignored")
+        wait_for(lambda: again.stats.retained_images == 1, what="the replay to be ignored")
         assert requester.request(images.jpeg()).status == "ok"
         wait_for(lambda: again.stats.inflight == 0, what="all acknowledged")
         assert len(inbox.on(replies)) == 1
@@ -60,13 +60,14 @@ def test_response_topics_outside_replies_are_refused(
     try:
         wait_for(lambda: bool(status.on(T.status("node-1"))), what="retained status")
         before = len(status.on(T.status("node-1")))
-        for rt in (T.results("otherlab"), T.status("node-1"), "cellwatch/replies/x/+"):
+        foreign = (T.results("otherlab"), T.status("node-1"), "cellwatch/replies/x/+")
+        for rt in (*foreign, T.replies("otherlab", "x")):
             requester.send(images.jpeg(), response_topic=rt, image_id="bad-rt")
-        wait_for(lambda: len(watch.on(T.results("client"))) == 3, what="3 error results")
+        wait_for(lambda: len(watch.on(T.results("client"))) == 4, what="4 error results")
         for m in watch.on(T.results("client")):
             r = Result.model_validate_json(m.payload)
             assert r.status == "error" and r.error is not None
-            assert r.error.code == "invalid_request" and "replies/" in r.error.message
+            assert r.error.code == "invalid_request" and "replies/client/" in r.error.message
         assert requester.request(images.jpeg()).status == "ok"  # the node goes on
         assert watch.on(T.results("otherlab")) == []
         assert len(status.on(T.status("node-1"))) == before  # nothing written there

@@ -201,7 +201,7 @@ def test_direct_images_queued_while_node_is_down_are_delivered(
     first = node_factory()
     assert requester.request(images.jpeg()).status == "ok"
     first.join()  # graceful: the persistent session (with the direct topic) stays
-    direct = T.node_images("node-1")
+    direct = T.node_lab_images("node-1", "client")
     queued = [requester.send(images.jpeg(images.BLUE), topic=direct) for _ in range(10)]
     node_factory()
     for corr in queued:
@@ -249,8 +249,8 @@ def test_direct_topic(node_factory: NodeFactory, requester: Requester) -> None:
     node_factory("node-1")
     node_factory("node-2")
     for _ in range(5):
-        r = requester.request(images.jpeg(), topic=T.node_images("node-2"))
-        assert r.node_id == "node-2" and r.source is None
+        r = requester.request(images.jpeg(), topic=T.node_lab_images("node-2", "client", "s"))
+        assert (r.node_id, r.source, r.scope) == ("node-2", "client", "s")
 
 
 def test_unavailable_device_is_a_startup_error(node_factory: NodeFactory) -> None:

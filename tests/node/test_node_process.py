@@ -26,7 +26,7 @@ def test_sigterm_finishes_in_flight_and_exits_zero(
         # The direct topic: what the node has not taken when it stops waits in its
         # session. (Shared-topic images published after its stop began would go to no
         # one here, there being one node: the lab client's retry covers that case.)
-        direct = T.node_images("node-1")
+        direct = T.node_lab_images("node-1", "client")
         corrs = [requester.send(images.jpeg(), topic=direct) for _ in range(40)]
         wait_for(lambda: requester.count() >= 3, what="first results")
         proc.send_signal(signal.SIGTERM)

@@ -21,7 +21,7 @@ from cellwatch.node.journal import Journal
 from cellwatch.node.pipeline import ImagePipeline
 from cellwatch.node.stats import Stats
 from cellwatch.shared.bundle import load_bundle
-from cellwatch.shared.mqtt import Message
+from cellwatch.shared.mqtt import Message, topic_matches
 from cellwatch.shared.rpc import Route, deliver
 from cellwatch.shared.schemas import Result
 from cellwatch.shared.signing import TrustedKeys
@@ -30,6 +30,13 @@ from tests.edge import Acks, Recorder, message
 from tests.harness import T, wait_for
 
 NODE = "node-1"
+LAB = "client"
+IMAGES = T.lab_images(LAB, "scope-1")
+RESULTS = T.results(LAB)
+
+
+def routes_of(pipeline: ImagePipeline, topic: str) -> list[Route[bytes]]:
+    return [r for r in pipeline.routes() if topic_matches(r.filter, topic)]
 
 
 @dataclass
@@ -41,8 +48,7 @@ class Rig:
 
     def send(self, msg: Message) -> None:
         """Through the route the topic belongs to, as the edge would."""
-        shared, direct = self.pipeline.routes()
-        route: Route[bytes] = direct if msg.topic == direct.filter else shared
+        (route,) = routes_of(self.pipeline, msg.topic)
         deliver(route, msg, self.out)
 
     def results(self, topic: str) -> list[Result]:
@@ -89,10 +95,10 @@ def rig(toy_model: ServingModel, tmp_path: Path) -> Iterator[Rig]:
 
 def test_an_image_gets_one_result_where_it_asked_then_its_ack(rig: Rig) -> None:
     acks = Acks()
-    replies = T.replies("client", "me")
+    replies = T.replies(LAB, "me")
     rig.send(
         message(
-            T.images("scope-1"),
+            IMAGES,
             images.jpeg(images.RED),
             correlation=b"corr-1",
             response_topic=replies,
@@ -104,52 +110,73 @@ def test_an_image_gets_one_result_where_it_asked_then_its_ack(rig: Rig) -> None:
     (sent,) = rig.out.published
     assert (sent.topic, sent.correlation, sent.qos) == (replies, b"corr-1", 1)
     (result,) = rig.results(replies)
-    assert (result.status, result.label, result.image_id, result.source) == (
-        "ok",
-        "ALL",
-        "slide-1",
-        "scope-1",
-    )
+    assert (result.status, result.label, result.image_id) == ("ok", "ALL", "slide-1")
+    assert (result.source, result.scope) == (LAB, "scope-1")  # the account its topic names
     assert rig.stats.processed == 1 and rig.stats.inflight == 0
 
 
 def test_bad_requests_are_answered_with_errors_where_they_may_go(rig: Rig) -> None:
     acks = Acks()
     cases = [
-        # a Response Topic outside replies/: the error goes to results/{source}
-        message(T.images("scope-1"), images.jpeg(), response_topic=T.status(NODE), ack=acks),
+        # a Response Topic outside replies/, and one under another account's replies:
+        # the error goes to results/{the account that sent the image}
+        message(IMAGES, images.jpeg(), response_topic=T.status(NODE), ack=acks),
+        message(IMAGES, images.jpeg(), response_topic=T.replies("client-labB", "x"), ack=acks),
         # a bad image_id, and a payload over the route's byte cap
-        message(T.images("scope-1"), images.jpeg(), user=(("image_id", "a b"),), ack=acks),
-        message(T.images("scope-1"), b"\xff" * 1_000_001, ack=acks),
-        # the direct topic answers on results/{node_id}
-        message(T.node_images(NODE), b"not an image", ack=acks),
+        message(IMAGES, images.jpeg(), user=(("image_id", "a b"),), ack=acks),
+        message(IMAGES, b"\xff" * 1_000_001, ack=acks),
+        # the direct topic answers the account it names too, on its results
+        message(T.node_lab_images(NODE, LAB), b"not an image", ack=acks),
     ]
     for m in cases:
         rig.send(m)
-    wait_for(lambda: acks.count == 4, what="four acks")
-    codes = sorted(str(r.error.code) for r in rig.results(T.results("scope-1")) if r.error)
-    assert codes == ["invalid_request", "invalid_request", "payload_too_large"]
-    (direct,) = rig.results(T.results(NODE))
-    assert direct.error is not None and direct.error.code == "unsupported_format"
-    assert rig.out.on(T.status(NODE)) == []  # nothing written where it may not go
+    wait_for(lambda: acks.count == 5, what="five acks")
+    results = rig.results(RESULTS)
+    codes = sorted(str(r.error.code) for r in results if r.error)
+    assert codes == [
+        "invalid_request",
+        "invalid_request",
+        "invalid_request",
+        "payload_too_large",
+        "unsupported_format",
+    ]
+    assert {r.source for r in results} == {LAB}
+    refused = [r.error.message for r in results if r.error and "Response Topic" in r.error.message]
+    assert len(refused) == 2 and all("cellwatch/replies/client/" in m for m in refused)
+    assert [p.topic for p in rig.out.published] == [RESULTS] * 5  # nowhere else
 
 
-def test_a_retained_replay_is_acknowledged_unanswered(rig: Rig) -> None:
+def test_the_old_direct_topic_naming_no_account_reaches_no_route(rig: Rig) -> None:
+    assert routes_of(rig.pipeline, T.node_images(NODE)) == []
+    assert routes_of(rig.pipeline, T.lab_images(LAB, "a") + "/b") == []
+    assert len(routes_of(rig.pipeline, T.node_lab_images(NODE, LAB, "a"))) == 1
+    assert routes_of(rig.pipeline, T.node_lab_images("node-2", LAB)) == []
+
+
+def test_a_retained_replay_and_a_cleared_image_are_acknowledged_unanswered(rig: Rig) -> None:
     acks = Acks()
-    rig.send(message(T.images("scope-1"), images.jpeg(), retained=True, ack=acks))
-    assert acks.count == 1 and rig.out.published == [] and rig.stats.retained_ignored == 1
+    rig.send(message(IMAGES, images.jpeg(), retained=True, ack=acks))
+    assert acks.count == 1 and rig.out.published == [] and rig.stats.retained_images == 1
+    rig.send(message(IMAGES, b"", retained=True, ack=acks))  # the operator's clear
+    rig.send(message(IMAGES, b"", ack=acks))  # its live delivery
+    assert acks.count == 3 and rig.out.published == [] and rig.stats.retained_images == 1
+    # an empty image a client asks about is answered, as any image that is none
+    rig.send(message(IMAGES, b"", response_topic=T.replies(LAB, "me"), ack=acks))
+    wait_for(lambda: acks.count == 4, what="the empty image answered")
+    (r,) = rig.results(T.replies(LAB, "me"))
+    assert r.error is not None and r.error.code == "undecodable_image"
 
 
 def test_a_full_backlog_holds_the_reading_and_releases_it(rig: Rig) -> None:
     acks = Acks()
     rig.pipeline.accept(False)  # nothing taken: shows the route leaves it unacked
-    rig.send(message(T.images("scope-1"), images.jpeg(), ack=acks))
+    rig.send(message(IMAGES, images.jpeg(), ack=acks))
     assert acks.count == 0 and rig.pipeline.backlog.peak == 0
     rig.pipeline.accept(True)
     big = images.jpeg(images.BLUE, h=1200, w=1600)
     for _ in range(12):  # far faster than two workers decode them
-        rig.send(message(T.images("scope-1"), big, ack=acks))
+        rig.send(message(IMAGES, big, ack=acks))
     wait_for(lambda: acks.count == 12, what="twelve answered")
     assert rig.holds[:2] == ["hold", "release"]
     assert rig.holds.count("hold") == rig.holds.count("release")
-    assert {r.label for r in rig.results(T.results("scope-1"))} == {"normal"}
+    assert {r.label for r in rig.results(RESULTS)} == {"normal"}

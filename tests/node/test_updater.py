@@ -58,7 +58,6 @@ class Rig:
     out: Recorder
     served: Served
     ref: ModelRef
-    keys: Path
 
     def reports(self) -> list[UpdateReport]:
         return [UpdateReport.model_validate_json(p.payload) for p in self.out.on(T.update(NODE))]
@@ -91,7 +90,7 @@ def rig(toy_bundle: tuple[Path, Path], tmp_path: Path) -> Iterator[Rig]:
         deactivate=served.deactivate,
     )
     agent.start()
-    yield Rig(agent, out, served, verified.ref, keys)
+    yield Rig(agent, out, served, verified.ref)
     agent.stop(timeout=30)
 
 
@@ -119,11 +118,13 @@ def test_a_desired_bundle_in_the_store_is_verified_compiled_and_served(rig: Rig)
     assert rig.reports()[-1].rollout_id == "r2" and rig.states()[-1] is UpdateState.ACTIVE
 
 
-def test_a_revoked_bundle_is_refused_and_bad_messages_are_dropped(rig: Rig) -> None:
+def test_a_revoked_bundle_is_refused_and_bad_messages_are_dropped(
+    rig: Rig, toy_bundle: tuple[Path, Path]
+) -> None:
     desired_route, revoked_route = rig.agent.routes()
-    release_key = load_private_key(rig.keys / "test.key")  # the key the toy bundle trusts
+    key = load_private_key(toy_bundle[1] / "test.key")  # its signer's: a trusted key
     revocations = RevocationList(
-        revoked=[sign_revocation(release_key, rig.ref, "test")], issued_at=utcnow()
+        revoked=[sign_revocation(key, rig.ref, "test")], issued_at=utcnow()
     )
     deliver(revoked_route, message(T.hub_revoked(), revocations.to_json()), rig.out)
     wait_for(lambda: rig.ref.manifest_sha256 in rig.agent.revoked, what="the revocation")

@@ -12,7 +12,9 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from cellwatch.shared.schemas import NodeStatus
 from tests.broker import Broker, free_port
+from tests.harness import Collector, T, wait_for
 
 BIN = Path(sys.executable).parent
 LABS = ("client-labA", "client-labB")
@@ -27,7 +29,9 @@ class Process:
     log: Path
     proc: subprocess.Popen[bytes] | None = None
     env: dict[str, str] = field(default_factory=dict)
-    """Set in the process's environment besides ours (e.g. CELLWATCH_TEST_FAULTS)."""
+    """Added to the environment at each start (a test may change it between starts)."""
+    http_port: int | None = None
+    """The hub's HTTP port (hubs only)."""
 
     def start(self) -> None:
         assert self.proc is None or self.proc.poll() is not None, f"{self.name} runs already"
@@ -41,6 +45,11 @@ class Process:
         assert self.proc is not None
         self.proc.kill()
         self.proc.wait()
+
+    def wait(self, timeout: float = STOP_TIMEOUT_S) -> int:
+        """Until the process exits by itself; its exit code."""
+        assert self.proc is not None
+        return self.proc.wait(timeout)
 
     @property
     def running(self) -> bool:
@@ -72,8 +81,6 @@ class Stack:
     bundle: Path
     keys: Path
     processes: list[Process] = field(default_factory=list)
-    http_port: int = 0
-    """The last hub's fleet page and /metrics port."""
 
     def secret(self, user: str) -> Path:
         path = self.work / "secrets" / f"{user}.password"
@@ -91,12 +98,14 @@ class Stack:
     def hub(self, data_dir: Path, name: str = "hub") -> Process:
         """A hub process (not started) on data_dir."""
         cfg = self.work / f"{name}.toml"
-        self.http_port = free_port()
+        port = free_port()
         cfg.write_text(
             f'data_dir = "{data_dir}"\ntrusted_keys = "{self.keys}"\ntick_s = 0.2\n'
-            f'[http]\nlisten = "127.0.0.1:{self.http_port}"\n' + self.mqtt_section("hub")
+            f'[http]\nlisten = "127.0.0.1:{port}"\n' + self.mqtt_section("hub")
         )
-        return self._process(name, [str(BIN / "cellwatch-hub"), "serve", "--config", str(cfg)])
+        hub = self._process(name, [str(BIN / "cellwatch-hub"), "serve", "--config", str(cfg)])
+        hub.http_port = port
+        return hub
 
     def node(
         self,
@@ -142,3 +151,23 @@ class Stack:
 def connections(broker: Broker, user: str) -> int:
     """How many times `user` logged in, from the broker's connection log."""
     return broker.log_text().count(f"u'{user}')")
+
+
+class Boots:
+    """A node's statuses as they come (as the operator reads them): how many of its
+    processes said `online` so far."""
+
+    def __init__(self, broker: Broker, node_id: str) -> None:
+        self.topic = T.status(node_id)
+        self.collector = Collector(broker.settings("operator"), self.topic, name="boots")
+
+    def online(self) -> int:
+        statuses = [NodeStatus.model_validate_json(m.payload) for m in self.collector.messages]
+        return len({s.boot_id for s in statuses if s.state == "online"})
+
+    def wait_online(self, count: int) -> None:
+        """Until `count` processes of the node said `online`."""
+        wait_for(lambda: self.online() >= count, 60, f"{self.topic}: process {count} online")
+
+    def close(self) -> None:
+        self.collector.close()

@@ -1,8 +1,10 @@
 """Revocation is final: revoked with a signed revocation, a model never comes back on
-a node, not after the hub is restored from an older backup (which knows nothing of
-the revocation and publishes an empty list), not when that hub rolls the model out
-again, not after the node restarts, and not when an impostor with the hub's broker
-password publishes a list of its own (deploy/PRODUCTION.md, threat model)."""
+a node: not after the hub is restored from an older backup (which knew nothing of the
+revocation: it learns it again from the broker's retained list before it publishes its
+own, refuses to roll the model out and hands out none of its files), not when an
+impostor with the hub's broker password sends the node a desired model naming it or
+publishes revocation lists of its own, and not after the node restarts
+(deploy/PRODUCTION.md, threat model)."""
 
 from __future__ import annotations
 
@@ -10,14 +12,20 @@ import os
 import shutil
 import subprocess
 from datetime import UTC, datetime
+from functools import partial
 from pathlib import Path
 
+import pytest
+
 from cellwatch.hub.client import HubClient
+from cellwatch.hub.errors import ApiFailure
 from cellwatch.shared.bundle import load_bundle
 from cellwatch.shared.hubapi import RolloutStartArgs
+from cellwatch.shared.mqtt import PublishProps
 from cellwatch.shared.revocations import sign_revocation
 from cellwatch.shared.schemas import (
     DesiredModel,
+    FetchRequest,
     ModelRef,
     NodeStatus,
     Result,
@@ -28,7 +36,7 @@ from cellwatch.shared.signing import TrustedKeys, generate_keypair, load_private
 from tests import images
 from tests.broker import Broker
 from tests.harness import Collector, Requester, T, wait_for
-from tests.security.stack import BIN, Stack
+from tests.security.stack import BIN, Process, Stack
 
 
 def ref(bundle: Path, keys: Path) -> ModelRef:
@@ -66,6 +74,41 @@ class Watch:
     def close(self) -> None:
         self.status.close()
         self.reports.close()
+
+
+def fetch_error(broker: Broker, model: ModelRef) -> str | None:
+    """What the hub answers node-1 asking for the manifest of `model`: the error code of
+    its answer (None: it sent the file)."""
+    box = Collector(broker.settings("node-1"), T.fetch_reply("node-1"), name="fetch")
+    asker = broker.connect("node-1")
+    req = FetchRequest(
+        manifest_sha256=model.manifest_sha256, file="manifest.json", offset=0, length=4096
+    )
+    props = PublishProps(response_topic=T.fetch_reply("node-1"), correlation_data=b"probe")
+    try:
+        assert asker.publish_wait(T.hub_fetch("node-1"), req.to_json(), props=props)
+        wait_for(lambda: any(m.correlation == b"probe" for m in box.messages), 30, "an answer")
+        (answer,) = [m for m in box.messages if m.correlation == b"probe"]
+        return answer.user.get("error")
+    finally:
+        box.close()
+
+
+def retained_lists(broker: Broker, model: ModelRef) -> bool:
+    """Whether the retained revocation list on the broker revokes `model`."""
+    box = Collector(broker.settings("node-2"), T.hub_revoked(), name="retained")
+    try:
+        wait_for(lambda: bool(box.messages), 30, "the retained revocation list")
+        last = RevocationList.model_validate_json(box.messages[-1].payload)
+        return model.manifest_sha256 in last.shas()
+    finally:
+        box.close()
+
+
+def revocation_refused(node: Process, why: str) -> bool:
+    """Whether node-1's log has a refusal of a revocation of toy 1.0.0 for `why`."""
+    lines = node.text().splitlines()
+    return any("revocation of toy 1.0.0" in line and why in line for line in lines)
 
 
 def wait_desired(broker: Broker, version: str) -> None:
@@ -133,28 +176,56 @@ def test_a_revoked_model_never_comes_back(
     wait_desired(lab_broker, "1.0.0")
 
     # The hub is restored from the older backup: it knows nothing of the revocation,
-    # publishes its (empty) list, and the operator rolls 2.0.0 out again.
+    # but learns it from the broker's retained list before it publishes its own.
     assert hub.stop() == 0
     restored = stack.hub(tmp_path / "restored", name="restored-hub")
     shutil.copytree(backup, tmp_path / "restored")
     restored.start()
-    wait_for(lambda: "leaves out 1 known revocation" in node.text(), 60, "the list refused")
     operator = HubClient(lab_broker.settings("operator"), timeout_s=30)
     operator.connect()
-    again = operator.rollout_start(RolloutStartArgs(name="toy", version="2.0.0")).rollout_id
-    wait_for(lambda: watch.refused(again), 60, "node-1 refusing the revoked bundle")
+
+    def relearnt() -> bool:
+        return any(m.version == "2.0.0" and m.revoked_at for m in operator.models().models)
+
+    wait_for(relearnt, 60, "the restored hub learning the revocation")
+    with pytest.raises(ApiFailure) as refused:
+        operator.rollout_start(RolloutStartArgs(name="toy", version="2.0.0"))
+    assert refused.value.code == "revoked"
     operator.close()
+    # Nor does it hand out any file of the revoked bundle, and its list leaves out nothing.
+    assert fetch_error(lab_broker, v2_ref) == "revoked"
+    wait_desired(lab_broker, "1.0.0")
+    assert "leaves out" not in node.text()
+
+    # An impostor with the hub's broker password (the hub stopped: the node alone must
+    # refuse): a desired model naming the revoked bundle, then revocation lists of its
+    # own.
+    assert restored.stop() == 0
+    impostor = lab_broker.connect("hub")
+    desired = DesiredModel(rollout_id="impostor", model=v2_ref, issued_at=datetime.now(UTC))
+    assert impostor.publish_wait(T.desired("node-1"), desired.to_json(), retain=True)
+    wait_for(lambda: watch.refused("impostor"), 60, "node-1 refusing the revoked bundle")
 
     # An impostor with the hub's broker password: a revocation of 1.0.0 it signed
     # with a key of its own, and an unsigned one.
     mallory = load_private_key(generate_keypair(tmp_path / "mallory", "mallory")[0])
     forged = sign_revocation(mallory, ref(v1, keys), "forged")
     unsigned = forged.model_copy(update={"signature": None, "key_id": None})
-    impostor = lab_broker.connect("hub")
-    for rev in (forged, unsigned):
+    for rev, why in ((forged, "does not match any trusted key"), (unsigned, "is not signed")):
         fake = RevocationList(revoked=[rev], issued_at=datetime.now(UTC))
         assert impostor.publish_wait(T.hub_revoked(), fake.to_json(), retain=True)
-    wait_for(lambda: node.text().count("revocation of toy 1.0.0") >= 2, 60, "both refused")
+        # (one at a time: the node takes the newest list it heard of)
+        wait_for(partial(revocation_refused, node, why), 60, f"refused: {why}")
+    assert "leaves out 1 known revocation" in node.text()
+    assert not retained_lists(lab_broker, v2_ref)
+    # The hub, back, publishes its own list again (for the nodes that start later: the
+    # impostor's is the retained one), and does so at once when an impostor replaces it.
+    restored.start()
+    wait_for(partial(retained_lists, lab_broker, v2_ref), 60, "the hub's list back")
+    fake = RevocationList(revoked=[unsigned], issued_at=datetime.now(UTC))
+    assert impostor.publish_wait(T.hub_revoked(), fake.to_json(), retain=True)
+    wait_for(lambda: "leaves out 1 this hub knows" in restored.text(), 60, "the hub noticing")
+    wait_for(partial(retained_lists, lab_broker, v2_ref), 60, "the hub's list back again")
 
     # A restart of the node: still 1.0.0, and it answers with 1.0.0.
     assert node.stop() == 0

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from cellwatch.shared.mqtt import MqttClient
 from cellwatch.shared.schemas import NodeStatus
+from cellwatch.shared.settings import client_log_name
 from tests import images
 from tests.broker import Broker
 from tests.harness import Collector, Requester, T, wait_for
@@ -60,4 +61,12 @@ def test_a_lab_cannot_take_over_the_session_of_the_hub_or_a_node(
     assert connections(lab_broker, "hub") == 1 and connections(lab_broker, "node-1") == 1
     assert hub.running and node.running
     assert "taken over" not in node.text() and "took our session" not in node.text()
+    # Nor do their logs give the ids away: they name them without the secret part.
+    for proc, user, base in (
+        (hub, "hub", "cellwatch-hub"),
+        (node, "node-1", "cellwatch-node-node-1"),
+    ):
+        secret_id = lab_broker.settings(user).session_client_id(base)
+        assert secret_id not in proc.text()
+        assert f"{client_log_name(secret_id)}: connected to" in proc.text()
     watch.close()

@@ -144,14 +144,23 @@ def test_replies_go_where_the_policy_says_with_the_correlation_data_echoed() -> 
 
 
 def test_a_refused_response_topic_falls_back_when_the_policy_has_one() -> None:
-    policy = response_topic(lambda m: T.replies_filter(), lambda m: T.results("scope-1"))
+    policy = response_topic(lambda m: T.replies_filter("labA"), lambda m: T.results("labA"))
     seen: list[Inbound[bytes]] = []
-    r: Route[bytes] = Route(T.images_filter(), raw, seen.append, max_bytes=None, reply=policy)
+    (images, _) = T.lab_images_filters()
+    r: Route[bytes] = Route(images, raw, seen.append, max_bytes=None, reply=policy)
     out = Recorder()
-    deliver(r, message(T.images("scope-1"), b"img", response_topic=T.status("node-1")), out)
-    deliver(r, message(T.images("scope-1"), b"img"), out)
-    assert [i.reply_to.topic for i in seen] == [T.results("scope-1")] * 2
-    assert [i.reply_to.refused for i in seen] == [T.status("node-1"), None]
+    topic = T.lab_images("labA")
+    deliver(r, message(topic, b"img", response_topic=T.status("node-1")), out)
+    deliver(r, message(topic, b"img", response_topic=T.replies("labB", "x")), out)
+    deliver(r, message(topic, b"img"), out)
+    deliver(r, message(topic, b"img", response_topic=T.replies("labA", "x")), out)
+    assert [i.reply_to.topic for i in seen] == [T.results("labA")] * 3 + [T.replies("labA", "x")]
+    assert [i.reply_to.refused for i in seen] == [
+        T.status("node-1"),
+        T.replies("labB", "x"),
+        None,
+        None,
+    ]
 
 
 def test_an_exact_route_wins_over_a_wildcard_one(broker: Broker) -> None:

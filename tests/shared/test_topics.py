@@ -9,8 +9,6 @@ T = Topics()
 
 
 def test_builders_follow_design() -> None:
-    assert T.images("scope-1") == "cellwatch/images/scope-1"
-    assert T.images_shared_filter() == "$share/cellwatch-nodes/cellwatch/images/#"
     assert T.lab_images("client-labA") == "cellwatch/images/client-labA"
     assert T.lab_images("client-labA", "scope-1") == "cellwatch/images/client-labA/scope-1"
     assert T.lab_images_filters() == ("cellwatch/images/+", "cellwatch/images/+/+")
@@ -24,7 +22,8 @@ def test_builders_follow_design() -> None:
         "cellwatch/nodes/n/images/+/+",
     )
     assert T.node_images("node-1") == "cellwatch/nodes/node-1/images"
-    assert T.results("scope-1") == "cellwatch/results/scope-1"
+    assert T.results("client-labA") == "cellwatch/results/client-labA"
+    assert T.replies_filter("client-labA") == "cellwatch/replies/client-labA/#"
     assert T.status("n") == "cellwatch/nodes/n/status"
     assert T.telemetry("n") == "cellwatch/nodes/n/telemetry"
     assert T.desired("n") == "cellwatch/nodes/n/desired"
@@ -37,43 +36,42 @@ def test_builders_follow_design() -> None:
     assert T.hub_fetch_filter() == "cellwatch/hub/fetch/+"
     assert T.hub_api("push") == "cellwatch/hub/api/push"
     assert T.replies("client", "x/1") == "cellwatch/replies/client/x/1"
-    assert Topics("lab7").images("a") == "lab7/images/a"
+    assert Topics("lab7").lab_images("a") == "lab7/images/a"
 
 
 @pytest.mark.parametrize("bad", ["", "a/b", "a+b", "#", "a.b", "x" * 65, "é"])
 def test_invalid_names_are_refused(bad: str) -> None:
     assert not is_valid_name(bad)
     with pytest.raises(TopicError):
-        T.images(bad)
+        T.lab_images(bad)
+    with pytest.raises(TopicError):
+        T.lab_images("labA", bad)
+    with pytest.raises(TopicError):
+        T.replies_filter(bad)
 
 
 def test_the_origin_of_an_image_is_the_account_its_topic_names() -> None:
     assert T.origin_of("cellwatch/images/labA") == ImageOrigin("labA", None)
     assert T.origin_of("cellwatch/images/labA/scope-1") == ImageOrigin("labA", "scope-1")
     assert T.origin_of("cellwatch/nodes/n/images/labA/s", "n") == ImageOrigin("labA", "s")
-    assert T.source_of("cellwatch/images/labA/scope-1") == "labA"
     for bad in (
         "cellwatch/images/labA/s/deeper",
+        "cellwatch/images/bad.account",
         "cellwatch/images/labA/bad.scope",
         "cellwatch/images/",
         "cellwatch/nodes/n/images/labA",  # without node_id
+        "cellwatch/nodes/n/images",  # the old direct topic names no account
         "cellwatch/results/labA",
     ):
         with pytest.raises(TopicError):
             T.origin_of(bad)
-    with pytest.raises(TopicError):
-        T.origin_of("cellwatch/nodes/other/images/labA", "n")
-    assert T.is_reply_topic("cellwatch/replies/labA/x", account="labA")
-    assert not T.is_reply_topic("cellwatch/replies/labB/x", account="labA")
+    for bad in ("cellwatch/nodes/other/images/labA", "cellwatch/nodes/n/images"):
+        with pytest.raises(TopicError):
+            T.origin_of(bad, "n")
 
 
-def test_parse_source_and_node_id() -> None:
-    assert T.source_of("cellwatch/images/scope_2") == "scope_2"
+def test_parse_node_id() -> None:
     assert T.node_id_of("cellwatch/nodes/node-3/status") == "node-3"
-    with pytest.raises(TopicError):
-        T.source_of("cellwatch/images/bad.source")
-    with pytest.raises(TopicError):
-        T.source_of("cellwatch/results/x")
     with pytest.raises(TopicError):
         T.node_id_of("cellwatch/nodes/node-3")
     assert T.fetch_node_of("cellwatch/hub/fetch/node-3") == "node-3"

@@ -12,7 +12,7 @@ from cellwatch.training.base import PUBLISHED_BASES, PublishedBase, check_base
 from cellwatch.training.errors import BaseError
 from cellwatch.training.export import ExportOptions, export
 from cellwatch.training.runinfo import load_run
-from tests.training.test_cli import assert_one_line_error, train
+from tests.training.helpers import assert_one_line_error, train
 
 
 def test_the_published_table_names_its_source_and_invents_no_hash() -> None:

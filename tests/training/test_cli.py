@@ -3,7 +3,6 @@ with one clear line on stderr and exit code 2 (never a traceback), writing nothi
 
 from __future__ import annotations
 
-import os
 import shutil
 import subprocess
 import sys
@@ -12,33 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.training.helpers import allidb, assert_one_line_error, train, write_images
 from tests.training.sizes import TEST_BASE
-from tests.training.test_dataset import allidb, write_images
-
-BIN = Path(sys.executable).parent
-ENV = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
-
-
-def train(*args: str | Path, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [str(BIN / "cellwatch-train"), *map(str, args)],
-        capture_output=True,
-        text=True,
-        env=ENV,
-        cwd=cwd,
-        timeout=600,
-        check=False,
-    )
-
-
-def assert_one_line_error(
-    result: subprocess.CompletedProcess[str], fragment: str, exit_code: int = 2
-) -> None:
-    assert result.returncode == exit_code, result.stderr
-    lines = result.stderr.strip().splitlines()
-    assert "Traceback" not in result.stderr
-    assert lines[-1].startswith("error: ") and fragment in lines[-1], result.stderr
-    assert not [line for line in lines[:-1] if line.startswith("error")]
 
 
 def test_help_is_fast_and_does_not_load_tensorflow() -> None:
@@ -148,7 +122,7 @@ def test_gate_settings_out_of_range_are_usage_errors(tmp_path: Path) -> None:
 def test_export_gate_failure_exits_3_naming_the_figure(
     trained_run: Path, bundle: Callable[[str], Path], signing_key: Path, tmp_path: Path
 ) -> None:
-    from tests.training.test_export import gate_threshold, inputs_of
+    from tests.training.runs import gate_threshold, inputs_of
 
     threshold, _ = gate_threshold(trained_run, bundle, inputs_of(trained_run)[0])
     result = train(

@@ -6,30 +6,13 @@ import logging
 import shutil
 from pathlib import Path
 
-import cv2
-import numpy as np
 import pytest
 
 from cellwatch.training.dataset import fingerprint, load_rgb
 from cellwatch.training.errors import DataError, TrainingError
 from cellwatch.training.split import SPLIT_FILE, load_split, prepare
 from tests.images import truncated_jpeg
-
-
-def write_images(folder: Path, names: list[str], seed: int = 0) -> None:
-    folder.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(seed)
-    for name in names:
-        img = rng.integers(0, 256, (48, 64, 3), dtype=np.uint8)
-        assert cv2.imwrite(str(folder / name), img)
-
-
-def allidb(n_per_class: int, suffix: str = ".tif") -> list[str]:
-    return [f"Im{i:03d}_{i % 2}{suffix}" for i in range(1, 2 * n_per_class + 1)]
-
-
-def nothing_written(parent: Path, out: Path) -> bool:
-    return not out.exists() and not [p for p in parent.iterdir() if p.name.endswith(".partial")]
+from tests.training.helpers import allidb, nothing_written, write_images
 
 
 def test_allidb2_split_is_stratified_and_deterministic(tmp_path: Path) -> None:

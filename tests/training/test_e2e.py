@@ -24,8 +24,8 @@ from cellwatch.training.dataset import ImageEntry, load_rgb
 from cellwatch.training.evalgraph import FrozenGraph
 from cellwatch.training.preprocess import Preprocessor
 from cellwatch.training.split import load_split
+from tests.training.helpers import BIN, ENV, assert_one_line_error, train
 from tests.training.sizes import TEST_DEPTH
-from tests.training.test_cli import BIN, ENV, assert_one_line_error, train
 
 pytestmark = pytest.mark.slow
 

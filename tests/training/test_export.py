@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import shutil
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -28,19 +27,10 @@ from cellwatch.training.runinfo import FROZEN_FILE, load_run
 from cellwatch.training.split import load_split
 from cellwatch.training.stats import MetricSet, metric_set
 from cellwatch.training.tfcompat import tf1
+from tests.training.runs import Bundles, gate_threshold, inputs_of
 from tests.training.sizes import TEST_BASE, TEST_DEPTH
 
 pytestmark = pytest.mark.slow
-Bundles = Callable[[Precision], Path]
-
-
-def inputs_of(run: Path) -> tuple[np.ndarray, np.ndarray]:
-    """A run's test split, eval-preprocessed, and its labels."""
-    split = load_split(Path(load_run(run).split_dir))
-    entries = split.entries("test")
-    with Preprocessor() as pre:
-        x = np.concatenate(list(batches(split.root, entries, pre, "test")))
-    return x, np.array([e.label for e in entries])
 
 
 @pytest.fixture(scope="module")
@@ -263,17 +253,6 @@ def test_the_drift_reference_is_the_deployed_ir_on_validation(
         assert ref.color[i].counts == histogram(ref.color[i].cuts, stats[:, i])
     assert ref.sharpness.counts == histogram(ref.sharpness.cuts, stats[:, 3])
     assert ref.size.n == 6 and len(ref.size.counts) >= 2
-
-
-def gate_threshold(trained_run: Path, bundle: Bundles, x: np.ndarray) -> tuple[float, int]:
-    """A threshold between TensorFlow's and the deployed fp16 IR's p(ALL) of one test image,
-    so that image's decision differs between the two by construction."""
-    p_dep = CompiledIR(bundle("fp16") / "model.xml", DEVICE_DEFAULT).predict(x)[:, 1]
-    with FrozenGraph(trained_run / FROZEN_FILE) as frozen:
-        p_tf = frozen.predict(x)[:, 1]
-    i = int(np.argmax(np.abs(p_dep - p_tf)))
-    assert p_dep[i] != p_tf[i], "the deployed IR reproduces TensorFlow exactly on this CPU"
-    return float((p_dep[i] + p_tf[i]) / 2), i
 
 
 def test_gate_refuses_a_model_whose_decisions_moved(

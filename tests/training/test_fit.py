@@ -17,23 +17,14 @@ from cellwatch.training.errors import CheckpointError, TrainingError
 from cellwatch.training.fit import BOTTLENECK_CACHE_DIR, fit
 from cellwatch.training.runinfo import LOG_FILE, RUN_FILE, FitConfig, RunInfo
 from cellwatch.training.split import load_split
-from cellwatch.training.tfcompat import tf1
 from cellwatch.training.trainer import BottleneckTrainer
+from tests.training.runs import is_head, read_ckpt
 from tests.training.sizes import TEST_DEPTH
 
 pytestmark = pytest.mark.slow
 
 HEAD_W = f"{network.HEAD_CONV_SCOPE}/weights"
 HEAD_B = f"{network.HEAD_CONV_SCOPE}/biases"
-
-
-def read_ckpt(prefix: Path) -> dict[str, np.ndarray]:
-    reader = tf1.train.NewCheckpointReader(str(prefix))
-    return {name: reader.get_tensor(name) for name in reader.get_variable_to_shape_map()}
-
-
-def is_head(name: str) -> bool:
-    return any(name.startswith(scope + "/") for scope in network.HEAD_SCOPES)
 
 
 def test_bottleneck_base_is_restored_and_frozen_head_trains(

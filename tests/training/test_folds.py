@@ -12,8 +12,8 @@ from cellwatch.training.export import ExportOptions, export
 from cellwatch.training.fit import BOTTLENECK_CACHE_DIR, fit
 from cellwatch.training.runinfo import FitConfig
 from cellwatch.training.split import prepare
+from tests.training.helpers import train
 from tests.training.sizes import TEST_BASE, TEST_DEPTH
-from tests.training.test_cli import train
 
 pytestmark = pytest.mark.slow
 

@@ -14,8 +14,13 @@ import pytest
 from cellwatch.training.errors import DataError
 from cellwatch.training.split import SPLIT_NAMES, load_split, prepare
 from cellwatch.training.synth import smear
-from tests.training.test_cli import assert_one_line_error, train
-from tests.training.test_dataset import allidb, nothing_written, write_images
+from tests.training.helpers import (
+    allidb,
+    assert_one_line_error,
+    nothing_written,
+    train,
+    write_images,
+)
 
 
 def write_smears(folder: Path, names: list[str], seed: int = 5) -> None:

@@ -12,8 +12,8 @@ from cellwatch.training.errors import QualityError
 from cellwatch.training.export import ExportOptions, export
 from cellwatch.training.measure import Candidate, Inputs, Limits, meets_on_validation
 from cellwatch.training.quality import assess
+from tests.training.helpers import assert_one_line_error, train
 from tests.training.sizes import TEST_BASE
-from tests.training.test_cli import assert_one_line_error, train
 
 Y = np.array([0, 1] * 20)
 

@@ -16,8 +16,8 @@ from cellwatch.training.errors import TrainingError
 from cellwatch.training.fit import MIN_IMPROVEMENT, fit
 from cellwatch.training.runinfo import FitConfig, load_run
 from cellwatch.training.split import load_split
+from tests.training.runs import is_head, read_ckpt
 from tests.training.sizes import TEST_DEPTH
-from tests.training.test_fit import is_head, read_ckpt
 
 SCOPES = ["InceptionV3/Logits", "InceptionV3/Mixed_7c"]
 

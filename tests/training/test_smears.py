@@ -12,7 +12,7 @@ import numpy as np
 from cellwatch.training.groups import read_groups
 from cellwatch.training.smears import match_crops
 from cellwatch.training.synth import smear
-from tests.training.test_cli import train
+from tests.training.helpers import train
 
 CROP = 257
 
