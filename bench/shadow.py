@@ -212,6 +212,8 @@ def main() -> None:
                 )
         set_mode(hub, reports, ref, 0.0)
         stop_node(node)
+        hub.disconnect()
+        reports.client.disconnect()
     finally:
         broker.stop()
     load1 = os.getloadavg()

@@ -35,13 +35,6 @@ def stack(broker: Broker, toy_bundle: tuple[Path, Path], tmp_path: Path) -> Iter
     s.stop()
 
 
-@pytest.fixture
-def requester(broker: Broker) -> Iterator[Requester]:
-    r = Requester(broker.settings("client"))
-    yield r
-    r.close()
-
-
 def reports(watch: Collector) -> list[ShadowReport]:
     return [
         ShadowReport.model_validate_json(m.payload) for m in watch.on(T.shadow_report("node-1"))
