@@ -278,7 +278,7 @@ def shadow_view(rollout_id: str, s: ShadowInfo, reason: str | None = None) -> Re
     lines: list[RenderableType] = [
         head,
         # once over, its outcome (unless the rollout's reason above says it already)
-        *([Text(f"  {s.verdict}")] if s.open or s.verdict != reason else []),
+        *([Text(f"  {s.verdict}")] if s.open or not reason or reason not in s.verdict else []),
         Text(
             f"  {s.agreement.n} images scored{need}; {s.skipped} skipped (live images waiting)"
             + (f"; {s.failed} node(s) could not load it" if s.failed else ""),
