@@ -10,6 +10,7 @@ refused and counted."""
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -216,6 +217,8 @@ def test_a_disagreeing_candidate_aborts_and_an_agreeing_one_promotes_itself(
     assert sum(scored.values()) == a.n and set(scored) <= set(NODES)
     drift = {n.node_id: n.drift for n in f.operator.nodes().nodes}
     assert all(d is not None and d.state == "no_reference" for d in drift.values())  # toy bundles
+    for path in ("/", "/nodes/node-1"):  # the badge says so, on the fleet's and the node's page
+        assert re.search(r'data-drift="no_reference"[^>]*>no reference<', get(f.url, path).text)
 
 
 def test_a_candidate_that_cannot_be_loaded_beside_fails_the_phase_with_its_code(
