@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import re
+import sqlite3
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -310,6 +311,25 @@ def test_restarts_keep_the_phase_and_each_window_counts_once(
     assert dropped("duplicate_window") == 1 and dropped("unknown_rollout") == 1
     after = f.operator.rollout_status(rid).shadow
     assert after is not None and node_n(after, "node-2") == n2 + 5
+
+    # a window that comes while the hub's database is locked waits, and then counts
+    locker = sqlite3.connect(tmp_path / "hub-data" / "hub.db", isolation_level=None)
+    locker.execute("BEGIN EXCLUSIVE")
+    try:
+        window = window.model_copy(update={"window_id": "while-locked-1", "n": 7, "agreements": 7})
+        assert node2.publish_wait(T.shadow_report("node-2"), report(rid))
+        wait_for(lambda: "cannot write the database" in f.hub.text(), 30, "the hub sees the lock")
+        held = f.operator.rollout_status(rid).shadow  # a read is answered meanwhile
+        assert held is not None and node_n(held, "node-2") == n2 + 5
+    finally:
+        locker.execute("ROLLBACK")
+        locker.close()
+
+    def counted() -> int:
+        shadow = f.operator.rollout_status(rid).shadow
+        return node_n(shadow, "node-2") if shadow is not None else -1
+
+    wait_for(lambda: counted() == n2 + 12, 60, "the window that waited counted")
 
 
 def node_n(shadow: ShadowInfo, node_id: str) -> int:
