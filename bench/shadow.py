@@ -16,7 +16,8 @@ off; ...), and in each mode:
 - throughput: the lab client in its own process (bench/sender.py) keeps 32 images in
   flight on the node's direct topic; img/s, node CPU ms per image;
 - latency: one image at a time (the client sends the next when the Result is back):
-  round trip p50 / p99, the worst case for shadow work, which then runs between images;
+  round trip p50 / p99, the worst case for shadow work, which then starts between
+  images and is cancelled by the next one;
 - the node's shadow windows over each run: images scored and skipped (busy).
 Medians over the rounds are printed as a table, with the node's RSS before the
 candidate was ever loaded (one model) and while it is loaded (two models), and the CPU.

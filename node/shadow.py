@@ -12,9 +12,11 @@ leave less than `shadow.min_free_mb` of memory free (`insufficient_memory`).
 `ShadowScorer` is an observer (node/observers.py) of every answered image. It samples
 `rate` of them; a sampled image is scored only while no live image waits for its
 Result (at most `shadow.max_live`), otherwise it is skipped and counted, so the rate
-is a ceiling and shadow work never competes with a live image for long. Scoring runs
-the candidate on the very input the serving model saw and compares the labels (each
-under its own bundle's decision rule) and the probabilities. Every `shadow.window_s`
+is a ceiling; a live image that arrives while the candidate runs cancels it (within
+a millisecond: `ServingModel.infer_unless`), and that image is skipped too, so
+shadow work never competes with a live image for long. Scoring runs the candidate on
+the very input the serving model saw and compares the labels (each under its own
+bundle's decision rule) and the probabilities. Every `shadow.window_s`
 the window closes and goes to the hub on `nodes/{node_id}/shadow-report`: n,
 agreements, the confusion of serving x candidate labels, mean and max |Δp|, both
 inference latencies (p50/p99), skipped images, and each disagreeing image's hash,
@@ -329,10 +331,13 @@ class ShadowScorer:
             self._skip()
             return
         t0 = time.monotonic()
-        try:
-            probs = candidate.infer(obs.pixels)
+        try:  # a live image that arrives meanwhile cancels it: skipped too
+            probs = candidate.infer_unless(obs.pixels, lambda: waiting() > self.max_live)
         except RuntimeError as exc:
             log.warning("node %s: shadow inference failed: %s", self.node_id, exc)
+            self._skip()
+            return
+        if probs is None:
             self._skip()
             return
         ms = (time.monotonic() - t0) * 1000.0

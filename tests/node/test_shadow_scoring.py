@@ -136,6 +136,29 @@ def test_a_busy_node_skips_and_counts_instead_of_scoring(models: Models) -> None
     assert w is not None and (w.n, w.skipped) == (4, 5)
 
 
+def test_a_live_image_arriving_while_the_candidate_runs_cancels_it(models: Models) -> None:
+    """No live image waits when the scorer looks, one arrives once the candidate has
+    started: the candidate's inference is cancelled, and the image counted skipped."""
+    rec = Recorder()
+    s = scorer(rec)
+    s.start(order(models.agreeing), models.agreeing)
+    asked = 0
+
+    def waiting() -> int:  # 0 at the scorer's look, then a live image waits
+        nonlocal asked
+        asked += 1
+        return 0 if asked == 1 else 1
+
+    s.observe(observation(models.active, smears(1, seed=8)[0]), waiting)
+    s.observe(observation(models.active, smears(1, seed=9)[0]), lambda: 0)  # scored
+    s.flush(force=True)
+    w = reports(rec)[-1].window
+    assert w is not None and (w.n, w.skipped) == (1, 1)
+    assert asked == 2  # asked again while the candidate ran
+    again = models.agreeing.infer(observation(models.active, smears(1, seed=8)[0]).pixels)
+    assert again.shape == (2,)  # the cancelled request serves the next inference
+
+
 def test_the_rate_is_a_share_of_the_images(models: Models) -> None:
     rec = Recorder()
     s = scorer(rec, seed=3)
