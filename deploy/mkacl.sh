@@ -13,11 +13,11 @@ Usage: deploy/mkacl.sh [--prefix PREFIX] [--replace] [--client NAME]...
 Writes DIR/acl, the Mosquitto ACL for cellwatch's roles (DESIGN.md, Topics and
 Security):
 
-  hub       reads node status/telemetry/update, every node's fetch requests
-            (PREFIX/hub/fetch/+), API requests, the list of revoked bundles and
-            the sites' bridge links (PREFIX/sites/+/bridge); writes desired models,
-            bundle chunks, API replies and the list of revoked bundles
-            (PREFIX/hub/revoked: no one else may write it)
+  hub       reads node status/telemetry/update/shadow reports, every node's fetch
+            requests (PREFIX/hub/fetch/+), API requests, the list of revoked bundles
+            and the sites' bridge links (PREFIX/sites/+/bridge); writes desired
+            models, shadow orders, bundle chunks, API replies and the list of revoked
+            bundles (PREFIX/hub/revoked: no one else may write it)
   operator  writes API requests, reads its API replies and node status;
             may also publish test images (any images topic, PREFIX/images/# and
             PREFIX/nodes/+/images/#: also to clear an image a lab published
@@ -31,9 +31,9 @@ Security):
             replies; nothing of another lab's
   NODE_ID   one block per node: reads every lab's images (PREFIX/images/ACCOUNT
             and PREFIX/images/ACCOUNT/SCOPE) and its own
-            (PREFIX/nodes/NODE_ID/images/ACCOUNT[/SCOPE]), its own desired/fetch
-            topics, its own status and the revoked bundles; writes only its own
-            status/telemetry/update, fetch
+            (PREFIX/nodes/NODE_ID/images/ACCOUNT[/SCOPE]), its own desired/shadow/
+            fetch topics, its own status and the revoked bundles; writes only its own
+            status/telemetry/update/shadow-report, fetch
             requests (PREFIX/hub/fetch/NODE_ID), results and replies
   bridge-SITE  (central broker) one block per --bridge SITE=ID,...: the account of
             a site's bridge (deploy/site_conf.py) writes only what a site forwards
@@ -207,9 +207,11 @@ topic read $p/sites/+/bridge
 topic read $p/nodes/+/status
 topic read $p/nodes/+/telemetry
 topic read $p/nodes/+/update
+topic read $p/nodes/+/shadow-report
 topic read $p/hub/fetch/+
 topic read $p/hub/api/#
 topic write $p/nodes/+/desired
+topic write $p/nodes/+/shadow
 topic write $p/nodes/+/fetch
 topic write $p/hub/replies/#
 topic write $p/hub/revoked
@@ -240,11 +242,13 @@ topic read $p/images/+/+
 topic read $p/nodes/$n/images/+
 topic read $p/nodes/$n/images/+/+
 topic read $p/nodes/$n/desired
+topic read $p/nodes/$n/shadow
 topic read $p/nodes/$n/fetch
 topic read $p/hub/revoked
 topic readwrite $p/nodes/$n/status
 topic write $p/nodes/$n/telemetry
 topic write $p/nodes/$n/update
+topic write $p/nodes/$n/shadow-report
 topic write $p/hub/fetch/$n
 topic write $p/results/+
 topic write $p/replies/#

@@ -7,9 +7,9 @@ is stored under its request_id: the same request again (a client retry) gets the
 same reply and does nothing twice.
 
 Verbs: push.begin, push.commit, models, models.revoke, nodes, stats, rollout.start,
-rollout.status, rollout.list, rollout.pause, rollout.resume, rollout.abort,
-rollout.rollback (the chunk upload on `upload` has its own route, hub/control.py and
-push.py).
+rollout.status, rollout.list, rollout.pause, rollout.resume, rollout.promote,
+rollout.abort, rollout.rollback (the chunk upload on `upload` has its own route,
+hub/control.py and push.py).
 """
 
 from __future__ import annotations
@@ -87,6 +87,9 @@ class Api:
             ),
             "rollout.resume": Verb(
                 RolloutIdArgs, lambda a, now: orch.resume(a.rollout_id, now), mutating=True
+            ),
+            "rollout.promote": Verb(
+                RolloutIdArgs, lambda a, now: orch.promote(a.rollout_id, now), mutating=True
             ),
             "rollout.abort": Verb(
                 RolloutIdArgs, lambda a, now: orch.abort(a.rollout_id, now), mutating=True

@@ -27,6 +27,12 @@ from cellwatch.hub.queries import as_json as json_text
 from cellwatch.hub.service import HubService
 from cellwatch.shared.cli import friendly_errors, run_until_signalled, setup_logging
 from cellwatch.shared.hubapi import RolloutInfo, RolloutStartArgs
+from cellwatch.shared.promotion import (
+    ShadowSpecError,
+    parse_duration,
+    parse_promote_when,
+    parse_rate,
+)
 from cellwatch.shared.states import FINISHED_ROLLOUT_STATES, TARGET_FAILURES, RolloutState
 
 P = ParamSpec("P")
@@ -107,6 +113,23 @@ def operator(func: Callable[..., None]) -> Callable[..., None]:
             client.close()
 
     return wrapper
+
+
+def _checked(
+    parse: Callable[[str], object],
+) -> Callable[[click.Context, click.Parameter, Any], Any]:
+    """A click callback: the value as typed, once `parse` accepts it (a usage error,
+    before any connection, otherwise)."""
+
+    def check(ctx: click.Context, param: click.Parameter, value: Any) -> Any:
+        if value is not None:
+            try:
+                parse(value)
+            except ShadowSpecError as exc:
+                raise click.BadParameter(str(exc)) from exc
+        return value
+
+    return check
 
 
 def emit(as_json: bool, data: BaseModel | dict[str, Any], view: RenderableType) -> None:
@@ -299,6 +322,28 @@ def rollout() -> None:
     help="roll out a model with a flag: SYNTHETIC, UNTRAINED, UNVERIFIED-BASE, NO-SKILL or "
     "DEGRADED (refused without it)",
 )
+@click.option(
+    "--shadow",
+    "shadow_rate",
+    metavar="RATE",
+    callback=_checked(parse_rate),
+    help="start with a shadow phase: the targets load the model beside their own and score "
+    "this share of their live images with it (20% or 0.2; a ceiling: busy nodes skip)",
+)
+@click.option(
+    "--promote-when",
+    metavar="RULE",
+    callback=_checked(parse_promote_when),
+    help='promote on evidence, e.g. "agreement>=0.97,n>=300": the lower bound of the '
+    "agreement's 95% interval reaches 0.97 with 300 images scored (it aborts itself when "
+    "the upper bound falls below); without it only `rollout promote` promotes",
+)
+@click.option(
+    "--shadow-for",
+    metavar="DURATION",
+    callback=_checked(parse_duration),
+    help="pause the shadow phase for the operator after this long (90s, 30m, 2h, 1d)",
+)
 @connection
 @friendly_errors
 @operator
@@ -314,9 +359,18 @@ def rollout_start(
     node_timeout: float | None,
     request_id: str | None,
     yes_untrained: bool,
+    shadow_rate: str | None,
+    promote_when: str | None,
+    shadow_for: str | None,
     as_json: bool,
 ) -> None:
     """Roll model NAME VERSION out to the target nodes in waves.
+
+    With --shadow, the rollout begins in phase `shadowing`: every target loads the model
+    beside the one it serves and scores a share of its live images with it, after
+    answering them with its own (a Result never waits for it, nor changes). The hub
+    pools the agreement with a Wilson 95% interval; --promote-when starts the waves on
+    that evidence, `rollout promote ID` on the operator's word.
 
     A model with a flag (see `cellwatch-hub models`, FLAGS: synthetic data, random
     or unverified base, no evidence of skill, degraded) needs --yes-untrained."""
@@ -330,7 +384,14 @@ def rollout_start(
         min_executed=min_executed,
         node_timeout_s=node_timeout,
         yes_untrained=yes_untrained,
+        shadow=shadow_rate,
+        promote_when=promote_when,
+        shadow_for_s=parse_duration(shadow_for) if shadow_for is not None else None,
     )
+    try:
+        args.shadow_policy()  # the same check as the hub's, before connecting to it
+    except ShadowSpecError as exc:
+        raise click.UsageError(str(exc)) from exc
     info = client.rollout_start(args, request_id=request_id)
     if not as_json and info.existing:
         click.echo(f"rollout {info.rollout_id} already does this ({info.state}): not started again")
@@ -408,7 +469,15 @@ def _verb(verb: str, doc: str) -> None:
 
 
 _verb("pause", "Issue no new waves (nodes already told go on).")
-_verb("resume", "Continue a paused rollout.")
+_verb(
+    "resume",
+    "Continue a paused rollout (paused in its shadow phase: shadow for another --shadow-for).",
+)
+_verb(
+    "promote",
+    "End the shadow phase on the operator's word and begin the waves (the evidence so far "
+    "is kept in its status).",
+)
 _verb("abort", "Stop the rollout for good; nodes already switched stay.")
 _verb(
     "rollback",

@@ -224,7 +224,7 @@ class HubClient:
         return RolloutList.model_validate(self.call("rollout.list"))
 
     def rollout_verb(self, verb: str, rollout_id: str) -> RolloutInfo:
-        """verb: pause, resume, abort or rollback."""
+        """verb: pause, resume, promote, abort or rollback."""
         return RolloutInfo.model_validate(
             self.call(f"rollout.{verb}", RolloutIdArgs(rollout_id=rollout_id))
         )

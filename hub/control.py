@@ -1,8 +1,8 @@
 """The hub's control thread: everything that changes state, in order.
 
 It takes the items the routes (hub/intake.py) and the broker's acknowledgements hand
-over: node statuses (a slot per node), telemetry and update reports, API calls and
-upload chunks, the retained revocation list, confirmed desired models, and tasks. It
+over: node statuses (a slot per node), telemetry, update and shadow reports, API calls
+and upload chunks, the retained revocation list, confirmed desired models, and tasks. It
 ticks the rollout engine every `tick_s`, and as soon as it has caught up with the
 fleet's news; each tick also queues the statuses a node's rate held back. A message
 is acknowledged to the broker only after it was handled (persistent session, so
@@ -12,8 +12,8 @@ A database that cannot be written (another process holds a lock on it, a full di
 stalls the thread for one busy timeout (hub/db.py, BUSY_TIMEOUT_S), not once per
 message: from the first such error on, the database is taken for unwritable, and
 messages are not handled but kept, each as its kind says (`intake.Outage`): a node's
-statuses wait in its slot (newer ones still replace older ones), update reports and
-the revocation list wait in order, telemetry is dropped (counted `database`), API
+statuses wait in its slot (newer ones still replace older ones), update and shadow
+reports and the revocation list wait in order, telemetry is dropped (counted `database`), API
 calls are answered (a read works; a write fails with `internal`), and the rollout
 engine does not tick (nor are the nodes' figures written, hub/fleet.py). It tries
 again after RETRY_FIRST_S, then twice as long each time up to RETRY_MAX_S; once a
@@ -45,7 +45,7 @@ from cellwatch.hub.intake import (
     StatusSlot,
     api_error,
 )
-from cellwatch.hub.orchestrator import Orchestrator
+from cellwatch.hub.orchestrator import Orchestrator, ShadowOutcome
 from cellwatch.hub.registry import Registry
 from cellwatch.hub.served import ServedTotals
 from cellwatch.hub.sites import LINK_DOWN, LINK_UP
@@ -60,6 +60,7 @@ from cellwatch.shared.schemas import (
     ApiRequest,
     NodeStatus,
     RevocationList,
+    ShadowReport,
     Telemetry,
     UpdateReport,
 )
@@ -238,8 +239,8 @@ class Control:
             self._retry_s, self._down_since = RETRY_FIRST_S, now
             log.error(
                 "hub: cannot write the database (%s, handling %s): node statuses, update "
-                "reports and revocations wait (unacknowledged), telemetry is dropped; "
-                "trying again in %.0f s",
+                "and shadow reports and revocations wait (unacknowledged), telemetry is "
+                "dropped; trying again in %.0f s",
                 exc,
                 what,
                 self._retry_s,
@@ -293,6 +294,15 @@ class Control:
             return False
         self.orchestrator.on_report(node_id, inbound.body, now)
         return True
+
+    def on_shadow(self, inbound: Inbound[ShadowReport], node_id: str) -> bool:
+        now = time.time()
+        outcome = self.orchestrator.on_shadow_report(node_id, inbound.body, now)
+        if outcome is not ShadowOutcome.TAKEN:
+            self.counters.dropped(DropReason(outcome.value))
+        return outcome is not ShadowOutcome.UNKNOWN_ROLLOUT and outcome is not (
+            ShadowOutcome.NOT_A_TARGET
+        )
 
     def on_revocations(self, inbound: Inbound[RevocationList], node_id: str) -> bool:
         """The revocation list on the broker (retained; only the hub's account may write

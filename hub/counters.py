@@ -35,6 +35,16 @@ class DropReason(StrEnum):
     """A message of a node id beyond `limits.max_nodes`."""
     HANDLING_FAILED = "handling_failed"
     """A message whose handling kept failing (e.g. the database) after the retries."""
+    UNKNOWN_ROLLOUT = "unknown_rollout"
+    """A shadow report for a rollout the hub does not have, or one without a shadow phase."""
+    NOT_A_TARGET = "not_a_target"
+    """A shadow report from a node outside the rollout's targets (or of another model)."""
+    PHASE_OVER = "phase_over"
+    """A shadow window that arrived after its phase ended (not counted: the evidence is
+    what the decision saw)."""
+    DUPLICATE_WINDOW = "duplicate_window"
+    """A shadow window the hub had stored already (counted once; the report's state is
+    taken)."""
 
 
 class HubCounters:

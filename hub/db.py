@@ -1,6 +1,7 @@
 """The hub's SQLite database (WAL): models, nodes, rollouts, their targets and
-events, and the replies of mutating API calls (so a repeated request_id gets the
-same answer).
+events, the windows of shadow phases (each stored once: its id is unique per node
+process and window), and the replies of mutating API calls (so a repeated request_id
+gets the same answer).
 
 Times are seconds since the epoch (REAL). One connection, guarded by a lock; every
 write is one transaction. The HTTP server reads through a read-only connection of
@@ -20,18 +21,20 @@ from typing import Any
 
 from cellwatch.hub.errors import HubError
 from cellwatch.hub.rollout import Rollout, Target
+from cellwatch.hub.shadowing import ShadowPhase, WindowFacts
 from cellwatch.shared.codes import UpdateErrorCode
-from cellwatch.shared.hubapi import RolloutPolicy
-from cellwatch.shared.schemas import ModelRef, Revocation
+from cellwatch.shared.hubapi import RolloutPolicy, ShadowPolicy
+from cellwatch.shared.schemas import ModelRef, Revocation, ShadowWindow
 from cellwatch.shared.states import (
     ACTIVE_ROLLOUT_STATES,
     NodeState,
     RolloutState,
+    ShadowState,
     TargetPhase,
     UpdateState,
 )
 
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
 REPLY_RETENTION_S = 7 * 24 * 3600
 BUSY_TIMEOUT_S = 2.0
 """How long a write waits for a lock another connection holds before it fails (the
@@ -89,7 +92,8 @@ CREATE TABLE IF NOT EXISTS rollouts (
     reason TEXT,
     created_at REAL NOT NULL,
     updated_at REAL NOT NULL,
-    finished_at REAL
+    finished_at REAL,
+    shadow TEXT
 );
 CREATE TABLE IF NOT EXISTS targets (
     rollout_id TEXT NOT NULL REFERENCES rollouts (rollout_id),
@@ -109,7 +113,21 @@ CREATE TABLE IF NOT EXISTS targets (
     finished_at REAL,
     updated_at REAL NOT NULL,
     confirmed INTEGER NOT NULL,
+    shadow_state TEXT,
+    shadow_error_code TEXT,
+    shadow_error_message TEXT,
     PRIMARY KEY (rollout_id, node_id)
+);
+CREATE TABLE IF NOT EXISTS shadow_windows (
+    rollout_id TEXT NOT NULL REFERENCES rollouts (rollout_id),
+    node_id TEXT NOT NULL,
+    window_id TEXT NOT NULL,
+    received_at REAL NOT NULL,
+    n INTEGER NOT NULL,
+    agreements INTEGER NOT NULL,
+    skipped INTEGER NOT NULL,
+    window TEXT NOT NULL,
+    PRIMARY KEY (rollout_id, node_id, window_id)
 );
 CREATE INDEX IF NOT EXISTS targets_node ON targets (node_id);
 CREATE TABLE IF NOT EXISTS rollout_events (
@@ -150,6 +168,12 @@ MIGRATIONS = {
     # schema 4 -> 5: signed revocations (the `revocations` table: CREATE above), and
     # the earlier boots of each node in the order the hub heard of them
     4: "ALTER TABLE nodes ADD COLUMN boots TEXT NOT NULL DEFAULT '[]';",
+    # schema 5 -> 6: shadow phases (the rollout's policy and outcome, each target's
+    # shadow state; the `shadow_windows` table: CREATE above)
+    5: "ALTER TABLE rollouts ADD COLUMN shadow TEXT; "
+    "ALTER TABLE targets ADD COLUMN shadow_state TEXT; "
+    "ALTER TABLE targets ADD COLUMN shadow_error_code TEXT; "
+    "ALTER TABLE targets ADD COLUMN shadow_error_message TEXT;",
 }
 
 
@@ -397,7 +421,7 @@ class Database:
         with self._tx() as c:
             c.execute(
                 "INSERT OR REPLACE INTO rollouts VALUES "
-                "(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                "(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     seq,
                     r.rollout_id,
@@ -417,6 +441,7 @@ class Database:
                     r.created_at,
                     r.updated_at,
                     r.finished_at,
+                    _shadow_json(r.shadow),
                 ),
             )
             changed = [(position, t) for position, t in enumerate(r.targets) if t.dirty]
@@ -424,7 +449,7 @@ class Database:
                 prev = t.previous
                 c.execute(
                     "INSERT OR REPLACE INTO targets VALUES "
-                    "(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    "(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                     (
                         r.rollout_id,
                         t.node_id,
@@ -443,6 +468,9 @@ class Database:
                         t.finished_at,
                         t.updated_at,
                         int(t.confirmed),
+                        t.shadow_state.value if t.shadow_state else None,
+                        t.shadow_error_code,
+                        t.shadow_error_message,
                     ),
                 )
             c.executemany(
@@ -533,6 +561,9 @@ class Database:
                 finished_at=t["finished_at"],
                 updated_at=t["updated_at"],
                 confirmed=bool(t["confirmed"]),
+                shadow_state=ShadowState(t["shadow_state"]) if t["shadow_state"] else None,
+                shadow_error_code=_code(t["shadow_error_code"]),
+                shadow_error_message=t["shadow_error_message"],
             )
             for t in self._rows(
                 "SELECT * FROM targets WHERE rollout_id = ? ORDER BY position", row["rollout_id"]
@@ -540,6 +571,7 @@ class Database:
         ]
         for t in targets:
             t.dirty = False  # as stored
+        shadow = self._shadow(row["rollout_id"], row["shadow"])
         return Rollout(
             rollout_id=row["rollout_id"],
             model=_ref(row["model_name"], row["model_version"], row["model_sha256"]),
@@ -553,7 +585,63 @@ class Database:
             reason=row["reason"],
             updated_at=row["updated_at"],
             finished_at=row["finished_at"],
+            shadow=shadow,
         )
+
+    # -- shadow phases ----------------------------------------------------------------------
+    def add_shadow_window(
+        self, rollout_id: str, node_id: str, window: ShadowWindow, now: float
+    ) -> bool:
+        """Store a window of node_id's shadow report; False when it was stored before
+        (the same window id again: a redelivery, a node that sent it twice)."""
+        with self._tx() as c:
+            cur = c.execute(
+                "INSERT OR IGNORE INTO shadow_windows VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    rollout_id,
+                    node_id,
+                    window.window_id,
+                    now,
+                    window.n,
+                    window.agreements,
+                    window.skipped,
+                    window.model_dump_json(by_alias=True),
+                ),
+            )
+            return cur.rowcount == 1
+
+    def shadow_totals(self) -> list[tuple[str, str, int, int, int]]:
+        """(rollout_id, node_id, images, agreements, skipped) of every stored window,
+        summed per rollout and node (/metrics)."""
+        rows = self._rows(
+            "SELECT rollout_id, node_id, sum(n) AS n, sum(agreements) AS k, "
+            "sum(skipped) AS skipped FROM shadow_windows GROUP BY rollout_id, node_id "
+            "ORDER BY rollout_id, node_id"
+        )
+        return [(r["rollout_id"], r["node_id"], r["n"], r["k"], r["skipped"]) for r in rows]
+
+    def _shadow(self, rollout_id: str, stored: str | None) -> ShadowPhase | None:
+        """A rollout's shadow phase with its evidence: every stored window, in order."""
+        if not stored:
+            return None
+        data = json.loads(stored)
+        phase = ShadowPhase(
+            ShadowPolicy.model_validate(data["policy"]),
+            started_at=data["started_at"],
+            ended_at=data.get("ended_at"),
+            outcome=data.get("outcome"),
+        )
+        rows = self._rows(
+            "SELECT node_id, received_at, window FROM shadow_windows WHERE rollout_id = ? "
+            "ORDER BY received_at, rowid",
+            rollout_id,
+        )
+        for r in rows:
+            phase.add(
+                r["node_id"],
+                window_facts(ShadowWindow.model_validate_json(r["window"]), r["received_at"]),
+            )
+        return phase
 
     # -- bundle bytes served ----------------------------------------------------------------
     def served(self) -> dict[str, dict[str, int]]:
@@ -584,6 +672,38 @@ class Database:
                 (request_id, verb, reply, now),
             )
             c.execute("DELETE FROM api_replies WHERE created_at < ?", (now - REPLY_RETENTION_S,))
+
+
+def window_facts(w: ShadowWindow, received_at: float) -> WindowFacts:
+    """What a window adds to its phase's evidence (hub/shadowing.py)."""
+    a, c = w.active_ms, w.candidate_ms
+    return WindowFacts(
+        n=w.n,
+        agreements=w.agreements,
+        skipped=w.skipped,
+        confusion=w.confusion,
+        mean_abs_dp=w.mean_abs_dp,
+        max_abs_dp=w.max_abs_dp,
+        active_p50=a.p50 if a else None,
+        active_p99=a.p99 if a else None,
+        candidate_p50=c.p50 if c else None,
+        candidate_p99=c.p99 if c else None,
+        disagreements=tuple(w.disagreements),
+        received_at=received_at,
+    )
+
+
+def _shadow_json(s: ShadowPhase | None) -> str | None:
+    if s is None:
+        return None
+    return json.dumps(
+        {
+            "policy": s.policy.model_dump(mode="json"),
+            "started_at": s.started_at,
+            "ended_at": s.ended_at,
+            "outcome": s.outcome,
+        }
+    )
 
 
 def _ref(name: str, version: str, sha256: str) -> ModelRef:

@@ -36,12 +36,15 @@ import logging
 from dataclasses import replace
 from datetime import UTC, datetime
 
+from pydantic import ValidationError
+
 from cellwatch.hub.db import Database, NodeRecord
 from cellwatch.hub.errors import ApiFailure
 from cellwatch.hub.history import TelemetryHistory
 from cellwatch.hub.rollout import NodeView
 from cellwatch.hub.sites import Sites
 from cellwatch.shared.codes import ApiErrorCode
+from cellwatch.shared.drift import DriftFigures
 from cellwatch.shared.hubapi import NodeInfo
 from cellwatch.shared.limits import (
     CONFLICT_HOLD_S,
@@ -282,6 +285,20 @@ class Fleet:
                 telemetry=n.telemetry,
                 bytes_served=bytes_by_node.get(n.node_id, 0),
                 model_error=ModelError.model_validate(n.model_error) if n.model_error else None,
+                drift=_drift(n),
+                shares_1h=self.history.label_shares(n.node_id, now),
             )
             for n in self.db.nodes()
         ]
+
+
+def _drift(rec: NodeRecord) -> DriftFigures | None:
+    """The drift figures of the node's last telemetry (None: none, or unreadable)."""
+    figures = (rec.telemetry or {}).get("drift")
+    if not isinstance(figures, dict):
+        return None
+    try:
+        return DriftFigures.model_validate(figures)
+    except ValidationError:
+        log.debug("node %s: stored drift figures not readable: skipped", rec.node_id)
+        return None

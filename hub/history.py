@@ -1,5 +1,5 @@
-"""Telemetry history for the fleet page's sparklines: the last hour of each node, in
-memory (a restarted hub starts with empty sparklines).
+"""Telemetry history for the fleet page's sparklines and label shares: the last hour of
+each node, in memory (a restarted hub starts with empty sparklines).
 
 Bounded: each node has a ring of SLOTS slots of SLOT_S seconds (an hour). A sample
 arriving in the slot of the previous one is averaged into it, so a node reporting
@@ -11,6 +11,7 @@ operations only.
 from __future__ import annotations
 
 import threading
+from collections import deque
 from dataclasses import dataclass
 
 import numpy as np
@@ -75,11 +76,13 @@ class _Ring:
 
 
 class TelemetryHistory:
-    """Per-node rings; thread-safe."""
+    """Per-node rings; thread-safe. Besides the SERIES, the node's since-start label
+    counts (drift figures) at most once per slot, for the label shares of the last hour."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._rings: dict[str, _Ring] = {}
+        self._labels: dict[str, deque[tuple[float, dict[str, int]]]] = {}
 
     def add(self, t: Telemetry, now: float) -> None:
         row = np.array(
@@ -91,6 +94,32 @@ class TelemetryHistory:
             if ring is None:
                 ring = self._rings[t.node_id] = _Ring()
             ring.add(now, row)
+            if t.drift is not None:
+                seen = self._labels.setdefault(t.node_id, deque(maxlen=SLOTS + 1))
+                if seen and int(seen[-1][0] // SLOT_S) >= int(now // SLOT_S):
+                    seen.pop()  # one per slot: the newest counts
+                seen.append((now, dict(t.drift.total_labels)))
+
+    def label_shares(self, node_id: str, now: float) -> dict[str, float] | None:
+        """Shares of the labels the node gave over the last hour (None: no image), from
+        the growth of its since-start counts (a restart within the hour counts from 0)."""
+        with self._lock:
+            seen = list(self._labels.get(node_id, ()))
+        if len(seen) < 2:
+            return None
+        since = now - HISTORY_S
+        older = [i for i, (ts, _) in enumerate(seen) if ts <= since]
+        start = older[-1] if older else 0
+        base = seen[start][1]
+        for (_, before), (_, after) in zip(seen[start:], seen[start + 1 :], strict=False):
+            if sum(after.values()) < sum(before.values()):
+                base = {}  # the node restarted: its counts began again at 0
+        newest = seen[-1][1]
+        grown = {k: max(0, v - base.get(k, 0)) for k, v in newest.items()}
+        total = sum(grown.values())
+        if total == 0:
+            return None
+        return {k: round(v / total, 4) for k, v in sorted(grown.items()) if v}
 
     def samples(self, node_id: str, now: float) -> Samples:
         """The node's last hour (empty if none)."""

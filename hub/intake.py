@@ -3,14 +3,17 @@ operator, on paho's network thread. Each is checked against its route's byte cap
 payload model there, then handed to the control thread (hub/control.py) or the fetch
 workers (hub/fetch.py), never waiting.
 
-- Caps: node status, telemetry and update reports MAX_NODE_MESSAGE_BYTES each (a real
-  one is under 2 KB), API requests MAX_API_REQUEST_BYTES, bundle upload chunks
-  MAX_UPLOAD_CHUNK_BYTES, fetch requests MAX_FETCH_REQUEST_BYTES. A node message over
-  its cap, or one that does not validate, or one naming another node than its topic,
-  is acknowledged, counted (`too_large`, `malformed`, `wrong_node`), logged and
-  dropped; an API request over its cap or malformed is answered `too_large` /
-  `bad_request` (without its payload being queued); a fetch request, `bad_request`.
-  An empty status, telemetry or report clears a retained message: ignored.
+- Caps: node status, telemetry, update and shadow reports MAX_NODE_MESSAGE_BYTES each
+  (a real one is under 2 KB; a shadow window naming 16 disagreements, under 8 KB), API
+  requests MAX_API_REQUEST_BYTES, bundle upload chunks MAX_UPLOAD_CHUNK_BYTES, fetch
+  requests MAX_FETCH_REQUEST_BYTES. A node message over its cap, or one that does not
+  validate, or one naming another node than its topic, is acknowledged, counted
+  (`too_large`, `malformed`, `wrong_node`), logged and dropped; an API request over its
+  cap or malformed is answered `too_large` / `bad_request` (without its payload being
+  queued); a fetch request, `bad_request`. An empty status, telemetry or report clears
+  a retained message: ignored. A shadow report the rollouts refuse is counted
+  (`unknown_rollout`, `not_a_target`; a window after its phase, `phase_over`; a window
+  stored before, `duplicate_window`).
 - Statuses (QoS 1, retained) are coalesced per node, whatever their boot_id: a node
   has at most one entry in the control queue (`StatusSlot`), holding the newest
   status of each of its last MAX_PROCESSES_WAITING processes in the order the hub
@@ -74,6 +77,7 @@ from cellwatch.shared.schemas import (
     ApiRequest,
     NodeStatus,
     RevocationList,
+    ShadowReport,
     Telemetry,
     UpdateReport,
 )
@@ -99,8 +103,8 @@ class Outage(Enum):
     (hub/control.py)."""
 
     WAIT = "wait"
-    """Kept, not acknowledged, and handled in order once it is (update reports, the
-    revocation list; a node's statuses wait in its slot)."""
+    """Kept, not acknowledged, and handled in order once it is (update and shadow
+    reports, the revocation list; a node's statuses wait in its slot)."""
     DROP = "drop"
     """Acknowledged and counted `database` (telemetry: the next one comes)."""
     TRY = "try"
@@ -166,6 +170,7 @@ class Handlers(Protocol):
     def on_status(self, inbound: Inbound[NodeStatus], node_id: str) -> bool: ...
     def on_telemetry(self, inbound: Inbound[Telemetry], node_id: str) -> bool: ...
     def on_update(self, inbound: Inbound[UpdateReport], node_id: str) -> bool: ...
+    def on_shadow(self, inbound: Inbound[ShadowReport], node_id: str) -> bool: ...
     def on_api(self, inbound: Inbound[ApiRequest], node_id: str) -> bool: ...
     def on_upload(self, inbound: Inbound[bytes], node_id: str) -> bool: ...
     def on_revocations(self, inbound: Inbound[RevocationList], node_id: str) -> bool: ...
@@ -240,6 +245,7 @@ class Intake:
             node_route("status", NodeStatus, self._on_status),
             node_route("telemetry", Telemetry, self._on_telemetry, qos=0),
             node_route("update", UpdateReport, self._on_update),
+            node_route("shadow-report", ShadowReport, self._on_shadow),
             operator_route(
                 t.hub_api_filter(),
                 ApiRequest.model_validate_json,
@@ -299,6 +305,12 @@ class Intake:
         node_id = self._node_of(inbound, None)
         if node_id is not None:
             handle = self.handlers.on_update
+            self.control.put(Incoming(handle, inbound, node_id, outage=Outage.WAIT))
+
+    def _on_shadow(self, inbound: Inbound[ShadowReport]) -> None:
+        node_id = self._node_of(inbound, None)
+        if node_id is not None:
+            handle = self.handlers.on_shadow
             self.control.put(Incoming(handle, inbound, node_id, outage=Outage.WAIT))
 
     def _on_telemetry(self, inbound: Inbound[Telemetry]) -> None:

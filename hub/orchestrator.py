@@ -17,12 +17,14 @@ import time
 from collections import Counter, OrderedDict
 from collections.abc import Callable
 from datetime import UTC, datetime
+from enum import StrEnum
 
-from cellwatch.hub.db import Database
+from cellwatch.hub.db import Database, window_facts
 from cellwatch.hub.errors import ApiFailure
 from cellwatch.hub.fleet import Fleet
 from cellwatch.hub.registry import Registry
-from cellwatch.hub.rollout import Desired, Rollout
+from cellwatch.hub.rollout import Desired, Rollout, ShadowWrite
+from cellwatch.hub.shadowing import shadow_info
 from cellwatch.shared.codes import ApiErrorCode
 from cellwatch.shared.hubapi import (
     RevokeArgs,
@@ -34,14 +36,33 @@ from cellwatch.shared.hubapi import (
     TargetInfo,
     WaveInfo,
 )
+from cellwatch.shared.promotion import ShadowSpecError
 from cellwatch.shared.provenance import MODEL_FLAGS, ModelFlag
-from cellwatch.shared.schemas import ModelRef, UpdateError, UpdateReport
-from cellwatch.shared.states import RolloutState
+from cellwatch.shared.schemas import ModelRef, ShadowReport, UpdateError, UpdateReport
+from cellwatch.shared.states import RolloutState, ShadowState
 from cellwatch.shared.waves import WaveSpecError
 
 log = logging.getLogger(__name__)
 
 WriteDesired = Callable[[Desired], None]
+WriteShadow = Callable[[ShadowWrite], None]
+
+
+class ShadowOutcome(StrEnum):
+    """What became of a node's shadow report (the refusals are counted by reason)."""
+
+    TAKEN = "taken"
+    DUPLICATE_WINDOW = "duplicate_window"
+    """Its window was stored before: not counted again (its state is taken)."""
+    UNKNOWN_ROLLOUT = "unknown_rollout"
+    """No such rollout, or one without a shadow phase."""
+    NOT_A_TARGET = "not_a_target"
+    """The node is not a target of the rollout, or names another model."""
+    PHASE_OVER = "phase_over"
+    """Its window came after the phase ended (promoted, aborted): not counted, so the
+    evidence is what the decision saw (its state is taken)."""
+
+
 CONFIRM_FLAGS: tuple[ModelFlag, ...] = MODEL_FLAGS
 """Model flags that `rollout.start` refuses without `yes_untrained`: all of them
 (synthetic, untrained, unverified-base, no-skill, degraded)."""
@@ -54,7 +75,11 @@ def _ts(value: float) -> datetime:
 
 
 def describe(
-    r: Rollout, *, existing: bool = False, model_flags: list[str] | None = None
+    r: Rollout,
+    *,
+    existing: bool = False,
+    model_flags: list[str] | None = None,
+    now: float | None = None,
 ) -> RolloutInfo:
     """The API's view of a rollout."""
     previous = 0
@@ -101,6 +126,9 @@ def describe(
         finished_at=_ts(r.finished_at) if r.finished_at is not None else None,
         existing=existing,
         model_flags=model_flags or [],
+        shadow=shadow_info(r.shadow, r.targets, time.time() if now is None else now)
+        if r.shadow is not None
+        else None,
     )
 
 
@@ -114,12 +142,14 @@ class Orchestrator:
         write_desired: WriteDesired,
         publish_revocations: Callable[[float], None] = lambda now: None,
         clock: Callable[[], float] = time.monotonic,
+        write_shadow: WriteShadow = lambda order: None,
     ) -> None:
         self.db = db
         self.fleet = fleet
         self.registry = registry
         self.defaults = defaults
         self.write_desired = write_desired
+        self.write_shadow = write_shadow
         self.publish_revocations = publish_revocations
         self.clock = clock
         """The monotonic clock of the rollouts' timers (the `now` the callers pass is
@@ -161,6 +191,8 @@ class Orchestrator:
             )
             for d in again:
                 self.write_desired(d)
+            for order in r.shadow_writes(time.time()):
+                self.write_shadow(order)  # the same again: a node already at it goes on
 
     # -- operator verbs ----------------------------------------------------------------
     def _describe(self, r: Rollout, *, existing: bool = False) -> RolloutInfo:
@@ -195,7 +227,8 @@ class Orchestrator:
             )
         try:
             policy = args.policy(self.defaults)
-        except WaveSpecError as exc:
+            shadow = args.shadow_policy()
+        except (WaveSpecError, ShadowSpecError) as exc:
             raise ApiFailure(ApiErrorCode.BAD_REQUEST, str(exc)) from exc
         rollout = Rollout.create(
             self.db.next_rollout_id(),
@@ -205,6 +238,7 @@ class Orchestrator:
             self.fleet.views(),
             policy,
             now,
+            shadow,
         )
         log.info(
             "rollout %s: %s to %s (%d nodes, waves %s)",
@@ -257,6 +291,13 @@ class Orchestrator:
         r = self.get(rollout_id)
         r.abort(now)
         self._apply(r, [])
+        return self._describe(r)
+
+    def promote(self, rollout_id: str, now: float) -> RolloutInfo:
+        """End the shadow phase by the operator's word and begin the waves."""
+        r = self.get(rollout_id)
+        r.promote(now)  # RolloutError: a conflict
+        self._apply(r, r.tick(self.fleet.views(), now, self.clock()))
         return self._describe(r)
 
     def rollback(self, rollout_id: str, now: float) -> RolloutInfo:
@@ -370,6 +411,44 @@ class Orchestrator:
             )
             self._apply(r, [])  # the service ticks once it has caught up with the fleet
 
+    def on_shadow_report(self, node_id: str, report: ShadowReport, now: float) -> ShadowOutcome:
+        """A node's shadow report: its window stored once, its state and evidence taken
+        into the rollout. A target that still shadows after the phase ended is told to
+        stop again."""
+        r = self._find(report.rollout_id)
+        if r is None or r.shadow is None:
+            log.warning(
+                "node %s: shadow report for rollout %s, which has no shadow phase: refused",
+                node_id,
+                report.rollout_id,
+            )
+            return ShadowOutcome.UNKNOWN_ROLLOUT
+        if r.get(node_id) is None or report.model != r.model:
+            log.warning(
+                "rollout %s: shadow report from %s (%s), not one of its targets: refused",
+                r.rollout_id,
+                node_id,
+                report.model,
+            )
+            return ShadowOutcome.NOT_A_TARGET
+        outcome = ShadowOutcome.TAKEN
+        facts = None
+        if report.window is not None:
+            if not r.in_shadow:
+                outcome = ShadowOutcome.PHASE_OVER
+            elif self.db.add_shadow_window(r.rollout_id, node_id, report.window, now):
+                facts = window_facts(report.window, now)
+            else:
+                outcome = ShadowOutcome.DUPLICATE_WINDOW
+        error = (report.error.code, report.error.message) if report.error else None
+        r.on_shadow(node_id, report.state, error, facts, now)
+        self._apply(r, [])  # the service ticks once it has caught up
+        stop = r.shadow_stop(node_id, now) if report.state is ShadowState.SHADOWING else None
+        if stop is not None:
+            log.info("rollout %s: node %s still shadows: told to stop again", r.rollout_id, node_id)
+            self.write_shadow(stop)
+        return outcome
+
     def on_confirmed(self, d: Desired) -> None:
         r = self.active.get(d.rollout_id)
         if r is not None and r.confirm(d.node_id, d.model.manifest_sha256):
@@ -424,3 +503,5 @@ class Orchestrator:
             self._keep_finished(r)
         for d in desired:
             self.write_desired(d)
+        for order in r.shadow_writes(time.time()):
+            self.write_shadow(order)

@@ -9,14 +9,17 @@ from rich.console import Group, RenderableType
 from rich.table import Table
 from rich.text import Text
 
+from cellwatch.shared.figures import Proportion
 from cellwatch.shared.hubapi import (
     ModelInfo,
     NodeInfo,
     RevokeReply,
     RolloutInfo,
+    ShadowInfo,
     SiteInfo,
     StatsReply,
 )
+from cellwatch.shared.promotion import duration_text
 from cellwatch.shared.provenance import MODEL_FLAGS
 from cellwatch.shared.states import (
     TargetPhase,
@@ -160,10 +163,43 @@ def sites_lines(sites: list[SiteInfo]) -> list[Text]:
     return out
 
 
+def drift_text(n: NodeInfo) -> Text:
+    """A node's drift state, its worst signal, and the label-free accuracy estimate."""
+    d = n.drift
+    if d is None:
+        return Text("-", style="dim")
+    if d.state == "no_reference":
+        return Text("no reference", style="dim")
+    if d.state == "collecting":
+        return Text(f"collecting {d.n}", style="dim")
+    moved = [f"{sig} {s.psi:.2f}" for sig, s in d.signals.items() if s.state != "ok" and s.psi]
+    text = _state(d.state)
+    if moved:
+        text.append(f" ({', '.join(moved)})")
+    return text
+
+
+def shares_text(shares: dict[str, float] | None) -> str:
+    if not shares:
+        return "-"
+    return " ".join(f"{label} {share:.0%}" for label, share in shares.items())
+
+
 def nodes_table(nodes: list[NodeInfo], sites: list[SiteInfo] | None = None) -> RenderableType:
     if not nodes:
         return Text("no nodes seen yet")
-    table = _table("NODE", "STATE", "MODEL", "VERSION", "TAGS", "DEVICE", "LAST SEEN", "FETCHED")
+    table = _table(
+        "NODE",
+        "STATE",
+        "MODEL",
+        "VERSION",
+        "TAGS",
+        "DEVICE",
+        "LAST SEEN",
+        "FETCHED",
+        "DRIFT",
+        "LABELS (1 H)",
+    )
     problems = []
     for n in nodes:
         table.add_row(
@@ -177,6 +213,8 @@ def nodes_table(nodes: list[NodeInfo], sites: list[SiteInfo] | None = None) -> R
             n.device or "-",
             _when(n.last_seen),
             _size(n.bytes_served),
+            drift_text(n),
+            shares_text(n.shares_1h),
         )
         if n.model_error:
             problems.append(
@@ -213,6 +251,8 @@ def rollout_view(r: RolloutInfo) -> RenderableType:
         )
     if r.reason:
         parts.append(Text(f"  {r.reason}", style="dim"))
+    if r.shadow is not None:
+        parts += [Text(""), shadow_view(r.rollout_id, r.shadow, r.reason)]
     waves = _table("WAVE", "NODES", "ISSUED", "PROGRESS")
     for w in r.waves:
         counts = ", ".join(f"{w.counts[s]} {s}" for s in UpdateState if w.counts.get(s))
@@ -230,6 +270,102 @@ def rollout_view(r: RolloutInfo) -> RenderableType:
         )
     parts.append(targets)
     return Group(*parts)
+
+
+def proportion(p: Proportion) -> str:
+    if p.value is None or p.ci95 is None:
+        return "-"
+    return f"{p.value:.3f} (95% CI {p.ci95[0]:.3f}-{p.ci95[1]:.3f}, {p.k}/{p.n})"
+
+
+def _ms(value: float | None, signed: bool = False) -> str:
+    if value is None:
+        return "-"
+    return f"{value:+.1f}" if signed else f"{value:.1f}"
+
+
+def shadow_view(rollout_id: str, s: ShadowInfo, reason: str | None = None) -> RenderableType:
+    """A rollout's shadow phase: settings, the pooled evidence, per node."""
+    length = f", for up to {duration_text(s.shadow_for_s)}" if s.shadow_for_s else ""
+    rule = f"promote when {s.promote_when}" if s.promote_when else "promoted by the operator"
+    head = Text.assemble(
+        ("shadow phase", "bold"),
+        f": {s.rate:.0%} of live images, {rule}{length}",
+        (" (open)" if s.open else " (over)", "" if s.open else "dim"),
+    )
+    need = f" of {s.n_required} needed" if s.n_required else ""
+    lines: list[RenderableType] = [
+        head,
+        # once over, its outcome (unless the rollout's reason above says it already)
+        *([Text(f"  {s.verdict}")] if s.open or not reason or reason not in s.verdict else []),
+        Text(
+            f"  {s.agreement.n} images scored{need}; {s.skipped} skipped (live images waiting)"
+            + (f"; {s.failed} node(s) could not load it" if s.failed else ""),
+            style="dim",
+        ),
+    ]
+    if s.open and s.ends_at is not None:
+        lines.append(Text(f"  pauses for the operator {_until(s.ends_at)}", style="dim"))
+    lat = s.latency
+    if lat.active_p50 is not None:
+        lines.append(
+            Text(
+                f"  inference p50/p99: serving {_ms(lat.active_p50)}/{_ms(lat.active_p99)} ms, "
+                f"candidate {_ms(lat.candidate_p50)}/{_ms(lat.candidate_p99)} ms "
+                f"(delta {_ms(lat.delta_p50, True)}/{_ms(lat.delta_p99, True)} ms)"
+            )
+        )
+    if s.mean_abs_dp is not None:
+        lines.append(
+            Text(f"  |p difference|: mean {s.mean_abs_dp:.3f}, max {s.max_abs_dp or 0.0:.3f}")
+        )
+    if s.confusion:
+        conf = _table("SERVING / CANDIDATE", *s.labels)
+        for active in s.labels:
+            row = s.confusion.get(active, {})
+            conf.add_row(active, *(str(row.get(c, 0)) for c in s.labels))
+        lines += [Text(""), conf]
+    nodes = _table("NODE", "SHADOW", "AGREEMENT", "SKIPPED", "WINDOWS", "LAST WINDOW", "ERROR")
+    for n in s.nodes:
+        nodes.add_row(
+            n.node_id,
+            _state(n.state) if n.state else Text("-", style="dim"),
+            proportion(n.agreement),
+            str(n.skipped),
+            str(n.windows),
+            _when(n.last_at),
+            f"{n.error.code}: {n.error.message}" if n.error else "",
+        )
+    lines += [Text(""), nodes]
+    if s.disagreements:
+        lines += [Text(""), Text("latest disagreements (image hash, serving -> candidate):")]
+        for d in s.disagreements[:5]:
+            lines.append(
+                Text(
+                    f"  {d.node_id} {d.image_sha256[:16]} from {d.source or '-'}: "
+                    f"{d.active_label} -> {d.candidate_label}"
+                )
+            )
+    if s.open:
+        lines.append(
+            Text(
+                f"  `cellwatch-hub rollout promote {rollout_id}` begins the waves now, "
+                f"`rollout abort {rollout_id}` stops",
+                style="dim",
+            )
+        )
+    return Group(*lines)
+
+
+def _until(value: datetime) -> str:
+    left = (value - datetime.now(UTC)).total_seconds()
+    if left <= 0:
+        return "now"
+    if left < 120:
+        return f"in {left:.0f} s"
+    if left < 7200:
+        return f"in {left / 60:.0f} min"
+    return f"in {left / 3600:.1f} h"
 
 
 def rollouts_table(rollouts: list[RolloutInfo]) -> RenderableType:

@@ -30,6 +30,14 @@ Rules:
   already switched stay. rollback: every node that was told to switch and ran
   another model at the start is told to go back to it (same rollout id); a node
   that ran nothing (or already the target) is left alone.
+- Shadow phase (`shadow`, hub/shadowing.py): a rollout started with one is
+  `shadowing`: every target is told to load the candidate beside its serving model
+  (`ShadowWrite`) and no wave is issued. Each tick judges the evidence: the rule
+  promotes (the waves begin at once) or aborts; more failed targets than
+  `max_failures` abort it; `shadow_for_s` pauses it for the operator. pause keeps the
+  nodes scoring; resume goes on shadowing for another `shadow_for_s`; promote (the
+  operator's) begins the waves. Whenever the phase ends (promoted, aborted, rolled
+  back) every target is told to stop.
 """
 
 from __future__ import annotations
@@ -39,8 +47,10 @@ from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 
 from cellwatch.hub.errors import RolloutError
+from cellwatch.hub.shadowing import ShadowPhase, WindowFacts, describe_agreement
 from cellwatch.shared.codes import UpdateErrorCode
-from cellwatch.shared.hubapi import RolloutPolicy
+from cellwatch.shared.hubapi import RolloutPolicy, ShadowPolicy
+from cellwatch.shared.promotion import duration_text
 from cellwatch.shared.schemas import ModelRef
 from cellwatch.shared.states import (
     ACTIVE_ROLLOUT_STATES,
@@ -48,6 +58,7 @@ from cellwatch.shared.states import (
     TARGET_FINISHED,
     UPDATE_IN_PROGRESS,
     RolloutState,
+    ShadowState,
     TargetPhase,
     UpdateState,
 )
@@ -83,6 +94,18 @@ class Desired:
     node already working on it ignores."""
 
 
+@dataclass(frozen=True)
+class ShadowWrite:
+    """Write this node's retained shadow order: load `model` beside the serving model
+    and score `rate` of its images, or (model None) stop."""
+
+    node_id: str
+    rollout_id: str
+    model: ModelRef | None
+    rate: float
+    issued_at: float
+
+
 @dataclass
 class Target:
     node_id: str
@@ -102,6 +125,10 @@ class Target:
     updated_at: float = 0.0
     confirmed: bool = False
     """The broker acknowledged the retained desired written for the current phase."""
+    shadow_state: ShadowState | None = None
+    """Its part in the shadow phase, as it last reported (None: not heard yet)."""
+    shadow_error_code: UpdateErrorCode | None = None
+    shadow_error_message: str | None = None
     dirty: bool = field(default=True, compare=False)
     """Changed since the database last stored it (set by every assignment below)."""
 
@@ -136,6 +163,8 @@ class Rollout:
     reason: str | None = None
     updated_at: float = 0.0
     finished_at: float | None = None
+    shadow: ShadowPhase | None = None
+    """Its shadow phase, if it began with one (open, or how it ended)."""
     events: list[str] = field(default_factory=list, repr=False, compare=False)
     """Log lines produced by the last calls (the orchestrator logs and clears them)."""
     _index: dict[str, Target] = field(default_factory=dict, repr=False, compare=False)
@@ -154,6 +183,7 @@ class Rollout:
         fleet: Mapping[str, NodeView],
         policy: RolloutPolicy,
         now: float,
+        shadow: ShadowPolicy | None = None,
     ) -> Rollout:
         ids = sorted(set(node_ids))
         if not ids:
@@ -170,7 +200,20 @@ class Rollout:
                     updated_at=now,
                 )
             )
-        return cls(rollout_id, model, target, policy, plan, targets, now, updated_at=now)
+        r = cls(rollout_id, model, target, policy, plan, targets, now, updated_at=now)
+        if shadow is not None:
+            r.shadow = ShadowPhase(shadow, started_at=now)
+            r.state = RolloutState.SHADOWING
+            r._event(
+                f"shadow phase: {shadow.rate:.0%} of live images on {len(ids)} nodes"
+                + (f", promote when {shadow.promote_when}" if shadow.promote_when else "")
+                + (
+                    f", for up to {duration_text(shadow.shadow_for_s)}"
+                    if shadow.shadow_for_s
+                    else ""
+                )
+            )
+        return r
 
     # -- queries -----------------------------------------------------------------------
     @property
@@ -179,6 +222,31 @@ class Rollout:
 
     def get(self, node_id: str) -> Target | None:
         return self._index.get(node_id)
+
+    @property
+    def in_shadow(self) -> bool:
+        """Its shadow phase goes on (shadowing, or paused in it)."""
+        return self.shadow is not None and self.shadow.open
+
+    def shadow_writes(self, now: float) -> list[ShadowWrite]:
+        """The shadow orders to write for every target (or the stops, once the phase
+        ended), once per hub process; [] when written already or without a phase."""
+        s = self.shadow
+        if s is None or s.announced:
+            return []
+        s.announced = True
+        model = self.model if s.open else None
+        return [
+            ShadowWrite(t.node_id, self.rollout_id, model, s.policy.rate if s.open else 0.0, now)
+            for t in self.targets
+        ]
+
+    def shadow_stop(self, node_id: str, now: float) -> ShadowWrite | None:
+        """The stop to write again for a target that still reports shadowing after its
+        phase ended (its retained order was lost or is stale)."""
+        if self.shadow is None or self.shadow.open or self.get(node_id) is None:
+            return None
+        return ShadowWrite(node_id, self.rollout_id, None, 0.0, now)
 
     def wave_targets(self, index: int) -> list[Target]:
         return [t for t in self.targets if t.wave == index]
@@ -280,6 +348,33 @@ class Rollout:
         t.confirmed = True
         return True
 
+    def on_shadow(
+        self,
+        node_id: str,
+        state: ShadowState,
+        error: tuple[UpdateErrorCode, str] | None,
+        window: WindowFacts | None,
+        now: float,
+    ) -> bool:
+        """Apply a target's shadow report (its window stored once by the caller); False
+        if the node is no target or the rollout had no shadow phase."""
+        t = self.get(node_id)
+        s = self.shadow
+        if t is None or s is None:
+            return False
+        if window is not None:
+            s.add(node_id, window)
+        code, message = error if error is not None else (None, None)
+        if state is ShadowState.FAILED and code is None:
+            code, message = UpdateErrorCode.INTERNAL, "no error given"
+        if (t.shadow_state, t.shadow_error_code, t.shadow_error_message) != (state, code, message):
+            if state is ShadowState.FAILED and s.open:
+                self._event(f"node {node_id} cannot shadow the candidate ({code}): {message}")
+            t.shadow_state, t.shadow_error_code, t.shadow_error_message = state, code, message
+            t.updated_at = now
+        self.updated_at = now
+        return True
+
     def tick(
         self, fleet: Mapping[str, NodeView], now: float, mono: float | None = None
     ) -> list[Desired]:
@@ -296,6 +391,10 @@ class Rollout:
                 self._finish(
                     RolloutState.ROLLED_BACK, f"{done} of {len(back)} nodes rolled back", now
                 )
+            return []
+        if self.state is RolloutState.SHADOWING:
+            self._judge_shadow(now, mono)
+        if self.state is not RolloutState.RUNNING and self.in_shadow:
             return []
         if self._abort_rule(now):
             return []
@@ -326,21 +425,41 @@ class Rollout:
     def pause(self, now: float) -> None:
         if self.state is RolloutState.PAUSED:
             return
-        if self.state is not RolloutState.RUNNING:
+        if self.state not in (RolloutState.RUNNING, RolloutState.SHADOWING):
             raise RolloutError(f"rollout {self.rollout_id} is {self.state}: cannot pause it")
-        self._set(RolloutState.PAUSED, now, "paused by the operator")
+        why = "paused by the operator" + (
+            " (the nodes go on scoring the candidate)" if self.in_shadow else ""
+        )
+        self._set(RolloutState.PAUSED, now, why)
 
     def resume(self, now: float) -> None:
-        if self.state is RolloutState.RUNNING:
+        if self.state in (RolloutState.RUNNING, RolloutState.SHADOWING):
             return
         if self.state is not RolloutState.PAUSED:
             raise RolloutError(f"rollout {self.rollout_id} is {self.state}: cannot resume it")
+        if self.shadow is not None and self.shadow.open:
+            # Another shadow_for_s of shadowing: the period counts from now.
+            self.shadow.started_at, self.shadow.deadline = now, None
+            self._set(RolloutState.SHADOWING, now, None)
+            return
         self._set(RolloutState.RUNNING, now, None)
+
+    def promote(self, now: float, why: str = "promoted by the operator") -> None:
+        """End the shadow phase and begin the waves (the next tick issues wave 1)."""
+        s = self.shadow
+        if s is None or not s.open:
+            what = "had no shadow phase" if s is None else "is past its shadow phase"
+            raise RolloutError(f"rollout {self.rollout_id} {what}: nothing to promote")
+        if self.state not in (RolloutState.SHADOWING, RolloutState.PAUSED):
+            raise RolloutError(f"rollout {self.rollout_id} is {self.state}: cannot promote it")
+        figures = describe_agreement(s.totals().agreement)
+        s.end(now, f"{why} ({figures})")
+        self._set(RolloutState.RUNNING, now, s.outcome)
 
     def abort(self, now: float, reason: str = "aborted by the operator") -> None:
         if self.state is RolloutState.ABORTED:
             return
-        if self.state not in (RolloutState.RUNNING, RolloutState.PAUSED):
+        if self.state not in (RolloutState.RUNNING, RolloutState.PAUSED, RolloutState.SHADOWING):
             raise RolloutError(
                 f"rollout {self.rollout_id} is {self.state}: cannot abort it"
                 + (" (use rollback)" if self.state is RolloutState.COMPLETED else "")
@@ -382,6 +501,8 @@ class Rollout:
             out.append(self._desired(t, t.previous))
         if only is not None and not out:
             return []
+        if self.shadow is not None:
+            self.shadow.end(now, "rolled back during the shadow phase")
         self.state, self.finished_at, self.updated_at = RolloutState.ROLLING_BACK, None, now
         self.reason = f"rolling back {len(out)} nodes{why}"
         self._event(self.reason)
@@ -472,6 +593,45 @@ class Rollout:
         t.error_code = t.error_message = None
         self._event(f"node {t.node_id} {t.state} ({self.expected(t)})")
 
+    def _judge_shadow(self, now: float, mono: float) -> None:
+        """The shadow phase's rules (see the module docstring)."""
+        s = self.shadow
+        assert s is not None
+        failed = [t for t in self.targets if t.shadow_state is ShadowState.FAILED]
+        limit = parse_threshold(self.policy.max_failures).of(len(self.targets))
+        if len(failed) > limit + 1e-9:
+            first = failed[0]
+            self._finish(
+                RolloutState.ABORTED,
+                f"shadow phase failed: {len(failed)} of {len(self.targets)} nodes could not load "
+                f"the candidate beside their model, over max_failures {self.policy.max_failures} "
+                f"({first.node_id}: {first.shadow_error_code}: {first.shadow_error_message})",
+                now,
+            )
+            return
+        verdict = s.verdict()
+        if verdict.action == "promote":
+            s.end(now, f"promoted by its rule {s.policy.promote_when}: {verdict.text}")
+            self._set(RolloutState.RUNNING, now, s.outcome)
+            return
+        if verdict.action == "abort":
+            self._finish(RolloutState.ABORTED, verdict.text, now)
+            return
+        length = s.policy.shadow_for_s
+        if length is None:
+            return
+        if s.deadline is None:
+            left = min(max(s.started_at + length - now, 0.0), length)
+            s.deadline = mono + left
+        if mono >= s.deadline:
+            self._set(
+                RolloutState.PAUSED,
+                now,
+                f"shadow phase over after {duration_text(length)} without promotion "
+                f"({verdict.text}): `rollout promote {self.rollout_id}` to go on, "
+                f"`rollout abort {self.rollout_id}` to stop",
+            )
+
     def _abort_rule(self, now: float) -> bool:
         if self.state not in (RolloutState.RUNNING, RolloutState.PAUSED):
             return False
@@ -499,6 +659,8 @@ class Rollout:
         self._event(f"{state}" + (f": {reason}" if reason else ""))
 
     def _finish(self, state: RolloutState, reason: str, now: float) -> None:
+        if self.shadow is not None:
+            self.shadow.end(now, f"{state}: {reason}")
         self.state, self.reason = state, reason
         self.finished_at = self.updated_at = now
         self._event(f"{state}: {reason}")

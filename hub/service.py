@@ -32,7 +32,7 @@ from cellwatch.hub.fleet import Fleet
 from cellwatch.hub.intake import Confirmed, Intake, Item
 from cellwatch.hub.orchestrator import Orchestrator
 from cellwatch.hub.registry import Registry
-from cellwatch.hub.rollout import Desired
+from cellwatch.hub.rollout import Desired, ShadowWrite
 from cellwatch.hub.served import ServedTotals
 from cellwatch.hub.sites import Sites
 from cellwatch.hub.store import BundleStore
@@ -41,7 +41,7 @@ from cellwatch.shared.errors import MqttError
 from cellwatch.shared.handoff import Handoff
 from cellwatch.shared.mqtt import MqttClient
 from cellwatch.shared.rpc import Edge
-from cellwatch.shared.schemas import DesiredModel
+from cellwatch.shared.schemas import DesiredModel, ShadowOrder
 from cellwatch.shared.signing import TrustedKeys
 from cellwatch.shared.topics import Topics
 
@@ -85,6 +85,7 @@ class HubService(Daemon):
             settings.rollout,
             self._write_desired,
             self._publish_revocations,
+            write_shadow=self._write_shadow,
         )
         self.api = Api(self.db, self.registry, self.fleet, self.orchestrator, self.served)
         self._control: Handoff[Item] = Handoff(name="hub: control")
@@ -221,3 +222,19 @@ class HubService(Daemon):
             self.topics.desired(d.node_id), desired.to_json(), qos=1, retain=True, on_done=done
         )
         log.info("rollout %s: node %s: desired %s written", d.rollout_id, d.node_id, d.model)
+
+    def _write_shadow(self, w: ShadowWrite) -> None:
+        """A node's retained shadow order (load the candidate, or stop)."""
+        order = ShadowOrder(
+            rollout_id=w.rollout_id,
+            model=w.model,
+            rate=w.rate,
+            issued_at=datetime.fromtimestamp(w.issued_at, UTC),
+        )
+        self.mqtt.publish(self.topics.shadow(w.node_id), order.to_json(), qos=1, retain=True)
+        log.info(
+            "rollout %s: node %s: shadow %s",
+            w.rollout_id,
+            w.node_id,
+            f"{w.model} at {w.rate:.0%}" if w.model else "stop",
+        )

@@ -8,10 +8,11 @@ Result JSON for the same image.
 from __future__ import annotations
 
 import time
+from typing import NamedTuple
 
 import numpy as np
 
-from cellwatch.node.decode import ImageLimits, decode_image
+from cellwatch.node.decode import ImageLimits, decode
 from cellwatch.node.engine import ServingModel
 from cellwatch.node.preprocess import crop_and_resize
 from cellwatch.node.requests import ImageRequest
@@ -40,25 +41,33 @@ def decide(manifest: Manifest, probs: np.ndarray) -> tuple[int, float, bool]:
     return idx, float(np.clip(probs[idx], 0.0, 1.0)), lo <= p <= hi
 
 
+class Prepared(NamedTuple):
+    pixels: np.ndarray
+    """The model's uint8 input (1, S, S, 3)."""
+    width: int
+    height: int
+    """The image's own size (its header's)."""
+
+
 class Classifier:
     def __init__(self, node_id: str, limits: ImageLimits) -> None:
         self.node_id = node_id
         self.limits = limits
 
-    def prepare(self, req: ImageRequest, model: ServingModel) -> np.ndarray:
+    def prepare(self, req: ImageRequest, model: ServingModel) -> Prepared:
         """Decode, crop and resize req's payload to the model's uint8 input (ImageError
         if it cannot be used); the model converts the pixels to its range itself."""
         t0 = time.monotonic()
         req.timings["queue"] = (t0 - req.received_mono) * 1000.0
         spec = model.bundle.manifest.preprocessing
-        rgb = decode_image(req.payload, self.limits, spec.size)
+        rgb, head = decode(req.payload, self.limits, spec.size)
         t1 = time.monotonic()
         x = crop_and_resize(rgb, spec)
         t2 = time.monotonic()
         req.timings["decode"] = (t1 - t0) * 1000.0
         req.timings["preprocess"] = (t2 - t1) * 1000.0
         req.timings["infer_start"] = t2
-        return x
+        return Prepared(x, head.width, head.height)
 
     def ok_result(self, req: ImageRequest, model: ServingModel, probs: np.ndarray) -> Result:
         now = time.monotonic()

@@ -96,7 +96,7 @@ def classify(
             received_mono=time.monotonic(),
         )
         try:
-            x = classifier.prepare(req, model)
+            x = classifier.prepare(req, model).pixels
             result = classifier.ok_result(req, model, model.infer(x))
         except ImageError as exc:
             result = classifier.error_result(req, exc.code, str(exc), model)

@@ -148,6 +148,47 @@ class LimitSettings(Section):
         return self
 
 
+class ShadowSettings(Section):
+    """A rollout's shadow phase on this node (node/shadow.py)."""
+
+    window_s: float = Field(
+        10.0, gt=0, le=3600, description="a shadow window closes and goes to the hub this often"
+    )
+    max_live: int = Field(
+        0,
+        ge=0,
+        le=4096,
+        description="score a sampled image with the candidate only while at most this many "
+        "live images wait for their Result; otherwise skip it (counted)",
+    )
+    threads: int = Field(
+        1, ge=0, le=256, description="CPU threads the candidate's inference uses (0: all)"
+    )
+    min_free_mb: int = Field(
+        256,
+        ge=0,
+        le=16_777_216,
+        description="memory that must stay free with the candidate loaded; otherwise the "
+        "node refuses it (insufficient_memory)",
+    )
+
+
+class DriftSettings(Section):
+    """The live images' figures against the bundle's reference (node/drift.py)."""
+
+    enabled: bool = Field(True, description="keep the figures and send them in telemetry")
+    window: int = Field(500, ge=10, le=100_000, description="live images in the rolling window")
+    min_images: int = Field(
+        100, ge=1, le=100_000, description="live images before a drift state is given"
+    )
+
+    @model_validator(mode="after")
+    def _within(self) -> DriftSettings:
+        if self.min_images > self.window:
+            raise ValueError("min_images must be <= window")
+        return self
+
+
 class NodeSettings(CellwatchSettings):
     node_id: Name = Field(description="this node's id; also its MQTT user name")
     tags: list[Name] = Field(default_factory=list, description="groups for targeted rollouts")
@@ -162,6 +203,8 @@ class NodeSettings(CellwatchSettings):
     inference: InferenceSettings = Field(default_factory=InferenceSettings)
     updates: UpdateSettings = Field(default_factory=UpdateSettings)
     limits: LimitSettings = Field(default_factory=LimitSettings)
+    shadow: ShadowSettings = Field(default_factory=ShadowSettings)
+    drift: DriftSettings = Field(default_factory=DriftSettings)
     telemetry_interval_s: float = Field(
         DEFAULT_TELEMETRY_INTERVAL_S, gt=0, le=3600, description="telemetry period"
     )

@@ -159,7 +159,19 @@ def check_payload(data: bytes, limits: ImageLimits, target_size: int = 299) -> I
 
 def decode_image(data: bytes, limits: ImageLimits, target_size: int = 299) -> np.ndarray:
     """Decode a payload to an RGB uint8 array of shape (H, W, 3); ImageError if it cannot."""
+    return decode(data, limits, target_size)[0]
+
+
+def decode(
+    data: bytes, limits: ImageLimits, target_size: int = 299
+) -> tuple[np.ndarray, ImageHeader]:
+    """decode_image, and the header it read (the image's own size: a large JPEG is
+    decoded at a reduced scale)."""
     head = check_payload(data, limits, target_size)
+    return _decode(data, head, limits, target_size), head
+
+
+def _decode(data: bytes, head: ImageHeader, limits: ImageLimits, target_size: int) -> np.ndarray:
     fmt, width, height = head.format, head.width, head.height
     buf = np.frombuffer(data, dtype=np.uint8)
     if fmt == "jpeg":

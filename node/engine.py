@@ -21,6 +21,7 @@ through the binding and is freed once its last request finished.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 import threading
@@ -59,6 +60,8 @@ CompletionCallback = Callable[["ServingModel", np.ndarray | None, Any, BaseExcep
 thread for a finished inference, on the watchdog's thread for an expired one."""
 SLOT_POLL_S = 0.2
 """How often a thread waiting for an idle infer request checks the model was retired."""
+GIVE_WAY_POLL_MS = 1
+"""How often an inference that gives way (`infer_unless`) asks whether it must."""
 
 
 @dataclass(frozen=True)
@@ -71,6 +74,9 @@ class EngineConfig:
     cache_dir: str | None = None
     infer_timeout_s: float = 30.0
     """An inference not finished this long after it started is given up (a device error)."""
+    threads: int = 0
+    """CPU threads one inference may use; 0 = OpenVINO's choice (the shadow candidate
+    takes 1, so it leaves the other cores to the serving model)."""
 
 
 def available_devices(core: ov.Core) -> list[str]:
@@ -137,6 +143,8 @@ class ServingModel:
             self._props["INFERENCE_PRECISION_HINT"] = "f32"
         if config.cache_dir:
             self._props["CACHE_DIR"] = config.cache_dir
+        if config.threads:
+            self._props["INFERENCE_NUM_THREADS"] = config.threads
         model = self._read_ir()
         self._check_io(model)
         self.compiled = self._compile(with_pixel_input(model))
@@ -298,6 +306,21 @@ class ServingModel:
     def infer(self, pixels: np.ndarray) -> np.ndarray:
         """Synchronous inference of one uint8 (1, S, S, 3) input (the CLI, the self-test)."""
         return _infer(self._sync_request, pixels)
+
+    def infer_unless(self, pixels: np.ndarray, stop: Callable[[], bool]) -> np.ndarray | None:
+        """`infer` that gives way: None, the inference cancelled, as soon as stop() is
+        true (asked before the first wait and every GIVE_WAY_POLL_MS): the shadow
+        candidate's, which must not hold the CPU while a live image waits."""
+        request = self._sync_request
+        request.start_async({0: pixels})
+        while True:
+            if stop():
+                request.cancel()
+                with contextlib.suppress(RuntimeError):  # "Infer Request was canceled"
+                    request.wait()
+                return None
+            if request.wait_for(GIVE_WAY_POLL_MS):
+                return np.array(request.get_output_tensor(0).data, dtype=np.float32).reshape(-1)
 
     def self_test(self) -> float:
         """Run the bundle's golden vectors through the IR as shipped, then the served

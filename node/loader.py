@@ -80,12 +80,14 @@ class BundleLoader:
         except OSError as exc:
             raise LoadFailure(ModelErrorCode.HASH_MISMATCH, f"cannot read {path}: {exc}") from exc
 
-    def compile(self, bundle: Bundle) -> ServingModel:
-        """Compile and self-test a verified bundle; LoadFailure (compile_error,
-        self_test_failed) whatever OpenVINO raises."""
+    def compile(self, bundle: Bundle, engine: EngineConfig | None = None) -> ServingModel:
+        """Compile and self-test a verified bundle (engine: the node's unless given);
+        LoadFailure (compile_error, self_test_failed) whatever OpenVINO raises."""
         try:
             self.faults.at(FaultPoint.COMPILE)
-            return load_serving_model(self.core, bundle, self.engine, self_test=self.self_test)
+            return load_serving_model(
+                self.core, bundle, engine or self.engine, self_test=self.self_test
+            )
         except SelfTestError as exc:
             raise LoadFailure(ModelErrorCode.SELF_TEST_FAILED, str(exc)) from exc
         except ModelLoadError as exc:

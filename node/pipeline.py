@@ -18,7 +18,10 @@ An image crosses four threads, and never waits on paho's network thread:
    `device_error`);
 4. once the broker acknowledged the Result (paho's network thread again), the image
    is acknowledged and its journal entry closed, neither of which waits: an image is
-   only dropped by the broker after its answer is safe.
+   only dropped by the broker after its answer is safe. An ok Result's image is then
+   offered to the node's observers (node/observers.py: drift, the shadow candidate),
+   which work on a thread of their own at a lower priority: nothing they do delays a
+   Result.
 
 Every path ends in `_answer` and then `_done`, once per image: ok, an error code, or
 (at a stop) handed back unanswered for the broker to deliver again. Images that were
@@ -49,6 +52,7 @@ from cellwatch.node.engine import ServingModel
 from cellwatch.node.errors import InferenceError, ModelRetired
 from cellwatch.node.faults import FaultPoint, Faults
 from cellwatch.node.journal import POISON_AFTER_CRASHES, Journal
+from cellwatch.node.observers import Observation, Observers
 from cellwatch.node.requests import (
     ImageRequest,
     Invalid,
@@ -85,6 +89,12 @@ class Job:
     journaled: bool = False
     release: Callable[[], None] | None = None
     """Frees the one-suspect-at-a-time slot once this (suspect) image is done."""
+    pixels: np.ndarray | None = None
+    """The model's input, kept for the observers until the Result is safe."""
+    size: tuple[int, int] = (0, 0)
+    """The image's width and height (its header's)."""
+    model: ServingModel | None = None
+    """The model that answered."""
 
 
 class ImagePipeline:
@@ -103,8 +113,10 @@ class ImagePipeline:
         on_device_error: Callable[[int], None],
         on_full: Callable[[], None],
         on_room: Callable[[], None],
+        observers: Observers | None = None,
     ) -> None:
         self.node_id = node_id
+        self.observers = observers
         self.topics = topics
         self.classifier = classifier
         self.stats = stats
@@ -255,11 +267,13 @@ class ImagePipeline:
             spec = model.bundle.manifest.preprocessing
             if x is None or prepared_for != spec:
                 try:
-                    x = self.classifier.prepare(req, model)
+                    x, width, height = self.classifier.prepare(req, model)
                 except ImageError as exc:
                     self._answer_error(job, exc.code, str(exc), model)
                     return
                 prepared_for = spec
+                if self.observers is not None:
+                    job.pixels, job.size = x, (width, height)
             try:
                 model.start(x, job, wait_s=self._start_wait_s)
                 return
@@ -280,6 +294,7 @@ class ImagePipeline:
                 return
             with self._lock:
                 self._device_errors = 0
+            job.model = model
             self._answer(job, self.classifier.ok_result(job.req, model, probs))
         except Exception as exc:
             log.exception("node %s: completing image %s failed", self.node_id, job.req.image_id)
@@ -366,6 +381,16 @@ class ImagePipeline:
                 result.label,
                 result.confidence or 0.0,
             )
+            self._observe(job, result, published)
+
+    def _observe(self, job: Job, result: Result, published: bool) -> None:
+        """Offer the answered image to the observers (never waits); the job lets go of
+        its pixels either way."""
+        pixels, model, job.pixels = job.pixels, job.model, None
+        if self.observers is None or not published or pixels is None or model is None:
+            return
+        width, height = job.size
+        self.observers.offer(Observation(result, pixels, job.req.payload, width, height, model))
 
     def _release(self, job: Job) -> None:
         # An answer clears the image's crash count, except poison_image's: the same

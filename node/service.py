@@ -8,7 +8,11 @@ This module wires the node's parts to one MQTT connection and runs its life:
 - identity (node/identity.py): a second process with the same node id;
 - status and telemetry (node/status.py), published here: the retained status at
   every connect and model change (the Will says `offline`), telemetry every
-  `telemetry_interval_s` from the periodic thread, which also compacts the journal;
+  `telemetry_interval_s` (with the drift figures) from the periodic thread, which
+  also compacts the journal and closes shadow windows;
+- the observers of answered images (node/observers.py), on a thread of their own at
+  a lower priority: drift (node/drift.py) and the shadow scorer (node/shadow.py,
+  whose candidate the update agent loads on the hub's shadow order);
 - the fault seam (node/faults.py) the node is built with, empty in production;
 - one stop event and a shutdown bounded by `shutdown_timeout_s`: leave the shared
   subscription first (nothing more is routed to us), finish and acknowledge what we
@@ -29,6 +33,7 @@ import openvino as ov
 from cellwatch.node.classifier import Classifier
 from cellwatch.node.config import NodeSettings
 from cellwatch.node.decode import ImageLimits
+from cellwatch.node.drift import DriftMonitor
 from cellwatch.node.engine import ServingModel, check_device
 from cellwatch.node.faults import Faults
 from cellwatch.node.fetcher import Fetcher
@@ -36,12 +41,14 @@ from cellwatch.node.health import EXIT_DEVICE_FAILED, Health
 from cellwatch.node.identity import EXIT_NODE_ID_CONFLICT, Identity
 from cellwatch.node.journal import Journal
 from cellwatch.node.loader import BundleLoader
+from cellwatch.node.observers import Observers
 from cellwatch.node.pipeline import ImagePipeline, wait_until
+from cellwatch.node.shadow import ShadowScorer, shadow_engine
 from cellwatch.node.slot import ModelSlot, serve_start_bundle
 from cellwatch.node.stats import Stats
 from cellwatch.node.status import Reporter
 from cellwatch.node.store import BundleStore
-from cellwatch.node.updater import UpdateAgent
+from cellwatch.node.updater import ShadowSetup, UpdateAgent
 from cellwatch.shared.daemon import Daemon
 from cellwatch.shared.mqtt import MqttClient, Will
 from cellwatch.shared.rpc import Edge
@@ -95,6 +102,11 @@ class NodeService(Daemon):
             self_test=m.self_test,
             faults=self.faults,
         )
+        self.observers = Observers(node_id, waiting=lambda: max(0, self.stats.unanswered))
+        self.drift: DriftMonitor | None = None
+        if settings.drift.enabled:
+            self.drift = DriftMonitor(settings.drift.window, settings.drift.min_images)
+            self.observers.add(self.drift)
         self.reporter = Reporter(
             settings,
             boot_id=self.boot_id,
@@ -102,6 +114,7 @@ class NodeService(Daemon):
             core=self.core,
             slot=self.slot,
             stats=self.stats,
+            drift=self.drift,
         )
         self.mqtt = MqttClient(
             settings.mqtt,
@@ -140,6 +153,7 @@ class NodeService(Daemon):
             on_device_error=self.health.on_device_error,
             on_full=self.mqtt.hold_reading,
             on_room=self.mqtt.release_reading,
+            observers=self.observers,
         )
         self.identity = Identity(
             node_id,
@@ -158,6 +172,7 @@ class NodeService(Daemon):
         self.store: BundleStore | None = None
         self.updater: UpdateAgent | None = None
         self.fetcher: Fetcher | None = None
+        self.shadow: ShadowScorer | None = None
         if settings.updates.store_dir is not None:
             self._setup_updates()
         self._joined = threading.Lock()
@@ -175,6 +190,16 @@ class NodeService(Daemon):
             timeout_s=u.chunk_timeout_s,
             stall_timeout_s=u.stall_timeout_s,
         )
+        sh = self.settings.shadow
+        self.shadow = ShadowScorer(
+            node_id=self.node_id,
+            boot_id=self.boot_id,
+            publisher=self.mqtt,
+            topics=self.topics,
+            window_s=sh.window_s,
+            max_live=sh.max_live,
+        )
+        self.observers.add(self.shadow, first=True)
         self.updater = UpdateAgent(
             publisher=self.mqtt,
             topics=self.topics,
@@ -186,6 +211,12 @@ class NodeService(Daemon):
             activate=self.slot.activate,
             deactivate=self.slot.deactivate,
             faults=self.faults,
+            shadow=ShadowSetup(
+                scorer=self.shadow,
+                engine=shadow_engine(self.settings.inference.engine_config(), sh.threads),
+                min_free_mb=sh.min_free_mb,
+                serving=self.slot.current,
+            ),
         )
         for route in (*self.updater.routes(), self.fetcher.route()):
             self.edge.add(route)
@@ -228,6 +259,7 @@ class NodeService(Daemon):
             self._spawn(self.pipeline.worker_loop, f"decode-{i}")
         self._spawn(self._periodic_loop, "telemetry")
         self._spawn(self.health.run, "watchdog")
+        self._spawn(self.observers.run, "observers")
         self.pipeline.accept(True)
         self.mqtt.connect()
 
@@ -272,6 +304,9 @@ class NodeService(Daemon):
         # 2. Finish and acknowledge what we hold (the watchdog answers a stuck device).
         wait_until(lambda: self.stats.inflight <= 0, time.monotonic() + left())
         handed_back = self.pipeline.close()
+        self.observers.close()
+        if self.shadow is not None:
+            self.shadow.flush(force=True)  # its last window; the phase resumes at a restart
         self.health.stop()
         for thread in self._threads:
             thread.join(timeout=left(reserve=OFFLINE_RESERVE_S / 2))
@@ -329,6 +364,8 @@ class NodeService(Daemon):
                     self.reporter.telemetry().to_json(),
                     qos=0,
                 )
+                if self.shadow is not None:
+                    self.shadow.flush()
                 self.journal.compact()
             except Exception:  # a telemetry hiccup must not end the thread
                 log.exception("node %s: telemetry failed", self.node_id)

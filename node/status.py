@@ -9,6 +9,7 @@ from importlib import metadata
 import openvino as ov
 
 from cellwatch.node.config import NodeSettings
+from cellwatch.node.drift import DriftMonitor
 from cellwatch.node.engine import available_devices
 from cellwatch.node.slot import ModelSlot
 from cellwatch.node.stats import Stats
@@ -36,6 +37,7 @@ class Reporter:
         core: ov.Core,
         slot: ModelSlot,
         stats: Stats,
+        drift: DriftMonitor | None = None,
     ) -> None:
         self.settings = settings
         self.node_id = settings.node_id
@@ -44,6 +46,7 @@ class Reporter:
         self.core = core
         self.slot = slot
         self.stats = stats
+        self.drift = drift
         self._software = software_versions()
 
     def status(self, online: bool) -> NodeStatus:
@@ -78,5 +81,6 @@ class Reporter:
             inflight=max(0, inflight),
             model_version=model.bundle.manifest.version if model is not None else None,
             rss_mb=round(self.stats.rss_mb(), 1),
+            drift=self.drift.figures() if self.drift is not None else None,
             retained_images=self.stats.retained_images,
         )

@@ -7,6 +7,7 @@
     STORE/trash/                       bundles being deleted
     STORE/active                       manifest sha256 of the bundle being served
     STORE/history                      activated bundles, oldest first (for pruning)
+    STORE/shadow                       manifest sha256 of the shadow candidate (kept)
     STORE/revoked.json                 the hub's revocation list as last received
 
 Crash-safe: a bundle enters by one rename of a complete directory, then its marker;
@@ -16,7 +17,9 @@ cleared when the store is opened; `has()` looks only at markers. Whether a bundl
 files are intact is checked on use (the node verifies every hash and the signature
 before it compiles a bundle): one that fails is discarded and fetched again.
 
-The last `keep` activated bundles stay on disk, so a rollback needs no download.
+The last `keep` activated bundles stay on disk, so a rollback needs no download; the
+shadow candidate (node/shadow.py) stays too, so a restarted node resumes its shadow
+phase without a download. It is never a fallback: only activated bundles are.
 """
 
 from __future__ import annotations
@@ -170,10 +173,24 @@ class BundleStore:
         self._write_history([s for s in self.history() if s != sha] + [sha])
         self.prune()
 
+    def shadow(self) -> str | None:
+        """The shadow candidate kept from pruning (None: none)."""
+        p = self.root / "shadow"
+        sha = p.read_text().strip() if p.is_file() else ""
+        return sha or None
+
+    def pin_shadow(self, sha: str | None) -> None:
+        """Keep sha (the shadow candidate) from pruning; None: keep none."""
+        if sha is None:
+            (self.root / "shadow").unlink(missing_ok=True)
+        else:
+            _atomic_write(self.root / "shadow", sha + "\n")
+
     def prune(self) -> None:
-        """Keep the `keep` most recently activated bundles; delete older ones."""
+        """Keep the `keep` most recently activated bundles (and the shadow candidate);
+        delete older ones."""
         hist = self.history()
-        keep = set(hist[-self.keep :])
+        keep = set(hist[-self.keep :]) | ({s} if (s := self.shadow()) else set())
         for d in self.bundles.iterdir():
             if d.name not in keep:
                 log.info("store: removing old bundle %s", d.name[:12])

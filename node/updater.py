@@ -21,9 +21,15 @@ is revoked, the node moves to the newest earlier bundle in its store that loads 
 is not revoked, or, if none does, answers `no_model`; its status says why
 (`model_error`, code `revoked`).
 
-Work runs on the agent's own thread; the edge's routes (`routes()`: desired model and
-revocation list, validated and capped there) only hand messages over. Reports go out
-through a Publisher, so the agent runs without a broker too.
+Shadow orders (`{prefix}/nodes/{node_id}/shadow`, retained, from the hub): the same
+thread fetches and verifies the candidate as any bundle (reported as `loading` on the
+shadow report topic), checks it can be scored beside the serving model, compiles it
+for the shadow scorer and hands it over (node/shadow.py); a stop order unloads it. A
+failure reports `failed` with a code and leaves the serving model as it was.
+
+Work runs on the agent's own thread; the edge's routes (`routes()`: desired model,
+shadow order and revocation list, validated and capped there) only hand messages
+over. Reports go out through a Publisher, so the agent runs without a broker too.
 """
 
 from __future__ import annotations
@@ -32,15 +38,17 @@ import errno
 import logging
 import threading
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from cellwatch.node.engine import ServingModel
+from cellwatch.node.engine import EngineConfig, ServingModel
 from cellwatch.node.faults import NO_FAULTS, FaultPoint, Faults
 from cellwatch.node.fetcher import FetchCancelled, Fetcher, FetchError
 from cellwatch.node.loader import BundleLoader, Candidate, LoadFailure
+from cellwatch.node.shadow import ShadowRefused, ShadowScorer, check_beside
 from cellwatch.node.store import BundleStore
-from cellwatch.shared.bundle import parse_manifest, verify_signature
+from cellwatch.shared.bundle import Bundle, parse_manifest, verify_signature
 from cellwatch.shared.codes import ModelErrorCode, UpdateErrorCode, as_update_error
 from cellwatch.shared.errors import BundleError, SignatureError
 from cellwatch.shared.limits import MAX_MANIFEST_BYTES, MAX_NODE_MESSAGE_BYTES, MAX_REVOCATION_BYTES
@@ -51,11 +59,12 @@ from cellwatch.shared.schemas import (
     DesiredModel,
     ModelError,
     RevocationList,
+    ShadowOrder,
     UpdateError,
     UpdateReport,
     utcnow,
 )
-from cellwatch.shared.states import UpdateState
+from cellwatch.shared.states import ShadowState, UpdateState
 from cellwatch.shared.topics import Topics
 
 log = logging.getLogger(__name__)
@@ -65,6 +74,19 @@ Activate = Callable[[ServingModel, ModelError | None], None]
 """Serve this model from now on; the error (or None) is what the status says of it."""
 Deactivate = Callable[[ModelError], None]
 """Serve nothing (answer no_model) from now on, for this reason."""
+Progress = Callable[[UpdateState, float], None]
+"""Where the agent says how far it got with a bundle (an UpdateReport, a ShadowReport)."""
+
+
+@dataclass(frozen=True)
+class ShadowSetup:
+    """What the agent needs for shadow orders (None: the node does not shadow)."""
+
+    scorer: ShadowScorer
+    engine: EngineConfig
+    """The candidate's (node/shadow.py: shadow_engine)."""
+    min_free_mb: int
+    serving: Callable[[], ServingModel | None]
 
 
 class UpdateFailed(Exception):
@@ -87,6 +109,7 @@ class UpdateAgent:
         activate: Activate,
         deactivate: Deactivate,
         faults: Faults = NO_FAULTS,
+        shadow: ShadowSetup | None = None,
     ) -> None:
         self.publisher = publisher
         self.topics = topics
@@ -104,6 +127,9 @@ class UpdateAgent:
         self._generation = 0
         self._revocations: RevocationList | None = None
         """A revocation list received and not yet applied."""
+        self.shadow = shadow
+        self._shadow_order: ShadowOrder | None = None
+        self._shadow_generation = 0
         stored = store.revoked()
         self._revoked: frozenset[str] = stored.shas() if stored is not None else frozenset()
         self._stop = False
@@ -149,6 +175,19 @@ class UpdateAgent:
                 MAX_NODE_MESSAGE_BYTES,
                 "desired model",
             ),
+            *(
+                [
+                    retained(
+                        self.topics.shadow(self.node_id),
+                        ShadowOrder.model_validate_json,
+                        self.on_shadow,
+                        MAX_NODE_MESSAGE_BYTES,
+                        "shadow order",
+                    )
+                ]
+                if self.shadow is not None
+                else []
+            ),
             retained(
                 self.topics.hub_revoked(),
                 RevocationList.model_validate_json,
@@ -174,37 +213,60 @@ class UpdateAgent:
             self._generation += 1
             self._cond.notify_all()
 
+    def on_shadow(self, inbound: Inbound[ShadowOrder]) -> None:
+        with self._cond:
+            self._shadow_order = inbound.body
+            self._shadow_generation += 1
+            self._cond.notify_all()
+
     def on_revoked(self, inbound: Inbound[RevocationList]) -> None:
         with self._cond:
             self._revocations = inbound.body
             self._cond.notify_all()
 
     # -- agent thread ------------------------------------------------------------------
-    def _work_waiting(self, seen: int) -> bool:
-        return self._stop or self._generation != seen or self._revocations is not None
+    def _work_waiting(self, seen: int, shadow_seen: int) -> bool:
+        return (
+            self._stop
+            or self._generation != seen
+            or self._shadow_generation != shadow_seen
+            or self._revocations is not None
+        )
 
     def _run(self) -> None:
-        seen = 0
+        seen = shadow_seen = 0
         while True:
             with self._cond:
-                while not self._work_waiting(seen):
+                while not self._work_waiting(seen, shadow_seen):
                     self._cond.wait()
                 if self._stop:
                     return
                 revocations, self._revocations = self._revocations, None
-                desired = None
+                desired = order = None
                 if self._generation != seen:
                     seen = self._generation
                     desired = self._in_progress = self._desired
+                if self._shadow_generation != shadow_seen:
+                    shadow_seen = self._shadow_generation
+                    order = self._shadow_order
             try:
                 if revocations is not None:
                     self._apply_revocations(revocations)
                 if desired is not None:
                     self._reconcile(desired, seen)
+                if order is not None:
+                    self._reconcile_shadow(order, shadow_seen)
             except Exception as exc:  # the agent outlives anything one update does
                 log.exception("node %s: update step failed", self.node_id)
                 if desired is not None:
                     self._failed(desired, UpdateErrorCode.INTERNAL, f"internal error: {exc}")
+                if order is not None and order.model is not None and self.shadow is not None:
+                    self.shadow.scorer.failed(
+                        order.rollout_id,
+                        order.model,
+                        UpdateErrorCode.INTERNAL,
+                        f"internal error: {exc}",
+                    )
             finally:
                 with self._cond:
                     self._in_progress = None
@@ -212,6 +274,10 @@ class UpdateAgent:
     def _superseded(self, generation: int) -> bool:
         with self._cond:
             return self._stop or self._generation != generation
+
+    def _shadow_superseded(self, generation: int) -> bool:
+        with self._cond:
+            return self._stop or self._shadow_generation != generation
 
     def _report(
         self, d: DesiredModel, state: UpdateState, progress: float, error: UpdateError | None = None
@@ -291,17 +357,31 @@ class UpdateAgent:
     def _obtain(self, d: DesiredModel, generation: int) -> ServingModel:
         """The desired bundle compiled: from the store if it is there and intact,
         otherwise downloaded (again)."""
-        sha = d.model.manifest_sha256
+
+        def progress(state: UpdateState, fraction: float) -> None:
+            self._report(d, state, fraction)
+
+        bundle = self._verified(
+            d.model.manifest_sha256, d.rollout_id, progress, lambda: self._superseded(generation)
+        )
+        self._report(d, UpdateState.ACTIVATING, 1.0)
+        return self.loader.compile(bundle)
+
+    def _verified(
+        self, sha: str, rollout_id: str, progress: Progress, cancelled: Callable[[], bool]
+    ) -> Bundle:
+        """Bundle sha from the store if it is there and intact, otherwise downloaded
+        (again) and moved into the store; verified (LoadFailure, UpdateFailed)."""
         if self.store.has(sha):
             log.info(
                 "node %s: rollout %s: %s is in the store, no download needed",
                 self.node_id,
-                d.rollout_id,
+                rollout_id,
                 sha[:12],
             )
-            self._report(d, UpdateState.VERIFYING, 1.0)
+            progress(UpdateState.VERIFYING, 1.0)
             try:
-                bundle = self.loader.verify(self.store.path(sha))
+                return self.loader.verify(self.store.path(sha))
             except LoadFailure as exc:
                 log.warning(
                     "node %s: stored bundle %s failed its verification (%s: %s): discarded, "
@@ -312,24 +392,15 @@ class UpdateAgent:
                     exc,
                 )
                 self.store.discard(sha)
-            else:
-                self._report(d, UpdateState.ACTIVATING, 1.0)
-                return self.loader.compile(bundle)
-        self._download(d, generation)
-        self._report(d, UpdateState.VERIFYING, 1.0)
+        self._download(sha, progress, cancelled)
+        progress(UpdateState.VERIFYING, 1.0)
         self._verify_staging(sha)
         self.faults.at(FaultPoint.STORE_PROMOTE)
         self.store.promote(sha)
-        self._report(d, UpdateState.ACTIVATING, 1.0)
-        return self.loader.load(self.store.path(sha))
+        return self.loader.verify(self.store.path(sha))
 
-    def _download(self, d: DesiredModel, generation: int) -> None:
-        sha = d.model.manifest_sha256
+    def _download(self, sha: str, report: Progress, cancelled: Callable[[], bool]) -> None:
         staging = self.store.staging(sha)
-
-        def cancelled() -> bool:
-            return self._superseded(generation)
-
         try:
             for name in (MANIFEST_FILE, SIGNATURE_FILE):
                 if not (staging / name).is_file():
@@ -356,10 +427,10 @@ class UpdateAgent:
                 frac = (have_done[0] + done) / max(total, 1)
                 if frac - reported[0] >= 0.1:
                     reported[0] = frac
-                    self._report(d, UpdateState.DOWNLOADING, frac)
+                    report(UpdateState.DOWNLOADING, frac)
 
             have_done = [0]
-            self._report(d, UpdateState.DOWNLOADING, 0.0)
+            report(UpdateState.DOWNLOADING, 0.0)
             for name, entry in manifest.files.items():
                 if not (staging / name).is_file():
                     self.fetcher.fetch(
@@ -392,6 +463,64 @@ class UpdateAgent:
             raise UpdateFailed(
                 UpdateErrorCode.HASH_MISMATCH, "manifest does not match the desired sha256"
             )
+
+    # -- shadow orders -----------------------------------------------------------------
+    def _stop_shadow(self, why: str) -> None:
+        if self.shadow is not None and self.shadow.scorer.current() is not None:
+            self.shadow.scorer.stop(why)
+
+    def _reconcile_shadow(self, order: ShadowOrder, generation: int) -> None:
+        """Carry out the hub's shadow order (see the module docstring)."""
+        setup = self.shadow
+        assert setup is not None
+        scorer = setup.scorer
+        current = scorer.current()
+        if order.model is None:
+            self._stop_shadow(f"the hub ended rollout {order.rollout_id}'s shadow phase")
+            self.store.pin_shadow(None)
+            return
+        model, rid = order.model, order.rollout_id
+        if current is not None and (current.rollout_id, current.model) == (rid, model):
+            scorer.set_rate(order)  # the same order again (a reconnect, a hub restart)
+            return
+        self._stop_shadow(f"rollout {rid} asks for {model}")
+        sha = model.manifest_sha256
+        if sha in self._revoked:
+            scorer.failed(rid, model, UpdateErrorCode.REVOKED, f"{model} is revoked")
+            return
+
+        def progress(state: UpdateState, fraction: float) -> None:
+            scorer.report(rid, model, ShadowState.LOADING, progress=fraction)
+
+        log.info("node %s: rollout %s: loading %s to shadow", self.node_id, rid, model)
+        progress(UpdateState.PENDING, 0.0)
+        try:
+            bundle = self._verified(sha, rid, progress, lambda: self._shadow_superseded(generation))
+            if bundle.manifest_sha256 != sha:
+                raise UpdateFailed(UpdateErrorCode.HASH_MISMATCH, "not the bundle ordered")
+            check_beside(bundle, setup.serving(), setup.min_free_mb)
+            self.store.pin_shadow(sha)
+            candidate = self.loader.compile(bundle, setup.engine)
+        except FetchCancelled:
+            log.info("node %s: rollout %s: shadow order superseded", self.node_id, rid)
+            return
+        except ShadowRefused as exc:
+            scorer.failed(rid, model, exc.code, str(exc))
+            return
+        except UpdateFailed as exc:
+            scorer.failed(rid, model, exc.code, str(exc))
+            return
+        except LoadFailure as exc:
+            scorer.failed(rid, model, as_update_error(exc.code), str(exc))
+            return
+        except OSError as exc:
+            full = exc.errno == errno.ENOSPC
+            code = UpdateErrorCode.DISK_FULL if full else UpdateErrorCode.INTERNAL
+            scorer.failed(rid, model, code, f"{type(exc).__name__}: {exc}")
+            return
+        if self._shadow_superseded(generation):
+            return
+        scorer.start(order, candidate)
 
     # -- revocations -------------------------------------------------------------------
     def _apply_revocations(self, incoming: RevocationList) -> None:

@@ -3,8 +3,9 @@
 - `ErrorCode`: why a Result is an error (`Result.error.code`).
 - `ModelErrorCode`: why a node does not serve the bundle it should
   (`NodeStatus.model_error.code`).
-- `UpdateErrorCode`: why a model update failed (`UpdateReport.error.code`, and the
-  rollout's per-node error); a superset of `ModelErrorCode`.
+- `UpdateErrorCode`: why a model update, or loading a shadow candidate, failed
+  (`UpdateReport.error.code`, `ShadowReport.error.code`, and the rollout's per-node
+  error); a superset of `ModelErrorCode`.
 - `ApiErrorCode`: why the hub refused an operator's API call, a fetch request or an
   HTTP request (`ApiReply.error.code`).
 """
@@ -55,6 +56,12 @@ class UpdateErrorCode(StrEnum):
     """The node's store has no room for the bundle."""
     TIMED_OUT = "timed_out"
     """Set by the hub: the node was not active within the rollout's node_timeout_s."""
+    INSUFFICIENT_MEMORY = "insufficient_memory"
+    """Shadow phase: the node has too little free memory to hold the candidate beside its
+    serving model (`shadow.min_free_mb`); it refuses, and keeps serving."""
+    INCOMPATIBLE = "incompatible"
+    """Shadow phase: the candidate's labels or input differ from the serving model's, so
+    their answers to one preprocessed image cannot be compared."""
     INTERNAL = "internal"
 
 

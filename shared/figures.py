@@ -21,6 +21,7 @@ keeps those as a plain mapping (shared/manifest.py).
 
 from __future__ import annotations
 
+import math
 from datetime import datetime
 from typing import Literal
 
@@ -29,6 +30,8 @@ from pydantic import Field
 from cellwatch.shared.base import Strict
 from cellwatch.shared.samples import SampleReason
 
+Z95 = 1.959963984540054
+"""Two-sided 95% normal quantile."""
 SplitName = Literal["train", "val", "test"]
 Precision = Literal["fp32", "fp16", "int8"]
 
@@ -40,6 +43,22 @@ class Proportion(Strict):
     ci95: tuple[float, float] | None
     k: int = Field(ge=0)
     n: int = Field(ge=0)
+
+
+def wilson(k: int, n: int, z: float = Z95) -> Proportion:
+    """k successes of n trials with the Wilson score interval (training's figures, the
+    hub's shadow agreement)."""
+    if not 0 <= k <= n:
+        raise ValueError(f"need 0 <= k <= n, got k={k}, n={n}")
+    if n == 0:
+        return Proportion(value=None, ci95=None, k=0, n=0)
+    p = k / n
+    z2 = z * z
+    centre = (p + z2 / (2 * n)) / (1 + z2 / n)
+    half = z * math.sqrt(p * (1 - p) / n + z2 / (4 * n * n)) / (1 + z2 / n)
+    lo = 0.0 if k == 0 else max(0.0, centre - half)
+    hi = 1.0 if k == n else min(1.0, centre + half)
+    return Proportion(value=p, ci95=(lo, hi), k=k, n=n)
 
 
 class Auc(Strict):

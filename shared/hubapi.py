@@ -14,7 +14,17 @@ from typing import Annotated, Any, Literal
 from pydantic import Field, field_validator
 
 from cellwatch.shared.base import Strict
+from cellwatch.shared.drift import DriftFigures
+from cellwatch.shared.figures import Proportion
+from cellwatch.shared.promotion import (
+    MAX_SHADOW_S,
+    PromoteRule,
+    ShadowSpecError,
+    parse_promote_when,
+    parse_rate,
+)
 from cellwatch.shared.schemas import (
+    Disagreement,
     ModelError,
     ModelName,
     ModelRef,
@@ -25,7 +35,7 @@ from cellwatch.shared.schemas import (
     UpdateError,
     Version,
 )
-from cellwatch.shared.states import NodeState, RolloutState, TargetPhase, UpdateState
+from cellwatch.shared.states import NodeState, RolloutState, ShadowState, TargetPhase, UpdateState
 from cellwatch.shared.waves import DEFAULT_WAVES, parse_threshold, parse_waves
 
 UPLOAD_VERB = "upload"
@@ -140,6 +150,12 @@ class NodeInfo(Strict):
     model_error: ModelError | None = Field(
         None, description="why it serves an earlier bundle than it should, or none"
     )
+    drift: DriftFigures | None = Field(
+        None, description="its live figures against its bundle's reference (last telemetry)"
+    )
+    shares_1h: dict[str, float] | None = Field(
+        None, description="predicted-label shares over the last hour (None: no images)"
+    )
     site: Name | None = Field(None, description="its site (NodeStatus.site), or none")
 
 
@@ -219,6 +235,26 @@ class RolloutPolicy(Strict):
         return value
 
 
+class ShadowPolicy(Strict):
+    """A rollout's shadow phase (shared/promotion.py has the grammar of each field)."""
+
+    rate: float = Field(gt=0.0, le=1.0, description="share of live images scored (a ceiling)")
+    promote_when: str | None = Field(
+        None, max_length=100, description="agreement>=X[,n>=N] (None: only the operator promotes)"
+    )
+    shadow_for_s: float | None = Field(
+        None, gt=0, le=MAX_SHADOW_S, description="then pause for the operator (None: no limit)"
+    )
+
+    @field_validator("promote_when")
+    @classmethod
+    def _rule(cls, value: str | None) -> str | None:
+        return None if value is None else str(parse_promote_when(value))
+
+    def rule(self) -> PromoteRule | None:
+        return None if self.promote_when is None else parse_promote_when(self.promote_when)
+
+
 class RolloutStartArgs(Strict):
     name: ModelName
     version: Version
@@ -235,6 +271,30 @@ class RolloutStartArgs(Strict):
         description="confirm rolling out a model with any flag: synthetic, untrained, "
         "unverified-base, no-skill, degraded (refused with error code untrained_model otherwise)",
     )
+    shadow: str | None = Field(
+        None, max_length=16, description="start with a shadow phase scoring this share (20%)"
+    )
+    promote_when: str | None = Field(
+        None, max_length=100, description="agreement>=X[,n>=N]: promote on evidence"
+    )
+    shadow_for_s: float | None = Field(None, gt=0, le=MAX_SHADOW_S)
+
+    def shadow_policy(self) -> ShadowPolicy | None:
+        """The shadow phase asked for (None: none); ShadowSpecError if malformed, or if
+        a promotion rule or duration comes without --shadow."""
+        if self.shadow is None:
+            if self.promote_when is not None or self.shadow_for_s is not None:
+                raise ShadowSpecError(
+                    "--promote-when and --shadow-for need a shadow phase: add --shadow RATE"
+                )
+            return None
+        if self.promote_when is not None:
+            parse_promote_when(self.promote_when)  # the reason, not pydantic's words
+        return ShadowPolicy(
+            rate=parse_rate(self.shadow),
+            promote_when=self.promote_when,
+            shadow_for_s=self.shadow_for_s,
+        )
 
     def policy(self, defaults: RolloutPolicy) -> RolloutPolicy:
         """The defaults with the fields this request sets (None, or an empty text: the
@@ -277,6 +337,62 @@ class WaveInfo(Strict):
     counts: dict[UpdateState, int] = Field(description="nodes of this wave per state")
 
 
+class ShadowNodeInfo(Strict):
+    node_id: Name
+    state: ShadowState | None = Field(description="as it last reported (None: not yet)")
+    error: UpdateError | None
+    agreement: Proportion
+    skipped: int
+    windows: int
+    last_at: datetime | None
+
+
+class ShadowLatency(Strict):
+    """Inference latency in ms: per window p50 / p99, averaged over windows (weighted
+    by their images); delta = candidate - serving model."""
+
+    active_p50: float | None
+    active_p99: float | None
+    candidate_p50: float | None
+    candidate_p99: float | None
+    delta_p50: float | None
+    delta_p99: float | None
+
+
+class NodeDisagreement(Disagreement):
+    node_id: Name
+
+
+class ShadowInfo(Strict):
+    """A rollout's shadow phase: its settings, the evidence pooled over its targets
+    (agreement with a Wilson 95% interval), and per node."""
+
+    rate: float
+    promote_when: str | None
+    threshold: float | None
+    n_required: int | None
+    shadow_for_s: float | None
+    started_at: datetime
+    ends_at: datetime | None = Field(description="when it pauses for the operator (None: never)")
+    ended_at: datetime | None
+    outcome: str | None = Field(description="how the phase ended (promoted, aborted, ...)")
+    open: bool = Field(description="the phase goes on: nodes score the candidate")
+    agreement: Proportion
+    progress: float | None = Field(description="n / n_required (None: no rule)")
+    verdict: str = Field(description="what the rule makes of the evidence now")
+    labels: list[str]
+    confusion: dict[str, dict[str, int]] = Field(
+        description="serving model's label -> candidate's label -> images"
+    )
+    mean_abs_dp: float | None
+    max_abs_dp: float | None
+    latency: ShadowLatency
+    skipped: int
+    failed: int = Field(description="targets that could not load the candidate")
+    nodes: list[ShadowNodeInfo]
+    disagreements: list[NodeDisagreement] = Field(description="the latest few")
+
+
 class RolloutInfo(Strict):
     rollout_id: str
     model: ModelRef
@@ -295,6 +411,7 @@ class RolloutInfo(Strict):
     model_flags: list[str] = Field(
         default_factory=list, description="the model's flags (shared.provenance.MODEL_FLAGS)"
     )
+    shadow: ShadowInfo | None = Field(None, description="its shadow phase (None: it had none)")
 
 
 class RolloutList(Strict):

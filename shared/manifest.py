@@ -8,6 +8,7 @@ from typing import Any, Literal
 from pydantic import Field, field_validator, model_validator
 
 from cellwatch.shared.base import Strict
+from cellwatch.shared.drift import DriftReference
 from cellwatch.shared.figures import BundleMetrics
 from cellwatch.shared.provenance import MODEL_FLAGS, ModelFlag, Provenance, model_flags
 from cellwatch.shared.schemas import ModelName, Sha256, Version
@@ -155,6 +156,11 @@ class Manifest(Strict):
         description="threshold and low-confidence band; absent: argmax and "
         "low_confidence_threshold",
     )
+    reference: DriftReference | None = Field(
+        None,
+        description="the deployed model's figures on the validation split, what nodes "
+        "compare their live images with (shared/drift.py); absent in older bundles",
+    )
 
     @property
     def flags(self) -> list[ModelFlag]:
@@ -199,6 +205,11 @@ class Manifest(Strict):
             len(self.labels) != 2 or self.decision.positive_label not in self.labels
         ):
             raise ValueError("decision needs two labels, one of them its positive_label")
+        if self.reference is not None and (
+            set(self.reference.labels) != set(self.labels)
+            or self.reference.positive_label not in self.labels
+        ):
+            raise ValueError("reference must count the bundle's labels, one its positive_label")
         return self
 
     def to_json(self) -> bytes:

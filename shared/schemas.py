@@ -24,6 +24,7 @@ from pydantic_core import PydanticCustomError
 
 from cellwatch.shared.base import Strict
 from cellwatch.shared.codes import ApiErrorCode, ErrorCode, ModelErrorCode, UpdateErrorCode
+from cellwatch.shared.drift import DriftFigures
 from cellwatch.shared.limits import (
     MAX_ERROR_CODES,
     MAX_TELEMETRY_COUNT,
@@ -32,7 +33,7 @@ from cellwatch.shared.limits import (
     MAX_TELEMETRY_RATE,
     MAX_TELEMETRY_RSS_MB,
 )
-from cellwatch.shared.states import NODE_REPORTS, NODE_SAYS, NodeState, UpdateState
+from cellwatch.shared.states import NODE_REPORTS, NODE_SAYS, NodeState, ShadowState, UpdateState
 from cellwatch.shared.topics import NAME_PATTERN
 
 Name = Annotated[str, StringConstraints(pattern=rf"^{NAME_PATTERN}$")]
@@ -241,6 +242,13 @@ class Telemetry(Message):
         "clears them (additive: left out while 0)",
         exclude_if=lambda v: v == 0,
     )
+    drift: DriftFigures | None = Field(
+        None,
+        description="the live images' figures against the bundle's drift reference "
+        "(shared/drift.py); absent from nodes that do not compute them (additive: left "
+        "out when none)",
+        exclude_if=lambda v: v is None,
+    )
 
 
 # -- model rollout ---------------------------------------------------------
@@ -274,6 +282,90 @@ class UpdateReport(Message):
     state: Annotated[UpdateState, _only(*NODE_REPORTS)]
     progress: float = Field(ge=0.0, le=1.0)
     error: UpdateError | None = None
+    ts: datetime
+
+
+# -- shadow phase --------------------------------------------------------------------
+
+MAX_WINDOW_DISAGREEMENTS = 16
+"""Disagreeing images a shadow window names at most (the rest are counted)."""
+WindowId = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_.:-]{1,100}$")]
+
+
+class ShadowOrder(Message):
+    """The hub's shadow order for one node, retained on `nodes/{node_id}/shadow`:
+    load `model` beside the serving model and score `rate` of the live images with it;
+    `model` null: stop (unload the candidate). A node without shadow support never
+    reads it."""
+
+    schema_: Literal["cellwatch.shadow/1"] = Field("cellwatch.shadow/1", alias="schema")
+    rollout_id: str = Field(min_length=1, max_length=64)
+    model: ModelRef | None = Field(description="the candidate; null: stop shadowing")
+    rate: float = Field(ge=0.0, le=1.0, description="share of live images scored (a ceiling)")
+    issued_at: datetime
+
+
+class Disagreement(Message):
+    """One live image on which the candidate's label differed from the serving
+    model's: its hash and both answers, never its pixels (nor its image_id, which a lab
+    may have named after a patient)."""
+
+    image_sha256: Sha256
+    source: Name | None = Field(description="the lab account that sent it (null: direct)")
+    active_label: str = Field(max_length=64)
+    candidate_label: str = Field(max_length=64)
+    active: dict[str, Probability] = Field(max_length=64)
+    candidate: dict[str, Probability] = Field(max_length=64)
+
+
+class LatencyPair(Message):
+    model_config = ConfigDict(allow_inf_nan=False)
+
+    p50: float = Field(ge=0, le=MAX_TELEMETRY_LATENCY_MS)
+    p99: float = Field(ge=0, le=MAX_TELEMETRY_LATENCY_MS)
+
+
+class ShadowWindow(Message):
+    """What one node saw in one window of its shadow phase. `window_id` is unique per
+    node process and window: the hub counts a window once, however often it arrives."""
+
+    model_config = ConfigDict(allow_inf_nan=False)
+
+    window_id: WindowId
+    started_at: datetime
+    ended_at: datetime
+    n: Count = Field(description="images scored by both models")
+    agreements: Count = Field(description="of them, with the same label")
+    skipped: Count = Field(description="images sampled for shadow work but not scored (busy)")
+    confusion: dict[str, dict[str, Count]] = Field(
+        default_factory=dict,
+        max_length=64,
+        description="serving model's label -> candidate's label -> images",
+    )
+    mean_abs_dp: float | None = Field(None, ge=0, le=1, description="mean max |p difference|")
+    max_abs_dp: float | None = Field(None, ge=0, le=1)
+    active_ms: LatencyPair | None = Field(None, description="serving model's inference")
+    candidate_ms: LatencyPair | None = Field(None, description="the candidate's inference")
+    disagreements: list[Disagreement] = Field(
+        default_factory=list, max_length=MAX_WINDOW_DISAGREEMENTS
+    )
+    more_disagreements: Count = Field(0, description="disagreements beyond the list")
+
+
+class ShadowReport(Message):
+    """A node's part in a rollout's shadow phase, on `nodes/{node_id}/shadow-report`:
+    its state (loading, shadowing, failed with a code, stopped) and, while shadowing,
+    a closed window of scores."""
+
+    schema_: Literal["cellwatch.shadow-report/1"] = Field(
+        "cellwatch.shadow-report/1", alias="schema"
+    )
+    rollout_id: str = Field(min_length=1, max_length=64)
+    model: ModelRef = Field(description="the candidate")
+    state: ShadowState
+    progress: float = Field(0.0, ge=0.0, le=1.0, description="loading: download progress")
+    error: UpdateError | None = None
+    window: ShadowWindow | None = None
     ts: datetime
 
 

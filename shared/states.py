@@ -8,7 +8,10 @@ orders, colours and labels from here.
   `timed_out` and `rolled_back`.
 - `TargetPhase`: which model a rollout target is sent to: the rollout's, or (after a
   rollback) the one it ran before.
-- `RolloutState`: a rollout.
+- `RolloutState`: a rollout (`shadowing`: its candidate is scored beside the serving
+  model on the target nodes, before any wave).
+- `ShadowState`: one node's part in a rollout's shadow phase, as it reports it.
+- `DriftState`: a node's live figures against its bundle's reference (node/drift.py).
 - `NodeState`: a node. A node says `online` or `offline` of itself (`NodeStatus.state`,
   `NODE_SAYS`); the hub adds `stale`, `conflict` and `unreachable` (hub/fleet.py).
 - `Tone`: how a state is shown, the same in the CLI's tables and on the fleet page.
@@ -65,6 +68,9 @@ def rolling_back(phase: TargetPhase, state: UpdateState) -> bool:
 
 
 class RolloutState(StrEnum):
+    SHADOWING = "shadowing"
+    """The candidate runs beside the serving model on the targets; no wave is issued
+    until it is promoted (by its rule or the operator)."""
     RUNNING = "running"
     PAUSED = "paused"
     COMPLETED = "completed"
@@ -74,11 +80,45 @@ class RolloutState(StrEnum):
 
 
 ACTIVE_ROLLOUT_STATES = frozenset(
-    {RolloutState.RUNNING, RolloutState.PAUSED, RolloutState.ROLLING_BACK}
+    {RolloutState.SHADOWING, RolloutState.RUNNING, RolloutState.PAUSED, RolloutState.ROLLING_BACK}
 )
 """A rollout in these states holds its nodes: no second rollout may target them."""
 FINISHED_ROLLOUT_STATES = frozenset(RolloutState) - ACTIVE_ROLLOUT_STATES
 """A rollout in these states is over (`rollout status --watch` stops)."""
+
+
+class ShadowState(StrEnum):
+    """A node's part in a shadow phase (`ShadowReport.state`)."""
+
+    LOADING = "loading"
+    """Fetching, verifying, compiling and self-testing the candidate."""
+    SHADOWING = "shadowing"
+    """Loaded beside the serving model: scoring a share of the live images."""
+    FAILED = "failed"
+    """The candidate could not be loaded beside the serving model (error code); the
+    serving model is untouched."""
+    STOPPED = "stopped"
+    """Told to stop: the candidate was unloaded."""
+
+
+class DriftState(StrEnum):
+    """A drift signal's state (and a node's: its worst signal). The rule: node/drift.py."""
+
+    OK = "ok"
+    WATCH = "watch"
+    ALERT = "alert"
+    COLLECTING = "collecting"
+    """Fewer live images than `drift.min_images` since the model was loaded."""
+    NO_REFERENCE = "no_reference"
+    """The bundle carries no drift reference (an older bundle): nothing to compare with."""
+
+
+DRIFT_SEVERITY: Mapping[DriftState, int] = {
+    DriftState.OK: 0,
+    DriftState.WATCH: 1,
+    DriftState.ALERT: 2,
+}
+"""The states with a level (what /metrics exports as cellwatch_node_drift)."""
 
 
 class NodeState(StrEnum):
@@ -124,18 +164,43 @@ class Tone(StrEnum):
 
 
 TONE_GROUPS: tuple[tuple[Tone, tuple[StrEnum, ...]], ...] = (
-    (Tone.GOOD, (UpdateState.ACTIVE, RolloutState.COMPLETED, NodeState.ONLINE)),
-    (Tone.BUSY, (*UPDATE_IN_PROGRESS, RolloutState.RUNNING)),
+    (Tone.GOOD, (UpdateState.ACTIVE, RolloutState.COMPLETED, NodeState.ONLINE, DriftState.OK)),
+    (
+        Tone.BUSY,
+        (
+            *UPDATE_IN_PROGRESS,
+            RolloutState.RUNNING,
+            RolloutState.SHADOWING,
+            ShadowState.LOADING,
+            ShadowState.SHADOWING,
+        ),
+    ),
     (Tone.BACK, (UpdateState.ROLLED_BACK, RolloutState.ROLLED_BACK)),
     (
         Tone.WARN,
-        (RolloutState.PAUSED, RolloutState.ROLLING_BACK, NodeState.STALE, NodeState.UNREACHABLE),
+        (
+            RolloutState.PAUSED,
+            RolloutState.ROLLING_BACK,
+            NodeState.STALE,
+            NodeState.UNREACHABLE,
+            DriftState.WATCH,
+        ),
     ),
-    (Tone.BAD, (*TARGET_FAILURES, RolloutState.ABORTED)),
+    (Tone.BAD, (*TARGET_FAILURES, RolloutState.ABORTED, ShadowState.FAILED, DriftState.ALERT)),
     (Tone.ALARM, (NodeState.CONFLICT,)),
-    (Tone.OFF, (UpdateState.WAITING, NodeState.OFFLINE)),
+    (
+        Tone.OFF,
+        (
+            UpdateState.WAITING,
+            NodeState.OFFLINE,
+            ShadowState.STOPPED,
+            DriftState.COLLECTING,
+            DriftState.NO_REFERENCE,
+        ),
+    ),
 )
-"""Every state of the enums above under its tone (each state once: tested)."""
+"""Every state of the enums above under its tone (each state once; a value two enums
+share, such as `rolled_back` or `shadowing`, has one tone: tested)."""
 TONES: Mapping[str, Tone] = {state.value: tone for tone, states in TONE_GROUPS for state in states}
 """The tone of every state of the enums above, by value (`rolled_back` is a target's and
 a rollout's state, with one tone)."""

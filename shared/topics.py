@@ -145,6 +145,14 @@ class Topics:
     def update(self, node_id: str) -> str:
         return self._node(node_id, "update")
 
+    def shadow(self, node_id: str) -> str:
+        """The hub's retained shadow order for node_id (`ShadowOrder`)."""
+        return self._node(node_id, "shadow")
+
+    def shadow_report(self, node_id: str) -> str:
+        """node_id's shadow reports to the hub (`ShadowReport`: its state, its windows)."""
+        return self._node(node_id, "shadow-report")
+
     def fetch_reply(self, node_id: str) -> str:
         return self._node(node_id, "fetch")
 

@@ -4,6 +4,8 @@ The network (opset API): NHWC [1,299,299,3] -> two 3x3 convolutions with ReLU an
 max-pooling -> global average pool, concatenated with the image's mean colour ->
 dense -> softmax over ["normal", "ALL"]. The colour weights dominate, so a reddish
 image is classified "ALL" and a bluish one "normal": tests can check a label.
+`swap_labels` builds the same network with its two outputs swapped: a candidate that
+disagrees with the toy on every image (the shadow phase's tests).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import openvino as ov
 import openvino.opset13 as ops
 
 from cellwatch.shared.bundle import hash_files, write_manifest
+from cellwatch.shared.drift import DriftReference
 from cellwatch.shared.manifest import MODEL_CARD_FILE, Decision, GoldenSpec, Manifest
 from cellwatch.shared.signing import generate_keypair, load_private_key
 
@@ -24,7 +27,7 @@ LABELS = ["normal", "ALL"]
 SIZE = 299
 
 
-def build_model(seed: int = 0) -> ov.Model:
+def build_model(seed: int = 0, swap_labels: bool = False) -> ov.Model:
     rng = np.random.default_rng(seed)
     x = ops.parameter([1, SIZE, SIZE, 3], np.float32, name="input")
     nchw = ops.transpose(x, ops.constant(np.array([0, 3, 1, 2], dtype=np.int64)))
@@ -40,6 +43,8 @@ def build_model(seed: int = 0) -> ov.Model:
     w[:8] = rng.normal(0, 0.05, (8, 2))
     w[8] = [-4.0, 4.0]  # red pushes towards ALL
     w[10] = [4.0, -4.0]  # blue pushes towards normal
+    if swap_labels:
+        w = np.ascontiguousarray(w[:, ::-1])
     logits = ops.add(
         ops.matmul(feats, ops.constant(w), False, False),
         ops.constant(np.zeros((1, 2), dtype=np.float32)),
@@ -63,10 +68,12 @@ def write_test_bundle(
     provenance: dict[str, Any] | None = None,
     decision: Decision | None = None,
     model_card: str | None = None,
+    swap_labels: bool = False,
+    reference: DriftReference | None = None,
 ) -> Path:
     """Write a signed bundle of the toy model into out (created); keys into key_dir."""
     out.mkdir(parents=True, exist_ok=True)
-    model = build_model(seed)
+    model = build_model(seed, swap_labels)
     ov.save_model(model, str(out / "model.xml"), compress_to_fp16=False)
     compiled = ov.Core().compile_model(
         str(out / "model.xml"), "CPU", {"INFERENCE_PRECISION_HINT": "f32"}
@@ -94,6 +101,7 @@ def write_test_bundle(
         provenance=provenance if provenance is not None else {"builder": "tests/models.py"},
         golden=GoldenSpec(tolerance=1e-3),
         decision=decision,
+        reference=reference,
     )
     key = None
     if sign:

@@ -57,16 +57,34 @@ def main(verbose: bool) -> None:
     show_default=True,
     help="tif (ALL-IDB2 style) or jpg (ALL-IDB1 style)",
 )
+@click.option(
+    "--shift",
+    type=click.Choice(["none", "stain", "blur"]),
+    default="none",
+    show_default=True,
+    help="as another lab's images look: another stain batch, or out of focus (drift demos)",
+)
 @click.option("--force", is_flag=True, help="replace an existing synthetic folder")
 @friendly_errors
-def synth(out: Path, count: int, seed: int, size: int, image_format: str, force: bool) -> None:
+def synth(
+    out: Path, count: int, seed: int, size: int, image_format: str, shift: str, force: bool
+) -> None:
     """Write a SYNTHETIC blood-smear data set (ALL-IDB names) into OUT, for demos and tests."""
-    from cellwatch.training.synth import ImageFormat, write_dataset
+    from cellwatch.training.synth import ImageFormat, Shift, write_dataset
 
     info = write_dataset(
-        out, count, seed, size=size, force=force, image_format=cast(ImageFormat, image_format)
+        out,
+        count,
+        seed,
+        size=size,
+        force=force,
+        image_format=cast(ImageFormat, image_format),
+        shift=cast(Shift, shift),
     )
-    click.echo(f"wrote {info.count} SYNTHETIC images ({info.format}, seed {info.seed}) to {out}")
+    shifted = "" if info.shift == "none" else f", shift {info.shift}"
+    click.echo(
+        f"wrote {info.count} SYNTHETIC images ({info.format}, seed {info.seed}{shifted}) to {out}"
+    )
 
 
 @main.command()

@@ -21,9 +21,10 @@ The stages, cheapest checks first (each one function, here or in the module name
    --allow-degraded, which is recorded.
    With --field DIR the deployed IR is also measured on the labelled field samples it
    has not trained or validated on (field.py), per reason, at the bundle's threshold.
-8. golden probes (probes.py: noise and synthetic smears, no patient data), the model
-   card, the manifest and its signature; `load_bundle` verifies the bundle as a node
-   would before it is renamed into place.
+8. golden probes (probes.py: noise and synthetic smears, no patient data), the drift
+   reference (the deployed IR's figures on the validation split: shared/drift.py), the
+   model card, the manifest and its signature; `load_bundle` verifies the bundle as a
+   node would before it is renamed into place.
 """
 
 from __future__ import annotations
@@ -38,8 +39,11 @@ from typing import Any, Literal
 import numpy as np
 from pydantic import TypeAdapter, ValidationError
 
+from cellwatch.node.decode import check_payload
 from cellwatch.node.engine import LOW_PRECISION_TOLERANCE
+from cellwatch.node.preprocess import PIXEL_OFFSET, PIXEL_SCALE
 from cellwatch.shared.bundle import Bundle, hash_files, load_bundle, sha256_file, write_manifest
+from cellwatch.shared.drift import DriftReference, reference_of
 from cellwatch.shared.figures import BundleMetrics
 from cellwatch.shared.manifest import (
     MANIFEST_FILE,
@@ -60,7 +64,7 @@ from cellwatch.training.calibration import (
     DEFAULT_TARGET_SENSITIVITY,
     check,
 )
-from cellwatch.training.dataset import ImageEntry
+from cellwatch.training.dataset import LIMITS, ImageEntry
 from cellwatch.training.errors import ExportError, GateError, QualityError
 from cellwatch.training.field import load_field, measure_deployed, unseen_samples
 from cellwatch.training.gate import (
@@ -231,6 +235,7 @@ def export(run: Path, out: Path, options: ExportOptions) -> Bundle:
             )
             metrics = metrics.model_copy(update={"field": field})
         golden = _golden(tmp, decision, options.precision)
+        reference = _reference(plan, inputs, chosen, decision)
         quantization = measured_quantization(
             tried,
             inputs,
@@ -258,7 +263,7 @@ def export(run: Path, out: Path, options: ExportOptions) -> Bundle:
             prevalence=options.prevalence,
         )
         (tmp / MODEL_CARD_FILE).write_text(render(card))
-        _sign(tmp, plan, options, metrics, provenance, calibration, decision, golden)
+        _sign(tmp, plan, options, metrics, provenance, calibration, decision, golden, reference)
     log.info(
         "bundle %s %s (%s) written to %s%s",
         options.name,
@@ -424,6 +429,42 @@ def _golden(tmp: Path, decision: Decision, precision: ir.Precision) -> GoldenSpe
     return GoldenSpec(tolerance=GOLDEN_TOLERANCE[precision], inputs=probes.DESCRIPTION)
 
 
+def _reference(
+    plan: Plan, inputs: Inputs, chosen: Candidate, decision: Decision
+) -> DriftReference | None:
+    """Stage 8b: the drift reference, the deployed IR (at the CPU's default precision, as
+    a node runs it) on the validation split: what every node compares its live images
+    with. None without validation images (nodes then say `no reference`)."""
+    if inputs.val is None:
+        log.warning("no validation images: the bundle carries no drift reference")
+        return None
+    entries = plan.split.entries("val")
+    p = chosen.deployed[inputs.val][:, 1].astype(np.float64)
+    positive = LABELS.index(decision.positive_label)
+    lo, hi = decision.low_confidence
+    sizes = []
+    for e in entries:
+        head = check_payload((plan.split.root / e.path).read_bytes(), LIMITS)
+        sizes.append(head.width * head.height / 1e6)
+    pixels = np.clip(np.rint((inputs.every[inputs.val] + PIXEL_OFFSET) * PIXEL_SCALE), 0, 255)
+    reference = reference_of(
+        positive_prob=p,
+        labels=LABELS,
+        predicted=np.where(p >= decision.threshold, positive, 1 - positive),
+        low=(p >= lo) & (p <= hi),
+        megapixels=np.array(sizes, np.float64),
+        pixels=pixels.astype(np.uint8),
+        positive_label=decision.positive_label,
+    )
+    log.info(
+        "drift reference: %d validation images, %s predicted, %d in the low-confidence band",
+        reference.n,
+        ", ".join(f"{k} {v}" for k, v in reference.labels.items()),
+        reference.low_confidence,
+    )
+    return reference
+
+
 def _sign(
     tmp: Path,
     plan: Plan,
@@ -433,8 +474,9 @@ def _sign(
     calibration: Calibration,
     decision: Decision,
     golden: GoldenSpec,
+    reference: DriftReference | None,
 ) -> None:
-    """Stage 8b: the manifest, signed, and the bundle verified as a node would."""
+    """Stage 8c: the manifest, signed, and the bundle verified as a node would."""
     lo, hi = decision.low_confidence
     manifest = Manifest(
         name=options.name,
@@ -450,6 +492,7 @@ def _sign(
         golden=golden,
         calibration=calibration,
         decision=decision,
+        reference=reference,
     )
     write_manifest(tmp, manifest, plan.key)
     load_bundle(tmp, plan.trusted)  # as a node would, before the bundle appears

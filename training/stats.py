@@ -21,16 +21,14 @@ ALL (label index 1) is the positive class; the decision is `p_ALL >= threshold`.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 
 import numpy as np
 
-from cellwatch.shared.figures import Auc, MetricSet, Proportion
+from cellwatch.shared.figures import Z95, Auc, MetricSet, Proportion, wilson
 
-Z95 = 1.959963984540054
-"""Two-sided 95% normal quantile."""
 __all__ = [
+    "Z95",
     "Auc",
     "MetricSet",
     "Proportion",
@@ -47,21 +45,6 @@ __all__ = [
 BOOTSTRAP_RESAMPLES = 2000
 BOOTSTRAP_SEED = 20240611
 """Fixed, so the same predictions always give the same interval."""
-
-
-def wilson(k: int, n: int, z: float = Z95) -> Proportion:
-    """k successes of n trials with the Wilson score interval."""
-    if not 0 <= k <= n:
-        raise ValueError(f"need 0 <= k <= n, got k={k}, n={n}")
-    if n == 0:
-        return Proportion(value=None, ci95=None, k=0, n=0)
-    p = k / n
-    z2 = z * z
-    centre = (p + z2 / (2 * n)) / (1 + z2 / n)
-    half = z * math.sqrt(p * (1 - p) / n + z2 / (4 * n * n)) / (1 + z2 / n)
-    lo = 0.0 if k == 0 else max(0.0, centre - half)
-    hi = 1.0 if k == n else min(1.0, centre + half)
-    return Proportion(value=p, ci95=(lo, hi), k=k, n=n)
 
 
 def auc_value(pos: np.ndarray, neg: np.ndarray) -> float:

@@ -8,6 +8,11 @@ with a round, dark nucleus of coarse chromatin clumps. Sizes, colours, stain,
 position, blur and noise vary so that the classes overlap and are learnable but not
 trivially. Output is a deterministic function of (seed, index).
 
+`shift` makes the same smears as another lab's would look: `stain` another stain batch
+(more eosin, less haematoxylin: redder, paler nuclei), `blur` an out-of-focus
+microscope. A node's drift figures (README, "Drift") move away from a bundle trained
+on unshifted ones; the demo and the drift tests use them.
+
 These are not real smears: every file carries a SYNTHETIC tag (a TIFF ImageDescription,
 a JPEG comment) and the folder a SYNTHETIC.json marker; `prepare` flags a split
 synthetic when either is found, so copies moved elsewhere stay flagged, and runs,
@@ -42,7 +47,12 @@ GENERATOR_VERSION = 2
 _IMAGE_DESCRIPTION = 270
 _JPEG_PARAMS = [cv2.IMWRITE_JPEG_QUALITY, 92]
 ImageFormat = Literal["tif", "jpg"]
+Shift = Literal["none", "stain", "blur"]
 _SUFFIX: dict[str, str] = {"tif": ".tif", "jpg": ".jpg"}
+OTHER_STAIN = np.array([1.16, 0.84, 0.78], np.float32)
+"""`stain`: channel gains of another stain batch (RGB)."""
+DEFOCUS_SIGMA = 3.0
+"""`blur`: the Gaussian blur of a microscope out of focus (pixels at 257 px)."""
 
 
 class SynthInfo(Strict):
@@ -56,6 +66,7 @@ class SynthInfo(Strict):
     count: int = Field(ge=1)
     size: int = Field(ge=64, le=4096)
     format: ImageFormat
+    shift: Shift = "none"
     labels: list[str] = Field(default_factory=lambda: list(LABELS))
     created_at: datetime
 
@@ -67,8 +78,9 @@ def labels_for(count: int, seed: int) -> list[int]:
     return [int(x) for x in labels]
 
 
-def smear(label: int, seed: int, index: int, size: int = 257) -> np.ndarray:
-    """One synthetic smear, RGB uint8 (size, size, 3); label 1 = ALL blast, 0 = normal."""
+def smear(label: int, seed: int, index: int, size: int = 257, shift: Shift = "none") -> np.ndarray:
+    """One synthetic smear, RGB uint8 (size, size, 3); label 1 = ALL blast, 0 = normal;
+    `shift`: the same smear as another stain or an unfocused microscope shows it."""
     rng = np.random.default_rng([seed, index, label])
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
     s = size / 257.0  # features are designed at ALL-IDB2's 257 px and scale with size
@@ -124,8 +136,12 @@ def smear(label: int, seed: int, index: int, size: int = 257) -> np.ndarray:
     img = img * (1 - nucleus[..., None]) + nuc_img * nucleus[..., None]
 
     stain = rng.uniform(0.93, 1.07, 3).astype(np.float32)
+    if shift == "stain":
+        stain = stain * OTHER_STAIN
     img = img * stain + rng.normal(0, 6)
     blur = rng.uniform(0.0, 1.6) * s
+    if shift == "blur":
+        blur = float(np.hypot(blur, DEFOCUS_SIGMA * s))
     if blur > 0.3:
         img = cv2.GaussianBlur(img, (0, 0), blur)
     img = img + rng.normal(0, rng.uniform(2, 6), img.shape).astype(np.float32)
@@ -140,6 +156,7 @@ def write_dataset(
     size: int = 257,
     image_format: ImageFormat = "tif",
     force: bool = False,
+    shift: Shift = "none",
 ) -> SynthInfo:
     """Write count synthetic smears into out (created) as `ImNNN_L.tif|jpg` + SYNTHETIC.json."""
     if count < 1:
@@ -147,16 +164,27 @@ def write_dataset(
     if not 64 <= size <= 4096:
         raise DataError("--size must be between 64 and 4096")
     info = SynthInfo(
-        seed=seed, count=count, size=size, format=image_format, created_at=datetime.now(UTC)
+        seed=seed,
+        count=count,
+        size=size,
+        format=image_format,
+        shift=shift,
+        created_at=datetime.now(UTC),
     )
     with staged_dir(out, marker=SYNTHETIC_MARKER, force=force, what="synthetic data folder") as tmp:
         labels = labels_for(count, seed)
         for i, label in track(enumerate(labels, start=1), "synthesising", total=count):
-            rgb = smear(label, seed, i, size)
+            rgb = smear(label, seed, i, size, shift)
             path = tmp / allidb_name(i, label, _SUFFIX[image_format])
             path.write_bytes(encode(rgb, image_format))
         (tmp / SYNTHETIC_MARKER).write_text(info.model_dump_json(by_alias=True, indent=2) + "\n")
-    log.info("wrote %d SYNTHETIC images to %s (seed %d)", count, out, seed)
+    log.info(
+        "wrote %d SYNTHETIC images to %s (seed %d%s)",
+        count,
+        out,
+        seed,
+        "" if shift == "none" else f", shift {shift}",
+    )
     return info
 
 

@@ -16,6 +16,18 @@ per node, labels node_id, model_version ("" when unknown); from its last Telemet
   cellwatch_node_model_error{code}               1 while the node reports a model error
   cellwatch_node_retained_images_total           retained images the broker replayed to
                                                  the node (stored there until cleared)
+  cellwatch_node_confidence                      histogram of calibrated p(ALL) (the bundle's
+                                                 positive label) since the node started
+  cellwatch_node_predictions_total{label}        images per predicted label since start
+  cellwatch_node_drift{signal}                   0 ok, 1 watch, 2 alert (node/drift.py); no
+                                                 sample without a reference or while collecting
+  cellwatch_node_drift_psi{signal}               the signal's population stability index
+  cellwatch_node_accuracy_estimate{supported}    label-free estimate over the drift window
+                                                 (supported="false": calibration too weak)
+shadow phases, labels rollout_id, node_id (every stored window, kept across restarts):
+  cellwatch_shadow_images_total                  images scored by both models
+  cellwatch_shadow_agreements_total              of them, with the same label
+  cellwatch_shadow_skipped_total                 sampled images a busy node did not score
 per site, label site (sites: a lab's broker bridged to the hub's, hub/sites.py):
   cellwatch_site_link_up                         1 while its bridge is connected, 0 down
 hub:
@@ -41,13 +53,19 @@ import time
 from collections.abc import Iterator
 
 from prometheus_client import CollectorRegistry, ProcessCollector
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
 from prometheus_client.registry import Collector
 from pydantic import ValidationError
 
 from cellwatch.hub.web.reader import FleetReader
+from cellwatch.shared.drift import CONFIDENCE_CUTS
 from cellwatch.shared.schemas import Telemetry
-from cellwatch.shared.states import NodeState, RolloutState
+from cellwatch.shared.states import DRIFT_SEVERITY, NodeState, RolloutState
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +81,7 @@ class FleetCollector(Collector):
     def collect(self) -> Iterator[Metric]:
         now = time.time()
         yield from self._nodes(now)
+        yield from self._shadow()
         yield from self._hub()
 
     def _nodes(self, now: float) -> Iterator[Metric]:
@@ -104,6 +123,29 @@ class FleetCollector(Collector):
             "1 while the node serves an earlier bundle than it should, or none (code: why)",
             ["code"],
         )
+        confidence = HistogramMetricFamily(
+            "cellwatch_node_confidence",
+            "calibrated p(positive label), i.e. p(ALL), of the images answered since start",
+            labels=NODE_LABELS,
+        )
+        predictions = counter(
+            "cellwatch_node_predictions", "images per predicted label since start", ["label"]
+        )
+        drift = gauge(
+            "cellwatch_node_drift",
+            "drift state of a signal against the bundle's reference: 0 ok, 1 watch, 2 alert",
+            ["signal"],
+        )
+        psi = gauge(
+            "cellwatch_node_drift_psi",
+            "population stability index of a signal, live window vs reference",
+            ["signal"],
+        )
+        accuracy = gauge(
+            "cellwatch_node_accuracy_estimate",
+            "accuracy estimated without labels from calibrated probabilities (drift window)",
+            ["supported"],
+        )
         retained = counter(
             "cellwatch_node_retained_images",
             "retained images the broker replayed to the node since it started: each is "
@@ -142,11 +184,54 @@ class FleetCollector(Collector):
             inflight.add_metric(labels, float(t.inflight))
             rss.add_metric(labels, t.rss_mb * MiB)
             retained.add_metric(labels, float(t.retained_images))
+            d = t.drift
+            if d is None:
+                continue
+            running, buckets = 0, []
+            for edge, count in zip((*CONFIDENCE_CUTS, None), d.total_confidence, strict=False):
+                running += count
+                buckets.append(("+Inf" if edge is None else f"{edge:g}", float(running)))
+            confidence.add_metric(labels, buckets, d.total_confidence_sum)
+            for label, count in sorted(d.total_labels.items()):
+                predictions.add_metric([*labels, label], float(count))
+            for signal, figures in sorted(d.signals.items()):
+                if figures.state in DRIFT_SEVERITY:
+                    severity = float(DRIFT_SEVERITY[figures.state])
+                    drift.add_metric([*labels, signal.value], severity)
+                if figures.psi is not None:
+                    psi.add_metric([*labels, signal.value], figures.psi)
+            if d.accuracy is not None:
+                supported = "true" if d.accuracy.supported else "false"
+                accuracy.add_metric([*labels, supported], d.accuracy.value)
         for state, count in counts.items():
             by_state.add_metric([state.value], float(count))
         yield from (up, stale, seen, processed, errors, rate, latency, inflight, rss, model_error)
+        yield from (confidence, predictions, drift, psi, accuracy)
         yield retained
         yield by_state
+
+    def _shadow(self) -> Iterator[Metric]:
+        labels = ["rollout_id", "node_id"]
+        images = CounterMetricFamily(
+            "cellwatch_shadow_images",
+            "images scored by the candidate and the serving model",
+            labels=labels,
+        )
+        agreements = CounterMetricFamily(
+            "cellwatch_shadow_agreements",
+            "scored images with the same label from both",
+            labels=labels,
+        )
+        skipped = CounterMetricFamily(
+            "cellwatch_shadow_skipped",
+            "images sampled for shadow scoring that a busy node skipped",
+            labels=labels,
+        )
+        for rollout_id, node_id, n, k, skip in self.reader.db.shadow_totals():
+            images.add_metric([rollout_id, node_id], float(n))
+            agreements.add_metric([rollout_id, node_id], float(k))
+            skipped.add_metric([rollout_id, node_id], float(skip))
+        yield from (images, agreements, skipped)
 
     def _hub(self) -> Iterator[Metric]:
         src = self.reader.sources

@@ -16,7 +16,8 @@ from pydantic import ValidationError
 from cellwatch.hub.db import RolloutEvent, TargetRecord
 from cellwatch.hub.history import HISTORY_S, Samples
 from cellwatch.shared.figures import Auc, BundleMetrics, Proportion
-from cellwatch.shared.hubapi import ModelInfo, NodeInfo, RolloutInfo, WaveInfo
+from cellwatch.shared.hubapi import ModelInfo, NodeInfo, RolloutInfo, ShadowInfo, WaveInfo
+from cellwatch.shared.promotion import duration_text
 from cellwatch.shared.states import NodeState, TargetPhase, Tone, UpdateState, tone
 
 SPARK_POINTS = 60
@@ -123,15 +124,63 @@ def spark(ts: np.ndarray, values: np.ndarray, now: float, what: str, unit: str) 
 
 # -- nodes ----------------------------------------------------------------------------
 @dataclass(frozen=True)
+class DriftCell:
+    """A node's drift badge: its state, what moved, and the label-free estimate."""
+
+    state: str
+    label: str
+    title: str
+    estimate: str | None
+    estimate_note: str | None
+    supported: bool
+
+
+def drift_cell(n: NodeInfo) -> DriftCell | None:
+    d = n.drift
+    if d is None:
+        return None
+    label = {"no_reference": "no reference", "collecting": f"collecting {d.n}"}.get(
+        d.state, d.state
+    )
+    moved = [
+        f"{sig}: PSI {s.psi:.2f}, p {s.p_value:.2g} ({s.state})"
+        for sig, s in d.signals.items()
+        if s.psi is not None and s.p_value is not None
+    ]
+    if d.state == "no_reference":
+        title = "the bundle carries no drift reference (an older bundle): nothing to compare with"
+    elif d.state == "collecting":
+        title = f"{d.n} live images so far: a state needs more (the node's drift.min_images)"
+    else:
+        title = f"last {d.n} images vs {d.reference_n} reference images; " + "; ".join(moved)
+    a = d.accuracy
+    estimate = None
+    if a is not None:
+        estimate = f"est. accuracy {a.value:.2f} ({a.ci95[0]:.2f}–{a.ci95[1]:.2f})"
+    return DriftCell(
+        d.state, label, title, estimate, a.note if a else None, a.supported if a else False
+    )
+
+
+@dataclass(frozen=True)
 class NodeRow:
     info: NodeInfo
     state: str
     telemetry: dict[str, Any]
     spark: Spark
+    drift: DriftCell | None = None
+    shares: str | None = None
+    """Predicted-label shares over the last hour."""
 
     def latency(self, q: str) -> Any:
         lat = self.telemetry.get("latency_ms")
         return lat.get(q) if isinstance(lat, dict) else None
+
+
+def shares_text(shares: dict[str, float] | None) -> str | None:
+    if not shares:
+        return None
+    return " · ".join(f"{label} {share:.0%}" for label, share in shares.items())
 
 
 def node_rows(nodes: list[NodeInfo], samples: Mapping[str, Samples], now: float) -> list[NodeRow]:
@@ -143,7 +192,11 @@ def node_rows(nodes: list[NodeInfo], samples: Mapping[str, Samples], now: float)
             if s is not None
             else Spark("", "throughput: no telemetry in the last hour", None, None)
         )
-        rows.append(NodeRow(n, n.state.value, n.telemetry or {}, sp))
+        rows.append(
+            NodeRow(
+                n, n.state.value, n.telemetry or {}, sp, drift_cell(n), shares_text(n.shares_1h)
+            )
+        )
     return rows
 
 
@@ -354,6 +407,80 @@ def wave_bar(w: WaveInfo) -> WaveBar:
 
 
 @dataclass(frozen=True)
+class ShadowCard:
+    """A rollout's shadow phase on the page: the agreement with its interval drawn on an
+    axis from `lo` to 1 (x in percent of the bar), the threshold, the confusion, the
+    latency delta, the progress toward n."""
+
+    info: ShadowInfo
+    lo: float
+    point: float | None
+    band: tuple[float, float] | None
+    threshold: float | None
+    agreement: str
+    progress: float | None
+    progress_text: str
+    rows: list[tuple[str, list[int]]]
+    latency: str | None
+    dp: str | None
+    settings: str
+
+
+def _axis_lo(info: ShadowInfo) -> float:
+    """The left end of the agreement axis: 0.8, or lower so the interval and threshold
+    fit, in steps of 0.1."""
+    low = min(
+        [0.8]
+        + ([info.agreement.ci95[0]] if info.agreement.ci95 else [])
+        + ([info.threshold] if info.threshold is not None else [])
+    )
+    return max(0.0, math.floor(low * 10 - 1e-9) / 10)
+
+
+def shadow_card(info: ShadowInfo) -> ShadowCard:
+    lo = _axis_lo(info)
+
+    def x(v: float) -> float:
+        return round((v - lo) / (1.0 - lo) * 100.0, 2) if lo < 1.0 else 100.0
+
+    a = info.agreement
+    if a.value is None or a.ci95 is None:
+        text, point, band = "no image scored yet", None, None
+    else:
+        text = f"{a.value:.3f} (95% CI {a.ci95[0]:.3f}–{a.ci95[1]:.3f}, {a.k}/{a.n})"
+        point, band = x(a.value), (x(a.ci95[0]), x(a.ci95[1]))
+    need = info.n_required
+    progress_text = f"{a.n} of {need} images" if need else f"{a.n} images (no n required)"
+    lat = info.latency
+    latency = None
+    if lat.delta_p50 is not None and lat.delta_p99 is not None:
+        latency = (
+            f"candidate {lat.candidate_p50:.1f} / {lat.candidate_p99:.1f} ms vs serving "
+            f"{lat.active_p50:.1f} / {lat.active_p99:.1f} ms p50 / p99 "
+            f"(Δ {lat.delta_p50:+.1f} / {lat.delta_p99:+.1f} ms)"
+        )
+    dp = None
+    if info.mean_abs_dp is not None:
+        dp = f"|Δp| mean {info.mean_abs_dp:.3f}, max {info.max_abs_dp or 0.0:.3f}"
+    rule = f"promote when {info.promote_when}" if info.promote_when else "operator promotes"
+    length = f", for up to {duration_text(info.shadow_for_s)}" if info.shadow_for_s else ""
+    return ShadowCard(
+        info=info,
+        lo=lo,
+        point=point,
+        band=band,
+        threshold=x(info.threshold) if info.threshold is not None else None,
+        agreement=text,
+        progress=info.progress,
+        progress_text=progress_text,
+        rows=[(r, [info.confusion.get(r, {}).get(c, 0) for c in info.labels]) for r in info.labels],
+        latency=latency,
+        dp=dp,
+        settings=f"{info.rate:.0%} of live images, {rule}{length}",
+    )
+
+
+@dataclass(frozen=True)
 class RolloutRow:
     info: RolloutInfo
     waves: list[WaveBar]
@@ -361,6 +488,7 @@ class RolloutRow:
     active: int
     failures: list[tuple[str, str, str]] = field(default_factory=list)
     """(node_id, code, message) of failed or timed-out targets."""
+    shadow: ShadowCard | None = None
 
 
 def rollout_row(r: RolloutInfo) -> RolloutRow:
@@ -370,12 +498,19 @@ def rollout_row(r: RolloutInfo) -> RolloutRow:
         for t in r.targets
         if t.state is UpdateState.TIMED_OUT and t.error is None
     ]
+    if r.shadow is not None:
+        failures += [
+            (n.node_id, f"shadow {n.error.code}", n.error.message)
+            for n in r.shadow.nodes
+            if n.error
+        ]
     return RolloutRow(
         r,
         [wave_bar(w) for w in r.waves],
         len(r.targets),
         r.counts.get(UpdateState.ACTIVE, 0),
         failures,
+        shadow_card(r.shadow) if r.shadow is not None else None,
     )
 
 

@@ -102,8 +102,8 @@ class Unused:
     def _never(self, *args: object) -> bool:
         raise AssertionError("the control thread does not run here")
 
-    on_status = on_telemetry = on_update = on_api = on_upload = on_revocations = _never
-    on_site_link = _never
+    on_status = on_telemetry = on_update = on_shadow = on_api = on_upload = _never
+    on_revocations = on_site_link = _never
 
     def refuse_api(self, rejected: Rejected) -> None:
         raise AssertionError("no API request here")

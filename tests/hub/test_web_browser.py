@@ -16,9 +16,9 @@ from selenium.webdriver.common.by import By
 from cellwatch.hub.client import HubClient
 from cellwatch.node.service import NodeService
 from cellwatch.shared.hubapi import RolloutStartArgs
-from cellwatch.shared.states import UpdateState
+from cellwatch.shared.states import Tone, UpdateState
 from tests import images
-from tests.broker import Broker, free_port
+from tests.broker import REPO, Broker, free_port
 from tests.harness import Requester, wait_for
 from tests.helpers.fleetpage import HOSTILE, send_telemetry, telemetry
 from tests.helpers.nodes import node_settings
@@ -221,3 +221,28 @@ def test_fleet_page_follows_nodes_and_a_rollout_live(
     browser.get(f"http://127.0.0.1:{port}/rollouts/{rid}")
     events = texts(browser, "ol.events li")
     assert any(e.endswith("completed: 3 of 3 nodes active") for e in events), events
+
+
+def test_every_badge_is_readable_wherever_the_page_puts_it(
+    browser: webdriver.Chrome, tmp_path: Path
+) -> None:
+    """A badge of each tone, in the places the page puts badges (a rollout's head line,
+    the shadow card's line, a table cell), styled by the page's own stylesheet: its
+    text's colour is never its background's (a red 'aborted' on red was unreadable)."""
+    css = (REPO / "hub" / "web" / "static" / "fleet.css").as_uri()
+    badges = "".join(f'<span class="badge {t.value}">{t.value}</span>' for t in Tone)
+    page = tmp_path / "badges.html"
+    page.write_text(
+        f'<link rel="stylesheet" href="{css}"><main>'
+        f'<article class="rollout"><h3>{badges}</h3>'
+        f'<span class="slabel">{badges}</span></article>'
+        f"<table><tr><td>{badges}</td></tr></table></main>"
+    )
+    browser.get(page.as_uri())
+    seen = browser.execute_script(
+        "return Array.from(document.querySelectorAll('.badge')).map(b => {"
+        "  const s = getComputedStyle(b); return [b.textContent, s.color, s.backgroundColor]; });"
+    )
+    assert len(seen) == 3 * len(Tone)
+    same = [tone for tone, color, background in seen if color == background]
+    assert same == [], f"badges whose text is the colour of their background: {same}"

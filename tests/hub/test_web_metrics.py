@@ -231,13 +231,20 @@ def test_real_nodes_figures_match_their_telemetry(
 
 
 def test_the_grafana_dashboard_and_the_docs_use_exported_names(hub: HubService) -> None:
-    exported = {
-        f"{f.name}_total" if f.type == "counter" else f.name
+    families = [
+        f
         for f in text_string_to_metric_families(get(hub, "/metrics").text)
         if f.name.startswith("cellwatch_")
-    }
+    ]
+    exported = {f"{f.name}_total" if f.type == "counter" else f.name for f in families}
     documented = set(re.findall(r"\bcellwatch_[a-z_]+", METRICS_DOC or ""))
     assert documented == exported, "hub/web/metrics.py's docstring lists what it exports"
+    exported |= {  # what a query of a histogram names
+        f"{f.name}_{part}"
+        for f in families
+        if f.type == "histogram"
+        for part in ("bucket", "sum", "count")
+    }
     readme = (REPO / "hub" / "README.md").read_text()
     assert documented <= set(re.findall(r"\bcellwatch_[a-z_]+", readme)), "README lists them"
     dashboard = json.loads((REPO / "deploy" / "grafana" / "cellwatch-fleet.json").read_text())
@@ -247,3 +254,8 @@ def test_the_grafana_dashboard_and_the_docs_use_exported_names(hub: HubService) 
     assert used and used <= exported, used - exported
     scrape_config = (REPO / "deploy" / "prometheus.example.yml").read_text()
     assert "metrics_path: /metrics" in scrape_config and "127.0.0.1:8321" in scrape_config
+    rules = (REPO / "deploy" / "prometheus.rules.example.yml").read_text()
+    assert "prometheus.rules.example.yml" in scrape_config  # rule_files names it
+    in_rules = set(re.findall(r"\bcellwatch_[a-z_]+", rules))
+    assert {"cellwatch_node_drift", "cellwatch_shadow_skipped_total"} <= in_rules
+    assert in_rules <= exported, in_rules - exported

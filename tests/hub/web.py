@@ -43,9 +43,9 @@ def get(
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 
 
-def scrape(hub: HubService) -> Samples:
-    """/metrics parsed with prometheus_client's parser: (sample name, sorted labels) ->
-    value."""
+def scrape(hub: HubService | str) -> Samples:
+    """/metrics of a hub (or the URL of a hub process) parsed with prometheus_client's
+    parser: (sample name, sorted labels) -> value."""
     reply = get(hub, "/metrics")
     assert reply.status == 200, reply
     assert reply.headers["content-type"].startswith("text/plain"), reply.headers

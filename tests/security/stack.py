@@ -40,6 +40,12 @@ class Process:
                 self.argv, stdout=out, stderr=subprocess.STDOUT, env={**os.environ, **self.env}
             )
 
+    def kill(self) -> None:
+        """SIGKILL, as a crash would."""
+        assert self.proc is not None
+        self.proc.kill()
+        self.proc.wait()
+
     def wait(self, timeout: float = STOP_TIMEOUT_S) -> int:
         """Until the process exits by itself; its exit code."""
         assert self.proc is not None
@@ -101,19 +107,30 @@ class Stack:
         hub.http_port = port
         return hub
 
-    def node(self, node_id: str, store_dir: Path | None = None) -> Process:
-        """A node process (not started) serving the stack's bundle; with store_dir it
-        takes part in rollouts."""
+    def node(
+        self,
+        node_id: str,
+        store_dir: Path | None = None,
+        *,
+        extra: str = "",
+        env: dict[str, str] | None = None,
+        bundle: Path | None = None,
+    ) -> Process:
+        """A node process (not started) serving the stack's bundle (or `bundle`); with
+        store_dir it takes part in rollouts; `extra`: TOML sections appended."""
         cfg = self.work / f"{node_id}.toml"
         updates = f'[updates]\nstore_dir = "{store_dir}"\n' if store_dir is not None else ""
         cfg.write_text(
             f'node_id = "{node_id}"\ntelemetry_interval_s = 1.0\n'
             f'state_dir = "{self.work / "state" / node_id}"\n'
             + self.mqtt_section(node_id)
-            + f'[model]\nbundle = "{self.bundle}"\ntrusted_keys = "{self.keys}"\n'
+            + f'[model]\nbundle = "{bundle or self.bundle}"\ntrusted_keys = "{self.keys}"\n'
             + updates
+            + extra
         )
-        return self._process(node_id, [str(BIN / "cellwatch-node"), "run", "--config", str(cfg)])
+        p = self._process(node_id, [str(BIN / "cellwatch-node"), "run", "--config", str(cfg)])
+        p.env.update(env or {})
+        return p
 
     def operator_config(self) -> Path:
         """An operator.toml, as CELLWATCH_HUB_CLIENT_CONFIG names it."""

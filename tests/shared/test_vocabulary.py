@@ -36,8 +36,10 @@ from cellwatch.shared.states import (
     FINISHED_ROLLOUT_STATES,
     TONE_GROUPS,
     TONES,
+    DriftState,
     NodeState,
     RolloutState,
+    ShadowState,
     Tone,
     UpdateState,
 )
@@ -143,11 +145,19 @@ def test_the_wave_bar_shows_every_target_state_exactly_once() -> None:
 
 
 def test_every_state_has_one_tone_and_every_tone_a_colour() -> None:
-    listed = [s.value for _, states in TONE_GROUPS for s in states]
-    shared = {s.value for s in UpdateState} & {s.value for s in RolloutState}
-    assert shared == {"rolled_back"}  # a target's and a rollout's: one tone
-    assert len(listed) == len(set(listed)) + 1 and listed.count("rolled_back") == 2
-    assert set(TONES) == {s.value for s in (*UpdateState, *RolloutState, *NodeState)}
+    # StrEnum members compare by value: tell them apart by (enum, value)
+    listed = [(type(s), s.value) for _, states in TONE_GROUPS for s in states]
+    enums = (UpdateState, RolloutState, NodeState, ShadowState, DriftState)
+    assert len(listed) == len(set(listed))  # each member once
+    assert set(listed) == {(e, s.value) for e in enums for s in e}
+    tones = {v: {t for t, group in TONE_GROUPS for s in group if s.value == v} for _, v in listed}
+    assert all(len(t) == 1 for t in tones.values())  # a value two enums share: one tone
+    assert {v for v in tones if sum(value == v for _, value in listed) > 1} == {
+        "rolled_back",
+        "shadowing",
+        "failed",
+    }
+    assert set(TONES) == set(tones)
     assert set(render.TONE_STYLES) == set(Tone)
 
 

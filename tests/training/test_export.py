@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from cellwatch.shared.bundle import load_bundle, sha256_file
+from cellwatch.shared.drift import CONFIDENCE_CUTS, histogram, input_statistics
 from cellwatch.shared.errors import SignatureError
 from cellwatch.shared.manifest import Manifest
 from cellwatch.shared.signing import TrustedKeys, key_id, load_private_key
@@ -225,6 +226,33 @@ def test_bundle_is_complete_signed_and_traceable(
         data = np.concatenate([data, *batches(split.root, split.entries("train"), pre, "t")])
     distance = np.abs(inputs[:, None] - data[None]).max(axis=(2, 3, 4))
     assert distance.min() > 0.1
+
+
+def test_the_drift_reference_is_the_deployed_ir_on_validation(
+    bundle: Bundles, split_dir: Path
+) -> None:
+    """The manifest's drift reference (issue 19): the IR as shipped, at the CPU's default
+    precision as a node runs it, on the validation split; the input figures the node's
+    own function gives on the same pixels."""
+    m = manifest_of(bundle("fp16"))
+    ref, rule = m.reference, m.decision
+    assert ref is not None and rule is not None
+    split = load_split(split_dir)
+    entries = split.entries("val")
+    assert ref.split == "val" and ref.n == len(entries) == 6
+    with Preprocessor() as pre:
+        x = np.concatenate(list(batches(split.root, entries, pre, "val")))
+    p = CompiledIR(bundle("fp16") / "model.xml", DEVICE_DEFAULT).predict(x)[:, 1]
+    assert ref.confidence.counts == histogram(list(CONFIDENCE_CUTS), p)
+    ref_all = int(np.sum(p >= rule.threshold))
+    assert ref.labels == {"normal": len(p) - ref_all, "ALL": ref_all}
+    lo, hi = rule.low_confidence
+    assert ref.low_confidence == int(np.sum((p >= lo) & (p <= hi)))
+    stats = np.array([input_statistics(np.rint((xi + 1) * 127.5)) for xi in x])
+    for i in range(3):
+        assert ref.color[i].counts == histogram(ref.color[i].cuts, stats[:, i])
+    assert ref.sharpness.counts == histogram(ref.sharpness.cuts, stats[:, 3])
+    assert ref.size.n == 6 and len(ref.size.counts) >= 2
 
 
 def test_gate_refuses_a_model_whose_decisions_moved(
