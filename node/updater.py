@@ -9,9 +9,10 @@ this node's device and run the golden self-test), `active` once the service
 serves it. A bundle already in the store (the last few activated ones) is
 activated without a download, which is what makes a rollback fast; it is verified
 on use, and one that fails (a damaged file, a signature no longer trusted) is
-discarded and fetched again. Any failure reports `failed` with a code and leaves the
-old model serving; the agent survives anything (an unexpected exception is reported
-as `internal`, and the next desired model is handled as usual).
+discarded and fetched again (node/acquire.py obtains a verified bundle). Any failure
+reports `failed` with a code and leaves the old model serving; the agent survives
+anything (an unexpected exception is reported as `internal`, and the next desired
+model is handled as usual).
 
 Revocations (`{prefix}/hub/revoked`, retained, written by the hub only): only those
 signed by a trusted release key are taken, and none is ever dropped (a list that
@@ -39,20 +40,17 @@ import logging
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
+from cellwatch.node.acquire import BundleSource, UpdateFailed
 from cellwatch.node.engine import EngineConfig, ServingModel
-from cellwatch.node.faults import NO_FAULTS, FaultPoint, Faults
-from cellwatch.node.fetcher import FetchCancelled, Fetcher, FetchError
+from cellwatch.node.faults import NO_FAULTS, Faults
+from cellwatch.node.fetcher import FetchCancelled, Fetcher
 from cellwatch.node.loader import BundleLoader, Candidate, LoadFailure
 from cellwatch.node.shadow import ShadowRefused, ShadowScorer, check_beside
 from cellwatch.node.store import BundleStore
-from cellwatch.shared.bundle import Bundle, parse_manifest, verify_signature
 from cellwatch.shared.codes import ModelErrorCode, UpdateErrorCode, as_update_error
-from cellwatch.shared.errors import BundleError, SignatureError
-from cellwatch.shared.limits import MAX_MANIFEST_BYTES, MAX_NODE_MESSAGE_BYTES, MAX_REVOCATION_BYTES
-from cellwatch.shared.manifest import MANIFEST_FILE, SIGNATURE_FILE
+from cellwatch.shared.limits import MAX_NODE_MESSAGE_BYTES, MAX_REVOCATION_BYTES
 from cellwatch.shared.revocations import merge as merge_revocations
 from cellwatch.shared.rpc import Inbound, Publisher, Rejected, Route
 from cellwatch.shared.schemas import (
@@ -69,13 +67,10 @@ from cellwatch.shared.topics import Topics
 
 log = logging.getLogger(__name__)
 
-DISK_MARGIN_BYTES = 16 * 1024 * 1024
 Activate = Callable[[ServingModel, ModelError | None], None]
 """Serve this model from now on; the error (or None) is what the status says of it."""
 Deactivate = Callable[[ModelError], None]
 """Serve nothing (answer no_model) from now on, for this reason."""
-Progress = Callable[[UpdateState, float], None]
-"""Where the agent says how far it got with a bundle (an UpdateReport, a ShadowReport)."""
 
 
 @dataclass(frozen=True)
@@ -87,12 +82,6 @@ class ShadowSetup:
     """The candidate's (node/shadow.py: shadow_engine)."""
     min_free_mb: int
     serving: Callable[[], ServingModel | None]
-
-
-class UpdateFailed(Exception):
-    def __init__(self, code: UpdateErrorCode, message: str) -> None:
-        super().__init__(message)
-        self.code = code
 
 
 class UpdateAgent:
@@ -118,6 +107,7 @@ class UpdateAgent:
         self.fetcher = fetcher
         self.loader = loader
         self.faults = faults
+        self.source = BundleSource(node_id, store, fetcher, loader, faults)
         self._current_sha = current_sha
         self._activate = activate
         self._deactivate = deactivate
@@ -361,108 +351,11 @@ class UpdateAgent:
         def progress(state: UpdateState, fraction: float) -> None:
             self._report(d, state, fraction)
 
-        bundle = self._verified(
+        bundle = self.source.verified(
             d.model.manifest_sha256, d.rollout_id, progress, lambda: self._superseded(generation)
         )
         self._report(d, UpdateState.ACTIVATING, 1.0)
         return self.loader.compile(bundle)
-
-    def _verified(
-        self, sha: str, rollout_id: str, progress: Progress, cancelled: Callable[[], bool]
-    ) -> Bundle:
-        """Bundle sha from the store if it is there and intact, otherwise downloaded
-        (again) and moved into the store; verified (LoadFailure, UpdateFailed)."""
-        if self.store.has(sha):
-            log.info(
-                "node %s: rollout %s: %s is in the store, no download needed",
-                self.node_id,
-                rollout_id,
-                sha[:12],
-            )
-            progress(UpdateState.VERIFYING, 1.0)
-            try:
-                return self.loader.verify(self.store.path(sha))
-            except LoadFailure as exc:
-                log.warning(
-                    "node %s: stored bundle %s failed its verification (%s: %s): discarded, "
-                    "fetching it again",
-                    self.node_id,
-                    sha[:12],
-                    exc.code,
-                    exc,
-                )
-                self.store.discard(sha)
-        self._download(sha, progress, cancelled)
-        progress(UpdateState.VERIFYING, 1.0)
-        self._verify_staging(sha)
-        self.faults.at(FaultPoint.STORE_PROMOTE)
-        self.store.promote(sha)
-        return self.loader.verify(self.store.path(sha))
-
-    def _download(self, sha: str, report: Progress, cancelled: Callable[[], bool]) -> None:
-        staging = self.store.staging(sha)
-        try:
-            for name in (MANIFEST_FILE, SIGNATURE_FILE):
-                if not (staging / name).is_file():
-                    self.fetcher.fetch(
-                        sha, name, staging / name, max_size=MAX_MANIFEST_BYTES, cancelled=cancelled
-                    )
-            manifest_bytes = (staging / MANIFEST_FILE).read_bytes()
-            verify_signature(
-                manifest_bytes,
-                (staging / SIGNATURE_FILE).read_bytes(),
-                self.loader.trusted,
-                allow_unsigned=self.loader.allow_unsigned,
-            )
-            manifest = parse_manifest(manifest_bytes)
-            total = sum(e.size for e in manifest.files.values())
-            have = sum(_size(staging / n) for n in manifest.files)
-            if self.store.free_bytes() < total - have + DISK_MARGIN_BYTES:
-                raise UpdateFailed(
-                    UpdateErrorCode.DISK_FULL, f"need {total - have} bytes in {self.store.root}"
-                )
-            reported = [0.0]
-
-            def progress(done: int, size: int) -> None:
-                frac = (have_done[0] + done) / max(total, 1)
-                if frac - reported[0] >= 0.1:
-                    reported[0] = frac
-                    report(UpdateState.DOWNLOADING, frac)
-
-            have_done = [0]
-            report(UpdateState.DOWNLOADING, 0.0)
-            for name, entry in manifest.files.items():
-                if not (staging / name).is_file():
-                    self.fetcher.fetch(
-                        sha,
-                        name,
-                        staging / name,
-                        expected_size=entry.size,
-                        cancelled=cancelled,
-                        progress=progress,
-                    )
-                have_done[0] += entry.size
-        except FetchError as exc:
-            code = UpdateErrorCode.REVOKED if exc.revoked else UpdateErrorCode.FETCH_FAILED
-            raise UpdateFailed(code, str(exc)) from exc
-        except SignatureError as exc:
-            self.store.discard_staging(sha)
-            raise UpdateFailed(UpdateErrorCode.BAD_SIGNATURE, str(exc)) from exc
-        except BundleError as exc:
-            self.store.discard_staging(sha)
-            raise UpdateFailed(UpdateErrorCode.HASH_MISMATCH, str(exc)) from exc
-
-    def _verify_staging(self, sha: str) -> None:
-        try:
-            bundle = self.loader.verify(self.store.staging(sha))
-        except LoadFailure:
-            self.store.discard_staging(sha)  # a wrong file is not worth resuming
-            raise
-        if bundle.manifest_sha256 != sha:
-            self.store.discard_staging(sha)
-            raise UpdateFailed(
-                UpdateErrorCode.HASH_MISMATCH, "manifest does not match the desired sha256"
-            )
 
     # -- shadow orders -----------------------------------------------------------------
     def _stop_shadow(self, why: str) -> None:
@@ -495,7 +388,9 @@ class UpdateAgent:
         log.info("node %s: rollout %s: loading %s to shadow", self.node_id, rid, model)
         progress(UpdateState.PENDING, 0.0)
         try:
-            bundle = self._verified(sha, rid, progress, lambda: self._shadow_superseded(generation))
+            bundle = self.source.verified(
+                sha, rid, progress, lambda: self._shadow_superseded(generation)
+            )
             if bundle.manifest_sha256 != sha:
                 raise UpdateFailed(UpdateErrorCode.HASH_MISMATCH, "not the bundle ordered")
             check_beside(bundle, setup.serving(), setup.min_free_mb)
@@ -574,10 +469,3 @@ class UpdateAgent:
         log.warning("node %s: %s", self.node_id, message)
         self._activate(model, ModelError(code=ModelErrorCode.REVOKED, message=message))
         self.store.set_active(chosen.sha)
-
-
-def _size(path: Path) -> int:
-    part = path.with_name(path.name + ".part")
-    if path.is_file():
-        return path.stat().st_size
-    return part.stat().st_size if part.is_file() else 0
