@@ -8,8 +8,8 @@ same reply and does nothing twice.
 
 Verbs: push.begin, push.commit, models, models.revoke, nodes, stats, rollout.start,
 rollout.status, rollout.list, rollout.pause, rollout.resume, rollout.promote,
-rollout.abort, rollout.rollback (the chunk upload on `upload` has its own route, hub/control.py and
-registry.py).
+rollout.abort, rollout.rollback (the chunk upload on `upload` has its own route,
+hub/control.py and push.py).
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ from cellwatch.hub.db import Database
 from cellwatch.hub.errors import ApiFailure
 from cellwatch.hub.fleet import Fleet
 from cellwatch.hub.orchestrator import Orchestrator
+from cellwatch.hub.push import Push
 from cellwatch.hub.queries import Queries
 from cellwatch.hub.registry import Registry
 from cellwatch.hub.served import ServedTotals
@@ -69,10 +70,11 @@ class Api:
         self.db = db
         self.started_at = datetime.now(UTC)
         self.queries = q = Queries(db, fleet, served, self.started_at)
-        reg, orch = registry, orchestrator
+        self.push = push = Push(registry)
+        orch = orchestrator
         self.verbs: dict[str, Verb] = {
-            "push.begin": Verb(PushBeginArgs, lambda a, now: reg.begin(a)),
-            "push.commit": Verb(PushCommitArgs, reg.commit, mutating=True),
+            "push.begin": Verb(PushBeginArgs, lambda a, now: push.begin(a)),
+            "push.commit": Verb(PushCommitArgs, push.commit, mutating=True),
             "models": Verb(ModelsArgs, lambda a, now: q.models(a.name)),
             "models.revoke": Verb(RevokeArgs, orch.revoke, mutating=True),
             "nodes": Verb(NoArgs, lambda a, now: q.nodes(now)),

@@ -346,7 +346,7 @@ class Control:
             self._reply(inbound, error_reply(None, ApiErrorCode.BAD_REQUEST, message))
             return False
         try:
-            ack = self.registry.upload(upload_id, name, chunk)
+            ack = self.api.push.upload(upload_id, name, chunk)
         except ApiFailure as exc:
             self._reply(inbound, error_reply(None, exc.code, exc.message))
             return False

@@ -57,8 +57,8 @@ from typing import Any, Protocol
 
 from cellwatch.hub.config import HubLimits
 from cellwatch.hub.counters import DropReason, HubCounters
+from cellwatch.hub.push import MAX_UPLOAD_CHUNK_BYTES
 from cellwatch.hub.ratelimit import FloodLog, RateLimiter
-from cellwatch.hub.registry import MAX_UPLOAD_CHUNK_BYTES
 from cellwatch.hub.rollout import Desired
 from cellwatch.shared.codes import ApiErrorCode
 from cellwatch.shared.errors import TopicError

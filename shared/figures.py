@@ -11,21 +11,24 @@ bootstrap interval, so a reader can tell 32/32 (0.89-1.00) from 320/320 (0.99-1.
      "agreement": PROPORTION,            # deployed decisions vs TensorFlow's, eval split
      "agreement_all": PROPORTION,        # the same on every image of train, val and test
      "parity": {"max_abs_diff_f32", "max_abs_diff_deployed"},
-     "units": UNITS}                     # patient/smear-level figures (groups given)
+     "units": UNITS,                     # patient/smear-level figures (groups given)
+     "field": FIELD}                     # labelled field samples per reason (export --field)
 
-Bundles of the first training pass lack the newer fields (`agreement_all`, `units`):
-they read as None. Bundles made by other tools carry other shapes; `Manifest.metrics`
+Bundles of the first training pass lack the newer fields (`agreement_all`, `units`,
+`field`): they read as None. Bundles made by other tools carry other shapes; `Manifest.metrics`
 keeps those as a plain mapping (shared/manifest.py).
 """
 
 from __future__ import annotations
 
 import math
+from datetime import datetime
 from typing import Literal
 
 from pydantic import Field
 
 from cellwatch.shared.base import Strict
+from cellwatch.shared.samples import SampleReason
 
 Z95 = 1.959963984540054
 """Two-sided 95% normal quantile."""
@@ -112,6 +115,33 @@ class UnitFigures(Strict):
     metrics: MetricSet
 
 
+class FieldFigures(Strict):
+    """A model's figures on one set of labelled field samples (shared/samples.py)."""
+
+    n: int = Field(ge=0)
+    sources: int = Field(ge=0, description="distinct sources among the samples")
+    first: datetime | None = Field(None, description="earliest collected_at")
+    last: datetime | None = Field(None, description="latest collected_at")
+    metrics: MetricSet | None = Field(None, description="null when n is 0: no figures")
+
+
+class FieldEvaluation(Strict):
+    """`evaluate RUN --field DIR`: figures per reason and for all samples together. Only
+    the `random` samples estimate field accuracy without bias (`note`)."""
+
+    model: str = Field(description="what was evaluated, e.g. the run's TensorFlow checkpoint")
+    directories: list[str] = Field(description="the field directories read")
+    threshold: float = Field(ge=0.0, le=1.0, description="ALL when p_ALL >= threshold")
+    per_reason: dict[SampleReason, FieldFigures]
+    all: FieldFigures
+    excluded: int = Field(
+        0, ge=0, description="samples left out: (near-)copies of the run's train/val images"
+    )
+    note: str
+    synthetic: bool = False
+    created_at: datetime
+
+
 class BundleMetrics(Strict):
     split: SplitName
     n: int = Field(ge=0)
@@ -126,4 +156,7 @@ class BundleMetrics(Strict):
     parity: Parity
     units: UnitFigures | None = Field(
         None, description="patient/smear-level figures; null when each file is its own group"
+    )
+    field: FieldEvaluation | None = Field(
+        None, description="figures on labelled field samples (export --field); null: none run"
     )

@@ -142,8 +142,12 @@ class Manifest(Strict):
     files: dict[str, FileEntry]
     metrics: BundleMetrics | dict[str, Any] = Field(
         default_factory=dict,
+        union_mode="left_to_right",
         description="BundleMetrics (cellwatch-train); other tools' figures stay a mapping",
     )
+    """BundleMetrics is tried first: pydantic's smart union would prefer the mapping as a
+    closer match for JSON as soon as the figures hold a date or an enum key (the field
+    evaluation does)."""
     provenance: Provenance = Field(default_factory=Provenance)
     golden: GoldenSpec | None = None
     calibration: Calibration | None = None

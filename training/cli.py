@@ -10,12 +10,15 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any, ParamSpec, TypeVar, cast
+from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar, cast
 
 import click
 
 from cellwatch.shared.cli import friendly_errors, setup_logging
 from cellwatch.training.progress import NOISY_LOGGERS, log_handler
+
+if TYPE_CHECKING:
+    from cellwatch.shared.figures import FieldEvaluation
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -133,6 +136,15 @@ def synth(
     is_flag=True,
     help="with --allow-near-duplicates: refuse near-duplicate images in different splits",
 )
+@click.option(
+    "--field",
+    "field_dirs",
+    type=_PATH,
+    multiple=True,
+    metavar="DIR",
+    help="a labelled field directory (`cellwatch-hub samples export`, labels filled in); "
+    "its samples join the data set, one group per source (repeatable)",
+)
 @click.option("--force", is_flag=True, help="replace an existing split directory")
 @friendly_errors
 def prepare(
@@ -147,12 +159,14 @@ def prepare(
     depth_multiplier: float,
     allow_near_duplicates: bool,
     strict: bool,
+    field_dirs: tuple[Path, ...],
     force: bool,
 ) -> None:
-    """Check DATA's images, merge near-duplicates into one group, and split them by group
-    (file, or --groups), stratified, into --out."""
-    from cellwatch.training.split import LEAK_WARNING, SPLIT_NAMES
+    """Check DATA's images (and --field samples), merge near-duplicates into one group, and
+    split them by group (file, or --groups; a field source), stratified, into --out."""
+    from cellwatch.training.split import LEAK_WARNING
     from cellwatch.training.split import prepare as run_prepare
+    from cellwatch.training.stratify import SPLIT_NAMES
 
     split = run_prepare(
         data,
@@ -167,6 +181,7 @@ def prepare(
         allow_near_duplicates=allow_near_duplicates,
         checkpoint=checkpoint,
         depth_multiplier=depth_multiplier,
+        field=field_dirs,
     )
     tag = " SYNTHETIC" if split.synthetic else ""
     click.echo(f"{split.layout}{tag} data in {split.data_root}; split written to {out}")
@@ -197,6 +212,19 @@ def prepare(
         click.echo(f"  {name:<5} {total:>5} images: {shares}")
     if split.skipped:
         click.echo(f"  skipped {len(split.skipped)} unreadable images (see the warnings)")
+    if split.field:
+        from cellwatch.training.field import is_field_entry
+
+        total = sum(f.samples for f in split.field)
+        sources = len({s for f in split.field for s in f.sources})
+        where = ", ".join(
+            f"{name} {sum(is_field_entry(e, split.field) for e in split.entries(name))}"
+            for name in SPLIT_NAMES
+        )
+        click.echo(
+            f"  field: {total} labelled samples from {sources} sources (one group per source, "
+            f"near-copies merged): {where}"
+        )
 
 
 @main.command()
@@ -367,18 +395,34 @@ def fit(
     default=None,
     help="[default: test for one run; val (each run's held-out fold) for several]",
 )
+@click.option(
+    "--field",
+    "field_dirs",
+    type=_PATH,
+    multiple=True,
+    metavar="DIR",
+    help="evaluate on the labelled field samples of DIR instead of a split, per reason "
+    "(repeatable)",
+)
 @friendly_errors
-def evaluate(runs: tuple[Path, ...], split_name: str | None) -> None:
+def evaluate(runs: tuple[Path, ...], split_name: str | None, field_dirs: tuple[Path, ...]) -> None:
     """Accuracy, sensitivity, specificity, PPV, NPV and ROC AUC with 95% intervals.
 
     One RUN: its TensorFlow model on one split. Several RUNs (the folds of one
     `prepare --folds K` split, each from `fit --fold i`): each on its held-out fold,
-    then the mean and standard deviation over the folds.
+    then the mean and standard deviation over the folds. With --field DIR: one RUN on
+    labelled field samples, separately per reason (only `random` samples give an
+    unbiased estimate of field accuracy; the others show where the model is weak).
     """
+    if field_dirs:
+        if len(runs) > 1 or split_name is not None:
+            raise click.UsageError("--field takes one RUN and no --split")
+        _evaluate_field(runs[0], field_dirs)
+        return
     from cellwatch.training.evaluate import cross_validate, eval_dir
     from cellwatch.training.evaluate import evaluate as run_evaluate
-    from cellwatch.training.split import SplitName
     from cellwatch.training.stats import fmt
+    from cellwatch.training.stratify import SplitName
 
     if len(runs) > 1:
         summary = cross_validate(list(runs), cast("SplitName", split_name or "val"))
@@ -431,6 +475,13 @@ def evaluate(runs: tuple[Path, ...], split_name: str | None) -> None:
             "after looking at test figures make them optimistic"
         )
     click.echo(f"written to {eval_dir(run, name)}")
+
+
+def _evaluate_field(run: Path, field_dirs: tuple[Path, ...]) -> None:
+    from cellwatch.training.field import FIELD_EVAL_DIR, evaluate_field
+
+    _print_field(evaluate_field(run, field_dirs))
+    click.echo(f"written to {run / FIELD_EVAL_DIR}")
 
 
 @main.command()
@@ -537,6 +588,15 @@ def evaluate(runs: tuple[Path, ...], split_name: str | None) -> None:
     type=click.FloatRange(0, 0.5, max_open=True),
     help="low-confidence band: at least this far either side of the threshold",
 )
+@click.option(
+    "--field",
+    "field_dirs",
+    type=_PATH,
+    multiple=True,
+    metavar="DIR",
+    help="also measure the deployed model on the labelled field samples of DIR, per reason; "
+    "recorded in the manifest and the model card (repeatable)",
+)
 @click.option("--force", is_flag=True, help="replace an existing bundle directory")
 @friendly_errors
 def export(
@@ -560,6 +620,7 @@ def export(
     threshold: float | None,
     target_sensitivity: float,
     band_half_width: float,
+    field_dirs: tuple[Path, ...],
     force: bool,
 ) -> None:
     """Calibrate, freeze RUN, check its skill, convert to OpenVINO IR, measure the IR
@@ -594,6 +655,7 @@ def export(
             threshold=threshold,
             target_sensitivity=target_sensitivity,
             band_half_width=band_half_width,
+            field=field_dirs,
         ),
     )
     m = bundle.manifest
@@ -656,6 +718,41 @@ def export(
                 f"ECE {t.ece:.3f}, Brier {t.brier:.3f}; {t.errors_in_band} of {t.errors} "
                 "errors inside the low-confidence band"
             )
+    if figures.field is not None:
+        _print_field(figures.field, "  ")
+
+
+def _print_field(ev: FieldEvaluation, indent: str = "") -> None:
+    """Field figures per reason (the unbiased `random` first), then all together."""
+    from cellwatch.shared.samples import UNBIASED_REASON, SampleReason
+    from cellwatch.training.stats import fmt
+
+    click.echo(
+        f"{indent}field samples (n={ev.all.n}{', SYNTHETIC-trained model' if ev.synthetic else ''}"
+        f"), {ev.model}, threshold {ev.threshold:.3g}, 95% intervals:"
+    )
+    reasons = sorted(SampleReason, key=lambda r: r != UNBIASED_REASON)  # random first
+    for name, fig in [*((r.value, ev.per_reason[r]) for r in reasons), ("all", ev.all)]:
+        what = {UNBIASED_REASON.value: " (unbiased)", "all": " (together)"}.get(name, " (hard)")
+        if fig.metrics is None:
+            click.echo(f"{indent}  {name}{what}: n=0, no samples, no figures")
+            continue
+        m = fig.metrics
+        dates = f"{fig.first:%Y-%m-%d} to {fig.last:%Y-%m-%d}" if fig.first and fig.last else ""
+        click.echo(f"{indent}  {name}{what}: n={fig.n} ({fig.sources} sources, collected {dates})")
+        for label, est in (
+            ("accuracy", m.accuracy),
+            ("sensitivity", m.sensitivity),
+            ("specificity", m.specificity),
+            ("ROC AUC", m.roc_auc),
+        ):
+            click.echo(f"{indent}    {label:<12} {fmt(est)}")
+    if ev.excluded:
+        click.echo(
+            f"{indent}left out {ev.excluded} samples: (near-)copies of images this run trained "
+            "or validated on"
+        )
+    click.echo(f"{indent}note: {ev.note}")
 
 
 @main.command()

@@ -45,8 +45,8 @@ from cellwatch.training.runinfo import (
     record_test_read,
     write_json,
 )
-from cellwatch.training.split import SplitName
 from cellwatch.training.stats import MetricSet, fmt, metric_set, unit_figures
+from cellwatch.training.stratify import SplitName
 
 log = logging.getLogger(__name__)
 

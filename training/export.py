@@ -19,6 +19,8 @@ The stages, cheapest checks first (each one function, here or in the module name
    validation split (auto), accuracy-aware quantisation validated there.
 7. the fidelity gate (gate.py) on every image; GateError (exit code 3) unless
    --allow-degraded, which is recorded.
+   With --field DIR the deployed IR is also measured on the labelled field samples it
+   has not trained or validated on (field.py), per reason, at the bundle's threshold.
 8. golden probes (probes.py: noise and synthetic smears, no patient data), the drift
    reference (the deployed IR's figures on the validation split: shared/drift.py), the
    model card, the manifest and its signature; `load_bundle` verifies the bundle as a
@@ -64,6 +66,7 @@ from cellwatch.training.calibration import (
 )
 from cellwatch.training.dataset import LIMITS, ImageEntry
 from cellwatch.training.errors import ExportError, GateError, QualityError
+from cellwatch.training.field import load_field, measure_deployed, unseen_samples
 from cellwatch.training.gate import (
     DEFAULT_MAX_PROB_DIFF,
     DEFAULT_MAX_SENSITIVITY_DROP,
@@ -92,7 +95,8 @@ from cellwatch.training.runinfo import (
     load_run_split,
     record_test_read,
 )
-from cellwatch.training.split import SplitFile, SplitName
+from cellwatch.training.split import SplitFile
+from cellwatch.training.stratify import SplitName
 from cellwatch.training.tfcompat import versions
 
 log = logging.getLogger(__name__)
@@ -135,6 +139,9 @@ class ExportOptions:
     """A fixed decision threshold instead of one chosen on validation."""
     prevalence: float | None = None
     """A prevalence of ALL at which the model card also gives PPV and NPV (--prevalence)."""
+    field: tuple[Path, ...] = ()
+    """Labelled field directories (shared/samples.py) the deployed model is also measured on;
+    the figures go into the manifest (`metrics.field`) and the model card."""
     int8_method: Int8Method = "auto"
     """auto: accuracy control only when plain quantisation misses the gate on the
     validation split; ptq: plain post-training quantisation only; accuracy-control:
@@ -174,6 +181,13 @@ class Plan:
 def export(run: Path, out: Path, options: ExportOptions) -> Bundle:
     """Export run as a signed bundle in out; returns the bundle as load_bundle verified it."""
     plan = _plan(run, out, options)
+    unseen = (
+        unseen_samples(
+            load_field(options.field), plan.split.entries("train") + plan.split.entries("val")
+        )
+        if options.field
+        else None
+    )
     calibration, decision, val_probs = calibrate_run(
         run,
         plan.info,
@@ -211,6 +225,15 @@ def export(run: Path, out: Path, options: ExportOptions) -> Bundle:
             precision=options.precision,
             groups=plan.unit_groups,
         )
+        if unseen is not None:
+            field = measure_deployed(
+                tmp / "model.xml",
+                unseen,
+                decision.threshold,
+                options.precision,
+                plan.info.synthetic,
+            )
+            metrics = metrics.model_copy(update={"field": field})
         golden = _golden(tmp, decision, options.precision)
         reference = _reference(plan, inputs, chosen, decision)
         quantization = measured_quantization(

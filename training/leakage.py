@@ -29,6 +29,7 @@ from pydantic import Field
 
 from cellwatch.shared.base import Strict
 from cellwatch.training.groups import PHASH_MAX_DISTANCE, hash_bytes
+from cellwatch.training.unionfind import DisjointSets
 
 log = logging.getLogger(__name__)
 
@@ -106,16 +107,8 @@ def feature_pairs(
 def merged_groups(groups: dict[str, str], merges: Sequence[Merge]) -> dict[str, str]:
     """path -> group after merging each pair's groups (union-find; the smallest group id
     of a merged set names it, so the result does not depend on the order of pairs)."""
-    parent: dict[str, str] = {}
-
-    def find(x: str) -> str:
-        while parent.setdefault(x, x) != x:
-            parent[x] = parent[parent[x]]
-            x = parent[x]
-        return x
-
+    sets = DisjointSets()
     for m in merges:
-        ra, rb = find(groups[m.a]), find(groups[m.b])
-        if ra != rb:
-            parent[max(ra, rb)] = min(ra, rb)
-    return {path: find(g) for path, g in groups.items()}
+        ra, rb = sets.find(groups[m.a]), sets.find(groups[m.b])
+        sets.join(max(ra, rb), min(ra, rb))
+    return {path: sets.find(g) for path, g in groups.items()}

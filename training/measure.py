@@ -35,8 +35,9 @@ from cellwatch.training.evalgraph import FrozenGraph
 from cellwatch.training.evaluate import batches
 from cellwatch.training.gate import Gate, judge
 from cellwatch.training.preprocess import Preprocessor
-from cellwatch.training.split import SplitFile, SplitName
+from cellwatch.training.split import SplitFile
 from cellwatch.training.stats import MetricSet, Proportion, agreement, fmt, metric_set, unit_figures
+from cellwatch.training.stratify import SplitName
 
 log = logging.getLogger(__name__)
 

@@ -9,11 +9,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from cellwatch.shared.figures import BundleMetrics, MetricSet
+from cellwatch.shared.figures import BundleMetrics, FieldEvaluation, MetricSet
 from cellwatch.shared.manifest import Calibration, Decision
 from cellwatch.shared.provenance import Gate, Provenance, QualityFloor
-from cellwatch.training.split import SPLIT_NAMES, SplitFile
+from cellwatch.shared.samples import UNBIASED_REASON, SampleReason
+from cellwatch.training.split import SplitFile
 from cellwatch.training.stats import fmt
+from cellwatch.training.stratify import SPLIT_NAMES
 
 ROWS = (
     ("accuracy", "accuracy"),
@@ -153,6 +155,7 @@ def render(f: CardFacts) -> str:
         f"(looked for by {s.leakage_check}); pairs across splits: {len(s.near_duplicates)}",
         f"- split seed {s.seed}, fractions val {s.val_fraction:g} / test {s.test_fraction:g}"
         + (f", {s.folds} cross-validation folds" if s.folds else ""),
+        *_field_data(s),
         "",
         "| split | images | " + " | ".join(f.labels) + " | fingerprint |",
         "|---|---|" + "---|" * len(f.labels) + "---|",
@@ -207,6 +210,7 @@ def render(f: CardFacts) -> str:
         "",
         *_units(m),
         *_prevalence(dep.metrics, f.prevalence),
+        *_field(m.field),
         "## Calibration and decision",
         "",
     ]
@@ -254,8 +258,7 @@ def render(f: CardFacts) -> str:
         "- Two classes only: other leukaemias, reactive lymphocytes and blasts of other "
         "lineages are not modelled.",
         f"- Grouping: {_grouping(s)}.",
-        "- No external validation: every figure is on held-out images of the same data "
-        "source; no field evaluation on another site's images exists yet.",
+        _external(m.field),
         "- No subgroup results (by patient age, sex, leukaemia subtype, stain batch or "
         "microscope): the data carry no such labels, so performance may differ between "
         "subgroups unseen.",
@@ -276,6 +279,62 @@ def render(f: CardFacts) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+def _field_data(s: SplitFile) -> list[str]:
+    if not s.field:
+        return []
+    n = sum(f.samples for f in s.field)
+    sources = len({x for f in s.field for x in f.sources})
+    return [
+        f"- labelled field samples among the images: {n} from {sources} sources (`prepare "
+        "--field`; one group per source, near-copies merged with the data set's)"
+    ]
+
+
+def _field(ev: FieldEvaluation | None) -> list[str]:
+    """The field evaluation (export --field), per reason with counts and dates."""
+    if ev is None:
+        return []
+    lines = [
+        f"## Field evaluation (labelled field samples, n = {ev.all.n})",
+        "",
+        f"The {ev.model} on labelled samples the fleet sent back, at the threshold above "
+        f"({ev.threshold:.3f}); 95% intervals and counts. **{ev.note[0].upper()}{ev.note[1:]}.**"
+        + (
+            f" {ev.excluded} samples were left out: (near-)copies of training or validation images."
+            if ev.excluded
+            else ""
+        ),
+        "",
+        "| samples | n | sources | collected | accuracy | sensitivity | specificity | ROC AUC |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    ordered = sorted(SampleReason, key=lambda r: r != UNBIASED_REASON)
+    for name, fig in [*((r.value, ev.per_reason[r]) for r in ordered), ("all", ev.all)]:
+        when = f"{fig.first:%Y-%m-%d} to {fig.last:%Y-%m-%d}" if fig.first and fig.last else "-"
+        if fig.metrics is None:
+            lines.append(f"| {name} | 0 | 0 | - | no samples | | | |")
+            continue
+        cells = " | ".join(
+            _figure(fig.metrics, k) for k in ("accuracy", "sensitivity", "specificity", "roc_auc")
+        )
+        lines.append(f"| {name} | {fig.n} | {fig.sources} | {when} | {cells} |")
+    return [*lines, ""]
+
+
+def _external(ev: FieldEvaluation | None) -> str:
+    if ev is None:
+        return (
+            "- No external validation: every figure is on held-out images of the same data "
+            "source; no field evaluation on another site's images exists yet."
+        )
+    unbiased = ev.per_reason[UNBIASED_REASON].n
+    return (
+        f"- External validation is limited to {ev.all.n} labelled field samples "
+        f"({unbiased} `random`, the only unbiased ones) from {ev.all.sources} sources: read "
+        "the field figures with their intervals."
+    )
 
 
 def _framing(layout: str) -> str:

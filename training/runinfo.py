@@ -27,7 +27,8 @@ from pydantic import BaseModel, Field, ValidationError
 
 from cellwatch.shared.base import Strict
 from cellwatch.training.errors import RunError
-from cellwatch.training.split import SplitFile, SplitName, load_split, verify_files
+from cellwatch.training.split import SplitFile, load_split, verify_files
+from cellwatch.training.stratify import SplitName
 
 RUN_FILE = "run.json"
 LOG_FILE = "training_log.csv"

@@ -1,12 +1,12 @@
 """`prepare`: a stratified train/val/test split by group, written as split.json.
 
 The split is made from the original files, before any augmentation (augmentation
-happens on the fly during `fit`, on training images only), and by group: a group is
-a file, or, with `--groups groups.csv`, a patient or smear (groups.py); files with
-identical bytes always join one group. A group never straddles two splits. This is
-what the original workflow got wrong: it augmented first and split afterwards, so
-copies of a training image sat in the validation set. Near-duplicates across splits
-(perceptual hash) are reported, and refused with `strict`.
+happens on the fly during `fit`, on training images only), and by group (dealt in
+stratify.py): a group is a file, or, with `--groups groups.csv`, a patient or smear
+(groups.py); files with identical bytes always join one group. A group never
+straddles two splits. This is what the original workflow got wrong: it augmented first
+and split afterwards, so copies of a training image sat in the validation set.
+Near-duplicates across splits (perceptual hash) are reported, and refused with `strict`.
 
 `folds=K` makes grouped, stratified K-fold cross-validation: the test split is held
 out as usual and every other group is dealt to one of K folds (per class, in a
@@ -17,11 +17,11 @@ the validation split, the other folds the training split.
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Literal
 
-import numpy as np
 from pydantic import Field, ValidationError
 
 from cellwatch.shared.base import Strict
@@ -36,15 +36,20 @@ from cellwatch.training.dataset import (
     sha256_hex,
 )
 from cellwatch.training.errors import DataError
+from cellwatch.training.field import FieldSource, load_field
 from cellwatch.training.groups import NearDuplicate, near_duplicates, read_groups
 from cellwatch.training.leakage import Merge, feature_pairs, merged_groups, phash_pairs
 from cellwatch.training.outdir import staged_dir
+from cellwatch.training.stratify import (
+    SPLIT_NAMES,
+    SplitName,
+    assign_folds,
+    stratified_split,
+)
 
 log = logging.getLogger(__name__)
 
 SPLIT_FILE = "split.json"
-SplitName = Literal["train", "val", "test"]
-SPLIT_NAMES: tuple[SplitName, ...] = ("train", "val", "test")
 Grouping = Literal["file", "groups-file"]
 MAX_FOLDS = 20
 LEAK_WARNING = (
@@ -84,6 +89,11 @@ class SplitFile(Strict):
         "none", description="how near-duplicates were looked for before the split"
     )
     folds: int = Field(0, ge=0, le=MAX_FOLDS, description="K of K-fold cross-validation, or 0")
+    field: list[FieldSource] = Field(
+        default_factory=list,
+        description="labelled field directories whose samples joined (prepare --field; "
+        "their entries' paths are absolute, their groups field:{source})",
+    )
     fold: int | None = Field(None, ge=0, description="set on the view of one fold (for_fold)")
 
     @property
@@ -130,114 +140,6 @@ class SplitFile(Strict):
         return counts
 
 
-def stratified_split(
-    entries: list[ImageEntry], val: float, test: float, seed: int
-) -> dict[SplitName, list[ImageEntry]]:
-    """Split the groups of each class (group_label) by the fractions; every non-zero split
-    gets images of each class."""
-    if not 0 <= val < 1 or not 0 <= test < 1 or val + test >= 1:
-        raise DataError(f"--val {val} and --test {test} must be >= 0 and sum to less than 1")
-    groups = _groups(entries)
-    present = {e.label for e in entries}
-    if len(present) < len(LABELS):
-        have = ", ".join(LABELS[i] for i in sorted(present)) or "none"
-        raise DataError(f"the data has one class only ({have}); both normal and ALL are needed")
-    rng = np.random.default_rng(seed)
-    out: dict[SplitName, list[ImageEntry]] = {name: [] for name in SPLIT_NAMES}
-    for label, name in enumerate(LABELS):
-        keys = sorted(k for k, members in groups.items() if group_label(members) == label)
-        if not keys:  # every group of this class also holds the other one
-            continue
-        order = [keys[i] for i in rng.permutation(len(keys))]
-        n_test = max(1, round(test * len(keys))) if test > 0 else 0
-        n_val = max(1, round(val * len(keys))) if val > 0 else 0
-        if len(keys) - n_test - n_val < 1:
-            raise DataError(
-                f"split too small: class {name!r} has {len(keys)} source images, fewer than "
-                f"{n_test + n_val + 1} needed for --val {val} and --test {test} "
-                "(one each in every split)"
-            )
-        parts: dict[SplitName, list[str]] = {
-            "test": order[:n_test],
-            "val": order[n_test : n_test + n_val],
-            "train": order[n_test + n_val :],
-        }
-        for split, split_keys in parts.items():
-            out[split] += [e for k in split_keys for e in groups[k]]
-    fractions = {"train": 1.0, "val": val, "test": test}
-    for split, items in out.items():
-        if fractions[split] > 0 and {e.label for e in items} != set(range(len(LABELS))):
-            raise DataError(
-                f"split too small: the {split} split got images of one class only "
-                f"(too few groups for --val {val} and --test {test})"
-            )
-    return {name: sorted(items, key=lambda e: e.path) for name, items in out.items()}
-
-
-def assign_folds(entries: list[ImageEntry], folds: int, seed: int) -> list[ImageEntry]:
-    """entries with `fold` set: each class's groups dealt round-robin to folds in seeded order."""
-    groups = _groups(entries)
-    rng = np.random.default_rng([seed, 0xF01D])
-    fold_of: dict[str, int] = {}
-    for label, name in enumerate(LABELS):
-        keys = sorted(k for k, members in groups.items() if group_label(members) == label)
-        if keys and len(keys) < folds:
-            raise DataError(
-                f"too few groups for {folds} folds: class {name!r} has {len(keys)} outside "
-                "the test split (one per fold needed)"
-            )
-        for i, j in enumerate(rng.permutation(len(keys))):
-            fold_of[keys[j]] = i % folds
-    out = [
-        e.model_copy(update={"fold": fold_of[k]}) for k, members in groups.items() for e in members
-    ]
-    for fold in range(folds):
-        if {e.label for e in out if e.fold == fold} != set(range(len(LABELS))):
-            raise DataError(f"too few groups for {folds} folds: fold {fold} has one class only")
-    return out
-
-
-def group_label(members: list[ImageEntry]) -> int:
-    """The class a group is stratified by: ALL if at least half its images are ALL.
-
-    A patient's group may hold both classes (normal cells from a leukaemia smear);
-    a file group always has one.
-    """
-    positives = sum(e.label for e in members)
-    return 1 if 2 * positives >= len(members) else 0
-
-
-def _groups(entries: list[ImageEntry]) -> dict[str, list[ImageEntry]]:
-    """Union of same-group and same-bytes entries; DataError if one image has two labels."""
-    parent: dict[str, str] = {}
-
-    def find(x: str) -> str:
-        while parent.setdefault(x, x) != x:
-            parent[x] = parent[parent[x]]
-            x = parent[x]
-        return x
-
-    by_hash: dict[str, str] = {}
-    for e in entries:
-        find(e.group)
-        if e.sha256 in by_hash:
-            parent[find(e.group)] = find(by_hash[e.sha256])
-        else:
-            by_hash[e.sha256] = e.group
-    groups: dict[str, list[ImageEntry]] = {}
-    for e in entries:
-        groups.setdefault(find(e.group), []).append(e)
-    labels_of: dict[str, set[int]] = {}
-    for e in entries:
-        labels_of.setdefault(e.sha256, set()).add(e.label)
-    for members in groups.values():
-        clash = [e for e in members if len(labels_of[e.sha256]) > 1]
-        if clash:
-            names = ", ".join(e.path for e in clash[:4])
-            raise DataError(f"the same image carries both labels: {names}")
-    return groups
-
-
 def prepare(
     data: Path,
     out: Path,
@@ -252,8 +154,10 @@ def prepare(
     allow_near_duplicates: bool = False,
     checkpoint: Path | None = None,
     depth_multiplier: float = 1.0,
+    field: Sequence[Path] = (),
 ) -> SplitFile:
-    """Scan data, check every image, merge near-duplicates into groups (unless
+    """Scan data, check every image, add the labelled samples of the field directories
+    (field.py: one group per source), merge near-duplicates into groups (unless
     allow_near_duplicates; by bottleneck features too with a base checkpoint), split,
     and write out/split.json (all or nothing)."""
     if folds == 1 or not 0 <= folds <= MAX_FOLDS:
@@ -265,6 +169,7 @@ def prepare(
     if len(named) < len(LABELS):
         have = ", ".join(LABELS[i] for i in sorted(named))
         raise DataError(f"{data} holds one class only ({have}); both normal and ALL are needed")
+    samples = load_field(field) if field else None
     groups = None
     if groups_file is not None:
         groups = read_groups(groups_file, [relative(scan, c) for c in scan.candidates])
@@ -291,6 +196,13 @@ def prepare(
             )
         if not entries:
             raise DataError(f"no image in {data} could be decoded ({len(skipped)} skipped)")
+        if samples is not None:
+            entries = entries + samples.entries
+            log.info(
+                "%d labelled field samples from %d sources joined the data set",
+                len(samples.entries),
+                len({e.group for e in samples.entries}),
+            )
         merges: list[Merge] = []
         check = "none (--allow-near-duplicates)"
         if not allow_near_duplicates:
@@ -325,6 +237,7 @@ def prepare(
             merged=merges,
             leakage_check=check,
             folds=folds,
+            field=samples.sources() if samples is not None else [],
         )
         (tmp / SPLIT_FILE).write_text(split.model_dump_json(by_alias=True, indent=2) + "\n")
     for name in SPLIT_NAMES:

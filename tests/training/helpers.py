@@ -51,3 +51,55 @@ def allidb(n_per_class: int, suffix: str = ".tif") -> list[str]:
 
 def nothing_written(parent: Path, out: Path) -> bool:
     return not out.exists() and not [p for p in parent.iterdir() if p.name.endswith(".partial")]
+
+
+def write_field(
+    folder: Path,
+    samples: list[tuple[Path, str, str, str]],
+    *,
+    labelled: bool = True,
+    brighten: int = 0,
+) -> list[str]:
+    """A field directory as `cellwatch-hub samples export` writes it, labels filled in:
+    samples are (image file, label, reason, source); each image is re-encoded as PNG
+    (brightened by `brighten` levels: a near-copy, not the same pixels) and named by its
+    id. Returns the ids in row order."""
+    from datetime import UTC, datetime, timedelta
+
+    from cellwatch.shared.samples import (
+        SAMPLES_CSV,
+        SampleReason,
+        SampleRow,
+        sample_file_name,
+        sample_id,
+        write_samples_csv,
+    )
+
+    folder.mkdir(parents=True, exist_ok=True)
+    rows = []
+    start = datetime(2026, 11, 2, 9, 0, tzinfo=UTC)
+    for i, (image, label, reason, source) in enumerate(samples):
+        pixels = cv2.imread(str(image), cv2.IMREAD_COLOR)
+        assert pixels is not None, image
+        if brighten:
+            pixels = cv2.add(pixels, np.full_like(pixels, brighten))
+        ok, png = cv2.imencode(".png", pixels)
+        assert ok
+        data = png.tobytes()
+        sid = sample_id(data)
+        (folder / sample_file_name(sid)).write_bytes(data)
+        rows.append(
+            SampleRow(
+                id=sid,
+                source=source,
+                node="node-1",
+                model="all-test@0.0.1",
+                p_all=0.5,
+                predicted="ALL",
+                reason=SampleReason(reason),
+                collected_at=start + timedelta(hours=i),
+                label=label if labelled else None,
+            )
+        )
+    write_samples_csv(folder / SAMPLES_CSV, rows)
+    return [r.id for r in rows]

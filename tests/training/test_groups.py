@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 
 from cellwatch.training.errors import DataError
-from cellwatch.training.split import SPLIT_NAMES, load_split, prepare
+from cellwatch.training.split import load_split, prepare
+from cellwatch.training.stratify import SPLIT_NAMES
 from cellwatch.training.synth import smear
 from tests.training.helpers import (
     allidb,
