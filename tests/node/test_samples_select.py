@@ -1,0 +1,75 @@
+"""Field-sample selection without a broker: the keeper's choice of reason (the shadow
+scorer's disagreement, the bundle's band, the random share) and the limits per rolling
+hour and day (an injected clock)."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import pytest
+
+from cellwatch.node.config import ReasonLimits, SamplesSettings
+from cellwatch.node.decode import ImageLimits
+from cellwatch.node.engine import ServingModel
+from cellwatch.node.samples import DAY_S, HOUR_S, ReasonLimiter, SampleKeeper, Spool
+from cellwatch.shared.samples import SampleReason
+from tests.helpers.shadow import observation, serving
+from tests.images import BLUE, RED, png
+
+
+@pytest.fixture(scope="module")
+def toy(tmp_path_factory: pytest.TempPathFactory) -> ServingModel:
+    from tests.models import write_test_bundle
+
+    root = tmp_path_factory.mktemp("sel")
+    return serving(write_test_bundle(root / "b", root / "k"), root / "k")
+
+
+def keeper(tmp_path: Path, **over: object) -> SampleKeeper:
+    settings = SamplesSettings.model_validate({"enabled": True, "sources": ["client"], **over})
+    spool = Spool(tmp_path / "spool", 10**9, DAY_S, "node-t")
+    k = SampleKeeper(settings, node_id="node-t", spool=spool, limits=ImageLimits(), clock=lambda: 0)
+    k.start()
+    return k
+
+
+def write_all(k: SampleKeeper) -> list[SampleReason]:
+    writer = threading.Thread(target=k.run)
+    writer.start()
+    assert k.flush()
+    k.close()
+    writer.join()
+    return sorted(s.row.reason for s in k.spool.pending())
+
+
+def test_the_shadow_candidates_disagreement_is_a_reason(toy: ServingModel, tmp_path: Path) -> None:
+    k = keeper(tmp_path, low_confidence=True)
+    red, blue = observation(toy, png(RED), 0), observation(toy, png(BLUE), 1)
+    assert not red.result.low_confidence and not blue.result.low_confidence
+    k.on_disagreement(red)  # the scorer, on the same thread, right before
+    k.observe(red, lambda: 0)
+    k.observe(blue, lambda: 0)  # no disagreement, confident: not kept
+    assert write_all(k) == [SampleReason.DISAGREEMENT]
+
+
+def test_disagreement_off_keeps_none(toy: ServingModel, tmp_path: Path) -> None:
+    k = keeper(tmp_path, disagreement=False)
+    red = observation(toy, png(RED), 0)
+    k.on_disagreement(red)
+    k.observe(red, lambda: 0)
+    assert write_all(k) == []
+
+
+def test_limits_per_rolling_hour_and_day() -> None:
+    limiter = ReasonLimiter(
+        ReasonLimits(random=2, low_confidence=1), ReasonLimits(random=3, low_confidence=5)
+    )
+    r, lc = SampleReason.RANDOM, SampleReason.LOW_CONFIDENCE
+    assert [limiter.take(r, t) for t in (0, 1, 2)] == [True, True, False]  # 2 an hour
+    assert limiter.take(lc, 3)  # each reason its own
+    assert not limiter.take(lc, 4)
+    assert not limiter.take(SampleReason.DISAGREEMENT, 5)  # a limit of 0: none
+    assert limiter.take(r, HOUR_S + 1)  # the first left the hour
+    assert not limiter.take(r, 2 * HOUR_S + 10)  # 3 in the day
+    assert limiter.take(r, DAY_S + 0.5)  # the first left the day
