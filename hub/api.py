@@ -29,6 +29,7 @@ from cellwatch.hub.orchestrator import Orchestrator
 from cellwatch.hub.push import Push
 from cellwatch.hub.queries import Queries
 from cellwatch.hub.registry import Registry
+from cellwatch.hub.samples import SampleStore
 from cellwatch.hub.served import ServedTotals
 from cellwatch.shared.base import first_problem
 from cellwatch.shared.codes import ApiErrorCode
@@ -66,8 +67,10 @@ class Api:
         fleet: Fleet,
         orchestrator: Orchestrator,
         served: ServedTotals,
+        samples: SampleStore | None = None,
     ) -> None:
         self.db = db
+        self.samples = samples
         self.started_at = datetime.now(UTC)
         self.queries = q = Queries(db, fleet, served, self.started_at)
         self.push = push = Push(registry)
@@ -98,6 +101,11 @@ class Api:
                 RolloutIdArgs, lambda a, now: orch.rollback(a.rollout_id, now), mutating=True
             ),
         }
+
+    def samples_store(self) -> SampleStore:
+        if self.samples is None:
+            raise ApiFailure(ApiErrorCode.NOT_FOUND, "this hub keeps no field samples")
+        return self.samples
 
     def handle(self, verb: str, req: ApiRequest, now: float) -> ApiReply:
         """Answer one request; never raises for anything a caller can send."""

@@ -312,6 +312,12 @@ class SampleKeeper:
         self.kept: Counter[str] = Counter()
         self.dropped: Counter[str] = Counter()
         self.uploaded = 0
+        self.written = threading.Event()
+        """Set when a sample was spooled (the uploader waits on it when idle)."""
+
+    def count_uploaded(self) -> None:
+        with self._lock:
+            self.uploaded += 1
 
     def start(self) -> None:
         """Scan the spool and seed the limits from it (before the threads start)."""
@@ -407,6 +413,7 @@ class SampleKeeper:
         if added:
             with self._lock:
                 self.kept[reason.value] += 1
+            self.written.set()
             log.info(
                 "node %s: samples: image %s of %s kept (%s) as %s",
                 self.node_id,

@@ -44,6 +44,7 @@ from cellwatch.node.loader import BundleLoader
 from cellwatch.node.observers import Observers
 from cellwatch.node.pipeline import ImagePipeline, wait_until
 from cellwatch.node.samples import SampleKeeper, spool_of
+from cellwatch.node.sampleupload import SampleUploader
 from cellwatch.node.shadow import ShadowScorer, shadow_engine
 from cellwatch.node.slot import ModelSlot, serve_start_bundle
 from cellwatch.node.stats import Stats
@@ -178,6 +179,18 @@ class NodeService(Daemon):
         self.mqtt.add_connect_listener(self.identity.on_connected)
         self.mqtt.add_connect_listener(lambda session_present: self._publish_status())
         self.mqtt.add_disconnect_listener(self.identity.on_disconnected)
+        self.uploader: SampleUploader | None = None
+        if self.samples is not None:
+            self.uploader = SampleUploader(
+                settings.samples,
+                mqtt=self.mqtt,
+                topics=topics,
+                node_id=node_id,
+                keeper=self.samples,
+                backlog=lambda: max(0, self.stats.unanswered),
+                stop=self._stop,
+            )
+            self.edge.add(self.uploader.route())
         self.store: BundleStore | None = None
         self.updater: UpdateAgent | None = None
         self.fetcher: Fetcher | None = None
@@ -273,6 +286,8 @@ class NodeService(Daemon):
         if self.samples is not None:
             self.samples.start()
             self._spawn(self.samples.run, "samples")
+        if self.uploader is not None:
+            self._spawn(self.uploader.run, "sample-upload")
         self._spawn(self.observers.run, "observers")
         self.pipeline.accept(True)
         self.mqtt.connect()
@@ -321,11 +336,14 @@ class NodeService(Daemon):
         self.observers.close()
         if self.samples is not None:
             self.samples.close()
+            self.samples.written.set()  # the uploader sees the stop
         if self.shadow is not None:
             self.shadow.flush(force=True)  # its last window; the phase resumes at a restart
         self.health.stop()
         for thread in self._threads:
             thread.join(timeout=left(reserve=OFFLINE_RESERVE_S / 2))
+        if self.uploader is not None:
+            self.uploader.close()
         if self.stats.inflight > 0:
             log.warning(
                 "node %s: %d images unanswered at shutdown (%d never started); the broker "

@@ -89,4 +89,6 @@ class ApiErrorCode(StrEnum):
     """A fetch request for a file the bundle does not have."""
     BAD_SIGNATURE = "bad_signature"
     """A revocation not signed by a key the hub trusts."""
+    QUOTA = "quota"
+    """A field sample the hub's samples store has no room for (its quota): try later."""
     INTERNAL = "internal"
