@@ -123,6 +123,7 @@ def spooled_id(payload: bytes) -> str:
     from cellwatch.node.samples import encode_png
 
     bgr = cv2.imdecode(np.frombuffer(payload, np.uint8), cv2.IMREAD_COLOR)
+    assert bgr is not None
     return sample_id(encode_png(cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)))
 
 
