@@ -6,35 +6,17 @@ may read the upload topics."""
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
-import pytest
 
 from cellwatch.hub.db import Database
 from cellwatch.shared.mqtt import Message
 from cellwatch.shared.samples import sample_id
 from tests.broker import Broker
 from tests.harness import Requester, wait_for
-from tests.hub.conftest import Bundles
 from tests.images import encode
 from tests.security.stack import Boots, Stack
-
-
-@pytest.fixture
-def stack(broker: Broker, bundles: Bundles, tmp_path: Path) -> Iterator[Stack]:
-    s = Stack(tmp_path / "stack", broker, bundles.v1, bundles.keys)
-    s.work.mkdir()
-    yield s
-    s.stop()
-
-
-@pytest.fixture
-def requester(broker: Broker) -> Iterator[Requester]:
-    r = Requester(broker.settings("client"))
-    yield r
-    r.close()
 
 
 def noise_png(seed: int, side: int = 160) -> bytes:
