@@ -7,6 +7,8 @@ from __future__ import annotations
 import csv
 import io
 import json
+import re
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -80,6 +82,11 @@ def test_export_label_import_round_trip_and_bad_imports(
     ]
     assert listed(broker, "--reason", "random")["samples"] == []
     assert listed(broker, "--source", "client-labA")["samples"] == []
+    page = urllib.request.urlopen(f"http://127.0.0.1:{hub.http_port}/", timeout=30).read()
+    card = re.search(r'<div class="card samples">(.*?)</section>', page.decode(), re.S)
+    assert card is not None
+    assert re.search(r'<div class="big">2</div>.*labelled 0', card.group(1), re.S)
+    assert "low_confidence · client 2" in card.group(1)
     text = cli(broker, "samples", "list")
     assert text.returncode == 0 and "low_confidence" in text.stdout, text
 
