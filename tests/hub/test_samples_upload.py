@@ -6,15 +6,22 @@ may read the upload topics."""
 from __future__ import annotations
 
 import re
+import threading
+from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
 
 from cellwatch.hub.db import Database
-from cellwatch.shared.mqtt import Message
-from cellwatch.shared.samples import sample_id
+from cellwatch.node.config import SamplesSettings
+from cellwatch.node.decode import ImageLimits
+from cellwatch.node.samples import DAY_S, SampleKeeper, Spool, encode_png
+from cellwatch.node.sampleupload import SampleUploader
+from cellwatch.shared.mqtt import Message, MqttClient
+from cellwatch.shared.samples import SampleReason, SampleRow, sample_id
 from tests.broker import Broker
-from tests.harness import Requester, wait_for
+from tests.harness import Requester, T, wait_for
+from tests.hub.conftest import HubFactory
 from tests.images import encode
 from tests.security.stack import Boots, Stack
 
@@ -125,3 +132,67 @@ def test_only_the_hub_reads_the_sample_topics(broker: Broker) -> None:
     wait_for(lambda: any(m.topic == marker for m in seen["hub"]), 30, "the hub reads the marker")
     assert [m.topic for m in seen["hub"]] == ["cellwatch/hub/samples/node-1/offer", marker]
     assert all(seen[u] == [] for u in ("operator", "client", "node-2"))
+
+
+def test_no_sample_is_uploaded_while_live_images_wait(
+    hub_factory: HubFactory, broker: Broker, tmp_path: Path
+) -> None:
+    """The uploader of a node (its own MQTT connection as node-1) and a hub: while the
+    node has images without their Result, the sample stays on the node."""
+    hub = hub_factory()
+    settings = SamplesSettings(enabled=True, sources=["client"], retry_s=0.5)
+    spool = Spool(tmp_path / "spool", 10**9, DAY_S, "node-1")
+    keeper = SampleKeeper(settings, node_id="node-1", spool=spool, limits=ImageLimits())
+    keeper.start()
+    data = encode_png(np.random.default_rng(3).integers(0, 256, (64, 64, 3), dtype=np.uint8))
+    row = SampleRow(
+        id=sample_id(data),
+        source="client",
+        node="node-1",
+        model="toy@1.0.0",
+        p_all=0.5,
+        predicted="ALL",
+        reason=SampleReason.RANDOM,
+        collected_at=datetime.now(UTC),
+    )
+    assert spool.put(data, row)
+    waiting, polls = [2], [0]
+
+    def backlog() -> int:
+        polls[0] += 1
+        return waiting[0]
+
+    mqtt = MqttClient(
+        broker.settings("node-1"),
+        client_id="uploader-test",
+        clean_start=True,
+        subscriptions=[(T.samples_reply("node-1"), 1)],
+    )
+    stop = threading.Event()
+    uploader = SampleUploader(
+        settings,
+        mqtt=mqtt,
+        topics=T,
+        node_id="node-1",
+        keeper=keeper,
+        backlog=backlog,
+        stop=stop,
+    )
+    uploader.rpc.attach()
+    mqtt.connect()
+    thread = threading.Thread(target=uploader.run)
+    thread.start()
+    try:
+        wait_for(lambda: polls[0] >= 5, 30, "the uploader looked at the backlog 5 times")
+        assert not hub.db.has_sample(row.id)
+        assert [s.row.id for s in spool.pending()] == [row.id]
+        waiting[0] = 0  # the live images were answered
+        wait_for(lambda: hub.db.has_sample(row.id), 30, "uploaded once no image waits")
+        wait_for(lambda: spool.pending() == [], 30, "the node's copy deleted")
+        assert keeper.figures().uploaded == 1
+    finally:
+        stop.set()
+        keeper.written.set()
+        thread.join()
+        uploader.close()
+        mqtt.disconnect()
