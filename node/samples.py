@@ -154,8 +154,17 @@ class Spool:
         return self.root / f"{sample}{RECORD_SUFFIX}"
 
     def scan(self, now: float) -> list[SampleRow]:
-        """Read the spool at start (see the module docstring); the samples it holds."""
-        self.root.mkdir(parents=True, exist_ok=True, mode=0o700)
+        """Read the spool at start (see the module docstring); the samples it holds. A
+        spool that cannot be created or read is logged: the node serves on, and each
+        sample it would keep is dropped (counted `disk`)."""
+        try:
+            self.root.mkdir(parents=True, exist_ok=True, mode=0o700)
+            return self._scan(now)
+        except OSError as exc:
+            log.error("node %s: samples: cannot use the spool %s: %s", self.node_id, self.root, exc)
+            return []
+
+    def _scan(self, now: float) -> list[SampleRow]:
         for tmp in self.root.glob(f"{TEMP_PREFIX}*"):
             tmp.unlink(missing_ok=True)
         index: dict[str, Spooled] = {}

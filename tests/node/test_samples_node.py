@@ -205,3 +205,16 @@ def test_a_corrupt_spool_file_is_skipped_and_reported(
     assert sorted(p.name for p in (spool / "corrupt").iterdir()) == sorted(
         [f"{bad.id}.json", f"{bad.id}.png", f"{garbage}.json"]
     )
+
+
+def test_a_spool_the_disk_refuses_drops_samples_never_results(
+    node_factory: NodeFactory, requester: Requester, tmp_path: Path
+) -> None:
+    blocker = tmp_path / "not-a-directory"
+    blocker.write_text("a file where the spool's parent should be")
+    node = node_factory(samples=samples_cfg(random_share=1.0, spool_dir=str(blocker / "spool")))
+    payloads = [png(g) for g in GREYS[:3]]
+    assert len(answer_all(requester, payloads)) == 3  # every Result went out
+    keeper = settled(node, len(payloads))
+    assert keeper.figures().dropped == {"disk": 3}
+    assert keeper.figures().kept == {}
