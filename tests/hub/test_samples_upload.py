@@ -7,10 +7,13 @@ from __future__ import annotations
 
 import re
 import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from cellwatch.hub.db import Database
 from cellwatch.node.config import SamplesSettings
@@ -134,13 +137,13 @@ def test_only_the_hub_reads_the_sample_topics(broker: Broker) -> None:
     assert all(seen[u] == [] for u in ("operator", "client", "node-2"))
 
 
-def test_no_sample_is_uploaded_while_live_images_wait(
-    hub_factory: HubFactory, broker: Broker, tmp_path: Path
-) -> None:
-    """The uploader of a node (its own MQTT connection as node-1) and a hub: while the
-    node has images without their Result, the sample stays on the node."""
-    hub = hub_factory()
-    settings = SamplesSettings(enabled=True, sources=["client"], retry_s=0.5)
+@contextmanager
+def uploader(
+    broker: Broker, tmp_path: Path, backlog: Callable[[], int]
+) -> Iterator[tuple[SampleKeeper, SampleRow]]:
+    """A node's sample uploader on its own MQTT connection as node-1, running, with one
+    sample spooled."""
+    settings = SamplesSettings(enabled=True, sources=["client"], retry_s=0.2)
     spool = Spool(tmp_path / "spool", 10**9, DAY_S, "node-1")
     keeper = SampleKeeper(settings, node_id="node-1", spool=spool, limits=ImageLimits())
     keeper.start()
@@ -156,12 +159,6 @@ def test_no_sample_is_uploaded_while_live_images_wait(
         collected_at=datetime.now(UTC),
     )
     assert spool.put(data, row)
-    waiting, polls = [2], [0]
-
-    def backlog() -> int:
-        polls[0] += 1
-        return waiting[0]
-
     mqtt = MqttClient(
         broker.settings("node-1"),
         client_id="uploader-test",
@@ -169,30 +166,59 @@ def test_no_sample_is_uploaded_while_live_images_wait(
         subscriptions=[(T.samples_reply("node-1"), 1)],
     )
     stop = threading.Event()
-    uploader = SampleUploader(
-        settings,
-        mqtt=mqtt,
-        topics=T,
-        node_id="node-1",
-        keeper=keeper,
-        backlog=backlog,
-        stop=stop,
+    up = SampleUploader(
+        settings, mqtt=mqtt, topics=T, node_id="node-1", keeper=keeper, backlog=backlog, stop=stop
     )
-    uploader.rpc.attach()
+    up.rpc.attach()
     mqtt.connect()
-    thread = threading.Thread(target=uploader.run)
+    thread = threading.Thread(target=up.run)
     thread.start()
     try:
-        wait_for(lambda: polls[0] >= 5, 30, "the uploader looked at the backlog 5 times")
-        assert not hub.db.has_sample(row.id)
-        assert [s.row.id for s in spool.pending()] == [row.id]
-        waiting[0] = 0  # the live images were answered
-        wait_for(lambda: hub.db.has_sample(row.id), 30, "uploaded once no image waits")
-        wait_for(lambda: spool.pending() == [], 30, "the node's copy deleted")
-        assert keeper.figures().uploaded == 1
+        yield keeper, row
     finally:
         stop.set()
         keeper.written.set()
         thread.join()
-        uploader.close()
+        up.close()
         mqtt.disconnect()
+
+
+def test_no_sample_is_uploaded_while_live_images_wait(
+    hub_factory: HubFactory, broker: Broker, tmp_path: Path
+) -> None:
+    """While the node has images without their Result, the sample stays on the node."""
+    hub = hub_factory()
+    waiting, polls = [2], [0]
+
+    def backlog() -> int:
+        polls[0] += 1
+        return waiting[0]
+
+    with uploader(broker, tmp_path, backlog) as (keeper, row):
+        wait_for(lambda: polls[0] >= 5, 30, "the uploader looked at the backlog 5 times")
+        assert not hub.db.has_sample(row.id)
+        assert [s.row.id for s in keeper.spool.pending()] == [row.id]
+        waiting[0] = 0  # the live images were answered
+        wait_for(lambda: hub.db.has_sample(row.id), 30, "uploaded once no image waits")
+        wait_for(lambda: keeper.spool.pending() == [], 30, "the node's copy deleted")
+        assert keeper.figures().uploaded == 1
+
+
+def test_the_hubs_quota_refuses_a_sample_and_the_node_keeps_it(
+    hub_factory: HubFactory, broker: Broker, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    hub = hub_factory(samples={"quota_mb": 0.001})  # 1 KiB: less than the sample
+    with uploader(broker, tmp_path, lambda: 0) as (keeper, row):
+
+        def refusals() -> int:
+            return sum(
+                "quota" in r.getMessage()
+                for r in caplog.records
+                if r.name == "cellwatch.node.sampleupload"
+            )
+
+        wait_for(lambda: refusals() >= 2, 30, "the offer refused, and again after retry_s")
+        assert not hub.db.has_sample(row.id)
+        assert [s.row.id for s in keeper.spool.pending()] == [row.id]
+        assert keeper.figures().uploaded == 0
+    assert list((hub.settings.samples_dir / "uploads").iterdir()) == []
