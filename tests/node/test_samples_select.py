@@ -1,19 +1,30 @@
-"""Field-sample selection without a broker: the keeper's choice of reason (the shadow
+"""Field samples without a broker: the keeper's choice of reason (the shadow
 scorer's disagreement, the bundle's band, the random share) and the limits per rolling
-hour and day (an injected clock)."""
+hour and day (an injected clock); retention on the node and the hub."""
 
 from __future__ import annotations
 
 import threading
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+import numpy as np
 import pytest
 
+from cellwatch.hub.db import Database
+from cellwatch.hub.samples import SampleStore
 from cellwatch.node.config import ReasonLimits, SamplesSettings
 from cellwatch.node.decode import ImageLimits
 from cellwatch.node.engine import ServingModel
-from cellwatch.node.samples import DAY_S, HOUR_S, ReasonLimiter, SampleKeeper, Spool
-from cellwatch.shared.samples import SampleReason
+from cellwatch.node.samples import (
+    DAY_S,
+    HOUR_S,
+    ReasonLimiter,
+    SampleKeeper,
+    Spool,
+    encode_png,
+)
+from cellwatch.shared.samples import SampleReason, SampleRow, sample_id
 from tests.helpers.shadow import observation, serving
 from tests.images import BLUE, RED, png
 
@@ -73,3 +84,42 @@ def test_limits_per_rolling_hour_and_day() -> None:
     assert limiter.take(r, HOUR_S + 1)  # the first left the hour
     assert not limiter.take(r, 2 * HOUR_S + 10)  # 3 in the day
     assert limiter.take(r, DAY_S + 0.5)  # the first left the day
+
+
+def _row(data: bytes, when: datetime) -> SampleRow:
+    return SampleRow(
+        id=sample_id(data),
+        source="client",
+        node="node-t",
+        model="toy@1.0.0",
+        p_all=0.5,
+        predicted="ALL",
+        reason=SampleReason.RANDOM,
+        collected_at=when,
+    )
+
+
+def test_retention_deletes_old_samples_on_the_node_and_the_hub(tmp_path: Path) -> None:
+    now = datetime(2026, 12, 5, tzinfo=UTC)
+    old, new = encode_png(np.zeros((4, 4, 3), np.uint8)), encode_png(np.ones((4, 4, 3), np.uint8))
+    spool = Spool(tmp_path / "spool", 10**9, 14 * DAY_S, "node-t")
+    spool.scan(now.timestamp())
+    spool.put(old, _row(old, now - timedelta(days=15)))
+    spool.put(new, _row(new, now - timedelta(days=13)))
+    restarted = Spool(tmp_path / "spool", 10**9, 14 * DAY_S, "node-t")
+    assert [r.id for r in restarted.scan(now.timestamp())] == [sample_id(new)]
+    assert restarted.lost == {"expired": 1}
+    assert sorted(p.name for p in (tmp_path / "spool").iterdir()) == sorted(
+        [f"{sample_id(new)}.png", f"{sample_id(new)}.json"]
+    )
+
+    db = Database(tmp_path / "hub.db")
+    store = SampleStore(db, tmp_path / "hub-samples", 10**9, 180 * DAY_S)
+    for data, age in ((old, 181), (new, 179)):
+        row = _row(data, now - timedelta(days=age))
+        store.path(row.id).write_bytes(data)
+        db.add_sample(row, len(data), now.timestamp())
+    assert store.expire(now.timestamp()) == 1
+    assert [r.id for r in db.samples()] == [sample_id(new)]
+    assert sorted(p.name for p in store.root.glob("*.png")) == [f"{sample_id(new)}.png"]
+    db.close()
