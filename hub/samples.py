@@ -11,6 +11,10 @@ shared/sampletransfer.py's; every step is idempotent:
 - an offer of an id the hub has is answered `stored` (a node that lost the last
   answer deletes its copy); an image in the store without its row (a hub stopped
   between the rename and the database) is recorded then;
+- two nodes that kept the same image (the same id) share one upload: the first offer's
+  record is kept, chunks from either append in order (one that comes out of order is
+  refused `bad_offset`, and its node offers again later), and the bytes are checked
+  against the id at the end whoever sent them;
 - the last chunk is checked against the id (SHA-256), fsynced, renamed into the store
   and recorded before it is answered: an acknowledged sample survives a hub restart;
 - a sample that would take the store over `samples.quota_mb` is refused (`quota`: the
@@ -101,8 +105,6 @@ class SampleStore:
             raise ApiFailure(
                 ApiErrorCode.NOT_FOUND, f"no offer of sample {sample[:12]}: offer it first"
             ) from None
-        if offer.record.node != node_id:
-            raise ApiFailure(ApiErrorCode.BAD_REQUEST, f"sample {sample[:12]} is another node's")
         if chunk.total is not None and chunk.total != offer.size:
             raise ApiFailure(
                 ApiErrorCode.BAD_REQUEST,
