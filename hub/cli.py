@@ -497,7 +497,7 @@ def samples_export(client: HubClient, directory: Path, as_json: bool) -> None:
     a pre-annotation, and a labelling config)."""
     done = samplecli.export(client, directory)
     data = {"directory": str(done.directory), "samples": done.samples}
-    emit(
+    _say(
         as_json,
         data,
         f"exported {done.samples} samples to {done.directory}: {SAMPLES_CSV} (label column "
@@ -521,4 +521,9 @@ def samples_import(client: HubClient, file: Path, as_json: bool) -> None:
             click.echo(problem, err=True)
         raise
     reply = client.sample_labels(labels)
-    emit(as_json, reply, f"imported {reply.labelled} labels from {file}")
+    _say(as_json, reply.model_dump(mode="json"), f"imported {reply.labelled} labels from {file}")
+
+
+def _say(as_json: bool, data: dict[str, Any], line: str) -> None:
+    """One line as it is (a path in it is never wrapped), or JSON."""
+    click.echo(json_text(data) if as_json else line)
