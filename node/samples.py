@@ -41,6 +41,7 @@ sample only after the hub acknowledged it.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import random
@@ -71,6 +72,9 @@ DAY_S = 86400.0
 RECORD_SUFFIX = ".json"
 TEMP_PREFIX = ".tmp-"
 CORRUPT_DIR = "corrupt"
+LIMITS_FILE = "limits.state"
+"""The times each reason's limits counted in the last 24 hours (JSON), so that a restart
+does not start the limits afresh."""
 PNG_PARAMS = [cv2.IMWRITE_PNG_COMPRESSION, 6]
 """zlib level 6: lossless; the same pixels give the same bytes (the same id)."""
 POSITIVE_LABEL = "ALL"
@@ -113,10 +117,14 @@ class ReasonLimiter:
         return True
 
     def seed(self, reason: SampleReason, at: float) -> None:
-        """A sample taken before this process started (still in the spool)."""
+        """A sample taken before this process started."""
         times = self._taken[reason]
         times.append(at)
         self._taken[reason] = deque(sorted(times))
+
+    def taken(self) -> dict[str, list[float]]:
+        """The times counted, per reason (what `seed` takes back after a restart)."""
+        return {r.value: list(t) for r, t in self._taken.items()}
 
 
 @dataclass(frozen=True)
@@ -253,6 +261,30 @@ class Spool:
             self._index[row.id] = Spooled(row, len(png))
         return True
 
+    def read_limits(self) -> dict[str, list[float]] | None:
+        """The limits' times as last written (None: none, or unreadable: logged)."""
+        path = self.root / LIMITS_FILE
+        try:
+            data = json.loads(path.read_bytes())
+            return {
+                SampleReason(k).value: [float(t) for t in v]
+                for k, v in data.items()
+                if isinstance(v, list)
+            }
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError, TypeError, AttributeError) as exc:
+            log.error(
+                "node %s: samples: %s unreadable (%s): limits start afresh", self.node_id, path, exc
+            )
+            return None
+
+    def write_limits(self, taken: dict[str, list[float]]) -> None:
+        try:
+            _write_atomic(self.root / LIMITS_FILE, json.dumps(taken).encode())
+        except OSError as exc:
+            log.warning("node %s: samples: cannot write %s: %s", self.node_id, LIMITS_FILE, exc)
+
     def pending(self) -> list[Spooled]:
         """The spooled samples, oldest first."""
         with self._lock:
@@ -329,9 +361,17 @@ class SampleKeeper:
             self.uploaded += 1
 
     def start(self) -> None:
-        """Scan the spool and seed the limits from it (before the threads start)."""
-        for row in self.spool.scan(self._clock()):
-            self.limiter.seed(row.reason, row.collected_at.timestamp())
+        """Scan the spool and seed the limits: from the times they counted before, or
+        else from the samples spooled (before the threads start)."""
+        rows = self.spool.scan(self._clock())
+        taken = self.spool.read_limits()
+        if taken is None:
+            taken = {}
+            for row in rows:
+                taken.setdefault(row.reason.value, []).append(row.collected_at.timestamp())
+        for reason, times in taken.items():
+            for at in times:
+                self.limiter.seed(SampleReason(reason), at)
 
     # -- the observer thread ---------------------------------------------------------
     def on_disagreement(self, obs: Observation) -> None:
@@ -383,6 +423,9 @@ class SampleKeeper:
                 )
                 self._drop("failed", chosen.obs, chosen.reason)
             finally:
+                with self._lock:
+                    taken = self.limiter.taken()
+                self.spool.write_limits(taken)
                 self._done()
 
     def _done(self) -> None:

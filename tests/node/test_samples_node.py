@@ -218,3 +218,26 @@ def test_a_spool_the_disk_refuses_drops_samples_never_results(
     keeper = settled(node, len(payloads))
     assert keeper.figures().dropped == {"disk": 3}
     assert keeper.figures().kept == {}
+
+
+def test_the_limits_hold_across_a_restart(
+    node_factory: NodeFactory, requester: Requester, tmp_path: Path
+) -> None:
+    spool = tmp_path / "spool"
+    cfg = samples_cfg(
+        random_share=1.0,
+        spool_dir=str(spool),
+        per_hour={"random": 2, "low_confidence": 0, "disagreement": 0},
+    )
+    node = node_factory(samples=cfg)
+    answer_all(requester, [png(GREYS[0]), png(GREYS[1])])
+    assert settled(node, 2).figures().kept == {"random": 2}
+    node.join()
+    for sample in spool.glob("*.json"):  # as if the hub had them: uploaded and deleted
+        sample.unlink()
+        sample.with_suffix(".png").unlink()
+    restarted = node_factory(samples=cfg)
+    answer_all(requester, [png(GREYS[2]), png(GREYS[3])])
+    keeper = settled(restarted, 2)
+    assert keeper.figures().kept == {}
+    assert keeper.figures().dropped == {"limit": 2}
