@@ -16,7 +16,7 @@ it keeps an image for one reason, asked in this order:
   without a decision rule, its `low_confidence_threshold`).
 
 Each reason has a limit per rolling hour and per rolling 24 hours (`per_hour`,
-`per_day`; seeded at start from the samples still spooled). The choice is cheap and
+`per_day`), which hold across a restart (`limits.state` in the spool). The choice is cheap and
 made on the observer thread; the image is handed to the keeper's own writer thread
 through a bounded queue (`queue`), so decoding and writing never hold up the other
 observers, let alone a Result: a full queue drops the image (counted `queue`).
