@@ -123,3 +123,15 @@ def test_retention_deletes_old_samples_on_the_node_and_the_hub(tmp_path: Path) -
     assert [r.id for r in db.samples()] == [sample_id(new)]
     assert sorted(p.name for p in store.root.glob("*.png")) == [f"{sample_id(new)}.png"]
     db.close()
+
+
+def test_a_full_writer_queue_drops_and_counts_never_waits(
+    toy: ServingModel, tmp_path: Path
+) -> None:
+    """The observer thread hands chosen images over; with the writer busy (not running
+    here) and its queue full, the next ones are dropped and counted at once."""
+    k = keeper(tmp_path, random_share=1.0, queue=1)
+    for i, colour in enumerate((RED, BLUE, RED)):
+        k.observe(observation(toy, png(colour), i), lambda: 0)
+    assert k.figures().dropped == {"queue": 2}
+    assert write_all(k) == [SampleReason.RANDOM]
