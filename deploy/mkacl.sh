@@ -14,10 +14,12 @@ Writes DIR/acl, the Mosquitto ACL for cellwatch's roles (DESIGN.md, Topics and
 Security):
 
   hub       reads node status/telemetry/update/shadow reports, every node's fetch
-            requests (PREFIX/hub/fetch/+), API requests, the list of revoked bundles
-            and the sites' bridge links (PREFIX/sites/+/bridge); writes desired
-            models, shadow orders, bundle chunks, API replies and the list of revoked
-            bundles (PREFIX/hub/revoked: no one else may write it)
+            requests (PREFIX/hub/fetch/+), field samples (PREFIX/hub/samples/#: no
+            one else may read them), API requests, the list of revoked bundles and
+            the sites' bridge links (PREFIX/sites/+/bridge); writes desired models,
+            shadow orders, bundle chunks, sample upload answers
+            (PREFIX/nodes/+/samples), API replies and the list of revoked bundles
+            (PREFIX/hub/revoked: no one else may write it)
   operator  writes API requests, reads its API replies and node status;
             may also publish test images (any images topic, PREFIX/images/# and
             PREFIX/nodes/+/images/#: also to clear an image a lab published
@@ -32,9 +34,10 @@ Security):
   NODE_ID   one block per node: reads every lab's images (PREFIX/images/ACCOUNT
             and PREFIX/images/ACCOUNT/SCOPE) and its own
             (PREFIX/nodes/NODE_ID/images/ACCOUNT[/SCOPE]), its own desired/shadow/
-            fetch topics, its own status and the revoked bundles; writes only its own
-            status/telemetry/update/shadow-report, fetch
-            requests (PREFIX/hub/fetch/NODE_ID), results and replies
+            fetch/samples topics, its own status and the revoked bundles; writes only
+            its own status/telemetry/update/shadow-report, fetch
+            requests (PREFIX/hub/fetch/NODE_ID), field samples
+            (PREFIX/hub/samples/NODE_ID/#), results and replies
   bridge-SITE  (central broker) one block per --bridge SITE=ID,...: the account of
             a site's bridge (deploy/site_conf.py) writes only what a site forwards
             out, for the site's own node and relay ids (status, telemetry, update
@@ -210,9 +213,11 @@ topic read $p/nodes/+/update
 topic read $p/nodes/+/shadow-report
 topic read $p/hub/fetch/+
 topic read $p/hub/api/#
+topic read $p/hub/samples/#
 topic write $p/nodes/+/desired
 topic write $p/nodes/+/shadow
 topic write $p/nodes/+/fetch
+topic write $p/nodes/+/samples
 topic write $p/hub/replies/#
 topic write $p/hub/revoked
 topic read $p/hub/revoked
@@ -244,12 +249,14 @@ topic read $p/nodes/$n/images/+/+
 topic read $p/nodes/$n/desired
 topic read $p/nodes/$n/shadow
 topic read $p/nodes/$n/fetch
+topic read $p/nodes/$n/samples
 topic read $p/hub/revoked
 topic readwrite $p/nodes/$n/status
 topic write $p/nodes/$n/telemetry
 topic write $p/nodes/$n/update
 topic write $p/nodes/$n/shadow-report
 topic write $p/hub/fetch/$n
+topic write $p/hub/samples/$n/#
 topic write $p/results/+
 topic write $p/replies/#
 EOF

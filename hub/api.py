@@ -8,8 +8,9 @@ same reply and does nothing twice.
 
 Verbs: push.begin, push.commit, models, models.revoke, nodes, stats, rollout.start,
 rollout.status, rollout.list, rollout.pause, rollout.resume, rollout.promote,
-rollout.abort, rollout.rollback (the chunk upload on `upload` has its own route,
-hub/control.py and push.py).
+rollout.abort, rollout.rollback, samples, samples.image, samples.label (the chunk
+upload on `upload` has its own route, hub/control.py and push.py; so do the nodes'
+sample uploads, hub/samples.py).
 """
 
 from __future__ import annotations
@@ -29,6 +30,8 @@ from cellwatch.hub.orchestrator import Orchestrator
 from cellwatch.hub.push import Push
 from cellwatch.hub.queries import Queries
 from cellwatch.hub.registry import Registry
+from cellwatch.hub.samplequeries import SampleQueries
+from cellwatch.hub.samples import SampleStore
 from cellwatch.hub.served import ServedTotals
 from cellwatch.shared.base import first_problem
 from cellwatch.shared.codes import ApiErrorCode
@@ -41,6 +44,9 @@ from cellwatch.shared.hubapi import (
     RolloutIdArgs,
     RolloutStartArgs,
     RolloutStatusArgs,
+    SampleImageArgs,
+    SampleLabelArgs,
+    SamplesArgs,
 )
 from cellwatch.shared.schemas import ApiError, ApiReply, ApiRequest
 
@@ -66,8 +72,11 @@ class Api:
         fleet: Fleet,
         orchestrator: Orchestrator,
         served: ServedTotals,
+        samples: SampleStore | None = None,
     ) -> None:
         self.db = db
+        self.samples = samples
+        self.sample_queries = SampleQueries(db, registry, samples) if samples else None
         self.started_at = datetime.now(UTC)
         self.queries = q = Queries(db, fleet, served, self.started_at)
         self.push = push = Push(registry)
@@ -97,7 +106,22 @@ class Api:
             "rollout.rollback": Verb(
                 RolloutIdArgs, lambda a, now: orch.rollback(a.rollout_id, now), mutating=True
             ),
+            "samples": Verb(SamplesArgs, lambda a, now: self._samples().list(a)),
+            "samples.image": Verb(SampleImageArgs, lambda a, now: self._samples().image(a)),
+            "samples.label": Verb(
+                SampleLabelArgs, lambda a, now: self._samples().label(a, now), mutating=True
+            ),
         }
+
+    def _samples(self) -> SampleQueries:
+        if self.sample_queries is None:
+            raise ApiFailure(ApiErrorCode.NOT_FOUND, "this hub keeps no field samples")
+        return self.sample_queries
+
+    def samples_store(self) -> SampleStore:
+        if self.samples is None:
+            raise ApiFailure(ApiErrorCode.NOT_FOUND, "this hub keeps no field samples")
+        return self.samples
 
     def handle(self, verb: str, req: ApiRequest, now: float) -> ApiReply:
         """Answer one request; never raises for anything a caller can send."""

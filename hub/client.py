@@ -26,6 +26,7 @@ from cellwatch.shared.bundle import check_file_name, parse_manifest, unpack_tar,
 from cellwatch.shared.codes import ApiErrorCode
 from cellwatch.shared.errors import BundleError
 from cellwatch.shared.hubapi import (
+    MAX_LABELS_PER_CALL,
     UPLOAD_VERB,
     ModelsArgs,
     ModelsReply,
@@ -41,6 +42,12 @@ from cellwatch.shared.hubapi import (
     RolloutList,
     RolloutStartArgs,
     RolloutStatusArgs,
+    SampleImageArgs,
+    SampleImageReply,
+    SampleLabelArgs,
+    SampleLabelReply,
+    SamplesArgs,
+    SamplesReply,
     StatsReply,
     UploadAck,
 )
@@ -219,6 +226,33 @@ class HubClient:
         return RolloutInfo.model_validate(
             self.call("rollout.status", RolloutStatusArgs(rollout_id=rollout_id))
         )
+
+    def samples(self, reason: str | None = None, source: str | None = None) -> SamplesReply:
+        args = SamplesArgs.model_validate({"reason": reason, "source": source})
+        return SamplesReply.model_validate(self.call("samples", args))
+
+    def sample_image(self, sample: str) -> bytes:
+        """A sample's PNG, a part per request."""
+        data = b""
+        while True:
+            part = SampleImageReply.model_validate(
+                self.call("samples.image", SampleImageArgs(id=sample, offset=len(data)))
+            )
+            chunk = base64.b64decode(part.data)
+            data += chunk
+            if len(data) >= part.total or not chunk:
+                return data
+
+    def sample_labels(self, labels: dict[str, str]) -> SampleLabelReply:
+        """Record labels, MAX_LABELS_PER_CALL a call (each call all or nothing)."""
+        items, done = list(labels.items()), 0
+        for i in range(0, len(items), MAX_LABELS_PER_CALL):
+            batch = dict(items[i : i + MAX_LABELS_PER_CALL])
+            reply = SampleLabelReply.model_validate(
+                self.call("samples.label", SampleLabelArgs(labels=batch))
+            )
+            done += reply.labelled
+        return SampleLabelReply(labelled=done)
 
     def rollout_list(self) -> RolloutList:
         return RolloutList.model_validate(self.call("rollout.list"))

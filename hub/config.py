@@ -144,6 +144,17 @@ class HubLimits(Section):
     )
 
 
+class HubSamples(Section):
+    """The field samples nodes upload (hub/samples.py, issue 20)."""
+
+    quota_mb: float = Field(
+        4096.0, gt=0, le=1_048_576, description="the samples store's size at most; beyond, refused"
+    )
+    retention_days: float = Field(
+        180.0, gt=0, le=36500, description="a sample older than this is deleted"
+    )
+
+
 class HubSettings(CellwatchSettings):
     mqtt: MqttSettings = Field(default_factory=MqttSettings)
     data_dir: Path = Field(
@@ -168,6 +179,7 @@ class HubSettings(CellwatchSettings):
     )
     http: HttpSettings = Field(default_factory=HttpSettings)
     limits: HubLimits = Field(default_factory=HubLimits)
+    samples: HubSamples = Field(default_factory=HubSamples)
     tick_s: float = Field(
         1.0, gt=0, le=60, description="period of the rollout engine (timeouts, next waves)"
     )
@@ -192,6 +204,10 @@ class HubSettings(CellwatchSettings):
     @property
     def store_dir(self) -> Path:
         return self.data_dir / "store"
+
+    @property
+    def samples_dir(self) -> Path:
+        return self.data_dir / "samples"
 
 
 class OperatorSettings(CellwatchSettings):

@@ -29,7 +29,10 @@ import sqlite3
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from typing import Any
+
+from pydantic import BaseModel, ValidationError
 
 from cellwatch.hub.api import Api, error_reply
 from cellwatch.hub.counters import DropReason, HubCounters
@@ -49,12 +52,14 @@ from cellwatch.hub.orchestrator import Orchestrator, ShadowOutcome
 from cellwatch.hub.registry import Registry
 from cellwatch.hub.served import ServedTotals
 from cellwatch.hub.sites import LINK_DOWN, LINK_UP
+from cellwatch.shared.base import first_problem
 from cellwatch.shared.codes import ApiErrorCode
 from cellwatch.shared.errors import MqttError, TopicError
 from cellwatch.shared.handoff import Handoff
 from cellwatch.shared.hubapi import RevokeArgs
 from cellwatch.shared.rpc import Delivery, Inbound, Rejected, RemoteError
 from cellwatch.shared.rpc.transfer import read_chunk
+from cellwatch.shared.sampletransfer import SAMPLE_PROPERTY, SampleOffer
 from cellwatch.shared.schemas import (
     ApiReply,
     ApiRequest,
@@ -378,6 +383,30 @@ class Control:
         self._reply(inbound, ApiReply(request_id=None, ok=True, data=ack.model_dump(mode="json")))
         return False
 
+    # -- the nodes' field samples (hub/samples.py) ---------------------------------------
+    def on_sample_offer(self, inbound: Inbound[bytes], node_id: str) -> bool:
+        def run() -> BaseModel:
+            offer = SampleOffer.model_validate_json(inbound.body)
+            return self.api.samples_store().offer(node_id, offer, time.time())
+
+        self._reply(inbound, _answer(run, "sample offer"))
+        return False
+
+    def on_sample_chunk(self, inbound: Inbound[bytes], node_id: str) -> bool:
+        def run() -> BaseModel:
+            try:
+                sample = inbound.message.user[SAMPLE_PROPERTY]
+                chunk = read_chunk(inbound.message)
+            except (KeyError, ValueError, RemoteError) as exc:
+                raise ApiFailure(
+                    ApiErrorCode.BAD_REQUEST,
+                    f"a sample chunk needs user properties sample, offset, sha256: {exc}",
+                ) from exc
+            return self.api.samples_store().chunk(node_id, sample, chunk, time.time())
+
+        self._reply(inbound, _answer(run, "sample chunk"))
+        return False
+
     def refuse_api(self, rejected: Rejected) -> None:
         """Network thread: an API request or upload chunk over its cap, or malformed:
         answered without queueing its payload."""
@@ -401,3 +430,17 @@ class Control:
                 self.topics.hub_replies_filter(),
                 reply.error.code if reply.error else "ok",
             )
+
+
+def _answer(run: Callable[[], BaseModel], what: str) -> ApiReply:
+    """ok with run()'s model, or the error it raised (ApiFailure, a model that does not
+    validate). A database or disk that cannot be written passes (the control thread's
+    outage rules)."""
+    try:
+        data = run()
+    except ApiFailure as exc:
+        log.info("hub: %s refused: %s: %s", what, exc.code, exc.message)
+        return error_reply(None, exc.code, exc.message)
+    except ValidationError as exc:
+        return error_reply(None, ApiErrorCode.BAD_REQUEST, f"{what}: {first_problem(exc)}")
+    return ApiReply(request_id=None, ok=True, data=data.model_dump(mode="json"))

@@ -24,6 +24,7 @@ from cellwatch.hub.rollout import Rollout, Target
 from cellwatch.hub.shadowing import ShadowPhase, WindowFacts
 from cellwatch.shared.codes import UpdateErrorCode
 from cellwatch.shared.hubapi import RolloutPolicy, ShadowPolicy
+from cellwatch.shared.samples import SampleRow
 from cellwatch.shared.schemas import ModelRef, Revocation, ShadowWindow
 from cellwatch.shared.states import (
     ACTIVE_ROLLOUT_STATES,
@@ -147,6 +148,16 @@ CREATE TABLE IF NOT EXISTS revocations (
     manifest_sha256 TEXT PRIMARY KEY,
     revocation TEXT NOT NULL,
     stored_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS samples (
+    id TEXT PRIMARY KEY,
+    record TEXT NOT NULL,
+    reason TEXT NOT NULL,
+    source TEXT NOT NULL,
+    size INTEGER NOT NULL,
+    collected_at REAL NOT NULL,
+    stored_at REAL NOT NULL,
+    label TEXT
 );
 CREATE TABLE IF NOT EXISTS api_replies (
     request_id TEXT PRIMARY KEY,
@@ -302,6 +313,70 @@ class Database:
     def _rows(self, sql: str, *args: Any) -> list[sqlite3.Row]:
         with self._lock:
             return list(self._conn.execute(sql, args).fetchall())
+
+    # -- field samples (hub/samples.py) ------------------------------------------------
+    def add_sample(self, row: SampleRow, size: int, stored_at: float) -> bool:
+        """Record a stored sample; False: its id was recorded before (one sample)."""
+        with self._tx() as c:
+            cur = c.execute(
+                "INSERT OR IGNORE INTO samples (id, record, reason, source, size, collected_at, "
+                "stored_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (
+                    row.id,
+                    row.model_copy(update={"label": None}).model_dump_json(),
+                    row.reason.value,
+                    row.source,
+                    size,
+                    row.collected_at.timestamp(),
+                    stored_at,
+                ),
+            )
+            return cur.rowcount == 1
+
+    def has_sample(self, sample: str) -> bool:
+        return bool(self._rows("SELECT 1 FROM samples WHERE id = ?", sample))
+
+    def samples(self, reason: str | None = None, source: str | None = None) -> list[SampleRow]:
+        """The samples (with their label, if imported), oldest first."""
+        rows = self._rows(
+            "SELECT record, label FROM samples WHERE (? IS NULL OR reason = ?) "
+            "AND (? IS NULL OR source = ?) ORDER BY collected_at, id",
+            reason,
+            reason,
+            source,
+            source,
+        )
+        return [
+            SampleRow.model_validate_json(r["record"]).model_copy(update={"label": r["label"]})
+            for r in rows
+        ]
+
+    def sample_bytes(self) -> int:
+        return int(self._rows("SELECT COALESCE(SUM(size), 0) AS n FROM samples")[0]["n"])
+
+    def sample_counts(self) -> list[tuple[str, str, int, int]]:
+        """(reason, source, samples, of them labelled) per reason and source."""
+        rows = self._rows(
+            "SELECT reason, source, COUNT(*) AS n, COUNT(label) AS labelled FROM samples "
+            "GROUP BY reason, source ORDER BY reason, source"
+        )
+        return [(r["reason"], r["source"], r["n"], r["labelled"]) for r in rows]
+
+    def samples_collected_before(self, before: float) -> list[str]:
+        return [
+            r["id"] for r in self._rows("SELECT id FROM samples WHERE collected_at < ?", before)
+        ]
+
+    def delete_samples(self, ids: list[str]) -> None:
+        with self._tx() as c:
+            c.executemany("DELETE FROM samples WHERE id = ?", [(i,) for i in ids])
+
+    def set_labels(self, labels: dict[str, str]) -> None:
+        """Every label at once (one transaction)."""
+        with self._tx() as c:
+            c.executemany(
+                "UPDATE samples SET label = ? WHERE id = ?", [(v, k) for k, v in labels.items()]
+            )
 
     # -- models ------------------------------------------------------------------------
     def add_model(self, m: ModelRecord) -> None:

@@ -72,7 +72,9 @@ from cellwatch.shared.limits import (
     MAX_NODE_MESSAGE_BYTES,
     MAX_REVOCATION_BYTES,
 )
+from cellwatch.shared.mqtt import Message
 from cellwatch.shared.rpc import Acks, Inbound, Problem, Rejected, Route, raw, response_topic
+from cellwatch.shared.sampletransfer import MAX_OFFER_BYTES
 from cellwatch.shared.schemas import (
     ApiRequest,
     NodeStatus,
@@ -175,6 +177,8 @@ class Handlers(Protocol):
     def on_upload(self, inbound: Inbound[bytes], node_id: str) -> bool: ...
     def on_revocations(self, inbound: Inbound[RevocationList], node_id: str) -> bool: ...
     def on_site_link(self, inbound: Inbound[bytes], node_id: str) -> bool: ...
+    def on_sample_offer(self, inbound: Inbound[bytes], node_id: str) -> bool: ...
+    def on_sample_chunk(self, inbound: Inbound[bytes], node_id: str) -> bool: ...
     def refuse_api(self, rejected: Rejected) -> None: ...
 
 
@@ -256,6 +260,7 @@ class Intake:
             operator_route(
                 t.hub_api(UPLOAD_VERB), raw, h.on_upload, MAX_UPLOAD_CHUNK_BYTES, "upload chunk"
             ),
+            *self._sample_routes(),
             Route(
                 t.hub_revoked(),
                 RevocationList.model_validate_json,
@@ -276,6 +281,41 @@ class Intake:
                 empty_clears=True,
                 name="site link",
             ),
+        ]
+
+    def _sample_routes(self) -> list[Route[Any]]:
+        """A node's field-sample offers and chunks (shared/sampletransfer.py), answered
+        on that node's `nodes/{node_id}/samples` only."""
+        t, h = self.topics, self.handlers
+
+        def scope(message: Message) -> str | None:
+            try:
+                return t.samples_reply(t.samples_node_of(message.topic))
+            except TopicError:
+                return None
+
+        def to_control(handle: Handle) -> Callable[[Inbound[bytes]], None]:
+            def put(inbound: Inbound[bytes]) -> None:
+                self.control.put(Incoming(handle, inbound, t.samples_node_of(inbound.topic)))
+
+            return put
+
+        offers, chunks = t.hub_samples_filters()
+        return [
+            Route(
+                topic,
+                raw,
+                to_control(handle),
+                max_bytes=cap,
+                reply=response_topic(scope),
+                on_rejected=h.refuse_api,
+                acks=Acks.HANDLER,
+                name=name,
+            )
+            for topic, handle, cap, name in (
+                (offers, h.on_sample_offer, MAX_OFFER_BYTES, "sample offer"),
+                (chunks, h.on_sample_chunk, MAX_UPLOAD_CHUNK_BYTES, "sample chunk"),
+            )
         ]
 
     # -- network thread ------------------------------------------------------------------

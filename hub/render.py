@@ -15,6 +15,7 @@ from cellwatch.shared.hubapi import (
     NodeInfo,
     RevokeReply,
     RolloutInfo,
+    SamplesReply,
     ShadowInfo,
     SiteInfo,
     StatsReply,
@@ -397,3 +398,22 @@ def stats_view(s: StatsReply) -> RenderableType:
         f"{s.fetch_errors} errors"
     )
     return Group(head, table)
+
+
+def samples_table(reply: SamplesReply) -> RenderableType:
+    """The field samples (newest last), then the counts per reason and source."""
+    table = _table("SAMPLE", "SOURCE", "NODE", "MODEL", "P(ALL)", "PREDICTED", "REASON", "LABEL")
+    for r in reply.samples:
+        table.add_row(
+            r.id[:12],
+            r.source,
+            r.node,
+            r.model,
+            f"{r.p_all:.3f}",
+            r.predicted,
+            r.reason.value,
+            r.label or "-",
+        )
+    if not reply.samples:
+        return Text("no field samples")
+    return Group(table, Text(f"{len(reply.samples)} samples; labels: {', '.join(reply.labels)}"))

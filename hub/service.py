@@ -33,12 +33,14 @@ from cellwatch.hub.intake import Confirmed, Intake, Item
 from cellwatch.hub.orchestrator import Orchestrator
 from cellwatch.hub.registry import Registry
 from cellwatch.hub.rollout import Desired, ShadowWrite
+from cellwatch.hub.samples import DAY_S, SampleStore
 from cellwatch.hub.served import ServedTotals
 from cellwatch.hub.sites import Sites
 from cellwatch.hub.store import BundleStore
 from cellwatch.shared.daemon import Daemon
 from cellwatch.shared.errors import MqttError
 from cellwatch.shared.handoff import Handoff
+from cellwatch.shared.limits import MiB
 from cellwatch.shared.mqtt import MqttClient
 from cellwatch.shared.rpc import Edge
 from cellwatch.shared.schemas import DesiredModel, ShadowOrder
@@ -87,7 +89,14 @@ class HubService(Daemon):
             self._publish_revocations,
             write_shadow=self._write_shadow,
         )
-        self.api = Api(self.db, self.registry, self.fleet, self.orchestrator, self.served)
+        sm = settings.samples
+        self.samples = SampleStore(
+            self.db, settings.samples_dir, int(sm.quota_mb * MiB), sm.retention_days * DAY_S
+        )
+        self.samples.expire(time.time())
+        self.api = Api(
+            self.db, self.registry, self.fleet, self.orchestrator, self.served, self.samples
+        )
         self._control: Handoff[Item] = Handoff(name="hub: control")
         self.control = Control(
             topics=t,

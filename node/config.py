@@ -189,6 +189,66 @@ class DriftSettings(Section):
         return self
 
 
+class ReasonLimits(Section):
+    """Samples kept per reason in a rolling window (0: none for that reason)."""
+
+    low_confidence: int = Field(0, ge=0, le=1_000_000)
+    disagreement: int = Field(0, ge=0, le=1_000_000)
+    random: int = Field(0, ge=0, le=1_000_000)
+
+
+class SamplesSettings(Section):
+    """Field samples for labelling (node/samples.py, issue 20): OFF by default, and only
+    ever of the consenting `sources`."""
+
+    enabled: bool = Field(False, description="keep field samples at all")
+    sources: list[Name] = Field(
+        default_factory=list,
+        description="the accounts (a Result's source) that consented to collection; an "
+        "image of any other source is never kept",
+    )
+    random_share: float = Field(
+        0.0, ge=0.0, le=1.0, description="share of a consenting source's images kept as random"
+    )
+    low_confidence: bool = Field(
+        True, description="keep images the bundle's low-confidence band holds"
+    )
+    disagreement: bool = Field(True, description="keep images the shadow candidate disagreed on")
+    per_hour: ReasonLimits = Field(
+        default_factory=lambda: ReasonLimits(low_confidence=20, disagreement=20, random=20),
+        description="samples per reason in any hour",
+    )
+    per_day: ReasonLimits = Field(
+        default_factory=lambda: ReasonLimits(low_confidence=200, disagreement=200, random=200),
+        description="samples per reason in any 24 hours",
+    )
+    quota_mb: float = Field(
+        256.0, gt=0, le=1_048_576, description="the spool's size at most; beyond, dropped"
+    )
+    retention_days: float = Field(
+        14.0, gt=0, le=3650, description="a sample not uploaded by then is deleted"
+    )
+    spool_dir: Path | None = Field(None, description="the spool; default {state_dir}/samples")
+    queue: int = Field(
+        8, ge=1, le=1024, description="selected images waiting to be written; beyond, dropped"
+    )
+    upload_bytes_per_s: int = Field(
+        262_144, ge=1024, le=1_073_741_824, description="upload bandwidth to the hub at most"
+    )
+    chunk_bytes: int = Field(
+        FETCH_CHUNK_BYTES, ge=1024, le=MAX_FETCH_CHUNK_BYTES, description="bytes per chunk"
+    )
+    retry_s: float = Field(
+        30.0, gt=0, le=3600, description="after a failed upload, try again this much later"
+    )
+    chunk_timeout_s: float = Field(
+        30.0, gt=0, le=600, description="a chunk without an answer by then fails the upload"
+    )
+
+    def resolved_spool(self, state_dir: Path) -> Path:
+        return self.spool_dir if self.spool_dir is not None else state_dir / "samples"
+
+
 class NodeSettings(CellwatchSettings):
     node_id: Name = Field(description="this node's id; also its MQTT user name")
     tags: list[Name] = Field(default_factory=list, description="groups for targeted rollouts")
@@ -205,6 +265,7 @@ class NodeSettings(CellwatchSettings):
     limits: LimitSettings = Field(default_factory=LimitSettings)
     shadow: ShadowSettings = Field(default_factory=ShadowSettings)
     drift: DriftSettings = Field(default_factory=DriftSettings)
+    samples: SamplesSettings = Field(default_factory=SamplesSettings)
     telemetry_interval_s: float = Field(
         DEFAULT_TELEMETRY_INTERVAL_S, gt=0, le=3600, description="telemetry period"
     )

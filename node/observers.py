@@ -78,6 +78,8 @@ class Observers:
         self._observers: list[Observer] = []
         self._queue: Handoff[Observation] = Handoff(capacity, name=f"node {node_id}: observers")
         self.missed = 0
+        self.done = 0
+        """Observations every observer has seen (since start)."""
 
     def add(self, observer: Observer, *, first: bool = False) -> None:
         """Register an observer (before the thread starts); `first`: ahead of the others
@@ -115,6 +117,7 @@ class Observers:
                         type(o).__name__,
                         obs.result.image_id,
                     )
+            self.done += 1
 
     def close(self) -> None:
         self._queue.close()

@@ -43,6 +43,8 @@ from cellwatch.node.journal import Journal
 from cellwatch.node.loader import BundleLoader
 from cellwatch.node.observers import Observers
 from cellwatch.node.pipeline import ImagePipeline, wait_until
+from cellwatch.node.samples import SampleKeeper, spool_of
+from cellwatch.node.sampleupload import SampleUploader
 from cellwatch.node.shadow import ShadowScorer, shadow_engine
 from cellwatch.node.slot import ModelSlot, serve_start_bundle
 from cellwatch.node.stats import Stats
@@ -107,6 +109,16 @@ class NodeService(Daemon):
         if settings.drift.enabled:
             self.drift = DriftMonitor(settings.drift.window, settings.drift.min_images)
             self.observers.add(self.drift)
+        image_limits = ImageLimits(lim.max_image_bytes, lim.max_image_pixels, lim.max_decoded_bytes)
+        self.samples: SampleKeeper | None = None
+        if settings.samples.enabled:
+            self.samples = SampleKeeper(
+                settings.samples,
+                node_id=node_id,
+                spool=spool_of(settings.samples, settings.resolved_state_dir(), node_id),
+                limits=image_limits,
+            )
+            self.observers.add(self.samples)
         self.reporter = Reporter(
             settings,
             boot_id=self.boot_id,
@@ -115,6 +127,7 @@ class NodeService(Daemon):
             slot=self.slot,
             stats=self.stats,
             drift=self.drift,
+            samples=self.samples.figures if self.samples is not None else None,
         )
         self.mqtt = MqttClient(
             settings.mqtt,
@@ -140,10 +153,7 @@ class NodeService(Daemon):
         self.pipeline = ImagePipeline(
             node_id=node_id,
             topics=topics,
-            classifier=Classifier(
-                node_id,
-                ImageLimits(lim.max_image_bytes, lim.max_image_pixels, lim.max_decoded_bytes),
-            ),
+            classifier=Classifier(node_id, image_limits),
             stats=self.stats,
             journal=self.journal,
             faults=self.faults,
@@ -169,6 +179,18 @@ class NodeService(Daemon):
         self.mqtt.add_connect_listener(self.identity.on_connected)
         self.mqtt.add_connect_listener(lambda session_present: self._publish_status())
         self.mqtt.add_disconnect_listener(self.identity.on_disconnected)
+        self.uploader: SampleUploader | None = None
+        if self.samples is not None:
+            self.uploader = SampleUploader(
+                settings.samples,
+                mqtt=self.mqtt,
+                topics=topics,
+                node_id=node_id,
+                keeper=self.samples,
+                backlog=lambda: max(0, self.stats.unanswered),
+                stop=self._stop,
+            )
+            self.edge.add(self.uploader.route())
         self.store: BundleStore | None = None
         self.updater: UpdateAgent | None = None
         self.fetcher: Fetcher | None = None
@@ -200,6 +222,8 @@ class NodeService(Daemon):
             max_live=sh.max_live,
         )
         self.observers.add(self.shadow, first=True)
+        if self.samples is not None:
+            self.shadow.on_disagreement = self.samples.on_disagreement
         self.updater = UpdateAgent(
             publisher=self.mqtt,
             topics=self.topics,
@@ -259,6 +283,11 @@ class NodeService(Daemon):
             self._spawn(self.pipeline.worker_loop, f"decode-{i}")
         self._spawn(self._periodic_loop, "telemetry")
         self._spawn(self.health.run, "watchdog")
+        if self.samples is not None:
+            self.samples.start()
+            self._spawn(self.samples.run, "samples")
+        if self.uploader is not None:
+            self._spawn(self.uploader.run, "sample-upload")
         self._spawn(self.observers.run, "observers")
         self.pipeline.accept(True)
         self.mqtt.connect()
@@ -305,11 +334,16 @@ class NodeService(Daemon):
         wait_until(lambda: self.stats.inflight <= 0, time.monotonic() + left())
         handed_back = self.pipeline.close()
         self.observers.close()
+        if self.samples is not None:
+            self.samples.close()
+            self.samples.written.set()  # the uploader sees the stop
         if self.shadow is not None:
             self.shadow.flush(force=True)  # its last window; the phase resumes at a restart
         self.health.stop()
         for thread in self._threads:
             thread.join(timeout=left(reserve=OFFLINE_RESERVE_S / 2))
+        if self.uploader is not None:
+            self.uploader.close()
         if self.stats.inflight > 0:
             log.warning(
                 "node %s: %d images unanswered at shutdown (%d never started); the broker "
@@ -367,5 +401,7 @@ class NodeService(Daemon):
                 if self.shadow is not None:
                     self.shadow.flush()
                 self.journal.compact()
+                if self.samples is not None:
+                    self.samples.spool.expire(time.time())
             except Exception:  # a telemetry hiccup must not end the thread
                 log.exception("node %s: telemetry failed", self.node_id)

@@ -192,6 +192,8 @@ class ShadowScorer:
         self.scored = 0
         self.skipped = 0
         """Since start (the windows carry their own counts)."""
+        self.on_disagreement: Callable[[Observation], None] = lambda obs: None
+        """Told of each image the candidate disagreed on (field samples, node/samples.py)."""
 
     # -- the update agent's side -----------------------------------------------------------
     def current(self) -> ShadowOrder | None:
@@ -374,6 +376,7 @@ class ShadowScorer:
             w.active_ms.append(result.timings_ms.infer)
             w.candidate_ms.append(ms)
             if disagreement is not None:
+                self.on_disagreement(obs)
                 if len(w.disagreements) < MAX_WINDOW_DISAGREEMENTS:
                     w.disagreements.append(disagreement)
                 else:

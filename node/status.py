@@ -3,6 +3,7 @@ boot_id, `offline` at a stop and in its Will) and its periodic `Telemetry`."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from datetime import datetime
 from importlib import metadata
 
@@ -13,7 +14,7 @@ from cellwatch.node.drift import DriftMonitor
 from cellwatch.node.engine import available_devices
 from cellwatch.node.slot import ModelSlot
 from cellwatch.node.stats import Stats
-from cellwatch.shared.schemas import NodeStatus, Telemetry, utcnow
+from cellwatch.shared.schemas import NodeStatus, SampleFigures, Telemetry, utcnow
 from cellwatch.shared.states import NodeState
 
 
@@ -38,6 +39,7 @@ class Reporter:
         slot: ModelSlot,
         stats: Stats,
         drift: DriftMonitor | None = None,
+        samples: Callable[[], SampleFigures] | None = None,
     ) -> None:
         self.settings = settings
         self.node_id = settings.node_id
@@ -47,6 +49,7 @@ class Reporter:
         self.slot = slot
         self.stats = stats
         self.drift = drift
+        self.samples = samples
         self._software = software_versions()
 
     def status(self, online: bool) -> NodeStatus:
@@ -83,4 +86,5 @@ class Reporter:
             rss_mb=round(self.stats.rss_mb(), 1),
             drift=self.drift.figures() if self.drift is not None else None,
             retained_images=self.stats.retained_images,
+            samples=self.samples() if self.samples is not None else None,
         )

@@ -94,4 +94,6 @@ class ApiErrorCode(StrEnum):
     it): the downloader asks again at once (shared/rpc/transfer.py)."""
     UNAVAILABLE = "unavailable"
     """A fetch request a site relay cannot serve (e.g. its disk is full)."""
+    QUOTA = "quota"
+    """A field sample the hub's samples store has no room for (its quota): try later."""
     INTERNAL = "internal"

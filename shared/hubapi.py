@@ -23,6 +23,7 @@ from cellwatch.shared.promotion import (
     parse_promote_when,
     parse_rate,
 )
+from cellwatch.shared.samples import SampleReason, SampleRow
 from cellwatch.shared.schemas import (
     Disagreement,
     ModelError,
@@ -416,3 +417,48 @@ class RolloutInfo(Strict):
 
 class RolloutList(Strict):
     rollouts: list[RolloutInfo]
+
+
+# -- field samples (issue 20; hub/samples.py) ---------------------------------------
+MAX_LABELS_PER_CALL = 500
+"""Labels per `samples.label` call (an API request is at most 64 KiB)."""
+SAMPLE_IMAGE_CHUNK_BYTES = 192 * 1024
+"""Bytes of a sample image per `samples.image` answer (base64 in the reply)."""
+
+
+class SamplesArgs(Strict):
+    reason: SampleReason | None = None
+    source: Name | None = None
+
+
+class SampleCount(Strict):
+    reason: SampleReason
+    source: Name
+    samples: int = Field(ge=0)
+    labelled: int = Field(ge=0)
+
+
+class SamplesReply(Strict):
+    samples: list[SampleRow]
+    labels: list[str] = Field(description="the class names a label must be one of")
+    counts: list[SampleCount] = Field(description="per reason and source (all samples)")
+
+
+class SampleImageArgs(Strict):
+    id: Sha256
+    offset: int = Field(0, ge=0)
+
+
+class SampleImageReply(Strict):
+    id: Sha256
+    offset: int = Field(ge=0)
+    total: int = Field(ge=0)
+    data: str = Field(description="base64 of the bytes from offset")
+
+
+class SampleLabelArgs(Strict):
+    labels: dict[Sha256, str] = Field(max_length=MAX_LABELS_PER_CALL)
+
+
+class SampleLabelReply(Strict):
+    labelled: int = Field(ge=0)

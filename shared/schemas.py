@@ -211,6 +211,23 @@ Count = Annotated[int, Field(ge=0, le=MAX_TELEMETRY_COUNT)]
 ErrorCodeName = Annotated[str, StringConstraints(pattern=r"^[a-z][a-z0-9_]{0,31}$")]
 
 
+class SampleFigures(Message):
+    """A node's field samples since start (node/samples.py, issue 20)."""
+
+    kept: dict[ErrorCodeName, Count] = Field(
+        default_factory=dict, max_length=8, description="samples spooled, per reason"
+    )
+    dropped: dict[ErrorCodeName, Count] = Field(
+        default_factory=dict,
+        max_length=16,
+        description="selected images not kept, per cause: limit, queue, quota, disk, "
+        "undecodable; and spooled samples lost: corrupt, expired",
+    )
+    uploaded: Count = Field(0, description="samples the hub acknowledged")
+    spooled: Count = Field(0, description="samples waiting on the node's disk now")
+    spool_bytes: Count = Field(0, description="their size")
+
+
 class Telemetry(Message):
     """A node's figures every `window_s`. Absurd values (negative, NaN, infinite, or
     beyond the bounds in shared/limits.py) make the whole message invalid."""
@@ -247,6 +264,11 @@ class Telemetry(Message):
         description="the live images' figures against the bundle's drift reference "
         "(shared/drift.py); absent from nodes that do not compute them (additive: left "
         "out when none)",
+        exclude_if=lambda v: v is None,
+    )
+    samples: SampleFigures | None = Field(
+        None,
+        description="field samples (issue 20); absent when the node keeps none (additive)",
         exclude_if=lambda v: v is None,
     )
 

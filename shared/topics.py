@@ -153,6 +153,10 @@ class Topics:
         """node_id's shadow reports to the hub (`ShadowReport`: its state, its windows)."""
         return self._node(node_id, "shadow-report")
 
+    def samples_reply(self, node_id: str) -> str:
+        """Where the hub answers node_id's sample uploads (shared/sampletransfer.py)."""
+        return self._node(node_id, "samples")
+
     def fetch_reply(self, node_id: str) -> str:
         return self._node(node_id, "fetch")
 
@@ -187,6 +191,27 @@ class Topics:
         if not topic.startswith(head):
             raise TopicError(f"not a fetch request topic: {topic!r}")
         return check_name(topic[len(head) :], "node_id")
+
+    def hub_samples_offer(self, node_id: str) -> str:
+        """Where node_id offers a field sample to the hub: the ACL lets only that node
+        write under `hub/samples/{node_id}` and only the hub read it."""
+        return f"{self.prefix}/hub/samples/{check_name(node_id, 'node_id')}/offer"
+
+    def hub_samples_chunk(self, node_id: str) -> str:
+        """Where node_id sends a field sample's chunks."""
+        return f"{self.prefix}/hub/samples/{check_name(node_id, 'node_id')}/chunk"
+
+    def hub_samples_filters(self) -> tuple[str, str]:
+        """(offers, chunks) of every node."""
+        return (f"{self.prefix}/hub/samples/+/offer", f"{self.prefix}/hub/samples/+/chunk")
+
+    def samples_node_of(self, topic: str) -> str:
+        """The `{node_id}` of a `{prefix}/hub/samples/{node_id}/...` topic."""
+        head = f"{self.prefix}/hub/samples/"
+        levels = topic[len(head) :].split("/") if topic.startswith(head) else []
+        if len(levels) != 2 or levels[1] not in ("offer", "chunk"):
+            raise TopicError(f"not a samples topic: {topic!r}")
+        return check_name(levels[0], "node_id")
 
     def hub_api(self, verb: str) -> str:
         if not re.match(rf"^{HUB_API_VERBS_PATTERN}$", verb):

@@ -126,6 +126,7 @@ class Pages:
             queue_peak=src.control_peak(),
             dropped=sum(src.counters.dropped_by_reason().values()),
             dropped_by_reason=src.counters.dropped_by_reason(),
+            sample_counts=self.reader.db.sample_counts(),
         )
 
     def node(self, request: Request) -> Response:

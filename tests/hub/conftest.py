@@ -17,8 +17,10 @@ from cellwatch.hub.service import HubService
 from cellwatch.shared.bundle import load_bundle
 from cellwatch.shared.signing import TrustedKeys
 from tests.broker import Broker
+from tests.harness import Requester
 from tests.hub.scripted_nodes import FakeNode
 from tests.models import write_test_bundle
+from tests.security.stack import Stack
 
 
 @dataclass(frozen=True)
@@ -108,3 +110,19 @@ def fake_nodes(broker: Broker) -> Iterator[NodeMaker]:
     yield make
     for node in made:
         node.close()
+
+
+@pytest.fixture
+def stack(broker: Broker, bundles: Bundles, tmp_path: Path) -> Iterator[Stack]:
+    """Hub and node processes with configuration files (tests/security/stack.py)."""
+    s = Stack(tmp_path / "stack", broker, bundles.v1, bundles.keys)
+    s.work.mkdir()
+    yield s
+    s.stop()
+
+
+@pytest.fixture
+def requester(broker: Broker) -> Iterator[Requester]:
+    r = Requester(broker.settings("client"))
+    yield r
+    r.close()

@@ -103,7 +103,7 @@ class Unused:
         raise AssertionError("the control thread does not run here")
 
     on_status = on_telemetry = on_update = on_shadow = on_api = on_upload = _never
-    on_revocations = on_site_link = _never
+    on_revocations = on_site_link = on_sample_offer = on_sample_chunk = _never
 
     def refuse_api(self, rejected: Rejected) -> None:
         raise AssertionError("no API request here")
