@@ -41,9 +41,10 @@ Security):
   bridge-SITE  (central broker) one block per --bridge SITE=ID,...: the account of
             a site's bridge (deploy/site_conf.py) writes only what a site forwards
             out, for the site's own node and relay ids (status, telemetry, update
-            and shadow reports, fetch requests) and its link
+            and shadow reports, fetch requests, field samples) and its link
             (PREFIX/sites/SITE/bridge); reads only what it forwards in for them
-            (desired models, shadow orders, fetch replies) and the revoked bundles
+            (desired models, shadow orders, fetch replies, sample answers) and the
+            revoked bundles
   ID        (a site's broker) one block per --relay ID: a site relay reads the
             site's fetch requests (PREFIX/hub/fetch/+) and answers them on any node's
             PREFIX/nodes/+/fetch; fetches from the hub on its own PREFIX/hub/fetch/ID
@@ -278,9 +279,11 @@ topic write $p/nodes/$id/telemetry
 topic write $p/nodes/$id/update
 topic write $p/nodes/$id/shadow-report
 topic write $p/hub/fetch/$id
+topic write $p/hub/samples/$id/#
 topic read $p/nodes/$id/desired
 topic read $p/nodes/$id/shadow
 topic read $p/nodes/$id/fetch
+topic read $p/nodes/$id/samples
 EOF
         done
     done

@@ -78,8 +78,8 @@ FORWARDS: tuple[Forward, ...] = (
     Forward("shadow orders", "in", "nodes/+/shadow", 1),
     Forward("the revocation list", "in", "hub/revoked", 1),
     Forward("fetch replies", "in", "nodes/+/fetch", 1),
-    # Consented field samples (issue 20) go out, and their hub API replies come in,
-    # once the samples upload has its topics: add them here, and to mkacl.sh --bridge.
+    Forward("field samples", "out", "hub/samples/+/+", 1),
+    Forward("field sample answers", "in", "nodes/+/samples", 1),
 )
 """Every topic a site's bridge forwards (DESIGN.md, Sites)."""
 

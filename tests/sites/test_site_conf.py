@@ -38,6 +38,8 @@ def test_the_bridge_forwards_control_traffic_only() -> None:
         "topic cellwatch/nodes/+/shadow in 1",
         "topic cellwatch/hub/revoked in 1",
         "topic cellwatch/nodes/+/fetch in 1",
+        "topic cellwatch/hub/samples/+/+ out 1",
+        "topic cellwatch/nodes/+/samples in 1",
     }
     for needed in (
         "connection cellwatch-lab-a",
@@ -136,6 +138,8 @@ def test_mkacl_writes_the_bridge_and_relay_accounts(tmp_path: Path) -> None:
     assert "topic write cellwatch/nodes/node-1/status" in bridge_a
     assert "topic read cellwatch/nodes/node-1/desired" in bridge_a
     assert "topic write cellwatch/hub/fetch/relay-a" in bridge_a
+    assert "topic write cellwatch/hub/samples/node-1/#" in bridge_a
+    assert "topic read cellwatch/nodes/node-1/samples" in bridge_a
     assert not any("node-2" in line or "images" in line or "results" in line for line in bridge_a)
     assert "user bridge-lab-b" in acl
     relay = acl.split("user relay-a\n")[1].split("\n\n")[0].splitlines()
