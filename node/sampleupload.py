@@ -28,7 +28,8 @@ from concurrent.futures import TimeoutError as FutureTimeout
 
 from cellwatch.node.config import SamplesSettings
 from cellwatch.node.errors import NodeError
-from cellwatch.node.samples import SampleKeeper, Spooled
+from cellwatch.node.samples import SampleKeeper
+from cellwatch.node.spool import Spooled
 from cellwatch.shared.mqtt import Message, MqttClient
 from cellwatch.shared.rpc import Reply, RequestPolicy, Route, Rpc, RpcError
 from cellwatch.shared.rpc.transfer import Upload

@@ -18,8 +18,9 @@ import pytest
 from cellwatch.hub.db import Database
 from cellwatch.node.config import SamplesSettings
 from cellwatch.node.decode import ImageLimits
-from cellwatch.node.samples import DAY_S, SampleKeeper, Spool, encode_png
+from cellwatch.node.samples import DAY_S, SampleKeeper, encode_png
 from cellwatch.node.sampleupload import SampleUploader
+from cellwatch.node.spool import Spool
 from cellwatch.shared.mqtt import Message, MqttClient
 from cellwatch.shared.samples import SampleReason, SampleRow, sample_id
 from tests.broker import Broker

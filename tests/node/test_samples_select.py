@@ -21,9 +21,9 @@ from cellwatch.node.samples import (
     HOUR_S,
     ReasonLimiter,
     SampleKeeper,
-    Spool,
     encode_png,
 )
+from cellwatch.node.spool import Spool
 from cellwatch.shared.samples import SampleReason, SampleRow, sample_id
 from tests.helpers.shadow import observation, serving
 from tests.images import BLUE, RED, png
