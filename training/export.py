@@ -21,10 +21,10 @@ The stages, cheapest checks first (each one function, here or in the module name
    --allow-degraded, which is recorded.
    With --field DIR the deployed IR is also measured on the labelled field samples it
    has not trained or validated on (field.py), per reason, at the bundle's threshold.
-8. golden probes (probes.py: noise and synthetic smears, no patient data), the drift
-   reference (the deployed IR's figures on the validation split: shared/drift.py), the
-   model card, the manifest and its signature; `load_bundle` verifies the bundle as a
-   node would before it is renamed into place.
+8. packaging.py: golden probes (probes.py: noise and synthetic smears, no patient
+   data), the drift reference (the deployed IR's figures on the validation split:
+   shared/drift.py), the model card, the manifest and its signature; `load_bundle`
+   verifies the bundle as a node would before it is renamed into place.
 """
 
 from __future__ import annotations
@@ -32,28 +32,19 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, replace
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 from pydantic import TypeAdapter, ValidationError
 
-from cellwatch.node.decode import check_payload
-from cellwatch.node.engine import LOW_PRECISION_TOLERANCE
-from cellwatch.node.preprocess import PIXEL_OFFSET, PIXEL_SCALE
-from cellwatch.shared.bundle import Bundle, hash_files, load_bundle, sha256_file, write_manifest
-from cellwatch.shared.drift import DriftReference, reference_of
-from cellwatch.shared.figures import BundleMetrics
+from cellwatch.shared.bundle import Bundle, load_bundle
 from cellwatch.shared.manifest import (
     MANIFEST_FILE,
     MODEL_CARD_FILE,
-    Calibration,
     Decision,
-    GoldenSpec,
-    Manifest,
 )
-from cellwatch.shared.provenance import Provenance, QualityFloor
+from cellwatch.shared.provenance import QualityFloor
 from cellwatch.shared.schemas import ModelName, Version
 from cellwatch.shared.signing import TrustedKeys, key_id, load_private_key
 from cellwatch.training import LABELS, ir, probes
@@ -64,7 +55,7 @@ from cellwatch.training.calibration import (
     DEFAULT_TARGET_SENSITIVITY,
     check,
 )
-from cellwatch.training.dataset import LIMITS, ImageEntry
+from cellwatch.training.dataset import ImageEntry
 from cellwatch.training.errors import ExportError, GateError, QualityError
 from cellwatch.training.field import load_field, measure_deployed, unseen_samples
 from cellwatch.training.gate import (
@@ -87,31 +78,26 @@ from cellwatch.training.measure import (
 from cellwatch.training.measure import quantization as measured_quantization
 from cellwatch.training.modelcard import CardFacts, render
 from cellwatch.training.outdir import check_target, staged_dir
+from cellwatch.training.packaging import (
+    drift_reference,
+    golden_probes,
+    provenance_of,
+    sign,
+)
 from cellwatch.training.quality import assess
 from cellwatch.training.runinfo import (
     RunInfo,
-    code_commit,
     load_run,
     load_run_split,
     record_test_read,
 )
 from cellwatch.training.split import SplitFile
 from cellwatch.training.stratify import SplitName
-from cellwatch.training.tfcompat import versions
 
 log = logging.getLogger(__name__)
 
-GOLDEN_TOLERANCE: dict[ir.Precision, float] = {"fp32": 1e-4, "fp16": 5e-3, "int8": 2e-2}
-"""Max |p - expected| the node's self-test allows. Golden probabilities come from the
-shipped IR itself at f32 on the CPU, so a node computing in f32 reproduces them to
-~1e-6; the margin is for other devices and lower-precision kernels: fp16 weights on a
-GPU, int8 kernels on other CPU generations. An fp32 bundle on a node that lets
-OpenVINO pick bf16 (recent Xeons) will not meet 1e-4: such nodes must force f32."""
 FP32_MAX_DIFF = 1e-4
 """fp32 IR vs frozen.pb (f32 inference): larger means the conversion is wrong."""
-PROBE_STABILITY = LOW_PRECISION_TOLERANCE / 2
-"""Golden probes must reproduce within this at the CPU's default inference precision:
-half the node's self-test tolerance for such devices, a margin for other CPUs."""
 Int8Method = Literal["auto", "ptq", "accuracy-control"]
 
 
@@ -234,8 +220,8 @@ def export(run: Path, out: Path, options: ExportOptions) -> Bundle:
                 plan.info.synthetic,
             )
             metrics = metrics.model_copy(update={"field": field})
-        golden = _golden(tmp, decision, options.precision)
-        reference = _reference(plan, inputs, chosen, decision)
+        spec = golden_probes(tmp, decision, options.precision)
+        reference = drift_reference(plan, inputs, chosen, decision)
         quantization = measured_quantization(
             tried,
             inputs,
@@ -244,7 +230,7 @@ def export(run: Path, out: Path, options: ExportOptions) -> Bundle:
             options.limits,
             options.int8_method if options.precision == "int8" else None,
         )
-        provenance = _provenance(plan, frozen, len(inputs.calibration_set), options)
+        provenance = provenance_of(plan, frozen, len(inputs.calibration_set), options)
         provenance = provenance.model_copy(
             update={"gate": gate, "quality": quality, "quantization": quantization}
         )
@@ -263,7 +249,7 @@ def export(run: Path, out: Path, options: ExportOptions) -> Bundle:
             prevalence=options.prevalence,
         )
         (tmp / MODEL_CARD_FILE).write_text(render(card))
-        _sign(tmp, plan, options, metrics, provenance, calibration, decision, golden, reference)
+        sign(tmp, plan, options, metrics, provenance, calibration, decision, spec, reference)
     log.info(
         "bundle %s %s (%s) written to %s%s",
         options.name,
@@ -408,96 +394,6 @@ def _check_fp32(c: Candidate, inputs: Inputs, options: ExportOptions) -> None:
         )
 
 
-def _golden(tmp: Path, decision: Decision, precision: ir.Precision) -> GoldenSpec:
-    """Stage 8a: golden probes of the saved IR, stable at the CPU's default precision."""
-    golden_ir = ir.CompiledIR(tmp / "model.xml")
-    deployed_ir = ir.CompiledIR(tmp / "model.xml", ir.DEVICE_DEFAULT)
-    probe_inputs, _ = probes.golden_probes(
-        golden_ir.predict,
-        probes.stability(golden_ir.predict, deployed_ir.predict, PROBE_STABILITY),
-        threshold=decision.threshold,
-        positive=LABELS.index(decision.positive_label),
-    )
-    np.savez_compressed(
-        tmp / "golden.npz", inputs=probe_inputs, probabilities=golden_ir.predict(probe_inputs)
-    )
-    if golden_ir.input_name != "input" or golden_ir.output_name != "probabilities":
-        raise ExportError(  # pragma: no cover - set by ir.convert
-            f"IR names {golden_ir.input_name!r} -> {golden_ir.output_name!r}, not "
-            "'input' -> 'probabilities'"
-        )
-    return GoldenSpec(tolerance=GOLDEN_TOLERANCE[precision], inputs=probes.DESCRIPTION)
-
-
-def _reference(
-    plan: Plan, inputs: Inputs, chosen: Candidate, decision: Decision
-) -> DriftReference | None:
-    """Stage 8b: the drift reference, the deployed IR (at the CPU's default precision, as
-    a node runs it) on the validation split: what every node compares its live images
-    with. None without validation images (nodes then say `no reference`)."""
-    if inputs.val is None:
-        log.warning("no validation images: the bundle carries no drift reference")
-        return None
-    entries = plan.split.entries("val")
-    p = chosen.deployed[inputs.val][:, 1].astype(np.float64)
-    positive = LABELS.index(decision.positive_label)
-    lo, hi = decision.low_confidence
-    sizes = []
-    for e in entries:
-        head = check_payload((plan.split.root / e.path).read_bytes(), LIMITS)
-        sizes.append(head.width * head.height / 1e6)
-    pixels = np.clip(np.rint((inputs.every[inputs.val] + PIXEL_OFFSET) * PIXEL_SCALE), 0, 255)
-    reference = reference_of(
-        positive_prob=p,
-        labels=LABELS,
-        predicted=np.where(p >= decision.threshold, positive, 1 - positive),
-        low=(p >= lo) & (p <= hi),
-        megapixels=np.array(sizes, np.float64),
-        pixels=pixels.astype(np.uint8),
-        positive_label=decision.positive_label,
-    )
-    log.info(
-        "drift reference: %d validation images, %s predicted, %d in the low-confidence band",
-        reference.n,
-        ", ".join(f"{k} {v}" for k, v in reference.labels.items()),
-        reference.low_confidence,
-    )
-    return reference
-
-
-def _sign(
-    tmp: Path,
-    plan: Plan,
-    options: ExportOptions,
-    metrics: BundleMetrics,
-    provenance: Provenance,
-    calibration: Calibration,
-    decision: Decision,
-    golden: GoldenSpec,
-    reference: DriftReference | None,
-) -> None:
-    """Stage 8c: the manifest, signed, and the bundle verified as a node would."""
-    lo, hi = decision.low_confidence
-    manifest = Manifest(
-        name=options.name,
-        version=options.version,
-        created_at=datetime.now(UTC),
-        labels=list(LABELS),
-        output="probabilities",
-        precision=options.precision,
-        low_confidence_threshold=max(hi, 1.0 - lo),
-        files=hash_files(tmp),
-        metrics=metrics,
-        provenance=provenance,
-        golden=golden,
-        calibration=calibration,
-        decision=decision,
-        reference=reference,
-    )
-    write_manifest(tmp, manifest, plan.key)
-    load_bundle(tmp, plan.trusted)  # as a node would, before the bundle appears
-
-
 def _check_options(options: ExportOptions) -> None:
     try:
         TypeAdapter(ModelName).validate_python(options.name)
@@ -521,49 +417,3 @@ def _check_options(options: ExportOptions) -> None:
             raise ExportError(f"{flag} must be between 0 and 1, not {value:g}")
     if not 0.0 <= options.band_half_width < 0.5:
         raise ExportError(f"--band-half-width must be in [0, 0.5), not {options.band_half_width:g}")
-
-
-def _provenance(plan: Plan, frozen: Path, calibration: int, options: ExportOptions) -> Provenance:
-    info, split = plan.info, plan.split
-    base = info.base_checkpoint
-    return Provenance(
-        synthetic=info.synthetic,
-        base_checkpoint=base.path if base else None,
-        base_checkpoint_sha256=base.sha256 if base else None,
-        base_verified=plan.base.verified,
-        base_published=plan.base.published,
-        base_claim=plan.base.claim,
-        depth_multiplier=info.config.depth_multiplier,
-        allow_untrained=options.allow_untrained,
-        allow_no_test=options.allow_no_test,
-        allow_no_skill=options.allow_no_skill,
-        data_fingerprint=split.fingerprints["all"],
-        split_fingerprints=split.fingerprints,
-        data_layout=split.layout,
-        grouping=split.grouping,
-        near_duplicates=len(split.near_duplicates),
-        split_seed=split.seed,
-        val_fraction=split.val_fraction,
-        test_fraction=split.test_fraction,
-        fold=info.config.fold,
-        mode=info.config.mode,
-        trainable_scopes=info.config.trainable_scopes
-        if info.config.mode == "finetune"
-        else ["InceptionV3/Logits"],
-        epochs=info.config.epochs,
-        selected_epoch=info.selected_epoch,
-        selection=info.selection,
-        steps=info.steps,
-        seed=info.config.seed,
-        batch_size=info.config.batch_size,
-        learning_rate=info.config.learning_rate,
-        lr_schedule=info.config.lr_schedule,
-        checkpoint=info.checkpoint,
-        frozen_pb_sha256=sha256_file(frozen),
-        calibration_images=calibration,
-        test_reads=len(info.test_reads),
-        code_commit=code_commit(),
-        training_versions=info.versions,
-        export_versions=versions(),
-        run=str(plan.run.resolve()),
-    )

@@ -20,8 +20,9 @@ from cellwatch.training.calibration import softmax
 from cellwatch.training.errors import ExportError, GateError, TrainingError
 from cellwatch.training.evalgraph import EvalGraph, FrozenGraph
 from cellwatch.training.evaluate import batches
-from cellwatch.training.export import GOLDEN_TOLERANCE, ExportOptions, export
+from cellwatch.training.export import ExportOptions, export
 from cellwatch.training.ir import DEVICE_DEFAULT, CompiledIR, Precision
+from cellwatch.training.packaging import GOLDEN_TOLERANCE
 from cellwatch.training.preprocess import Preprocessor
 from cellwatch.training.runinfo import FROZEN_FILE, load_run
 from cellwatch.training.split import load_split
