@@ -22,8 +22,9 @@ from cellwatch.hub.db import Database, window_facts
 from cellwatch.hub.errors import ApiFailure
 from cellwatch.hub.fleet import Fleet
 from cellwatch.hub.registry import Registry
-from cellwatch.hub.rollout import Desired, Rollout, ShadowWrite
+from cellwatch.hub.rollout import Rollout
 from cellwatch.hub.rolloutinfo import describe
+from cellwatch.hub.targets import Desired, ShadowWrite
 from cellwatch.shared.codes import ApiErrorCode
 from cellwatch.shared.hubapi import (
     RevokeArgs,
