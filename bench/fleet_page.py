@@ -32,9 +32,10 @@ from cellwatch.hub.counters import HubCounters
 from cellwatch.hub.db import Database, ModelRecord, NodeRecord
 from cellwatch.hub.fetch import FetchServer
 from cellwatch.hub.history import SLOT_S, SLOTS, TelemetryHistory
-from cellwatch.hub.rollout import NodeView, Rollout
+from cellwatch.hub.rollout import Rollout
 from cellwatch.hub.served import ServedTotals
 from cellwatch.hub.store import BundleStore
+from cellwatch.hub.targets import NodeView
 from cellwatch.hub.web.reader import HubSources
 from cellwatch.hub.web.server import HttpServer
 from cellwatch.shared.codes import UpdateErrorCode

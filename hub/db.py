@@ -20,8 +20,9 @@ from pathlib import Path
 from typing import Any
 
 from cellwatch.hub.errors import HubError
-from cellwatch.hub.rollout import Rollout, Target
+from cellwatch.hub.rollout import Rollout
 from cellwatch.hub.shadowing import ShadowPhase, WindowFacts
+from cellwatch.hub.targets import Target
 from cellwatch.shared.codes import UpdateErrorCode
 from cellwatch.shared.hubapi import RolloutPolicy, ShadowPolicy
 from cellwatch.shared.samples import SampleRow

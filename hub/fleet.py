@@ -41,8 +41,8 @@ from pydantic import ValidationError
 from cellwatch.hub.db import Database, NodeRecord
 from cellwatch.hub.errors import ApiFailure
 from cellwatch.hub.history import TelemetryHistory
-from cellwatch.hub.rollout import NodeView
 from cellwatch.hub.sites import Sites
+from cellwatch.hub.targets import NodeView
 from cellwatch.shared.codes import ApiErrorCode
 from cellwatch.shared.drift import DriftFigures
 from cellwatch.shared.hubapi import NodeInfo

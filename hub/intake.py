@@ -62,7 +62,7 @@ from cellwatch.hub.config import HubLimits
 from cellwatch.hub.counters import DropReason, HubCounters
 from cellwatch.hub.push import MAX_UPLOAD_CHUNK_BYTES
 from cellwatch.hub.ratelimit import FloodLog, RateLimiter
-from cellwatch.hub.rollout import Desired
+from cellwatch.hub.targets import Desired
 from cellwatch.shared.codes import ApiErrorCode
 from cellwatch.shared.errors import TopicError
 from cellwatch.shared.handoff import Handoff

@@ -14,17 +14,17 @@ from __future__ import annotations
 
 import logging
 import time
-from collections import Counter, OrderedDict
+from collections import OrderedDict
 from collections.abc import Callable
-from datetime import UTC, datetime
 from enum import StrEnum
 
 from cellwatch.hub.db import Database, window_facts
 from cellwatch.hub.errors import ApiFailure
 from cellwatch.hub.fleet import Fleet
 from cellwatch.hub.registry import Registry
-from cellwatch.hub.rollout import Desired, Rollout, ShadowWrite
-from cellwatch.hub.shadowing import shadow_info
+from cellwatch.hub.rollout import Rollout
+from cellwatch.hub.rolloutinfo import describe
+from cellwatch.hub.targets import Desired, ShadowWrite
 from cellwatch.shared.codes import ApiErrorCode
 from cellwatch.shared.hubapi import (
     RevokeArgs,
@@ -33,12 +33,10 @@ from cellwatch.shared.hubapi import (
     RolloutList,
     RolloutPolicy,
     RolloutStartArgs,
-    TargetInfo,
-    WaveInfo,
 )
 from cellwatch.shared.promotion import ShadowSpecError
 from cellwatch.shared.provenance import MODEL_FLAGS, ModelFlag
-from cellwatch.shared.schemas import ModelRef, ShadowReport, UpdateError, UpdateReport
+from cellwatch.shared.schemas import ModelRef, ShadowReport, UpdateReport
 from cellwatch.shared.states import RolloutState, ShadowState
 from cellwatch.shared.waves import WaveSpecError
 
@@ -68,68 +66,6 @@ CONFIRM_FLAGS: tuple[ModelFlag, ...] = MODEL_FLAGS
 (synthetic, untrained, unverified-base, no-skill, degraded)."""
 FINISHED_KEPT = 8
 """Finished rollouts kept in memory for their late reports."""
-
-
-def _ts(value: float) -> datetime:
-    return datetime.fromtimestamp(value, UTC)
-
-
-def describe(
-    r: Rollout,
-    *,
-    existing: bool = False,
-    model_flags: list[str] | None = None,
-    now: float | None = None,
-) -> RolloutInfo:
-    """The API's view of a rollout."""
-    previous = 0
-    waves = []
-    for index, count in enumerate(r.plan):
-        members = r.wave_targets(index)
-        waves.append(
-            WaveInfo(
-                index=index,
-                size=count - previous,
-                issued=index <= r.wave,
-                counts=dict(Counter(t.state for t in members)),
-            )
-        )
-        previous = count
-    return RolloutInfo(
-        rollout_id=r.rollout_id,
-        model=r.model,
-        target=r.target,
-        state=r.state,
-        reason=r.reason,
-        policy=r.policy,
-        wave=r.wave,
-        waves=waves,
-        counts=dict(r.counts()),
-        targets=[
-            TargetInfo(
-                node_id=t.node_id,
-                wave=t.wave,
-                phase=t.phase,
-                state=t.state,
-                progress=t.progress,
-                error=UpdateError(code=t.error_code, message=t.error_message or "")
-                if t.error_code
-                else None,
-                previous=t.previous,
-                issued_at=_ts(t.issued_at) if t.issued_at is not None else None,
-                finished_at=_ts(t.finished_at) if t.finished_at is not None else None,
-            )
-            for t in r.targets
-        ],
-        created_at=_ts(r.created_at),
-        updated_at=_ts(r.updated_at),
-        finished_at=_ts(r.finished_at) if r.finished_at is not None else None,
-        existing=existing,
-        model_flags=model_flags or [],
-        shadow=shadow_info(r.shadow, r.targets, time.time() if now is None else now)
-        if r.shadow is not None
-        else None,
-    )
 
 
 class Orchestrator:

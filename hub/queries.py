@@ -13,8 +13,8 @@ from pydantic import BaseModel
 from cellwatch.hub.db import Database
 from cellwatch.hub.errors import ApiFailure
 from cellwatch.hub.fleet import Fleet
-from cellwatch.hub.orchestrator import describe
 from cellwatch.hub.registry import model_info
+from cellwatch.hub.rolloutinfo import describe
 from cellwatch.hub.served import ServedTotals
 from cellwatch.shared.codes import ApiErrorCode
 from cellwatch.shared.hubapi import ModelsReply, NodesReply, RolloutInfo, RolloutList, StatsReply

@@ -26,8 +26,9 @@ themselves, so whoever can write the relay's disk cannot make a node run a bundl
 release key did not sign. A full cache makes room by removing the bundles used least
 recently; a bundle that still does not fit, or a full disk (ENOSPC), is answered
 `unavailable` with the reason (the node reports `fetch_failed` with it). The hub's
-signed revocations (`{prefix}/hub/revoked`, as the nodes read them) remove a revoked
-bundle from the cache, and its files are answered `revoked`.
+signed revocations (`{prefix}/hub/revoked`, as the nodes read them; the relay's copy:
+hub/relayrevocations.py) remove a revoked bundle from the cache, and its files are
+answered `revoked`.
 
 Threads: paho's network thread only checks and queues; `fetch-N` workers answer
 requests; the `cache` thread fetches bundles; the `tick` thread answers held requests
@@ -36,15 +37,12 @@ that waited hold_s, starts retries and applies revocation lists.
 
 from __future__ import annotations
 
-import json
 import logging
 import queue
 import threading
 import time
 from pathlib import Path
 from typing import Any
-
-from pydantic import ValidationError
 
 from cellwatch.hub.config import RelaySettings
 from cellwatch.hub.fetch import (
@@ -55,6 +53,7 @@ from cellwatch.hub.fetch import (
     send_error,
 )
 from cellwatch.hub.relaycache import CacheFull, RelayCache, is_disk_full
+from cellwatch.hub.relayrevocations import RelayRevocations
 from cellwatch.node.fetcher import FetchCancelled, Fetcher, FetchError
 from cellwatch.shared.bundle import check_file_name
 from cellwatch.shared.codes import ApiErrorCode
@@ -64,7 +63,6 @@ from cellwatch.shared.handoff import Handoff
 from cellwatch.shared.limits import MAX_MANIFEST_BYTES, MAX_REVOCATION_BYTES
 from cellwatch.shared.manifest import MANIFEST_FILE, SIGNATURE_FILE
 from cellwatch.shared.mqtt import MqttClient
-from cellwatch.shared.revocations import merge as merge_revocations
 from cellwatch.shared.rpc import Edge, Inbound, Problem, Rejected, Route
 from cellwatch.shared.schemas import FetchRequest, RevocationList
 from cellwatch.shared.signing import TrustedKeys
@@ -78,7 +76,6 @@ leaves them to the hub."""
 TICK_S = 0.25
 BUSY_S = 60.0
 """A bundle a node asked for within this long is not removed to make room."""
-REVOKED_FILE = "revoked.json"
 DEFINITIVE = frozenset(
     {
         ApiErrorCode.REVOKED,
@@ -137,9 +134,11 @@ class Relay(Daemon):
         self._asked: dict[str, float] = {}
         """Bundle -> when a node last asked for one of its files (monotonic)."""
         self._lists: queue.SimpleQueue[RevocationList] = queue.SimpleQueue()
-        self._known = self._load_revoked()
-        self._revoked: frozenset[str] = (
-            self._known.shas() if self._known is not None else frozenset()
+        self.revocations = RelayRevocations(
+            settings.cache_dir,
+            self.trusted,
+            self.relay_id,
+            allow_unsigned=settings.allow_unsigned,
         )
         self.served_bytes = 0
         self.edge = Edge(self.mqtt)
@@ -235,7 +234,7 @@ class Relay(Daemon):
             return
         req = inbound.body
         sha, name = req.manifest_sha256, req.file
-        if sha in self._revoked:
+        if sha in self.revocations.shas:
             send_error(inbound, ApiErrorCode.REVOKED, f"bundle {sha[:12]} was revoked")
             return
         with self._lock:
@@ -451,39 +450,7 @@ class Relay(Daemon):
             self._apply_revocations(incoming)
 
     # -- revocations --------------------------------------------------------------------
-    def _load_revoked(self) -> RevocationList | None:
-        path = self.settings.cache_dir / REVOKED_FILE
-        try:
-            return RevocationList.model_validate_json(path.read_bytes())
-        except FileNotFoundError:
-            return None
-        except (OSError, ValidationError, json.JSONDecodeError) as exc:
-            log.error("relay: %s is unreadable (%s): ignored until the hub sends it", path, exc)
-            return None
-
     def _apply_revocations(self, incoming: RevocationList) -> None:
-        merged = merge_revocations(
-            self._known, incoming, self.trusted, allow_unsigned=self.settings.allow_unsigned
-        )
-        for rev, why in merged.refused:
-            log.error(
-                "relay %s: revocation of %s %s refused: %s",
-                self.relay_id,
-                rev.name,
-                rev.version,
-                why,
-            )
-        if self._known is None or merged.added:
-            path = self.settings.cache_dir / REVOKED_FILE
-            tmp = path.with_name(path.name + ".tmp")
-            try:
-                tmp.write_bytes(merged.known.to_json())
-                tmp.replace(path)
-            except OSError as exc:
-                log.error("relay %s: cannot store the revocation list: %s", self.relay_id, exc)
-        self._known = merged.known
-        self._revoked = merged.known.shas()
-        for rev in merged.added:
-            sha = rev.manifest_sha256
+        for sha in self.revocations.merge(incoming):
             self.cache.discard(sha)
             self._fail(sha, ApiErrorCode.REVOKED, f"bundle {sha[:12]} was revoked")

@@ -32,11 +32,11 @@ from cellwatch.hub.fleet import Fleet
 from cellwatch.hub.intake import Confirmed, Intake, Item
 from cellwatch.hub.orchestrator import Orchestrator
 from cellwatch.hub.registry import Registry
-from cellwatch.hub.rollout import Desired, ShadowWrite
 from cellwatch.hub.samples import DAY_S, SampleStore
 from cellwatch.hub.served import ServedTotals
 from cellwatch.hub.sites import Sites
 from cellwatch.hub.store import BundleStore
+from cellwatch.hub.targets import Desired, ShadowWrite
 from cellwatch.shared.daemon import Daemon
 from cellwatch.shared.errors import MqttError
 from cellwatch.shared.handoff import Handoff

@@ -45,7 +45,7 @@ RECENT_DISAGREEMENTS = 10
 
 
 class ShadowTarget(Protocol):
-    """What the phase's view needs of a rollout target (hub/rollout.py's Target)."""
+    """What the phase's view needs of a rollout target (hub/targets.py's Target)."""
 
     @property
     def node_id(self) -> str: ...

@@ -27,7 +27,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from cellwatch.hub.config import HttpSettings, is_loopback
 from cellwatch.hub.errors import ApiFailure
 from cellwatch.hub.queries import as_json
-from cellwatch.hub.web import views
+from cellwatch.hub.web import filters, modelviews, nodeviews, rolloutviews
 from cellwatch.hub.web.metrics import make_registry
 from cellwatch.hub.web.reader import FleetReader
 from cellwatch.shared import states
@@ -66,7 +66,11 @@ def _environment() -> Environment:
         lstrip_blocks=True,
     )
     env.globals.update(
-        num=views.num, ago=views.ago, clock=views.clock, size=views.size, short=views.short
+        num=filters.num,
+        ago=filters.ago,
+        clock=filters.clock,
+        size=filters.size,
+        short=filters.short,
     )
     env.filters["path"] = lambda value: quote(str(value), safe="")
     env.filters["tone"] = states.tone
@@ -109,7 +113,7 @@ class Pages:
         reply = q.nodes(now)
         nodes = reply.nodes
         active, recent = q.active_and_recent(RECENT_ROLLOUTS)
-        rows = views.node_rows(nodes, self.reader.history.all_samples(now), now)
+        rows = nodeviews.node_rows(nodes, self.reader.history.all_samples(now), now)
         online = [r for r in rows if r.state == NodeState.ONLINE]
         src = self.reader.sources
         return self._page(
@@ -117,11 +121,11 @@ class Pages:
             "fleet.html",
             nodes=rows,
             sites=reply.sites,
-            counts=views.state_counts(nodes),
+            counts=nodeviews.state_counts(nodes),
             fleet_ips=sum(float(r.telemetry.get("throughput_ips") or 0.0) for r in online),
-            models=views.model_rows(q.models().models, nodes),
-            active=[views.rollout_row(r) for r in active],
-            recent=[views.rollout_row(r) for r in recent],
+            models=modelviews.model_rows(q.models().models, nodes),
+            active=[rolloutviews.rollout_row(r) for r in active],
+            recent=[rolloutviews.rollout_row(r) for r in recent],
             queue_depth=src.control_depth(),
             queue_peak=src.control_peak(),
             dropped=sum(src.counters.dropped_by_reason().values()),
@@ -136,13 +140,13 @@ class Pages:
         if info is None:
             return self._not_found(request, f"node {node_id}")
         samples = self.reader.history.samples(node_id, now)
-        row = views.node_rows([info], {node_id: samples}, now)[0]
+        row = nodeviews.node_rows([info], {node_id: samples}, now)[0]
         return self._page(
             request,
             "node.html",
             node=row,
-            series=views.node_series(samples, now),
-            targets=views.node_targets(self.reader.db.targets_of(node_id)),
+            series=nodeviews.node_series(samples, now),
+            targets=nodeviews.node_targets(self.reader.db.targets_of(node_id)),
         )
 
     def rollout(self, request: Request) -> Response:
@@ -154,8 +158,8 @@ class Pages:
         return self._page(
             request,
             "rollout.html",
-            rollout=views.rollout_row(info),
-            events=views.event_rows(self.reader.db.rollout_events(info.rollout_id)),
+            rollout=rolloutviews.rollout_row(info),
+            events=rolloutviews.event_rows(self.reader.db.rollout_events(info.rollout_id)),
         )
 
     # -- machines ------------------------------------------------------------------------

@@ -8,7 +8,8 @@ import pytest
 
 from cellwatch.hub.db import Database
 from cellwatch.hub.errors import RolloutError
-from cellwatch.hub.rollout import Desired, NodeView, Rollout, Target
+from cellwatch.hub.rollout import Rollout
+from cellwatch.hub.targets import Desired, NodeView, Target
 from cellwatch.shared.codes import UpdateErrorCode
 from cellwatch.shared.hubapi import RolloutPolicy, RolloutStartArgs
 from cellwatch.shared.schemas import ModelRef

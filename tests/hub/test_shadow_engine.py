@@ -12,9 +12,10 @@ import pytest
 from cellwatch.hub.client import HubClient
 from cellwatch.hub.db import Database, window_facts
 from cellwatch.hub.errors import ApiFailure, RolloutError
-from cellwatch.hub.orchestrator import describe
-from cellwatch.hub.rollout import NodeView, Rollout
+from cellwatch.hub.rollout import Rollout
+from cellwatch.hub.rolloutinfo import describe
 from cellwatch.hub.service import HubService
+from cellwatch.hub.targets import NodeView
 from cellwatch.shared.codes import UpdateErrorCode
 from cellwatch.shared.figures import wilson
 from cellwatch.shared.hubapi import RolloutPolicy, RolloutStartArgs, ShadowPolicy

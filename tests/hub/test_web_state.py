@@ -14,7 +14,7 @@ from cellwatch.hub.errors import HubError
 from cellwatch.hub.history import HISTORY_S, SLOT_S, SLOTS, TelemetryHistory
 from cellwatch.hub.registry import Registry, model_info
 from cellwatch.hub.store import BundleStore
-from cellwatch.hub.web.views import SPARK_H, SPARK_POINTS, spark
+from cellwatch.hub.web.nodeviews import SPARK_H, SPARK_POINTS, spark
 from cellwatch.shared.bundle import load_bundle
 from cellwatch.shared.signing import TrustedKeys
 from tests.helpers.fleetpage import telemetry

@@ -14,7 +14,7 @@ from click.testing import CliRunner
 from pydantic import BaseModel, ValidationError
 
 from cellwatch.hub import render
-from cellwatch.hub.web.views import BAR_GROUPS
+from cellwatch.hub.web.rolloutviews import BAR_GROUPS
 from cellwatch.shared import hubapi, manifest, schemas
 from cellwatch.shared.base import Strict
 from cellwatch.shared.cli import friendly_errors
