@@ -29,9 +29,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from cellwatch.hub.config import HttpSettings
 from cellwatch.hub.counters import HubCounters
-from cellwatch.hub.db import Database, ModelRecord, NodeRecord
+from cellwatch.hub.db import Database
 from cellwatch.hub.fetch import FetchServer
 from cellwatch.hub.history import SLOT_S, SLOTS, TelemetryHistory
+from cellwatch.hub.records import ModelRecord, NodeRecord
 from cellwatch.hub.rollout import Rollout
 from cellwatch.hub.served import ServedTotals
 from cellwatch.hub.store import BundleStore

@@ -6,6 +6,7 @@ gets the same answer).
 Times are seconds since the epoch (REAL). One connection, guarded by a lock; every
 write is one transaction. The HTTP server reads through a read-only connection of
 its own (`Database(path, readonly=True)`): WAL readers never wait for the writer.
+The tables and migrations are hub/schema.py; the rows as values, hub/records.py.
 """
 
 from __future__ import annotations
@@ -15,21 +16,30 @@ import sqlite3
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from cellwatch.hub.errors import HubError
+from cellwatch.hub.records import (
+    ModelRecord,
+    NodeRecord,
+    RolloutEvent,
+    TargetRecord,
+    code_of,
+    model_of,
+    node_of,
+    node_row,
+    ref_of,
+)
 from cellwatch.hub.rollout import Rollout
+from cellwatch.hub.schema import MIGRATIONS, SCHEMA
 from cellwatch.hub.shadowing import ShadowPhase, WindowFacts
 from cellwatch.hub.targets import Target
-from cellwatch.shared.codes import UpdateErrorCode
 from cellwatch.shared.hubapi import RolloutPolicy, ShadowPolicy
 from cellwatch.shared.samples import SampleRow
-from cellwatch.shared.schemas import ModelRef, Revocation, ShadowWindow
+from cellwatch.shared.schemas import Revocation, ShadowWindow
 from cellwatch.shared.states import (
     ACTIVE_ROLLOUT_STATES,
-    NodeState,
     RolloutState,
     ShadowState,
     TargetPhase,
@@ -41,218 +51,6 @@ REPLY_RETENTION_S = 7 * 24 * 3600
 BUSY_TIMEOUT_S = 2.0
 """How long a write waits for a lock another connection holds before it fails (the
 control thread then takes the database for unwritable for a while: hub/control.py)."""
-
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
-CREATE TABLE IF NOT EXISTS models (
-    manifest_sha256 TEXT PRIMARY KEY,
-    name TEXT NOT NULL,
-    version TEXT NOT NULL,
-    size INTEGER NOT NULL,
-    precision TEXT NOT NULL,
-    signer TEXT,
-    metrics TEXT NOT NULL,
-    created_at TEXT NOT NULL,
-    pushed_at REAL NOT NULL,
-    provenance TEXT NOT NULL DEFAULT '{}',
-    revoked_at REAL,
-    revoke_reason TEXT,
-    UNIQUE (name, version)
-);
-CREATE TABLE IF NOT EXISTS nodes (
-    node_id TEXT PRIMARY KEY,
-    state TEXT NOT NULL,
-    boot_id TEXT,
-    since REAL,
-    last_seen REAL,
-    tags TEXT NOT NULL DEFAULT '[]',
-    model_name TEXT,
-    model_version TEXT,
-    model_sha256 TEXT,
-    model_at REAL NOT NULL DEFAULT 0,
-    device TEXT,
-    telemetry TEXT,
-    conflict_at REAL,
-    model_error TEXT,
-    boots TEXT NOT NULL DEFAULT '[]'
-);
-CREATE TABLE IF NOT EXISTS rollouts (
-    seq INTEGER PRIMARY KEY,
-    rollout_id TEXT UNIQUE NOT NULL,
-    model_name TEXT NOT NULL,
-    model_version TEXT NOT NULL,
-    model_sha256 TEXT NOT NULL,
-    target TEXT NOT NULL,
-    waves TEXT NOT NULL,
-    counts TEXT NOT NULL,
-    advance_at REAL NOT NULL,
-    max_failures TEXT NOT NULL,
-    min_executed INTEGER NOT NULL,
-    node_timeout_s REAL NOT NULL,
-    state TEXT NOT NULL,
-    wave INTEGER NOT NULL,
-    reason TEXT,
-    created_at REAL NOT NULL,
-    updated_at REAL NOT NULL,
-    finished_at REAL,
-    shadow TEXT
-);
-CREATE TABLE IF NOT EXISTS targets (
-    rollout_id TEXT NOT NULL REFERENCES rollouts (rollout_id),
-    node_id TEXT NOT NULL,
-    position INTEGER NOT NULL,
-    wave INTEGER NOT NULL,
-    prev_name TEXT,
-    prev_version TEXT,
-    prev_sha256 TEXT,
-    phase TEXT NOT NULL,
-    state TEXT NOT NULL,
-    progress REAL NOT NULL,
-    error_code TEXT,
-    error_message TEXT,
-    issued_at REAL,
-    clock_from REAL,
-    finished_at REAL,
-    updated_at REAL NOT NULL,
-    confirmed INTEGER NOT NULL,
-    shadow_state TEXT,
-    shadow_error_code TEXT,
-    shadow_error_message TEXT,
-    PRIMARY KEY (rollout_id, node_id)
-);
-CREATE TABLE IF NOT EXISTS shadow_windows (
-    rollout_id TEXT NOT NULL REFERENCES rollouts (rollout_id),
-    node_id TEXT NOT NULL,
-    window_id TEXT NOT NULL,
-    received_at REAL NOT NULL,
-    n INTEGER NOT NULL,
-    agreements INTEGER NOT NULL,
-    skipped INTEGER NOT NULL,
-    window TEXT NOT NULL,
-    PRIMARY KEY (rollout_id, node_id, window_id)
-);
-CREATE INDEX IF NOT EXISTS targets_node ON targets (node_id);
-CREATE TABLE IF NOT EXISTS rollout_events (
-    seq INTEGER PRIMARY KEY AUTOINCREMENT,
-    rollout_id TEXT NOT NULL REFERENCES rollouts (rollout_id),
-    ts REAL NOT NULL,
-    text TEXT NOT NULL
-);
-CREATE INDEX IF NOT EXISTS rollout_events_rollout ON rollout_events (rollout_id, seq);
-CREATE TABLE IF NOT EXISTS served (
-    node_id TEXT NOT NULL,
-    manifest_sha256 TEXT NOT NULL,
-    bytes INTEGER NOT NULL,
-    PRIMARY KEY (node_id, manifest_sha256)
-);
-CREATE TABLE IF NOT EXISTS revocations (
-    manifest_sha256 TEXT PRIMARY KEY,
-    revocation TEXT NOT NULL,
-    stored_at REAL NOT NULL
-);
-CREATE TABLE IF NOT EXISTS samples (
-    id TEXT PRIMARY KEY,
-    record TEXT NOT NULL,
-    reason TEXT NOT NULL,
-    source TEXT NOT NULL,
-    size INTEGER NOT NULL,
-    collected_at REAL NOT NULL,
-    stored_at REAL NOT NULL,
-    label TEXT
-);
-CREATE TABLE IF NOT EXISTS api_replies (
-    request_id TEXT PRIMARY KEY,
-    verb TEXT NOT NULL,
-    reply TEXT NOT NULL,
-    created_at REAL NOT NULL
-);
-"""
-MIGRATIONS = {
-    # schema 1 -> 2: the manifest's provenance (badges), rollout events (CREATE above)
-    1: "ALTER TABLE models ADD COLUMN provenance TEXT NOT NULL DEFAULT '{}';",
-    # schema 2 -> 3: when two processes with one node id were last seen
-    2: "ALTER TABLE nodes ADD COLUMN conflict_at REAL;",
-    # schema 3 -> 4: revocations, why a node serves no or an earlier model, and the
-    # bundle bytes served (the `served` table: CREATE above)
-    3: "ALTER TABLE models ADD COLUMN revoked_at REAL; "
-    "ALTER TABLE models ADD COLUMN revoke_reason TEXT; "
-    "ALTER TABLE nodes ADD COLUMN model_error TEXT;",
-    # schema 4 -> 5: signed revocations (the `revocations` table: CREATE above), and
-    # the earlier boots of each node in the order the hub heard of them
-    4: "ALTER TABLE nodes ADD COLUMN boots TEXT NOT NULL DEFAULT '[]';",
-    # schema 5 -> 6: shadow phases (the rollout's policy and outcome, each target's
-    # shadow state; the `shadow_windows` table: CREATE above)
-    5: "ALTER TABLE rollouts ADD COLUMN shadow TEXT; "
-    "ALTER TABLE targets ADD COLUMN shadow_state TEXT; "
-    "ALTER TABLE targets ADD COLUMN shadow_error_code TEXT; "
-    "ALTER TABLE targets ADD COLUMN shadow_error_message TEXT;",
-}
-
-
-@dataclass
-class NodeRecord:
-    node_id: str
-    state: NodeState = NodeState.OFFLINE
-    """What its last status said (online, offline); hub/fleet.py tells stale and conflict."""
-    boot_id: str | None = None
-    since: float | None = None
-    last_seen: float | None = None
-    tags: list[str] = field(default_factory=list)
-    model: ModelRef | None = None
-    model_at: float = 0.0
-    device: str | None = None
-    telemetry: dict[str, Any] | None = None
-    conflict_at: float | None = None
-    """Last time an older process said it was online after a newer one (fleet.py)."""
-    model_error: dict[str, str] | None = None
-    """The node's NodeStatus.model_error ({code, message}) as last heard."""
-    boots: list[str] = field(default_factory=list)
-    """The node's earlier boot ids, in the order the hub first heard of them (oldest
-    first): what makes a status `stale` (fleet.py), never the node's own clock."""
-
-
-@dataclass(frozen=True)
-class ModelRecord:
-    name: str
-    version: str
-    manifest_sha256: str
-    size: int
-    precision: str
-    signer: str | None
-    metrics: dict[str, Any]
-    created_at: str
-    pushed_at: float
-    provenance: dict[str, Any] = field(default_factory=dict)
-    revoked_at: float | None = None
-    revoke_reason: str | None = None
-
-    @property
-    def revoked(self) -> bool:
-        return self.revoked_at is not None
-
-    @property
-    def ref(self) -> ModelRef:
-        return ModelRef(name=self.name, version=self.version, manifest_sha256=self.manifest_sha256)
-
-
-@dataclass(frozen=True)
-class RolloutEvent:
-    ts: float
-    text: str
-
-
-@dataclass(frozen=True)
-class TargetRecord:
-    """One node's part in one rollout (the per-node page's history)."""
-
-    rollout_id: str
-    model: ModelRef
-    phase: TargetPhase
-    state: UpdateState
-    progress: float
-    error_code: UpdateErrorCode | None
-    error_message: str | None
-    updated_at: float
 
 
 class Database:
@@ -435,7 +233,7 @@ class Database:
 
     def revoked_models(self) -> list[ModelRecord]:
         rows = self._rows("SELECT * FROM models WHERE revoked_at IS NOT NULL ORDER BY revoked_at")
-        return [_model(r) for r in rows]
+        return [model_of(r) for r in rows]
 
     def set_provenance(self, sha: str, provenance: dict[str, Any]) -> None:
         with self._tx() as c:
@@ -446,29 +244,29 @@ class Database:
 
     def model(self, name: str, version: str) -> ModelRecord | None:
         rows = self._rows("SELECT * FROM models WHERE name = ? AND version = ?", name, version)
-        return _model(rows[0]) if rows else None
+        return model_of(rows[0]) if rows else None
 
     def model_by_sha(self, sha: str) -> ModelRecord | None:
         rows = self._rows("SELECT * FROM models WHERE manifest_sha256 = ?", sha)
-        return _model(rows[0]) if rows else None
+        return model_of(rows[0]) if rows else None
 
     def models(self, name: str | None = None) -> list[ModelRecord]:
         if name is None:
             rows = self._rows("SELECT * FROM models ORDER BY name, pushed_at")
         else:
             rows = self._rows("SELECT * FROM models WHERE name = ? ORDER BY pushed_at", name)
-        return [_model(r) for r in rows]
+        return [model_of(r) for r in rows]
 
     # -- nodes -------------------------------------------------------------------------
     def node(self, node_id: str) -> NodeRecord | None:
         rows = self._rows("SELECT * FROM nodes WHERE node_id = ?", node_id)
-        return _node(rows[0]) if rows else None
+        return node_of(rows[0]) if rows else None
 
     def node_count(self) -> int:
         return int(self._rows("SELECT count(*) FROM nodes")[0][0])
 
     def nodes(self) -> list[NodeRecord]:
-        return [_node(r) for r in self._rows("SELECT * FROM nodes ORDER BY node_id")]
+        return [node_of(r) for r in self._rows("SELECT * FROM nodes ORDER BY node_id")]
 
     def save_node(self, n: NodeRecord) -> None:
         self.save_nodes([n])
@@ -478,7 +276,7 @@ class Database:
         with self._tx() as c:
             c.executemany(
                 "INSERT OR REPLACE INTO nodes VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                [_node_row(n) for n in nodes],
+                [node_row(n) for n in nodes],
             )
 
     # -- rollouts ----------------------------------------------------------------------
@@ -578,11 +376,11 @@ class Database:
         return [
             TargetRecord(
                 rollout_id=t["rollout_id"],
-                model=_ref(t["model_name"], t["model_version"], t["model_sha256"]),
+                model=ref_of(t["model_name"], t["model_version"], t["model_sha256"]),
                 phase=TargetPhase(t["phase"]),
                 state=UpdateState(t["state"]),
                 progress=t["progress"],
-                error_code=_code(t["error_code"]),
+                error_code=code_of(t["error_code"]),
                 error_message=t["error_message"],
                 updated_at=t["updated_at"],
             )
@@ -624,13 +422,13 @@ class Database:
             Target(
                 node_id=t["node_id"],
                 wave=t["wave"],
-                previous=_ref(t["prev_name"], t["prev_version"], t["prev_sha256"])
+                previous=ref_of(t["prev_name"], t["prev_version"], t["prev_sha256"])
                 if t["prev_sha256"]
                 else None,
                 phase=TargetPhase(t["phase"]),
                 state=UpdateState(t["state"]),
                 progress=t["progress"],
-                error_code=_code(t["error_code"]),
+                error_code=code_of(t["error_code"]),
                 error_message=t["error_message"],
                 issued_at=t["issued_at"],
                 clock_from=t["clock_from"],
@@ -638,7 +436,7 @@ class Database:
                 updated_at=t["updated_at"],
                 confirmed=bool(t["confirmed"]),
                 shadow_state=ShadowState(t["shadow_state"]) if t["shadow_state"] else None,
-                shadow_error_code=_code(t["shadow_error_code"]),
+                shadow_error_code=code_of(t["shadow_error_code"]),
                 shadow_error_message=t["shadow_error_message"],
             )
             for t in self._rows(
@@ -650,7 +448,7 @@ class Database:
         shadow = self._shadow(row["rollout_id"], row["shadow"])
         return Rollout(
             rollout_id=row["rollout_id"],
-            model=_ref(row["model_name"], row["model_version"], row["model_sha256"]),
+            model=ref_of(row["model_name"], row["model_version"], row["model_sha256"]),
             target=row["target"],
             policy=RolloutPolicy.model_validate({k: row[k] for k in RolloutPolicy.model_fields}),
             plan=tuple(json.loads(row["counts"])),
@@ -779,70 +577,4 @@ def _shadow_json(s: ShadowPhase | None) -> str | None:
             "ended_at": s.ended_at,
             "outcome": s.outcome,
         }
-    )
-
-
-def _ref(name: str, version: str, sha256: str) -> ModelRef:
-    return ModelRef(name=name, version=version, manifest_sha256=sha256)
-
-
-def _code(value: str | None) -> UpdateErrorCode | None:
-    return UpdateErrorCode(value) if value else None
-
-
-def _model(r: sqlite3.Row) -> ModelRecord:
-    return ModelRecord(
-        name=r["name"],
-        version=r["version"],
-        manifest_sha256=r["manifest_sha256"],
-        size=r["size"],
-        precision=r["precision"],
-        signer=r["signer"],
-        metrics=json.loads(r["metrics"]),
-        created_at=r["created_at"],
-        pushed_at=r["pushed_at"],
-        provenance=json.loads(r["provenance"]),
-        revoked_at=r["revoked_at"],
-        revoke_reason=r["revoke_reason"],
-    )
-
-
-def _node(r: sqlite3.Row) -> NodeRecord:
-    return NodeRecord(
-        node_id=r["node_id"],
-        state=NodeState(r["state"]),
-        boot_id=r["boot_id"],
-        since=r["since"],
-        last_seen=r["last_seen"],
-        tags=json.loads(r["tags"]),
-        model=_ref(r["model_name"], r["model_version"], r["model_sha256"])
-        if r["model_sha256"]
-        else None,
-        model_at=r["model_at"],
-        device=r["device"],
-        telemetry=json.loads(r["telemetry"]) if r["telemetry"] else None,
-        conflict_at=r["conflict_at"],
-        model_error=json.loads(r["model_error"]) if r["model_error"] else None,
-        boots=json.loads(r["boots"]),
-    )
-
-
-def _node_row(n: NodeRecord) -> tuple[Any, ...]:
-    m = n.model
-    return (
-        n.node_id,
-        n.state.value,
-        n.boot_id,
-        n.since,
-        n.last_seen,
-        json.dumps(n.tags),
-        m.name if m else None,
-        m.version if m else None,
-        m.manifest_sha256 if m else None,
-        n.model_at,
-        n.device,
-        json.dumps(n.telemetry) if n.telemetry is not None else None,
-        n.conflict_at,
-        json.dumps(n.model_error) if n.model_error is not None else None,
-        json.dumps(n.boots),
     )

@@ -38,9 +38,10 @@ from datetime import UTC, datetime
 
 from pydantic import ValidationError
 
-from cellwatch.hub.db import Database, NodeRecord
+from cellwatch.hub.db import Database
 from cellwatch.hub.errors import ApiFailure
 from cellwatch.hub.history import TelemetryHistory
+from cellwatch.hub.records import NodeRecord
 from cellwatch.hub.sites import Sites
 from cellwatch.hub.targets import NodeView
 from cellwatch.shared.codes import ApiErrorCode

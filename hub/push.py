@@ -25,8 +25,8 @@ import binascii
 import logging
 import re
 
-from cellwatch.hub.db import ModelRecord
 from cellwatch.hub.errors import ApiFailure, StoreError
+from cellwatch.hub.records import ModelRecord
 from cellwatch.hub.registry import Registry, model_info
 from cellwatch.shared.bundle import load_bundle, parse_manifest, sha256_bytes, verify_signature
 from cellwatch.shared.codes import ApiErrorCode

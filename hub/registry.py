@@ -14,8 +14,9 @@ import logging
 from datetime import UTC, datetime
 from typing import Any
 
-from cellwatch.hub.db import Database, ModelRecord
+from cellwatch.hub.db import Database
 from cellwatch.hub.errors import ApiFailure
+from cellwatch.hub.records import ModelRecord
 from cellwatch.hub.store import BundleStore
 from cellwatch.shared.bundle import load_bundle, parse_manifest
 from cellwatch.shared.codes import ApiErrorCode

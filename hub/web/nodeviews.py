@@ -11,8 +11,8 @@ from typing import Any
 
 import numpy as np
 
-from cellwatch.hub.db import TargetRecord
 from cellwatch.hub.history import HISTORY_S, Samples
+from cellwatch.hub.records import TargetRecord
 from cellwatch.hub.web.filters import num
 from cellwatch.shared.hubapi import NodeInfo
 from cellwatch.shared.states import NodeState, TargetPhase, UpdateState

@@ -7,7 +7,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from cellwatch.hub.db import RolloutEvent
+from cellwatch.hub.records import RolloutEvent
 from cellwatch.shared.hubapi import RolloutInfo, ShadowInfo, WaveInfo
 from cellwatch.shared.promotion import duration_text
 from cellwatch.shared.states import Tone, UpdateState, tone

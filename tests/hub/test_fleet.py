@@ -79,8 +79,8 @@ def test_two_processes_with_one_node_id_show_as_conflict(
 
 
 def test_conflict_clears_after_the_hold_time() -> None:
-    from cellwatch.hub.db import NodeRecord
     from cellwatch.hub.fleet import node_state as state_of
+    from cellwatch.hub.records import NodeRecord
     from cellwatch.shared.limits import CONFLICT_HOLD_S
 
     rec = NodeRecord("node-1", state=NodeState.ONLINE, last_seen=1000.0, conflict_at=1000.0)

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 
 from cellwatch.hub.client import HubClient
-from cellwatch.hub.db import NodeRecord
 from cellwatch.hub.fleet import node_state
+from cellwatch.hub.records import NodeRecord
 from cellwatch.hub.service import HubService
 from cellwatch.shared.codes import UpdateErrorCode
 from cellwatch.shared.hubapi import RolloutStartArgs

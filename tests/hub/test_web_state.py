@@ -9,9 +9,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from cellwatch.hub.db import SCHEMA_VERSION, Database, ModelRecord
+from cellwatch.hub.db import SCHEMA_VERSION, Database
 from cellwatch.hub.errors import HubError
 from cellwatch.hub.history import HISTORY_S, SLOT_S, SLOTS, TelemetryHistory
+from cellwatch.hub.records import ModelRecord
 from cellwatch.hub.registry import Registry, model_info
 from cellwatch.hub.store import BundleStore
 from cellwatch.hub.web.nodeviews import SPARK_H, SPARK_POINTS, spark
