@@ -27,7 +27,7 @@ from cellwatch.client.errors import BrokerUnavailable, NotAuthorized
 from cellwatch.client.inputs import expand
 from cellwatch.client.summary import Summary
 from cellwatch.client.watch import Watcher
-from cellwatch.shared.cli import friendly_errors, setup_logging
+from cellwatch.shared.cli import broker_options, friendly_errors, mqtt_overrides, setup_logging
 from cellwatch.shared.errors import CellwatchError
 
 EXIT_OK = 0
@@ -63,21 +63,11 @@ def _stderr() -> Console:
 
 def connection(func: Callable[..., None]) -> Callable[..., None]:
     options = [
-        click.option(
-            "--config",
-            "config",
-            type=click.Path(path_type=Path),
+        *broker_options(
+            config_dest="config",
             envvar="CELLWATCH_CLIENT_CONFIG",
-            help="client TOML file ([mqtt] section and client settings)",
-        ),
-        click.option("--host", help="broker host"),
-        click.option("--port", type=int, help="broker port"),
-        click.option("--user", help="MQTT user (default: client)"),
-        click.option(
-            "--password-file", type=click.Path(path_type=Path), help="file holding the password"
-        ),
-        click.option(
-            "--tls-ca", type=click.Path(path_type=Path), help="CA certificate: connect with TLS"
+            config_help="client TOML file ([mqtt] section and client settings)",
+            user="client",
         ),
         click.option(
             "--source", help="scope (microscope) name: images go to cellwatch/images/USER/SOURCE"
@@ -96,15 +86,7 @@ def connection(func: Callable[..., None]) -> Callable[..., None]:
 
 
 def load_settings(opts: dict[str, Any]) -> ClientSettings:
-    mqtt: dict[str, Any] = {}
-    for key, name in (("host", "host"), ("port", "port"), ("user", "username")):
-        if opts.get(key) is not None:
-            mqtt[name] = opts[key]
-    if opts.get("password_file") is not None:
-        mqtt["password_file"] = opts["password_file"]
-    if opts.get("tls_ca") is not None:
-        mqtt["tls"] = {"enabled": True, "ca_file": opts["tls_ca"]}
-    overrides: dict[str, Any] = {"mqtt": mqtt} if mqtt else {}
+    overrides = mqtt_overrides(opts)
     for key, name in (
         ("source", "source"),
         ("node", "node"),

@@ -1,4 +1,5 @@
-"""Helpers every cellwatch CLI uses: logging set-up and turning errors into one line."""
+"""Helpers every cellwatch CLI uses: logging set-up, turning errors into one line, and the
+options of a command that connects to the broker."""
 
 from __future__ import annotations
 
@@ -7,8 +8,9 @@ import logging
 import signal
 import sys
 from collections.abc import Callable, Iterable
+from pathlib import Path
 from types import FrameType
-from typing import ParamSpec, Protocol, TypeVar
+from typing import Any, ParamSpec, Protocol, TypeVar
 
 import click
 
@@ -100,3 +102,45 @@ def run_until_signalled(service: Service) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     if service.exit_code:
         sys.exit(service.exit_code)
+
+
+Decorator = Callable[[Callable[..., Any]], Callable[..., Any]]
+
+
+def broker_options(
+    *, config_dest: str, envvar: str, config_help: str, user: str
+) -> list[Decorator]:
+    """The options a command that connects to the broker takes: --config FILE (its
+    settings file, `envvar` by default), --host, --port, --user (default `user`),
+    --password-file, --tls-ca. `mqtt_overrides` turns what was given into settings."""
+    return [
+        click.option(
+            "--config",
+            config_dest,
+            type=click.Path(path_type=Path),
+            envvar=envvar,
+            help=config_help,
+        ),
+        click.option("--host", help="broker host"),
+        click.option("--port", type=int, help="broker port"),
+        click.option("--user", help=f"MQTT user (default: {user})"),
+        click.option(
+            "--password-file", type=click.Path(path_type=Path), help="file holding the password"
+        ),
+        click.option(
+            "--tls-ca", type=click.Path(path_type=Path), help="CA certificate: connect with TLS"
+        ),
+    ]
+
+
+def mqtt_overrides(opts: dict[str, Any]) -> dict[str, Any]:
+    """The settings overrides ({"mqtt": {...}} or none) of the broker options given."""
+    mqtt: dict[str, Any] = {}
+    for key, name in (("host", "host"), ("port", "port"), ("user", "username")):
+        if opts.get(key) is not None:
+            mqtt[name] = opts[key]
+    if opts.get("password_file") is not None:
+        mqtt["password_file"] = opts["password_file"]
+    if opts.get("tls_ca") is not None:
+        mqtt["tls"] = {"enabled": True, "ca_file": opts["tls_ca"]}
+    return {"mqtt": mqtt} if mqtt else {}

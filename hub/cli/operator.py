@@ -6,7 +6,6 @@ from __future__ import annotations
 import functools
 import sys
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any, ParamSpec, TypeVar
 
 import click
@@ -16,7 +15,7 @@ from rich.console import Console, RenderableType
 from cellwatch.hub.client import HubClient
 from cellwatch.hub.config import OperatorSettings
 from cellwatch.hub.queries import as_json as json_text
-from cellwatch.shared.cli import setup_logging
+from cellwatch.shared.cli import broker_options, mqtt_overrides, setup_logging
 from cellwatch.shared.promotion import (
     ShadowSpecError,
 )
@@ -40,21 +39,11 @@ def console() -> Console:
 def connection(func: Callable[P, R]) -> Callable[P, R]:
     """The options every operator command takes (see CONNECTION_HELP)."""
     options = [
-        click.option(
-            "--config",
-            "client_config",
-            type=click.Path(path_type=Path),
+        *broker_options(
+            config_dest="client_config",
             envvar="CELLWATCH_HUB_CLIENT_CONFIG",
-            help="operator TOML file with an [mqtt] section",
-        ),
-        click.option("--host", help="broker host"),
-        click.option("--port", type=int, help="broker port"),
-        click.option("--user", help="MQTT user (default: operator)"),
-        click.option(
-            "--password-file", type=click.Path(path_type=Path), help="file holding the password"
-        ),
-        click.option(
-            "--tls-ca", type=click.Path(path_type=Path), help="CA certificate: connect with TLS"
+            config_help="operator TOML file with an [mqtt] section",
+            user="operator",
         ),
         click.option("--timeout", type=float, help="seconds to wait for the hub (default 10)"),
         click.option("--json", "as_json", is_flag=True, help="print JSON for scripts"),
@@ -65,15 +54,7 @@ def connection(func: Callable[P, R]) -> Callable[P, R]:
 
 
 def _client(opts: dict[str, Any]) -> HubClient:
-    mqtt: dict[str, Any] = {}
-    for key, field in (("host", "host"), ("port", "port"), ("user", "username")):
-        if opts.get(key) is not None:
-            mqtt[field] = opts[key]
-    if opts.get("password_file") is not None:
-        mqtt["password_file"] = opts["password_file"]
-    if opts.get("tls_ca") is not None:
-        mqtt["tls"] = {"enabled": True, "ca_file": opts["tls_ca"]}
-    overrides: dict[str, Any] = {"mqtt": mqtt} if mqtt else {}
+    overrides = mqtt_overrides(opts)
     if opts.get("timeout") is not None:
         overrides["timeout_s"] = opts["timeout"]
     settings = OperatorSettings.load(opts.get("client_config"), **overrides)
