@@ -36,7 +36,7 @@ from cellwatch.training.dataset import (
     sha256_hex,
 )
 from cellwatch.training.errors import DataError
-from cellwatch.training.field import FieldSource, load_field
+from cellwatch.training.field import FieldSamples, FieldSource, load_field
 from cellwatch.training.groups import NearDuplicate, near_duplicates, read_groups
 from cellwatch.training.leakage import Merge, feature_pairs, merged_groups, phash_pairs
 from cellwatch.training.outdir import staged_dir
@@ -51,6 +51,10 @@ log = logging.getLogger(__name__)
 
 SPLIT_FILE = "split.json"
 Grouping = Literal["file", "groups-file"]
+FieldInto = Literal["split", "train"]
+"""Where `prepare --field` puts the field samples: dealt like any group (one per source),
+or all into training (with every image of the data set they share a group with), for a
+lab that measures on held-out field samples of its own with `evaluate --field`."""
 MAX_FOLDS = 20
 LEAK_WARNING = (
     "each file is its own group: ALL-IDB2 crops come from ALL-IDB1 smears and several "
@@ -93,6 +97,9 @@ class SplitFile(Strict):
         default_factory=list,
         description="labelled field directories whose samples joined (prepare --field; "
         "their entries' paths are absolute, their groups field:{source})",
+    )
+    field_into: FieldInto = Field(
+        "split", description="where the field samples went: dealt by group, or into training"
     )
     fold: int | None = Field(None, ge=0, description="set on the view of one fold (for_fold)")
 
@@ -155,6 +162,7 @@ def prepare(
     checkpoint: Path | None = None,
     depth_multiplier: float = 1.0,
     field: Sequence[Path] = (),
+    field_into: FieldInto = "split",
 ) -> SplitFile:
     """Scan data, check every image, add the labelled samples of the field directories
     (field.py: one group per source), merge near-duplicates into groups (unless
@@ -209,7 +217,12 @@ def prepare(
             entries, merges, check = _merge_near_duplicates(
                 scan.root, entries, checkpoint, depth_multiplier, tmp
             )
+        forced: list[ImageEntry] = []
+        if samples is not None and field_into == "train":
+            entries, forced = _field_groups_apart(entries, samples)
         splits = stratified_split(entries, val, test, seed)
+        splits["train"] = sorted(splits["train"] + forced, key=lambda e: e.path)
+        entries = entries + forced
         if folds:
             splits["train"] = sorted(
                 assign_folds(splits["train"], folds, seed), key=lambda e: e.path
@@ -238,11 +251,32 @@ def prepare(
             leakage_check=check,
             folds=folds,
             field=samples.sources() if samples is not None else [],
+            field_into=field_into,
         )
         (tmp / SPLIT_FILE).write_text(split.model_dump_json(by_alias=True, indent=2) + "\n")
     for name in SPLIT_NAMES:
         log.info("%-5s %s", name, split.class_counts(name))
     return split
+
+
+def _field_groups_apart(
+    entries: list[ImageEntry], samples: FieldSamples
+) -> tuple[list[ImageEntry], list[ImageEntry]]:
+    """(the entries dealt as usual, those that go to training with the field samples): a
+    field sample's group, after near-duplicates were merged, and any image with a field
+    sample's bytes go with it, so no near-copy of a field sample lands in val or test."""
+    field_paths = {e.path for e in samples.entries}
+    groups = {e.group for e in entries if e.path in field_paths}
+    shas = {e.sha256 for e in entries if e.path in field_paths}
+    apart = [e for e in entries if e.group in groups or e.sha256 in shas]
+    kept = [e for e in entries if not (e.group in groups or e.sha256 in shas)]
+    log.info(
+        "%d field samples into the training split (--field-into train), with %d images "
+        "of the data set that are near-copies of them",
+        len(field_paths),
+        len(apart) - len(field_paths),
+    )
+    return kept, apart
 
 
 def _merge_near_duplicates(

@@ -87,6 +87,37 @@ def test_prepare_keeps_sources_and_near_copies_in_one_split(
     assert [f["samples"] for f in split["field"]] == [10, 6]
 
 
+def test_field_into_train_puts_the_samples_and_their_near_copies_in_training(
+    synth_data: Path, other_smears: list[Path], tmp_path: Path
+) -> None:
+    data = _images(synth_data)
+    copied = data[1::5]  # near-copies of data set images, all from one source
+    ids = write_field(
+        tmp_path / "field",
+        [(p, _label(p), "random", "lab-a") for p in copied]
+        + [(p, _label(p), "random", "lab-a") for p in other_smears[:4]],
+        brighten=2,
+    )
+    result = train(
+        "prepare",
+        synth_data,
+        "--out",
+        tmp_path / "split",
+        "--field",
+        tmp_path / "field",
+        "--field-into",
+        "train",
+    )
+    assert result.returncode == 0, result.stderr
+    split = json.loads((tmp_path / "split" / "split.json").read_text())
+    where = _split_of(split["splits"])
+    samples = [(tmp_path / "field" / sample_file_name(i)).resolve().as_posix() for i in ids]
+    assert {where[s] for s in samples} == {"train"}
+    assert {where[image.name] for image in copied} == {"train"}, "a near-copy left training"
+    assert split["field_into"] == "train"
+    assert split["splits"]["test"] and split["splits"]["val"], "the data set was still split"
+
+
 def test_evaluate_field_per_reason_with_intervals(
     trained_run: Path, synth_data: Path, other_smears: list[Path], tmp_path: Path
 ) -> None:

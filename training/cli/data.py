@@ -118,6 +118,15 @@ def synth(
     help="a labelled field directory (`cellwatch-hub samples export`, labels filled in); "
     "its samples join the data set, one group per source (repeatable)",
 )
+@click.option(
+    "--field-into",
+    type=click.Choice(["split", "train"]),
+    default="split",
+    show_default=True,
+    help="split: the field samples are dealt like any group (one per source); train: all "
+    "of them (and their near-copies in DATA) go to the training split, for a lab that "
+    "holds out field samples of its own for `evaluate --field`",
+)
 @click.option("--force", is_flag=True, help="replace an existing split directory")
 @friendly_errors
 def prepare(
@@ -133,11 +142,12 @@ def prepare(
     allow_near_duplicates: bool,
     strict: bool,
     field_dirs: tuple[Path, ...],
+    field_into: str,
     force: bool,
 ) -> None:
     """Check DATA's images (and --field samples), merge near-duplicates into one group, and
     split them by group (file, or --groups; a field source), stratified, into --out."""
-    from cellwatch.training.split import LEAK_WARNING
+    from cellwatch.training.split import LEAK_WARNING, FieldInto
     from cellwatch.training.split import prepare as run_prepare
     from cellwatch.training.stratify import SPLIT_NAMES
 
@@ -155,6 +165,7 @@ def prepare(
         checkpoint=checkpoint,
         depth_multiplier=depth_multiplier,
         field=field_dirs,
+        field_into=cast(FieldInto, field_into),  # click.Choice guarantees it
     )
     tag = " SYNTHETIC" if split.synthetic else ""
     click.echo(f"{split.layout}{tag} data in {split.data_root}; split written to {out}")
