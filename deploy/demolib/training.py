@@ -1,5 +1,6 @@
-"""Steps 3 and 6a: `cellwatch-train` as a person runs it (synth, prepare, fit,
-evaluate, export), and what the bundle says of the model it ships."""
+"""Steps 3 and 7a: `cellwatch-train` as a person runs it (synth, prepare, fit,
+evaluate, export), and what the bundle says of the model it ships. Version 2 trains on
+its own split: the data set and the field samples' training half (`prepare --field`)."""
 
 from __future__ import annotations
 
@@ -96,6 +97,31 @@ class Training:
         self.group.run("train-synth", synth)
         self.group.run("train-prepare", cw("train", "prepare", data, "--out", split, "--force"))
 
+    def prepare_with(self, field: Path) -> Path:
+        """Version 2's split: the data set and the labelled field samples of `field`
+        (one group per source; near-copies merged); what went where."""
+        split = self.layout.split_v2
+        doing(
+            f"a new split with the field samples of {shown(field)}/: `prepare` keeps all "
+            "samples of one source (here the one lab account) in one split, so it decides "
+            "whether they train, validate or test version 2"
+        )
+        argv = cw("train", "prepare", self.layout.data, "--field", field, "--out", split)
+        self.group.run("train-prepare-v2", [*argv, "--force"])
+        return split
+
+    def field_placement(self) -> dict[str, int]:
+        """Where `prepare --field` put version 2's field samples: split name -> count."""
+        from cellwatch.training.field import is_field_entry
+        from cellwatch.training.split import load_split
+        from cellwatch.training.stratify import SPLIT_NAMES
+
+        split = load_split(self.layout.split_v2)
+        return {
+            name: sum(is_field_entry(e, split.field) for e in split.entries(name))
+            for name in SPLIT_NAMES
+        }
+
     def train(
         self,
         tag: str,
@@ -103,10 +129,13 @@ class Training:
         epochs: int,
         int8_method: str = "ptq",
         after: Trained | None = None,
+        field: Path | None = None,
     ) -> Trained:
         """fit (bottleneck) -> evaluate -> export a signed bundle. after: the version
-        before this one, whose shipped precision this one starts from."""
+        before this one, whose shipped precision this one starts from. field: labelled
+        field samples that join the data set in this version's own split."""
         run, bundle = self.layout.run_dir(tag), self.layout.bundle(tag)
+        split = self.layout.split if field is None else self.prepare_with(field)
         run.parent.mkdir(parents=True, exist_ok=True)
         bundle.parent.mkdir(parents=True, exist_ok=True)
         base = ["--checkpoint", self.checkpoint] if self.checkpoint is not None else []
@@ -116,7 +145,8 @@ class Training:
             "its features are cached for the next run); the epoch with the lowest validation "
             "loss is kept"
         )
-        fit = cw("train", "fit", self.layout.split, "--out", run, "--epochs", epochs, *base)
+        fit = cw("train", "fit", split, "--out", run, "--epochs", epochs, *base)
+        fit += ["--cache", str(self.layout.bottlenecks)]
         self.group.run(f"train-fit-{tag}", [*fit, "--mode", "bottleneck", "--force"], env=ENV)
         doing("evaluating on the held-out test images (never seen in training), with 95% intervals")
         self.group.run(f"train-evaluate-{tag}", cw("train", "evaluate", run), env=ENV)

@@ -128,7 +128,7 @@ def test_quick_demo_succeeds_with_both_nodes(quick_run: DemoRun) -> None:
     assert {"node-1", "node-2"} <= set(c["by_node"]), c
     assert set(c["by_version"]) == {s["versions"]["v1"]}
     assert 0.0 <= c["accuracy"] <= 1.0
-    for phase in ("1 broker, credentials, signing key", "6b roll out v2 under load"):
+    for phase in ("1 broker, credentials, signing key", "7b roll out v2 under load"):
         assert phase in s["phases_s"]
     for kind in ("plots", "metrics", "bundles", "logs"):
         assert s["paths"][kind], kind
