@@ -300,9 +300,11 @@ class FieldStep:
         return train, held_out
 
     # -- step 7a: the two versions on the held-out half ------------------------------------
-    def compare(self, runs: dict[str, tuple[str, Path]]) -> dict[str, FieldVersion]:
+    def compare(
+        self, runs: dict[str, tuple[str, Path]], thresholds: dict[str, float]
+    ) -> dict[str, FieldVersion]:
         """`cellwatch-train evaluate RUN --field HELD_OUT` for each tag -> (version, run);
-        their figures side by side."""
+        their figures side by side. thresholds: each bundle's own (for the note)."""
         doing(
             f"both versions on the {len(read_samples(self.held_out_dir, LABELS).rows)} "
             "held-out field samples, which neither trained on (each run's TensorFlow model)"
@@ -317,6 +319,13 @@ class FieldStep:
             )
         console.print(field_table(runs, evaluations))
         console.print(f"  [dim]note: {escape(UNBIASED_NOTE)}[/dim]")
+        own = ", ".join(f"{tag} {t:.3g}" for tag, t in thresholds.items())
+        threshold = next(iter(evaluations.values())).threshold
+        console.print(
+            f"  [dim]note: `evaluate --field` measures each run's TensorFlow model at p(ALL) >= "
+            f"{threshold:g}; the bundles decide at their own thresholds ({escape(own)}), so "
+            "the nodes' answers on these images can differ[/dim]"
+        )
         return {
             tag: FieldVersion(
                 version=runs[tag][0],

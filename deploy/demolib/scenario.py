@@ -313,7 +313,8 @@ class Demo:
             + ", ".join(f"{name} split ({n})" for name, n in placed.items() if n)
         )
         self.summary.field.evaluation = field.compare(
-            {"v1": (v1.version, v1.run), "v2": (v2.version, v2.run)}
+            {"v1": (v1.version, v1.run), "v2": (v2.version, v2.run)},
+            {"v1": v1.deployed.threshold, "v2": v2.deployed.threshold},
         )
         return v2
 
