@@ -163,6 +163,11 @@ class FieldStep:
         done(f"{len(answers)} answered")
         wait_s = self.wait_for_samples()
         at_hub = self.fleet.api.samples().samples
+        if not at_hub:
+            raise DemoError(
+                "the hub holds no field samples: the nodes kept none (is [samples] enabled, "
+                f"with {LAB_ACCOUNT} in its sources, in their node.toml?)"
+            )
         self.show_list()
         export = self.hub.op("samples", "export", str(self.export_dir))
         self.group.run("hub-samples-export", export, timeout=120)
