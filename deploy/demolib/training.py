@@ -22,6 +22,10 @@ from demolib.summary import TrainedInfo
 MAX_SPLIT_SEEDS = 20
 """`prepare --seed` values version 2's split tries (each puts the one field group into
 train with a chance of about 70%)."""
+FALLBACK = {"int8": "fp16", "fp16": "fp32"}
+"""The precision the demo ships when the export gate refuses one: a model whose
+probabilities sit near its threshold (a random base, one epoch) can flip a decision
+even in fp16 (bf16 on CPUs that have it)."""
 GATE_EXIT_CODE = GateError.exit_code
 """`cellwatch-train export`: the deployed model fails the export gate."""
 ENV = {"TF_CPP_MIN_LOG_LEVEL": "2"}
@@ -235,15 +239,17 @@ class Training:
         self.group.finish(attempt, check=False)
         fallback = None
         code = attempt.child.proc.returncode
-        if code == GATE_EXIT_CODE and precision == "int8":
+        while code == GATE_EXIT_CODE and precision in FALLBACK:
             fallback = gate_message(attempt.child.log)
             console.print(
-                f"  [yellow]![/yellow] int8 is NOT shipped: {escape(fallback)}. The demo ships "
-                "fp16 instead, whose decisions the same gate checks."
+                f"  [yellow]![/yellow] {precision} is NOT shipped: {escape(fallback)}. The demo "
+                f"ships {FALLBACK[precision]} instead, whose decisions the same gate checks."
             )
-            precision = "fp16"
-            self.group.finish(export(precision))
-        elif code != 0:
+            precision = FALLBACK[precision]
+            attempt = export(precision)
+            self.group.finish(attempt, check=False)
+            code = attempt.child.proc.returncode
+        if code != 0:
             self.group.finish(attempt)  # raises with the end of its log
         manifest = Manifest.model_validate_json((bundle / "manifest.json").read_bytes())
         return Trained(tag, version, run, bundle, precision, manifest, fallback)
