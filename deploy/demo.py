@@ -8,16 +8,20 @@
 `run` makes broker credentials and a signing key with the deploy/ scripts, starts
 Mosquitto from the project's mosquitto.conf, a hub and two nodes, trains and exports a
 signed model bundle, rolls it out with `cellwatch-hub`, classifies the held-out test
-images over MQTT v5, then trains, pushes and rolls out a second version while images
-keep flowing, and stops everything it started. Every child process writes its own log
-in WORKDIR/logs/, and their PIDs are recorded in WORKDIR/pids so that `down` (or the
-next run) can stop whatever an interrupted run left behind. WORKDIR/summary.json holds
-the facts of the run for machines (tests/demo/test_demo.py reads it).
+images over MQTT v5, sends a fresh batch "from the field" whose samples the nodes keep
+and upload (exported, labelled from the generator's truth, imported, halved), then
+trains a second version with half of them, measures both on the other half, pushes and
+rolls it out while images keep flowing, and stops everything it started. Every child
+process writes its own log in WORKDIR/logs/, and their PIDs are recorded in WORKDIR/pids
+so that `down` (or the next run) can stop whatever an interrupted run left behind.
+WORKDIR/summary.json holds the facts of the run for machines (tests/demo/test_demo.py
+reads it).
 
 `up` starts the broker (ports 1883/8883), the hub and one node with the same
-configuration, writes WORKDIR/client.toml for `cellwatch-client` and returns, so the
-README's cellwatch-client / mosquitto_pub / mosquitto_sub / cellwatch-hub examples
-can be typed by hand; `down` stops them.
+configuration (it keeps field samples of the lab account: `cellwatch-hub samples
+list`), writes WORKDIR/client.toml for `cellwatch-client` and returns, so the README's
+cellwatch-client / mosquitto_pub / mosquitto_sub / cellwatch-hub examples can be typed
+by hand; `down` stops them.
 
 Research use only: nothing here is a diagnosis; the demo's images are SYNTHETIC.
 """
@@ -254,6 +258,11 @@ export CELLWATCH_HUB_CLIENT_CONFIG={w}/hub/operator.toml
 {shown(BIN / "cellwatch-hub")} nodes
 {shown(BIN / "cellwatch-hub")} models
 {shown(BIN / "cellwatch-hub")} rollout list
+
+# field samples: node-1 keeps some images of the `client` account (it consented; README
+# "Field samples"), sends them to the hub; list them, export them for labelling
+{shown(BIN / "cellwatch-hub")} samples list
+{shown(BIN / "cellwatch-hub")} samples export {w}/labelling
 
 Logs: {w}/logs/. Stop everything with: make down""",
         flush=True,

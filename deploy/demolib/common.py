@@ -24,6 +24,10 @@ UP_NODES = ("node-1",)
 MODEL_NAME = "all-inception-v3"
 LABELS = ("normal", "ALL")
 SOURCE = "demo-scope"
+LAB_ACCOUNT = "client"
+"""The lab's MQTT account: a Result's `source`, and what a node's [samples] consent names."""
+SAMPLE_RANDOM_SHARE = 0.5
+"""The share of the lab's images the demo's nodes keep as `random` samples."""
 WAVES = "1,100%"
 HOST = "127.0.0.1"
 
@@ -63,6 +67,8 @@ class Profile:
     misses the gate is replaced by fp16 (and the demo says so). NNCF's accuracy-aware
     quantisation takes 2-6 minutes on a fast 2-core CPU and over 5 on a slow one, so
     only `make demo INT8=accurate` (`--int8 accurate`) runs it, for v1."""
+    field_images: int
+    """The SYNTHETIC batch "from the field" of step 6 (another seed, another stain)."""
     allow_no_skill: bool = False
     """Export even without evidence of skill (a quick run has too few test images to
     show any); the bundle is labelled no-skill."""
@@ -75,6 +81,7 @@ FULL = Profile(
     swap_rate=8.0,
     after_swap_s=5.0,
     int8_methods=("ptq", "ptq"),
+    field_images=40,
 )
 QUICK = Profile(
     images=40,
@@ -83,6 +90,7 @@ QUICK = Profile(
     swap_rate=6.0,
     after_swap_s=3.0,
     int8_methods=("ptq", "ptq"),
+    field_images=16,
     allow_no_skill=True,
 )
 
@@ -139,12 +147,27 @@ class Layout:
         return self.root / "data"
 
     @property
+    def field(self) -> Path:
+        """Step 6: the batch sent, the export, and its two labelled halves."""
+        return self.root / "field"
+
+    @property
+    def split_v2(self) -> Path:
+        """Version 2's split: the data set and the field samples' training half."""
+        return self.root / "split-v2"
+
+    @property
     def client_toml(self) -> Path:
         return self.root / "client.toml"
 
     @property
     def split(self) -> Path:
         return self.root / "split"
+
+    @property
+    def bottlenecks(self) -> Path:
+        """`fit --cache` of every version: version 2's split reuses version 1's features."""
+        return self.root / "bottlenecks"
 
     def run_dir(self, tag: str) -> Path:
         return self.root / "runs" / tag

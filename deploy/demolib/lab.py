@@ -1,6 +1,6 @@
 """The demo's lab side: the lab client library (`cellwatch.client`) as a microscope PC
 uses it, for the held-out test images (step 5) and a steady stream during the swap
-(step 6)."""
+(step 7), and the field batch (step 6)."""
 
 from __future__ import annotations
 
@@ -142,5 +142,5 @@ class Traffic:
             for answer in self.lab.client.classify_many(self._paced(), concurrency=self.window):
                 with self._lock:
                     self.answers.append(Answered(answer, time.monotonic()))
-        except Exception as exc:  # reported by step 6, never lost in the thread
+        except Exception as exc:  # reported by step 7, never lost in the thread
             self.error = f"{type(exc).__name__}: {exc}"

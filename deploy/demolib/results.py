@@ -1,5 +1,5 @@
 """What the lab client got, shown as a person reads it: step 5's table of the test
-images and step 6's account of the swap under load."""
+images and step 7's account of the swap under load."""
 
 from __future__ import annotations
 
@@ -67,7 +67,7 @@ def show_test_results(answers: Sequence[Answered], sent: int, stated: Proportion
 
 
 def swap_account(traffic: Traffic, rollout_at: float, switched_at: float, v1: str, v2: str) -> Swap:
-    """Step 6's facts: what was answered by which version, and when, relative to
+    """Step 7's facts: what was answered by which version, and when, relative to
     `rollout start`."""
     answers = sorted(traffic.answers, key=lambda a: a.at)
     counts = count(traffic.sent, answers)

@@ -1,4 +1,4 @@
-"""Steps 4 and 6b: a rollout started with `cellwatch-hub rollout start`, followed with
+"""Steps 4 and 7b: a rollout started with `cellwatch-hub rollout start`, followed with
 `rollout status --watch` and the hub's view of each node until every node serves the
 new version."""
 

@@ -1,5 +1,5 @@
-"""`make demo`: the seven steps in order. Each step is a short method here; the work
-is in the modules named for it (training, hubctl, lab, results, rollouts)."""
+"""`make demo`: the eight steps in order. Each step is a short method here; the work
+is in the modules named for it (training, hubctl, lab, results, fieldloop, rollouts)."""
 
 from __future__ import annotations
 
@@ -32,6 +32,7 @@ from demolib.common import (
     shown,
     stage,
 )
+from demolib.fieldloop import FieldStep
 from demolib.hubctl import FleetView, Hub
 from demolib.lab import Lab, Traffic
 from demolib.processes import ProcessGroup, stop_tier
@@ -54,9 +55,9 @@ from demolib.training import Trained, Training, report
 
 
 class Demo:
-    """`run`: the seven steps in order; everything started is stopped at the end."""
+    """`run`: the eight steps in order; everything started is stopped at the end."""
 
-    STEPS = 7
+    STEPS = 8
 
     def __init__(
         self,
@@ -81,6 +82,7 @@ class Demo:
         self._lab: Lab | None = None
         self._hub: Hub | None = None
         self._fleet: FleetView | None = None
+        self._field: FieldStep | None = None
         self.summary = Summary(
             quick=profile is QUICK,
             workdir=str(layout.root),
@@ -105,6 +107,11 @@ class Demo:
         assert self._fleet is not None
         return self._fleet
 
+    @property
+    def field(self) -> FieldStep:
+        assert self._field is not None
+        return self._field
+
     # -- the steps ----------------------------------------------------------------------
     def run(self) -> None:
         with self.timings.phase("1 broker, credentials, signing key"):
@@ -117,9 +124,11 @@ class Demo:
             self.step_rollout_v1(v1)
         with self.timings.phase("5 classify the test images"):
             test_images = self.step_classify(v1)
-        with self.timings.phase("6a train, evaluate, export v2"):
+        with self.timings.phase("6 field samples come back"):
+            self.step_field()
+        with self.timings.phase("7a train v2 with field samples, evaluate, export"):
             v2 = self.step_train_v2(v1)
-        with self.timings.phase("6b roll out v2 under load"):
+        with self.timings.phase("7b roll out v2 under load"):
             self.step_swap(v1, v2, test_images)
         self.summary.ok = True
 
@@ -258,21 +267,55 @@ class Demo:
             )
         return images
 
-    def step_train_v2(self, v1: Trained) -> Trained:
+    def step_field(self) -> None:
         stage(
             6,
             self.STEPS,
-            "A second version, rolled out while images keep flowing",
-            "Training a model is never done once. The new version goes out to the nodes "
-            "while a lab client keeps sending images: each node downloads, verifies and "
-            "self-tests it beside the old one and then swaps atomically, so no request "
-            "fails and results switch from the old version to the new one.",
+            "The fleet's own images come back: field samples",
+            "A model is measured on its own test split, never on what the fleet sees. The "
+            "nodes keep some images of the lab account that consented ([samples] in "
+            "node.toml: off by default), send them to the hub, and a labeller labels them. "
+            "Half of them will train version 2; the other half is held out to measure both "
+            "versions on images from the field.",
         )
+        self._field = FieldStep(
+            self.group, self.layout, self.profile, self.hub, self.fleet, self.lab
+        )
+        self.summary.field = self._field.run()
+
+    def step_train_v2(self, v1: Trained) -> Trained:
+        stage(
+            7,
+            self.STEPS,
+            "A second version, with the field samples, rolled out while images keep flowing",
+            "Training a model is never done once. Version 2 trains with the field samples' "
+            "training half and is measured beside version 1 on the held-out half. It goes "
+            "out to the nodes while a lab client keeps sending images: each node downloads, "
+            "verifies and self-tests it beside the old one and then swaps atomically, so no "
+            "request fails and results switch from the old version to the new one.",
+        )
+        field = self.field
         v2 = self.training.train(
-            "v2", "1.1.0", self.profile.epochs + 1, self.int8_methods[1], after=v1
+            "v2",
+            "1.1.0",
+            self.profile.epochs + 1,
+            self.int8_methods[1],
+            after=v1,
+            field=field.train_dir,
         )
         report(v2)
         self.summary.trained["v2"] = v2.info()
+        assert self.summary.field is not None
+        placed = self.training.field_placement()
+        self.summary.field.v2_split = placed
+        done(
+            "the field samples' training half is in version 2's "
+            + ", ".join(f"{name} split ({n})" for name, n in placed.items() if n)
+        )
+        self.summary.field.evaluation = field.compare(
+            {"v1": (v1.version, v1.run), "v2": (v2.version, v2.run)},
+            {"v1": v1.deployed.threshold, "v2": v2.deployed.threshold},
+        )
         return v2
 
     def step_swap(self, v1: Trained, v2: Trained, test_images: list[Path]) -> None:
@@ -327,12 +370,12 @@ class Demo:
             )
 
     def finish(self) -> None:
-        """Step 7 (also after a failure): say where things are, stop everything, write
+        """Step 8 (also after a failure): say where things are, stop everything, write
         summary.json, print the table of step times."""
         s = self.summary
         if s.ok:
             stage(
-                7,
+                8,
                 self.STEPS,
                 "Where everything is, and cleaning up",
                 "Everything the demo made stays in the working directory; every process it "
@@ -351,7 +394,7 @@ class Demo:
         )
         if running:
             doing(f"stopping {', '.join(running)}")
-        with self.timings.phase("7 stop everything"):
+        with self.timings.phase("8 stop everything"):
             codes = self.group.stop_all()
         stopped = {name: codes.get(name) for name in running}
         if running:

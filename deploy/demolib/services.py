@@ -18,7 +18,9 @@ from cellwatch.shared.settings import MqttSettings, TlsSettings
 from demolib.common import (
     BIN,
     HOST,
+    LAB_ACCOUNT,
     REPO,
+    SAMPLE_RANDOM_SHARE,
     START_TIMEOUT_S,
     DemoError,
     Layout,
@@ -161,7 +163,8 @@ def toml_str(value: Path | str) -> str:
 def write_node_toml(
     layout: Layout, node_id: str, broker: BrokerInfo, bundle: Path | None = None
 ) -> Path:
-    """A node on the TLS listener, with a bundle store for hub-driven updates."""
+    """A node on the TLS listener, with a bundle store for hub-driven updates, keeping
+    field samples of the demo's lab account."""
     path = layout.node_toml(node_id)
     path.parent.mkdir(parents=True, exist_ok=True)
     start = f"bundle = {toml_str(bundle)}\n" if bundle is not None else ""
@@ -190,6 +193,22 @@ decode_workers = 1
 
 [updates]
 store_dir = {toml_str(layout.node(node_id) / "store")}
+
+# Field samples (README "Field samples"). Collection is per-source consent and OFF by
+# default in production (deploy/node.example.toml, deploy/PRODUCTION.md); the demo's lab
+# account consents, at demo rates: half its images as `random`, the others when inside
+# the bundle's low-confidence band, limits above the demo's image counts, and an upload
+# rate that moves a few dozen samples to the hub in seconds.
+[samples]
+enabled = true
+sources = [{toml_str(LAB_ACCOUNT)}]
+random_share = {SAMPLE_RANDOM_SHARE}
+low_confidence = true
+disagreement = false
+per_hour = {{ low_confidence = 500, disagreement = 0, random = 500 }}
+per_day = {{ low_confidence = 2000, disagreement = 0, random = 2000 }}
+quota_mb = 64.0
+upload_bytes_per_s = 8388608
 """)
     return path
 

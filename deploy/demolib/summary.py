@@ -8,6 +8,8 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from cellwatch.shared.figures import Proportion
+
 
 class Model(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -37,7 +39,7 @@ class Classified(Counts):
 
 
 class Swap(Counts):
-    """Step 6: images flowing while version 2 rolls out. Times are seconds relative to
+    """Step 7b: images flowing while version 2 rolls out. Times are seconds relative to
     `rollout start`."""
 
     rate_per_s: float
@@ -49,6 +51,51 @@ class Swap(Counts):
     last_v1_answer_s: float | None
     last_answer_version: str | None
     flowing_during_rollout: bool
+
+
+class FieldFigures(Model):
+    """One version's figures on one reason's held-out field samples (`evaluate --field`:
+    the run's TensorFlow model; None: no sample of that reason)."""
+
+    n: int
+    accuracy: Proportion | None
+    sensitivity: Proportion | None
+    specificity: Proportion | None
+
+
+class FieldVersion(Model):
+    """`cellwatch-train evaluate RUN --field HELD_OUT` of one version."""
+
+    version: str
+    per_reason: dict[str, FieldFigures]
+    """`random`, `low_confidence`, `disagreement` and `all`."""
+    excluded: int
+    """Held-out samples left out as (near-)copies of the run's training images."""
+
+
+class FieldLoop(Model):
+    """Step 6 and 7a: a batch from the field, its samples at the hub, labelled, split
+    into a training half (for v2) and a held-out half (both versions measured on it)."""
+
+    sent: int
+    answered: int
+    samples_at_hub: int
+    """Every sample the hub held when the nodes had uploaded theirs."""
+    field_samples: int
+    """Of them, images of the field batch (the others: step 5's test images)."""
+    by_reason: dict[str, int]
+    """The field batch's samples per reason."""
+    wait_s: float
+    """From the last answer until both nodes reported their spools empty."""
+    imported: int
+    """Labels `cellwatch-hub samples import` recorded."""
+    train: int
+    held_out: int
+    held_out_by_reason: dict[str, int]
+    v2_split: dict[str, int] = Field(default_factory=dict)
+    """Where `prepare --field` put the training half: split name -> samples."""
+    evaluation: dict[str, FieldVersion] = Field(default_factory=dict)
+    """`v1`, `v2` -> figures on the held-out half."""
 
 
 class TrainedInfo(Model):
@@ -92,6 +139,7 @@ class Summary(Model):
     rollout_v1_s: float | None = None
     trained: dict[str, TrainedInfo] = Field(default_factory=dict)
     classify: Classified | None = None
+    field: FieldLoop | None = None
     swap: Swap | None = None
     versions: dict[str, str] = Field(default_factory=dict)
     phases_s: dict[str, float] = Field(default_factory=dict)

@@ -1,5 +1,6 @@
-"""Steps 3 and 6a: `cellwatch-train` as a person runs it (synth, prepare, fit,
-evaluate, export), and what the bundle says of the model it ships."""
+"""Steps 3 and 7a: `cellwatch-train` as a person runs it (synth, prepare, fit,
+evaluate, export), and what the bundle says of the model it ships. Version 2 trains on
+its own split: the data set and the field samples' training half (`prepare --field`)."""
 
 from __future__ import annotations
 
@@ -18,6 +19,13 @@ from demolib.processes import Command, ProcessGroup, tail
 from demolib.services import cw
 from demolib.summary import TrainedInfo
 
+MAX_SPLIT_SEEDS = 20
+"""`prepare --seed` values version 2's split tries (each puts the one field group into
+train with a chance of about 70%)."""
+FALLBACK = {"int8": "fp16", "fp16": "fp32"}
+"""The precision the demo ships when the export gate refuses one: a model whose
+probabilities sit near its threshold (a random base, one epoch) can flip a decision
+even in fp16 (bf16 on CPUs that have it)."""
 GATE_EXIT_CODE = GateError.exit_code
 """`cellwatch-train export`: the deployed model fails the export gate."""
 ENV = {"TF_CPP_MIN_LOG_LEVEL": "2"}
@@ -96,6 +104,43 @@ class Training:
         self.group.run("train-synth", synth)
         self.group.run("train-prepare", cw("train", "prepare", data, "--out", split, "--force"))
 
+    def prepare_with(self, field: Path) -> Path:
+        """Version 2's split: the data set and the labelled field samples of `field`
+        (one group per source; near-copies merged), with the first `--seed` that puts
+        them into the training split."""
+        split = self.layout.split_v2
+        doing(
+            f"a new split with the field samples of {shown(field)}/. `prepare` keeps all "
+            "samples of one source in one split, and here they all come from one lab "
+            "account, so they train, validate or test version 2 all together: the demo "
+            "tries --seed 0, 1, ... until they land in the training split (samples of "
+            "many labs spread over the splits)"
+        )
+        for seed in range(MAX_SPLIT_SEEDS):
+            argv = cw("train", "prepare", self.layout.data, "--field", field, "--out", split)
+            argv += ["--seed", str(seed), "--force"]
+            self.group.run(f"train-prepare-v2-seed{seed}", argv)
+            placed = self.field_placement()
+            if placed["train"] == sum(placed.values()):
+                return split
+            where = ", ".join(f"{name} {n}" for name, n in placed.items() if n)
+            doing(f"--seed {seed} put them into {where}: the next seed")
+        raise DemoError(
+            f"no --seed below {MAX_SPLIT_SEEDS} put the field samples into the training split"
+        )
+
+    def field_placement(self) -> dict[str, int]:
+        """Where `prepare --field` put version 2's field samples: split name -> count."""
+        from cellwatch.training.field import is_field_entry
+        from cellwatch.training.split import load_split
+        from cellwatch.training.stratify import SPLIT_NAMES
+
+        split = load_split(self.layout.split_v2)
+        return {
+            name: sum(is_field_entry(e, split.field) for e in split.entries(name))
+            for name in SPLIT_NAMES
+        }
+
     def train(
         self,
         tag: str,
@@ -103,10 +148,13 @@ class Training:
         epochs: int,
         int8_method: str = "ptq",
         after: Trained | None = None,
+        field: Path | None = None,
     ) -> Trained:
         """fit (bottleneck) -> evaluate -> export a signed bundle. after: the version
-        before this one, whose shipped precision this one starts from."""
+        before this one, whose shipped precision this one starts from. field: labelled
+        field samples that join the data set in this version's own split."""
         run, bundle = self.layout.run_dir(tag), self.layout.bundle(tag)
+        split = self.layout.split if field is None else self.prepare_with(field)
         run.parent.mkdir(parents=True, exist_ok=True)
         bundle.parent.mkdir(parents=True, exist_ok=True)
         base = ["--checkpoint", self.checkpoint] if self.checkpoint is not None else []
@@ -116,7 +164,8 @@ class Training:
             "its features are cached for the next run); the epoch with the lowest validation "
             "loss is kept"
         )
-        fit = cw("train", "fit", self.layout.split, "--out", run, "--epochs", epochs, *base)
+        fit = cw("train", "fit", split, "--out", run, "--epochs", epochs, *base)
+        fit += ["--cache", str(self.layout.bottlenecks)]
         self.group.run(f"train-fit-{tag}", [*fit, "--mode", "bottleneck", "--force"], env=ENV)
         doing("evaluating on the held-out test images (never seen in training), with 95% intervals")
         self.group.run(f"train-evaluate-{tag}", cw("train", "evaluate", run), env=ENV)
@@ -190,15 +239,17 @@ class Training:
         self.group.finish(attempt, check=False)
         fallback = None
         code = attempt.child.proc.returncode
-        if code == GATE_EXIT_CODE and precision == "int8":
+        while code == GATE_EXIT_CODE and precision in FALLBACK:
             fallback = gate_message(attempt.child.log)
             console.print(
-                f"  [yellow]![/yellow] int8 is NOT shipped: {escape(fallback)}. The demo ships "
-                "fp16 instead, whose decisions the same gate checks."
+                f"  [yellow]![/yellow] {precision} is NOT shipped: {escape(fallback)}. The demo "
+                f"ships {FALLBACK[precision]} instead, whose decisions the same gate checks."
             )
-            precision = "fp16"
-            self.group.finish(export(precision))
-        elif code != 0:
+            precision = FALLBACK[precision]
+            attempt = export(precision)
+            self.group.finish(attempt, check=False)
+            code = attempt.child.proc.returncode
+        if code != 0:
             self.group.finish(attempt)  # raises with the end of its log
         manifest = Manifest.model_validate_json((bundle / "manifest.json").read_bytes())
         return Trained(tag, version, run, bundle, precision, manifest, fallback)

@@ -9,7 +9,9 @@ process with the working directory in its command line).
 
 from __future__ import annotations
 
+import csv
 import json
+import os
 import shutil
 import signal
 import subprocess
@@ -128,7 +130,7 @@ def test_quick_demo_succeeds_with_both_nodes(quick_run: DemoRun) -> None:
     assert {"node-1", "node-2"} <= set(c["by_node"]), c
     assert set(c["by_version"]) == {s["versions"]["v1"]}
     assert 0.0 <= c["accuracy"] <= 1.0
-    for phase in ("1 broker, credentials, signing key", "6b roll out v2 under load"):
+    for phase in ("1 broker, credentials, signing key", "7b roll out v2 under load"):
         assert phase in s["phases_s"]
     for kind in ("plots", "metrics", "bundles", "logs"):
         assert s["paths"][kind], kind
@@ -151,6 +153,49 @@ def test_second_rollout_under_load_loses_nothing(quick_run: DemoRun) -> None:
     assert swap["last_answer_version"] == v2
     assert swap["first_v2_answer_s"] is not None and swap["last_v1_answer_s"] is not None
     assert {"node-1", "node-2"} <= set(swap["by_node"])
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(RUN_TIMEOUT_S + 180)
+def test_field_samples_come_back_and_measure_both_versions(quick_run: DemoRun) -> None:
+    """Step 6 and 7a: the field batch's samples reached the hub, every sample was
+    labelled and imported, the batch split into two labelled halves, v2 trained with
+    one, and both versions' figures on the other were printed."""
+    s = quick_run.summary
+    assert s["ok"], s["error"]
+    f = s["field"]
+    assert f["sent"] > 0 and f["answered"] == f["sent"]
+    # at the hub: the batch's samples and step 5's; every one labelled and imported
+    assert 2 <= f["field_samples"] <= min(f["sent"], f["samples_at_hub"]), f
+    assert f["imported"] == f["samples_at_hub"], f
+    assert f"imported {f['imported']} labels from" in quick_run.output
+    assert sum(f["by_reason"].values()) == f["field_samples"]
+    assert set(f["by_reason"]) <= {"random", "low_confidence"}, f["by_reason"]
+    # two halves on disk, labelled from the generator's truth, disjoint
+    assert f["train"] > 0 and f["held_out"] > 0
+    assert f["train"] + f["held_out"] == f["field_samples"]
+    halves = {}
+    for name in ("train", "held-out"):
+        with (quick_run.workdir / "field" / name / "samples.csv").open() as table:
+            rows = list(csv.DictReader(table))
+        assert {r["label"] for r in rows} <= {"normal", "ALL"}, rows
+        halves[name] = {r["id"] for r in rows}
+    assert len(halves["train"]) == f["train"] and len(halves["held-out"]) == f["held_out"]
+    assert not halves["train"] & halves["held-out"]
+    # v2 trained with the training half (all in its train split); both measured
+    assert f["v2_split"]["train"] == sum(f["v2_split"].values()) == f["train"], f["v2_split"]
+    assert set(f["evaluation"]) == {"v1", "v2"}
+    for tag, ev in f["evaluation"].items():
+        assert ev["version"] == s["versions"][tag]
+        assert ev["per_reason"]["all"]["n"] + ev["excluded"] == f["held_out"], ev
+        if ev["per_reason"]["all"]["n"]:
+            assert ev["per_reason"]["all"]["accuracy"]["ci95"] is not None
+    assert "held-out field samples" in quick_run.output
+    for tag in ("v1", "v2"):
+        assert f"{tag} ({s['versions'][tag]})" in quick_run.output
+    assert f"cellwatch-train evaluate {quick_run.workdir}/runs/v2 --field" in quick_run.output
+    assert "only `random` samples give an unbiased estimate" in quick_run.output
+    assert "6 field samples come back" in s["phases_s"]
 
 
 @pytest.mark.slow
@@ -199,6 +244,22 @@ def test_up_and_down_in_the_demo_workdir(quick_run: DemoRun) -> None:
         running = {line.split()[2] for line in pids if line.strip()}
         assert {"mosquitto", "hub", "node-1"} <= running
         assert leftovers(workdir), "`up` returned but nothing runs"
+        listing = next(line for line in up.stdout.splitlines() if line.endswith("samples list"))
+        env = {**os.environ, "CELLWATCH_HUB_CLIENT_CONFIG": str(workdir / "hub/operator.toml")}
+
+        def samples() -> int:
+            r = subprocess.run(
+                ["bash", "-c", listing + " --json"],
+                env=env,
+                cwd=REPO,
+                capture_output=True,
+                text=True,
+                timeout=60,
+            )
+            assert r.returncode == 0, r.stderr
+            return len(json.loads(r.stdout)["samples"])
+
+        before = samples()
         # The lab client example `up` prints works as printed.
         example = next(line for line in up.stdout.splitlines() if "cellwatch-client " in line)
         assert f"classify {workdir}/data/*.tif --config {workdir}/client.toml --json" in example
@@ -211,6 +272,12 @@ def test_up_and_down_in_the_demo_workdir(quick_run: DemoRun) -> None:
         assert sorted(Path(a["input"]).name for a in answers) == [p.name for p in tifs]
         assert {a["status"] for a in answers} == {"ok"}
         assert f"{len(tifs)} images: {len(tifs)} ok" in r.stderr
+        # node-1 keeps samples of the `client` account: the list `up` prints grows (the
+        # training images were never sent in the run; the same pixels are one sample)
+        deadline = time.monotonic() + 60
+        while samples() <= before:
+            assert time.monotonic() < deadline, "no new sample reached the hub"
+            time.sleep(0.5)
     finally:
         down = demo("down", "--workdir", str(workdir), timeout=120)
     assert down.returncode == 0, down.stdout
