@@ -19,9 +19,6 @@ from demolib.processes import Command, ProcessGroup, tail
 from demolib.services import cw
 from demolib.summary import TrainedInfo
 
-MAX_SPLIT_SEEDS = 20
-"""`prepare --seed` values version 2's split tries (each puts the one field group into
-train with a chance of about 70%)."""
 FALLBACK = {"int8": "fp16", "fp16": "fp32"}
 """The precision the demo ships when the export gate refuses one: a model whose
 probabilities sit near its threshold (a random base, one epoch) can flip a decision
@@ -105,29 +102,21 @@ class Training:
         self.group.run("train-prepare", cw("train", "prepare", data, "--out", split, "--force"))
 
     def prepare_with(self, field: Path) -> Path:
-        """Version 2's split: the data set and the labelled field samples of `field`
-        (one group per source; near-copies merged), with the first `--seed` that puts
-        them into the training split."""
+        """Version 2's split: the data set split as before, and the labelled field
+        samples of `field` (with their near-copies in the data set) all in training."""
         split = self.layout.split_v2
         doing(
-            f"a new split with the field samples of {shown(field)}/. `prepare` keeps all "
-            "samples of one source in one split, and here they all come from one lab "
-            "account, so they train, validate or test version 2 all together: the demo "
-            "tries --seed 0, 1, ... until they land in the training split (samples of "
-            "many labs spread over the splits)"
+            f"a new split with the field samples of {shown(field)}/ in training "
+            "(--field-into train: they all come from one lab account, which `prepare` "
+            "would otherwise keep together in one split); the held-out half measures "
+            "both versions below"
         )
-        for seed in range(MAX_SPLIT_SEEDS):
-            argv = cw("train", "prepare", self.layout.data, "--field", field, "--out", split)
-            argv += ["--seed", str(seed), "--force"]
-            self.group.run(f"train-prepare-v2-seed{seed}", argv)
-            placed = self.field_placement()
-            if placed["train"] == sum(placed.values()):
-                return split
-            where = ", ".join(f"{name} {n}" for name, n in placed.items() if n)
-            doing(f"--seed {seed} put them into {where}: the next seed")
-        raise DemoError(
-            f"no --seed below {MAX_SPLIT_SEEDS} put the field samples into the training split"
-        )
+        argv = cw("train", "prepare", self.layout.data, "--field", field, "--out", split)
+        self.group.run("train-prepare-v2", [*argv, "--field-into", "train", "--force"])
+        placed = self.field_placement()
+        if placed["train"] != sum(placed.values()):
+            raise DemoError(f"prepare --field-into train put field samples elsewhere: {placed}")
+        return split
 
     def field_placement(self) -> dict[str, int]:
         """Where `prepare --field` put version 2's field samples: split name -> count."""
