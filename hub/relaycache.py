@@ -13,7 +13,7 @@ its size, inode, mtime and ctime: a file changed on disk since (any write change
 ctime) is checked again before it is served, and removed if it fails, so the relay
 fetches it again. Nodes still check every hash and the signature themselves: a relay,
 or whoever can write its disk, cannot make a node take a bundle the release key did
-not sign (tests/sites/test_relay.py).
+not sign (tests/sites/test_sites.py).
 
 The cache holds at most `max_bytes`: the bundles used least recently make room
 (`reserve`), and a bundle that still does not fit raises CacheFull, as a full disk
