@@ -60,7 +60,7 @@ from demolib.common import (
     shown,
 )
 from demolib.hubctl import Hub
-from demolib.processes import install_signal_handlers, stop_recorded
+from demolib.processes import install_signal_handlers, stop_recorded, stop_workdir
 from demolib.scenario import Demo
 from demolib.services import (
     BrokerInfo,
@@ -270,13 +270,7 @@ Logs: {w}/logs/. Stop everything with: make down""",
 
 
 def cmd_down(args: argparse.Namespace) -> int:
-    layout = Layout(args.workdir.expanduser().resolve())
-    names = stop_recorded(layout, quiet=True)
-    if names:
-        done(f"stopped {', '.join(names)}")
-    else:
-        done(f"nothing from {shown(layout.root)} was running")
-    return 0
+    return stop_workdir(args.workdir)
 
 
 def main(argv: list[str] | None = None) -> int:

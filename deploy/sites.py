@@ -68,7 +68,7 @@ from demolib.processes import (
     install_signal_handlers,
     read_pidfile,
     signal_process,
-    stop_recorded,
+    stop_workdir,
 )
 from demolib.services import (
     BrokerInfo,
@@ -372,10 +372,7 @@ def cmd_link(args: argparse.Namespace) -> int:
 
 
 def cmd_down(args: argparse.Namespace) -> int:
-    layout = Layout(args.workdir.expanduser().resolve())
-    names = stop_recorded(layout, quiet=True)
-    done(f"stopped {', '.join(names)}" if names else f"nothing from {shown(layout.root)} ran")
-    return 0
+    return stop_workdir(args.workdir)
 
 
 def main(argv: list[str] | None = None) -> int:

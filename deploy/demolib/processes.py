@@ -26,6 +26,7 @@ from demolib.common import (
     command,
     console,
     doing,
+    done,
     duration,
     log,
     shown,
@@ -104,6 +105,17 @@ def stop_recorded(layout: Layout, *, quiet: bool = False) -> list[str]:
             signal_process(r.pid, signal.SIGKILL)
     layout.pidfile.unlink(missing_ok=True)
     return [r.name for r in records]
+
+
+def stop_workdir(workdir: Path) -> int:
+    """`down`: stop what an `up` (or an interrupted run) in workdir started, and say what."""
+    layout = Layout(workdir.expanduser().resolve())
+    names = stop_recorded(layout, quiet=True)
+    if names:
+        done(f"stopped {', '.join(names)}")
+    else:
+        done(f"nothing from {shown(layout.root)} was running")
+    return 0
 
 
 @dataclass
