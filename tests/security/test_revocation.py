@@ -218,6 +218,10 @@ def test_a_revoked_model_never_comes_back(
         wait_for(partial(revocation_refused, node, why), 60, f"refused: {why}")
     assert "leaves out 1 known revocation" in node.text()
     assert not retained_lists(lab_broker, v2_ref)
+    kept = RevocationList.model_validate_json(
+        (tmp_path / "node-store" / "revoked.json").read_bytes()
+    )
+    assert v2_ref.manifest_sha256 in kept.shas(), "the impostor's lists made node-1 forget"
     # The hub, back, publishes its own list again (for the nodes that start later: the
     # impostor's is the retained one), and does so at once when an impostor replaces it.
     restored.start()
